@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="llama-adapter-triton",
+    version="0.1.0",
+    description="LLaMA-Adapter (zero-init attention) on a fused Triton kernel: op, model, fine-tuning, benchmarks",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["kernels*", "model*", "train*", "bench*"], exclude=["tests*"]),
+    package_data={"train": ["data/*.json", "data/*.jsonl"]},
+    python_requires=">=3.10",
+    install_requires=[
+        # torch.library.custom_op needs torch >= 2.4
+        "torch>=2.4,<2.16",
+        # Triton ships Linux wheels only; elsewhere the op falls back to the PyTorch reference.
+        "triton>=3.1; platform_system == 'Linux'",
+        "numpy",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        # transformers: the tests compare our LLaMA against LlamaForCausalLM.
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.45", "ruff>=0.5"],
+        # xformers has no CPU use and pins torch builds: GPU benchmark machines only.
+        "bench": ["xformers"],
+    },
+)

@@ -1,0 +1,918 @@
+"""Zero-init attention (LLaMA-Adapter, arXiv 2303.16199) as one fused Triton op, forward and backward.
+
+For query i of head h, with s the softmax scale, gamma_h = act(gate_h) and the token keys j that
+i may see (causal, bottom-right aligned):
+
+    out_i = softmax_j(s q_i.k_j) V  +  gamma_h * softmax_p(s q_i.pk_p) PV
+
+The two softmaxes are separate: the prompt part has its own normaliser, so with gate = 0 the op
+is exactly causal attention (the paper's "zero-init attention"). Summing the two parts equals
+the paper's concatenated form (one score matrix [prompt | tokens], each slice softmaxed alone).
+
+Forward, one program per (query block, batch, head), nothing of size seqlen x seqlen anywhere:
+  1. load the q block once (it stays in SRAM);
+  2. prompt statistics: row max and sum over the prompt keys -> lse_p (prompt_len is small);
+  3. token keys: the usual online softmax (flash attention) -> acc, lse_w;
+  4. out = acc / l_w, then the prompt values are accumulated straight into it with weights
+     gamma * exp(s q.pk - lse_p): the prompt part needs no second accumulator.
+  lse_w and lse_p are kept (fp32, base-2 units: log2 of the sum of exp2 of scaled scores).
+
+Backward (DESIGN.md), with O_p = softmax_p(.) PV recomputed from lse_p:
+  preprocess   Delta_p = dout . O_p;  Delta_w = dout . out - gamma * Delta_p
+  dK/dV        one program per (key block, batch, kv head), looping over the query heads of
+               its group and the query blocks that see it: dv += P^T dout, dk += s dS^T q,
+               dS = P * (dout V^T - Delta_w). No atomics: deterministic.
+  dQ + prompt  one program per (query block, batch, head): dq += s dS K over the visible keys,
+               plus the prompt part dT = gamma A (dout PV^T - Delta_p): dq += s dT PK, and the
+               block's partial d pk = s dT^T q, d pv = gamma A^T dout, written per block and
+               summed on the host in a fixed order (over blocks, the heads of a kv group, and
+               the batch when the prompt was broadcast): deterministic.
+  d gamma      sum of Delta_p over batch and rows; d gate follows through autograd of act.
+
+Backends: the compiled Triton kernels on CUDA tensors; the same kernels under Triton's
+interpreter when TRITON_INTERPRET=1 at import (how CI tests them on a CPU; bf16/fp16 are
+upcast to fp32 inside the kernels there, since the interpreter's bf16 arithmetic is wrong);
+the eager reference (kernels/reference.py) otherwise.
+
+Caution:
+  - Block sizes are fixed heuristics per head dim (no autotuning yet).
+  - fp32 inputs use IEEE fp32 dots on the GPU (not TF32): exact, slower.
+  - Head dims: multiples of 8 from 16 to 128 (non-powers of two are padded by masking).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .reference import gate_activation, zero_init_attention_ref
+
+# triton.jit decides at import time whether kernels are interpreted, so the switch is read once too.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # no Triton wheel on this platform: the eager reference serves
+    HAS_TRITON = False
+
+# float64 is for verification (gradcheck): the kernels then accumulate in float64 too
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MAX_HEADDIM = 128
+LOG2E = 1.4426950408889634
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+        """(first row of this sequence in q, in k; seqlen_q; seqlen_k) for dense or packed inputs."""
+        if VARLEN:
+            q_start = tl.load(CU_Q + off_b).to(tl.int64)
+            k_start = tl.load(CU_K + off_b).to(tl.int64)
+            seqlen_q = (tl.load(CU_Q + off_b + 1) - q_start).to(tl.int32)
+            seqlen_k = (tl.load(CU_K + off_b + 1) - k_start).to(tl.int32)
+        else:
+            q_start = tl.zeros((), dtype=tl.int64)
+            k_start = tl.zeros((), dtype=tl.int64)
+        return q_start, k_start, seqlen_q, seqlen_k
+
+    @triton.jit
+    def _load_tile(base, rows, stride_row, offs_d, stride_d, row_limit, HEAD_DIM: tl.constexpr,
+                   UPCAST: tl.constexpr, ACC: tl.constexpr):
+        """A (rows, HEAD_DIM_PAD) tile; rows >= row_limit and padded columns read as 0."""
+        mask = (rows[:, None] < row_limit) & (offs_d[None, :] < HEAD_DIM)
+        x = tl.load(base + rows[:, None].to(tl.int64) * stride_row + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+        if UPCAST:  # the interpreter computes bf16/fp16 wrongly: work in fp32 there
+            x = x.to(ACC)
+        return x
+
+    @triton.jit
+    def _cast_out(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+        """x cast to the output dtype, rounded to nearest even."""
+        if UPCAST and DTYPE == tl.bfloat16:
+            # the interpreter truncates fp32 -> bf16; round to nearest even by hand, as the GPU does
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+        return x.to(DTYPE)
+
+    @triton.jit
+    def _token_fwd_block(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                         start_n, offs_m, offs_d, seqlen_k, diag, qk_scale,
+                         BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                         IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         ACC: tl.constexpr):
+        """One step of the token online softmax over keys [start_n, start_n + BLOCK_N)."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(K_base, offs_n, stride_kn, offs_d, stride_kd, seqlen_k, HEAD_DIM, UPCAST, ACC)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC) * qk_scale  # log2 units
+        if MASKED:
+            visible = offs_n[None, :] < seqlen_k
+            if IS_CAUSAL:  # query i sees key j <= i + seqlen_k - seqlen_q
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + diag)
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+        p = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(V_base, offs_n, stride_vn, offs_d, stride_vd, seqlen_k, HEAD_DIM, UPCAST, ACC)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=ACC)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _prompt_scores(q, PK_base, stride_pkn, stride_pkd, start_p, offs_d, prompt_len, qk_scale,
+                       BLOCK_P: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+        """Scaled scores (log2 units) of the q block against prompt keys [start_p, start_p + BLOCK_P)."""
+        offs_p = start_p + tl.arange(0, BLOCK_P)
+        pk = _load_tile(PK_base, offs_p, stride_pkn, offs_d, stride_pkd, prompt_len, HEAD_DIM, UPCAST, ACC)
+        t = tl.dot(q, tl.trans(pk), input_precision=DOT_PRECISION, out_dtype=ACC) * qk_scale
+        return tl.where(offs_p[None, :] < prompt_len, t, float("-inf")), pk, offs_p
+
+    @triton.jit
+    def _zia_fwd_kernel(
+        Q, K, V, PK, PV, GAMMA, OUT, LSE_W, LSE_P, CU_Q, CU_K,
+        stride_qb, stride_qm, stride_qh, stride_qd,
+        stride_kb, stride_kn, stride_kh, stride_kd,
+        stride_vb, stride_vn, stride_vh, stride_vd,
+        stride_pkb, stride_pkn, stride_pkh, stride_pkd,
+        stride_pvb, stride_pvn, stride_pvh, stride_pvd,
+        stride_ob, stride_om, stride_oh, stride_od,
+        stride_lb, stride_lh, stride_lm,
+        nheads, groups, seqlen_q, seqlen_k, prompt_len, qk_scale,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+        IS_CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, VARLEN: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = off_bh // nheads
+        off_h = off_bh % nheads
+        off_hk = off_h // groups  # the kv head this query head reads (GQA / MQA)
+        q_start, k_start, seqlen_q, seqlen_k = _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, VARLEN)
+        start_m = pid_m * BLOCK_M
+        if start_m >= seqlen_q:  # packed sequences shorter than the longest one
+            return
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        b64 = off_b.to(tl.int64)
+
+        # load q: it stays in SRAM for both parts
+        Q_base = Q + b64 * stride_qb + off_h.to(tl.int64) * stride_qh + q_start * stride_qm
+        q = _load_tile(Q_base, offs_m, stride_qm, offs_d, stride_qd, seqlen_q, HEAD_DIM, UPCAST, ACC)
+
+        # prompt statistics first: row max m_p and sum l_p of exp2 over the prompt keys
+        if HAS_PROMPT:
+            PK_base = PK + b64 * stride_pkb + off_hk.to(tl.int64) * stride_pkh
+            m_p = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+            l_p = tl.zeros([BLOCK_M], dtype=ACC)
+            for start_p in range(0, prompt_len, BLOCK_P):
+                t, _pk, _offs_p = _prompt_scores(q, PK_base, stride_pkn, stride_pkd, start_p, offs_d, prompt_len,
+                                                 qk_scale, BLOCK_P, HEAD_DIM, UPCAST, DOT_PRECISION, ACC)
+                m_new = tl.maximum(m_p, tl.max(t, 1))
+                l_p = l_p * tl.math.exp2(m_p - m_new) + tl.sum(tl.math.exp2(t - m_new[:, None]), 1)
+                m_p = m_new
+            lse_p = m_p + tl.math.log2(l_p)
+
+        # token keys: online softmax. Blocks wholly visible to every row of this q block need no
+        # mask; the blocks crossing the causal diagonal or the end of the keys do.
+        K_base = K + b64 * stride_kb + off_hk.to(tl.int64) * stride_kh + k_start * stride_kn
+        V_base = V + b64 * stride_vb + off_hk.to(tl.int64) * stride_vh + k_start * stride_vn
+        diag = seqlen_k - seqlen_q  # bottom-right alignment: row i sees keys j <= i + diag
+        if IS_CAUSAL:
+            full_hi = (tl.minimum(start_m + diag + 1, seqlen_k) // BLOCK_N) * BLOCK_N
+            hi = tl.minimum(start_m + BLOCK_M + diag, seqlen_k)
+        else:
+            full_hi = (seqlen_k // BLOCK_N) * BLOCK_N
+            hi = seqlen_k
+        m_w = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+        l_w = tl.zeros([BLOCK_M], dtype=ACC)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=ACC)
+        for start_n in range(0, full_hi, BLOCK_N):
+            acc, l_w, m_w = _token_fwd_block(acc, l_w, m_w, q, K_base, V_base, stride_kn, stride_kd, stride_vn,
+                                             stride_vd, start_n, offs_m, offs_d, seqlen_k, diag, qk_scale,
+                                             BLOCK_N, HEAD_DIM, False, IS_CAUSAL, UPCAST, DOT_PRECISION, ACC)
+        for start_n in range(full_hi, hi, BLOCK_N):
+            acc, l_w, m_w = _token_fwd_block(acc, l_w, m_w, q, K_base, V_base, stride_kn, stride_kd, stride_vn,
+                                             stride_vd, start_n, offs_m, offs_d, seqlen_k, diag, qk_scale,
+                                             BLOCK_N, HEAD_DIM, True, IS_CAUSAL, UPCAST, DOT_PRECISION, ACC)
+        acc = acc / l_w[:, None]
+        row_ok = offs_m < seqlen_q
+        L_off = b64 * stride_lb + off_h.to(tl.int64) * stride_lh + (q_start + offs_m) * stride_lm
+        tl.store(LSE_W + L_off, m_w + tl.math.log2(l_w), mask=row_ok)
+
+        # prompt values, accumulated straight into the normalised output with weights
+        # gamma * softmax_p: with gamma = 0 they add exactly zero
+        if HAS_PROMPT:
+            gamma = tl.load(GAMMA + off_h)
+            PV_base = PV + b64 * stride_pvb + off_hk.to(tl.int64) * stride_pvh
+            for start_p in range(0, prompt_len, BLOCK_P):
+                t, _pk, offs_p = _prompt_scores(q, PK_base, stride_pkn, stride_pkd, start_p, offs_d, prompt_len,
+                                                qk_scale, BLOCK_P, HEAD_DIM, UPCAST, DOT_PRECISION, ACC)
+                a = tl.math.exp2(t - lse_p[:, None]) * gamma
+                pv = _load_tile(PV_base, offs_p, stride_pvn, offs_d, stride_pvd, prompt_len, HEAD_DIM, UPCAST, ACC)
+                acc = tl.dot(a.to(pv.dtype), pv, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+            tl.store(LSE_P + L_off, lse_p, mask=row_ok)
+
+        O_base = OUT + b64 * stride_ob + off_h.to(tl.int64) * stride_oh + q_start * stride_om
+        o_ptrs = O_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
+        o_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        tl.store(o_ptrs, _cast_out(acc, OUT.dtype.element_ty, UPCAST), mask=o_mask)
+
+    @triton.jit
+    def _zia_bwd_preprocess_kernel(
+        Q, PK, PV, GAMMA, OUT, DOUT, LSE_P, DELTA_W, DELTA_P, CU_Q, CU_K,
+        stride_qb, stride_qm, stride_qh, stride_qd,
+        stride_pkb, stride_pkn, stride_pkh, stride_pkd,
+        stride_pvb, stride_pvn, stride_pvh, stride_pvd,
+        stride_ob, stride_om, stride_oh, stride_od,
+        stride_dob, stride_dom, stride_doh, stride_dod,
+        stride_lb, stride_lh, stride_lm,
+        nheads, groups, seqlen_q, seqlen_k, prompt_len, qk_scale,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+        HAS_PROMPT: tl.constexpr, VARLEN: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    ):
+        """Delta_p = dout . O_p (O_p recomputed from lse_p) and Delta_w = dout . out - gamma * Delta_p."""
+        pid_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = off_bh // nheads
+        off_h = off_bh % nheads
+        off_hk = off_h // groups
+        q_start, _k_start, seqlen_q, _seqlen_k = _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, VARLEN)
+        start_m = pid_m * BLOCK_M
+        if start_m >= seqlen_q:
+            return
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        b64 = off_b.to(tl.int64)
+        h64 = off_h.to(tl.int64)
+        o = _load_tile(OUT + b64 * stride_ob + h64 * stride_oh + q_start * stride_om, offs_m, stride_om, offs_d,
+                       stride_od, seqlen_q, HEAD_DIM, True, ACC)
+        do = _load_tile(DOUT + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom, offs_m, stride_dom, offs_d,
+                        stride_dod, seqlen_q, HEAD_DIM, True, ACC)
+        delta_w = tl.sum(o * do, 1)
+        row_ok = offs_m < seqlen_q
+        L_off = b64 * stride_lb + h64 * stride_lh + (q_start + offs_m) * stride_lm
+        if HAS_PROMPT:
+            q = _load_tile(Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm, offs_m, stride_qm, offs_d,
+                           stride_qd, seqlen_q, HEAD_DIM, UPCAST, ACC)
+            lse_p = tl.load(LSE_P + L_off, mask=row_ok, other=0.0)
+            PK_base = PK + b64 * stride_pkb + off_hk.to(tl.int64) * stride_pkh
+            PV_base = PV + b64 * stride_pvb + off_hk.to(tl.int64) * stride_pvh
+            delta_p = tl.zeros([BLOCK_M], dtype=ACC)
+            for start_p in range(0, prompt_len, BLOCK_P):
+                t, _pk, offs_p = _prompt_scores(q, PK_base, stride_pkn, stride_pkd, start_p, offs_d, prompt_len,
+                                                qk_scale, BLOCK_P, HEAD_DIM, UPCAST, DOT_PRECISION, ACC)
+                a = tl.math.exp2(t - lse_p[:, None])
+                pv = _load_tile(PV_base, offs_p, stride_pvn, offs_d, stride_pvd, prompt_len, HEAD_DIM, UPCAST, ACC)
+                o_p = tl.dot(a.to(pv.dtype), pv, input_precision=DOT_PRECISION, out_dtype=ACC)
+                delta_p += tl.sum(o_p * do, 1)
+            delta_w -= tl.load(GAMMA + off_h) * delta_p
+            tl.store(DELTA_P + L_off, delta_p, mask=row_ok)
+        tl.store(DELTA_W + L_off, delta_w, mask=row_ok)
+
+    @triton.jit
+    def _dkdv_block(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, stride_qm, stride_qd, stride_dom, stride_dod,
+                    stride_lm, start_m, offs_n, offs_d, seqlen_q, diag, qk_scale,
+                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+        """Contribution of query rows [start_m, start_m + BLOCK_M) to dk, dv of one key block (transposed)."""
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < seqlen_q
+        q = _load_tile(Q_base, offs_m, stride_qm, offs_d, stride_qd, seqlen_q, HEAD_DIM, UPCAST, ACC)
+        do = _load_tile(DO_base, offs_m, stride_dom, offs_d, stride_dod, seqlen_q, HEAD_DIM, UPCAST, ACC)
+        # rows past the end read q = dout = 0 and lse = Delta = 0: they add exactly nothing
+        lse = tl.load(LSE_base + offs_m * stride_lm, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA_base + offs_m * stride_lm, mask=row_ok, other=0.0)
+        kq = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION, out_dtype=ACC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        if MASKED:
+            kq = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, kq, float("-inf"))
+        p_t = tl.math.exp2(kq - lse[None, :])  # P^T from the saved log-sum-exp
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION, out_dtype=ACC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION, out_dtype=ACC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION, out_dtype=ACC)
+        return dk, dv
+
+    @triton.jit
+    def _zia_bwd_dkdv_kernel(
+        Q, K, V, DOUT, DK, DV, LSE_W, DELTA_W, CU_Q, CU_K,
+        stride_qb, stride_qm, stride_qh, stride_qd,
+        stride_kb, stride_kn, stride_kh, stride_kd,
+        stride_vb, stride_vn, stride_vh, stride_vd,
+        stride_dob, stride_dom, stride_doh, stride_dod,
+        stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+        stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+        stride_lb, stride_lh, stride_lm,
+        nheads_kv, groups, seqlen_q, seqlen_k, qk_scale, sm_scale,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = off_bh // nheads_kv
+        off_hk = off_bh % nheads_kv
+        q_start, k_start, seqlen_q, seqlen_k = _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, VARLEN)
+        start_n = pid_n * BLOCK_N
+        if start_n >= seqlen_k:
+            return
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        b64 = off_b.to(tl.int64)
+        hk64 = off_hk.to(tl.int64)
+        # k and v of this block stay in SRAM while every query that sees them streams past
+        k = _load_tile(K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn, offs_n, stride_kn, offs_d,
+                       stride_kd, seqlen_k, HEAD_DIM, UPCAST, ACC)
+        v = _load_tile(V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vn, offs_n, stride_vn, offs_d,
+                       stride_vd, seqlen_k, HEAD_DIM, UPCAST, ACC)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC)
+        diag = seqlen_k - seqlen_q
+        if IS_CAUSAL:
+            # rows i >= start_n - diag see some key of the block; rows i >= start_n + BLOCK_N - 1 - diag see all
+            lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
+            full_lo = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M, seqlen_q)
+        else:
+            lo = 0
+            full_lo = 0
+        # the query heads of this kv group, each summed in a fixed order
+        for g in range(0, groups):
+            h64 = (off_hk * groups + g).to(tl.int64)
+            Q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
+            DO_base = DOUT + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
+            L_off = b64 * stride_lb + h64 * stride_lh + q_start * stride_lm
+            for start_m in range(lo, full_lo, BLOCK_M):
+                dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, LSE_W + L_off, DELTA_W + L_off, stride_qm,
+                                     stride_qd, stride_dom, stride_dod, stride_lm, start_m, offs_n, offs_d, seqlen_q,
+                                     diag, qk_scale, BLOCK_M, HEAD_DIM, True, UPCAST, DOT_PRECISION, ACC)
+            for start_m in range(full_lo, seqlen_q, BLOCK_M):
+                dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, LSE_W + L_off, DELTA_W + L_off, stride_qm,
+                                     stride_qd, stride_dom, stride_dod, stride_lm, start_m, offs_n, offs_d, seqlen_q,
+                                     diag, qk_scale, BLOCK_M, HEAD_DIM, False, UPCAST, DOT_PRECISION, ACC)
+        mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+        rows = (k_start + offs_n)[:, None]
+        tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + rows * stride_dkn + offs_d[None, :] * stride_dkd,
+                 _cast_out(dk * sm_scale, DK.dtype.element_ty, UPCAST), mask=mask)
+        tl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + rows * stride_dvn + offs_d[None, :] * stride_dvd,
+                 _cast_out(dv, DV.dtype.element_ty, UPCAST), mask=mask)
+
+    @triton.jit
+    def _dq_block(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, start_n, offs_m,
+                  offs_d, seqlen_k, diag, qk_scale,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+        """Contribution of token keys [start_n, start_n + BLOCK_N) to dq (unscaled)."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(K_base, offs_n, stride_kn, offs_d, stride_kd, seqlen_k, HEAD_DIM, UPCAST, ACC)
+        v = _load_tile(V_base, offs_n, stride_vn, offs_d, stride_vd, seqlen_k, HEAD_DIM, UPCAST, ACC)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC) * qk_scale
+        if MASKED:
+            visible = offs_n[None, :] < seqlen_k
+            if IS_CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + diag)
+            qk = tl.where(visible, qk, float("-inf"))
+        p = tl.math.exp2(qk - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC)
+        ds = p * (dp - delta[:, None])
+        return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION, out_dtype=ACC)
+
+    @triton.jit
+    def _zia_bwd_dq_kernel(
+        Q, K, V, PK, PV, GAMMA, DOUT, DQ, DPK_PART, DPV_PART, LSE_W, LSE_P, DELTA_W, DELTA_P, CU_Q, CU_K,
+        stride_qb, stride_qm, stride_qh, stride_qd,
+        stride_kb, stride_kn, stride_kh, stride_kd,
+        stride_vb, stride_vn, stride_vh, stride_vd,
+        stride_pkb, stride_pkn, stride_pkh, stride_pkd,
+        stride_pvb, stride_pvn, stride_pvh, stride_pvd,
+        stride_dob, stride_dom, stride_doh, stride_dod,
+        stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+        stride_lb, stride_lh, stride_lm,
+        nheads, groups, seqlen_q, seqlen_k, prompt_len, qk_scale, sm_scale,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+        IS_CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, VARLEN: tl.constexpr,
+        COMPUTE_DQ: tl.constexpr, COMPUTE_DPROMPT: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = off_bh // nheads
+        off_h = off_bh % nheads
+        off_hk = off_h // groups
+        q_start, k_start, seqlen_q, seqlen_k = _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, VARLEN)
+        start_m = pid_m * BLOCK_M
+        if start_m >= seqlen_q:
+            return
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        row_ok = offs_m < seqlen_q
+        b64 = off_b.to(tl.int64)
+        h64 = off_h.to(tl.int64)
+        hk64 = off_hk.to(tl.int64)
+        q = _load_tile(Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm, offs_m, stride_qm, offs_d,
+                       stride_qd, seqlen_q, HEAD_DIM, UPCAST, ACC)
+        do = _load_tile(DOUT + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom, offs_m, stride_dom, offs_d,
+                        stride_dod, seqlen_q, HEAD_DIM, UPCAST, ACC)
+        L_off = b64 * stride_lb + h64 * stride_lh + (q_start + offs_m) * stride_lm
+        dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=ACC)
+
+        # token part: flash-style, with Delta_w in place of the usual rowsum(dout * out)
+        if COMPUTE_DQ:
+            lse = tl.load(LSE_W + L_off, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA_W + L_off, mask=row_ok, other=0.0)
+            K_base = K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn
+            V_base = V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vn
+            diag = seqlen_k - seqlen_q
+            if IS_CAUSAL:
+                full_hi = (tl.minimum(start_m + diag + 1, seqlen_k) // BLOCK_N) * BLOCK_N
+                hi = tl.minimum(start_m + BLOCK_M + diag, seqlen_k)
+            else:
+                full_hi = (seqlen_k // BLOCK_N) * BLOCK_N
+                hi = seqlen_k
+            for start_n in range(0, full_hi, BLOCK_N):
+                dq = _dq_block(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                               start_n, offs_m, offs_d, seqlen_k, diag, qk_scale, BLOCK_N, HEAD_DIM, False, IS_CAUSAL,
+                               UPCAST, DOT_PRECISION, ACC)
+            for start_n in range(full_hi, hi, BLOCK_N):
+                dq = _dq_block(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                               start_n, offs_m, offs_d, seqlen_k, diag, qk_scale, BLOCK_N, HEAD_DIM, True, IS_CAUSAL,
+                               UPCAST, DOT_PRECISION, ACC)
+
+        # prompt part: dT = gamma * A * (dout PV^T - Delta_p), A recomputed from lse_p
+        if HAS_PROMPT:
+            gamma = tl.load(GAMMA + off_h)
+            lse_p = tl.load(LSE_P + L_off, mask=row_ok, other=0.0)
+            delta_p = tl.load(DELTA_P + L_off, mask=row_ok, other=0.0)
+            PK_base = PK + b64 * stride_pkb + hk64 * stride_pkh
+            PV_base = PV + b64 * stride_pvb + hk64 * stride_pvh
+            # this block's partial prompt gradients: DPK_PART[b, h, pid_m, p, d], contiguous
+            part_off = (off_bh.to(tl.int64) * tl.num_programs(0) + pid_m) * prompt_len * HEAD_DIM
+            for start_p in range(0, prompt_len, BLOCK_P):
+                t, pk, offs_p = _prompt_scores(q, PK_base, stride_pkn, stride_pkd, start_p, offs_d, prompt_len,
+                                               qk_scale, BLOCK_P, HEAD_DIM, UPCAST, DOT_PRECISION, ACC)
+                a = tl.math.exp2(t - lse_p[:, None]) * gamma  # gamma * A, zero on padded prompt columns
+                pv = _load_tile(PV_base, offs_p, stride_pvn, offs_d, stride_pvd, prompt_len, HEAD_DIM, UPCAST, ACC)
+                dt = a * (tl.dot(do, tl.trans(pv), input_precision=DOT_PRECISION, out_dtype=ACC) - delta_p[:, None])
+                if COMPUTE_DQ:
+                    dq = tl.dot(dt.to(pk.dtype), pk, dq, input_precision=DOT_PRECISION, out_dtype=ACC)
+                if COMPUTE_DPROMPT:
+                    dpk = tl.dot(tl.trans(dt).to(q.dtype), q, input_precision=DOT_PRECISION, out_dtype=ACC) * sm_scale
+                    dpv = tl.dot(tl.trans(a).to(do.dtype), do, input_precision=DOT_PRECISION, out_dtype=ACC)
+                    p_ptrs = part_off + offs_p[:, None] * HEAD_DIM + offs_d[None, :]
+                    p_mask = (offs_p[:, None] < prompt_len) & (offs_d[None, :] < HEAD_DIM)
+                    tl.store(DPK_PART + p_ptrs, dpk, mask=p_mask)
+                    tl.store(DPV_PART + p_ptrs, dpv, mask=p_mask)
+
+        if COMPUTE_DQ:
+            dq_ptrs = (DQ + b64 * stride_dqb + h64 * stride_dqh + (q_start + offs_m)[:, None] * stride_dqm
+                       + offs_d[None, :] * stride_dqd)
+            dq_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+            tl.store(dq_ptrs, _cast_out(dq * sm_scale, DQ.dtype.element_ty, UPCAST), mask=dq_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _strides(x: torch.Tensor, varlen: bool) -> tuple[int, ...]:
+    """(batch, seq, head, dim) strides; a packed (total, head, dim) tensor has batch stride 0."""
+    return (0, *x.stride()) if varlen else x.stride()
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, ...]:
+    """lse / Delta strides (batch, head, row); packed sequences share one (1, nheads, total_q) row."""
+    return (0, *lse.stride()[1:]) if varlen else lse.stride()
+
+
+def _prompt_strides(x: torch.Tensor) -> tuple[int, ...]:
+    """Prompt strides, batch stride 0 when one prompt is shared by the whole batch (no copy)."""
+    return (0 if x.shape[0] == 1 else x.stride(0), *x.stride()[1:])
+
+
+def _blocks(head_dim_pad: int, seqlen_q: int, prompt_len: int) -> dict:
+    """Block sizes. Under the interpreter large blocks are fastest; on the GPU, choices that fit
+    Hopper's shared memory for head dims up to 128 (to be autotuned once measured)."""
+    block_p = min(64, max(16, triton.next_power_of_2(max(prompt_len, 1))))
+    if INTERPRET:
+        return dict(fwd=(64, 64, 4, 1), dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1), BLOCK_P=block_p)
+    small_m = max(16, triton.next_power_of_2(seqlen_q))
+    fwd_m = 128 if seqlen_q > 64 else small_m  # decode: one query row needs no 128-row block
+    fwd = (fwd_m, 64, 8 if head_dim_pad == 128 and fwd_m == 128 else 4, 3)
+    return dict(fwd=fwd, dkdv=(32, 128, 4, 3), dq=(min(128, small_m), 32, 4, 3), BLOCK_P=block_p)
+
+
+def _geometry(q, k, prompt_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        batch = cu_seqlens_q.shape[0] - 1
+        seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
+        nheads, headdim = q.shape[1], q.shape[2]
+        nheads_kv = k.shape[1]
+    else:
+        batch, seqlen_q, nheads, headdim = q.shape
+        seqlen_k, nheads_kv = k.shape[1], k.shape[2]
+    return varlen, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, prompt_k.shape[1]
+
+
+def _lse_shape(q, varlen, batch, nheads, seqlen_q):
+    # (batch, nheads, seqlen_q); packed: (1, nheads, total_q)
+    return (1, nheads, q.shape[0]) if varlen else (batch, nheads, seqlen_q)
+
+
+def _fwd(q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+         max_seqlen_k):
+    varlen, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, prompt_len = _geometry(
+        q, k, prompt_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse_shape = _lse_shape(q, varlen, batch, nheads, seqlen_q)
+    lse_w = torch.empty(lse_shape, dtype=_acc_dtype(q.dtype), device=q.device)
+    lse_p = torch.full(lse_shape, float("-inf"), dtype=_acc_dtype(q.dtype), device=q.device)
+    if out.numel() == 0:
+        return out, lse_w, lse_p
+    head_dim_pad = max(16, triton.next_power_of_2(headdim))
+    cfg = _blocks(head_dim_pad, seqlen_q, prompt_len)
+    block_m, block_n, num_warps, num_stages = cfg["fwd"]
+    has_prompt = prompt_len > 0
+    pk, pv = (prompt_k, prompt_v) if has_prompt else (k, v)  # unused when there is no prompt
+    grid = (triton.cdiv(seqlen_q, block_m), batch * nheads)
+    _zia_fwd_kernel[grid](
+        q, k, v, pk, pv, gamma, out, lse_w, lse_p, cu_seqlens_q, cu_seqlens_k,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+        *_prompt_strides(pk), *_prompt_strides(pv), *_strides(out, varlen),
+        *_lse_strides(lse_w, varlen),
+        nheads, nheads // nheads_kv, seqlen_q, seqlen_k, prompt_len, softmax_scale * LOG2E,
+        HEAD_DIM=headdim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=cfg["BLOCK_P"],
+        IS_CAUSAL=causal, HAS_PROMPT=has_prompt, VARLEN=varlen, **_dtype_flags(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse_w, lse_p
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dtype_flags(dtype: torch.dtype) -> dict:
+    """The kernels' dtype switches: accumulator type, dot precision, and the interpreter's upcast."""
+    return dict(
+        # the interpreter computes bf16 / fp16 wrongly (triton #11584): upcast there, never on the GPU
+        UPCAST=INTERPRET and dtype in (torch.float16, torch.bfloat16),
+        # fp32 inputs get fp32 accuracy (IEEE dots, not TF32); 16-bit operands are exact in any mode
+        DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+        ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+    )
+
+
+def _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, softmax_scale, cu_seqlens_q,
+         cu_seqlens_k, max_seqlen_q, max_seqlen_k, need_dq, need_dkv, need_dprompt):
+    varlen, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, prompt_len = _geometry(
+        q, k, prompt_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    groups = nheads // nheads_kv
+    dev = q.device
+    dq = torch.zeros_like(q) if need_dq else q.new_empty(0)
+    dk = torch.zeros_like(k) if need_dkv else k.new_empty(0)
+    dv = torch.zeros_like(v) if need_dkv else v.new_empty(0)
+    dpk = torch.zeros_like(prompt_k) if need_dprompt else prompt_k.new_empty(0)
+    dpv = torch.zeros_like(prompt_v) if need_dprompt else prompt_v.new_empty(0)
+    dgamma = torch.zeros(nheads, dtype=gamma.dtype, device=dev)
+    if dout.numel() == 0:
+        return dq, dk, dv, dpk, dpv, dgamma
+
+    head_dim_pad = max(16, triton.next_power_of_2(headdim))
+    cfg = _blocks(head_dim_pad, seqlen_q, prompt_len)
+    has_prompt = prompt_len > 0
+    pk, pv = (prompt_k, prompt_v) if has_prompt else (k, v)
+    qk_scale = softmax_scale * LOG2E
+    common = dict(HEAD_DIM=headdim, HEAD_DIM_PAD=head_dim_pad, VARLEN=varlen, **_dtype_flags(q.dtype))
+    delta_w = torch.empty_like(lse_w)
+    delta_p = torch.zeros_like(lse_w)
+
+    pre_m = cfg["fwd"][0]
+    _zia_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre_m), batch * nheads)](
+        q, pk, pv, gamma, out, dout, lse_p, delta_w, delta_p, cu_seqlens_q, cu_seqlens_k,
+        *_strides(q, varlen), *_prompt_strides(pk), *_prompt_strides(pv), *_strides(out, varlen),
+        *_strides(dout, varlen), *_lse_strides(lse_w, varlen),
+        nheads, groups, seqlen_q, seqlen_k, prompt_len, qk_scale,
+        BLOCK_M=pre_m, BLOCK_P=cfg["BLOCK_P"], HAS_PROMPT=has_prompt, **common,
+    )
+
+    if need_dkv:
+        block_m, block_n, num_warps, num_stages = cfg["dkdv"]
+        _zia_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, block_n), batch * nheads_kv)](
+            q, k, v, dout, dk, dv, lse_w, delta_w, cu_seqlens_q, cu_seqlens_k,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
+            *_strides(dk, varlen), *_strides(dv, varlen), *_lse_strides(lse_w, varlen),
+            nheads_kv, groups, seqlen_q, seqlen_k, qk_scale, softmax_scale,
+            BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, num_warps=num_warps, num_stages=num_stages,
+            **common,
+        )
+
+    need_prompt_part = has_prompt and need_dprompt
+    if need_dq or need_prompt_part:
+        block_m, block_n, num_warps, num_stages = cfg["dq"]
+        num_m = triton.cdiv(seqlen_q, block_m)
+        part_shape = (batch, nheads, num_m, prompt_len, headdim) if need_prompt_part else (0,)
+        # packed: blocks past a short sequence's end write nothing, so their partials must read 0
+        alloc = torch.zeros if varlen else torch.empty
+        dpk_part = alloc(part_shape, dtype=_acc_dtype(q.dtype), device=dev)
+        dpv_part = alloc(part_shape, dtype=_acc_dtype(q.dtype), device=dev)
+        _zia_bwd_dq_kernel[(num_m, batch * nheads)](
+            q, k, v, pk, pv, gamma, dout, dq if need_dq else q, dpk_part, dpv_part, lse_w, lse_p, delta_w, delta_p,
+            cu_seqlens_q, cu_seqlens_k,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+            *_prompt_strides(pk), *_prompt_strides(pv), *_strides(dout, varlen),
+            *_strides(dq if need_dq else q, varlen), *_lse_strides(lse_w, varlen),
+            nheads, groups, seqlen_q, seqlen_k, prompt_len, qk_scale, softmax_scale,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=cfg["BLOCK_P"], IS_CAUSAL=causal, HAS_PROMPT=has_prompt,
+            COMPUTE_DQ=need_dq, COMPUTE_DPROMPT=need_prompt_part, num_warps=num_warps, num_stages=num_stages,
+            **common,
+        )
+        if need_prompt_part:
+            # fixed-order sums: over query blocks, the query heads of each kv group, then the
+            # batch if one prompt was shared by all
+            for part, grad in ((dpk_part, dpk), (dpv_part, dpv)):
+                g = part.sum(dim=2).view(batch, nheads_kv, groups, prompt_len, headdim).sum(dim=2)
+                if prompt_k.shape[0] == 1:
+                    g = g.sum(dim=0, keepdim=True)
+                grad.copy_(g.permute(0, 2, 1, 3))  # (B, nh_kv, P, hs) -> (B, P, nh_kv, hs)
+    if has_prompt:
+        dgamma = delta_p.sum(dim=(0, 2))
+    return dq, dk, dv, dpk, dpv, dgamma
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops: torch.compile sees one node (with a fake implementation) per direction
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("llama_adapter::zero_init_attention_fwd", mutates_args=())
+def _zia_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: torch.Tensor, prompt_v: torch.Tensor,
+    gamma: torch.Tensor, causal: bool, softmax_scale: float, cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fwd(q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k,
+                max_seqlen_q, max_seqlen_k)
+
+
+@_zia_fwd_op.register_fake
+def _(q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+      max_seqlen_k):
+    varlen, batch, seqlen_q, _, nheads, *_ = _geometry(q, k, prompt_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    lse_shape = _lse_shape(q, varlen, batch, nheads, seqlen_q)
+    acc = _acc_dtype(q.dtype)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(lse_shape, dtype=acc), q.new_empty(lse_shape, dtype=acc))
+
+
+@torch.library.custom_op("llama_adapter::zero_init_attention_bwd", mutates_args=())
+def _zia_bwd_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: torch.Tensor,
+    prompt_v: torch.Tensor, gamma: torch.Tensor, out: torch.Tensor, lse_w: torch.Tensor, lse_p: torch.Tensor,
+    causal: bool, softmax_scale: float, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int, max_seqlen_k: int, need_dq: bool, need_dkv: bool, need_dprompt: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, softmax_scale, cu_seqlens_q,
+                cu_seqlens_k, max_seqlen_q, max_seqlen_k, need_dq, need_dkv, need_dprompt)
+
+
+@_zia_bwd_op.register_fake
+def _(dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, softmax_scale, cu_seqlens_q,
+      cu_seqlens_k, max_seqlen_q, max_seqlen_k, need_dq, need_dkv, need_dprompt):
+    def grad(x, needed):
+        return torch.empty_like(x) if needed else x.new_empty(0)
+
+    return (grad(q, need_dq), grad(k, need_dkv), grad(v, need_dkv), grad(prompt_k, need_dprompt),
+            grad(prompt_v, need_dprompt), torch.empty_like(gamma))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_q, cu_k, max_q, max_k = inputs
+    out, lse_w, lse_p = output
+    ctx.save_for_backward(q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, cu_q, cu_k)
+    ctx.args = (causal, softmax_scale, max_q, max_k)
+    ctx.mark_non_differentiable(lse_w, lse_p)
+
+
+def _backward(ctx, dout, _dlse_w, _dlse_p):
+    q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, cu_q, cu_k = ctx.saved_tensors
+    causal, softmax_scale, max_q, max_k = ctx.args
+    need = ctx.needs_input_grad
+    dq, dk, dv, dpk, dpv, dgamma = _zia_bwd_op(
+        dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, softmax_scale, cu_q, cu_k, max_q, max_k,
+        need[0], need[1] or need[2], need[3] or need[4])
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+            dpk if need[3] else None, dpv if need[4] else None, dgamma if need[5] else None,
+            None, None, None, None, None, None)
+
+
+_zia_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and the public op
+# ----------------------------------------------------------------------------------------------
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _check_inputs(q, k, v, prompt_k, prompt_v, gate, causal, softmax_scale, gate_act, varlen) -> None:
+    """Raise ValueError/TypeError naming the argument and the shapes it got; nothing is launched."""
+    named = {"q": q, "k": k, "v": v, "prompt_k": prompt_k, "prompt_v": prompt_v, "gate": gate}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    seq_dims = 3 if varlen else 4
+    layouts = {"q": "(total_q, nheads, headdim)" if varlen else "(batch, seqlen_q, nheads, headdim)",
+               "k": "(total_k, nheads_kv, headdim)" if varlen else "(batch, seqlen_k, nheads_kv, headdim)",
+               "prompt_k": "(1 or batch, prompt_len, nheads_kv, headdim)"}
+    layouts["v"], layouts["prompt_v"] = layouts["k"], layouts["prompt_k"]
+    for name in ("q", "k", "v", "prompt_k", "prompt_v"):
+        t = named[name]
+        want = 4 if name.startswith("prompt") else seq_dims
+        if t.dim() != want:
+            raise ValueError(f"{name} must be {want}-D {layouts[name]}, got shape {_shape(t)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float32, float16, bfloat16 (or float64), got {t.dtype}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: q, k, v, prompt_k and prompt_v "
+                            "must share one dtype")
+    for name, t in named.items():
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+
+    nheads, headdim = q.shape[-2], q.shape[-1]
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {_shape(k)} and v {_shape(v)}")
+    if k.shape[-1] != headdim or (not varlen and k.shape[0] != q.shape[0]):
+        what = "(total_k, nheads_kv, headdim" if varlen else f"(batch={q.shape[0]}, seqlen_k, nheads_kv, headdim"
+        raise ValueError(f"k must be {what}={headdim}) to match q {_shape(q)}, got {_shape(k)}")
+    nheads_kv = k.shape[-2]
+    if nheads_kv == 0 or nheads % nheads_kv != 0:
+        raise ValueError(f"nheads of q ({nheads}) must be a multiple of nheads_kv of k ({nheads_kv}); "
+                         f"got q {_shape(q)}, k {_shape(k)}")
+    if headdim % 8 != 0 or not 16 <= headdim <= MAX_HEADDIM:
+        raise ValueError(f"headdim must be a multiple of 8 from 16 to {MAX_HEADDIM} (32, 64, 80, 96, 128, ...), "
+                         f"got q {_shape(q)}")
+    if not varlen and k.shape[1] == 0 and q.shape[1] > 0:
+        raise ValueError(f"k must hold at least one key (seqlen_k >= 1), got k {_shape(k)}")
+    if prompt_k.shape != prompt_v.shape:
+        raise ValueError(f"prompt_k and prompt_v must have the same shape, got prompt_k {_shape(prompt_k)} "
+                         f"and prompt_v {_shape(prompt_v)}")
+    if not varlen and prompt_k.shape[0] not in (1, q.shape[0]):
+        raise ValueError(f"prompt_k must have batch 1 (shared) or batch {q.shape[0]}, got {_shape(prompt_k)}")
+    if prompt_k.shape[2] != nheads_kv or prompt_k.shape[3] != headdim:
+        raise ValueError(f"prompt_k must be (1 or batch, prompt_len, nheads_kv={nheads_kv}, headdim={headdim}), "
+                         f"got {_shape(prompt_k)}")
+    if gate.dim() != 1 or gate.shape[0] not in (1, nheads):
+        raise ValueError(f"gate must have shape ({nheads},) (one per head) or (1,), got {_shape(gate)}")
+    if not varlen and causal and q.shape[1] > k.shape[1]:
+        raise ValueError(f"causal attention needs seqlen_q <= seqlen_k (bottom-right aligned), got q {_shape(q)} "
+                         f"and k {_shape(k)}")
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+                                      or not softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be a positive number or None, got {softmax_scale!r}")
+    if gate_act not in ("tanh", "identity"):
+        raise ValueError(f"gate_act must be 'tanh' or 'identity', got {gate_act!r}")
+
+
+def _check_varlen(q, k, prompt_k, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (with cu_seqlens given, both are needed), "
+                            f"got {type(cu).__name__}")
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.shape[0] < 2:
+            raise ValueError(f"{name} must be a 1-D int32 tensor of num_seqs + 1 >= 2 offsets, "
+                             f"got {cu.dtype} of shape {_shape(cu)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                         f"{_shape(cu_seqlens_q)} and {_shape(cu_seqlens_k)}")
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {m!r}")
+    if prompt_k.shape[0] not in (1, num_seqs):
+        raise ValueError(f"prompt_k must have batch 1 (shared) or one prompt per sequence ({num_seqs}), "
+                         f"got {_shape(prompt_k)}")
+    # the offsets themselves are checked where that costs no device synchronisation
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        for name, cu, total, m in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                   ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+            lens = cu[1:] - cu[:-1]
+            if cu[0].item() != 0 or cu[-1].item() != total or bool((lens < 0).any()):
+                raise ValueError(f"{name} must rise from 0 to {total} (the packed length), got {cu.tolist()}")
+            if int(lens.max()) > m:
+                raise ValueError(f"{name.replace('cu_seqlens', 'max_seqlen')}={m} is less than the longest "
+                                 f"sequence ({int(lens.max())})")
+        lq, lk = cu_seqlens_q[1:] - cu_seqlens_q[:-1], cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+        if bool(((lk == 0) & (lq > 0)).any()):
+            raise ValueError("every sequence with queries needs at least one key: cu_seqlens_k has an empty "
+                             f"sequence where cu_seqlens_q has not ({cu_seqlens_q.tolist()}, {cu_seqlens_k.tolist()})")
+        if causal and bool((lq > lk).any()):
+            raise ValueError("causal attention needs seqlen_q <= seqlen_k in every sequence, got cu_seqlens_q "
+                             f"{cu_seqlens_q.tolist()} and cu_seqlens_k {cu_seqlens_k.tolist()}")
+
+
+def _use_triton(q: torch.Tensor) -> bool:
+    return HAS_TRITON and (q.device.type == "cuda" or INTERPRET)
+
+
+def zero_init_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prompt_k: torch.Tensor,
+    prompt_v: torch.Tensor,
+    gate: torch.Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    gate_act: str = "tanh",
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+) -> torch.Tensor:
+    """Zero-init attention: causal attention over the tokens plus a gated prompt attention with its
+    own softmax, fused in one pass (LLaMA-Adapter, arXiv 2303.16199).
+
+        out = softmax(s q k^T + causal mask) v + act(gate) * softmax(s q prompt_k^T) prompt_v
+
+    Arguments:
+        q: (batch, seqlen_q, nheads, headdim)
+        k, v: (batch, seqlen_k, nheads_kv, headdim); nheads % nheads_kv == 0 (GQA / MQA: query
+            head h reads kv head h // (nheads // nheads_kv)).
+        prompt_k, prompt_v: (batch or 1, prompt_len, nheads_kv, headdim): the adapter prompt
+            through the layer's wk / wv. A batch of 1 is shared by all without a copy.
+            prompt_len may be 0 (plain causal attention).
+        gate: (nheads,) or (1,): the raw gate; act(gate) scales the prompt part, and its gradient
+            flows through act exactly.
+        causal: mask the token keys causally, aligned bottom-right: with seqlen_q < seqlen_k
+            (a KV cache) query i sees keys j <= i + seqlen_k - seqlen_q. Prompt keys are never masked.
+        softmax_scale: defaults to headdim ** -0.5; applies to both parts.
+        gate_act: "tanh" (the paper's training code) or "identity" (PEFT, lit-llama).
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k: packed sequences, flash-attn's
+            varlen convention: q (total_q, nheads, headdim), k, v (total_k, nheads_kv, headdim),
+            cu_seqlens_* (num_seqs + 1,) int32 offsets, max_seqlen_* the longest sequence;
+            prompt_k / prompt_v then have batch 1 or num_seqs. Sequences never see each other.
+    Returns:
+        out: shaped like q, contiguous, dtype of q. Softmax statistics and accumulators in fp32 (fp64 for
+            fp64 inputs, which exist for verification).
+
+    Any strides work (a (batch, nheads, seqlen, headdim) tensor viewed with .transpose(1, 2) is
+    read in place). Differentiable in q, k, v, prompt_k, prompt_v and gate.
+
+    Caution:
+        Bad input raises ValueError / TypeError before anything is launched. The packed offsets
+        are checked on CPU tensors only (on a GPU that would need a device synchronisation).
+        Runs the Triton kernels on CUDA tensors (compiled) or anywhere under TRITON_INTERPRET=1
+        (read when this module is imported); otherwise the eager reference.
+    """
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    _check_inputs(q, k, v, prompt_k, prompt_v, gate, causal, softmax_scale, gate_act, varlen)
+    if varlen:
+        _check_varlen(q, k, prompt_k, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    elif max_seqlen_q is not None or max_seqlen_k is not None:
+        raise ValueError("max_seqlen_q / max_seqlen_k go with cu_seqlens_q / cu_seqlens_k (packed sequences)")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+
+    if not _use_triton(q):
+        if varlen:
+            return _varlen_ref(q, k, v, prompt_k, prompt_v, gate, cu_seqlens_q, cu_seqlens_k, causal=causal,
+                               softmax_scale=scale, gate_act=gate_act)
+        return zero_init_attention_ref(q, k, v, prompt_k, prompt_v, gate, causal=causal, softmax_scale=scale,
+                                       gate_act=gate_act)
+    nheads = q.shape[-2]
+    gamma = gate_activation(gate.to(_acc_dtype(q.dtype)), gate_act).expand(nheads).contiguous()  # (nheads,) fp32
+    out, _, _ = _zia_fwd_op(q, k, v, prompt_k, prompt_v, gamma, causal, scale, cu_seqlens_q, cu_seqlens_k,
+                            max_seqlen_q or 0, max_seqlen_k or 0)
+    return out
+
+
+def _varlen_ref(q, k, v, prompt_k, prompt_v, gate, cu_seqlens_q, cu_seqlens_k, **kwargs) -> torch.Tensor:
+    """Packed sequences through the eager reference, one sequence at a time."""
+    outs = []
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(cq) - 1):
+        p = 0 if prompt_k.shape[0] == 1 else i
+        outs.append(zero_init_attention_ref(
+            q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]], v[None, ck[i]:ck[i + 1]],
+            prompt_k[p:p + 1], prompt_v[p:p + 1], gate, **kwargs)[0])
+    return torch.cat(outs, dim=0)

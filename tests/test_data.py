@@ -520,7 +520,7 @@ def test_resume_yields_exactly_the_remaining_steps(make):
                 assert len(s.batches) == len(t.batches)
                 assert all(same_batch(a, b) for a, b in zip(s.batches, t.batches, strict=True))
     with pytest.raises(ValueError, match="start_step"):
-        next(make(data).iter_epoch(0, start_step=len(full) + 1))
+        make(data).iter_epoch(epoch, start_step=len(full) + 1)   # at the call, not at the first step
 
 
 @pytest.mark.parametrize("mode", ["packed", "padded"])

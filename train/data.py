@@ -100,7 +100,7 @@ _SHOWN = 10  # how many problems or indices a message lists before "... and N mo
 
 
 class TokenizerLike(Protocol):
-    """What the data needs of a tokenizer; model.Tokenizer has it."""
+    """What the data needs of a tokenizer: the interface of model.Tokenizer."""
 
     bos_id: int
     eos_id: int
@@ -581,12 +581,14 @@ class _Loader:
 
     def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Step]:
         """The steps of an epoch from start_step on, with this rank's micro-batches collated."""
-        plan = self.plan(epoch)
         n_steps = self.num_steps(epoch)
         _check_int("start_step", start_step, 0)
         if start_step > n_steps:
             raise ValueError(f"start_step={start_step} is past the end of epoch {epoch} ({n_steps} steps)")
-        m, w = self.micro_batches_per_step, self.world_size
+        return self._steps(epoch, start_step, n_steps)
+
+    def _steps(self, epoch: int, start_step: int, n_steps: int) -> Iterator[Step]:
+        plan, m, w = self.plan(epoch), self.micro_batches_per_step, self.world_size
         for index in range(start_step, n_steps):
             micro = plan[index * m:(index + 1) * m]
             mine = [self.collate(ids) for ids in micro[self.rank::w]]

@@ -1,0 +1,1 @@
+"""Fine-tuning LLaMA-Adapter: Alpaca instruction data (train.data), the training loop, several GPUs."""

@@ -1,0 +1,756 @@
+"""Alpaca instruction data for LLaMA-Adapter fine-tuning: loading, tokenization, packed and padded batches.
+
+    from train.data import load_records, tokenize_records, split_eval, PackedLoader, IGNORE_INDEX
+
+    records, load_report = load_records("alpaca_data.json", on_bad_record="skip")
+    data, tok_report = tokenize_records(records, tokenizer, max_seq_len=512)
+    train, val = split_eval(data, eval_size=0.02, seed=0)
+    loader = PackedLoader(train, token_budget=8192, micro_batches_per_step=4, seed=0,
+                          rank=rank, world_size=world_size)
+    for step in loader.iter_epoch(epoch, start_step=resume_step):
+        for batch in step.batches:                      # this rank's micro-batches of the step
+            logits = model(batch["tokens"], ...)        # varlen attention: cu_seqlens, positions
+            loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
+            (loss_sum / step.num_targets).backward()    # the step's mean over all of its targets
+        optimizer.step()
+    (Under DDP, which averages gradients over ranks, multiply by world_size as well.)
+
+Records (Alpaca format)
+    {"instruction": non-empty string, "input": string (optional, may be empty), "output": non-empty string}
+    as a JSON list, or as JSON Lines (one object per line; blank lines ignored). Other keys are ignored.
+    Bad records are reported by index (0-based, in file order; JSONL adds the line number) and field.
+
+Tokenization (the official LLaMA-Adapter script's, one boundary detail aside)
+    prompt = alpaca_prompt(instruction, input)     (model/prompt.py: nothing after "### Response:")
+    tokens = encode(prompt, bos=True, eos=False) + encode(output, bos=False, eos=True)
+    Prompt and output are encoded separately and concatenated. The official script encodes
+    prompt + output as one string and masks its first len(encode(prompt)) positions; but a
+    tokenizer may merge characters across that boundary, and then the mask is off by a token and
+    the model trains on a prompt that differs from the one generation gives it (generation encodes
+    the prompt alone). Separate encoding keeps both exact: tokens[:n_prompt] is the generation
+    prompt, and the response tokens are encode(output), which decode() turns back into the output.
+    (With sentencepiece the response starts with its own dummy-prefix piece "▁", as if the template
+    ended with a space; decode() drops that space again.)
+
+Labels: the shift is done here, in the data
+    labels[t] is the target of position t, i.e. the next token of the SAME sequence:
+        labels[t] = tokens[t + 1]   for n_prompt - 1 <= t <= len - 2   (predicts the response and EOS)
+        labels[t] = IGNORE_INDEX    elsewhere: in the prompt, at the last token of each sequence
+                                    (nothing of its own follows it), and on padding.
+    The loss is cross_entropy(logits, labels, ignore_index=IGNORE_INDEX) with NO further shift
+    (Hugging Face models shift inside; ours must not). The last token of each sequence being
+    ignored, a packed row never trains one sequence to predict the next sequence's first token.
+
+Truncation
+    An example longer than max_seq_len keeps its first max_seq_len tokens (the end of its response,
+    EOS included, is cut): counted in the TokenizeReport and logged. An example whose prompt alone
+    has max_seq_len tokens or more has no target left: it is dropped, and reported.
+
+Packed batches (PackedLoader): no compute on padding
+    Whole examples, best fit over a shuffled order, in micro-batches of at most token_budget tokens:
+    one row (1, T) with cu_seqlens. Attention must run per sequence (the varlen op with cu_seqlens
+    and max_seqlen): plain causal attention over the row would let a sequence see the ones before
+    it. Positions restart at 0 in each sequence, for RoPE.
+
+Padded batches (PaddedLoader): the official script's layout
+    (B, L), L = pad_to (512 by default) or the longest example of the batch; right padding, labels
+    IGNORE_INDEX on padding. No attention mask is needed: with right padding a real token at
+    position t attends causally to positions <= t only, and those are all real tokens.
+
+Steps, resuming, several processes
+    An epoch's plan, its list of micro-batches, depends only on the data, the budget (or batch size
+    and pad_to), shuffle, seed and epoch: never on rank, world size or where a run resumed. A step
+    is micro_batches_per_step consecutive micro-batches of the plan: the global batch. With
+    world_size W, rank r takes micro-batches r, r + W, r + 2W, ... of each step; the ranks' shares
+    are disjoint and their union is exactly the step a single process (W = 1, the same budget and
+    micro_batches_per_step, as gradient accumulation) sees: the same examples, the same
+    (token, target) pairs, the same step.num_targets to divide the loss by. So "the same global
+    batch" for packing means: the same micro-batches of <= token_budget tokens each, at most
+    micro_batches_per_step * token_budget tokens per step, whatever W divides them. Where an epoch's
+    last step has too few micro-batches for every rank to get its share, the ranks short of one
+    get filler micro-batches (one pad token, no target, batch["filler"] True) so that all ranks
+    run the same number of forward/backward passes; fillers add nothing to the loss or gradients.
+    iter_epoch(epoch, start_step=k) yields exactly the steps k, k + 1, ... that an uninterrupted
+    run yields: a run resumed from (epoch, k) sees the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from bisect import bisect_left, insort
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol, TypedDict
+
+import numpy as np
+import torch
+
+from model.prompt import alpaca_prompt
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""Label of a position that has no target (prompt, last token of a sequence, padding)."""
+
+_SHOWN = 10  # how many problems or indices a message lists before "... and N more"
+
+
+class TokenizerLike(Protocol):
+    """What the data needs of a tokenizer: the interface of model.Tokenizer."""
+
+    bos_id: int
+    eos_id: int
+    pad_id: int | None  # -1 or None when the tokenizer has no pad token
+    vocab_size: int
+
+    def encode(self, text: str, bos: bool, eos: bool) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+# ----------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass(frozen=True)
+class Record:
+    """One Alpaca example. index: its 0-based position in the source file (None if built by hand)."""
+
+    instruction: str
+    input: str
+    output: str
+    index: int | None = None
+
+    @property
+    def prompt(self) -> str:
+        return alpaca_prompt(self.instruction, self.input)
+
+
+@dataclass(frozen=True)
+class RecordProblem:
+    """What is wrong with one record: index (0-based, file order), field (None: the whole record)."""
+
+    index: int
+    field: str | None
+    message: str
+    line: int | None = None  # JSONL: the 1-based line number
+
+    def __str__(self) -> str:
+        where = f"record {self.index}" + (f" (line {self.line})" if self.line is not None else "")
+        what = f"field {self.field!r} " if self.field else ""
+        return f"{where}: {what}{self.message}"
+
+
+class DataError(ValueError):
+    """A data file or record that cannot be used; .problems lists the bad records, if any."""
+
+    def __init__(self, message: str, problems: Sequence[RecordProblem] = ()):
+        super().__init__(message)
+        self.problems = list(problems)
+
+
+@dataclass
+class LoadReport:
+    """What load_records read: source, format, records seen, problems and the indices skipped."""
+
+    source: str
+    format: str
+    num_records: int
+    problems: list[RecordProblem] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+
+    @property
+    def num_loaded(self) -> int:
+        return self.num_records - len(self.skipped)
+
+    def summary(self) -> str:
+        text = f"{self.source} ({self.format}): {self.num_loaded} of {self.num_records} records loaded"
+        if self.skipped:
+            text += f"; skipped {len(self.skipped)} bad record(s):\n" + _listing(self.problems)
+        return text
+
+
+def _listing(items: Sequence[object], indent: str = "  ") -> str:
+    lines = [f"{indent}{item}" for item in items[:_SHOWN]]
+    if len(items) > _SHOWN:
+        lines.append(f"{indent}... and {len(items) - _SHOWN} more")
+    return "\n".join(lines)
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    for types, name in ((bool, "boolean"), (str, "string"), ((int, float), "number"), (list, "array"),
+                        (dict, "object")):
+        if isinstance(value, types):
+            return name
+    return type(value).__name__
+
+
+def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _check_record(obj: object, index: int, line: int | None) -> tuple[Record | None, list[RecordProblem]]:
+    if not isinstance(obj, dict):
+        return None, [RecordProblem(index, None, f"is a JSON {_json_type(obj)}, not an object", line)]
+    problems, values = [], {}
+    for name in ("instruction", "input", "output"):
+        required = name != "input"
+        if name not in obj:
+            if required:
+                problems.append(RecordProblem(index, name, "is missing", line))
+            values[name] = ""
+        elif not isinstance(obj[name], str):
+            problems.append(RecordProblem(index, name, f"is a JSON {_json_type(obj[name])}, not a string", line))
+        elif required and not obj[name].strip():
+            problems.append(RecordProblem(index, name, "is empty", line))
+        else:
+            values[name] = obj[name]
+    if problems:
+        return None, problems
+    return Record(values["instruction"], values["input"], values["output"], index), []
+
+
+class _InvalidJSON(str):
+    """A JSONL line that does not parse; the string is the parser's message."""
+
+
+def _collect(items: Sequence[tuple[int, int | None, object]], on_bad_record: str, source: str,
+             fmt: str) -> tuple[list[Record], LoadReport]:
+    records, report = [], LoadReport(source, fmt, len(items))
+    for index, line, obj in items:
+        if isinstance(obj, _InvalidJSON):
+            record, problems = None, [RecordProblem(index, None, f"is not valid JSON: {obj}", line)]
+        else:
+            record, problems = _check_record(obj, index, line)
+        if problems:
+            report.problems.extend(problems)
+            report.skipped.append(index)
+        else:
+            records.append(record)
+    if report.skipped and on_bad_record == "error":
+        raise DataError(f"{source}: {len(report.skipped)} bad record(s) of {len(items)}:\n"
+                        f"{_listing(report.problems)}\n"
+                        "Fix them, or pass on_bad_record='skip' to skip them.", report.problems)
+    if not records:
+        listing = f":\n{_listing(report.problems)}" if report.problems else ""
+        raise DataError(f"{source}: no usable records ({len(items)} in the file){listing}", report.problems)
+    if report.skipped:
+        log.warning(report.summary())
+    return records, report
+
+
+def parse_records(objects: Sequence[object], *, on_bad_record: Literal["error", "skip"] = "error",
+                  source: str = "records") -> tuple[list[Record], LoadReport]:
+    """Records from already parsed objects (e.g. a JSON list), checked as load_records checks them."""
+    _check_choice("on_bad_record", on_bad_record, ("error", "skip"))
+    if isinstance(objects, (str, bytes, dict)) or not isinstance(objects, Sequence):
+        raise TypeError(f"objects must be a sequence of records (dicts), got {type(objects).__name__}")
+    return _collect([(i, None, obj) for i, obj in enumerate(objects)], on_bad_record, source, "objects")
+
+
+def _detect_format(path: Path, text: str) -> str:
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        return "jsonl"
+    return "json" if text.lstrip().startswith("[") else "jsonl"
+
+
+def load_records(path: str | Path, *, on_bad_record: Literal["error", "skip"] = "error",
+                 format: Literal["auto", "json", "jsonl"] = "auto") -> tuple[list[Record], LoadReport]:
+    """Load Alpaca records from a JSON list or a JSONL file.
+
+    Arguments:
+        path: the file. format "auto": JSONL if it is named *.jsonl or *.ndjson, else JSON if its first
+            non-blank character is "[", else JSONL.
+        on_bad_record: "error" raises a DataError that lists every bad record (index, line for JSONL,
+            field, what is wrong); "skip" leaves them out, logs a warning and lists them in the report.
+    Returns:
+        (records, report): the good records in file order, each with its index; the LoadReport.
+    Raises DataError for a file that is not a JSON list or JSONL, or that has no usable record.
+    """
+    _check_choice("on_bad_record", on_bad_record, ("error", "skip"))
+    _check_choice("format", format, ("auto", "json", "jsonl"))
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    text = path.read_text(encoding="utf-8-sig")
+    fmt = _detect_format(path, text) if format == "auto" else format
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    if fmt == "json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected "
+                            "a JSON list of records, or JSON Lines (one record per line)") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: the top level is a JSON {_json_type(data)}; expected a list of records "
+                            "(or JSON Lines, one record per line)")
+        items = [(i, None, obj) for i, obj in enumerate(data)]
+    else:
+        items = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                obj = _InvalidJSON(f"{e.msg} at column {e.colno}")
+            items.append((len(items), lineno, obj))
+    return _collect(items, on_bad_record, str(path), fmt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenization
+
+
+class TokenizedDataset:
+    """Tokenized examples in flat buffers; see the module docstring for the label convention.
+
+    Attributes:
+        tokens, labels: (total_tokens,) int64, the examples one after the other.
+        offsets: (num_examples + 1,) int64; example i is tokens[offsets[i]:offsets[i + 1]].
+        prompt_lens: (num_examples,) int64, BOS included; source_index: (num_examples,) int64, the
+            record index of each example (DataErrors and reports name it).
+        lengths, num_targets: numpy int64 arrays, tokens and targets of each example.
+        pad_id: the id padding and filler batches use (any valid id: padding is never attended to).
+    """
+
+    def __init__(self, tokens: torch.Tensor, offsets: torch.Tensor, prompt_lens: torch.Tensor,
+                 source_index: torch.Tensor, pad_id: int):
+        for name, t, dim in (("tokens", tokens, 1), ("offsets", offsets, 1), ("prompt_lens", prompt_lens, 1),
+                             ("source_index", source_index, 1)):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != dim:
+                raise TypeError(f"{name} must be a 1-D int64 tensor, got "
+                                f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        n = len(prompt_lens)
+        if len(offsets) != n + 1 or len(source_index) != n or offsets[0] != 0 or offsets[-1] != len(tokens):
+            raise ValueError(f"offsets {tuple(offsets.shape)} must be (num_examples + 1,) = ({n + 1},), from 0 to "
+                             f"len(tokens) = {len(tokens)}; source_index {tuple(source_index.shape)} must be ({n},)")
+        lengths = offsets.diff()
+        if n and not bool(((prompt_lens >= 1) & (prompt_lens < lengths)).all()):
+            i = int(((prompt_lens < 1) | (prompt_lens >= lengths)).nonzero()[0])
+            raise ValueError(f"example {i}: prompt_lens ({int(prompt_lens[i])}) must be in [1, length - 1] "
+                             f"(length {int(lengths[i])}): every example needs a target")
+        if len(tokens) and int(tokens.min()) < 0:
+            raise ValueError("tokens must be non-negative ids")
+        self.tokens, self.offsets, self.prompt_lens, self.source_index = tokens, offsets, prompt_lens, source_index
+        self.pad_id = int(pad_id)
+        self.lengths = lengths.numpy()
+        self.num_targets = (lengths - prompt_lens).numpy()  # positions n_prompt - 1 ... length - 2
+        # labels[t] = tokens[t + 1] where the position t lies in [n_prompt - 1, length - 2] of its example
+        example = torch.repeat_interleave(torch.arange(n), lengths)
+        local = torch.arange(len(tokens)) - offsets[:-1][example]
+        has_target = (local >= prompt_lens[example] - 1) & (local <= lengths[example] - 2)
+        self.labels = torch.where(has_target, tokens.roll(-1), IGNORE_INDEX)
+
+    @classmethod
+    def from_examples(cls, examples: Sequence[Sequence[int]], prompt_lens: Sequence[int], *, pad_id: int,
+                      source_index: Sequence[int] | None = None) -> TokenizedDataset:
+        """From token lists (BOS + prompt + response + EOS) and their prompt lengths (BOS included)."""
+        if len(prompt_lens) != len(examples):
+            raise ValueError(f"prompt_lens has {len(prompt_lens)} entries for {len(examples)} examples")
+        lengths = torch.tensor([len(e) for e in examples], dtype=torch.int64)
+        tokens = torch.tensor([t for e in examples for t in e], dtype=torch.int64)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+        index = range(len(examples)) if source_index is None else source_index
+        return cls(tokens, offsets, torch.tensor(list(prompt_lens), dtype=torch.int64),
+                   torch.tensor(list(index), dtype=torch.int64), pad_id)
+
+    def __len__(self) -> int:
+        return len(self.prompt_lens)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, labels) of example i, views into the flat buffers."""
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.tokens[start:end], self.labels[start:end]
+
+    def subset(self, indices: Sequence[int]) -> TokenizedDataset:
+        """The examples at these positions, in this order."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(f"indices must lie in [0, {len(self)}), got {int(idx.min())} .. {int(idx.max())}")
+        parts = [self.tokens[self.offsets[i]:self.offsets[i + 1]] for i in idx.tolist()]
+        tokens = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        lengths = torch.as_tensor(self.lengths)[idx]
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+        return TokenizedDataset(tokens, offsets, self.prompt_lens[idx], self.source_index[idx], self.pad_id)
+
+
+@dataclass
+class TokenizeReport:
+    """What tokenize_records did. Counts are of examples and tokens; indices are record indices."""
+
+    max_seq_len: int
+    num_records: int
+    num_examples: int  # kept
+    num_tokens: int  # kept, after truncation
+    num_targets: int  # kept: the positions the loss counts
+    longest: int  # the longest example before truncation
+    truncated: list[int] = field(default_factory=list)  # kept, but cut to max_seq_len
+    tokens_truncated: int = 0  # tokens cut from them: all response tokens (EOS included), i.e. targets lost
+    dropped: list[int] = field(default_factory=list)  # prompt alone >= max_seq_len: no target left
+    tokens_dropped: int = 0  # all tokens of the dropped examples
+
+    def summary(self) -> str:
+        text = (f"{self.num_examples} examples, {self.num_tokens} tokens, {self.num_targets} targets "
+                f"(max_seq_len {self.max_seq_len}, longest example {self.longest} tokens)")
+        if self.truncated:
+            text += (f"; truncated {len(self.truncated)} example(s) to {self.max_seq_len} tokens, "
+                     f"{self.tokens_truncated} response tokens cut (records {_first(self.truncated)})")
+        if self.dropped:
+            text += (f"; dropped {len(self.dropped)} example(s) whose prompt alone has >= {self.max_seq_len} "
+                     f"tokens ({self.tokens_dropped} tokens; records {_first(self.dropped)})")
+        return text
+
+
+def _first(indices: Sequence[int]) -> str:
+    shown = ", ".join(map(str, indices[:_SHOWN]))
+    return shown + (f", ... and {len(indices) - _SHOWN} more" if len(indices) > _SHOWN else "")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *,
+                     max_seq_len: int = 512) -> tuple[TokenizedDataset, TokenizeReport]:
+    """Tokenize records: BOS + prompt + output + EOS, prompt and output encoded separately.
+
+    Arguments:
+        records: from load_records or parse_records (or Record(...) built by hand).
+        tokenizer: anything with encode(text, bos, eos), bos_id, eos_id, pad_id, vocab_size.
+        max_seq_len: longer examples are truncated, and examples whose prompt alone fills it are
+            dropped; both are counted in the report and logged as a warning.
+    Returns:
+        (dataset, report).
+    """
+    _check_int("max_seq_len", max_seq_len, 2)
+    for attr in ("bos_id", "eos_id", "vocab_size"):
+        if not isinstance(getattr(tokenizer, attr, None), (int, np.integer)):
+            raise TypeError(f"tokenizer.{attr} must be an int, got {getattr(tokenizer, attr, None)!r}")
+    pad_id = tokenizer.pad_id
+    if pad_id is None or not 0 <= pad_id < tokenizer.vocab_size:
+        pad_id = tokenizer.eos_id  # no pad token: any valid id does, padding is never attended to
+    examples, prompt_lens, index = [], [], []
+    report = TokenizeReport(max_seq_len, len(records), 0, 0, 0, 0)
+    for position, record in enumerate(records):
+        if not isinstance(record, Record):
+            raise TypeError(f"records[{position}] must be a Record, got {type(record).__name__}")
+        source = position if record.index is None else record.index
+        prompt = tokenizer.encode(record.prompt, bos=True, eos=False)
+        response = tokenizer.encode(record.output, bos=False, eos=True)
+        length = len(prompt) + len(response)
+        report.longest = max(report.longest, length)
+        if len(prompt) >= max_seq_len:
+            report.dropped.append(source)
+            report.tokens_dropped += length
+            continue
+        if length > max_seq_len:
+            report.truncated.append(source)
+            report.tokens_truncated += length - max_seq_len
+        examples.append((prompt + response)[:max_seq_len])
+        prompt_lens.append(len(prompt))
+        index.append(source)
+    data = TokenizedDataset.from_examples(examples, prompt_lens, pad_id=pad_id, source_index=index)
+    report.num_examples, report.num_tokens = len(data), len(data.tokens)
+    report.num_targets = int(data.num_targets.sum())
+    if report.truncated or report.dropped:
+        log.warning(report.summary())
+    if not len(data):
+        raise DataError(f"no example left after tokenization: {report.summary()}")
+    return data, report
+
+
+def split_eval(data: TokenizedDataset, eval_size: int | float, *,
+               seed: int = 0) -> tuple[TokenizedDataset, TokenizedDataset]:
+    """A seeded, deterministic held-out split: (train, eval), each in the data's order.
+
+    eval_size: a number of examples (int, 0 for none) or a fraction in (0, 1) (at least one example).
+    """
+    _check_int("seed", seed, 0)
+    n = len(data)
+    if isinstance(eval_size, bool) or not isinstance(eval_size, (int, float, np.integer, np.floating)):
+        raise ValueError(f"eval_size must be an int or a float, got {eval_size!r}")
+    if isinstance(eval_size, (float, np.floating)):
+        if not 0 < eval_size < 1:
+            raise ValueError(f"eval_size as a fraction must lie in (0, 1), got {eval_size}")
+        n_eval = max(1, round(eval_size * n))
+    else:
+        n_eval = int(eval_size)
+    if not 0 <= n_eval < n:
+        raise ValueError(f"eval_size={eval_size!r} leaves {n - n_eval} of {n} examples to train on; need >= 1")
+    perm = np.random.default_rng(seed).permutation(n)
+    return data.subset(np.sort(perm[n_eval:])), data.subset(np.sort(perm[:n_eval]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+
+class PackedBatch(TypedDict):
+    tokens: torch.Tensor  # (1, T) int64, the sequences one after the other
+    labels: torch.Tensor  # (1, T) int64, targets (already shifted), IGNORE_INDEX where none
+    positions: torch.Tensor  # (1, T) int64, restarting at 0 in each sequence
+    cu_seqlens: torch.Tensor  # (num_seqs + 1,) int32, cumulative offsets (flash-attn varlen)
+    max_seqlen: int
+    num_seqs: int
+    num_tokens: int  # computed tokens: T
+    num_real_tokens: int  # T, or 0 for a filler
+    num_targets: int
+    example_ids: torch.Tensor  # (num_seqs,) int64 positions in the dataset (empty for a filler)
+    filler: bool
+
+
+class PaddedBatch(TypedDict):
+    tokens: torch.Tensor  # (B, L) int64, right-padded with the dataset's pad_id
+    labels: torch.Tensor  # (B, L) int64, targets (already shifted), IGNORE_INDEX where none
+    positions: torch.Tensor  # (B, L) int64, 0 ... L - 1 in every row
+    lengths: torch.Tensor  # (B,) int64, real tokens of each row
+    num_seqs: int
+    num_tokens: int  # computed tokens: B * L
+    num_real_tokens: int  # sum of lengths (0 for a filler)
+    num_targets: int
+    example_ids: torch.Tensor  # (B,) int64 positions in the dataset (empty for a filler)
+    filler: bool
+
+
+@dataclass
+class Step:
+    """One optimizer step: this rank's micro-batches and the whole step's counts (all ranks).
+
+    num_targets is the loss denominator of the step. The counts leave filler micro-batches out and
+    are the same on every rank and for every world size.
+    """
+
+    epoch: int
+    index: int
+    batches: list[dict]
+    num_examples: int
+    num_tokens: int  # computed, padding included
+    num_real_tokens: int
+    num_targets: int
+
+
+class _Loader:
+    """The plan of an epoch, its steps, their share for this rank, resuming; subclasses collate."""
+
+    def __init__(self, data: TokenizedDataset, *, micro_batches_per_step: int | None, shuffle: bool, seed: int,
+                 rank: int, world_size: int):
+        if not isinstance(data, TokenizedDataset):
+            raise TypeError(f"data must be a TokenizedDataset, got {type(data).__name__}")
+        if not len(data):
+            raise ValueError("data has no examples")
+        _check_int("world_size", world_size, 1)
+        _check_int("rank", rank, 0)
+        if rank >= world_size:
+            raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
+        if micro_batches_per_step is None:
+            micro_batches_per_step = world_size
+        _check_int("micro_batches_per_step", micro_batches_per_step, 1)
+        if micro_batches_per_step % world_size:
+            raise ValueError(f"micro_batches_per_step ({micro_batches_per_step}) must be a multiple of world_size "
+                             f"({world_size}): the ranks share each step's micro-batches")
+        _check_int("seed", seed, 0)
+        self.data, self.shuffle, self.seed = data, bool(shuffle), int(seed)
+        self.rank, self.world_size, self.micro_batches_per_step = rank, world_size, micro_batches_per_step
+        self._cached: tuple[int, list[np.ndarray]] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's order of the examples: a permutation seeded by (seed, epoch), or 0 ... n-1."""
+        _check_int("epoch", epoch, 0)
+        if not self.shuffle:
+            return np.arange(len(self.data))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's micro-batches, as arrays of dataset positions; the same on every rank."""
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, [np.asarray(ids, dtype=np.int64) for ids in self._plan(self.order(epoch))])
+        return self._cached[1]
+
+    def num_steps(self, epoch: int) -> int:
+        return math.ceil(len(self.plan(epoch)) / self.micro_batches_per_step)
+
+    def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Step]:
+        """The steps of an epoch from start_step on, with this rank's micro-batches collated."""
+        n_steps = self.num_steps(epoch)
+        _check_int("start_step", start_step, 0)
+        if start_step > n_steps:
+            raise ValueError(f"start_step={start_step} is past the end of epoch {epoch} ({n_steps} steps)")
+        return self._steps(epoch, start_step, n_steps)
+
+    def _steps(self, epoch: int, start_step: int, n_steps: int) -> Iterator[Step]:
+        plan, m, w = self.plan(epoch), self.micro_batches_per_step, self.world_size
+        for index in range(start_step, n_steps):
+            micro = plan[index * m:(index + 1) * m]
+            mine = [self.collate(ids) for ids in micro[self.rank::w]]
+            if w > 1:  # every rank runs m // w passes, also in a short last step
+                mine += [self._filler() for _ in range(m // w - len(mine))]
+            counts = np.array([self._counts(ids) for ids in micro]).sum(0)
+            yield Step(epoch, index, mine, *(int(c) for c in counts))
+
+    def _counts(self, ids: np.ndarray) -> tuple[int, int, int, int]:
+        """(examples, computed tokens, real tokens, targets) of a micro-batch."""
+        real = int(self.data.lengths[ids].sum())
+        return len(ids), self._computed_tokens(ids, real), real, int(self.data.num_targets[ids].sum())
+
+    def _plan(self, order: np.ndarray) -> list[Sequence[int]]:
+        raise NotImplementedError
+
+    def _computed_tokens(self, ids: np.ndarray, real: int) -> int:
+        raise NotImplementedError
+
+    def collate(self, ids: Sequence[int]) -> dict:
+        raise NotImplementedError
+
+    def _filler(self) -> dict:
+        raise NotImplementedError
+
+
+class PackedLoader(_Loader):
+    """Whole examples packed into micro-batches of at most token_budget tokens, without padding.
+
+    Packing: best fit (each example goes to the open micro-batch it fills the most, or a new one)
+    over the epoch's shuffled order; micro-batches come in the order they were opened.
+
+    Arguments:
+        data: a TokenizedDataset; every example must fit the budget (tokenize with
+            max_seq_len <= token_budget).
+        token_budget: the most tokens in one micro-batch.
+        micro_batches_per_step: micro-batches per optimizer step, all ranks together (default:
+            world_size); a multiple of world_size. Global budget: micro_batches_per_step * token_budget.
+        shuffle, seed: the order of each epoch is a permutation seeded by (seed, epoch).
+        rank, world_size: this process's share of each step (see the module docstring).
+    """
+
+    def __init__(self, data: TokenizedDataset, token_budget: int, *, micro_batches_per_step: int | None = None,
+                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+        super().__init__(data, micro_batches_per_step=micro_batches_per_step, shuffle=shuffle, seed=seed,
+                         rank=rank, world_size=world_size)
+        _check_int("token_budget", token_budget, 1)
+        longest = int(data.lengths.argmax())
+        if data.lengths[longest] > token_budget:
+            raise ValueError(f"token_budget={token_budget} is smaller than example {longest} (record "
+                             f"{int(data.source_index[longest])}) of {int(data.lengths[longest])} tokens; "
+                             "tokenize with max_seq_len <= token_budget, or raise token_budget")
+        self.token_budget = token_budget
+
+    def _plan(self, order: np.ndarray) -> list[list[int]]:
+        lengths, budget = self.data.lengths, self.token_budget
+        shortest = int(lengths.min())
+        bins: list[list[int]] = []
+        room: list[tuple[int, int]] = []  # (free tokens, bin) of the bins that can still take an example, sorted
+        for i in order.tolist():
+            size = int(lengths[i])
+            j = bisect_left(room, (size, -1))  # the tightest bin with room for it
+            if j == len(room):
+                bins.append([])
+                free, b = budget, len(bins) - 1
+            else:
+                free, b = room.pop(j)
+            bins[b].append(i)
+            if free - size >= shortest:
+                insort(room, (free - size, b))
+        return bins
+
+    def _computed_tokens(self, ids: np.ndarray, real: int) -> int:
+        return real
+
+    def collate(self, ids: Sequence[int]) -> PackedBatch:
+        """One packed row of these examples (dataset positions), in this order."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(ids):
+            raise ValueError("ids must name at least one example")
+        data = self.data
+        lengths = torch.as_tensor(data.lengths[ids])
+        spans = [(int(data.offsets[i]), int(data.offsets[i + 1])) for i in ids.tolist()]
+        tokens = torch.cat([data.tokens[s:e] for s, e in spans])
+        if len(tokens) > self.token_budget:
+            raise ValueError(f"examples {ids.tolist()} have {len(tokens)} tokens, "
+                             f"over token_budget={self.token_budget}")
+        labels = torch.cat([data.labels[s:e] for s, e in spans])
+        starts = lengths.cumsum(0) - lengths
+        positions = torch.arange(len(tokens)) - torch.repeat_interleave(starts, lengths)
+        cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(torch.int32)
+        return PackedBatch(tokens=tokens[None], labels=labels[None], positions=positions[None],
+                           cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()), num_seqs=len(ids),
+                           num_tokens=len(tokens), num_real_tokens=len(tokens),
+                           num_targets=int(data.num_targets[ids].sum()), example_ids=torch.as_tensor(ids),
+                           filler=False)
+
+    def _filler(self) -> PackedBatch:
+        one = torch.ones(1, 1, dtype=torch.int64)
+        return PackedBatch(tokens=one * self.data.pad_id, labels=one * IGNORE_INDEX, positions=one * 0,
+                           cu_seqlens=torch.tensor([0, 1], dtype=torch.int32), max_seqlen=1, num_seqs=1,
+                           num_tokens=1, num_real_tokens=0, num_targets=0,
+                           example_ids=torch.zeros(0, dtype=torch.int64), filler=True)
+
+
+class PaddedLoader(_Loader):
+    """batch_size examples per micro-batch, right-padded to pad_to tokens or to the longest of the batch.
+
+    Arguments:
+        data: a TokenizedDataset; with an int pad_to, every example must fit it.
+        batch_size: examples per micro-batch (the last one of an epoch may have fewer).
+        pad_to: the row length (512, the official script's), or "longest": the batch's longest example.
+        micro_batches_per_step, shuffle, seed, rank, world_size: as for PackedLoader. The global batch
+            size is micro_batches_per_step * batch_size.
+    """
+
+    def __init__(self, data: TokenizedDataset, batch_size: int, *, pad_to: int | Literal["longest"] = 512,
+                 micro_batches_per_step: int | None = None, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        super().__init__(data, micro_batches_per_step=micro_batches_per_step, shuffle=shuffle, seed=seed,
+                         rank=rank, world_size=world_size)
+        _check_int("batch_size", batch_size, 1)
+        if pad_to != "longest":
+            _check_int("pad_to", pad_to, 1)
+            longest = int(data.lengths.argmax())
+            if data.lengths[longest] > pad_to:
+                raise ValueError(f"pad_to={pad_to} is shorter than example {longest} (record "
+                                 f"{int(data.source_index[longest])}) of {int(data.lengths[longest])} tokens; "
+                                 "tokenize with max_seq_len <= pad_to, or use pad_to='longest'")
+        self.batch_size, self.pad_to = batch_size, pad_to
+
+    def _plan(self, order: np.ndarray) -> list[np.ndarray]:
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def _row_length(self, lengths: np.ndarray) -> int:
+        return int(lengths.max()) if self.pad_to == "longest" else self.pad_to
+
+    def _computed_tokens(self, ids: np.ndarray, real: int) -> int:
+        return len(ids) * self._row_length(self.data.lengths[ids])
+
+    def collate(self, ids: Sequence[int]) -> PaddedBatch:
+        """One (B, L) batch of these examples (dataset positions), in this order."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(ids):
+            raise ValueError("ids must name at least one example")
+        data, lengths = self.data, self.data.lengths[ids]
+        row = self._row_length(lengths)  # every example fits an int pad_to: checked at setup
+        tokens = torch.full((len(ids), row), data.pad_id, dtype=torch.int64)
+        labels = torch.full((len(ids), row), IGNORE_INDEX, dtype=torch.int64)
+        for r, i in enumerate(ids.tolist()):
+            example_tokens, example_labels = data[i]
+            tokens[r, :len(example_tokens)] = example_tokens
+            labels[r, :len(example_labels)] = example_labels
+        return PaddedBatch(tokens=tokens, labels=labels, positions=torch.arange(row).expand(len(ids), row).clone(),
+                           lengths=torch.as_tensor(lengths), num_seqs=len(ids), num_tokens=tokens.numel(),
+                           num_real_tokens=int(lengths.sum()), num_targets=int(data.num_targets[ids].sum()),
+                           example_ids=torch.as_tensor(ids), filler=False)
+
+    def _filler(self) -> PaddedBatch:
+        row = 1 if self.pad_to == "longest" else self.pad_to
+        return PaddedBatch(tokens=torch.full((1, row), self.data.pad_id, dtype=torch.int64),
+                           labels=torch.full((1, row), IGNORE_INDEX, dtype=torch.int64),
+                           positions=torch.arange(row)[None], lengths=torch.zeros(1, dtype=torch.int64), num_seqs=1,
+                           num_tokens=row, num_real_tokens=0, num_targets=0,
+                           example_ids=torch.zeros(0, dtype=torch.int64), filler=True)

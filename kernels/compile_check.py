@@ -1,0 +1,194 @@
+"""Compile the op's Triton kernels for a GPU, on a machine without one.
+
+    python -m kernels.compile_check                 # every variant, for sm_90 (H100 / H200)
+    python -m kernels.compile_check --arch 80 --quick
+
+The host launchers (_fwd, _bwd) run on small CPU tensors with the kernels swapped for recorders,
+so what is compiled is exactly what a GPU run launches: the same constexprs, block sizes, warps
+and stages, specialised by Triton's own binder as a launch would be. Each recorded launch is then
+compiled for the target (LLVM, then the ptxas that ships with Triton) and checked:
+  - it compiles (no type error, no unsupported op on that architecture);
+  - its shared memory fits the chip (a launch would fail with OutOfResources otherwise).
+Registers and spills, from ptxas -v, are reported: spills cost speed, not correctness.
+
+Compiling is not running: a kernel that compiles can still be wrong on the GPU. This check
+catches a class of failures (and resource overflows) before a GPU session, nothing more.
+Must run with TRITON_INTERPRET unset (the interpreter has no compiler to check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+# shared memory a block may use (opt-in maximum), by compute capability
+MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    dtype: torch.dtype = torch.bfloat16
+    headdim: int = 128
+    seqlen_q: int = 1024
+    seqlen_k: int = 1024
+    nheads: int = 32
+    nheads_kv: int = 32
+    prompt_len: int = 10
+    causal: bool = True
+    varlen: bool = False
+    grads: str = "all"  # "all", or "prompt": only the adapter needs gradients (first adapted layer)
+
+
+SCENARIOS = [
+    Scenario("bf16 d128 causal (LLaMA-7B layer)"),
+    Scenario("bf16 d64 GQA", headdim=64, nheads_kv=8),
+    Scenario("fp16 d80 MQA non-causal", dtype=torch.float16, headdim=80, nheads_kv=1, causal=False),
+    Scenario("fp32 d128 (IEEE dots)", dtype=torch.float32),
+    Scenario("bf16 d128 packed sequences", varlen=True),
+    Scenario("bf16 d128 decode (seqlen_q 1)", seqlen_q=1),
+    Scenario("bf16 d128 no prompt", prompt_len=0),
+    Scenario("bf16 d128 prompt-only grads", grads="prompt"),
+    Scenario("bf16 d96 prompt 64", headdim=96, prompt_len=64),
+    Scenario("fp64 d32 (gradcheck)", dtype=torch.float64, headdim=32, seqlen_q=64, seqlen_k=64),
+]
+QUICK = [0, 1, 3, 4, 5, 7]
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` records the call."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.kernel, args, kwargs))
+
+
+def record_launches(zia, s: Scenario) -> list:
+    """The kernel launches that forward + backward make for a scenario (nothing runs)."""
+    names = ["_zia_fwd_kernel", "_zia_bwd_preprocess_kernel", "_zia_bwd_dkdv_kernel", "_zia_bwd_dq_kernel"]
+    calls: list = []
+    saved = {n: getattr(zia, n) for n in names}
+    try:
+        for n in names:
+            setattr(zia, n, _Recorder(saved[n], calls))
+        batch = 2
+        if s.varlen:
+            q = torch.empty(batch * s.seqlen_q, s.nheads, s.headdim, dtype=s.dtype)
+            k = torch.empty(batch * s.seqlen_k, s.nheads_kv, s.headdim, dtype=s.dtype)
+            cu_q = torch.tensor([0, s.seqlen_q, 2 * s.seqlen_q], dtype=torch.int32)
+            cu_k = torch.tensor([0, s.seqlen_k, 2 * s.seqlen_k], dtype=torch.int32)
+            packed = (cu_q, cu_k, s.seqlen_q, s.seqlen_k)
+        else:
+            q = torch.empty(batch, s.seqlen_q, s.nheads, s.headdim, dtype=s.dtype)
+            k = torch.empty(batch, s.seqlen_k, s.nheads_kv, s.headdim, dtype=s.dtype)
+            packed = (None, None, 0, 0)
+        v = torch.empty_like(k)
+        pk = torch.empty(1, s.prompt_len, s.nheads_kv, s.headdim, dtype=s.dtype)
+        gamma = torch.zeros(s.nheads, dtype=zia._acc_dtype(s.dtype))
+        scale = s.headdim**-0.5
+        out, lse_w, lse_p = zia._fwd(q, k, v, pk, pk, gamma, s.causal, scale, *packed)
+        need_all = s.grads == "all"
+        zia._bwd(out, q, k, v, pk, pk, gamma, out, lse_w, lse_p, s.causal, scale, *packed, need_all, need_all, True)
+    finally:
+        for n, kernel in saved.items():
+            setattr(zia, n, kernel)
+    return calls
+
+
+def compile_launch(kernel, args, kwargs, arch: int):
+    """Compile one recorded launch for sm_<arch>, the way JITFunction.run would on that GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import compile as triton_compile
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = dict(kwargs, debug=False)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    return triton_compile(src, target=target, options=options.__dict__)
+
+
+def ptxas_usage(compiled, arch: int) -> tuple[int, int]:
+    """(registers per thread, spill bytes) from ptxas -v on the kernel's PTX."""
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(compiled.asm["ptx"])
+        suffix = "a" if arch >= 90 else ""
+        res = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", path, "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    regs = re.search(r"Used (\d+) registers", res.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", res.stderr)
+    return int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else 0
+
+
+def run(arch: int, scenarios: list[Scenario], out=sys.stdout) -> list[str]:
+    """Compile every launch of every scenario; returns the failures (empty when all is well)."""
+    import kernels.zero_init_attn as zia
+
+    if zia.INTERPRET:
+        raise RuntimeError("kernels.compile_check needs TRITON_INTERPRET unset: the interpreter compiles nothing")
+    max_shared = MAX_SHARED.get(arch, 101376)
+    failures, seen = [], set()
+    print(f"{'scenario':36s} {'kernel':28s} {'warps':>5s} {'stages':>6s} {'smem KB':>8s} {'regs':>5s} "
+          f"{'spill B':>7s} {'s':>5s}", file=out)
+    for s in scenarios:
+        for kernel, args, kwargs in record_launches(zia, s):
+            key = (kernel.__name__, repr(sorted((k, str(v)) for k, v in kwargs.items())),
+                   tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args))
+            if key in seen:
+                continue
+            seen.add(key)
+            t0 = time.time()
+            try:
+                compiled = compile_launch(kernel, args, kwargs, arch)
+                regs, spills = ptxas_usage(compiled, arch)
+            except Exception as e:  # report every failure, not only the first
+                failures.append(f"{s.name}: {kernel.__name__} failed to compile for sm_{arch}: "
+                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                print(f"{s.name:36s} {kernel.__name__:28s} FAILED: {failures[-1]}", file=out)
+                continue
+            shared = compiled.metadata.shared
+            print(f"{s.name:36s} {kernel.__name__:28s} {kwargs.get('num_warps', 4):5d} "
+                  f"{kwargs.get('num_stages', 3):6d} {shared / 1024:8.1f} {regs:5d} {spills:7d} "
+                  f"{time.time() - t0:5.1f}", file=out)
+            if shared > max_shared:
+                failures.append(f"{s.name}: {kernel.__name__} needs {shared} bytes of shared memory, "
+                                f"sm_{arch} has {max_shared}")
+    return failures
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
+    parser.add_argument("--quick", action="store_true", help="a covering subset of the scenarios")
+    args = parser.parse_args(argv)
+    if args.arch not in MAX_SHARED:
+        parser.error(f"--arch must be one of {sorted(MAX_SHARED)}, got {args.arch}")
+    scenarios = [SCENARIOS[i] for i in QUICK] if args.quick else SCENARIOS
+    failures = run(args.arch, scenarios)
+    for f in failures:
+        print("FAIL:", f)
+    print(f"{'all kernels compile' if not failures else f'{len(failures)} failures'} for sm_{args.arch}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""LLaMA with LLaMA-Adapter (arXiv 2303.16199) on the fused zero-init attention op.
+
+    from model import LLaMA, LLaMAConfig, AdapterConfig, Tokenizer
+    from model import load_checkpoint, save_adapter, load_adapter
+"""
+
+from .adapter import (
+    AdapterAttention,
+    AdapterConfig,
+    adapter_layers,
+    adapter_state_dict,
+    cast_base,
+    mark_only_adapter_as_trainable,
+)
+from .llama import PRESETS, LLaMA, LLaMAConfig, RopeScaling
+from .prompt import alpaca_prompt
+
+__all__ = [
+    "PRESETS", "AdapterAttention", "AdapterConfig", "LLaMA", "LLaMAConfig", "RopeScaling", "adapter_layers",
+    "adapter_state_dict", "alpaca_prompt", "cast_base", "mark_only_adapter_as_trainable",
+]

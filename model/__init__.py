@@ -12,10 +12,20 @@ from .adapter import (
     cast_base,
     mark_only_adapter_as_trainable,
 )
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_format,
+    load_adapter,
+    load_checkpoint,
+    load_config,
+    read_adapter_config,
+    save_adapter,
+)
 from .llama import PRESETS, LLaMA, LLaMAConfig, RopeScaling
 from .prompt import alpaca_prompt
 
 __all__ = [
-    "PRESETS", "AdapterAttention", "AdapterConfig", "LLaMA", "LLaMAConfig", "RopeScaling", "adapter_layers",
-    "adapter_state_dict", "alpaca_prompt", "cast_base", "mark_only_adapter_as_trainable",
+    "PRESETS", "AdapterAttention", "AdapterConfig", "CheckpointError", "LLaMA", "LLaMAConfig", "RopeScaling",
+    "adapter_layers", "adapter_state_dict", "alpaca_prompt", "cast_base", "checkpoint_format", "load_adapter",
+    "load_checkpoint", "load_config", "mark_only_adapter_as_trainable", "read_adapter_config", "save_adapter",
 ]

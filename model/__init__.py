@@ -23,9 +23,11 @@ from .checkpoint import (
 )
 from .llama import PRESETS, LLaMA, LLaMAConfig, RopeScaling
 from .prompt import alpaca_prompt
+from .tokenizer import Tokenizer
 
 __all__ = [
     "PRESETS", "AdapterAttention", "AdapterConfig", "CheckpointError", "LLaMA", "LLaMAConfig", "RopeScaling",
-    "adapter_layers", "adapter_state_dict", "alpaca_prompt", "cast_base", "checkpoint_format", "load_adapter",
-    "load_checkpoint", "load_config", "mark_only_adapter_as_trainable", "read_adapter_config", "save_adapter",
+    "Tokenizer", "adapter_layers", "adapter_state_dict", "alpaca_prompt", "cast_base", "checkpoint_format",
+    "load_adapter", "load_checkpoint", "load_config", "mark_only_adapter_as_trainable", "read_adapter_config",
+    "save_adapter",
 ]

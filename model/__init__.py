@@ -21,6 +21,7 @@ from .checkpoint import (
     read_adapter_config,
     save_adapter,
 )
+from .generate import generate, sample, stream
 from .llama import PRESETS, LLaMA, LLaMAConfig, RopeScaling
 from .prompt import alpaca_prompt
 from .tokenizer import Tokenizer
@@ -28,6 +29,6 @@ from .tokenizer import Tokenizer
 __all__ = [
     "PRESETS", "AdapterAttention", "AdapterConfig", "CheckpointError", "LLaMA", "LLaMAConfig", "RopeScaling",
     "Tokenizer", "adapter_layers", "adapter_state_dict", "alpaca_prompt", "cast_base", "checkpoint_format",
-    "load_adapter", "load_checkpoint", "load_config", "mark_only_adapter_as_trainable", "read_adapter_config",
-    "save_adapter",
+    "generate", "load_adapter", "load_checkpoint", "load_config", "mark_only_adapter_as_trainable",
+    "read_adapter_config", "sample", "save_adapter", "stream",
 ]

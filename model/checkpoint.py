@@ -97,6 +97,16 @@ def _read_tensor_file(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return state, {}
 
 
+def _read_json(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot be read as JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True (and mmap when the file allows it): a dict of tensors, or an error."""
     try:
@@ -185,7 +195,7 @@ def _meta_shards(folder: Path) -> list[Path]:
 
 def _read_meta(folder: Path) -> tuple[LLaMAConfig, Iterator[Item]]:
     params_file = folder / "params.json"
-    params = json.loads(params_file.read_text())
+    params = _read_json(params_file)
     shards = _meta_shards(folder)
     states = [_torch_load(s) for s in shards]  # memory-mapped: nothing is read yet
     for shard, state in zip(shards[1:], states[1:], strict=True):
@@ -209,8 +219,13 @@ def _read_meta(folder: Path) -> tuple[LLaMAConfig, Iterator[Item]]:
                 split = 0 if pieces[0].shape[-1] == config.dim else 1
             else:
                 split = _META_SPLIT_DIM.get(kind)
-            merged = torch.cat(pieces, dim=split) if len(pieces) > 1 and split is not None else pieces[0]
-            yield shards[0] if len(shards) == 1 else folder / "consolidated.*.pth", name, name, merged
+            where = shards[0] if len(shards) == 1 else folder / "consolidated.*.pth"
+            try:
+                merged = torch.cat(pieces, dim=split) if len(pieces) > 1 and split is not None else pieces[0]
+            except RuntimeError as e:
+                shapes = [tuple(p.shape) for p in pieces]
+                raise CheckpointError(f"{where}: the shards of tensor {name!r} do not fit together: {shapes}") from e
+            yield where, name, name, merged
 
     return config, items()
 
@@ -246,7 +261,10 @@ def _hf_files(folder: Path) -> list[Path]:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = folder / index_name
         if index.exists():
-            files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: has no 'weight_map' (tensor name -> shard file)")
+            files = sorted({folder / f for f in weight_map.values()})
             for f in files:
                 if not f.exists():
                     raise CheckpointError(f"{index}: lists shard {f.name}, which is missing from {folder}")
@@ -258,7 +276,7 @@ def _hf_files(folder: Path) -> list[Path]:
 
 
 def _read_hf(folder: Path) -> tuple[LLaMAConfig, Iterator[Item]]:
-    config = _hf_config(json.loads((folder / "config.json").read_text()), folder / "config.json")
+    config = _hf_config(_read_json(folder / "config.json"), folder / "config.json")
     files = _hf_files(folder)
     q_shape = (config.n_heads * config.head_dim, config.dim)
     k_shape = (config.n_kv_heads * config.head_dim, config.dim)
@@ -494,7 +512,7 @@ def _read_adapter(path: str | os.PathLike, gate_act: str | None, adapter_len: in
         adapter = _parse_official(path, tensors, gate_act, adapter_len)
     elif any(_PEFT_RE.fullmatch(name) for name in tensors):
         if config_file.exists():
-            peft_config = json.loads(config_file.read_text())
+            peft_config = _read_json(config_file)
         adapter = _parse_peft(path, tensors, peft_config)
     elif metadata.get("format") == ADAPTER_FORMAT:
         adapter = _parse_ours(path, tensors, metadata)

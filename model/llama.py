@@ -29,8 +29,8 @@ tokens (batch, seqlen) int64 -> logits (batch, seqlen, vocab_size).
   input_pos + t - left_pad[b] (room for packed sequences later).
 
 Limits: head_dim == dim // n_heads (all LLaMA models); no dropout, no biases.
-Token ids are not range-checked on the GPU (that would cost a sync per step); the embedding
-raises on CPU and asserts on CUDA.
+Token ids are range-checked on the CPU only: on a GPU the check would cost a sync per decode step
+(there the embedding kernel asserts).
 """
 
 from __future__ import annotations
@@ -335,6 +335,10 @@ class LLaMA(nn.Module):
             got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must be an integer tensor (batch, seqlen), got {got}")
         B, T = tokens.shape
+        if tokens.device.type == "cpu" and tokens.numel() and not (
+                0 <= int(tokens.min()) and int(tokens.max()) < self.config.vocab_size):
+            raise ValueError(f"tokens must be ids in [0, {self.config.vocab_size}), got values from "
+                             f"{int(tokens.min())} to {int(tokens.max())}")
         input_pos = input_pos or 0
         cached = self.layers[0].attention.kv_cache is not None
         seqlen_k = input_pos + T if cached else T  # slots the queries attend over

@@ -191,6 +191,12 @@ def test_checkpoint_errors_name_file_and_tensor(hf_checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match="not a folder"):
         load_checkpoint(folder / "config.json")
 
+    broken = tmp_path / "broken"
+    _copy_folder(folder, broken)
+    (broken / "config.json").write_text('{"hidden_size": 128,')
+    with pytest.raises(CheckpointError, match=r"broken/config\.json: cannot be read as JSON"):
+        load_checkpoint(broken)
+
     truncated = tmp_path / "truncated"
     _copy_folder(folder, truncated)
     data = (truncated / "model.safetensors").read_bytes()

@@ -193,6 +193,8 @@ def test_forward_rejects_bad_input():
         model(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="tokens must be an integer tensor"):
         model(torch.zeros(1, 5))
+    with pytest.raises(ValueError, match=rf"tokens must be ids in \[0, {VOCAB}\), got values from -1 to 3"):
+        model(torch.tensor([[1, 3, -1]]))
     with pytest.raises(ValueError, match=r"left_pad must hold one count per row \(batch 2\)"):
         model(tokens(2, 5), left_pad=[1])
     with pytest.raises(ValueError, match=r"left_pad .* \[0, 5\) so that every row keeps a real token"):

@@ -420,4 +420,4 @@ def test_model_fresh_adapter_set_adapter_changes_logits():
     base = copy_base(model, LLaMA(model.config)).eval()
     assert (logits(model) - logits(base)).abs().max() > 1e-2
     set_adapter_(model, gate_scale=0.0)
-    torch.testing.assert_close(logits(model), logits(base), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model), logits(base), atol=1e-4, rtol=1e-4)

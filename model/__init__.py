@@ -2,6 +2,7 @@
 
     from model import LLaMA, LLaMAConfig, AdapterConfig, Tokenizer
     from model import load_checkpoint, save_adapter, load_adapter
+    from model.generate import generate, stream      # (not imported here: `python -m model.generate` runs it)
 """
 
 from .adapter import (
@@ -21,7 +22,6 @@ from .checkpoint import (
     read_adapter_config,
     save_adapter,
 )
-from .generate import generate, sample, stream
 from .llama import PRESETS, LLaMA, LLaMAConfig, RopeScaling
 from .prompt import alpaca_prompt
 from .tokenizer import Tokenizer
@@ -29,6 +29,6 @@ from .tokenizer import Tokenizer
 __all__ = [
     "PRESETS", "AdapterAttention", "AdapterConfig", "CheckpointError", "LLaMA", "LLaMAConfig", "RopeScaling",
     "Tokenizer", "adapter_layers", "adapter_state_dict", "alpaca_prompt", "cast_base", "checkpoint_format",
-    "generate", "load_adapter", "load_checkpoint", "load_config", "mark_only_adapter_as_trainable",
-    "read_adapter_config", "sample", "save_adapter", "stream",
+    "load_adapter", "load_checkpoint", "load_config", "mark_only_adapter_as_trainable", "read_adapter_config",
+    "save_adapter",
 ]

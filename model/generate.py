@@ -151,7 +151,7 @@ class Args:
     adapter: Path | None = field(default=None, metadata={
         "help": "adapter: ours (.safetensors), the official v1 .pth, or a PEFT adaption-prompt folder"})
     gate_act: str | None = field(default=None, metadata={
-        "help": "tanh or identity: required for the official v1 release, whose gate is ambiguous"})
+        "help": "required for the official v1 release, whose gate is ambiguous", "choices": ("tanh", "identity")})
     tokenizer: Path | None = field(default=None, metadata={
         "help": "tokenizer.model / tokenizer.json or its folder (default: the checkpoint folder)"})
     max_new_tokens: int = field(default=256, metadata={"help": "at most this many new tokens"})
@@ -159,8 +159,8 @@ class Args:
     top_p: float = field(default=0.75, metadata={"help": "nucleus of sampling (the official demo uses 0.75)"})
     seed: int = field(default=1234, metadata={"help": "random seed of the sampling"})
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cuda or cpu"})
-    dtype: str = field(default="auto", metadata={"help": "bfloat16, float16, float32, or auto: bf16 on a GPU, "
-                                                         "fp32 on the CPU"})
+    dtype: str = field(default="auto", metadata={"help": "auto: bf16 on a GPU, fp32 on the CPU",
+                                                 "choices": ("auto", "bfloat16", "float16", "float32")})
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Args:
@@ -169,9 +169,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Args:
     for f in dataclasses.fields(Args):
         kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
         required = f.default is dataclasses.MISSING
+        shown = "" if required or f.default in (None, "") else f" (default: {f.default})"
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, required=required,
-                            default=None if required else f.default,
-                            help=f.metadata["help"] + ("" if required else f" (default: {f.default})"))
+                            default=None if required else f.default, choices=f.metadata.get("choices"),
+                            help=f.metadata["help"] + shown)
     return Args(**vars(parser.parse_args(argv)))
 
 
@@ -182,8 +183,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-    if args.dtype != "auto" and args.dtype not in dtypes:
-        raise SystemExit(f"--dtype must be auto or one of {', '.join(dtypes)}, got {args.dtype!r}")
     dtype = dtypes.get(args.dtype, torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
 
     t0 = time.perf_counter()

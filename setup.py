@@ -22,8 +22,9 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        # transformers: the tests compare our LLaMA against LlamaForCausalLM.
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.45", "ruff>=0.5"],
+        # transformers: the tests compare our LLaMA against LlamaForCausalLM;
+        # peft: they compare our import of a PEFT adaption-prompt adapter against PEFT's own logits.
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.45", "peft>=0.13", "ruff>=0.5"],
         # xformers has no CPU use and pins torch builds: GPU benchmark machines only.
         "bench": ["xformers"],
     },

@@ -1,0 +1,34 @@
+"""LLaMA with LLaMA-Adapter (arXiv 2303.16199) on the fused zero-init attention op.
+
+    from model import LLaMA, LLaMAConfig, AdapterConfig, Tokenizer
+    from model import load_checkpoint, save_adapter, load_adapter
+    from model.generate import generate, stream      # (not imported here: `python -m model.generate` runs it)
+"""
+
+from .adapter import (
+    AdapterAttention,
+    AdapterConfig,
+    adapter_layers,
+    adapter_state_dict,
+    cast_base,
+    mark_only_adapter_as_trainable,
+)
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_format,
+    load_adapter,
+    load_checkpoint,
+    load_config,
+    read_adapter_config,
+    save_adapter,
+)
+from .llama import PRESETS, LLaMA, LLaMAConfig, RopeScaling
+from .prompt import alpaca_prompt
+from .tokenizer import Tokenizer
+
+__all__ = [
+    "PRESETS", "AdapterAttention", "AdapterConfig", "CheckpointError", "LLaMA", "LLaMAConfig", "RopeScaling",
+    "Tokenizer", "adapter_layers", "adapter_state_dict", "alpaca_prompt", "cast_base", "checkpoint_format",
+    "load_adapter", "load_checkpoint", "load_config", "mark_only_adapter_as_trainable", "read_adapter_config",
+    "save_adapter",
+]

@@ -1,0 +1,150 @@
+"""LLaMA-Adapter (arXiv 2303.16199): learned prompts with zero-init gated attention in the top layers.
+
+Each of the top adapter_layers layers l gets a prompt P_l (adapter_len, dim) and a gate g_l,
+one value per head (gate="head", the paper's) or one per layer (gate="layer", PEFT's). The
+prompt becomes extra keys and values through the layer's own frozen wk / wv, with no RoPE
+and no norm, and gets its own softmax, scaled by act(g):
+
+    out_i = softmax_{j <= i}(s q_i . k_j) V  +  act(g_h) * softmax_p(s q_i . pk_p) PV,
+    pk = wk(P_l), PV = wv(P_l), s = head_dim ** -0.5, act = tanh or identity (gate_act).
+
+The paper's code writes this as one score matrix over [prompt keys; token keys] with two
+separate softmaxes over its two slices: the same sum. kernels.zero_init_attention computes it
+in one pass. With g = 0 the layer is exactly the pre-trained one, and the gate still gets a
+gradient; so the gate starts at 0 and the prompt at N(0, 1) (as the official code's
+nn.Embedding, and PEFT): a zero prompt too would leave both gradients at zero for ever.
+
+AdapterAttention overrides Attention.attend, the one override point of model/llama.py.
+Parameters, fp32 whatever the base dtype (they are trained; the prompt is cast to the activation
+dtype before wk / wv, the raw gate goes to the op, which applies act in fp32):
+    layers.N.attention.adapter_prompt  (adapter_len, dim)
+    layers.N.attention.gate            (n_heads,) for gate="head", (1,) for gate="layer"
+for the adapted layers N >= n_layers - adapter_layers only. 7B with 30 layers of 10 prompts:
+30 * (10 * 4096 + 32) = 1,229,760 parameters.
+
+Multi-modal hook: forward(..., visual=(batch, dim)) adds that token to every prompt row of every
+adapted layer, so the prompt keys/values become per sample (batch, adapter_len, ...).
+
+Limits: the op has no key-padding mask, so a left-padded batch (batched generation) calls it
+once per group of rows with the same padding, on their unpadded keys (exact, a little slower).
+With a KV cache the prompt keys/values are computed at input_pos 0 and reused until the cache
+is set up again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from kernels import zero_init_attention
+
+from .llama import Attention, AttentionContext, LLaMA, LLaMAConfig
+
+GATES = ("head", "layer")
+GATE_ACTS = ("tanh", "identity")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """adapter_len prompts in each of the top adapter_layers layers; gate per "head" or per "layer"."""
+
+    adapter_len: int = 10
+    adapter_layers: int = 30  # counted from the top
+    gate: str = "head"
+    gate_act: str = "tanh"  # "tanh": the paper's training code; "identity": PEFT and lit-llama
+
+    def __post_init__(self) -> None:
+        for name in ("adapter_len", "adapter_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"AdapterConfig.{name} must be a positive int, got {value!r}")
+        if self.gate not in GATES:
+            raise ValueError(f"AdapterConfig.gate must be one of {GATES}, got {self.gate!r}")
+        if self.gate_act not in GATE_ACTS:
+            raise ValueError(f"AdapterConfig.gate_act must be one of {GATE_ACTS}, got {self.gate_act!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class AdapterAttention(Attention):
+    """Attention of an adapted layer: the token attention plus the gated prompt attention, through the op."""
+
+    def __init__(self, config: LLaMAConfig, adapter: AdapterConfig) -> None:
+        super().__init__(config)
+        self.gate_act = adapter.gate_act
+        self.adapter_prompt = nn.Parameter(torch.empty(adapter.adapter_len, config.dim, dtype=torch.float32))
+        n_gates = config.n_heads if adapter.gate == "head" else 1
+        self.gate = nn.Parameter(torch.empty(n_gates, dtype=torch.float32))
+        self.reset_adapter()
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """Fresh adapter: prompt ~ N(0, 1), gate = 0 (the layer then equals the pre-trained one)."""
+        self.adapter_prompt.normal_()
+        self.gate.zero_()
+
+    def prompt_kv(self, visual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt keys and values, (1, adapter_len, nkv, hs) each, or (B, ...) with a visual token (B, dim)."""
+        prompt = self.adapter_prompt.unsqueeze(0)  # (1, K, dim)
+        if visual is not None:
+            prompt = prompt + visual.unsqueeze(1).to(prompt.dtype)  # (B, K, dim)
+        prompt = prompt.to(self.wk.weight.dtype)
+        shape = (prompt.shape[0], prompt.shape[1], self.n_kv_heads, self.head_dim)
+        return self.wk(prompt).view(shape), self.wv(prompt).view(shape)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        cache = self.kv_cache
+        if cache is not None and cache.prompt_kv is not None and ctx.input_pos > 0:
+            pk, pv = cache.prompt_kv
+        else:
+            pk, pv = self.prompt_kv(ctx.visual)
+            if cache is not None:
+                cache.prompt_kv = (pk, pv)
+
+        def op(q, k, v, pk, pv):
+            return zero_init_attention(q, k, v, pk, pv, self.gate, causal=True, gate_act=self.gate_act)
+
+        if ctx.left_pad is None:
+            return op(q, k, v, pk, pv)
+        # Padded batch: rows with the same left padding go together, over their unpadded keys.
+        # Query i sits at key slot i + S - T; the queries before slot `pad` are pad tokens (output 0).
+        T, S = q.shape[1], k.shape[1]
+        y = q.new_zeros(q.shape)
+        for pad in sorted(set(ctx.left_pad)):
+            rows = torch.tensor([b for b, p in enumerate(ctx.left_pad) if p == pad], device=q.device)
+            first_q = max(0, pad - (S - T))
+            prompt_rows = rows if pk.shape[0] > 1 else slice(None)
+            y[rows, first_q:] = op(q[rows, first_q:], k[rows, pad:], v[rows, pad:], pk[prompt_rows], pv[prompt_rows])
+        return y
+
+
+def adapter_layers(model: LLaMA) -> dict[str, AdapterAttention]:
+    """The adapted attention modules by name ("layers.N.attention"), bottom to top."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterAttention)}
+
+
+def adapter_state_dict(model: LLaMA) -> dict[str, torch.Tensor]:
+    """The adapter's parameters alone: layers.N.attention.adapter_prompt and layers.N.attention.gate."""
+    return {f"{name}.{p}": getattr(m, p)
+            for name, m in adapter_layers(model).items() for p in ("adapter_prompt", "gate")}
+
+
+def mark_only_adapter_as_trainable(model: LLaMA) -> None:
+    """requires_grad on the adapter's parameters only; the base model is frozen."""
+    adapter = {id(p) for p in adapter_state_dict(model).values()}
+    if not adapter:
+        raise ValueError("the model has no adapter: build it with LLaMA(config, adapter=AdapterConfig(...))")
+    for p in model.parameters():
+        p.requires_grad_(id(p) in adapter)
+
+
+def cast_base(model: LLaMA, dtype: torch.dtype) -> LLaMA:
+    """Cast the base model's weights to dtype (bf16, fp16, fp32); the adapter stays fp32. Returns model."""
+    adapter = {id(p) for p in adapter_state_dict(model).values()}
+    for p in model.parameters():
+        if id(p) not in adapter:
+            p.data = p.data.to(dtype)
+    return model

@@ -1,0 +1,607 @@
+"""Checkpoints: Meta's and Hugging Face's LLaMA weights in; adapters in (three formats) and out.
+
+Base models, load_checkpoint(folder), the format detected from the folder:
+- Meta: params.json + consolidated.NN.pth, one file per model-parallel rank, merged here:
+  column-parallel weights (wq, wk, wv, w1, w3, output) are concatenated on dim 0, row-parallel
+  ones (wo, w2) on dim 1, tok_embeddings on dim 1 (LLaMA-1/2's ParallelEmbedding) or dim 0
+  (Llama-3's VocabParallelEmbedding: read from the shard shapes), norms are replicated.
+  "rope.freqs" (LLaMA-1) is a buffer and is skipped. vocab_size -1 is read from the weights.
+  params.json names no context length: max_seq_len is 2048 (LLaMA-1), 4096 (norm_eps 1e-5:
+  Llama-2), 8192 (rope_theta 500000: Llama-3) or 131072 (use_scaled_rope: Llama-3.1).
+- Hugging Face: config.json + model.safetensors, or shards listed by model.safetensors.index.json,
+  or pytorch_model.bin (and its index). HF stores q_proj / k_proj rows permuted per head for its
+  rotate-half RoPE (convert_llama_weights_to_hf.py: view(h, hs/2, 2, dim).transpose(1, 2));
+  the inverse permutation gives Meta's interleaved layout. rope_theta, Llama-3.1's "llama3"
+  rope scaling, GQA and tied embeddings are read from config.json (transformers 4 and 5 keys).
+The model is built on the meta device and each tensor is copied to its device and dtype as it is
+read, one at a time: no fp32 copy of a bf16 model ever exists. .pth/.bin files load with
+torch.load(weights_only=True, mmap=True): checkpoints are data, never code. A missing,
+unexpected, duplicated or mis-shaped tensor raises CheckpointError naming the file and the tensor.
+
+Adapters, load_adapter(model, path), the format detected by the file's keys:
+1. Ours (save_adapter): a safetensors file holding exactly the adapter's parameters,
+       layers.N.attention.adapter_prompt  (adapter_len, dim)   fp32
+       layers.N.attention.gate            (n_heads,) or (1,)   fp32
+   with metadata "format" = "llama-adapter-triton", "format_version" = "1", "adapter_config"
+   (the AdapterConfig as JSON) and "model" (dim, n_layers, n_heads, n_kv_heads as JSON, checked
+   against the model on load). Written to a temporary file in the same folder, then renamed into
+   place; an existing file is replaced only with overwrite=True.
+2. The official LLaMA-Adapter v1 release (e.g. llama_adapter_len10_layer30_release.pth):
+   adapter_query.weight (adapter_layers * adapter_len, dim), the prompts of the top layers from
+   the lowest up, and layers.N.attention.gate (1, n_heads, 1, 1) for every layer N (only the
+   top adapter_layers are used; the others are ignored). gate="head". adapter_len is not in
+   the file: the model's (load_adapter) or 10, the release's (read_adapter_config).
+   Its gate is ambiguous: the official training code (alpaca_finetuning_v1) scales the prompt
+   attention by tanh(gate), the official inference code (llama/model.py) by the raw gate.
+   The same weights give different models under the two, so the import takes gate_act
+   explicitly ("tanh": the model as it was trained; "identity": what the official inference
+   script computes), has no default, and logs the one it used.
+3. PEFT's adaption prompt (peft_type ADAPTION_PROMPT): a folder with adapter_config.json
+   (adapter_len, adapter_layers) and adapter_model.safetensors or adapter_model.bin, or that
+   weights file alone; ...layers.N.self_attn.adaption_prompt (1, adapter_len, dim) and
+   ...adaption_gate (1,) per adapted layer (the top ones). gate="layer", gate_act="identity"
+   (PEFT multiplies by the raw gate). PEFT's prompt keys come from HF's permuted k_proj and
+   meet HF's permuted queries: the same permutation on both sides of every dot product, so the
+   prompts are used as they are.
+A mismatch (another model size, missing or unexpected tensors, another gate mode or gate_act)
+raises CheckpointError naming the file and the tensor or setting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from .adapter import AdapterConfig, adapter_layers, adapter_state_dict
+from .llama import LLaMA, LLaMAConfig, RopeScaling
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FORMAT = "llama-adapter-triton"
+ADAPTER_FORMAT_VERSION = "1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or adapter that does not fit the model; the message names the file and the tensor."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading tensor files
+
+
+def _read_tensor_file(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a safetensors or torch file, and the safetensors metadata ({} for torch files)."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e.strerror})") from e
+    if head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                return {name: f.get_tensor(name) for name in f.keys()}, dict(f.metadata() or {})
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from e
+    state = _torch_load(file)
+    return state, {}
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot be read as JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only=True (and mmap when the file allows it): a dict of tensors, or an error."""
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # files of torch's legacy (pre-zip) format cannot be memory-mapped
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors: the file holds something other than plain tensors
+        raise CheckpointError(f"{file}: cannot be loaded with weights_only=True: it is not a plain checkpoint of "
+                              f"tensors ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Base model: configs
+
+
+def _meta_config(params: dict, file: Path, vocab_from_weights: int) -> LLaMAConfig:
+    try:
+        vocab = params.get("vocab_size", -1)
+        scaled = bool(params.get("use_scaled_rope", False))
+        theta = float(params.get("rope_theta", 10000.0))
+        eps = float(params["norm_eps"])
+        max_seq_len = 131072 if scaled else 8192 if theta >= 500000 else 4096 if eps == 1e-5 else 2048
+        return LLaMAConfig(
+            name=file.parent.name, dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
+            n_kv_heads=params.get("n_kv_heads"), vocab_size=vocab if vocab > 0 else vocab_from_weights,
+            multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
+            norm_eps=eps, rope_theta=theta, max_seq_len=max_seq_len,
+            rope_scaling=RopeScaling(factor=float(params.get("rope_scaling_factor") or 8.0)) if scaled else None)
+    except KeyError as e:
+        raise CheckpointError(f"{file}: missing {e.args[0]!r}") from e
+
+
+def _hf_config(cfg: dict, file: Path) -> LLaMAConfig:
+    def check(key: str, ok: bool, want: str) -> None:
+        if not ok:
+            raise CheckpointError(f"{file}: {key}={cfg.get(key)!r} is not supported (LLaMA needs {want})")
+
+    check("model_type", cfg.get("model_type", "llama") == "llama", "'llama'")
+    check("hidden_act", cfg.get("hidden_act", "silu") == "silu", "'silu'")
+    check("attention_bias", not cfg.get("attention_bias", False), "false")
+    check("mlp_bias", not cfg.get("mlp_bias", False), "false")
+    try:
+        dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        check("head_dim", cfg.get("head_dim") in (None, dim // n_heads), "hidden_size / num_attention_heads")
+        rope = cfg.get("rope_parameters") or {}  # transformers 5: theta and scaling together
+        scaling = cfg.get("rope_scaling") or rope  # transformers 4: rope_scaling, or null
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        check("rope_scaling", rope_type in ("default", "llama3"), "none or rope_type 'llama3'")
+        return LLaMAConfig(
+            name=file.parent.name, dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
+            hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            rope_scaling=None if rope_type == "default" else RopeScaling(
+                factor=scaling["factor"], low_freq_factor=scaling["low_freq_factor"],
+                high_freq_factor=scaling["high_freq_factor"],
+                original_max_seq_len=scaling["original_max_position_embeddings"]),
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+    except KeyError as e:
+        raise CheckpointError(f"{file}: missing {e.args[0]!r}") from e
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Base model: tensors, as (file, name in the file, our name, tensor)
+
+Item = tuple[Path, str, str, torch.Tensor]
+_META_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
+_META_SKIP = {"rope.freqs"}
+
+
+def _meta_shards(folder: Path) -> list[Path]:
+    shards = sorted(folder.glob("consolidated.*.pth"))
+    numbers = [s.name.split(".")[1] for s in shards]
+    if numbers != [f"{i:02d}" for i in range(len(shards))]:
+        raise CheckpointError(f"{folder}: model-parallel shards must be consolidated.00.pth .. consolidated.NN.pth "
+                              f"without gaps, found {[s.name for s in shards]}")
+    return shards
+
+
+def _read_meta(folder: Path) -> tuple[LLaMAConfig, Iterator[Item]]:
+    params_file = folder / "params.json"
+    params = _read_json(params_file)
+    shards = _meta_shards(folder)
+    states = [_torch_load(s) for s in shards]  # memory-mapped: nothing is read yet
+    for shard, state in zip(shards[1:], states[1:], strict=True):
+        if state.keys() != states[0].keys():
+            odd = sorted(state.keys() ^ states[0].keys())[0]
+            raise CheckpointError(f"{shard}: tensor {odd!r} is in only one of {shard.name} and {shards[0].name}; "
+                                  "every model-parallel shard must hold the same tensors")
+    emb = states[0].get("tok_embeddings.weight")
+    if emb is None or emb.dim() != 2:
+        raise CheckpointError(f"{shards[0]}: tensor 'tok_embeddings.weight' is missing or not 2-D")
+    vocab = emb.shape[0] * len(shards) if emb.shape[1] == params.get("dim") else emb.shape[0]
+    config = _meta_config(params, params_file, vocab)
+
+    def items() -> Iterator[Item]:
+        for name in states[0]:
+            if name in _META_SKIP:
+                continue
+            pieces = [state[name] for state in states]
+            kind = name.split(".")[-2] if "." in name else name
+            if kind == "tok_embeddings":
+                split = 0 if pieces[0].shape[-1] == config.dim else 1
+            else:
+                split = _META_SPLIT_DIM.get(kind)
+            where = shards[0] if len(shards) == 1 else folder / "consolidated.*.pth"
+            try:
+                merged = torch.cat(pieces, dim=split) if len(pieces) > 1 and split is not None else pieces[0]
+            except RuntimeError as e:
+                shapes = [tuple(p.shape) for p in pieces]
+                raise CheckpointError(f"{where}: the shards of tensor {name!r} do not fit together: {shapes}") from e
+            yield where, name, name, merged
+
+    return config, items()
+
+
+_HF_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+           "lm_head.weight": "output.weight"}
+_HF_LAYER = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+             "post_attention_layernorm": "ffn_norm"}
+_HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_HF_SKIP_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def _hf_name(name: str) -> str:
+    """Our name for an HF tensor name (the name itself when unknown: then it is reported as unexpected)."""
+    if name in _HF_TOP:
+        return _HF_TOP[name]
+    m = _HF_LAYER_RE.fullmatch(name)
+    if m and m.group(2) in _HF_LAYER:
+        return f"layers.{m.group(1)}.{_HF_LAYER[m.group(2)]}.weight"
+    return name
+
+
+def unpermute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo HF's rotate-half permutation of q_proj / k_proj rows: (n_heads * hs, dim) -> Meta's interleaved rows."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _hf_files(folder: Path) -> list[Path]:
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = folder / index_name
+        if index.exists():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: has no 'weight_map' (tensor name -> shard file)")
+            files = sorted({folder / f for f in weight_map.values()})
+            for f in files:
+                if not f.exists():
+                    raise CheckpointError(f"{index}: lists shard {f.name}, which is missing from {folder}")
+            return files
+        if (folder / single).exists():
+            return [folder / single]
+    raise CheckpointError(f"{folder}: no weights found (model.safetensors, model.safetensors.index.json with its "
+                          "shards, pytorch_model.bin or pytorch_model.bin.index.json)")
+
+
+def _read_hf(folder: Path) -> tuple[LLaMAConfig, Iterator[Item]]:
+    config = _hf_config(_read_json(folder / "config.json"), folder / "config.json")
+    files = _hf_files(folder)
+    q_shape = (config.n_heads * config.head_dim, config.dim)
+    k_shape = (config.n_kv_heads * config.head_dim, config.dim)
+
+    def items() -> Iterator[Item]:
+        for file in files:
+            for src, t in _file_tensors(file):
+                if _HF_SKIP_RE.fullmatch(src) or (src == "lm_head.weight" and config.tie_embeddings):
+                    continue
+                name = _hf_name(src)
+                if name.endswith("attention.wq.weight") and t.shape == q_shape:
+                    t = unpermute_hf(t, config.n_heads)
+                elif name.endswith("attention.wk.weight") and t.shape == k_shape:
+                    t = unpermute_hf(t, config.n_kv_heads)
+                yield file, src, name, t
+
+    return config, items()
+
+
+def _file_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one weights file, one at a time (safetensors read lazily, .bin memory-mapped)."""
+    if file.suffix == ".bin":
+        yield from _torch_load(file).items()
+        return
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from e
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Base model: loading
+
+
+def checkpoint_format(path: str | os.PathLike) -> str:
+    """"meta" (params.json + consolidated.*.pth) or "hf" (config.json + weights), from the folder's files."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder (a checkpoint is a folder with params.json or config.json)")
+    if (folder / "params.json").exists() and any(folder.glob("consolidated.*.pth")):
+        return "meta"
+    if (folder / "config.json").exists():
+        return "hf"
+    raise CheckpointError(f"{folder}: neither a Meta checkpoint (params.json + consolidated.NN.pth) nor a Hugging Face "
+                          "one (config.json + model*.safetensors or pytorch_model*.bin)")
+
+
+def _read(path: str | os.PathLike) -> tuple[LLaMAConfig, Iterator[Item]]:
+    folder = Path(path)
+    return _read_meta(folder) if checkpoint_format(folder) == "meta" else _read_hf(folder)
+
+
+def load_config(path: str | os.PathLike) -> LLaMAConfig:
+    """The LLaMAConfig of a Meta or HF checkpoint folder (no weights are read)."""
+    return _read(path)[0]
+
+
+def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = None,
+                    dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> LLaMA:
+    """A LLaMA with the weights of a Meta or HF checkpoint folder, and a fresh adapter if one is configured.
+
+    Arguments:
+        path: the checkpoint folder (format detected, see the module docstring).
+        adapter: AdapterConfig for a fresh adapter (prompt N(0, 1), gate 0: the model equals the base).
+        dtype: of the base weights; None keeps the checkpoint's. The adapter is fp32.
+        device: where the weights go, one tensor at a time.
+    Returns:
+        the model; every tensor of the checkpoint loaded, or a CheckpointError naming the file and tensor.
+    """
+    config, items = _read(path)
+    with torch.device("meta"):
+        model = LLaMA(config, adapter)
+    device = torch.device(device)
+    adapter_ids = {id(p) for p in adapter_state_dict(model).values()}
+    params = {name: p for name, p in model.named_parameters() if id(p) not in adapter_ids}
+    size = f"{config.n_layers} layers, dim {config.dim}, {config.n_heads} heads ({config.n_kv_heads} kv)"
+    loaded: set[str] = set()
+    for file, src, name, tensor in items:
+        label = repr(src) if src == name else f"{src!r} (our {name})"
+        if name not in params:
+            raise CheckpointError(f"{file}: unexpected tensor {label} of shape {tuple(tensor.shape)}; not part of "
+                                  f"a LLaMA with {size}")
+        if name in loaded:
+            raise CheckpointError(f"{file}: tensor {label} appears more than once")
+        if tensor.shape != params[name].shape or not tensor.is_floating_point():
+            raise CheckpointError(f"{file}: tensor {label} is {tensor.dtype} {tuple(tensor.shape)}, the model ({size}) "
+                                  f"needs a floating-point {tuple(params[name].shape)}")
+        dtype = dtype or tensor.dtype
+        module_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(module_name), leaf,
+                nn.Parameter(tensor.to(device=device, dtype=dtype, copy=True)))
+        loaded.add(name)
+    missing = [n for n in params if n not in loaded]
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing, e.g. {missing[:3]} (our names; a partial "
+                              "checkpoint is never loaded)")
+    if config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    for module in adapter_layers(model).values():
+        module.to_empty(device=device, recurse=False)
+        module.reset_adapter()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Adapters
+
+
+@dataclass
+class _AdapterFile:
+    """An adapter read from a file of any supported format, in our terms."""
+
+    fmt: str  # "llama-adapter-triton" (ours), "official LLaMA-Adapter v1" or "PEFT adaption-prompt"
+    file: Path
+    config: AdapterConfig
+    layers: list[int] | None  # absolute layer indices, bottom to top, when the file names them
+    n_layers: int | None  # the model's depth, when the file tells it
+    prompts: list[tuple[str, torch.Tensor]]  # (name in the file, (adapter_len, dim)), bottom to top
+    gates: list[tuple[str, torch.Tensor]]  # (name in the file, (n_gates,))
+    model_dims: dict | None = None  # ours: the dims of the model it was trained on
+
+
+_OURS_RE = re.compile(r"layers\.(\d+)\.attention\.(adapter_prompt|gate)")
+_OFFICIAL_GATE_RE = re.compile(r"layers\.(\d+)\.attention\.(gate)")
+_PEFT_RE = re.compile(r"(?:.*\.)?layers\.(\d+)\.self_attn\.adaption_(prompt|gate)")
+
+
+def _by_layer(file: Path, tensors: dict[str, torch.Tensor], pattern: re.Pattern, kinds: tuple[str, str]):
+    """{layer: {kind: (name, tensor)}} for the names matching pattern; any other name is an error."""
+    layers: dict[int, dict[str, tuple[str, torch.Tensor]]] = {}
+    for name, t in tensors.items():
+        m = pattern.fullmatch(name)
+        if m is None:
+            raise CheckpointError(f"{file}: unexpected tensor {name!r} of shape {tuple(t.shape)} in a "
+                                  "LLaMA-Adapter file")
+        layers.setdefault(int(m.group(1)), {})[m.group(2)] = (name, t)
+    for layer, got in sorted(layers.items()):
+        for kind in kinds:
+            if kind not in got:
+                other = next(iter(got.values()))[0]
+                raise CheckpointError(f"{file}: layer {layer} has {other!r} but no {kind} tensor")
+    return dict(sorted(layers.items()))
+
+
+def _parse_ours(file: Path, tensors: dict, metadata: dict) -> _AdapterFile:
+    try:
+        config = AdapterConfig(**json.loads(metadata["adapter_config"]))
+        model_dims = json.loads(metadata["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: its metadata lacks a valid 'adapter_config' / 'model' entry ({e})") from e
+    layers = _by_layer(file, tensors, _OURS_RE, ("adapter_prompt", "gate"))
+    return _AdapterFile("llama-adapter-triton", file, config, list(layers), None,
+                        [got["adapter_prompt"] for got in layers.values()], [got["gate"] for got in layers.values()],
+                        model_dims)
+
+
+def _parse_official(file: Path, tensors: dict, gate_act: str | None, adapter_len: int | None) -> _AdapterFile:
+    if gate_act is None:
+        raise CheckpointError(
+            f"{file}: an official LLaMA-Adapter v1 adapter needs gate_act='tanh' or 'identity': its training code "
+            "uses tanh(gate), its inference code the raw gate, and the file does not say which (see "
+            "model/checkpoint.py)")
+    if adapter_len is None:
+        adapter_len = 10
+        logger.warning("%s: adapter_len is not stored in official v1 files; using 10, the release's", file)
+    query = tensors.pop("adapter_query.weight")
+    if query.dim() != 2 or query.shape[0] % adapter_len:
+        raise CheckpointError(f"{file}: tensor 'adapter_query.weight' has shape {tuple(query.shape)}; it must be "
+                              f"(adapter_layers * adapter_len, dim) with adapter_len {adapter_len}")
+    n_adapted = query.shape[0] // adapter_len
+    gates = _by_layer(file, tensors, _OFFICIAL_GATE_RE, ("gate",))
+    n_layers = max(gates, default=-1) + 1  # the release has a gate in every layer: the top one names the depth
+    top = list(range(n_layers - n_adapted, n_layers))
+    missing = [f"layers.{n}.attention.gate" for n in top if n not in gates]
+    if n_adapted > n_layers or missing:
+        raise CheckpointError(f"{file}: adapter_query.weight holds {n_adapted} layers of {adapter_len} prompts, but "
+                              f"the gates of the top {n_adapted} layers are missing: {missing[:3] or 'all'}")
+    for n in top:
+        name, g = gates[n]["gate"]
+        if g.dim() != 4 or g.shape[0] != 1 or g.shape[2:] != (1, 1):
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(g.shape)}, expected (1, n_heads, 1, 1)")
+    logger.warning("%s: official LLaMA-Adapter v1 adapter loaded with gate_act=%r (its training code uses tanh, its "
+                   "inference code the raw gate)", file, gate_act)
+    config = AdapterConfig(adapter_len=adapter_len, adapter_layers=n_adapted, gate="head", gate_act=gate_act)
+    prompts = [(f"adapter_query.weight[{i * adapter_len}:{(i + 1) * adapter_len}]", p)
+               for i, p in enumerate(query.split(adapter_len))]
+    return _AdapterFile("official LLaMA-Adapter v1", file, config, None, n_layers, prompts,
+                        [(gates[n]["gate"][0], gates[n]["gate"][1].flatten()) for n in top])
+
+
+def _parse_peft(file: Path, tensors: dict, peft_config: dict | None) -> _AdapterFile:
+    layers = _by_layer(file, tensors, _PEFT_RE, ("prompt", "gate"))
+    for got in layers.values():
+        (pname, p), (gname, g) = got["prompt"], got["gate"]
+        if p.dim() != 3 or p.shape[0] != 1:
+            raise CheckpointError(f"{file}: tensor {pname!r} has shape {tuple(p.shape)}, expected "
+                                  "(1, adapter_len, dim)")
+        if g.shape != (1,):
+            raise CheckpointError(f"{file}: tensor {gname!r} has shape {tuple(g.shape)}, expected (1,)")
+    adapter_len = next(iter(layers.values()))["prompt"][1].shape[1]
+    if peft_config is not None:
+        if peft_config.get("peft_type") != "ADAPTION_PROMPT":
+            raise CheckpointError(f"{file}: adapter_config.json has peft_type {peft_config.get('peft_type')!r}, "
+                                  "expected 'ADAPTION_PROMPT'")
+        for key, value in (("adapter_len", adapter_len), ("adapter_layers", len(layers))):
+            if peft_config.get(key) != value:
+                raise CheckpointError(f"{file}: adapter_config.json says {key}={peft_config.get(key)!r} but the "
+                                      f"weights hold {value}")
+    config = AdapterConfig(adapter_len=adapter_len, adapter_layers=len(layers), gate="layer", gate_act="identity")
+    return _AdapterFile("PEFT adaption-prompt", file, config, list(layers), None,
+                        [(got["prompt"][0], got["prompt"][1][0]) for got in layers.values()],
+                        [got["gate"] for got in layers.values()])
+
+
+def _read_adapter(path: str | os.PathLike, gate_act: str | None, adapter_len: int | None) -> _AdapterFile:
+    path = Path(path)
+    peft_config = None
+    if path.is_dir():
+        config_file = path / "adapter_config.json"
+        weights = [path / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (path / n).exists()]
+        if not config_file.exists() or not weights:
+            raise CheckpointError(f"{path}: a PEFT adapter folder needs adapter_config.json and "
+                                  "adapter_model.safetensors or adapter_model.bin")
+        path = weights[0]
+    else:
+        config_file = path.parent / "adapter_config.json"
+    tensors, metadata = _read_tensor_file(path)
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors")
+    if "adapter_query.weight" in tensors:
+        adapter = _parse_official(path, tensors, gate_act, adapter_len)
+    elif any(_PEFT_RE.fullmatch(name) for name in tensors):
+        if config_file.exists():
+            peft_config = _read_json(config_file)
+        adapter = _parse_peft(path, tensors, peft_config)
+    elif metadata.get("format") == ADAPTER_FORMAT:
+        adapter = _parse_ours(path, tensors, metadata)
+    else:
+        raise CheckpointError(f"{path}: not a LLaMA-Adapter file (ours, the official v1 release or PEFT's adaption "
+                              f"prompt); its tensors start with {sorted(tensors)[:3]}")
+    if gate_act is not None and gate_act != adapter.config.gate_act:
+        raise CheckpointError(f"{path}: this {adapter.fmt} adapter uses gate_act={adapter.config.gate_act!r}, "
+                              f"not {gate_act!r}")
+    return adapter
+
+
+def read_adapter_config(path: str | os.PathLike, *, gate_act: str | None = None,
+                        adapter_len: int | None = None) -> AdapterConfig:
+    """The AdapterConfig of an adapter file or PEFT folder, to build the model it fits:
+    `load_checkpoint(ckpt, adapter=read_adapter_config(path))`.
+
+    gate_act is required for the official v1 release (ambiguous, see the module docstring) and
+    checked for the others; adapter_len only matters for the official release (default 10).
+    """
+    return _read_adapter(path, gate_act, adapter_len).config
+
+
+def load_adapter(model: LLaMA, path: str | os.PathLike, *, gate_act: str | None = None) -> AdapterConfig:
+    """Load an adapter (ours, the official v1 release, or PEFT's; detected by its keys) into model's adapter.
+
+    The model must have been built with the same AdapterConfig (read_adapter_config gives it);
+    gate_act is required for the official v1 release. Returns the adapter's config.
+    """
+    if model.adapter is None:
+        raise ValueError("the model has no adapter; build it with load_checkpoint(..., adapter=read_adapter_config("
+                         f"{str(path)!r}))")
+    adapter = _read_adapter(path, gate_act, model.adapter.adapter_len)
+    file, config = adapter.file, model.config
+    for key in ("adapter_len", "adapter_layers", "gate", "gate_act"):
+        theirs, ours = getattr(adapter.config, key), getattr(model.adapter, key)
+        if theirs != ours:
+            tensor = f" (tensor {adapter.gates[0][0]!r})" if key == "gate" else ""
+            raise CheckpointError(f"{file}: the adapter has {key}={theirs!r}{tensor} but the model was built with "
+                                  f"{key}={ours!r}")
+    if adapter.model_dims is not None:
+        for key in ("dim", "n_layers", "n_heads", "n_kv_heads"):
+            if adapter.model_dims.get(key) != getattr(config, key):
+                raise CheckpointError(f"{file}: the adapter was trained on a model with {key}="
+                                      f"{adapter.model_dims.get(key)}, this model has {getattr(config, key)}")
+    top = list(range(config.n_layers - model.adapter.adapter_layers, config.n_layers))
+    if adapter.n_layers not in (None, config.n_layers) or adapter.layers not in (None, top):
+        raise CheckpointError(f"{file}: the adapter is for layers {adapter.layers or 'the top'} of a "
+                              f"{adapter.n_layers or '?'}-layer model; this model ({config.n_layers} layers) adapts "
+                              f"layers {top[0]}..{top[-1]}")
+    modules = list(adapter_layers(model).values())
+    with torch.no_grad():
+        for module, (pname, prompt), (gname, gate) in zip(modules, adapter.prompts, adapter.gates, strict=True):
+            for name, src, dst in ((pname, prompt, module.adapter_prompt), (gname, gate, module.gate)):
+                if src.shape != dst.shape:
+                    raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(src.shape)}, the model "
+                                          f"(dim {config.dim}, {config.n_heads} heads) needs {tuple(dst.shape)}")
+                dst.copy_(src)
+    return adapter.config
+
+
+def save_adapter(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write the adapter alone (our safetensors format, see the module docstring); returns the path.
+
+    Written to a temporary file beside path, then renamed into place, so an interrupted run leaves
+    no half-written adapter. An existing file is replaced only with overwrite=True.
+    """
+    if model.adapter is None:
+        raise ValueError("the model has no adapter to save")
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give save_adapter a file name")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    c = model.config
+    metadata = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION,
+                "adapter_config": json.dumps(model.adapter.to_dict()),
+                "model": json.dumps({"name": c.name, "dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads,
+                                     "n_kv_heads": c.n_kv_heads})}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(model).items()}
+    data = safetensors_bytes(tensors, metadata=metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

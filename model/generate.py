@@ -1,0 +1,222 @@
+"""Generation with a KV cache: prefill, then one token per step; greedy or temperature / top-p sampling.
+
+    python -m model.generate --checkpoint CKPT_DIR --adapter adapter.safetensors \\
+        --instruction "Tell me about alpacas." [--input "..."]                           # one GPU (bf16)
+    python -m model.generate --checkpoint CKPT_DIR --instruction "..." --device cpu   # CPU (fp32)
+    python -m model.generate --checkpoint llama-7b/ --adapter llama_adapter_len10_layer30_release.pth \\
+        --gate-act tanh --instruction "..."            # the official v1 release: gate_act must be chosen
+
+The instruction goes through the Alpaca template (model/prompt.py), BOS first, as the adapter was
+trained; the answer is streamed, then tokens/s is printed (and peak memory on a GPU).
+
+Batches of prompts of different lengths are left-padded: every row's last prompt token sits at
+the same cache slot, so one decode step serves all rows. The pad keys are masked and each row's
+RoPE positions start at its first real token (LLaMA.forward's left_pad), so a row generates what
+it would alone; generate() also takes a padded (batch, seqlen) tensor with a mask of its real
+tokens, padded on either side, and realigns it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+import typing
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .llama import LLaMA
+from .prompt import alpaca_prompt
+
+
+def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, vocab): argmax at temperature 0, else sampled from the top-p nucleus."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest set of most likely tokens whose mass reaches top_p (always the first one)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _prompt_lists(prompts: Sequence[Sequence[int]] | torch.Tensor, prompt_mask: torch.Tensor | None) -> list[list[int]]:
+    """The prompts as lists of real token ids; a tensor's rows are cut to their mask (one contiguous run each)."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise ValueError(f"prompts must be (batch, seqlen), got {tuple(prompts.shape)}")
+        if prompt_mask is None:
+            return prompts.tolist()
+        if prompt_mask.shape != prompts.shape:
+            raise ValueError(f"prompt_mask must have the shape of prompts {tuple(prompts.shape)}, "
+                             f"got {tuple(prompt_mask.shape)}")
+        rows = []
+        for b, (row, keep) in enumerate(zip(prompts.tolist(), prompt_mask.bool().tolist(), strict=True)):
+            idx = [t for t, k in enumerate(keep) if k]
+            if idx and idx != list(range(idx[0], idx[-1] + 1)):
+                raise ValueError(f"prompt_mask row {b} is not one contiguous run of real tokens (left or right "
+                                 "padding)")
+            rows.append([row[t] for t in idx])
+        prompts = rows
+    elif prompt_mask is not None:
+        raise ValueError("prompt_mask goes with a (batch, seqlen) tensor of prompts, not with lists")
+    prompts = [[int(t) for t in p] for p in prompts]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty batch of non-empty token sequences")
+    return prompts
+
+
+@torch.inference_mode()
+def stream(model: LLaMA, prompts: Sequence[Sequence[int]] | torch.Tensor, *, max_new_tokens: int,
+           prompt_mask: torch.Tensor | None = None, temperature: float = 0.0, top_p: float = 1.0,
+           stop_ids: Iterable[int] = (), pad_id: int = 0, visual: torch.Tensor | None = None,
+           generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,) each step, until every row has yielded a stop id or
+    max_new_tokens steps. Rows that have stopped keep yielding tokens; ignore them (generate() does).
+
+    Arguments:
+        prompts: token ids, a list of sequences of any lengths, or a (batch, seqlen) tensor with
+            prompt_mask (batch, seqlen) marking its real tokens (left or right padding).
+        temperature / top_p: 0 is greedy; else sampling from the top-p nucleus.
+        stop_ids: tokens that end a row (the tokenizer's stop_ids).
+        pad_id: the token put at pad positions (any valid id: pads are masked).
+        visual: (batch, dim) visual token for the adapter prompts (multi-modal).
+    """
+    rows = _prompt_lists(prompts, prompt_mask)
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    longest = max(len(r) for r in rows)
+    total = longest + max_new_tokens
+    if total > model.config.max_seq_len:
+        raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's max_seq_len ({model.config.max_seq_len})")
+    device = model.tok_embeddings.weight.device
+    left_pad = [longest - len(r) for r in rows]
+    padded = [[pad_id] * p + r for p, r in zip(left_pad, rows, strict=True)]
+    tokens = torch.tensor(padded, device=device)  # (B, longest)
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+
+    model.setup_cache(len(rows), total)
+    try:
+        logits = model(tokens, input_pos=0, left_pad=left_pad, visual=visual)[:, -1]  # prefill: (B, vocab)
+        for step in range(max_new_tokens):
+            next_tokens = sample(logits, temperature=temperature, top_p=top_p, generator=generator)  # (B,)
+            yield next_tokens
+            done |= torch.isin(next_tokens, stop)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            logits = model(next_tokens.unsqueeze(1), input_pos=longest + step, left_pad=left_pad)[:, -1]
+    finally:
+        model.clear_cache()
+
+
+def generate(model: LLaMA, prompts: Sequence[Sequence[int]] | torch.Tensor, *, max_new_tokens: int,
+             stop_ids: Iterable[int] = (), **kwargs) -> list[list[int]]:
+    """The new tokens of each prompt, up to (without) its first stop id; arguments as stream()."""
+    stop_ids = set(stop_ids)
+    out: list[list[int]] | None = None
+    finished: list[bool] = []
+    for next_tokens in stream(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, **kwargs):
+        if out is None:
+            out, finished = [[] for _ in next_tokens], [False] * len(next_tokens)
+        for b, t in enumerate(next_tokens.tolist()):
+            if not finished[b]:
+                finished[b] = t in stop_ids
+                if not finished[b]:
+                    out[b].append(t)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+@dataclass
+class Args:
+    """Generation from the command line; every field is a --flag (underscores as dashes)."""
+
+    checkpoint: Path = field(metadata={"help": "Meta or Hugging Face checkpoint folder"})
+    instruction: str = field(metadata={"help": "the instruction (Alpaca template)"})
+    input: str = field(default="", metadata={"help": "optional input / context for the instruction"})
+    adapter: Path | None = field(default=None, metadata={
+        "help": "adapter: ours (.safetensors), the official v1 .pth, or a PEFT adaption-prompt folder"})
+    gate_act: str | None = field(default=None, metadata={
+        "help": "required for the official v1 release, whose gate is ambiguous", "choices": ("tanh", "identity")})
+    tokenizer: Path | None = field(default=None, metadata={
+        "help": "tokenizer.model / tokenizer.json or its folder (default: the checkpoint folder)"})
+    max_new_tokens: int = field(default=256, metadata={"help": "at most this many new tokens"})
+    temperature: float = field(default=0.1, metadata={"help": "0 for greedy (the official demo uses 0.1)"})
+    top_p: float = field(default=0.75, metadata={"help": "nucleus of sampling (the official demo uses 0.75)"})
+    seed: int = field(default=1234, metadata={"help": "random seed of the sampling"})
+    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cuda or cpu"})
+    dtype: str = field(default="auto", metadata={"help": "auto: bf16 on a GPU, fp32 on the CPU",
+                                                 "choices": ("auto", "bfloat16", "float16", "float32")})
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Args:
+    parser = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__.split("\n\n")[0])
+    hints = typing.get_type_hints(Args)
+    for f in dataclasses.fields(Args):
+        kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
+        required = f.default is dataclasses.MISSING
+        shown = "" if required or f.default in (None, "") else f" (default: {f.default})"
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, required=required,
+                            default=None if required else f.default, choices=f.metadata.get("choices"),
+                            help=f.metadata["help"] + shown)
+    return Args(**vars(parser.parse_args(argv)))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from .checkpoint import load_adapter, load_checkpoint, read_adapter_config
+    from .tokenizer import Tokenizer
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    dtype = dtypes.get(args.dtype, torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+
+    t0 = time.perf_counter()
+    adapter = read_adapter_config(args.adapter, gate_act=args.gate_act) if args.adapter else None
+    model = load_checkpoint(args.checkpoint, adapter=adapter, dtype=dtype, device=args.device).eval()
+    if args.adapter:
+        load_adapter(model, args.adapter, gate_act=args.gate_act)
+    tokenizer = Tokenizer(args.tokenizer or args.checkpoint)
+    print(f"loaded {args.checkpoint} ({model.config.n_layers} layers, dim {model.config.dim}"
+          f"{', adapter ' + str(args.adapter) if args.adapter else ''}) in {time.perf_counter() - t0:.1f} s",
+          file=sys.stderr)
+
+    prompt = tokenizer.encode(alpaca_prompt(args.instruction, args.input), bos=True, eos=False)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    answer: list[int] = []
+    printed = ""
+    t0 = time.perf_counter()
+    for next_tokens in stream(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, stop_ids=tokenizer.stop_ids, generator=generator):
+        token = int(next_tokens[0])
+        if token in tokenizer.stop_ids:
+            break
+        answer.append(token)
+        text = tokenizer.decode(answer)  # decode it all: pieces alone lose their leading spaces
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+    seconds = time.perf_counter() - t0
+    print(tokenizer.decode(answer)[len(printed):])
+    line = f"{len(answer)} tokens in {seconds:.2f} s: {len(answer) / seconds:.1f} tokens/s"
+    if args.device.startswith("cuda"):
+        line += f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    print(line, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,380 @@
+"""LLaMA (1, 2 and 3) in one flat file: config presets, RMSNorm, RoPE, SwiGLU, GQA attention, KV cache.
+
+Meta's layout and parameter names (tok_embeddings, layers.N.attention.wq/wk/wv/wo,
+layers.N.feed_forward.w1/w2/w3, attention_norm, ffn_norm, norm, output), so a Meta checkpoint
+loads by name and a Hugging Face one after renaming (model/checkpoint.py).
+
+    h   = x + wo(attend(rope(wq norm(x)), rope(wk norm(x)), wv norm(x)))      # attention, causal
+    out = h + w2(silu(w1 norm(h)) * w3 norm(h))                              # SwiGLU
+
+- RMSNorm and RoPE compute in fp32 and cast back, as Meta's code does; RoPE rotates
+  interleaved pairs (x[2i], x[2i+1]) by position * theta ** (-2i / headdim), with Llama-3.1's
+  frequency scaling when the config has one. Hugging Face stores q/k rows permuted for its
+  rotate-half form; the loader undoes that, so both give the same model.
+- GQA: n_kv_heads key/value heads, query head h reads kv head h // (n_heads // n_kv_heads).
+- Attention.attend is the one override point: here plain causal attention through
+  torch's scaled_dot_product_attention; model/adapter.py overrides it in the adapted layers
+  with the zero-init attention op.
+
+Forward: `model(tokens, *, input_pos=None, left_pad=None, positions=None, visual=None)`,
+tokens (batch, seqlen) int64 -> logits (batch, seqlen, vocab_size).
+- KV cache: `model.setup_cache(batch, max_seq_len)` then prefill with input_pos=0 and decode
+  with input_pos = the cache slot of tokens[:, 0]; queries see every cached key up to their own
+  slot (causal, aligned bottom-right). `model.clear_cache()` frees it. The cache is for
+  inference (torch.no_grad / inference_mode).
+- Left padding (batched generation): left_pad[b] pad tokens start row b (of the key sequence:
+  the cache, or tokens without one). Pad keys are masked, and RoPE positions restart at 0 on each
+  row's first real token (absolute positions matter: the adapter's prompt keys carry no RoPE).
+- positions: explicit RoPE position ids (batch, seqlen) or (seqlen,), overriding the default
+  input_pos + t - left_pad[b] (room for packed sequences later).
+
+Limits: head_dim == dim // n_heads (all LLaMA models); no dropout, no biases.
+Token ids are range-checked on the CPU only: on a GPU the check would cost a sync per decode step
+(there the embedding kernel asserts).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .adapter import AdapterConfig
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1's RoPE frequency scaling (Meta's apply_scaling, HF's rope_type "llama3")."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+
+@dataclass
+class LLaMAConfig:
+    """Shapes of a LLaMA model. hidden_dim (SwiGLU width) and n_kv_heads are derived when left unset."""
+
+    name: str = "custom"
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: n_heads (no GQA)
+    vocab_size: int = 32000
+    hidden_dim: int | None = None  # None: Meta's rule from multiple_of and ffn_dim_multiplier
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 2048  # the context the model was trained for; generate() stays within it
+    tie_embeddings: bool = False  # output shares tok_embeddings' weight (some Llama-3.2 models)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None:
+            hidden = int(2 * (4 * self.dim) / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"LLaMAConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"LLaMAConfig.dim ({self.dim}) must be n_heads ({self.n_heads}) times an even head_dim")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"LLaMAConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                             f"({self.n_kv_heads})")
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> LLaMAConfig:
+        """A named preset (see PRESETS), with any field overridden, e.g. from_name("tiny", vocab_size=512)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown LLaMA preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**{"name": name, **PRESETS[name], **overrides})
+
+
+_LLAMA3_ROPE = {"rope_theta": 500000.0, "vocab_size": 128256, "multiple_of": 1024, "ffn_dim_multiplier": 1.3,
+                "norm_eps": 1e-5}
+PRESETS: dict[str, dict] = {
+    # LLaMA-1 (2302.13971): vocab 32000, context 2048
+    "llama-7b": dict(dim=4096, n_layers=32, n_heads=32),
+    "llama-13b": dict(dim=5120, n_layers=40, n_heads=40),
+    "llama-33b": dict(dim=6656, n_layers=60, n_heads=52),
+    "llama-65b": dict(dim=8192, n_layers=80, n_heads=64),
+    # Llama-2: norm eps 1e-5, context 4096, GQA for 70B
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, norm_eps=1e-5, max_seq_len=4096),
+    "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, norm_eps=1e-5, max_seq_len=4096),
+    "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3,
+                       norm_eps=1e-5, max_seq_len=4096),
+    # Llama-3: vocab 128256, rope theta 500000, GQA; 3.1 adds RoPE frequency scaling and a 128k context
+    "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, max_seq_len=8192, **_LLAMA3_ROPE),
+    "llama3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, max_seq_len=8192,
+                       **{**_LLAMA3_ROPE, "multiple_of": 4096}),
+    "llama3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, max_seq_len=131072,
+                        rope_scaling=RopeScaling(), **_LLAMA3_ROPE),
+    "llama3.1-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, max_seq_len=131072,
+                         rope_scaling=RopeScaling(), **{**_LLAMA3_ROPE, "multiple_of": 4096}),
+    # tiny models for tests and the demo (head_dim 32)
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, vocab_size=1024, multiple_of=32, norm_eps=1e-5, max_seq_len=512),
+    "tiny-gqa": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1024, multiple_of=32, norm_eps=1e-5,
+                     max_seq_len=512),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_frequencies(config: LLaMAConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """theta ** (-2i / head_dim) for i < head_dim / 2, fp32, with Llama-3.1's scaling when configured.
+
+    Scaling (Meta's apply_scaling): wavelengths below original_max_seq_len / high_freq_factor are
+    kept, those above original_max_seq_len / low_freq_factor divided by factor, the band between
+    interpolated smoothly.
+    """
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd))  # (hd/2,)
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    scaled = torch.where(wavelen > s.original_max_seq_len / s.low_freq_factor, inv_freq / s.factor, inv_freq)
+    medium = (wavelen >= s.original_max_seq_len / s.high_freq_factor) & (
+        wavelen <= s.original_max_seq_len / s.low_freq_factor)
+    return torch.where(medium, (1 - smooth) * inv_freq / s.factor + smooth * inv_freq, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, config: LLaMAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency: positions (B, T) int -> two (B, T, 1, head_dim/2) fp32 tensors."""
+    angles = positions.unsqueeze(-1).float() * rope_frequencies(config, positions.device)  # (B, T, hd/2)
+    return angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (x[..., 2i], x[..., 2i+1]) of x (B, T, nh, hs) in fp32; dtype of x out."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, nh, hs/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, (batch, max_seq_len, n_kv_heads, head_dim) each.
+
+    Unwritten slots are zeros (finite: a masked key must not turn its weight 0 into NaN).
+    prompt_kv holds an adapted layer's prompt keys/values, computed once per generation.
+    """
+
+    def __init__(self, batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, *,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        self.k = torch.zeros(batch, max_seq_len, n_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.prompt_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, input_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, T, nkv, hs) at slots input_pos.. and return all keys/values up to them."""
+        end = input_pos + k.shape[1]
+        if k.shape[0] != self.k.shape[0] or end > self.k.shape[1]:
+            raise ValueError(f"the KV cache holds batch {self.k.shape[0]} x {self.k.shape[1]} slots; tokens of batch "
+                             f"{k.shape[0]} at input_pos {input_pos}..{end - 1} do not fit (call setup_cache)")
+        self.k[:, input_pos:end] = k
+        self.v[:, input_pos:end] = v
+        return self.k[:, :end], self.v[:, :end]  # (B, end, nkv, hs)
+
+
+@dataclass
+class AttentionContext:
+    """What every layer's attention needs besides its input, built once per forward."""
+
+    input_pos: int  # cache slot of the first query token
+    left_pad: list[int] | None  # pad tokens at the start of each row, None when there are none
+    visual: torch.Tensor | None = None  # (B, dim) visual token for the adapter prompts
+    mask: torch.Tensor | None = None  # SDPA boolean mask (T, S) or (B, 1, T, S), True = visible
+    is_causal: bool = False  # SDPA's own causal mask (T == S, no padding)
+
+
+def attention_mask(seqlen_q: int, seqlen_k: int, left_pad: list[int] | None,
+                   device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """SDPA mask for queries at the last seqlen_q of seqlen_k slots: (mask, is_causal).
+
+    Query i sits at slot i + seqlen_k - seqlen_q and sees slots j up to its own (causal, bottom-right),
+    and from left_pad[b] on; a pad query sees only itself, so that no row is fully masked (NaN).
+    """
+    if left_pad is None:
+        if seqlen_q == 1:
+            return None, False
+        if seqlen_q == seqlen_k:
+            return None, True
+    i = torch.arange(seqlen_q, device=device).unsqueeze(1) + (seqlen_k - seqlen_q)  # (T, 1): slot of query i
+    j = torch.arange(seqlen_k, device=device).unsqueeze(0)  # (1, S)
+    mask = j <= i  # (T, S)
+    if left_pad is not None:
+        pad = torch.tensor(left_pad, device=device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        mask = mask & ((j >= pad) | (j == i))  # (B, 1, T, S)
+    return mask, False
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LLaMAConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttentionContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hs)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hs)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(ctx.input_pos, k, v)  # (B, S, nkv, hs), S = input_pos + T
+        y = self.attend(q, k, v, ctx)  # (B, T, nh, hs)
+        return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Causal attention of q (B, T, nh, hs) over k, v (B, S, nkv, hs) -> (B, T, nh, hs). The override point."""
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, nh, T, hs), (B, nkv, S, hs)
+            attn_mask=ctx.mask, is_causal=ctx.is_causal, enable_gqa=self.n_kv_heads != self.n_heads)
+        return y.transpose(1, 2)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: LLaMAConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LLaMAConfig, attention: Attention) -> None:
+        super().__init__()
+        self.attention = attention
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttentionContext) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, ctx)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LLaMA(nn.Module):
+    """LLaMA, optionally with an adapter (AdapterConfig) in its top adapter_layers layers."""
+
+    def __init__(self, config: LLaMAConfig, adapter: AdapterConfig | None = None) -> None:
+        super().__init__()
+        self.config, self.adapter = config, adapter
+        self.first_adapted = config.n_layers  # index of the first adapted layer
+        if adapter is not None:
+            from .adapter import AdapterAttention  # adapter.py builds on this file's Attention
+
+            if adapter.adapter_layers > config.n_layers:
+                raise ValueError(f"adapter_layers ({adapter.adapter_layers}) exceeds the model's n_layers "
+                                 f"({config.n_layers})")
+            self.first_adapted = config.n_layers - adapter.adapter_layers
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(
+            Block(config, Attention(config) if i < self.first_adapted else AdapterAttention(config, adapter))
+            for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def setup_cache(self, batch_size: int, max_seq_len: int, *, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> None:
+        """Give every layer a KV cache of max_seq_len slots (dtype and device of the weights by default)."""
+        if max_seq_len <= 0 or batch_size <= 0:
+            raise ValueError(f"setup_cache needs a positive batch_size and max_seq_len, got {batch_size}, "
+                             f"{max_seq_len}")
+        w = self.layers[0].attention.wk.weight
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch_size, max_seq_len, self.config.n_kv_heads, self.config.head_dim,
+                                               dtype=dtype or w.dtype, device=device or w.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def forward(self, tokens: torch.Tensor, *, input_pos: int | None = None, left_pad: Sequence[int] | None = None,
+                positions: torch.Tensor | None = None, visual: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab_size); see the module docstring for the keyword arguments."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
+            got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be an integer tensor (batch, seqlen), got {got}")
+        B, T = tokens.shape
+        if tokens.device.type == "cpu" and tokens.numel() and not (
+                0 <= int(tokens.min()) and int(tokens.max()) < self.config.vocab_size):
+            raise ValueError(f"tokens must be ids in [0, {self.config.vocab_size}), got values from "
+                             f"{int(tokens.min())} to {int(tokens.max())}")
+        input_pos = input_pos or 0
+        cached = self.layers[0].attention.kv_cache is not None
+        seqlen_k = input_pos + T if cached else T  # slots the queries attend over
+        left_pad = self._check_left_pad(left_pad, B, seqlen_k)
+        if visual is not None and self.adapter is None:
+            raise ValueError("visual is added to the adapter prompts, but this model has no adapter")
+        if visual is not None and visual.shape != (B, self.config.dim):
+            raise ValueError(f"visual must be (batch={B}, dim={self.config.dim}), got {tuple(visual.shape)}")
+
+        if positions is None:
+            positions = torch.arange(input_pos, input_pos + T, device=tokens.device).expand(B, T)
+            if left_pad is not None:  # each row counts from its first real token; pad tokens sit at 0
+                positions = (positions - torch.tensor(left_pad, device=tokens.device).unsqueeze(1)).clamp(min=0)
+        elif positions.shape not in ((B, T), (T,)):
+            raise ValueError(f"positions must be (batch={B}, seqlen={T}) or ({T},), got {tuple(positions.shape)}")
+        rope = rope_cos_sin(positions.expand(B, T), self.config)
+        mask, is_causal = attention_mask(T, seqlen_k, left_pad, tokens.device)
+        ctx = AttentionContext(input_pos=input_pos, left_pad=left_pad, visual=visual, mask=mask, is_causal=is_causal)
+
+        x = self.tok_embeddings(tokens)  # (B, T, dim)
+        # Below the first adapted layer nothing is trained: no autograd graph, no saved activations.
+        frozen_below = self.adapter is not None and not any(
+            p.requires_grad for m in (self.tok_embeddings, *self.layers[:self.first_adapted]) for p in m.parameters())
+        with torch.no_grad() if frozen_below else nullcontext():
+            for layer in self.layers[:self.first_adapted]:
+                x = layer(x, rope, ctx)
+        for layer in self.layers[self.first_adapted:]:
+            x = layer(x, rope, ctx)
+        return self.output(self.norm(x))  # (B, T, vocab)
+
+    @staticmethod
+    def _check_left_pad(left_pad: Sequence[int] | None, batch: int, seqlen_k: int) -> list[int] | None:
+        if left_pad is None:
+            return None
+        left_pad = [int(p) for p in left_pad]
+        if len(left_pad) != batch or any(not 0 <= p < seqlen_k for p in left_pad):
+            raise ValueError(f"left_pad must hold one count per row (batch {batch}), each in [0, {seqlen_k}) so that "
+                             f"every row keeps a real token, got {left_pad}")
+        return left_pad if any(left_pad) else None

@@ -1,0 +1,423 @@
+"""Checkpoints: HF and Meta base models against transformers' logits; adapters in our, the official v1 and
+PEFT's formats; errors that name the file and the tensor."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+from model_utils import VOCAB, copy_base, hf_model, set_adapter_, tiny_config, tiny_model
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import (
+    AdapterConfig,
+    CheckpointError,
+    LLaMA,
+    adapter_state_dict,
+    load_adapter,
+    load_checkpoint,
+    load_config,
+    read_adapter_config,
+    save_adapter,
+)
+from model.checkpoint import unpermute_hf
+
+TOKENS = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
+CONFIGS = {"llama2": dict(), "llama3-gqa-tied": dict(gqa=True, llama3=True)}
+
+
+def logits(model: torch.nn.Module, tokens: torch.Tensor = TOKENS) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(tokens)
+    return getattr(out, "logits", out).float()
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def hf_checkpoint(request, tmp_path_factory):
+    """(folder written by transformers' save_pretrained, its logits on TOKENS, our config)."""
+    config = tiny_config(**CONFIGS[request.param])
+    hf = hf_model(config)
+    folder = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(folder)
+    return folder, logits(hf), config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Base models
+
+
+def test_hf_checkpoint_gives_transformers_logits(hf_checkpoint):
+    folder, expected, config = hf_checkpoint
+    # hidden_dim comes from config.json, so multiple_of plays no part
+    assert dataclasses.replace(load_config(folder), name=config.name, multiple_of=config.multiple_of) == config
+    model = load_checkpoint(folder)
+    torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=1e-4)
+    assert expected.std() > 1.0  # the logits are far from flat: the comparison has teeth
+
+
+def test_hf_rope_permutation_matters(hf_checkpoint):
+    """Without undoing HF's q/k permutation the logits differ: the test above checks the permutation."""
+    folder, expected, config = hf_checkpoint
+    model = load_checkpoint(folder)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention.wq.weight.copy_(_permute_hf(layer.attention.wq.weight, config.n_heads))
+    assert (logits(model) - expected).abs().max() > 1e-2
+
+
+def _permute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF's permutation (convert_llama_weights_to_hf.py), the inverse of unpermute_hf."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def test_unpermute_inverts_hf_permutation():
+    w = torch.randn(4 * 32, 128)
+    torch.testing.assert_close(unpermute_hf(_permute_hf(w, 4), 4), w, atol=0, rtol=0)
+
+
+def test_hf_sharded_safetensors_and_bin(tmp_path):
+    config = tiny_config(gqa=True)
+    hf = hf_model(config, seed=3)
+    expected = logits(hf)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    torch.testing.assert_close(logits(load_checkpoint(tmp_path / "sharded")), expected, atol=1e-4, rtol=1e-4)
+
+    # pytorch_model-*.bin shards with their index, as older transformers wrote them
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "config.json").write_text((tmp_path / "sharded" / "config.json").read_text())
+    state = {k: v.clone() for k, v in hf.state_dict().items()}
+    names = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        file = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: state[k] for k in part}, folder / file)
+        weight_map.update(dict.fromkeys(part, file))
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    torch.testing.assert_close(logits(load_checkpoint(folder)), expected, atol=1e-4, rtol=1e-4)
+
+
+def _write_meta(model: LLaMA, folder, *, mp: int, vocab_parallel: bool, params: dict) -> None:
+    """Meta's format: consolidated.NN.pth model-parallel shards (fairscale's splits) and params.json."""
+    folder.mkdir()
+    split_dim = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1,
+                 "tok_embeddings": 0 if vocab_parallel else 1}
+    state = model.state_dict()
+    if model.config.tie_embeddings:  # Meta's files hold output.weight even when it equals the embedding
+        state["output.weight"] = state["tok_embeddings.weight"]
+    shards = [{"rope.freqs": torch.randn(16)} for _ in range(mp)]  # LLaMA-1's buffer, skipped on load
+    for name, t in state.items():
+        dim = split_dim.get(name.split(".")[-2])
+        for rank in range(mp):
+            shards[rank][name] = t.chunk(mp, dim=dim)[rank].clone() if dim is not None else t.clone()
+    for rank, shard in enumerate(shards):
+        torch.save(shard, folder / f"consolidated.{rank:02d}.pth")
+    (folder / "params.json").write_text(json.dumps(params))
+
+
+@pytest.mark.parametrize("mp", [1, 2])
+def test_meta_checkpoint_gives_transformers_logits(hf_checkpoint, tmp_path, mp):
+    folder, expected, config = hf_checkpoint
+    model = load_checkpoint(folder)
+    llama3 = config.rope_scaling is not None
+    params = {"dim": 128, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5,
+              "vocab_size": VOCAB if llama3 else -1}
+    if llama3:
+        params.update(n_kv_heads=2, rope_theta=500000.0, use_scaled_rope=True)
+    _write_meta(model, tmp_path / "meta", mp=mp, vocab_parallel=llama3, params=params)
+    if llama3:  # Meta's Llama-3.2 files hold output.weight; loaded untied, it equals the embedding
+        config = tiny_config(gqa=True, llama3=True)
+    meta = load_checkpoint(tmp_path / "meta")
+    assert meta.config.vocab_size == VOCAB and meta.config.hidden_dim == config.hidden_dim
+    assert meta.config.rope_scaling == config.rope_scaling and meta.config.n_kv_heads == config.n_kv_heads
+    torch.testing.assert_close(logits(meta), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_load_checkpoint_dtype_and_device(hf_checkpoint):
+    folder, expected, _ = hf_checkpoint
+    model = load_checkpoint(folder, adapter=AdapterConfig(adapter_len=4, adapter_layers=1), dtype=torch.bfloat16)
+    adapter = adapter_state_dict(model)
+    for name, p in model.named_parameters():
+        assert p.device.type == "cpu" and p.dtype == (torch.float32 if name in adapter else torch.bfloat16), name
+    assert all(p.abs().sum() > 0 for n, p in adapter.items() if n.endswith("adapter_prompt"))
+    assert all((p == 0).all() for n, p in adapter.items() if n.endswith("gate"))
+    if model.config.tie_embeddings:
+        assert model.output.weight is model.tok_embeddings.weight
+
+
+def _copy_folder(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+
+
+def test_checkpoint_errors_name_file_and_tensor(hf_checkpoint, tmp_path):
+    folder, _, config = hf_checkpoint
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+
+    def write(name, tensors):
+        bad = tmp_path / name
+        _copy_folder(folder, bad)
+        save_file(tensors, bad / "model.safetensors")
+        return bad
+
+    missing = write("missing", {k: v for k, v in state.items() if k != "model.layers.1.mlp.up_proj.weight"})
+    with pytest.raises(CheckpointError, match=r"missing.*layers\.1\.feed_forward\.w3\.weight"):
+        load_checkpoint(missing)
+
+    extra = write("extra", {**state, "model.layers.0.self_attn.q_norm.weight": torch.ones(32)})
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor 'model\.layers\.0\.self_attn"
+                                              r"\.q_norm"):
+        load_checkpoint(extra)
+
+    wrong = dict(state)
+    wrong["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(config.n_kv_heads * 32 + 8, 128)
+    rows = config.n_kv_heads * 32
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj\."
+                                              rf"weight' \(our layers\.0\.attention\.wk\.weight\) is torch\.float32 "
+                                              rf"\({rows + 8}, 128\), the model .* needs a floating-point "
+                                              rf"\({rows}, 128\)"):
+        load_checkpoint(write("wrong", wrong))
+
+    with pytest.raises(CheckpointError, match="neither a Meta checkpoint"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="not a folder"):
+        load_checkpoint(folder / "config.json")
+
+    broken = tmp_path / "broken"
+    _copy_folder(folder, broken)
+    (broken / "config.json").write_text('{"hidden_size": 128,')
+    with pytest.raises(CheckpointError, match=r"broken/config\.json: cannot be read as JSON"):
+        load_checkpoint(broken)
+
+    truncated = tmp_path / "truncated"
+    _copy_folder(folder, truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a valid safetensors file"):
+        load_checkpoint(truncated)
+
+
+def test_meta_checkpoint_errors(tmp_path):
+    model = tiny_model()
+    params = {"dim": 128, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5, "vocab_size": -1}
+    _write_meta(model, tmp_path / "meta", mp=2, vocab_parallel=False, params=params)
+    shard = torch.load(tmp_path / "meta" / "consolidated.01.pth")
+    del shard["layers.1.attention.wo.weight"]
+    torch.save(shard, tmp_path / "meta" / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match=r"consolidated\.01\.pth: tensor 'layers\.1\.attention\.wo\.weight'"):
+        load_checkpoint(tmp_path / "meta")
+
+    # a pickled reference to code: weights_only refuses it
+    torch.save({"tok_embeddings.weight": torch.zeros(2, 2), "hook": os.system},
+               tmp_path / "meta" / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match=r"consolidated\.01\.pth: cannot be loaded with weights_only=True"):
+        load_checkpoint(tmp_path / "meta")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Adapters
+
+ADAPTER = AdapterConfig(adapter_len=4, adapter_layers=1)
+
+
+def test_save_load_adapter_round_trip(tmp_path):
+    model = tiny_model(ADAPTER, seed=5)
+    path = save_adapter(model, tmp_path / "adapter.safetensors")
+    with safe_open(path, "pt") as f:
+        assert set(f.keys()) == {"layers.1.attention.adapter_prompt", "layers.1.attention.gate"}
+        assert set(f.keys()) == set(adapter_state_dict(model))
+        assert json.loads(f.metadata()["adapter_config"]) == ADAPTER.to_dict()
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter.safetensors"]  # no temporary file left behind
+    assert read_adapter_config(path) == ADAPTER
+
+    other = copy_base(model, LLaMA(model.config, ADAPTER)).eval()  # fresh adapter: prompt random, gate 0
+    assert not torch.equal(other.layers[1].attention.gate, model.layers[1].attention.gate)
+    load_adapter(other, path)
+    for name, t in adapter_state_dict(model).items():
+        assert torch.equal(adapter_state_dict(other)[name], t), name
+    torch.testing.assert_close(logits(other), logits(model), atol=0, rtol=0)
+
+
+def test_save_adapter_never_overwrites_by_accident(tmp_path):
+    model = tiny_model(ADAPTER)
+    path = tmp_path / "adapter.safetensors"
+    path.write_text("the user's file")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_adapter(model, path)
+    assert path.read_text() == "the user's file"
+    save_adapter(model, path, overwrite=True)
+    assert read_adapter_config(path) == ADAPTER
+    with pytest.raises(ValueError, match="no adapter"):
+        save_adapter(tiny_model(), tmp_path / "base.safetensors")
+
+
+def test_save_adapter_leaves_nothing_when_interrupted(tmp_path, monkeypatch):
+    model = tiny_model(ADAPTER)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(model, tmp_path / "adapter.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_adapter_mismatches_name_file_and_tensor(tmp_path):
+    model = tiny_model(ADAPTER)
+    path = save_adapter(model, tmp_path / "adapter.safetensors")
+
+    wide = LLaMA(tiny_config(), AdapterConfig(adapter_len=4, adapter_layers=1, gate="layer"))
+    with pytest.raises(CheckpointError, match=r"adapter\.safetensors: the adapter has gate='head' \(tensor "
+                                              r"'layers\.1\.attention\.gate'\) but the model was built with "
+                                              r"gate='layer'"):
+        load_adapter(wide, path)
+    with pytest.raises(CheckpointError, match=r"adapter_layers=1 .* adapter_layers=2"):
+        load_adapter(LLaMA(tiny_config(), AdapterConfig(adapter_len=4, adapter_layers=2)), path)
+    with pytest.raises(CheckpointError, match=r"trained on a model with n_layers=2, this model has 3"):
+        load_adapter(LLaMA(tiny_config(n_layers=3), ADAPTER), path)
+    with pytest.raises(CheckpointError, match="uses gate_act='tanh', not 'identity'"):
+        load_adapter(model, path, gate_act="identity")
+    with pytest.raises(ValueError, match="no adapter"):
+        load_adapter(tiny_model(), path)
+
+    with safe_open(path, "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    del tensors["layers.1.attention.gate"]
+    save_file(tensors, tmp_path / "partial.safetensors", metadata)
+    with pytest.raises(CheckpointError, match=r"partial\.safetensors: layer 1 has 'layers\.1\.attention\."
+                                              r"adapter_prompt' but no gate tensor"):
+        load_adapter(model, tmp_path / "partial.safetensors")
+
+    tensors["layers.1.attention.gate"] = torch.zeros(4)
+    tensors["layers.1.attention.adapter_prompt"] = torch.zeros(4, 64)
+    save_file(tensors, tmp_path / "narrow.safetensors", metadata)
+    with pytest.raises(CheckpointError, match=r"narrow\.safetensors: tensor 'layers\.1\.attention\.adapter_prompt' has "
+                                              r"shape \(4, 64\), the model \(dim 128, 4 heads\) needs \(4, 128\)"):
+        load_adapter(model, tmp_path / "narrow.safetensors")
+
+
+def _official_v1(model: LLaMA) -> dict[str, torch.Tensor]:
+    """The official v1 release's layout: adapter_query.weight (layers * len, dim), a (1, nh, 1, 1) gate per layer."""
+    adapted = list(adapter_state_dict(model).items())
+    prompts = [t for n, t in adapted if n.endswith("adapter_prompt")]
+    state = {"adapter_query.weight": torch.cat(prompts).half()}  # the release is fp16
+    for n in range(model.config.n_layers):
+        state[f"layers.{n}.attention.gate"] = torch.zeros(1, model.config.n_heads, 1, 1)
+    for n, t in adapted:
+        if n.endswith("gate"):
+            state[n] = t.detach().view(1, -1, 1, 1).clone()
+    return state
+
+
+@pytest.mark.parametrize("gate_act", ["tanh", "identity"])
+def test_official_v1_import_equals_our_format(tmp_path, gate_act, caplog):
+    adapter = AdapterConfig(adapter_len=4, adapter_layers=1, gate="head", gate_act=gate_act)
+    ours = tiny_model(adapter, seed=7)
+    with torch.no_grad():  # prompts that survive the release's fp16 unchanged
+        for n, t in adapter_state_dict(ours).items():
+            if n.endswith("adapter_prompt"):
+                t.copy_(t.half().float())
+    torch.save(_official_v1(ours), tmp_path / "llama_adapter_len4_layer1_release.pth")
+    path = tmp_path / "llama_adapter_len4_layer1_release.pth"
+
+    with pytest.raises(CheckpointError, match=r"release\.pth: an official LLaMA-Adapter v1 adapter needs gate_act"):
+        read_adapter_config(path)
+    assert read_adapter_config(path, gate_act=gate_act, adapter_len=4) == adapter
+    imported = copy_base(ours, LLaMA(ours.config, adapter)).eval()
+    with caplog.at_level("WARNING"):
+        assert load_adapter(imported, path, gate_act=gate_act) == adapter
+    assert f"gate_act='{gate_act}'" in caplog.text
+    torch.testing.assert_close(logits(imported), logits(ours), atol=0, rtol=0)
+
+    with pytest.raises(CheckpointError, match="gate_act='tanh'.*gate_act='identity'|gate_act='identity'.*'tanh'"):
+        load_adapter(imported, path, gate_act="identity" if gate_act == "tanh" else "tanh")
+    two_layers = LLaMA(ours.config, AdapterConfig(adapter_len=4, adapter_layers=2, gate_act=gate_act))
+    with pytest.raises(CheckpointError, match=r"release\.pth: the adapter has adapter_layers=1 but the model was built "
+                                              r"with adapter_layers=2"):
+        load_adapter(two_layers, path, gate_act=gate_act)
+
+
+def test_peft_adaption_prompt_import(tmp_path):
+    """A real PEFT adaption-prompt adapter: our import gives PEFT's own logits, and our format's after a round trip."""
+    peft = pytest.importorskip("peft")
+    config = tiny_config(gqa=True)
+    hf = hf_model(config, seed=11)
+    hf.save_pretrained(tmp_path / "base")
+    peft_model = peft.get_peft_model(hf, peft.AdaptionPromptConfig(adapter_len=4, adapter_layers=1,
+                                                                   task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "adaption_gate" in name:
+                p.fill_(0.7)
+    expected = logits(peft_model.eval())
+    assert (expected - logits(hf_model(config, seed=11))).abs().max() > 1e-2  # the adapter does something
+    peft_model.save_pretrained(tmp_path / "peft")
+
+    adapter = read_adapter_config(tmp_path / "peft")
+    assert adapter == AdapterConfig(adapter_len=4, adapter_layers=1, gate="layer", gate_act="identity")
+    model = load_checkpoint(tmp_path / "base", adapter=adapter)
+    load_adapter(model, tmp_path / "peft")
+    torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=1e-4)
+
+    weights = next((tmp_path / "peft").glob("adapter_model.*"))  # the weights file alone works too
+    other = load_checkpoint(tmp_path / "base", adapter=adapter)
+    load_adapter(other, weights)
+    torch.testing.assert_close(logits(other), expected, atol=1e-4, rtol=1e-4)
+
+    save_adapter(model, tmp_path / "ours.safetensors")
+    again = load_checkpoint(tmp_path / "base", adapter=read_adapter_config(tmp_path / "ours.safetensors"))
+    load_adapter(again, tmp_path / "ours.safetensors")
+    torch.testing.assert_close(logits(again), logits(model), atol=0, rtol=0)
+
+    with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: the adapter has gate='layer' \(tensor "
+                                              r"'.*layers\.1\.self_attn\.adaption_gate'\)"):
+        load_adapter(load_checkpoint(tmp_path / "base", adapter=AdapterConfig(adapter_len=4, adapter_layers=1,
+                                                                               gate_act="identity")), weights)
+
+
+def test_peft_format_file_checks(tmp_path):
+    """PEFT's layout written by hand: wrong layers and a lying adapter_config.json are named."""
+    model = tiny_model(AdapterConfig(adapter_len=4, adapter_layers=1, gate="layer", gate_act="identity"))
+    prefix = "base_model.model.model.layers"
+    good = {f"{prefix}.1.self_attn.adaption_prompt": torch.randn(1, 4, 128),
+            f"{prefix}.1.self_attn.adaption_gate": torch.tensor([0.3])}
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    save_file(good, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "ADAPTION_PROMPT", "adapter_len": 4,
+                                                            "adapter_layers": 1}))
+    load_adapter(model, folder)
+    prompt = good[f"{prefix}.1.self_attn.adaption_prompt"][0]
+    torch.testing.assert_close(model.layers[1].attention.adapter_prompt, prompt)
+
+    save_file({k.replace(".1.", ".0."): v for k, v in good.items()}, folder / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: the adapter is for layers \[0\]"):
+        load_adapter(model, folder)
+
+    save_file(good, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "ADAPTION_PROMPT", "adapter_len": 10,
+                                                            "adapter_layers": 1}))
+    with pytest.raises(CheckpointError, match="adapter_config.json says adapter_len=10 but the weights hold 4"):
+        load_adapter(model, folder)
+
+    save_file({"lora_A.weight": torch.zeros(2, 2)}, tmp_path / "lora.safetensors")
+    with pytest.raises(CheckpointError, match=r"lora\.safetensors: not a LLaMA-Adapter file"):
+        load_adapter(model, tmp_path / "lora.safetensors")
+
+
+def test_model_fresh_adapter_set_adapter_changes_logits():
+    """set_adapter_ (used throughout) really changes the model: loads below are not trivially equal."""
+    model = tiny_model(ADAPTER)
+    base = copy_base(model, LLaMA(model.config)).eval()
+    assert (logits(model) - logits(base)).abs().max() > 1e-2
+    set_adapter_(model, gate_scale=0.0)
+    torch.testing.assert_close(logits(model), logits(base), atol=1e-4, rtol=1e-4)

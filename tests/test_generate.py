@@ -1,0 +1,170 @@
+"""Generation: KV-cached decoding against full recomputation, padded batches against single prompts,
+sampling, stop tokens, and the command line end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import pytest
+import sentencepiece
+import torch
+from model_utils import VOCAB, hf_model, set_adapter_, tiny_config, tiny_model
+
+from model import (
+    AdapterConfig,
+    Tokenizer,
+    alpaca_prompt,
+    load_adapter,
+    load_checkpoint,
+    read_adapter_config,
+    save_adapter,
+)
+from model.generate import _prompt_lists, generate, main, sample, stream
+
+ADAPTER = AdapterConfig(adapter_len=4, adapter_layers=1)
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.no_grad()
+def greedy_without_cache(model, tokens: list[int], n: int, visual=None) -> list[int]:
+    seq = list(tokens)
+    for _ in range(n):
+        seq.append(int(model(torch.tensor([seq]), visual=visual)[0, -1].argmax()))
+    return seq[len(tokens):]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(ADAPTER, gqa=True, seed=2)
+
+
+def test_kv_cached_generation_equals_full_recomputation(model):
+    tokens = prompt(7, seed=0)
+    cached = generate(model, [tokens], max_new_tokens=8)[0]
+    assert cached == greedy_without_cache(model, tokens, 8)
+    assert len(set(cached)) > 2  # a real sequence, not one token repeated
+
+
+def test_batch_of_uneven_prompts_equals_each_prompt_alone(model):
+    prompts = [prompt(7, seed=1), prompt(3, seed=2), prompt(5, seed=3)]
+    visual = torch.randn(3, 128, generator=torch.Generator().manual_seed(4))
+    batch = generate(model, prompts, max_new_tokens=6, visual=visual)
+    alone = [generate(model, [p], max_new_tokens=6, visual=visual[b:b + 1])[0] for b, p in enumerate(prompts)]
+    assert batch == alone
+    assert alone[1] == greedy_without_cache(model, prompts[1], 6, visual=visual[1:2])
+
+    # the same batch as a right-padded tensor with a mask of its real tokens
+    padded, mask = padded_tensor(prompts, "right")
+    assert generate(model, padded, prompt_mask=mask, max_new_tokens=6, visual=visual) == alone
+
+
+def padded_tensor(prompts: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(p) for p in prompts)
+    padded = torch.full((len(prompts), longest), 5)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        span = slice(0, len(p)) if side == "right" else slice(longest - len(p), longest)
+        padded[b, span], mask[b, span] = torch.tensor(p), True
+    return padded, mask
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_prompt_tensors_are_cut_to_their_mask(side):
+    prompts = [prompt(7, seed=1), prompt(3, seed=2), prompt(5, seed=3)]
+    assert _prompt_lists(*padded_tensor(prompts, side)) == prompts
+
+
+def test_generation_stops_at_stop_ids(model):
+    tokens = prompt(6, seed=5)
+    free = generate(model, [tokens], max_new_tokens=8)[0]
+    stop = free[3]
+    first = free.index(stop)
+    assert generate(model, [tokens], max_new_tokens=8, stop_ids={stop})[0] == free[:first]
+    steps = list(stream(model, [tokens, tokens], max_new_tokens=8, stop_ids={stop}))
+    assert len(steps) == first + 1  # every row has stopped: no step beyond the stop token
+
+
+def test_sample():
+    logits = torch.tensor([[0.45, 0.35, 0.2]]).log().expand(400, 3)
+    assert sample(logits).tolist() == [0] * 400
+    g = torch.Generator().manual_seed(0)
+    draws = sample(logits, temperature=1.0, top_p=0.7, generator=g)
+    assert set(draws.tolist()) == {0, 1}  # 0.45 + 0.35 reaches 0.7: token 2 is outside the nucleus
+    assert set(sample(logits, temperature=1.0, generator=g).tolist()) == {0, 1, 2}
+    assert sample(logits, temperature=1.0, top_p=0.01, generator=g).tolist() == [0] * 400
+    again = sample(logits, temperature=1.0, top_p=0.7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+
+
+def test_sampled_generation_is_reproducible(model):
+    tokens = [prompt(4, seed=6), prompt(6, seed=7)]
+    runs = [generate(model, tokens, max_new_tokens=5, temperature=0.8, top_p=0.9,
+                     generator=torch.Generator().manual_seed(9)) for _ in range(2)]
+    assert runs[0] == runs[1] and all(len(r) == 5 for r in runs[0])
+
+
+def test_generate_rejects_bad_input(model):
+    with pytest.raises(ValueError, match=r"longest prompt \(60 tokens\) plus max_new_tokens \(5\) exceeds the model's "
+                                         r"max_seq_len \(64\)"):
+        generate(model, [prompt(60, 0)], max_new_tokens=5)
+    with pytest.raises(ValueError, match="non-empty token sequences"):
+        generate(model, [[1, 2], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt_mask row 0 is not one contiguous run"):
+        generate(model, torch.ones(1, 4, dtype=torch.long), prompt_mask=torch.tensor([[1, 0, 1, 1]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens must be positive"):
+        generate(model, [[1, 2]], max_new_tokens=0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+    """An HF checkpoint of a tiny model, with a sentencepiece tokenizer.model of its vocabulary, and an adapter."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    out = io.BytesIO()
+    text = [alpaca_prompt("Tell me about alpacas.", "They live in the Andes."), "Alpacas are gentle animals."] * 30
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=out, vocab_size=300,
+                                             byte_fallback=True, model_type="bpe", minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(out.getvalue())
+    config = dataclasses.replace(tiny_config(), vocab_size=300, max_seq_len=512)
+    hf_model(config, seed=4).save_pretrained(folder)
+    model = load_checkpoint(folder, adapter=ADAPTER)
+    set_adapter_(model, seed=5)
+    save_adapter(model, folder / "adapter.safetensors")
+    return folder
+
+
+def test_command_line_streams_the_answer(checkpoint_dir, capsys):
+    main(["--checkpoint", str(checkpoint_dir), "--adapter", str(checkpoint_dir / "adapter.safetensors"),
+          "--instruction", "Tell me about alpacas.", "--input", "They live in the Andes.", "--max-new-tokens", "6",
+          "--temperature", "0"])
+    captured = capsys.readouterr()
+
+    tokenizer = Tokenizer(checkpoint_dir)
+    model = load_checkpoint(checkpoint_dir, adapter=read_adapter_config(checkpoint_dir / "adapter.safetensors"))
+    load_adapter(model, checkpoint_dir / "adapter.safetensors")
+    tokens = tokenizer.encode(alpaca_prompt("Tell me about alpacas.", "They live in the Andes."), bos=True)
+    answer = generate(model, [tokens], max_new_tokens=6, stop_ids=tokenizer.stop_ids)[0]
+    assert answer and captured.out == tokenizer.decode(answer) + "\n"
+    assert f"{len(answer)} tokens in " in captured.err and "tokens/s" in captured.err
+
+
+def test_command_line_errors(checkpoint_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(checkpoint_dir)])  # --instruction is required
+    assert "--instruction" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(checkpoint_dir), "--instruction", "hi", "--dtype", "float8"])
+    assert "invalid choice: 'float8'" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batched_generation_equals_each_prompt_alone():
+    gpu = tiny_model(ADAPTER, gqa=True, seed=2).cuda()
+    prompts = [prompt(7, seed=1), prompt(3, seed=2)]
+    batch = generate(gpu, prompts, max_new_tokens=6)
+    assert batch == [generate(gpu, [p], max_new_tokens=6)[0] for p in prompts]
+    assert batch[0] == greedy_without_cache(gpu, prompts[0], 6)

@@ -63,6 +63,7 @@ from bench.common import (  # noqa: E402
     append_rows,
     argparse_type,
     bench_env,
+    check_csv,
     describe_exception,
     dtype_name,
     format_table,
@@ -1000,6 +1001,10 @@ def main(argv: Sequence[str] | None = None, *, providers: Mapping[str, Provider]
     try:
         cfg = make_config(args, smoke=smoke, providers=providers)
         out_dir = resolve_out_dir(cfg.out, env, smoke=smoke, name=WHAT)
+        try:
+            check_csv(out_dir / f"{WHAT}.csv")
+        except ValueError as exc:
+            raise ValueError(f"--out {out_dir}: {exc}") from None
     except ValueError as exc:
         parser.error(str(exc))
     try:

@@ -208,6 +208,20 @@ class Row:
                 "date": env.date, "git_commit": env.git_commit}
 
 
+def check_csv(path: Path) -> None:
+    """Raise ValueError unless path is absent, empty, or a CSV with our header (one we may append to)."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    if not path.is_file():
+        raise ValueError(f"{path} exists and is not a file")
+    with path.open(newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    if tuple(header) != CSV_COLUMNS:
+        raise ValueError(f"{path} exists with header {header}, not {list(CSV_COLUMNS)}: refusing to append "
+                         "to a file that is not ours")
+
+
 def append_rows(path: Path, rows: Iterable[Row], env: BenchEnv) -> int:
     """Append rows to the CSV at path, creating it with the header when it is new or empty.
 
@@ -218,11 +232,7 @@ def append_rows(path: Path, rows: Iterable[Row], env: BenchEnv) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
     if not new:
-        with path.open(newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), [])
-        if tuple(header) != CSV_COLUMNS:
-            raise ValueError(f"{path} exists with header {header}, not {list(CSV_COLUMNS)}: refusing to append "
-                             "to a file that is not ours (pass another --out)")
+        check_csv(path)
         with path.open("rb") as f:  # a file cut short mid-row still gets its rows on lines of their own
             f.seek(-1, os.SEEK_END)
             needs_newline = f.read(1) not in (b"\n", b"\r")

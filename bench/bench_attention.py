@@ -19,11 +19,22 @@ every provider, the floor included), gflop, prompt_gflop (the prompt part 4*b*h*
 factor, reported apart and never mixed into tflops), peak_mem (MiB, CUDA), the SDPA backend that runs,
 and the correctness check (max error / tolerance over the output and every gradient).
 
+Correctness, before any timing: per case, the eager reference runs in fp32 (fp64 for fp32 cases), in chunks of
+samples and heads so that it fits at any seqlen; every provider's output and gradients (q, k, v, prompts, gate;
+q, k, v for the floor) must lie within flash-attn's bar: twice the error of the eager reference run in the
+case's own dtype, plus twice the dtype's rounding at that magnitude. A provider outside it stops the run
+(exit status 1) before anything of it is timed; one that cannot run a case (out of memory, unsupported)
+gets a "skipped" row with the reason.
+
 Examples:
     # one GPU: the full sweep; rows appended to bench/results/attention.csv, plot + summary beside it
     python -m bench.bench_attention
     # one GPU, narrowed: the H100 targets' configuration only
     python -m bench.bench_attention --dtypes bf16 --headdims 128 --seqlens 512,1024,2048,4096 --modes full
+    # a sweep in pieces (to fit shorter time limits), then one table, target check and plot from all their rows
+    python -m bench.bench_attention --dtypes bf16 --headdims 128
+    python -m bench.bench_attention --dtypes bf16 --headdims 64      # ... and fp16
+    python -m bench.bench_attention --report bench/results/attention.csv
     # CPU (or anywhere): the tiny smoke configuration, written to a temporary folder or --out
     python -m bench.bench_attention --smoke --out /tmp/bench-smoke
 On a CPU the numbers mean nothing for the GPU: the run only shows that the benchmark works and that every
@@ -35,6 +46,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import time
 import warnings
@@ -74,6 +86,7 @@ from bench.common import (  # noqa: E402
     plot_panels,
     positive_float,
     positive_int,
+    read_rows,
     resolve_out_dir,
     time_fn,
     unique_path,
@@ -525,6 +538,9 @@ def _build_flex2(x: Inputs) -> tuple[Forward, dict[str, str]]:
 
     def fwd() -> torch.Tensor:
         q, k, v, pk, pv = _heads_first(x)
+        # the prompts copied over the batch (b x K rows: negligible) rather than handed over with a zero batch
+        # stride, which the compiled kernels need not take
+        pk, pv = pk.contiguous(), pv.contiguous()
         y = flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
         ay = flex(q, pk, pv, enable_gqa=gqa)  # no block mask: every query sees every prompt key
         y = y + _gamma(x.gate, c.gate_act, y.dtype, c.nheads).view(1, -1, 1, 1) * ay
@@ -663,6 +679,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark zero-init attention: the fused op against the eager reference and the peers.",
         epilog="Lists are comma-separated. Without a GPU the run is the smoke configuration and its numbers "
                "mean nothing for the GPU.")
+    parser.add_argument("--report", metavar="CSV", default=None,
+                        help="measure nothing: rebuild the ratio table, targets, plot and summary from the rows of "
+                             "one commit on one GPU in CSV (a sweep run in pieces); written beside CSV or to --out")
+    parser.add_argument("--report-commit", metavar="HASH", default=None,
+                        help="with --report: the commit whose rows to use (default: that of the last row)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"the tiny smoke configuration ({', '.join(f'{k}={v}' for k, v in SMOKE.items())}); "
                              "implied without a GPU; other flags still narrow it")
@@ -720,10 +741,16 @@ class Measurement:
 
 @dataclass
 class RunResult:
+    """What a run measured (or what a report rebuilt from CSV rows): the material of every report."""
+
     env: BenchEnv
-    config: BenchConfig
     out_dir: Path
-    csv_path: Path
+    csv_path: Path | None
+    cases: list[Case]
+    providers: tuple[str, ...]
+    modes: tuple[str, ...]
+    config: BenchConfig | None = None  # None for a report rebuilt from rows
+    source: str = "measured in this run"
     plot_path: Path | None = None
     summary_path: Path | None = None
     measurements: list[Measurement] = field(default_factory=list)
@@ -759,7 +786,9 @@ def run(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[st
     Raises CorrectnessError as soon as a provider computes a wrong answer."""
     providers = PROVIDERS if providers is None else providers
     device = env.device
-    result = RunResult(env=env, config=cfg, out_dir=out_dir, csv_path=out_dir / f"{WHAT}.csv")
+    cases = cases_of(cfg)
+    result = RunResult(env=env, out_dir=out_dir, csv_path=out_dir / f"{WHAT}.csv", cases=cases,
+                       providers=cfg.providers, modes=cfg.modes, config=cfg)
     write = lambda rows: append_rows(result.csv_path, rows, env)
 
     log(f"bench_attention | {env.describe()}")
@@ -780,7 +809,6 @@ def run(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[st
             active.append(prov)
 
     need_grad = any(m != "fwd" for m in cfg.modes)
-    cases = cases_of(cfg)
     for ci, case in enumerate(cases, 1):
         started = time.perf_counter()
         log(f"[{ci}/{len(cases)}] {case.shape}  (tokens/step {case.batch * case.seqlen})")
@@ -860,15 +888,21 @@ def run(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[st
         log(f"    ({time.perf_counter() - started:.1f} s)")
 
     log("")
+    report(result, log=log)
+    log(f"CSV rows appended to {result.csv_path}")
+    return result
+
+
+def report(result: RunResult, *, log: Callable[[str], None] = print, stem: str = WHAT) -> RunResult:
+    """Print the ratio table (and, for GPU results, the targets); write the plot and the summary."""
     log(ratio_table(result))
-    if env.is_cuda:
+    if result.env.is_cuda:
         result.targets = check_targets(result)
-        log(format_targets(result.targets, env))
+        log(format_targets(result.targets, result.env))
     else:
         log("Targets (H100) are checked on GPU runs only. " + CPU_NOTICE)
-    result.plot_path = write_plot(result)
-    result.summary_path = write_summary(result)
-    log(f"CSV rows appended to {result.csv_path}")
+    result.plot_path = write_plot(result, stem=stem)
+    result.summary_path = write_summary(result, stem=stem)
     log(f"plot: {result.plot_path}" if result.plot_path else "plot: nothing measured, no plot")
     log(f"summary: {result.summary_path}")
     return result
@@ -879,10 +913,11 @@ def run(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[st
 # --------------------------------------------------------------------------------------------------
 def ratio_table(result: RunResult) -> str:
     """Per configuration and mode: the fused op's median time over each peer's (below 1: fused is faster)."""
-    peers = [p for p in result.config.providers if p != "fused"]
+    measured = {m.provider for m in result.measurements}
+    peers = [p for p in result.providers if p != "fused" and p in measured]  # the skipped ones are listed apart
     lines = []
-    for case in cases_of(result.config):
-        for mode in result.config.modes:
+    for case in result.cases:
+        for mode in result.modes:
             fused = result.median(case.shape, "fused", mode)
             if fused is None:
                 continue
@@ -919,7 +954,7 @@ TARGET_SEQLENS = (512, 4096)
 
 def check_targets(result: RunResult) -> list[TargetCheck]:
     checks = []
-    for case in cases_of(result.config):
+    for case in result.cases:
         if case.dtype != "bf16" or case.headdim != 128 or not TARGET_SEQLENS[0] <= case.seqlen <= TARGET_SEQLENS[1]:
             continue
         t = {p: result.median(case.shape, p, "full") for p in ("fused", "sdpa_causal", "sdpa2", "eager")}
@@ -927,7 +962,7 @@ def check_targets(result: RunResult) -> list[TargetCheck]:
                 ("fused / sdpa_causal time <= 1.15", "fused", "sdpa_causal", 1.15, True),
                 ("sdpa2 / fused time >= 1.5 (1.5x faster)", "sdpa2", "fused", 1.5, False),
                 ("eager / fused time >= 5 (5x faster)", "eager", "fused", 5.0, False)):
-            if num not in result.config.providers or den not in result.config.providers:
+            if num not in result.providers or den not in result.providers:
                 continue
             value = t[num] / t[den] if t[num] and t[den] else None
             met = None if value is None else (value <= bound if upper else value >= bound)
@@ -946,38 +981,41 @@ def format_targets(checks: Sequence[TargetCheck], env: BenchEnv) -> str:
     return "\n".join([head] + [c.line() for c in checks] + [f"{met} of {len(checks)} target checks met"])
 
 
-def write_plot(result: RunResult) -> Path | None:
+def write_plot(result: RunResult, *, stem: str = WHAT) -> Path | None:
     """TFLOP/s against seqlen, one line per provider; one panel per (dtype, shape, head dim) and mode."""
     if not result.measurements:
         return None
-    cfg = result.config
-    families = list(dict.fromkeys(c.family for c in cases_of(cfg)))
+    families = list(dict.fromkeys(c.family for c in result.cases))
     panels = []
     for family in families:
-        for mode in cfg.modes:
+        for mode in result.modes:
             series = {}
-            for p in cfg.providers:
+            for p in result.providers:
                 pts = [(m.case.seqlen, m.tflops) for m in result.measurements
                        if m.case.family == family and m.mode == mode and m.provider == p]
                 if pts:
                     series[p] = pts
             panels.append(Panel(f"{mode} | {family}", series))
-    title = (f"zero-init attention: TFLOP/s (causal count, prompt part not counted), {cfg.tokens} tokens/step | "
+    tokens = sorted({c.batch * c.seqlen for c in result.cases})
+    shown = f"{tokens[0]} tokens/step" if len(tokens) == 1 else f"{tokens[0]}-{tokens[-1]} tokens/step"
+    title = (f"zero-init attention: TFLOP/s (causal count, prompt part not counted), {shown} | "
              f"{result.env.gpu_name} | {result.env.date} | {result.env.git_commit}")
     if not result.env.is_cuda:
         title += "\nCPU smoke run: these numbers mean nothing for the GPU"
-    path = unique_path(result.out_dir, WHAT, ".png", result.env)
-    return plot_panels(panels, path, xlabel="seqlen", ylabel="TFLOP/s", title=title, ncols=len(cfg.modes))
+    path = unique_path(result.out_dir, stem, ".png", result.env)
+    return plot_panels(panels, path, xlabel="seqlen", ylabel="TFLOP/s", title=title, ncols=len(result.modes))
 
 
-def write_summary(result: RunResult) -> Path:
+def write_summary(result: RunResult, *, stem: str = WHAT) -> Path:
     """A markdown record of the run (environment, configuration, ratio table, targets, skips), named by
     date and commit beside the CSV: the material for bench/RESULTS.md."""
     env, cfg = result.env, result.config
     lines = [f"# Attention benchmark, {env.date}", "",
              f"- GPU: {env.gpu_name}", f"- date: {env.date}", f"- commit: {env.git_commit}",
-             f"- torch {torch.__version__}", f"- configuration: {dataclasses.asdict(cfg)}",
-             f"- rows: {result.csv_path.name}; plot: {result.plot_path.name if result.plot_path else 'none'}", ""]
+             f"- source: {result.source}"]
+    if cfg is not None:
+        lines += [f"- torch {torch.__version__}", f"- configuration: {dataclasses.asdict(cfg)}"]
+    lines += [f"- rows: {result.csv_path}; plot: {result.plot_path.name if result.plot_path else 'none'}", ""]
     if not env.is_cuda:
         lines += [f"**{CPU_NOTICE}**", ""]
     lines += ["## Time ratios", "", ratio_table(result), ""]
@@ -985,15 +1023,82 @@ def write_summary(result: RunResult) -> Path:
         lines += ["## Targets", "", "```", format_targets(result.targets, env), "```", ""]
     if result.skipped:
         lines += ["## Skipped", ""] + [f"- {p} {m} {s}: {r}" for p, m, s, r in result.skipped] + [""]
-    path = unique_path(result.out_dir, WHAT, ".md", env)
+    path = unique_path(result.out_dir, stem, ".md", env)
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports rebuilt from CSV rows (a sweep run in pieces: one table, one plot)
+# --------------------------------------------------------------------------------------------------
+_SHAPE_RE = re.compile(r"b(\d+)-s(\d+)-h(\d+)-kv(\d+)-d(\d+)-p(\d+)-(" + "|".join(DTYPES) + r")(?:-(identity))?")
+
+
+def case_from_shape(shape: str) -> Case | None:
+    """The Case a shape column names (None for "all" or a foreign string)."""
+    m = _SHAPE_RE.fullmatch(shape)
+    if m is None:
+        return None
+    b, s, h, hkv, d, p = (int(g) for g in m.groups()[:6])
+    return Case(batch=b, seqlen=s, nheads=h, nheads_kv=hkv, headdim=d, prompt_len=p, dtype=m.group(7),
+                gate_act=m.group(8) or "tanh")
+
+
+def result_from_csv(path: Path, out_dir: Path, *, commit: str | None = None) -> RunResult:
+    """The measurements of one commit on one GPU, gathered from the attention rows of a CSV (any number of
+    runs; the latest row wins where a measurement was repeated). Default: the commit and GPU of the last row.
+    Raises ValueError when there is nothing to report."""
+    rows = [r for r in read_rows(path) if r.get("what") == WHAT]
+    if not rows:
+        raise ValueError(f"{path} holds no '{WHAT}' rows")
+    commit = commit or rows[-1]["git_commit"]
+    gpu = rows[-1]["gpu_name"] if commit == rows[-1]["git_commit"] else \
+        next((r["gpu_name"] for r in reversed(rows) if r["git_commit"] == commit), None)
+    rows = [r for r in rows if r["git_commit"] == commit and r["gpu_name"] == gpu]
+    if not rows:
+        raise ValueError(f"{path} holds no '{WHAT}' rows of commit {commit}")
+    values: dict[tuple[str, str, str], dict[str, str]] = {}
+    skipped: dict[tuple[str, str, str], str] = {}
+    for r in rows:  # in file order: later runs overwrite earlier ones
+        key = (r["provider"], r["mode"], r["shape"])
+        if r["metric"] == "skipped":
+            skipped[key] = r["value"]
+        else:
+            values.setdefault(key, {})[r["metric"]] = r["value"]
+            if r["metric"] == "time_median":
+                skipped.pop(key, None)
+    measurements = []
+    for (prov, mode, shape), v in values.items():
+        case = case_from_shape(shape)
+        if case is None or mode not in MODES or "time_median" not in v:
+            continue
+        timing = Timing(float(v["time_median"]), float(v.get("time_p20", "nan")), float(v.get("time_p80", "nan")))
+        peak = float(v["peak_mem"]) if "peak_mem" in v else None
+        measurements.append(Measurement(case, prov, mode, timing, float(v["tflops"]), peak))
+    if not measurements:
+        raise ValueError(f"{path} holds no timed '{WHAT}' rows of commit {commit} on {gpu}")
+    families = list(dict.fromkeys(m.case.family for m in measurements))
+    cases = sorted({m.case for m in measurements}, key=lambda c: (families.index(c.family), c.seqlen))
+    seen = list(dict.fromkeys(m.provider for m in measurements))
+    providers = tuple([p for p in PROVIDERS if p in seen] + [p for p in seen if p not in PROVIDERS])
+    modes = tuple(m for m in MODES if any(x.mode == m for x in measurements))
+    env = BenchEnv(device=torch.device("cpu" if gpu == "cpu" else "cuda"), gpu_name=gpu,
+                   date=max(r["date"] for r in rows), git_commit=commit)
+    result = RunResult(env=env, out_dir=out_dir, csv_path=Path(path), cases=cases, providers=providers, modes=modes,
+                       source=f"rows of {path} for commit {commit} on {gpu} ({len(rows)} rows)")
+    result.measurements = measurements
+    result.skipped = [(p, m, s, why) for (p, m, s), why in skipped.items()]
+    return result
 
 
 def main(argv: Sequence[str] | None = None, *, providers: Mapping[str, Provider] | None = None) -> int:
     providers = PROVIDERS if providers is None else providers
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.report is not None:
+        return _main_report(parser, args)
+    if args.report_commit is not None:
+        parser.error("argument --report-commit: only goes with --report")
     env = bench_env()
     smoke = args.smoke or not env.is_cuda
     if not args.smoke and not env.is_cuda:
@@ -1012,6 +1117,27 @@ def main(argv: Sequence[str] | None = None, *, providers: Mapping[str, Provider]
     except CorrectnessError as exc:
         print(f"\nCORRECTNESS CHECK FAILED - the benchmark stops here.\n{exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _main_report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    measuring = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(BenchConfig)
+                 if f.name != "out" and getattr(args, f.name) is not None] + (["--smoke"] if args.smoke else [])
+    if measuring:
+        parser.error(f"argument --report: measures nothing, so {', '.join(measuring)} cannot go with it")
+    path = Path(args.report)
+    try:
+        if not path.is_file():
+            raise ValueError(f"--report {path}: no such file")
+        check_csv(path)
+        probe = result_from_csv(path, path.parent, commit=args.report_commit)
+        out_dir = resolve_out_dir(args.out or path.parent, probe.env, smoke=False, name=WHAT)
+    except ValueError as exc:
+        msg = str(exc)
+        parser.error(msg if msg.startswith("--") else f"argument --report: {msg}")
+    probe.out_dir = out_dir
+    print(f"bench_attention report | {probe.source}")
+    report(probe, stem=f"{WHAT}_report")
     return 0
 
 

@@ -202,7 +202,7 @@ class Row:
     unit: str  # ms, TFLOP/s, MiB, ... ("" for text)
 
     def as_dict(self, env: BenchEnv) -> dict[str, str]:
-        value = format(self.value, ".6g") if isinstance(self.value, float) else str(self.value)
+        value = repr(float(self.value)) if isinstance(self.value, float) else str(self.value)  # round-trips exactly
         return {"what": self.what, "provider": self.provider, "mode": self.mode, "shape": self.shape,
                 "metric": self.metric, "value": value, "unit": self.unit, "gpu_name": env.gpu_name,
                 "date": env.date, "git_commit": env.git_commit}

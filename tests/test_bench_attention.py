@@ -277,6 +277,52 @@ def test_check_raises_correctness_error_directly(device):
         ba.check_provider("tiny_error", lambda: ok() * (1 + 1e-3), x, expected, adapter=True, need_grad=False)
 
 
+def _fake_xformers(monkeypatch) -> list[tuple[int, ...]]:
+    """A stand-in for xformers.ops with memory_efficient_attention's documented semantics (layouts BMHK and, for
+    GQA, BMGHK with kv heads expanded over H; LowerTriangularMask top-left aligned; scale 1/sqrt(K); output in
+    the query's layout), so that the xformers2 provider's layout handling is checked without a GPU."""
+    import sys
+    import types
+
+    calls = []
+
+    class LowerTriangularMask:
+        pass
+
+    def memory_efficient_attention(query, key, value, attn_bias=None, p=0.0, scale=None):
+        assert p == 0.0 and scale is None and query.dim() in (4, 5) and key.shape[:2] == value.shape[:2]
+        calls.append(tuple(query.shape))
+        shape = query.shape
+        q, k, v = (t.reshape(*t.shape[:2], -1, t.shape[-1]).transpose(1, 2) for t in (query, key, value))
+        causal = isinstance(attn_bias, LowerTriangularMask)
+        assert causal or attn_bias is None
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return out.transpose(1, 2).reshape(shape)
+
+    ops = types.ModuleType("xformers.ops")
+    ops.memory_efficient_attention, ops.LowerTriangularMask = memory_efficient_attention, LowerTriangularMask
+    pkg = types.ModuleType("xformers")
+    pkg.ops, pkg.__version__ = ops, "stand-in"
+    monkeypatch.setitem(sys.modules, "xformers", pkg)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    return calls
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-gqa"])
+def test_xformers2_layouts_against_a_stand_in(shape, monkeypatch, device):
+    calls = _fake_xformers(monkeypatch)
+    case = ba.cases_of(_smoke_config("--shapes", shape, "--seqlens", "64"))[0]
+    x = ba.make_inputs(case, torch.device(device))
+    if device == "cpu":
+        assert "no CPU kernels" in ba.PROVIDERS["xformers2"].unavailable(torch.device("cpu"))
+    fwd, info = ba.PROVIDERS["xformers2"].build(x)
+    assert info == {"xformers_version": "stand-in"}
+    expected = ba.expected_results(x, adapter=True, need_grad=True)
+    assert max(ba.check_provider("xformers2", fwd, x, expected, adapter=True, need_grad=True).values()) <= 1
+    b, s, h, hkv = case.batch, case.seqlen, case.nheads, case.nheads_kv
+    assert calls == [(b, s, h, 32)] * 2 if h == hkv else [(b, s, hkv, h // hkv, 32)] * 2
+
+
 # --------------------------------------------------------------------------------------------------
 # The reference the checks rely on
 # --------------------------------------------------------------------------------------------------

@@ -176,8 +176,9 @@ GRAD_NAMES = ("dq", "dk", "dv", "dprompt_k", "dprompt_v", "dgate")
 
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
-    """Random inputs (normal q, k, v, prompts and dout; gates spread over [-1.5, 1.5], so act(gate) is
-    far from 0 and the prompt part counts), all leaves requiring grad, as in an adapted layer."""
+    """Random inputs (normal q, k, v, prompts and dout; gates spread evenly over [-1.5, 1.5], so that act(gate)
+    is well away from 0 for most heads and the prompt part counts), all leaves requiring grad, as in an
+    adapted layer of fine-tuning."""
     gen = torch.Generator(device=device).manual_seed(seed)
     dt = case.torch_dtype
     b, s, h, hkv, d, p = case.batch, case.seqlen, case.nheads, case.nheads_kv, case.headdim, case.prompt_len

@@ -1,0 +1,1146 @@
+"""Benchmark: zero-init attention (LLaMA-Adapter, arXiv 2303.16199), the fused op against its peers.
+
+    out_i = softmax_{j <= i}(s q_i.k_j) V  +  act(g_h) * softmax_p(s q_i.pk_p) PV
+
+Providers (--providers), each checked against an fp32 eager reference before it is timed:
+    fused        kernels.zero_init_attention (the Triton kernels; interpreted on a CPU)
+    eager        kernels.zero_init_attention_ref (the paper's code: materialised scores, fp32 softmax)
+    sdpa2        two F.scaled_dot_product_attention calls summed (litgpt / LLaMA-Adapter V2): causal on the
+                 tokens + non-causal on the prompts expanded over the batch, times act(gate) per head
+    xformers2    the same with two xformers.ops.memory_efficient_attention calls (when xformers imports)
+    flex2        the same with two FlexAttention calls (torch.compile'd on CUDA, eager on a CPU)
+    sdpa_causal  one causal SDPA call without any adapter: the floor the fused op is measured against
+Modes (--modes): fwd (the training forward: inputs require grad), bwd (backward only: the forward runs
+outside the timed region, backward(retain_graph=True) is timed), full (forward + backward).
+
+Metrics, one CSV row each: time_median / time_p20 / time_p80 (ms, triton.testing.do_bench on CUDA),
+tflops (flash-attn's count: causal forward 4*b*h*s*s*d/2, backward 2.5x, full 3.5x; the same count for
+every provider, the floor included), gflop, prompt_gflop (the prompt part 4*b*h*s*K*d x the same mode
+factor, reported apart and never mixed into tflops), peak_mem (MiB, CUDA), the SDPA backend that runs,
+and the correctness check (max error / tolerance over the output and every gradient).
+
+Correctness, before any timing: per case, the eager reference runs in fp32 (fp64 for fp32 cases), in chunks of
+samples and heads so that it fits at any seqlen; every provider's output and gradients (q, k, v, prompts, gate;
+q, k, v for the floor) must lie within flash-attn's bar: twice the error of the eager reference run in the
+case's own dtype, plus twice the dtype's rounding at that magnitude. A provider outside it stops the run
+(exit status 1) before anything of it is timed; one that cannot run a case (out of memory, unsupported)
+gets a "skipped" row with the reason.
+
+Examples:
+    # one GPU: the full sweep; rows appended to bench/results/attention.csv, plot + summary beside it
+    python -m bench.bench_attention
+    # one GPU, narrowed: the H100 targets' configuration only
+    python -m bench.bench_attention --dtypes bf16 --headdims 128 --seqlens 512,1024,2048,4096 --modes full
+    # a sweep in pieces (to fit shorter time limits), then one table, target check and plot from all their rows
+    python -m bench.bench_attention --dtypes bf16 --headdims 128
+    python -m bench.bench_attention --dtypes bf16 --headdims 64      # ... and fp16
+    python -m bench.bench_attention --report bench/results/attention.csv
+    # CPU (or anywhere): the tiny smoke configuration, written to a temporary folder or --out
+    python -m bench.bench_attention --smoke --out /tmp/bench-smoke
+On a CPU the numbers mean nothing for the GPU: the run only shows that the benchmark works and that every
+provider computes the right answer. Several GPUs: the benchmark uses the current device (CUDA_VISIBLE_DEVICES).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a file (python bench/bench_attention.py): import from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not torch.cuda.is_available():
+    # as in tests/conftest.py: without a GPU the Triton kernels run under Triton's interpreter; it must be
+    # set before `kernels` is first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kernels  # noqa: E402
+from bench.common import (  # noqa: E402
+    CPU_NOTICE,
+    DTYPES,
+    BenchEnv,
+    Panel,
+    Row,
+    Timing,
+    append_rows,
+    argparse_type,
+    bench_env,
+    check_csv,
+    describe_exception,
+    dtype_name,
+    format_table,
+    free_device_memory,
+    is_oom,
+    list_of,
+    peak_memory_mib,
+    plot_panels,
+    positive_float,
+    positive_int,
+    read_rows,
+    resolve_out_dir,
+    time_fn,
+    unique_path,
+)
+
+WHAT = "attention"
+MODES = ("fwd", "bwd", "full")
+MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "full": 3.5}  # flash-attn: backward = 2.5 x forward FLOPs
+GATE_ACTS = ("tanh", "identity")
+# (query heads, kv heads). 7b: LLaMA-7B's attention; gqa: 32 query heads sharing 8 kv heads (LLaMA-2-70B's ratio).
+# tiny, tiny-gqa: the smoke run's (tiny-gqa has two kv heads, so that a wrong head-to-kv-head mapping shows).
+SHAPES = {"7b": (32, 32), "gqa": (32, 8), "tiny": (2, 2), "tiny-gqa": (4, 2)}
+MAX_HEADDIM = 128  # what the op supports (DESIGN.md: head dims 32, 64, 80, 96, 128)
+
+
+# --------------------------------------------------------------------------------------------------
+# One benchmarked configuration
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    seqlen: int
+    nheads: int
+    nheads_kv: int
+    headdim: int
+    prompt_len: int
+    dtype: str  # a key of DTYPES
+    gate_act: str = "tanh"
+
+    @property
+    def family(self) -> str:
+        """Everything but batch and seqlen: one line of the plot."""
+        act = "" if self.gate_act == "tanh" else f"-{self.gate_act}"
+        return f"h{self.nheads}-kv{self.nheads_kv}-d{self.headdim}-p{self.prompt_len}-{self.dtype}{act}"
+
+    @property
+    def shape(self) -> str:
+        """The CSV's shape column, e.g. b8-s2048-h32-kv8-d128-p10-bf16."""
+        return f"b{self.batch}-s{self.seqlen}-{self.family}"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def attention_flops(batch: int, seqlen: int, nheads: int, headdim: int, mode: str) -> float:
+    """flash-attn's count for causal attention: 4*b*h*s*s*d/2 forward (two matmuls, half the scores),
+    2.5x that backward, 3.5x forward+backward. The same count for every provider, whatever it computes."""
+    return 4.0 * batch * nheads * seqlen * seqlen * headdim / 2 * MODE_FACTOR[mode]
+
+
+def prompt_flops(batch: int, seqlen: int, nheads: int, headdim: int, prompt_len: int, mode: str) -> float:
+    """The prompt part apart: every query against prompt_len keys, 4*b*h*s*K*d forward, same mode factors."""
+    return 4.0 * batch * nheads * seqlen * prompt_len * headdim * MODE_FACTOR[mode]
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs (made once per case, outside every timed region)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Inputs:
+    case: Case
+    q: torch.Tensor  # (batch, seqlen, nheads, headdim)
+    k: torch.Tensor  # (batch, seqlen, nheads_kv, headdim)
+    v: torch.Tensor
+    prompt_k: torch.Tensor  # (1, prompt_len, nheads_kv, headdim): one prompt shared by the batch (LLaMA-Adapter v1)
+    prompt_v: torch.Tensor
+    gate: torch.Tensor  # (nheads,) fp32, the raw gate as the model stores it
+    dout: torch.Tensor  # (batch, seqlen, nheads, headdim): the gradient fed to backward
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def leaves(self, adapter: bool = True) -> list[torch.Tensor]:
+        """The tensors whose gradients a provider computes (the plain causal floor has no prompt or gate)."""
+        return [self.q, self.k, self.v, self.prompt_k, self.prompt_v, self.gate][: 6 if adapter else 3]
+
+    def detached(self) -> Inputs:
+        """The same storage without requires_grad (for providers that cannot run backward here)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields.update({n: t.detach() for n, t in fields.items() if isinstance(t, torch.Tensor)})
+        return Inputs(**fields)
+
+
+GRAD_NAMES = ("dq", "dk", "dv", "dprompt_k", "dprompt_v", "dgate")
+
+
+def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
+    """Random inputs (normal q, k, v, prompts and dout; gates spread evenly over [-1.5, 1.5], so that act(gate)
+    is well away from 0 for most heads and the prompt part counts), all leaves requiring grad, as in an
+    adapted layer of fine-tuning."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dt = case.torch_dtype
+    b, s, h, hkv, d, p = case.batch, case.seqlen, case.nheads, case.nheads_kv, case.headdim, case.prompt_len
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device, dtype=dt)
+
+    leaves = dict(q=randn(b, s, h, d), k=randn(b, s, hkv, d), v=randn(b, s, hkv, d),
+                  prompt_k=randn(1, p, hkv, d), prompt_v=randn(1, p, hkv, d),
+                  gate=torch.linspace(-1.5, 1.5, h, device=device, dtype=torch.float32))
+    dout = randn(b, s, h, d)
+    return Inputs(case=case, dout=dout, **{n: t.requires_grad_() for n, t in leaves.items()})
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference and the correctness check
+# --------------------------------------------------------------------------------------------------
+class CorrectnessError(AssertionError):
+    """A provider's output or gradients disagree with the reference: nothing is timed for a wrong answer."""
+
+
+def _gamma(gate: torch.Tensor, gate_act: str, dtype: torch.dtype, nheads: int) -> torch.Tensor:
+    """act(gate) as (nheads,) in the compute dtype (the peers apply the gate themselves)."""
+    g = torch.tanh(gate) if gate_act == "tanh" else gate
+    return g.to(dtype).expand(nheads)
+
+
+def _head_chunk(nheads: int, nheads_kv: int, per_head_bytes: int, budget_bytes: int) -> int:
+    """The most query heads per reference call that fit the budget: a divisor of the group size (query
+    heads of one kv head) or a multiple of it that divides nheads, so that a chunk maps onto whole kv heads."""
+    groups = nheads // nheads_kv
+    sizes = {c for c in range(1, groups + 1) if groups % c == 0}
+    sizes |= {m * groups for m in range(1, nheads_kv + 1) if nheads_kv % m == 0}
+    fitting = [c for c in sizes if c * per_head_bytes <= budget_bytes]
+    return max(fitting, default=1)
+
+
+def reference_outputs(x: Inputs, dtype: torch.dtype, *, adapter: bool, need_grad: bool,
+                      budget_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """kernels.zero_init_attention_ref on x's inputs cast to dtype (the gate too, unless dtype is the case's
+    own low precision, where the gate stays the fp32 parameter it is in training), with its gradients for
+    x.dout. adapter=False: the plain causal attention of the floor (prompt_len 0; q, k, v gradients).
+
+    The reference materialises every score, so it runs in chunks of whole samples and query heads that
+    keep (seqlen x seqlen) scores under budget_bytes (samples and heads are independent; prompt and gate
+    gradients add up over chunks). Returns {"out", "dq", "dk", "dv"[, "dprompt_k", "dprompt_v", "dgate"]}."""
+    c = x.case
+    dev = x.device
+    if budget_bytes is None:
+        budget_bytes = 2 * 2**30 if dev.type == "cuda" else 256 * 2**20
+    low = dtype == c.torch_dtype
+    groups = c.nheads // c.nheads_kv
+    q, k, v = (t.detach().to(dtype) for t in (x.q, x.k, x.v))
+    if adapter:
+        pk, pv = (t.detach().to(dtype) for t in (x.prompt_k, x.prompt_v))
+    else:
+        pk = pv = torch.zeros(1, 0, c.nheads_kv, c.headdim, dtype=dtype, device=dev)
+    gate = x.gate.detach().to(x.gate.dtype if low else dtype)
+    dout = x.dout.detach().to(dtype)
+
+    # fp32 scores, their softmax, masks and the saved tensors of backward: ~8 copies of (sq x sk) per head
+    per_head = c.seqlen * (c.seqlen + c.prompt_len) * max(4, torch.finfo(dtype).bits // 8) * 8
+    hc = _head_chunk(c.nheads, c.nheads_kv, per_head, budget_bytes)
+    bc = max(1, min(c.batch, budget_bytes // (hc * per_head)))
+
+    out = torch.empty_like(q)
+    n_grads = (6 if adapter else 3) if need_grad else 0
+    grads = [torch.zeros_like(t) for t in (q, k, v, pk, pv, gate)[:n_grads]]
+    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 oracle
+    try:
+        for b0 in range(0, c.batch, bc):
+            bs = slice(b0, min(b0 + bc, c.batch))
+            pbs = bs if pk.shape[0] > 1 else slice(None)
+            for h0 in range(0, c.nheads, hc):
+                hs = slice(h0, h0 + hc)
+                kvs = slice(h0 // groups, (h0 + hc - 1) // groups + 1)
+                gs = hs if gate.numel() > 1 else slice(None)
+                parts = [q[bs, :, hs], k[bs, :, kvs], v[bs, :, kvs], pk[pbs, :, kvs], pv[pbs, :, kvs], gate[gs]]
+                parts = [t.detach().requires_grad_(need_grad) for t in parts]
+                with torch.set_grad_enabled(need_grad):
+                    o = kernels.zero_init_attention_ref(*parts, causal=True, gate_act=c.gate_act)
+                out[bs, :, hs] = o.detach()
+                if need_grad:
+                    got = torch.autograd.grad(o, parts[:n_grads], dout[bs, :, hs])
+                    places = [(bs, hs), (bs, kvs), (bs, kvs), (pbs, kvs), (pbs, kvs), (gs,)][:n_grads]
+                    for acc, g, where in zip(grads, got, places, strict=True):
+                        if len(where) == 1:
+                            acc[where[0]] += g
+                        else:
+                            acc[where[0], :, where[1]] += g
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+    result = {"out": out}
+    if need_grad:
+        result.update(zip(GRAD_NAMES[:n_grads], grads, strict=True))
+    return result
+
+
+# Smallest tolerance, relative to max(1, |reference|): keeps fp32 checks from failing on rounding alone.
+TOL_FLOOR = {"fp32": 1e-5, "fp16": 1e-4, "bf16": 1e-3}
+
+
+@dataclass
+class Expected:
+    """The oracle for one case, with a tolerance per tensor in flash-attn's style:
+        tol = 2 * |eager reference in the case's dtype - oracle|  +  2 * rounding of the oracle in that dtype
+              (at magnitude |x| + 0.3)  +  TOL_FLOOR * max(1, max |oracle|).
+    The oracle is the eager reference in fp32 (fp64 when the case itself is fp32)."""
+
+    oracle: dict[str, torch.Tensor]
+    tol: dict[str, float]
+    baseline_err: dict[str, float]
+
+
+def _max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().to(b.dtype) - b).abs().max().item() if b.numel() else 0.0
+
+
+def expected_results(x: Inputs, *, adapter: bool, need_grad: bool, budget_bytes: int | None = None) -> Expected:
+    c = x.case
+    low = c.torch_dtype
+    oracle_dtype = torch.float64 if low == torch.float32 else torch.float32
+    oracle = reference_outputs(x, oracle_dtype, adapter=adapter, need_grad=need_grad, budget_bytes=budget_bytes)
+    baseline = reference_outputs(x, low, adapter=adapter, need_grad=need_grad, budget_bytes=budget_bytes)
+    tol, base_err = {}, {}
+    for name, ref in oracle.items():
+        base_err[name] = _max_abs_err(baseline[name], ref)
+        if ref.numel():
+            r = ref.to(low)
+            rounding = ((r + 0.3 - 0.3) - r).abs().max().item()
+            scale = max(1.0, ref.abs().max().item())
+        else:
+            rounding, scale = 0.0, 1.0
+        tol[name] = 2 * base_err[name] + 2 * rounding + TOL_FLOOR[c.dtype] * scale
+    del baseline
+    return Expected(oracle=oracle, tol=tol, baseline_err=base_err)
+
+
+def check_provider(name: str, fwd: Callable[[], torch.Tensor], x: Inputs, expected: Expected, *,
+                   adapter: bool, need_grad: bool) -> dict[str, float]:
+    """Run the provider once and compare its output (and, with need_grad, every gradient) against the
+    oracle. Returns error / tolerance per tensor; raises CorrectnessError naming every tensor that fails."""
+    c = x.case
+    out = fwd()
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(x.q.shape) or out.dtype != x.q.dtype:
+        got = f"{type(out).__name__} {tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else repr(out)
+        raise CorrectnessError(f"provider {name!r} on {c.shape}: output must be a {tuple(x.q.shape)} {x.q.dtype} "
+                               f"tensor, got {got}")
+    errors = {"out": _max_abs_err(out, expected.oracle["out"])}
+    problems = []
+    if need_grad:
+        leaves = x.leaves(adapter)
+        if not out.requires_grad:
+            raise CorrectnessError(f"provider {name!r} on {c.shape}: its output does not require grad")
+        grads = torch.autograd.grad(out, leaves, x.dout, allow_unused=True)
+        for gname, leaf, g in zip(GRAD_NAMES[: len(leaves)], leaves, grads, strict=True):
+            if g is None:
+                problems.append(f"{gname}: no gradient reaches {gname[1:]}")
+            elif g.shape != leaf.shape:
+                problems.append(f"{gname}: gradient of shape {tuple(g.shape)}, expected {tuple(leaf.shape)}")
+            else:
+                errors[gname] = _max_abs_err(g, expected.oracle[gname])
+    ratios = {}
+    for tname, err in errors.items():
+        tol = expected.tol[tname]
+        ratios[tname] = err / tol
+        if not err <= tol:  # also catches NaN
+            problems.append(f"{tname}: max abs error {err:.3e} > tolerance {tol:.3e} "
+                            f"(the eager reference in {c.dtype} errs by {expected.baseline_err[tname]:.3e})")
+    if problems:
+        raise CorrectnessError(f"provider {name!r} computes a WRONG answer on {c.shape} (against the "
+                               f"{'fp64' if c.dtype == 'fp32' else 'fp32'} eager reference); it is not timed:\n  "
+                               + "\n  ".join(problems))
+    return ratios
+
+
+# --------------------------------------------------------------------------------------------------
+# Providers
+# --------------------------------------------------------------------------------------------------
+Forward = Callable[[], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One way to compute the attention. build(inputs) does the one-time setup outside every timed region
+    (imports, block masks, compilation choices) and returns the forward closure and facts worth recording
+    (e.g. the SDPA backend); it may raise to skip the case (the reason is recorded)."""
+
+    name: str
+    build: Callable[[Inputs], tuple[Forward, dict[str, str]]]
+    adapter: bool = True  # False: plain causal attention without prompt or gate (the floor)
+    unavailable: Callable[[torch.device], str | None] = lambda device: None  # why it cannot run at all here
+    no_backward: Callable[[torch.device], str | None] = lambda device: None  # why it cannot run backward here
+
+
+def _build_fused(x: Inputs) -> tuple[Forward, dict[str, str]]:
+    act = x.case.gate_act
+    fwd = lambda: kernels.zero_init_attention(x.q, x.k, x.v, x.prompt_k, x.prompt_v, x.gate, causal=True,
+                                              gate_act=act)
+    if x.device.type == "cuda":
+        backend = "triton"
+    else:
+        backend = "triton-interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "torch-fallback"
+    return fwd, {"op_backend": backend}
+
+
+def _build_eager(x: Inputs) -> tuple[Forward, dict[str, str]]:
+    act = x.case.gate_act
+    fwd = lambda: kernels.zero_init_attention_ref(x.q, x.k, x.v, x.prompt_k, x.prompt_v, x.gate, causal=True,
+                                                  gate_act=act)
+    return fwd, {}
+
+
+_SDP_NAMES = {}
+for _n in ("ERROR", "MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "OVERRIDEABLE"):
+    _b = getattr(torch.nn.attention.SDPBackend, _n, None)
+    if _b is not None:
+        _SDP_NAMES[int(_b.value)] = _n
+
+
+def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool, enable_gqa: bool) -> str:
+    """The backend F.scaled_dot_product_attention picks for these tensors (torch's own dispatcher choice)."""
+    choose = getattr(torch, "_fused_sdp_choice", None)
+    if choose is None:
+        return "unknown"
+    try:
+        idx = int(choose(q, k, v, None, 0.0, is_causal, scale=None, enable_gqa=enable_gqa))
+    except Exception as exc:  # private API: record why rather than fail the benchmark
+        return f"unknown ({describe_exception(exc, 120)})"
+    return _SDP_NAMES.get(idx, f"backend-{idx}")
+
+
+def sdpa_enabled_backends() -> str:
+    b = torch.backends.cuda
+    flags = {"flash": b.flash_sdp_enabled(), "mem_efficient": b.mem_efficient_sdp_enabled(),
+             "cudnn": b.cudnn_sdp_enabled(), "math": b.math_sdp_enabled()}
+    return " ".join(n for n, on in flags.items() if on) or "none"
+
+
+def _heads_first(x: Inputs):
+    """(B, nh, T, hs) views of q, k, v and the prompts expanded over the batch (no copies)."""
+    b = x.case.batch
+    q, k, v = (t.transpose(1, 2) for t in (x.q, x.k, x.v))
+    pk, pv = (t.transpose(1, 2).expand(b, -1, -1, -1) for t in (x.prompt_k, x.prompt_v))
+    return q, k, v, pk, pv
+
+
+def _sdpa_gqa_strategy(x: Inputs) -> str:
+    """"none" for MHA; "enable_gqa" when SDPA's fast backends take grouped kv heads as they are, else
+    "repeat_interleave" (copy kv heads up to nheads first, as litgpt does), so that GQA never quietly
+    falls back to the math backend on a GPU."""
+    if x.case.nheads == x.case.nheads_kv:
+        return "none"
+    q, k, v, _, _ = _heads_first(x)
+    if x.device.type == "cuda" and sdpa_backend(q, k, v, is_causal=True, enable_gqa=True) in ("MATH", "ERROR"):
+        return "repeat_interleave"
+    return "enable_gqa"
+
+
+def _build_sdpa(x: Inputs, *, adapter: bool) -> tuple[Forward, dict[str, str]]:
+    c = x.case
+    strategy = _sdpa_gqa_strategy(x)
+    groups = c.nheads // c.nheads_kv
+    gqa = strategy == "enable_gqa"
+    expand_heads = (lambda t: t.repeat_interleave(groups, dim=1)) if strategy == "repeat_interleave" else None
+
+    def fwd() -> torch.Tensor:
+        q, k, v, pk, pv = _heads_first(x)  # (B, nh, T, hs); prompts (B, nh_kv, K, hs), expanded over the batch
+        if expand_heads is not None:
+            k, v, pk, pv = (expand_heads(t) for t in (k, v, pk, pv))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if adapter:
+            ay = F.scaled_dot_product_attention(q, pk, pv, enable_gqa=gqa)  # the prompts: no mask, own softmax
+            y = y + _gamma(x.gate, c.gate_act, y.dtype, c.nheads).view(1, -1, 1, 1) * ay
+        return y.transpose(1, 2).contiguous()  # (B, T, nh, hs), as the op returns it
+
+    q, k, v, pk, pv = _heads_first(x)
+    if expand_heads is not None:
+        k, v, pk, pv = (expand_heads(t) for t in (k, v, pk, pv))
+    info = {"sdpa_backend_tokens": sdpa_backend(q, k, v, is_causal=True, enable_gqa=gqa),
+            "sdpa_enabled": sdpa_enabled_backends(), "sdpa_gqa": strategy}
+    if adapter:
+        info["sdpa_backend_prompt"] = sdpa_backend(q, pk, pv, is_causal=False, enable_gqa=gqa)
+    return fwd, info
+
+
+def _xformers_unavailable(device: torch.device) -> str | None:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception as exc:  # ImportError, or a build that does not match this torch
+        return f"xformers does not import ({describe_exception(exc, 150)}); it is the optional 'bench' extra"
+    if device.type != "cuda":
+        return "xformers.ops.memory_efficient_attention has no CPU kernels"
+    return None
+
+
+def _build_xformers2(x: Inputs) -> tuple[Forward, dict[str, str]]:
+    import xformers
+    import xformers.ops as xops
+
+    c = x.case
+    b, s, h, hkv, d, p = c.batch, c.seqlen, c.nheads, c.nheads_kv, c.headdim, c.prompt_len
+    groups = h // hkv
+    causal = xops.LowerTriangularMask()  # top-left aligned, the same as bottom-right here (seqlen_q == seqlen_k)
+
+    def fwd() -> torch.Tensor:
+        if groups == 1:  # xformers' layout is ours: (B, M, H, K)
+            q, k, v = x.q, x.k, x.v
+            pk, pv = (t.expand(b, -1, -1, -1) for t in (x.prompt_k, x.prompt_v))
+        else:  # GQA: (B, M, G, H, K), kv heads expanded over their group without copies
+            q = x.q.unflatten(2, (hkv, groups))
+            k, v = (t.unsqueeze(3).expand(b, s, hkv, groups, d) for t in (x.k, x.v))
+            pk, pv = (t.unsqueeze(3).expand(b, p, hkv, groups, d) for t in (x.prompt_k, x.prompt_v))
+        y = xops.memory_efficient_attention(q, k, v, attn_bias=causal)
+        ay = xops.memory_efficient_attention(q, pk, pv)
+        gamma = _gamma(x.gate, c.gate_act, y.dtype, h).view(*([1, 1, h] if groups == 1 else [1, 1, hkv, groups]), 1)
+        return (y + gamma * ay).reshape(b, s, h, d)
+
+    return fwd, {"xformers_version": getattr(xformers, "__version__", "unknown")}
+
+
+def _causal_mask(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+_compiled_flex = None
+
+
+def _flex_attention(device: torch.device):
+    """torch.compile'd flex_attention on CUDA (compiled once; every shape then recompiles, so the recompile
+    limits are raised for the sweep), the eager (unfused) flex_attention on a CPU."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention, "eager"
+    if _compiled_flex is None:
+        import torch._dynamo
+
+        for limit in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                      "accumulated_cache_size_limit"):
+            if hasattr(torch._dynamo.config, limit):
+                setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4096))
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex, "torch.compile"
+
+
+def _build_flex2(x: Inputs) -> tuple[Forward, dict[str, str]]:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    c = x.case
+    flex, how = _flex_attention(x.device)
+    gqa = c.nheads != c.nheads_kv
+    block_mask = create_block_mask(_causal_mask, B=None, H=None, Q_LEN=c.seqlen, KV_LEN=c.seqlen, device=x.device)
+    if how == "eager":
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+
+    def fwd() -> torch.Tensor:
+        q, k, v, pk, pv = _heads_first(x)
+        # the prompts copied over the batch (b x K rows: negligible) rather than handed over with a zero batch
+        # stride, which the compiled kernels need not take
+        pk, pv = pk.contiguous(), pv.contiguous()
+        y = flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+        ay = flex(q, pk, pv, enable_gqa=gqa)  # no block mask: every query sees every prompt key
+        y = y + _gamma(x.gate, c.gate_act, y.dtype, c.nheads).view(1, -1, 1, 1) * ay
+        return y.transpose(1, 2).contiguous()
+
+    return fwd, {"flex": how}
+
+
+def _flex_no_backward(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "FlexAttention has no backward on the CPU (torch raises NotImplementedError)"
+    return None
+
+
+PROVIDERS: dict[str, Provider] = {
+    p.name: p
+    for p in (
+        Provider("fused", _build_fused),
+        Provider("eager", _build_eager),
+        Provider("sdpa2", lambda x: _build_sdpa(x, adapter=True)),
+        Provider("xformers2", _build_xformers2, unavailable=_xformers_unavailable),
+        Provider("flex2", _build_flex2, no_backward=_flex_no_backward),
+        Provider("sdpa_causal", lambda x: _build_sdpa(x, adapter=False), adapter=False),
+    )
+}
+
+
+def mode_closure(fwd: Forward, mode: str, x: Inputs) -> Callable[[], object]:
+    """What is timed in each mode; everything else (inputs, dout, the forward of bwd) happens here, before."""
+    if mode == "fwd":
+        return fwd
+    if mode == "bwd":
+        out = fwd()  # outside the timed region; backward keeps its graph for the next repetition
+        return lambda: out.backward(x.dout, retain_graph=True)
+    if mode == "full":
+        return lambda: fwd().backward(x.dout)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration and command line
+# --------------------------------------------------------------------------------------------------
+def _shape_name(text: str) -> str:
+    """A preset of SHAPES or NHEADS:NHEADS_KV (e.g. 32:8)."""
+    if text in SHAPES:
+        return text
+    try:
+        h, hkv = (int(t) for t in text.split(":"))
+    except ValueError:
+        raise ValueError(f"use one of {', '.join(SHAPES)} or NHEADS:NHEADS_KV such as 32:8") from None
+    if h < 1 or hkv < 1 or h % hkv:
+        raise ValueError(f"nheads ({h}) must be a positive multiple of nheads_kv ({hkv})")
+    return f"{h}:{hkv}"
+
+
+def shape_heads(name: str) -> tuple[int, int]:
+    if name in SHAPES:
+        return SHAPES[name]
+    h, hkv = (int(t) for t in name.split(":"))
+    return h, hkv
+
+
+def _headdim(text: str) -> int:
+    d = int(text)
+    if d % 8 or not 16 <= d <= MAX_HEADDIM:
+        raise ValueError(f"the op takes head dims that are multiples of 8 from 16 to {MAX_HEADDIM}")
+    return d
+
+
+def _mode(text: str) -> str:
+    if text not in MODES:
+        raise ValueError(f"choose from {', '.join(MODES)}")
+    return text
+
+
+def _gate_act(text: str) -> str:
+    if text not in GATE_ACTS:
+        raise ValueError(f"choose from {', '.join(GATE_ACTS)}")
+    return text
+
+
+def _opt(help: str, parse: Callable[[str], object], metavar: str) -> dict:
+    return {"help": help, "parse": parse, "metavar": metavar}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """The GPU sweep's defaults, in one place: the command line is generated from these fields."""
+
+    seqlens: tuple[int, ...] = field(default=(256, 512, 1024, 2048, 4096, 8192), metadata=_opt(
+        "sequence lengths", list_of(positive_int, "sequence length"), "S,S,..."))
+    headdims: tuple[int, ...] = field(default=(64, 128), metadata=_opt(
+        "head dims", list_of(_headdim, "head dim"), "D,D,..."))
+    dtypes: tuple[str, ...] = field(default=("bf16", "fp16"), metadata=_opt(
+        "dtypes of q, k, v and prompts (the gate stays fp32)", list_of(dtype_name, "dtype"), "bf16,fp16,fp32"))
+    shapes: tuple[str, ...] = field(default=("7b", "gqa"), metadata=_opt(
+        f"head shapes: {', '.join(f'{n} ({h}:{kv})' for n, (h, kv) in SHAPES.items())} or NHEADS:NHEADS_KV",
+        list_of(_shape_name, "shape"), "NAME,..."))
+    providers: tuple[str, ...] = field(default=tuple(PROVIDERS), metadata=_opt(
+        "providers", list_of(str, "provider"), "P,P,..."))
+    modes: tuple[str, ...] = field(default=MODES, metadata=_opt(
+        "modes: fwd, bwd (backward only), full (forward+backward)", list_of(_mode, "mode"), "M,M,..."))
+    prompt_len: int = field(default=10, metadata=_opt(
+        "adapter prompt length K", argparse_type(positive_int), "K"))
+    tokens: int = field(default=16384, metadata=_opt(
+        "tokens per step: batch = max(1, tokens // seqlen)", argparse_type(positive_int), "N"))
+    gate_act: str = field(default="tanh", metadata=_opt(
+        "gate activation", argparse_type(_gate_act), "tanh|identity"))
+    warmup_ms: float = field(default=25.0, metadata=_opt(
+        "do_bench warm-up time per measurement (CUDA)", argparse_type(positive_float), "MS"))
+    rep_ms: float = field(default=100.0, metadata=_opt(
+        "do_bench repetition time per measurement (CUDA)", argparse_type(positive_float), "MS"))
+    cpu_reps: int = field(default=3, metadata=_opt(
+        "timed repetitions per measurement on a CPU", argparse_type(positive_int), "N"))
+    seed: int = field(default=0, metadata=_opt("seed of the random inputs", argparse_type(int), "N"))
+    out: str | None = field(default=None, metadata=_opt(
+        "folder for attention.csv, the plot and the summary (default: bench/results/ for a full CUDA run, "
+        "else a temporary folder; CPU and smoke runs never write into bench/results/)", str, "DIR"))
+
+
+# --smoke, and the default on a CPU: tiny enough for Triton's interpreter; bf16, the dtype of the GPU runs
+# (--dtypes fp32 checks against an fp64 oracle instead).
+SMOKE = dict(seqlens=(64, 128), headdims=(32,), dtypes=("bf16",), shapes=("tiny", "tiny-gqa"),
+             tokens=128, warmup_ms=5.0, rep_ms=20.0, cpu_reps=3)
+
+
+class ConfigError(ValueError):
+    def __init__(self, argument: str, message: str):
+        super().__init__(f"argument --{argument.replace('_', '-')}: {message}")
+        self.argument = argument
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.bench_attention",
+        description="Benchmark zero-init attention: the fused op against the eager reference and the peers.",
+        epilog="Lists are comma-separated. Without a GPU the run is the smoke configuration and its numbers "
+               "mean nothing for the GPU.")
+    parser.add_argument("--report", metavar="CSV", default=None,
+                        help="measure nothing: rebuild the ratio table, targets, plot and summary from the rows of "
+                             "one commit on one GPU in CSV (a sweep run in pieces); written beside CSV or to --out")
+    parser.add_argument("--report-commit", metavar="HASH", default=None,
+                        help="with --report: the commit whose rows to use (default: that of the last row)")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"the tiny smoke configuration ({', '.join(f'{k}={v}' for k, v in SMOKE.items())}); "
+                             "implied without a GPU; other flags still narrow it")
+    defaults = BenchConfig()
+    for f in dataclasses.fields(BenchConfig):
+        default = getattr(defaults, f.name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=f.metadata["parse"], default=None,
+                            metavar=f.metadata["metavar"], help=f"{f.metadata['help']} (default: {shown})")
+    return parser
+
+
+def _dedup(items: Sequence) -> tuple:
+    return tuple(dict.fromkeys(items))
+
+
+def make_config(args: argparse.Namespace, *, smoke: bool, providers: Mapping[str, Provider]) -> BenchConfig:
+    base = dataclasses.replace(BenchConfig(providers=tuple(providers)), **SMOKE) if smoke else \
+        BenchConfig(providers=tuple(providers))
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)
+             if getattr(args, f.name) is not None}
+    cfg = dataclasses.replace(base, **given)
+    unknown = [p for p in cfg.providers if p not in providers]
+    if unknown:
+        raise ConfigError("providers", f"unknown provider(s) {', '.join(unknown)}; choose from {', '.join(providers)}")
+    return dataclasses.replace(cfg, **{n: _dedup(getattr(cfg, n)) for n in
+                                       ("seqlens", "headdims", "dtypes", "shapes", "providers", "modes")})
+
+
+def cases_of(cfg: BenchConfig) -> list[Case]:
+    """The sweep, ordered so that one plot line (dtype, shape, head dim) runs through the seqlens."""
+    cases = []
+    for dtype in cfg.dtypes:
+        for shape in cfg.shapes:
+            h, hkv = shape_heads(shape)
+            for d in cfg.headdims:
+                for s in cfg.seqlens:
+                    cases.append(Case(batch=max(1, cfg.tokens // s), seqlen=s, nheads=h, nheads_kv=hkv, headdim=d,
+                                      prompt_len=cfg.prompt_len, dtype=dtype, gate_act=cfg.gate_act))
+    return cases
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Measurement:
+    case: Case
+    provider: str
+    mode: str
+    timing: Timing
+    tflops: float
+    peak_mib: float | None
+
+
+@dataclass
+class RunResult:
+    """What a run measured (or what a report rebuilt from CSV rows): the material of every report."""
+
+    env: BenchEnv
+    out_dir: Path
+    csv_path: Path | None
+    cases: list[Case]
+    providers: tuple[str, ...]
+    modes: tuple[str, ...]
+    config: BenchConfig | None = None  # None for a report rebuilt from rows
+    source: str = "measured in this run"
+    plot_path: Path | None = None
+    summary_path: Path | None = None
+    measurements: list[Measurement] = field(default_factory=list)
+    skipped: list[tuple[str, str, str, str]] = field(default_factory=list)  # (provider, mode, shape, reason)
+    checks: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)  # (shape, provider) -> ratios
+    targets: list[TargetCheck] = field(default_factory=list)
+
+    def median(self, shape: str, provider: str, mode: str) -> float | None:
+        for m in self.measurements:
+            if m.case.shape == shape and m.provider == provider and m.mode == mode:
+                return m.timing.median_ms
+        return None
+
+
+def _mode_rows(case: Case, provider: Provider, mode: str, timing: Timing, peak: float | None) -> list[Row]:
+    flops = attention_flops(case.batch, case.seqlen, case.nheads, case.headdim, mode)
+    row = lambda metric, value, unit: Row(WHAT, provider.name, mode, case.shape, metric, value, unit)
+    rows = [row("time_median", timing.median_ms, "ms"), row("time_p20", timing.p20_ms, "ms"),
+            row("time_p80", timing.p80_ms, "ms"), row("tflops", flops / timing.median_ms / 1e9, "TFLOP/s"),
+            row("gflop", flops / 1e9, "GFLOP")]
+    if provider.adapter:
+        pf = prompt_flops(case.batch, case.seqlen, case.nheads, case.headdim, case.prompt_len, mode)
+        rows.append(row("prompt_gflop", pf / 1e9, "GFLOP"))
+    if peak is not None:
+        rows.append(row("peak_mem", peak, "MiB"))
+    return rows
+
+
+def run(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[str, Provider] | None = None,
+        log: Callable[[str], None] = print) -> RunResult:
+    """Check, then time, every (case, provider, mode); append the rows to out_dir/attention.csv as they come,
+    then print the ratio table (and the targets on CUDA) and write the plot and the summary.
+    Raises CorrectnessError as soon as a provider computes a wrong answer."""
+    providers = PROVIDERS if providers is None else providers
+    device = env.device
+    cases = cases_of(cfg)
+    result = RunResult(env=env, out_dir=out_dir, csv_path=out_dir / f"{WHAT}.csv", cases=cases,
+                       providers=cfg.providers, modes=cfg.modes, config=cfg)
+    write = lambda rows: append_rows(result.csv_path, rows, env)
+
+    log(f"bench_attention | {env.describe()}")
+    if not env.is_cuda:
+        log(CPU_NOTICE)
+    interp = os.environ.get("TRITON_INTERPRET", "0")
+    log(f"fused op: {'Triton on CUDA' if env.is_cuda else f'TRITON_INTERPRET={interp}'} | rows go to {result.csv_path}")
+
+    active = []
+    for name in cfg.providers:
+        prov = providers[name]
+        reason = prov.unavailable(device)
+        if reason:
+            log(f"SKIP {name}: {reason}")
+            result.skipped.append((name, "all", "all", reason))
+            write([Row(WHAT, name, "all", "all", "skipped", reason, "")])
+        else:
+            active.append(prov)
+
+    need_grad = any(m != "fwd" for m in cfg.modes)
+    for ci, case in enumerate(cases, 1):
+        started = time.perf_counter()
+        log(f"[{ci}/{len(cases)}] {case.shape}  (tokens/step {case.batch * case.seqlen})")
+        x = make_inputs(case, device, cfg.seed)
+        expected: dict[tuple[bool, bool], Expected] = {}
+        for prov in active:
+            prov_started = time.perf_counter()
+            nb = prov.no_backward(device)
+            modes = [m for m in cfg.modes if not (nb and m != "fwd")]
+            skip_rows = []
+            for m in cfg.modes:
+                if m not in modes:
+                    skip_rows.append(Row(WHAT, prov.name, m, case.shape, "skipped", nb, ""))
+                    result.skipped.append((prov.name, m, case.shape, nb))
+            if not modes:
+                write(skip_rows)
+                log(f"    {prov.name:<12} SKIP all modes: {nb}")
+                continue
+            px = x.detached() if nb else x
+            grads = need_grad and not nb
+            key = (prov.adapter, grads)
+            if key not in expected:
+                expected[key] = expected_results(x, adapter=prov.adapter, need_grad=grads)
+            try:
+                fwd, info = prov.build(px)
+                ratios = check_provider(prov.name, fwd, px, expected[key], adapter=prov.adapter, need_grad=grads)
+            except CorrectnessError:
+                raise
+            except Exception as exc:  # out of memory, a shape or dtype the provider does not take, a compile error
+                reason = ("out of memory: " if is_oom(exc) else "") + describe_exception(exc)
+                del exc
+                free_device_memory(device, collect=True)
+                log(f"    {prov.name:<12} SKIP: {reason}")
+                write(skip_rows + [Row(WHAT, prov.name, m, case.shape, "skipped", reason, "") for m in modes])
+                result.skipped += [(prov.name, m, case.shape, reason) for m in modes]
+                continue
+            result.checks[(case.shape, prov.name)] = ratios
+            rows = skip_rows + [Row(WHAT, prov.name, "check", case.shape, "max_err_over_tol", max(ratios.values()),
+                                    "ratio"),
+                                Row(WHAT, prov.name, "check", case.shape, "checked", " ".join(ratios), "")]
+            rows += [Row(WHAT, prov.name, "all", case.shape, k, v, "") for k, v in info.items()]
+            parts = [f"check ok (err/tol {max(ratios.values()):.2f})"]
+            for mode in modes:
+                timed = None
+                try:
+                    timed = mode_closure(fwd, mode, px)
+                    leaves = px.leaves(prov.adapter) if grads else []
+                    timing = time_fn(timed, device, grad_to_none=leaves, warmup_ms=cfg.warmup_ms, rep_ms=cfg.rep_ms,
+                                     cpu_warmup=1, cpu_reps=cfg.cpu_reps)
+                    peak = peak_memory_mib(timed, device, leaves)
+                except Exception as exc:
+                    reason = ("out of memory: " if is_oom(exc) else "") + describe_exception(exc)
+                    rows.append(Row(WHAT, prov.name, mode, case.shape, "skipped", reason, ""))
+                    result.skipped.append((prov.name, mode, case.shape, reason))
+                    parts.append(f"{mode} SKIP ({reason})")
+                    del exc
+                    free_device_memory(device, collect=True)
+                    continue
+                finally:
+                    del timed
+                    for t in px.leaves():
+                        t.grad = None
+                flops = attention_flops(case.batch, case.seqlen, case.nheads, case.headdim, mode)
+                tflops = flops / timing.median_ms / 1e9
+                result.measurements.append(Measurement(case, prov.name, mode, timing, tflops, peak))
+                rows += _mode_rows(case, prov, mode, timing, peak)
+                mem = f" {peak:.0f} MiB" if peak is not None else ""
+                parts.append(f"{mode} {timing.median_ms:.3f} ms [{timing.p20_ms:.3f}-{timing.p80_ms:.3f}] "
+                             f"{tflops:.3g} TFLOP/s{mem}")
+            write(rows)
+            backend = f" [{info['sdpa_backend_tokens']}]" if "sdpa_backend_tokens" in info else ""
+            log(f"    {prov.name:<12}{backend} " + " | ".join(parts) + f" ({time.perf_counter() - prov_started:.1f} s)")
+            del fwd
+            free_device_memory(device)
+        del x, expected
+        free_device_memory(device, collect=env.is_cuda)
+        log(f"    ({time.perf_counter() - started:.1f} s)")
+
+    log("")
+    report(result, log=log)
+    log(f"CSV rows appended to {result.csv_path}")
+    return result
+
+
+def report(result: RunResult, *, log: Callable[[str], None] = print, stem: str = WHAT) -> RunResult:
+    """Print the ratio table (and, for GPU results, the targets); write the plot and the summary."""
+    log(ratio_table(result))
+    if result.env.is_cuda:
+        result.targets = check_targets(result)
+        log(format_targets(result.targets, result.env))
+    else:
+        log("Targets (H100) are checked on GPU runs only. " + CPU_NOTICE)
+    result.plot_path = write_plot(result, stem=stem)
+    result.summary_path = write_summary(result, stem=stem)
+    log(f"plot: {result.plot_path}" if result.plot_path else "plot: nothing measured, no plot")
+    log(f"summary: {result.summary_path}")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports: ratio table, targets, plot, summary
+# --------------------------------------------------------------------------------------------------
+def ratio_table(result: RunResult) -> str:
+    """Per configuration and mode: the fused op's median time over each peer's (below 1: fused is faster)."""
+    measured = {m.provider for m in result.measurements}
+    peers = [p for p in result.providers if p != "fused" and p in measured]  # the skipped ones are listed apart
+    lines = []
+    for case in result.cases:
+        for mode in result.modes:
+            fused = result.median(case.shape, "fused", mode)
+            if fused is None:
+                continue
+            cells = []
+            for p in peers:
+                t = result.median(case.shape, p, mode)
+                cells.append(f"{fused / t:.2f}" if t else "-")
+            lines.append([case.shape, mode, f"{fused:.3f}"] + cells)
+    if not lines:
+        return "Ratio table: the fused op was not measured."
+    title = "Time ratio fused / peer (median; below 1 = the fused op is faster)"
+    if not result.env.is_cuda:
+        title += " - CPU smoke run: these ratios mean nothing for the GPU"
+    return title + "\n" + format_table(["shape", "mode", "fused ms"] + [f"fused/{p}" for p in peers], lines)
+
+
+@dataclass
+class TargetCheck:
+    target: str
+    shape: str
+    value: float | None  # the measured ratio, None when a side was not measured
+    bound: float
+    met: bool | None
+
+    def line(self) -> str:
+        verdict = "not measured" if self.met is None else ("MET" if self.met else "NOT MET")
+        shown = "-" if self.value is None else f"{self.value:.2f}"
+        return f"{verdict:<12} {self.target:<44} {self.shape:<34} {shown} (bound {self.bound})"
+
+
+# Issue 5's targets, stated for an H100, bf16, causal, head dim 128, forward+backward.
+TARGET_SEQLENS = (512, 4096)
+
+
+def check_targets(result: RunResult) -> list[TargetCheck]:
+    checks = []
+    for case in result.cases:
+        if case.dtype != "bf16" or case.headdim != 128 or not TARGET_SEQLENS[0] <= case.seqlen <= TARGET_SEQLENS[1]:
+            continue
+        t = {p: result.median(case.shape, p, "full") for p in ("fused", "sdpa_causal", "sdpa2", "eager")}
+        for name, num, den, bound, upper in (
+                ("fused / sdpa_causal time <= 1.15", "fused", "sdpa_causal", 1.15, True),
+                ("sdpa2 / fused time >= 1.5 (1.5x faster)", "sdpa2", "fused", 1.5, False),
+                ("eager / fused time >= 5 (5x faster)", "eager", "fused", 5.0, False)):
+            if num not in result.providers or den not in result.providers:
+                continue
+            value = t[num] / t[den] if t[num] and t[den] else None
+            met = None if value is None else (value <= bound if upper else value >= bound)
+            checks.append(TargetCheck(name, case.shape, value, bound, met))
+    return checks
+
+
+def format_targets(checks: Sequence[TargetCheck], env: BenchEnv) -> str:
+    if not checks:
+        return ("Targets: none of the measured configurations is a target configuration "
+                "(bf16, head dim 128, seqlen 512-4096, mode full).")
+    head = "Targets (issue 5: H100, bf16, causal, head dim 128, forward+backward, seqlen 512-4096)"
+    if "H100" not in env.gpu_name:
+        head += f" - measured on {env.gpu_name}, not an H100: informative only"
+    met = sum(c.met is True for c in checks)
+    return "\n".join([head] + [c.line() for c in checks] + [f"{met} of {len(checks)} target checks met"])
+
+
+def write_plot(result: RunResult, *, stem: str = WHAT) -> Path | None:
+    """TFLOP/s against seqlen, one line per provider; one panel per (dtype, shape, head dim) and mode."""
+    if not result.measurements:
+        return None
+    families = list(dict.fromkeys(c.family for c in result.cases))
+    panels = []
+    for family in families:
+        for mode in result.modes:
+            series = {}
+            for p in result.providers:
+                pts = [(m.case.seqlen, m.tflops) for m in result.measurements
+                       if m.case.family == family and m.mode == mode and m.provider == p]
+                if pts:
+                    series[p] = pts
+            panels.append(Panel(f"{mode} | {family}", series))
+    tokens = sorted({c.batch * c.seqlen for c in result.cases})
+    shown = f"{tokens[0]} tokens/step" if len(tokens) == 1 else f"{tokens[0]}-{tokens[-1]} tokens/step"
+    title = (f"zero-init attention: TFLOP/s (causal count, prompt part not counted), {shown} | "
+             f"{result.env.gpu_name} | {result.env.date} | {result.env.git_commit}")
+    if not result.env.is_cuda:
+        title += "\nCPU smoke run: these numbers mean nothing for the GPU"
+    path = unique_path(result.out_dir, stem, ".png", result.env)
+    return plot_panels(panels, path, xlabel="seqlen", ylabel="TFLOP/s", title=title, ncols=len(result.modes))
+
+
+def write_summary(result: RunResult, *, stem: str = WHAT) -> Path:
+    """A markdown record of the run (environment, configuration, ratio table, targets, skips), named by
+    date and commit beside the CSV: the material for bench/RESULTS.md."""
+    env, cfg = result.env, result.config
+    lines = [f"# Attention benchmark, {env.date}", "",
+             f"- GPU: {env.gpu_name}", f"- date: {env.date}", f"- commit: {env.git_commit}",
+             f"- source: {result.source}"]
+    if cfg is not None:
+        lines += [f"- torch {torch.__version__}", f"- configuration: {dataclasses.asdict(cfg)}"]
+    lines += [f"- rows: {result.csv_path}; plot: {result.plot_path.name if result.plot_path else 'none'}", ""]
+    if not env.is_cuda:
+        lines += [f"**{CPU_NOTICE}**", ""]
+    lines += ["## Time ratios", "", ratio_table(result), ""]
+    if env.is_cuda:
+        lines += ["## Targets", "", "```", format_targets(result.targets, env), "```", ""]
+    if result.skipped:
+        lines += ["## Skipped", ""] + [f"- {p} {m} {s}: {r}" for p, m, s, r in result.skipped] + [""]
+    path = unique_path(result.out_dir, stem, ".md", env)
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports rebuilt from CSV rows (a sweep run in pieces: one table, one plot)
+# --------------------------------------------------------------------------------------------------
+_SHAPE_RE = re.compile(r"b(\d+)-s(\d+)-h(\d+)-kv(\d+)-d(\d+)-p(\d+)-(" + "|".join(DTYPES) + r")(?:-(identity))?")
+
+
+def case_from_shape(shape: str) -> Case | None:
+    """The Case a shape column names (None for "all" or a foreign string)."""
+    m = _SHAPE_RE.fullmatch(shape)
+    if m is None:
+        return None
+    b, s, h, hkv, d, p = (int(g) for g in m.groups()[:6])
+    return Case(batch=b, seqlen=s, nheads=h, nheads_kv=hkv, headdim=d, prompt_len=p, dtype=m.group(7),
+                gate_act=m.group(8) or "tanh")
+
+
+def result_from_csv(path: Path, out_dir: Path, *, commit: str | None = None) -> RunResult:
+    """The measurements of one commit on one GPU, gathered from the attention rows of a CSV (any number of
+    runs; the latest row wins where a measurement was repeated). Default: the commit and GPU of the last row.
+    Raises ValueError when there is nothing to report."""
+    rows = [r for r in read_rows(path) if r.get("what") == WHAT]
+    if not rows:
+        raise ValueError(f"{path} holds no '{WHAT}' rows")
+    commit = commit or rows[-1]["git_commit"]
+    gpu = rows[-1]["gpu_name"] if commit == rows[-1]["git_commit"] else \
+        next((r["gpu_name"] for r in reversed(rows) if r["git_commit"] == commit), None)
+    rows = [r for r in rows if r["git_commit"] == commit and r["gpu_name"] == gpu]
+    if not rows:
+        raise ValueError(f"{path} holds no '{WHAT}' rows of commit {commit}")
+    values: dict[tuple[str, str, str], dict[str, str]] = {}
+    skipped: dict[tuple[str, str, str], str] = {}
+    for r in rows:  # in file order: later runs overwrite earlier ones
+        key = (r["provider"], r["mode"], r["shape"])
+        if r["metric"] == "skipped":
+            skipped[key] = r["value"]
+        else:
+            values.setdefault(key, {})[r["metric"]] = r["value"]
+            if r["metric"] == "time_median":
+                skipped.pop(key, None)
+    measurements = []
+    for (prov, mode, shape), v in values.items():
+        case = case_from_shape(shape)
+        if case is None or mode not in MODES or "time_median" not in v:
+            continue
+        timing = Timing(float(v["time_median"]), float(v.get("time_p20", "nan")), float(v.get("time_p80", "nan")))
+        peak = float(v["peak_mem"]) if "peak_mem" in v else None
+        measurements.append(Measurement(case, prov, mode, timing, float(v["tflops"]), peak))
+    if not measurements:
+        raise ValueError(f"{path} holds no timed '{WHAT}' rows of commit {commit} on {gpu}")
+    families = list(dict.fromkeys(m.case.family for m in measurements))
+    cases = sorted({m.case for m in measurements}, key=lambda c: (families.index(c.family), c.seqlen))
+    seen = list(dict.fromkeys(m.provider for m in measurements))
+    providers = tuple([p for p in PROVIDERS if p in seen] + [p for p in seen if p not in PROVIDERS])
+    modes = tuple(m for m in MODES if any(x.mode == m for x in measurements))
+    env = BenchEnv(device=torch.device("cpu" if gpu == "cpu" else "cuda"), gpu_name=gpu,
+                   date=max(r["date"] for r in rows), git_commit=commit)
+    result = RunResult(env=env, out_dir=out_dir, csv_path=Path(path), cases=cases, providers=providers, modes=modes,
+                       source=f"rows of {path} for commit {commit} on {gpu} ({len(rows)} rows)")
+    result.measurements = measurements
+    result.skipped = [(p, m, s, why) for (p, m, s), why in skipped.items()]
+    return result
+
+
+def main(argv: Sequence[str] | None = None, *, providers: Mapping[str, Provider] | None = None) -> int:
+    providers = PROVIDERS if providers is None else providers
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.report is not None:
+        return _main_report(parser, args)
+    if args.report_commit is not None:
+        parser.error("argument --report-commit: only goes with --report")
+    env = bench_env()
+    smoke = args.smoke or not env.is_cuda
+    if not args.smoke and not env.is_cuda:
+        print("No CUDA device: running the smoke configuration (--smoke).")
+    try:
+        cfg = make_config(args, smoke=smoke, providers=providers)
+        out_dir = resolve_out_dir(cfg.out, env, smoke=smoke, name=WHAT)
+        try:
+            check_csv(out_dir / f"{WHAT}.csv")
+        except ValueError as exc:
+            raise ValueError(f"--out {out_dir}: {exc}") from None
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        run(cfg, env, out_dir, providers=providers)
+    except CorrectnessError as exc:
+        print(f"\nCORRECTNESS CHECK FAILED - the benchmark stops here.\n{exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _main_report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    measuring = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(BenchConfig)
+                 if f.name != "out" and getattr(args, f.name) is not None] + (["--smoke"] if args.smoke else [])
+    if measuring:
+        parser.error(f"argument --report: measures nothing, so {', '.join(measuring)} cannot go with it")
+    path = Path(args.report)
+    try:
+        if not path.is_file():
+            raise ValueError(f"--report {path}: no such file")
+        check_csv(path)
+        probe = result_from_csv(path, path.parent, commit=args.report_commit)
+        out_dir = resolve_out_dir(args.out or path.parent, probe.env, smoke=False, name=WHAT)
+    except ValueError as exc:
+        msg = str(exc)
+        parser.error(msg if msg.startswith("--") else f"argument --report: {msg}")
+    probe.out_dir = out_dir
+    print(f"bench_attention report | {probe.source}")
+    report(probe, stem=f"{WHAT}_report")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

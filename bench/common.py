@@ -1,0 +1,421 @@
+"""Helpers shared by the benchmarks: environment, timing, peak memory, CSV rows, plots, output places.
+
+Every benchmark in bench/ (attention now; fine-tuning and decode later) builds on these, so that all
+results land in one format:
+
+    what, provider, mode, shape, metric, value, unit, gpu_name, date, git_commit
+
+one measurement per row, appended to a CSV (never rewritten), with the GPU's name, the run's start
+date (UTC) and the short commit hash ("-dirty" when tracked files outside bench/results/ differ).
+
+Rules these helpers enforce:
+- On CUDA, times come from triton.testing.do_bench (median and the 20th/80th percentiles, L2 cleared
+  before each repetition); on the CPU a perf_counter median/quantiles fallback: CPU numbers mean
+  nothing for the GPU and the runs there are smoke tests.
+- Only full GPU runs write into bench/results/ (the files kept in the repo); CPU and smoke runs go to
+  the folder given by --out, which must lie elsewhere, or to a fresh temporary folder.
+- An existing CSV only ever gets rows appended, and only when its header is ours; plots and summaries
+  get names carrying the date and the commit, so no earlier file is replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+CSV_COLUMNS = ("what", "provider", "mode", "shape", "metric", "value", "unit", "gpu_name", "date", "git_commit")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+QUANTILES = (0.5, 0.2, 0.8)  # median first, as triton.testing.do_bench returns them
+
+CPU_NOTICE = (
+    "NOTE: no CUDA device - this is a smoke run on the CPU. CPU numbers mean nothing for the GPU: "
+    "they only show that the benchmark runs and that every provider computes the right answer."
+)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchEnv:
+    """Where and when a run happens; stamped on every CSV row."""
+
+    device: torch.device
+    gpu_name: str  # torch.cuda.get_device_name, or "cpu"
+    date: str  # the run's start, ISO-8601 UTC, e.g. 2025-11-23T15:46:00Z
+    git_commit: str  # short hash, "-dirty" appended when tracked files differ; "unknown" outside git
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def stamp(self) -> str:
+        """The date in a form fit for file names: 20251123-154600."""
+        return self.date.replace("-", "").replace(":", "").replace("T", "-").rstrip("Z")
+
+    def describe(self) -> str:
+        return f"device {self.gpu_name} | date {self.date} | commit {self.git_commit} | torch {torch.__version__}"
+
+
+def git_commit(repo: Path = REPO_ROOT) -> str:
+    """Short hash of HEAD, with "-dirty" when tracked files differ from it (bench/results/ excluded:
+    appending results must not mark the next run dirty). "unknown" when git or the repository is missing."""
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no",
+                                 "--", ".", ":(exclude)bench/results"],
+                                capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}-dirty" if status else head
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def bench_env(device: torch.device | None = None) -> BenchEnv:
+    device = default_device() if device is None else torch.device(device)
+    gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return BenchEnv(device=device, gpu_name=gpu_name, date=date, git_commit=git_commit())
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing and memory
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+def _clear_grads(tensors: Iterable[torch.Tensor]) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def time_fn(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    grad_to_none: Sequence[torch.Tensor] = (),
+    warmup_ms: float = 25,
+    rep_ms: float = 100,
+    cpu_warmup: int = 1,
+    cpu_reps: int = 3,
+) -> Timing:
+    """Median and 20th/80th percentile run time of fn() in milliseconds.
+
+    CUDA: triton.testing.do_bench(fn, warmup_ms, rep_ms, grad_to_none, quantiles=[0.5, 0.2, 0.8]).
+    CPU: cpu_warmup untimed calls, then cpu_reps calls timed with time.perf_counter; the gradients in
+    grad_to_none are reset before each call, as do_bench does. Create fn's inputs before calling this:
+    only fn itself is timed.
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        median, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms,
+                                                   grad_to_none=list(grad_to_none) or None,
+                                                   quantiles=list(QUANTILES))
+        return Timing(float(median), float(p20), float(p80))
+    if cpu_reps < 1:
+        raise ValueError(f"cpu_reps must be >= 1, got {cpu_reps}")
+    for _ in range(cpu_warmup):
+        fn()
+    times = []
+    for _ in range(cpu_reps):
+        _clear_grads(grad_to_none)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    median, p20, p80 = torch.quantile(torch.tensor(times, dtype=torch.float64),
+                                      torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+    return Timing(median, p20, p80)
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device,
+                    grad_to_none: Sequence[torch.Tensor] = ()) -> float | None:
+    """Peak CUDA memory allocated (MiB) while fn() runs once, counting what was allocated before
+    (the inputs, a saved autograd graph). None off CUDA: the CPU allocator keeps no such record."""
+    if device.type != "cuda":
+        return None
+    _clear_grads(grad_to_none)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def free_device_memory(device: torch.device, *, collect: bool = False) -> None:
+    """Hand cached CUDA blocks back; with collect, first collect garbage (after an exception, whose traceback
+    may hold tensors: an out-of-memory error). gc.collect takes ~0.2 s with torch loaded, hence optional."""
+    if collect:
+        gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def describe_exception(exc: BaseException, limit: int = 300) -> str:
+    """One line naming the exception: 'OutOfMemoryError: CUDA out of memory. Tried to ...'."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------------
+# CSV rows
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    """One measurement; the environment columns are added when it is written."""
+
+    what: str  # the subject: "attention", later "finetune", "decode"
+    provider: str  # fused, eager, sdpa2, ...
+    mode: str  # fwd, bwd, full; "all" for a fact about every mode, "check" for the correctness check
+    shape: str  # e.g. b8-s2048-h32-kv8-d128-p10-bf16; "all" for a fact about every shape
+    metric: str  # time_median, tflops, peak_mem, skipped, ...
+    value: float | int | str
+    unit: str  # ms, TFLOP/s, MiB, ... ("" for text)
+
+    def as_dict(self, env: BenchEnv) -> dict[str, str]:
+        value = repr(float(self.value)) if isinstance(self.value, float) else str(self.value)  # round-trips exactly
+        return {"what": self.what, "provider": self.provider, "mode": self.mode, "shape": self.shape,
+                "metric": self.metric, "value": value, "unit": self.unit, "gpu_name": env.gpu_name,
+                "date": env.date, "git_commit": env.git_commit}
+
+
+def check_csv(path: Path) -> None:
+    """Raise ValueError unless path is absent, empty, or a CSV with our header (one we may append to)."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    if not path.is_file():
+        raise ValueError(f"{path} exists and is not a file")
+    with path.open(newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    if tuple(header) != CSV_COLUMNS:
+        raise ValueError(f"{path} exists with header {header}, not {list(CSV_COLUMNS)}: refusing to append "
+                         "to a file that is not ours")
+
+
+def append_rows(path: Path, rows: Iterable[Row], env: BenchEnv) -> int:
+    """Append rows to the CSV at path, creating it with the header when it is new or empty.
+
+    An existing file is never rewritten; one whose header is not CSV_COLUMNS is refused (ValueError)
+    and left untouched. Returns the number of rows written."""
+    path = Path(path)
+    rows = list(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        check_csv(path)
+        with path.open("rb") as f:  # a file cut short mid-row still gets its rows on lines of their own
+            f.seek(-1, os.SEEK_END)
+            needs_newline = f.read(1) not in (b"\n", b"\r")
+        if needs_newline:
+            with path.open("a", encoding="utf-8") as f:
+                f.write("\n")
+    with path.open("a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow(row.as_dict(env))
+    return len(rows)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with Path(path).open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------------------------------
+# Where results go
+# --------------------------------------------------------------------------------------------------
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def resolve_out_dir(out: str | os.PathLike | None, env: BenchEnv, *, smoke: bool, name: str) -> Path:
+    """The folder a run writes its CSV and plot to.
+
+    - A full run on CUDA without --out: bench/results/ (kept in the repo).
+    - Otherwise without --out: a fresh temporary folder (printed by the caller).
+    - --out inside bench/results/ on the CPU or in a smoke run: ValueError naming --out, since those
+      numbers must never mix with the GPU results."""
+    keeps_results = env.is_cuda and not smoke
+    if out is None:
+        path = RESULTS_DIR if keeps_results else Path(tempfile.mkdtemp(prefix=f"bench_{name}_"))
+    else:
+        path = Path(out).expanduser()
+        if not keeps_results and _inside(path, RESULTS_DIR):
+            why = "a smoke run" if smoke else "a CPU run"
+            raise ValueError(f"--out {out}: {why} never writes into {RESULTS_DIR} (the GPU results kept in the "
+                             "repo); pass a folder elsewhere")
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--out {out}: exists and is not a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def unique_path(folder: Path, stem: str, suffix: str, env: BenchEnv) -> Path:
+    """folder/stem_<date>_<commit>suffix, with -1, -2, ... added if a file of that name exists:
+    generated files never replace earlier ones."""
+    base = f"{stem}_{env.stamp}_{env.git_commit}"
+    path = Path(folder) / f"{base}{suffix}"
+    n = 1
+    while path.exists():
+        path = Path(folder) / f"{base}-{n}{suffix}"
+        n += 1
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots and tables
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Panel:
+    title: str
+    series: dict[str, list[tuple[float, float]]]  # name -> [(x, y), ...]
+
+
+def plot_panels(panels: Sequence[Panel], path: Path, *, xlabel: str, ylabel: str, title: str,
+                ncols: int = 3, logx_base: int | None = 2) -> Path:
+    """Write a PNG grid of line plots, one panel each; a series keeps its colour and marker in every
+    panel. Panels without data say so rather than vanish."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not panels:
+        raise ValueError("plot_panels: no panels to draw")
+    names: list[str] = []
+    for panel in panels:
+        names += [n for n in panel.series if n not in names]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^v<>ph*"
+    style = {n: (colors[i % len(colors)], markers[i % len(markers)]) for i, n in enumerate(names)}
+
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = (len(panels) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        drawn = False
+        for name, points in panel.series.items():
+            points = sorted(p for p in points if p[1] == p[1])  # drop NaN
+            if not points:
+                continue
+            color, marker = style[name]
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=name, color=color, marker=marker)
+            drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        if logx_base and drawn:
+            ax.set_xscale("log", base=logx_base)
+            xs = sorted({p[0] for pts in panel.series.values() for p in pts})
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+            ax.minorticks_off()
+        ax.set_title(panel.title, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain fixed-width text table (also valid GitHub markdown)."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command-line parsing
+# --------------------------------------------------------------------------------------------------
+def list_of(parse_item: Callable[[str], object], what: str) -> Callable[[str], tuple]:
+    """An argparse `type` for comma-separated lists ("256,512,1024"). A bad item raises
+    ArgumentTypeError, which argparse reports with the argument's name."""
+
+    def parse(text: str) -> tuple:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, got {text!r}")
+        out = []
+        for item in items:
+            try:
+                out.append(parse_item(item))
+            except (ValueError, KeyError) as exc:
+                raise argparse.ArgumentTypeError(f"{item!r} is not a valid {what}: {exc}") from None
+        return tuple(out)
+
+    return parse
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"must be a positive number, got {value}")
+    return value
+
+
+def dtype_name(text: str) -> str:
+    if text not in DTYPES:
+        raise ValueError(f"choose from {', '.join(DTYPES)}")
+    return text
+
+
+def argparse_type(parse_item: Callable[[str], object]) -> Callable[[str], object]:
+    """Wrap a ValueError-raising parser for argparse so that its message reaches the user."""
+
+    def parse(text: str) -> object:
+        try:
+            return parse_item(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+    return parse

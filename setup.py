@@ -10,8 +10,8 @@ setup(
     package_data={"train": ["data/*.json", "data/*.jsonl"]},
     python_requires=">=3.10",
     install_requires=[
-        # torch.library.custom_op needs torch >= 2.4
-        "torch>=2.4,<2.16",
+        # torch.library.custom_op needs 2.4, SDPA's enable_gqa (the model's plain layers) 2.5
+        "torch>=2.5,<2.16",
         # Triton ships Linux wheels only; elsewhere the op falls back to the PyTorch reference.
         "triton>=3.1; platform_system == 'Linux'",
         "numpy",

@@ -2,6 +2,7 @@
 
     python -m kernels.compile_check                 # every variant, for sm_90 (H100 / H200)
     python -m kernels.compile_check --arch 80 --quick
+    python -m kernels.compile_check --blocks dkdv=64,64,4,3 --scenario "bf16 d128"   # try other blocks
 
 The host launchers (_fwd, _bwd) run on small CPU tensors with the kernels swapped for recorders,
 so what is compiled is exactly what a GPU run launches: the same constexprs, block sizes, warps
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 # shared memory a block may use (opt-in maximum), by compute capability
-MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
+MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
 @dataclass(frozen=True)
@@ -139,13 +140,26 @@ def ptxas_usage(compiled, arch: int) -> tuple[int, int]:
     return int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else 0
 
 
-def run(arch: int, scenarios: list[Scenario], out=sys.stdout) -> list[str]:
-    """Compile every launch of every scenario; returns the failures (empty when all is well)."""
+def run(arch: int, scenarios: list[Scenario], out=sys.stdout, blocks: dict | None = None) -> list[str]:
+    """Compile every launch of every scenario; returns the failures (empty when all is well).
+    blocks overrides the launchers' block sizes, e.g. {"dkdv": (64, 64, 4, 3)}."""
     import kernels.zero_init_attn as zia
 
     if zia.INTERPRET:
         raise RuntimeError("kernels.compile_check needs TRITON_INTERPRET unset: the interpreter compiles nothing")
-    max_shared = MAX_SHARED.get(arch, 101376)
+    max_shared = MAX_SHARED[arch]
+    chosen_blocks, device_shared = zia._blocks, zia._shared_memory
+    # the launchers choose blocks for the target chip's shared memory, as they would on it
+    zia._shared_memory = lambda device: max_shared
+    if blocks:
+        zia._blocks = lambda *a: {**chosen_blocks(*a), **blocks}
+    try:
+        return _compile_all(zia, arch, scenarios, out, max_shared)
+    finally:
+        zia._blocks, zia._shared_memory = chosen_blocks, device_shared
+
+
+def _compile_all(zia, arch, scenarios, out, max_shared) -> list[str]:
     failures, seen = [], set()
     print(f"{'scenario':36s} {'kernel':28s} {'warps':>5s} {'stages':>6s} {'smem KB':>8s} {'regs':>5s} "
           f"{'spill B':>7s} {'s':>5s}", file=out)
@@ -177,13 +191,30 @@ def run(arch: int, scenarios: list[Scenario], out=sys.stdout) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
+    parser.add_argument("--arch", type=int, default=90,
+                        help="compute capability x10: 90 (H100/H200), 80 (A100), 86/89 (RTX 30xx/40xx, L4, A10)")
     parser.add_argument("--quick", action="store_true", help="a covering subset of the scenarios")
+    parser.add_argument("--scenario", default="", help="only the scenarios whose name contains this text")
+    parser.add_argument("--blocks", action="append", default=[], metavar="KERNEL=M,N,WARPS,STAGES",
+                        help="override a kernel's blocks (KERNEL: fwd, dkdv, dq; or pre=M,WARPS); repeatable")
     args = parser.parse_args(argv)
     if args.arch not in MAX_SHARED:
         parser.error(f"--arch must be one of {sorted(MAX_SHARED)}, got {args.arch}")
-    scenarios = [SCENARIOS[i] for i in QUICK] if args.quick else SCENARIOS
-    failures = run(args.arch, scenarios)
+    blocks = {}
+    for item in args.blocks:
+        name, _, values = item.partition("=")
+        want = 2 if name == "pre" else 4
+        try:
+            numbers = tuple(int(x) for x in values.split(","))
+        except ValueError:
+            numbers = ()
+        if name not in ("fwd", "pre", "dkdv", "dq") or len(numbers) != want:
+            parser.error(f"--blocks takes fwd|dkdv|dq=M,N,WARPS,STAGES or pre=M,WARPS, got {item!r}")
+        blocks[name] = numbers
+    scenarios = [s for s in ([SCENARIOS[i] for i in QUICK] if args.quick else SCENARIOS) if args.scenario in s.name]
+    if not scenarios:
+        parser.error(f"--scenario {args.scenario!r} matches none of: {', '.join(s.name for s in SCENARIOS)}")
+    failures = run(args.arch, scenarios, blocks=blocks)
     for f in failures:
         print("FAIL:", f)
     print(f"{'all kernels compile' if not failures else f'{len(failures)} failures'} for sm_{args.arch}")

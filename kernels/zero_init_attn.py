@@ -42,6 +42,7 @@ Caution:
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -500,16 +501,37 @@ def _prompt_strides(x: torch.Tensor) -> tuple[int, ...]:
     return (0 if x.shape[0] == 1 else x.stride(0), *x.stride()[1:])
 
 
-def _blocks(head_dim_pad: int, seqlen_q: int, prompt_len: int) -> dict:
-    """Block sizes. Under the interpreter large blocks are fastest; on the GPU, choices that fit
-    Hopper's shared memory for head dims up to 128 (to be autotuned once measured)."""
-    block_p = min(64, max(16, triton.next_power_of_2(max(prompt_len, 1))))
+@functools.cache
+def _shared_memory(device: torch.device) -> int:
+    """Shared memory a block may use on this device (opt-in maximum), in bytes."""
+    if device.type != "cuda":
+        return 232448  # no GPU (the interpreter): what an H100 offers
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def _blocks(dtype: torch.dtype, head_dim_pad: int, seqlen_q: int, prompt_len: int, shared_memory: int) -> dict:
+    """Block sizes (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel.
+
+    Under the interpreter large blocks are fastest. On the GPU these are choices that compile
+    without register spills and within the chip's shared memory, checked for sm_80, sm_89 and
+    sm_90 by python -m kernels.compile_check; they still await autotuning against measured times.
+    """
+    # prompts longer than one chunk loop over chunks
+    block_p = min(32, max(16, triton.next_power_of_2(max(prompt_len, 1))))
     if INTERPRET:
-        return dict(fwd=(64, 64, 4, 1), dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1), BLOCK_P=block_p)
-    small_m = max(16, triton.next_power_of_2(seqlen_q))
-    fwd_m = 128 if seqlen_q > 64 else small_m  # decode: one query row needs no 128-row block
-    fwd = (fwd_m, 64, 8 if head_dim_pad == 128 and fwd_m == 128 else 4, 3)
-    return dict(fwd=fwd, dkdv=(32, 128, 4, 3), dq=(min(128, small_m), 32, 4, 3), BLOCK_P=block_p)
+        return dict(fwd=(64, 64, 4, 1), pre=(64, 4), dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1), BLOCK_P=block_p)
+    small_m = max(16, triton.next_power_of_2(seqlen_q))  # decode: one query row needs no 128-row block
+    if dtype.itemsize == 2:
+        fwd_m = min(128, small_m)
+        # dQ holds q, dout and its accumulator: 64 rows where shared memory is small (consumer GPUs)
+        dq_m = min(128 if shared_memory >= 128 * 1024 else 64, small_m)
+        fwd_warps = 8 if fwd_m == 128 and head_dim_pad == 128 else 4
+        return dict(fwd=(fwd_m, 64, fwd_warps, 3), pre=(64, 4), dkdv=(32, 128, 8, 3),
+                    dq=(dq_m, 32, 8 if dq_m >= 64 else 4, 3), BLOCK_P=block_p)
+    # fp32 (IEEE dots: no tensor cores) and fp64: smaller tiles, or the registers spill
+    fwd_m = min(64, small_m)
+    return dict(fwd=(fwd_m, 32, 8 if fwd_m == 64 else 4, 2), pre=(64, 4), dkdv=(32, 32, 8, 2),
+                dq=(min(32, small_m), 32, 8 if small_m >= 32 else 4, 2), BLOCK_P=block_p)
 
 
 def _geometry(q, k, prompt_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
@@ -541,7 +563,7 @@ def _fwd(q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_seqlens_q
     if out.numel() == 0:
         return out, lse_w, lse_p
     head_dim_pad = max(16, triton.next_power_of_2(headdim))
-    cfg = _blocks(head_dim_pad, seqlen_q, prompt_len)
+    cfg = _blocks(q.dtype, head_dim_pad, seqlen_q, prompt_len, _shared_memory(q.device))
     block_m, block_n, num_warps, num_stages = cfg["fwd"]
     has_prompt = prompt_len > 0
     pk, pv = (prompt_k, prompt_v) if has_prompt else (k, v)  # unused when there is no prompt
@@ -590,7 +612,7 @@ def _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, so
         return dq, dk, dv, dpk, dpv, dgamma
 
     head_dim_pad = max(16, triton.next_power_of_2(headdim))
-    cfg = _blocks(head_dim_pad, seqlen_q, prompt_len)
+    cfg = _blocks(q.dtype, head_dim_pad, seqlen_q, prompt_len, _shared_memory(q.device))
     has_prompt = prompt_len > 0
     pk, pv = (prompt_k, prompt_v) if has_prompt else (k, v)
     qk_scale = softmax_scale * LOG2E
@@ -598,13 +620,13 @@ def _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, so
     delta_w = torch.empty_like(lse_w)
     delta_p = torch.zeros_like(lse_w)
 
-    pre_m = cfg["fwd"][0]
+    pre_m, num_warps = cfg["pre"]
     _zia_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre_m), batch * nheads)](
         q, pk, pv, gamma, out, dout, lse_p, delta_w, delta_p, cu_seqlens_q, cu_seqlens_k,
         *_strides(q, varlen), *_prompt_strides(pk), *_prompt_strides(pv), *_strides(out, varlen),
         *_strides(dout, varlen), *_lse_strides(lse_w, varlen),
         nheads, groups, seqlen_q, seqlen_k, prompt_len, qk_scale,
-        BLOCK_M=pre_m, BLOCK_P=cfg["BLOCK_P"], HAS_PROMPT=has_prompt, **common,
+        BLOCK_M=pre_m, BLOCK_P=cfg["BLOCK_P"], HAS_PROMPT=has_prompt, num_warps=num_warps, **common,
     )
 
     if need_dkv:

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# What a session lent a GPU runs, in stages of at most 10 minutes (one device call each; the
+# device machine has torch, triton and every other dependency, but no internet and no xformers).
+# Results land in $OUT (the device tool brings them back); commit them under bench/results/.
+#
+#   bash bench/gpu_session.sh tests            # the whole suite, kernels compiled, all dtypes
+#   bash bench/gpu_session.sh attention        # the headline sweep: bf16, head dim 128, LLaMA-7B heads
+#   bash bench/gpu_session.sh attention-rest   # head dim 64, fp16 and the GQA shape
+#   bash bench/gpu_session.sh report           # ratio table, targets, plot from $OUT's CSV rows
+set -uo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+  tests|attention|attention-rest|report) ;;
+  *) echo "usage: bash bench/gpu_session.sh tests|attention|attention-rest|report" >&2; exit 2 ;;
+esac
+PY=${PYTHON:-python3}  # the device machine's python3 holds torch
+OUT=${OUT:-runs/gpu-session}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+"$PY" - <<'PY' | tee "$OUT/env.txt"
+import torch, triton, subprocess
+print("gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+print("torch", torch.__version__, "triton", triton.__version__)
+print("commit", subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
+PY
+case "${1:-}" in
+  tests)
+    "$PY" -m pytest -q -ra --durations=20 --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/tests.log" ;;
+  attention)
+    "$PY" -m bench.bench_attention --dtypes bf16 --headdims 128 --shapes 7b --out "$OUT" 2>&1 \
+      | tee "$OUT/attention.log" ;;
+  attention-rest)
+    "$PY" -m bench.bench_attention --dtypes bf16,fp16 --headdims 64,128 --shapes gqa --out "$OUT" 2>&1 \
+      | tee "$OUT/attention-rest.log"
+    "$PY" -m bench.bench_attention --dtypes fp16 --headdims 64,128 --shapes 7b --out "$OUT" 2>&1 \
+      | tee -a "$OUT/attention-rest.log" ;;
+  report)
+    "$PY" -m bench.bench_attention --report "$OUT/attention.csv" --out "$OUT" 2>&1 | tee "$OUT/report.log" ;;
+esac

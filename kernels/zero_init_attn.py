@@ -35,7 +35,8 @@ upcast to fp32 inside the kernels there, since the interpreter's bf16 arithmetic
 the eager reference (kernels/reference.py) otherwise.
 
 Caution:
-  - Block sizes are fixed heuristics per head dim (no autotuning yet).
+  - Block sizes are chosen per dtype and the chip's shared memory, free of register spills on
+    sm_80/86/89/90 (python -m kernels.compile_check), but not yet autotuned against GPU timings.
   - fp32 inputs use IEEE fp32 dots on the GPU (not TF32): exact, slower.
   - Head dims: multiples of 8 from 16 to 128 (non-powers of two are padded by masking).
 """

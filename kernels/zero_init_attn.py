@@ -567,7 +567,7 @@ def _fwd(q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_seqlens_q
     cfg = _blocks(q.dtype, head_dim_pad, seqlen_q, prompt_len, _shared_memory(q.device))
     block_m, block_n, num_warps, num_stages = cfg["fwd"]
     has_prompt = prompt_len > 0
-    pk, pv = (prompt_k, prompt_v) if has_prompt else (k, v)  # unused when there is no prompt
+    pk, pv = prompt_k, prompt_v  # (batch or 1, prompt_len, nheads_kv, headdim); unread when prompt_len is 0
     grid = (triton.cdiv(seqlen_q, block_m), batch * nheads)
     _zia_fwd_kernel[grid](
         q, k, v, pk, pv, gamma, out, lse_w, lse_p, cu_seqlens_q, cu_seqlens_k,
@@ -615,7 +615,7 @@ def _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, so
     head_dim_pad = max(16, triton.next_power_of_2(headdim))
     cfg = _blocks(q.dtype, head_dim_pad, seqlen_q, prompt_len, _shared_memory(q.device))
     has_prompt = prompt_len > 0
-    pk, pv = (prompt_k, prompt_v) if has_prompt else (k, v)
+    pk, pv = prompt_k, prompt_v
     qk_scale = softmax_scale * LOG2E
     common = dict(HEAD_DIM=headdim, HEAD_DIM_PAD=head_dim_pad, VARLEN=varlen, **_dtype_flags(q.dtype))
     delta_w = torch.empty_like(lse_w)

@@ -234,10 +234,11 @@ def pack(lens):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("per_sequence_prompt", [False, True])
-def test_varlen_matches_per_sequence_calls(causal, per_sequence_prompt, device):
+@pytest.mark.parametrize("prompt", ["shared", "per_sequence", "none"])
+def test_varlen_matches_per_sequence_calls(causal, prompt, device):
     lens_q, lens_k = [5, 70, 1, 0, 33], [5, 80, 1, 0, 40]
-    nseq, h, hkv, d, p = len(lens_q), 4, 2, 32, 10
+    nseq, h, hkv, d, p = len(lens_q), 4, 2, 32, 0 if prompt == "none" else 10
+    per_sequence_prompt = prompt == "per_sequence"
     g = torch.Generator().manual_seed(7)
 
     def rand(*shape):

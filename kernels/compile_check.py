@@ -55,13 +55,14 @@ SCENARIOS = [
     Scenario("fp16 d80 MQA non-causal", dtype=torch.float16, headdim=80, nheads_kv=1, causal=False),
     Scenario("fp32 d128 (IEEE dots)", dtype=torch.float32),
     Scenario("bf16 d128 packed sequences", varlen=True),
+    Scenario("bf16 d128 packed, no prompt (plain layers)", varlen=True, prompt_len=0),
     Scenario("bf16 d128 decode (seqlen_q 1)", seqlen_q=1),
     Scenario("bf16 d128 no prompt", prompt_len=0),
     Scenario("bf16 d128 prompt-only grads", grads="prompt"),
     Scenario("bf16 d96 prompt 64", headdim=96, prompt_len=64),
     Scenario("fp64 d32 (gradcheck)", dtype=torch.float64, headdim=32, seqlen_q=64, seqlen_k=64),
 ]
-QUICK = [0, 1, 3, 4, 5, 7]
+QUICK = [0, 1, 3, 4, 5, 6, 8]
 
 
 class _Recorder:

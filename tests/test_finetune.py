@@ -237,6 +237,8 @@ def test_cli_refuses_earlier_results_and_bad_flags(checkpoint, tmp_path, capsys)
                            (["--token-budget", "0"], "--token-budget must be an integer >= 1, got 0"),
                            (["--adapter-layers", "3"], "--adapter-layers 3 exceeds the model's 2 layers"),
                            (["--fsdp"], "--fsdp shards the model over several processes"),
+                           *([(["--device", "cuda"], "--device cuda: no CUDA GPU is available")]
+                             if not torch.cuda.is_available() else []),
                            (["--max-seq-len", "8192", "--token-budget", "100"],
                             "--max-seq-len 128 exceeds --token-budget 100"),
                            (["--pad-to", "many"], "argument --pad-to: invalid _pad_to value"),

@@ -1,9 +1,9 @@
 """LLaMA-Adapter fine-tuning (arXiv 2303.16199): a frozen LLaMA, a trained adapter, packed batches, resume,
 several processes (DDP / FSDP2).
 
-    # CPU (fp32), e.g. on the demo's small base (python -m train.demo writes runs/demo-base):
+    # CPU (fp32), e.g. on the demo's small base (python -m train.demo writes runs/demo-base), ~1 minute:
     python -m train.finetune --checkpoint runs/demo-base --data train/data/demo.json --out runs/ft-cpu \\
-        --adapter-layers 2 --token-budget 1024 --epochs 3 --blr 0.1
+        --adapter-layers 4 --token-budget 1024 --epochs 15 --blr 1.0 --eval-size 48
     # one GPU (bf16 base, fp32 adapter): LLaMA-7B on Alpaca-52K with the paper's settings
     python -m train.finetune --checkpoint llama-7b/ --data alpaca_data.json --out runs/alpaca-7b
     # several GPUs of one node, DDP (only the adapter's gradients are all-reduced):
@@ -43,11 +43,12 @@ Outputs (only rank 0 writes; every file goes to a temporary name and is renamed 
                                        --save-every steps and at --stop-after-steps
     OUT/log.csv                        one row per step (split "train") and per epoch's eval ("eval"):
                                        step, epoch, split, loss, lr, grad_norm, examples, tokens,
-                                       tokens_per_s, step_s, elapsed_s, memory_gib
+                                       tokens_computed, tokens_per_s, step_s, elapsed_s, memory_gib
     OUT/loss.png                       the loss curves
     OUT/tensorboard/                   the same scalars, when the tensorboard package is installed
 An OUT holding any of these is refused unless --resume (go on with that run) or --overwrite (delete
-them first); other files in OUT are left alone. tokens / tokens_per_s count real tokens (no padding);
+them first); other files in OUT are left alone. tokens / tokens_per_s count real tokens (no padding),
+tokens_computed the tokens the model ran on (padding included: equal to tokens when packed);
 memory_gib is the peak CUDA memory allocated on a GPU, the peak resident memory on a CPU.
 
 Resume: --resume reads OUT/train_state.pt (torch.load with weights_only=True) and continues at the
@@ -129,8 +130,8 @@ LOG_FILE = "log.csv"
 PLOT_FILE = "loss.png"
 TB_DIR = "tensorboard"
 STATE_FORMAT = "llama-adapter-triton train state"
-LOG_COLUMNS = ("step", "epoch", "split", "loss", "lr", "grad_norm", "examples", "tokens", "tokens_per_s", "step_s",
-               "elapsed_s", "memory_gib")
+LOG_COLUMNS = ("step", "epoch", "split", "loss", "lr", "grad_norm", "examples", "tokens", "tokens_computed",
+               "tokens_per_s", "step_s", "elapsed_s", "memory_gib")
 # settings a resumed run may change: they do not change the result
 RESUMABLE_CHANGES = ("out", "resume", "overwrite", "save_every", "stop_after_steps", "device", "tensorboard")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -306,12 +307,12 @@ def setup_distributed(device: str) -> Dist:
     """One process, or a torchrun rank (WORLD_SIZE > 1): gloo on CPUs, NCCL on GPUs (cuda:LOCAL_RANK)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and device != "cpu"
+    if device.startswith("cuda") and not cuda:
+        raise UsageError(f"--device {device}: no CUDA GPU is available")
     if world_size == 1:
         return Dist(0, 1, torch.device(device if device != "auto" else "cuda" if cuda else "cpu"))
     if device.startswith("cuda:"):
         raise UsageError(f"--device {device}: under torchrun every rank takes cuda:LOCAL_RANK; give --device cuda")
-    if device == "cuda" and not cuda:
-        raise UsageError("--device cuda: no CUDA GPU is available")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -727,10 +728,11 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
                 if d.main:
                     log.write(step=global_step, epoch=epoch + 1, split="train", loss=loss, lr=step_lr,
                               grad_norm=float(grad_norm), examples=step.num_examples, tokens=step.num_real_tokens,
-                              tokens_per_s=tokens_per_s, step_s=step_s, elapsed_s=elapsed, memory_gib=mem)
+                              tokens_computed=step.num_tokens, tokens_per_s=tokens_per_s, step_s=step_s,
+                              elapsed_s=elapsed, memory_gib=mem)
                     bar.update()
                     bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs} loss {loss:.4f} lr {step_lr:.2e} "
-                                        f"{tokens_per_s:,.0f} tok/s mem {mem:.2f} GiB")
+                                        f"{tokens_per_s:,.0f} real tok/s mem {mem:.2f} GiB")
                 stopped = bool(config.stop_after_steps) and global_step >= config.stop_after_steps
                 if stopped or (config.save_every and global_step % config.save_every == 0):
                     save_state(epoch, step.index + 1)

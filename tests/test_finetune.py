@@ -241,7 +241,7 @@ def test_cli_refuses_earlier_results_and_bad_flags(checkpoint, tmp_path, capsys)
                              if not torch.cuda.is_available() else []),
                            (["--max-seq-len", "8192", "--token-budget", "100"],
                             "--max-seq-len 128 exceeds --token-budget 100"),
-                           (["--pad-to", "many"], "argument --pad-to: invalid _pad_to value"),
+                           (["--pad-to", "many"], "--pad-to: expected a number of tokens or 'longest', got 'many'"),
                            (["--dtype", "float8"], "argument --dtype: invalid choice")):
         with pytest.raises(SystemExit) as e:
             main([*base, *flags])

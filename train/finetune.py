@@ -70,6 +70,7 @@ CPU runs use the gloo backend (tested with 2 processes), GPUs NCCL.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -147,7 +148,7 @@ def _pad_to(text: str) -> int | str:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"expected a number of tokens or 'longest', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'longest', got {text!r}") from None
 
 
 @dataclass

@@ -55,7 +55,7 @@ Resume: --resume reads OUT/train_state.pt (torch.load with weights_only=True) an
 saved (epoch, step); the data order is a function of (seed, epoch) only and the loop draws no random
 numbers, so the result equals an uninterrupted run (tests: bitwise on a CPU). Settings that change the
 result must match the saved ones (an error lists the differences); --save-every, --stop-after-steps,
---device and --tensorboard may change. log.csv keeps its rows up to the saved step.
+--device, --fsdp and --tensorboard may change. log.csv keeps its rows up to the saved step.
 
 Several processes (torchrun): each rank takes its share of every step's micro-batches.
 - DDP (default): the base is frozen (requires_grad False), so DDP buckets and all-reduces only the
@@ -64,7 +64,8 @@ Several processes (torchrun): each rank takes its share of every step's micro-ba
   the meta device and filled from rank 0's checkpoint (set_model_state_dict, broadcast_from_rank0):
   no rank but 0 ever holds the whole base. fully_shard keeps each parameter's dtype (bf16 base, fp32
   adapter) and shards frozen and trained parameters alike. Adapter and optimizer state are gathered
-  to full tensors for the files, so a run may resume with or without FSDP, on any number of processes.
+  to full tensors for the files: a run may resume with or without FSDP, on another number of processes
+  (the same --micro-batches-per-step: the data plan does not depend on the processes).
 CPU runs use the gloo backend (tested with 2 processes), GPUs NCCL.
 """
 
@@ -134,7 +135,7 @@ STATE_FORMAT = "llama-adapter-triton train state"
 LOG_COLUMNS = ("step", "epoch", "split", "loss", "lr", "grad_norm", "examples", "tokens", "tokens_computed",
                "tokens_per_s", "step_s", "elapsed_s", "memory_gib")
 # settings a resumed run may change: they do not change the result
-RESUMABLE_CHANGES = ("out", "resume", "overwrite", "save_every", "stop_after_steps", "device", "tensorboard")
+RESUMABLE_CHANGES = ("out", "resume", "overwrite", "save_every", "stop_after_steps", "device", "tensorboard", "fsdp")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 

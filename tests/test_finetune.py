@@ -32,7 +32,7 @@ from model import (
 )
 from train.data import PackedLoader, PaddedLoader, load_records, tokenize_records
 from train.demo import DEMO_DATA, train_tokenizer
-from train.finetune import FinetuneConfig, batch_loss_sum, lr_factor, main, param_groups, run
+from train.finetune import FinetuneConfig, UsageError, batch_loss_sum, lr_factor, main, param_groups, run
 
 RECORDS = json.loads(DEMO_DATA.read_text())
 VOCAB = 300  # examples of 33-56 tokens: one 64-row block of the kernels each
@@ -137,6 +137,8 @@ def test_resume_equals_an_uninterrupted_run(checkpoint, tmp_path):
         out = tmp_path / f"stopped-{stop}"
         first = run(config(checkpoint, data, out, epochs=2, eval_size=2, stop_after_steps=stop))
         assert first.steps == stop and not (out / "adapter.safetensors").exists()
+        with pytest.raises(UsageError, match=r"--resume: these settings differ .* --blr 0.5 -> 0.25"):
+            run(config(checkpoint, data, out, epochs=2, eval_size=2, resume=True, blr=0.25))
         resumed = run(config(checkpoint, data, out, epochs=2, eval_size=2, resume=True))
         assert resumed.steps == 8
         for k, t in whole.adapter.items():

@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["kernels*", "model*", "train*", "bench*"], exclude=["tests*"]),
-    package_data={"train": ["data/*.json", "data/*.jsonl"]},
+    package_data={"train": ["data/*.json", "data/*.jsonl", "data/make_demo.py"]},  # the demo reads its tables
     python_requires=">=3.10",
     install_requires=[
         # torch.library.custom_op needs 2.4, SDPA's enable_gqa (the model's plain layers) 2.5

@@ -21,6 +21,8 @@ from .checkpoint import (
     load_config,
     read_adapter_config,
     save_adapter,
+    save_checkpoint,
+    write_atomic,
 )
 from .llama import PRESETS, LLaMA, LLaMAConfig, RopeScaling
 from .prompt import alpaca_prompt
@@ -30,5 +32,5 @@ __all__ = [
     "PRESETS", "AdapterAttention", "AdapterConfig", "CheckpointError", "LLaMA", "LLaMAConfig", "RopeScaling",
     "Tokenizer", "adapter_layers", "adapter_state_dict", "alpaca_prompt", "cast_base", "checkpoint_format",
     "load_adapter", "load_checkpoint", "load_config", "mark_only_adapter_as_trainable", "read_adapter_config",
-    "save_adapter",
+    "save_adapter", "save_checkpoint", "write_atomic",
 ]

@@ -23,7 +23,8 @@ for the adapted layers N >= n_layers - adapter_layers only. 7B with 30 layers of
 30 * (10 * 4096 + 32) = 1,229,760 parameters.
 
 Multi-modal hook: forward(..., visual=(batch, dim)) adds that token to every prompt row of every
-adapted layer, so the prompt keys/values become per sample (batch, adapter_len, ...).
+adapted layer, so the prompt keys/values become per sample (batch, adapter_len, ...); with packed
+sequences (cu_seqlens), visual is (num_seqs, dim) and the op gets one prompt per sequence.
 
 Limits: the op has no key-padding mask, so a left-padded batch (batched generation) calls it
 once per group of rows with the same padding, on their unpadded keys (exact, a little slower).
@@ -40,7 +41,7 @@ import torch.nn as nn
 
 from kernels import zero_init_attention
 
-from .llama import Attention, AttentionContext, LLaMA, LLaMAConfig
+from .llama import Attention, AttentionContext, LLaMA, LLaMAConfig, packed_attention
 
 GATES = ("head", "layer")
 GATE_ACTS = ("tanh", "identity")
@@ -103,6 +104,8 @@ class AdapterAttention(Attention):
             pk, pv = self.prompt_kv(ctx.visual)
             if cache is not None:
                 cache.prompt_kv = (pk, pv)
+        if ctx.cu_seqlens is not None:  # packed sequences: the prompt (shared, or one per sequence), varlen
+            return packed_attention(q, k, v, ctx, pk, pv, self.gate, self.gate_act)
 
         def op(q, k, v, pk, pv):
             return zero_init_attention(q, k, v, pk, pv, self.gate, causal=True, gate_act=self.gate_act)

@@ -17,6 +17,10 @@ The model is built on the meta device and each tensor is copied to its device an
 read, one at a time: no fp32 copy of a bf16 model ever exists. .pth/.bin files load with
 torch.load(weights_only=True, mmap=True): checkpoints are data, never code. A missing,
 unexpected, duplicated or mis-shaped tensor raises CheckpointError naming the file and the tensor.
+save_checkpoint(model, folder) writes a base model in the Hugging Face format (config.json and
+model.safetensors, q/k rows permuted back to HF's layout), which both load_checkpoint and transformers read.
+Every file this module writes goes through write_atomic: a temporary name in the same folder, renamed
+into place, and never over an existing file unless asked (overwrite=True).
 
 Adapters, load_adapter(model, path), the format detected by the file's keys:
 1. Ours (save_adapter): a safetensors file holding exactly the adapter's parameters,
@@ -574,26 +578,14 @@ def load_adapter(model: LLaMA, path: str | os.PathLike, *, gate_act: str | None 
     return adapter.config
 
 
-def save_adapter(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write the adapter alone (our safetensors format, see the module docstring); returns the path.
-
-    Written to a temporary file beside path, then renamed into place, so an interrupted run leaves
-    no half-written adapter. An existing file is replaced only with overwrite=True.
-    """
-    if model.adapter is None:
-        raise ValueError("the model has no adapter to save")
+def write_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
+    """Write data to path through a temporary file in the same folder, renamed into place (os.replace): a killed
+    process never leaves a half-written file. An existing file is replaced only with overwrite=True."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give save_adapter a file name")
+        raise IsADirectoryError(f"{path} is a folder; give a file name")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    c = model.config
-    metadata = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION,
-                "adapter_config": json.dumps(model.adapter.to_dict()),
-                "model": json.dumps({"name": c.name, "dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads,
-                                     "n_kv_heads": c.n_kv_heads})}
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(model).items()}
-    data = safetensors_bytes(tensors, metadata=metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -605,3 +597,82 @@ def save_adapter(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = Fal
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def save_adapter(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = False,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter alone (our safetensors format, see the module docstring); returns the path.
+
+    Written to a temporary file beside path, then renamed into place, so an interrupted run leaves
+    no half-written adapter. An existing file is replaced only with overwrite=True. state: the
+    adapter's tensors to write instead of the model's own parameters (e.g. gathered from FSDP
+    shards), with exactly adapter_state_dict(model)'s names and shapes.
+    """
+    if model.adapter is None:
+        raise ValueError("the model has no adapter to save")
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give save_adapter a file name")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    own = adapter_state_dict(model)
+    if state is None:
+        state = own
+    elif state.keys() != own.keys() or any(tuple(state[k].shape) != tuple(own[k].shape) for k in own):
+        raise ValueError(f"state must hold the adapter's tensors {sorted(own)[:2]}... with their shapes, got "
+                         f"{ {k: tuple(v.shape) for k, v in list(state.items())[:2]} }...")
+    c = model.config
+    metadata = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION,
+                "adapter_config": json.dumps(model.adapter.to_dict()),
+                "model": json.dumps({"name": c.name, "dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads,
+                                     "n_kv_heads": c.n_kv_heads})}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    return write_atomic(path, safetensors_bytes(tensors, metadata=metadata), overwrite=overwrite)
+
+
+def permute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF's rotate-half permutation of q_proj / k_proj rows (the inverse of unpermute_hf)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def save_checkpoint(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write the base model (the adapter left out) as a Hugging Face checkpoint folder; returns the folder.
+
+    config.json (LlamaForCausalLM's) and model.safetensors with HF's names and permuted q/k rows, in
+    the weights' dtype: load_checkpoint and transformers both read it. Each file is written to a
+    temporary name and renamed into place; existing ones are replaced only with overwrite=True.
+    """
+    folder = Path(path)
+    existing = [folder / n for n in ("config.json", "model.safetensors") if (folder / n).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass overwrite=True to replace the checkpoint in {folder}")
+    c = model.config
+    ours_to_hf = {v: k for k, v in _HF_TOP.items()}
+    ours_to_hf.update({f"{v}.weight": f"{k}.weight" for k, v in _HF_LAYER.items()})
+    adapter = {id(p) for p in adapter_state_dict(model).values()}
+    tensors = {}
+    for name, p in model.named_parameters():  # a tied output weight is listed once, as tok_embeddings
+        if id(p) in adapter:
+            continue
+        layer, _, rest = name.removeprefix("layers.").partition(".")
+        hf = ours_to_hf[name] if not name.startswith("layers.") else f"model.layers.{layer}.{ours_to_hf[rest]}"
+        t = p.detach().to("cpu")
+        if rest in ("attention.wq.weight", "attention.wk.weight"):
+            t = permute_hf(t, c.n_heads if rest == "attention.wq.weight" else c.n_kv_heads)
+        tensors[hf] = t.contiguous()
+    dtype = next(iter(tensors.values())).dtype
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+              "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
+              "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "vocab_size": c.vocab_size,
+              "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "max_position_embeddings": c.max_seq_len,
+              "tie_word_embeddings": c.tie_embeddings, "torch_dtype": str(dtype).removeprefix("torch."),
+              "rope_scaling": None if c.rope_scaling is None else {
+                  "rope_type": "llama3", "factor": c.rope_scaling.factor,
+                  "low_freq_factor": c.rope_scaling.low_freq_factor,
+                  "high_freq_factor": c.rope_scaling.high_freq_factor,
+                  "original_max_position_embeddings": c.rope_scaling.original_max_seq_len}}
+    write_atomic(folder / "model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}),
+                 overwrite=overwrite)
+    write_atomic(folder / "config.json", (json.dumps(config, indent=2) + "\n").encode(), overwrite=overwrite)
+    return folder

@@ -18,18 +18,16 @@ tokens, padded on either side, and realigns it.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 import sys
 import time
-import typing
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .cli import parse_dataclass
 from .llama import LLaMA
 from .prompt import alpaca_prompt
 
@@ -164,16 +162,7 @@ class Args:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Args:
-    parser = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__.split("\n\n")[0])
-    hints = typing.get_type_hints(Args)
-    for f in dataclasses.fields(Args):
-        kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
-        required = f.default is dataclasses.MISSING
-        shown = "" if required or f.default in (None, "") else f" (default: {f.default})"
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, required=required,
-                            default=None if required else f.default, choices=f.metadata.get("choices"),
-                            help=f.metadata["help"] + shown)
-    return Args(**vars(parser.parse_args(argv)))
+    return parse_dataclass(Args, argv, prog="python -m model.generate", description=__doc__.split("\n\n")[0])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -26,7 +26,15 @@ tokens (batch, seqlen) int64 -> logits (batch, seqlen, vocab_size).
   the cache, or tokens without one). Pad keys are masked, and RoPE positions restart at 0 on each
   row's first real token (absolute positions matter: the adapter's prompt keys carry no RoPE).
 - positions: explicit RoPE position ids (batch, seqlen) or (seqlen,), overriding the default
-  input_pos + t - left_pad[b] (room for packed sequences later).
+  input_pos + t - left_pad[b].
+- Packed sequences (training without padding, train/data.py's PackedLoader): tokens (1, T) holding
+  several sequences one after the other, cu_seqlens (num_seqs + 1,) int32 their offsets (flash-attn's
+  varlen convention) and max_seqlen the longest. Every layer then attends within each sequence only,
+  through kernels.zero_init_attention's varlen mode: the adapted layers with their prompt (shared, or
+  one per sequence with a visual token (num_seqs, dim)), the plain layers with no prompt (a zero one
+  under a zero gate, see Attention.attend; SDPA has no varlen mode, and a block-diagonal mask would
+  cost T x T). RoPE positions restart at 0 in each
+  sequence (derived from cu_seqlens unless positions are given). No KV cache, no left_pad.
 
 Limits: head_dim == dim // n_heads (all LLaMA models); no dropout, no biases.
 Token ids are range-checked on the CPU only: on a GPU the check would cost a sync per decode step
@@ -44,6 +52,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from kernels import zero_init_attention
 
 if TYPE_CHECKING:
     from .adapter import AdapterConfig
@@ -214,6 +224,18 @@ class AttentionContext:
     visual: torch.Tensor | None = None  # (B, dim) visual token for the adapter prompts
     mask: torch.Tensor | None = None  # SDPA boolean mask (T, S) or (B, 1, T, S), True = visible
     is_causal: bool = False  # SDPA's own causal mask (T == S, no padding)
+    cu_seqlens: torch.Tensor | None = None  # packed sequences: (num_seqs + 1,) int32 offsets into the one row
+    max_seqlen: int | None = None  # packed sequences: the longest
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
+                     prompt_k: torch.Tensor, prompt_v: torch.Tensor, gate: torch.Tensor,
+                     gate_act: str = "tanh") -> torch.Tensor:
+    """Causal attention within each packed sequence of q (1, T, nh, hs) over k, v (1, T, nkv, hs), plus the
+    gated prompt (1 or num_seqs, prompt_len, nkv, hs; prompt_len 0 for none) -> (1, T, nh, hs)."""
+    return zero_init_attention(q[0], k[0], v[0], prompt_k, prompt_v, gate, causal=True, gate_act=gate_act,
+                               cu_seqlens_q=ctx.cu_seqlens, cu_seqlens_k=ctx.cu_seqlens,
+                               max_seqlen_q=ctx.max_seqlen, max_seqlen_k=ctx.max_seqlen).unsqueeze(0)
 
 
 def attention_mask(seqlen_q: int, seqlen_k: int, left_pad: list[int] | None,
@@ -260,6 +282,12 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Causal attention of q (B, T, nh, hs) over k, v (B, S, nkv, hs) -> (B, T, nh, hs). The override point."""
+        if ctx.cu_seqlens is not None:  # packed sequences: the varlen op, with no prompt in effect
+            # prompt_len 0 would be the natural call, but the op's varlen launch then passes the 3-D k's strides
+            # for the (unused) prompt and fails (kernels/zero_init_attn.py, _fwd/_bwd: `pk, pv = ... else (k, v)`).
+            # One zero prompt key/value under a zero gate adds exactly 0 (tanh(0) * 0) instead.
+            no_prompt = k.new_zeros(1, 1, self.n_kv_heads, self.head_dim)
+            return packed_attention(q, k, v, ctx, no_prompt, no_prompt, q.new_zeros(1))
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, nh, T, hs), (B, nkv, S, hs)
             attn_mask=ctx.mask, is_causal=ctx.is_causal, enable_gqa=self.n_kv_heads != self.n_heads)
@@ -329,7 +357,8 @@ class LLaMA(nn.Module):
             layer.attention.kv_cache = None
 
     def forward(self, tokens: torch.Tensor, *, input_pos: int | None = None, left_pad: Sequence[int] | None = None,
-                positions: torch.Tensor | None = None, visual: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, visual: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab_size); see the module docstring for the keyword arguments."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
             got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
@@ -343,20 +372,30 @@ class LLaMA(nn.Module):
         cached = self.layers[0].attention.kv_cache is not None
         seqlen_k = input_pos + T if cached else T  # slots the queries attend over
         left_pad = self._check_left_pad(left_pad, B, seqlen_k)
+        if cu_seqlens is not None:
+            max_seqlen = self._check_packed(tokens, cu_seqlens, max_seqlen, input_pos, left_pad, cached)
+        elif max_seqlen is not None:
+            raise ValueError("max_seqlen goes with cu_seqlens (packed sequences)")
+        rows, what = (cu_seqlens.shape[0] - 1, "num_seqs") if cu_seqlens is not None else (B, "batch")
         if visual is not None and self.adapter is None:
             raise ValueError("visual is added to the adapter prompts, but this model has no adapter")
-        if visual is not None and visual.shape != (B, self.config.dim):
-            raise ValueError(f"visual must be (batch={B}, dim={self.config.dim}), got {tuple(visual.shape)}")
+        if visual is not None and visual.shape != (rows, self.config.dim):
+            raise ValueError(f"visual must be ({what}={rows}, dim={self.config.dim}), got {tuple(visual.shape)}")
 
-        if positions is None:
+        if positions is None and cu_seqlens is not None:  # restart at 0 in each sequence
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+            positions = torch.arange(T, device=tokens.device) - torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
+        elif positions is None:
             positions = torch.arange(input_pos, input_pos + T, device=tokens.device).expand(B, T)
             if left_pad is not None:  # each row counts from its first real token; pad tokens sit at 0
                 positions = (positions - torch.tensor(left_pad, device=tokens.device).unsqueeze(1)).clamp(min=0)
         elif positions.shape not in ((B, T), (T,)):
             raise ValueError(f"positions must be (batch={B}, seqlen={T}) or ({T},), got {tuple(positions.shape)}")
         rope = rope_cos_sin(positions.expand(B, T), self.config)
-        mask, is_causal = attention_mask(T, seqlen_k, left_pad, tokens.device)
-        ctx = AttentionContext(input_pos=input_pos, left_pad=left_pad, visual=visual, mask=mask, is_causal=is_causal)
+        mask, is_causal = (None, False) if cu_seqlens is not None else attention_mask(T, seqlen_k, left_pad,
+                                                                                      tokens.device)
+        ctx = AttentionContext(input_pos=input_pos, left_pad=left_pad, visual=visual, mask=mask, is_causal=is_causal,
+                               cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
         x = self.tok_embeddings(tokens)  # (B, T, dim)
         # Below the first adapted layer nothing is trained: no autograd graph, no saved activations.
@@ -368,6 +407,31 @@ class LLaMA(nn.Module):
         for layer in self.layers[self.first_adapted:]:
             x = layer(x, rope, ctx)
         return self.output(self.norm(x))  # (B, T, vocab)
+
+    @staticmethod
+    def _check_packed(tokens: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None, input_pos: int,
+                      left_pad: list[int] | None, cached: bool) -> int:
+        """Check packed-sequence arguments; returns max_seqlen (computed from cu_seqlens when None: a sync on GPU)."""
+        if tokens.shape[0] != 1:
+            raise ValueError(f"packed sequences (cu_seqlens) go in one row: tokens must be (1, total), got "
+                             f"{tuple(tokens.shape)}")
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 \
+                or cu_seqlens.shape[0] < 2:
+            got = f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor) else \
+                type(cu_seqlens).__name__
+            raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of num_seqs + 1 >= 2 offsets, got {got}")
+        if cu_seqlens.device != tokens.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but tokens are on {tokens.device}")
+        if cached or input_pos or left_pad is not None:
+            raise ValueError("packed sequences (cu_seqlens) are for training: no KV cache, input_pos or left_pad")
+        if cu_seqlens.device.type == "cpu":  # on a GPU the op's kernels bound every access instead
+            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+            if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != tokens.shape[1] or bool((lengths < 0).any()):
+                raise ValueError(f"cu_seqlens must rise from 0 to {tokens.shape[1]} (the packed length), got "
+                                 f"{cu_seqlens.tolist()}")
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return max_seqlen
 
     @staticmethod
     def _check_left_pad(left_pad: Sequence[int] | None, batch: int, seqlen_k: int) -> list[int] | None:

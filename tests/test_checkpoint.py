@@ -23,8 +23,9 @@ from model import (
     load_config,
     read_adapter_config,
     save_adapter,
+    save_checkpoint,
 )
-from model.checkpoint import unpermute_hf
+from model.checkpoint import permute_hf, unpermute_hf
 
 TOKENS = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
 CONFIGS = {"llama2": dict(), "llama3-gqa-tied": dict(gqa=True, llama3=True)}
@@ -73,6 +74,31 @@ def _permute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """HF's permutation (convert_llama_weights_to_hf.py), the inverse of unpermute_hf."""
     rows, cols = w.shape
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_save_checkpoint_is_read_by_transformers_and_load_checkpoint(tmp_path, name):
+    from transformers import LlamaForCausalLM
+
+    model = tiny_model(AdapterConfig(adapter_len=4, adapter_layers=1), **CONFIGS[name])  # the adapter is left out
+    folder = save_checkpoint(model, tmp_path / "ckpt")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    base = copy_base(model, LLaMA(model.config)).eval()
+    torch.testing.assert_close(logits(LlamaForCausalLM.from_pretrained(folder)), logits(base), atol=1e-4, rtol=1e-4)
+    loaded = load_checkpoint(folder)
+    assert loaded.config == dataclasses.replace(model.config, name="ckpt", multiple_of=256)  # hidden_dim is stored
+    for (n, p), (m, q) in zip(loaded.state_dict().items(), base.state_dict().items(), strict=True):
+        assert n == m and torch.equal(p, q), n
+    with pytest.raises(FileExistsError, match=r"config.json|model.safetensors"):
+        save_checkpoint(model, folder)
+    other = LLaMA(model.config).to(torch.bfloat16)
+    save_checkpoint(other, folder, overwrite=True)
+    assert torch.equal(load_checkpoint(folder).output.weight, other.output.weight)  # bf16, as written
+
+
+def test_permute_hf_is_hf_permutation():
+    w = torch.randn(4 * 8, 5)
+    torch.testing.assert_close(permute_hf(w, 4), _permute_hf(w, 4), atol=0, rtol=0)
 
 
 def test_unpermute_inverts_hf_permutation():
@@ -257,6 +283,19 @@ def test_save_adapter_never_overwrites_by_accident(tmp_path):
     assert read_adapter_config(path) == ADAPTER
     with pytest.raises(ValueError, match="no adapter"):
         save_adapter(tiny_model(), tmp_path / "base.safetensors")
+
+
+def test_save_adapter_from_given_state(tmp_path):
+    """state= writes given tensors (e.g. gathered from FSDP shards) in the model's adapter format."""
+    model = tiny_model(ADAPTER, seed=5)
+    state = {k: torch.randn(v.shape) for k, v in adapter_state_dict(model).items()}
+    path = save_adapter(model, tmp_path / "adapter.safetensors", state=state)
+    other = copy_base(model, LLaMA(model.config, ADAPTER))
+    load_adapter(other, path)
+    for name, t in adapter_state_dict(other).items():
+        assert torch.equal(t, state[name]), name
+    with pytest.raises(ValueError, match="state must hold the adapter's tensors"):
+        save_adapter(model, tmp_path / "other.safetensors", state={k: v[:1] for k, v in state.items()})
 
 
 def test_save_adapter_leaves_nothing_when_interrupted(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""The model: presets, RoPE, zero-init, the adapter's gradients and dtypes, KV cache, padding, visual token."""
+"""The model: presets, RoPE, zero-init, the adapter's gradients and dtypes, KV cache, padding, visual token,
+packed sequences."""
 
 from __future__ import annotations
 
@@ -213,6 +214,67 @@ def test_forward_rejects_bad_input():
     model.setup_cache(2, 8)
     with pytest.raises(ValueError, match=r"KV cache holds batch 2 x 8 slots; .* input_pos 6\.\.10 do not fit"):
         model(tokens(2, 5), input_pos=6)
+    model.clear_cache()
+
+
+def _packed(lengths: list[int], seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Random sequences of these lengths, their packed row (1, T) and cu_seqlens."""
+    seqs = [tokens(1, n, seed + i)[0] for i, n in enumerate(lengths)]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return seqs, torch.cat(seqs)[None], cu
+
+
+@pytest.mark.parametrize("gqa, visual", [(False, False), (True, True)])
+def test_packed_sequences_equal_each_sequence_alone(gqa, visual):
+    """Logits of a packed row equal each sequence run alone (RoPE restarting, no attention across sequences);
+    the adapter's gradients equal the sum of the per-sequence gradients. One plain and one adapted layer."""
+    model = tiny_model(AdapterConfig(adapter_len=4, adapter_layers=1), gqa=gqa)
+    mark_only_adapter_as_trainable(model)
+    lengths = [5, 1, 17, 9]
+    seqs, row, cu = _packed(lengths)
+    vis = torch.randn(len(lengths), 128, generator=torch.Generator().manual_seed(5)) if visual else None
+    weights = torch.randn(1, sum(lengths), VOCAB, generator=torch.Generator().manual_seed(6))  # a loss that sees all
+
+    packed = model(row, cu_seqlens=cu, max_seqlen=max(lengths), visual=vis)
+    (packed * weights).sum().backward()
+    packed_grads = {k: p.grad.clone() for k, p in adapter_state_dict(model).items()}
+    model.zero_grad()
+
+    start = 0
+    for i, seq in enumerate(seqs):
+        alone = model(seq[None], visual=None if vis is None else vis[i:i + 1])
+        torch.testing.assert_close(packed[:, start:start + len(seq)], alone, atol=1e-5, rtol=1e-5)
+        (alone * weights[:, start:start + len(seq)]).sum().backward()  # grads accumulate over the sequences
+        start += len(seq)
+    for name, p in adapter_state_dict(model).items():
+        assert p.grad.abs().max() > 0, name
+        torch.testing.assert_close(packed_grads[name], p.grad, atol=1e-5, rtol=1e-5)
+
+    # positions derived from cu_seqlens equal the loader's explicit ones; a shared row is not per-sequence
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        torch.testing.assert_close(model(row, positions=positions, cu_seqlens=cu, visual=vis), packed.detach())
+        assert (model(row, visual=None if vis is None else vis[:1]) - packed).abs().max() > 1e-2
+
+
+def test_packed_sequences_reject_bad_input():
+    model = tiny_model(AdapterConfig(adapter_len=4, adapter_layers=1))
+    _, row, cu = _packed([3, 4])
+    with pytest.raises(ValueError, match=r"tokens must be \(1, total\), got \(2, 7\)"):
+        model(row.expand(2, 7), cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"cu_seqlens must be a 1-D int32 tensor .* got torch.int64 \(3,\)"):
+        model(row, cu_seqlens=cu.long())
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to 7 .* got \[0, 3, 6\]"):
+        model(row, cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"visual must be \(num_seqs=2, dim=128\), got \(1, 128\)"):
+        model(row, cu_seqlens=cu, visual=torch.zeros(1, 128))
+    with pytest.raises(ValueError, match="max_seqlen goes with cu_seqlens"):
+        model(row, max_seqlen=4)
+    with pytest.raises(ValueError, match="max_seqlen_q=3 is less than the longest sequence"):
+        model(row, cu_seqlens=cu, max_seqlen=3)
+    model.setup_cache(1, 8)
+    with pytest.raises(ValueError, match="packed sequences .* no KV cache"):
+        model(row, cu_seqlens=cu)
     model.clear_cache()
 
 

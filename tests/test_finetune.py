@@ -1,0 +1,258 @@
+"""train/finetune.py: convergence, packed = padded, resume = uninterrupted, 2 processes (gloo) = 1, the CLI's errors.
+
+Tiny models (dim 64, 2 heads of 32, 2 layers, the top one adapted) on a few records of the demo set: the op
+runs its Triton kernels under the interpreter here, which costs ~0.1 s per (sequence, head) and pass.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from model_utils import randomize_, set_adapter_
+from safetensors.torch import load_file
+
+from model import (
+    AdapterConfig,
+    LLaMA,
+    LLaMAConfig,
+    Tokenizer,
+    adapter_state_dict,
+    alpaca_prompt,
+    mark_only_adapter_as_trainable,
+    save_checkpoint,
+)
+from train.data import PackedLoader, PaddedLoader, load_records, tokenize_records
+from train.demo import DEMO_DATA, train_tokenizer
+from train.finetune import FinetuneConfig, UsageError, batch_loss_sum, lr_factor, main, param_groups, run
+
+RECORDS = json.loads(DEMO_DATA.read_text())
+VOCAB = 300  # examples of 33-56 tokens: one 64-row block of the kernels each
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny random LLaMA (HF format) with a sentencepiece tokenizer trained on the demo set."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    texts = [alpaca_prompt(r["instruction"], r["input"]) + " " + r["output"] for r in RECORDS]
+    (folder / "tokenizer.model").write_bytes(train_tokenizer(texts, vocab_size=VOCAB))
+    config = LLaMAConfig(name="tiny-ft", dim=64, n_layers=2, n_heads=2, vocab_size=VOCAB, multiple_of=32,
+                         norm_eps=1e-5, max_seq_len=128)
+    torch.manual_seed(0)
+    save_checkpoint(randomize_(LLaMA(config), seed=0), folder)
+    return folder
+
+
+def data_file(folder: Path, n: int, start: int = 0) -> Path:
+    path = folder / f"data-{start}-{n}.json"
+    path.write_text(json.dumps(RECORDS[start:start + n]))
+    return path
+
+
+def config(checkpoint: Path, data: Path, out: Path, **kwargs) -> FinetuneConfig:
+    """One adapted layer of two; one example per micro-batch (the interpreter's cost grows with the examples)."""
+    defaults = dict(adapter_layers=1, adapter_len=4, token_budget=64, max_seq_len=64, eval_size=0, epochs=1,
+                    blr=0.5, tensorboard=False, device="cpu")
+    return FinetuneConfig(checkpoint=checkpoint, data=data, out=out, **{**defaults, **kwargs})
+
+
+def log_rows(out: Path) -> list[dict]:
+    with open(out / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_lr_schedule_and_weight_decay_groups():
+    factors = [lr_factor(s, 4, 20, 0.1) for s in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]  # linear warmup, peak at the end of it
+    assert factors[4] == 1.0 and all(a > b for a, b in zip(factors[4:], factors[5:], strict=False))  # cosine
+    assert math.isclose(lr_factor(20, 4, 20, 0.1), 0.1)  # down to min_lr / lr at the end
+    model = LLaMA(LLaMAConfig(dim=64, n_layers=2, n_heads=2, vocab_size=16, multiple_of=32),
+                  AdapterConfig(adapter_len=4, adapter_layers=2))
+    mark_only_adapter_as_trainable(model)
+    decay, no_decay = param_groups(model, 0.02)
+    assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(m.attention.adapter_prompt) for m in model.layers}
+    assert {id(p) for p in no_decay["params"]} == {id(m.attention.gate) for m in model.layers}
+
+
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(checkpoint, tmp_path):
+    """The same examples packed in one row (varlen op) and padded (to the longest, and to 64) agree in fp32."""
+    records, _ = load_records(data_file(tmp_path, 3, start=5))
+    data, _ = tokenize_records(records, Tokenizer(checkpoint), max_seq_len=64)
+    model = set_adapter_(LLaMA(LLaMAConfig(name="x", dim=64, n_layers=2, n_heads=2, vocab_size=VOCAB, multiple_of=32),
+                               AdapterConfig(adapter_len=4, adapter_layers=1)))
+    randomize_(model, seed=3)
+    mark_only_adapter_as_trainable(model)
+    ids = [0, 1, 2]
+    batches = {"packed": PackedLoader(data, 256).collate(ids),
+               "longest": PaddedLoader(data, 3, pad_to="longest").collate(ids),
+               "64": PaddedLoader(data, 3, pad_to=64).collate(ids)}
+    assert batches["packed"]["tokens"].shape == (1, int(data.lengths.sum()))  # no padding at all
+    results = {}
+    for name, batch in batches.items():
+        model.zero_grad()
+        loss = batch_loss_sum(model, batch, torch.device("cpu")) / batch["num_targets"]
+        loss.backward()
+        results[name] = loss.detach(), {k: p.grad.clone() for k, p in adapter_state_dict(model).items()}
+    loss, grads = results["packed"]
+    assert all(g.abs().max() > 0 for g in grads.values())
+    for name in ("longest", "64"):
+        torch.testing.assert_close(results[name][0], loss, atol=1e-5, rtol=1e-5)
+        for k, g in grads.items():
+            torch.testing.assert_close(results[name][1][k], g, atol=1e-5, rtol=1e-5, msg=f"{name}: {k}")
+
+
+def test_30_steps_lower_the_loss_and_open_the_gates(checkpoint, tmp_path):
+    data = data_file(tmp_path, 10)
+    cfg = config(checkpoint, data, tmp_path / "out", epochs=3, lr=0.3, adapter_len=10, warmup_epochs=0.5)
+    result = run(cfg)
+    rows = [r for r in log_rows(cfg.out) if r["split"] == "train"]
+    assert result.steps == len(rows) == 30, "10 examples, one per step: 10 steps per epoch"
+    losses = [float(r["loss"]) for r in rows]
+    epochs = [sum(losses[i:i + 10]) / 10 for i in (0, 10, 20)]  # each epoch sees the same 10 examples
+    assert epochs[0] > epochs[1] > epochs[2] and epochs[2] < epochs[0] - 1.0, epochs  # perplexity / e at least
+    gates = [v for k, v in result.adapter.items() if k.endswith("gate")]
+    assert all(g.abs().min() > 0.05 for g in gates), gates
+    assert math.isclose(max(float(r["lr"]) for r in rows), 0.3, rel_tol=1e-6)  # --lr: the peak, after warmup
+    assert sorted(p.name for p in cfg.out.iterdir()) == sorted(
+        ["adapter.safetensors", "train_state.pt", "log.csv", "loss.png"]
+        + [f"adapter-epoch{n}.safetensors" for n in range(1, 4)])
+    saved = load_file(cfg.out / "adapter.safetensors")
+    assert saved.keys() == result.adapter.keys() and all(torch.equal(saved[k], result.adapter[k]) for k in saved)
+
+
+def test_resume_equals_an_uninterrupted_run(checkpoint, tmp_path):
+    data = data_file(tmp_path, 6)
+    whole = run(config(checkpoint, data, tmp_path / "whole", epochs=2, eval_size=2))
+    assert whole.steps == 8
+    for stop in (2, 4):  # mid-epoch, and at the end of an epoch's steps (its eval and adapter not yet done)
+        out = tmp_path / f"stopped-{stop}"
+        first = run(config(checkpoint, data, out, epochs=2, eval_size=2, stop_after_steps=stop))
+        assert first.steps == stop and not (out / "adapter.safetensors").exists()
+        with pytest.raises(UsageError, match=r"--resume: these settings differ .* --blr 0.5 -> 0.25"):
+            run(config(checkpoint, data, out, epochs=2, eval_size=2, resume=True, blr=0.25))
+        resumed = run(config(checkpoint, data, out, epochs=2, eval_size=2, resume=True))
+        assert resumed.steps == 8
+        for k, t in whole.adapter.items():
+            assert torch.equal(resumed.adapter[k], t), (stop, k)  # bitwise
+        assert resumed.eval_loss == whole.eval_loss
+        keep = ("step", "epoch", "split", "loss", "lr", "grad_norm", "examples", "tokens")
+        assert [{k: r[k] for k in keep} for r in log_rows(out)] == [{k: r[k] for k in keep}
+                                                                      for r in log_rows(tmp_path / "whole")]
+
+
+def test_fp16_loss_scaling_resumes_exactly(checkpoint, tmp_path):
+    """fp16 base with GradScaler: the adapter stays fp32, the scaler's state is saved and resumed with the rest."""
+    data = data_file(tmp_path, 4)
+    whole = run(config(checkpoint, data, tmp_path / "whole", dtype="float16"))
+    assert whole.steps == 4 and all(t.dtype == torch.float32 for t in adapter_state_dict(whole.model).values())
+    assert whole.model.layers[0].attention.wq.weight.dtype == torch.float16
+    run(config(checkpoint, data, tmp_path / "part", dtype="float16", stop_after_steps=2))
+    state = torch.load(tmp_path / "part" / "train_state.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0 and (state["epoch"], state["step"]) == (0, 2)
+    resumed = run(config(checkpoint, data, tmp_path / "part", dtype="float16", resume=True))
+    for k, t in whole.adapter.items():
+        assert torch.equal(resumed.adapter[k], t), k
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world_size: int, port: int, cfg: FinetuneConfig, result_dir: Path) -> None:
+    """One torchrun-like rank: the environment torchrun sets, then run(); saves this rank's adapter."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    result = run(cfg)
+    torch.save({"adapter": result.adapter, "local": {k: v.detach().clone() if not hasattr(v, "to_local") else
+                                                     v.to_local().clone()
+                                                     for k, v in adapter_state_dict(result.model).items()}},
+               result_dir / f"rank{rank}.pt")
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_equal_one_on_the_same_global_batch(checkpoint, tmp_path, fsdp):
+    """gloo, 2 processes, each with its share of every step's 2 micro-batches = 1 process with 2 per step."""
+    data = data_file(tmp_path, 8)
+    single = run(config(checkpoint, data, tmp_path / "single", micro_batches_per_step=2))
+    cfg = config(checkpoint, data, tmp_path / "two", micro_batches_per_step=2, fsdp=fsdp)
+    mp.spawn(_rank, args=(2, _free_port(), cfg, tmp_path), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert single.steps == 4
+    # the lr: blr x effective batch / 256; packed, effective batch = train examples / steps of the first epoch
+    assert math.isclose(max(float(r["lr"]) for r in log_rows(tmp_path / "single")), 0.5 * (8 / 4) / 256,
+                        rel_tol=1e-5)
+    for k, t in single.adapter.items():
+        assert torch.equal(ranks[0]["adapter"][k], ranks[1]["adapter"][k]), k
+        torch.testing.assert_close(ranks[0]["adapter"][k], t, atol=1e-5, rtol=1e-5, msg=k)
+        if not fsdp:  # DDP: every rank holds the whole adapter, the same bits
+            assert torch.equal(ranks[0]["local"][k], ranks[1]["local"][k]), k
+    if fsdp:  # FSDP2: each rank held its shard (dim 0) of the prompts
+        k = next(k for k in single.adapter if k.endswith("adapter_prompt"))
+        torch.testing.assert_close(torch.cat([ranks[0]["local"][k], ranks[1]["local"][k]]), ranks[0]["adapter"][k])
+    saved = load_file(tmp_path / "two" / "adapter.safetensors")  # written by rank 0 alone
+    assert all(torch.equal(saved[k], ranks[0]["adapter"][k]) for k in saved)
+    assert [int(r["step"]) for r in log_rows(tmp_path / "two")] == [1, 2, 3, 4]  # one writer
+
+
+def test_cli_malformed_data_names_the_record_and_writes_nothing(checkpoint, tmp_path, capsys):
+    records = RECORDS[:5]
+    records[3] = {"instruction": "What is 2 plus 2?", "input": ""}  # no output
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--adapter-layers", "1"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "python -m train.finetune: error:" in err and "record 3: field 'output' is missing" in err
+    assert "on_bad_record='skip'" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cli_refuses_earlier_results_and_bad_flags(checkpoint, tmp_path, capsys):
+    data = data_file(tmp_path, 4)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter.safetensors").write_text("the user's adapter")
+    (out / "notes.txt").write_text("the user's notes")
+    base = ["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--adapter-layers", "1"]
+    with pytest.raises(SystemExit) as e:
+        main(base)
+    assert e.value.code == 1 and "holds the results of an earlier run (adapter.safetensors)" in capsys.readouterr().err
+    assert (out / "adapter.safetensors").read_text() == "the user's adapter"
+    with pytest.raises(SystemExit):
+        main([*base, "--resume"])
+    assert "train_state.pt not found" in capsys.readouterr().err
+    for flags, message in ((["--resume", "--overwrite"], "give one of them"),
+                           (["--token-budget", "0"], "--token-budget must be an integer >= 1, got 0"),
+                           (["--adapter-layers", "3"], "--adapter-layers 3 exceeds the model's 2 layers"),
+                           (["--fsdp"], "--fsdp shards the model over several processes"),
+                           *([(["--device", "cuda"], "--device cuda: no CUDA GPU is available")]
+                             if not torch.cuda.is_available() else []),
+                           (["--max-seq-len", "8192", "--token-budget", "100"],
+                            "--max-seq-len 128 exceeds --token-budget 100"),
+                           (["--pad-to", "many"], "--pad-to: expected a number of tokens or 'longest', got 'many'"),
+                           (["--dtype", "float8"], "argument --dtype: invalid choice")):
+        with pytest.raises(SystemExit) as e:
+            main([*base, *flags])
+        assert e.value.code == 2, flags
+        assert message in capsys.readouterr().err, flags
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "notes.txt"]
+
+    # --overwrite deletes the earlier run's files (only those) and starts again
+    (out / "adapter-epoch7.safetensors").write_text("an earlier run's")
+    result = run(replace(config(checkpoint, data, out, overwrite=True), stop_after_steps=1))
+    assert result.steps == 1
+    assert sorted(p.name for p in out.iterdir()) == ["log.csv", "loss.png", "notes.txt", "train_state.pt"]

@@ -1,0 +1,792 @@
+"""LLaMA-Adapter fine-tuning (arXiv 2303.16199): a frozen LLaMA, a trained adapter, packed batches, resume,
+several processes (DDP / FSDP2).
+
+    # CPU (fp32), e.g. on the demo's small base (python -m train.demo writes runs/demo-base), ~1 minute:
+    python -m train.finetune --checkpoint runs/demo-base --data train/data/demo.json --out runs/ft-cpu \\
+        --adapter-layers 4 --token-budget 1024 --epochs 15 --blr 1.0 --eval-size 48
+    # one GPU (bf16 base, fp32 adapter): LLaMA-7B on Alpaca-52K with the paper's settings
+    python -m train.finetune --checkpoint llama-7b/ --data alpaca_data.json --out runs/alpaca-7b
+    # several GPUs of one node, DDP (only the adapter's gradients are all-reduced):
+    torchrun --nproc_per_node 8 -m train.finetune --checkpoint llama-7b/ --data alpaca_data.json --out runs/alpaca-7b
+    # a base too large for one GPU: FSDP2 shards it (and the adapter) over the GPUs
+    torchrun --nproc_per_node 8 -m train.finetune --checkpoint llama-65b/ --data alpaca_data.json \\
+        --out runs/alpaca-65b --fsdp
+    # go on with a run that stopped (killed, or --stop-after-steps): the same flags plus --resume
+    python -m train.finetune --checkpoint llama-7b/ --data alpaca_data.json --out runs/alpaca-7b --resume
+
+The model: load_checkpoint (Meta or HF) with a fresh adapter (prompts N(0, 1), gates 0: the model
+starts as the base) in its top --adapter-layers layers; the base is frozen and cast to --dtype
+(bf16 on a GPU, fp32 on a CPU; fp16 uses loss scaling, torch.amp.GradScaler), the adapter stays fp32.
+Data: train/data.py (Alpaca JSON / JSONL, bad records reported by index, loss on response tokens only),
+a seeded held-out split (--eval-size) whose loss is computed after every epoch.
+
+Batches (train/data.py's module docstring has the details)
+- Packed (the default): whole examples in micro-batches of at most --token-budget tokens, no padding;
+  the model attends within each sequence (cu_seqlens, kernels.zero_init_attention's varlen mode).
+- --padded: --batch-size examples per micro-batch, padded to --pad-to tokens (512, the official
+  script's) or to the longest of the batch; for comparison.
+- A step is --micro-batches-per-step micro-batches (gradient accumulation; all processes together:
+  with N processes each runs micro_batches_per_step / N of them). The loss of a step is the mean
+  cross-entropy over all of its target tokens, whatever the micro-batches or processes.
+Learning rate: --lr, or by default --blr x effective batch / 256 (the paper's rule, blr 9e-3), where
+the effective batch is the number of EXAMPLES per optimizer step: batch_size x micro_batches_per_step
+when padded; when packed, where it varies from step to step, the train examples divided by the
+steps of the first epoch (the mean). AdamW, betas (0.9, 0.95), weight decay 0.02 on the parameters of
+2 or more dims only (the prompts, not the gates), linear warmup over --warmup-epochs (default 2 of
+every 5 epochs, as the paper's 2 of 5), then cosine decay to --min-lr; gradients clipped to --clip-grad.
+
+Outputs (only rank 0 writes; every file goes to a temporary name and is renamed into place)
+    OUT/adapter-epoch{N}.safetensors   the adapter after epoch N (save_adapter's format; load_adapter reads it)
+    OUT/adapter.safetensors            the final adapter
+    OUT/train_state.pt                 resumable state: adapter, optimizer, scheduler, grad scaler, RNG,
+                                       position (epoch, step) and config; after every epoch, every
+                                       --save-every steps and at --stop-after-steps
+    OUT/log.csv                        one row per step (split "train") and per epoch's eval ("eval"):
+                                       step, epoch, split, loss, lr, grad_norm, examples, tokens,
+                                       tokens_computed, tokens_per_s, step_s, elapsed_s, memory_gib
+    OUT/loss.png                       the loss curves
+    OUT/tensorboard/                   the same scalars, when the tensorboard package is installed
+An OUT holding any of these is refused unless --resume (go on with that run) or --overwrite (delete
+them first); other files in OUT are left alone. tokens / tokens_per_s count real tokens (no padding),
+tokens_computed the tokens the model ran on (padding included: equal to tokens when packed);
+memory_gib is the peak CUDA memory allocated on a GPU, the peak resident memory on a CPU.
+
+Resume: --resume reads OUT/train_state.pt (torch.load with weights_only=True) and continues at the
+saved (epoch, step); the data order is a function of (seed, epoch) only and the loop draws no random
+numbers, so the result equals an uninterrupted run (tests: bitwise on a CPU). Settings that change the
+result must match the saved ones (an error lists the differences); --save-every, --stop-after-steps,
+--device, --fsdp and --tensorboard may change. log.csv keeps its rows up to the saved step.
+
+Several processes (torchrun): each rank takes its share of every step's micro-batches.
+- DDP (default): the base is frozen (requires_grad False), so DDP buckets and all-reduces only the
+  adapter's gradients; micro-batches before the last of a step run under no_sync().
+- --fsdp: FSDP2 (torch.distributed.fsdp.fully_shard) per transformer block and at the root, built on
+  the meta device and filled from rank 0's checkpoint (set_model_state_dict, broadcast_from_rank0):
+  no rank but 0 ever holds the whole base. fully_shard keeps each parameter's dtype (bf16 base, fp32
+  adapter) and shards frozen and trained parameters alike. Adapter and optimizer state are gathered
+  to full tensors for the files: a run may resume with or without FSDP, on another number of processes
+  (the same --micro-batches-per-step: the data plan does not depend on the processes).
+CPU runs use the gloo backend (tested with 2 processes), GPUs NCCL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from model import (
+    AdapterConfig,
+    CheckpointError,
+    LLaMA,
+    Tokenizer,
+    cast_base,
+    load_checkpoint,
+    load_config,
+    mark_only_adapter_as_trainable,
+    save_adapter,
+    write_atomic,
+)
+from model.adapter import GATE_ACTS, GATES
+from model.cli import build_parser, parse_dataclass
+from train.data import (
+    IGNORE_INDEX,
+    DataError,
+    PackedLoader,
+    PaddedLoader,
+    TokenizedDataset,
+    load_records,
+    split_eval,
+    tokenize_records,
+)
+
+PROG = "python -m train.finetune"
+ADAPTER_FILE = "adapter.safetensors"
+EPOCH_ADAPTER = "adapter-epoch{}.safetensors"  # N = 1, 2, ...: the adapter after epoch N
+STATE_FILE = "train_state.pt"
+LOG_FILE = "log.csv"
+PLOT_FILE = "loss.png"
+TB_DIR = "tensorboard"
+STATE_FORMAT = "llama-adapter-triton train state"
+LOG_COLUMNS = ("step", "epoch", "split", "loss", "lr", "grad_norm", "examples", "tokens", "tokens_computed",
+               "tokens_per_s", "step_s", "elapsed_s", "memory_gib")
+# settings a resumed run may change: they do not change the result
+RESUMABLE_CHANGES = ("out", "resume", "overwrite", "save_every", "stop_after_steps", "device", "tensorboard", "fsdp")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class UsageError(ValueError):
+    """A flag whose value does not fit the model or the data (found after parsing); names the flag."""
+
+
+def _pad_to(text: str) -> int | str:
+    if text == "longest":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'longest', got {text!r}") from None
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of a fine-tuning run, with its default; the command line is generated from these fields."""
+
+    checkpoint: Path = field(metadata={"help": "base model: a Meta or Hugging Face checkpoint folder"})
+    data: Path = field(metadata={"help": "Alpaca data: a JSON list or JSON Lines of {instruction, input, output}"})
+    out: Path = field(metadata={"help": "output folder (adapters, train_state.pt, log.csv, loss.png)"})
+    tokenizer: Path | None = field(default=None, metadata={
+        "help": "tokenizer.model / tokenizer.json or its folder (default: the checkpoint folder)"})
+    # the adapter
+    adapter_len: int = field(default=10, metadata={"help": "prompts per adapted layer"})
+    adapter_layers: int = field(default=30, metadata={"help": "adapted layers, counted from the top"})
+    gate: str = field(default="head", metadata={"help": "one gate per head or per layer", "choices": GATES})
+    gate_act: str = field(default="tanh", metadata={"help": "tanh(gate) (the paper's) or the raw gate",
+                                                    "choices": GATE_ACTS})
+    # data
+    max_seq_len: int = field(default=512, metadata={
+        "help": "examples are truncated to this many tokens (counted and reported); at most the model's context"})
+    on_bad_record: str = field(default="error", metadata={
+        "help": "a malformed record stops the run (error) or is skipped and counted (skip)",
+        "choices": ("error", "skip")})
+    eval_size: float = field(default=0.02, metadata={
+        "help": "held-out examples: a fraction in (0, 1), a count >= 1, or 0 for no eval"})
+    token_budget: int = field(default=4096, metadata={"help": "packed: the most tokens in one micro-batch"})
+    padded: bool = field(default=False, metadata={"help": "pad instead of packing (the official script's layout)"})
+    batch_size: int = field(default=4, metadata={"help": "padded: examples per micro-batch"})
+    pad_to: int | str = field(default=512, metadata={
+        "help": "padded: row length in tokens, or 'longest' (of each batch)", "type": _pad_to})
+    micro_batches_per_step: int | None = field(default=None, metadata={
+        "help": "micro-batches per optimizer step, all processes together (gradient accumulation; default: one "
+                "per process)"})
+    # optimisation
+    epochs: int = field(default=5, metadata={"help": "passes over the training data"})
+    blr: float = field(default=9e-3, metadata={"help": "base learning rate: lr = blr x effective batch / 256"})
+    lr: float | None = field(default=None, metadata={"help": "absolute learning rate (overrides --blr)"})
+    min_lr: float = field(default=0.0, metadata={"help": "learning rate at the end of the cosine decay"})
+    warmup_epochs: float | None = field(default=None, metadata={
+        "help": "linear warmup, in epochs (default: 0.4 x --epochs, the paper's 2 of 5)"})
+    weight_decay: float = field(default=0.02, metadata={"help": "AdamW weight decay of the prompts (not the gates)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    clip_grad: float = field(default=1.0, metadata={"help": "clip the gradient norm to this; 0: no clipping"})
+    seed: int = field(default=0, metadata={"help": "seed of the adapter's init, the eval split and the data order"})
+    # hardware
+    device: str = field(default="auto", metadata={
+        "help": "auto (cuda if available, else cpu), cpu, cuda or cuda:N (one process); torchrun: auto, cuda, cpu"})
+    dtype: str = field(default="auto", metadata={
+        "help": "base weights and activations: auto is bfloat16 on a GPU, float32 on a CPU; the adapter is fp32",
+        "choices": ("auto", *DTYPES)})
+    fsdp: bool = field(default=False, metadata={"help": "shard the model with FSDP2 (torchrun, for a base too large "
+                                                        "for one GPU) instead of DDP"})
+    # outputs
+    save_every: int = field(default=0, metadata={"help": "also write train_state.pt every N steps (0: per epoch)"})
+    stop_after_steps: int = field(default=0, metadata={
+        "help": "stop after N optimizer steps in all, writing train_state.pt (--resume goes on); 0: run to the end"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its train_state.pt"})
+    overwrite: bool = field(default=False, metadata={"help": "delete the results of an earlier run in --out first"})
+    tensorboard: bool = field(default=True, metadata={"help": "TensorBoard events in OUT/tensorboard (if installed)"})
+
+    def __post_init__(self) -> None:
+        for name in ("checkpoint", "data", "out", "tokenizer"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
+        for name, minimum in (("adapter_len", 1), ("adapter_layers", 1), ("max_seq_len", 2), ("token_budget", 1),
+                              ("batch_size", 1), ("epochs", 1), ("seed", 0), ("save_every", 0),
+                              ("stop_after_steps", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{_flag(name)} must be an integer >= {minimum}, got {value!r}")
+        if self.micro_batches_per_step is not None and self.micro_batches_per_step < 1:
+            raise ValueError(f"--micro-batches-per-step must be >= 1, got {self.micro_batches_per_step}")
+        if self.pad_to != "longest" and (not isinstance(self.pad_to, int) or self.pad_to < 1):
+            raise ValueError(f"--pad-to must be a positive number of tokens or 'longest', got {self.pad_to!r}")
+        if self.eval_size < 0 or (self.eval_size >= 1 and not float(self.eval_size).is_integer()):
+            raise ValueError(f"--eval-size must be a fraction in (0, 1), a whole count >= 1, or 0, got "
+                             f"{self.eval_size}")
+        for name in ("blr", "lr"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
+        for name in ("min_lr", "weight_decay", "clip_grad"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{_flag(name)} must lie in [0, 1), got {getattr(self, name)}")
+        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(f"--warmup-epochs must lie in [0, --epochs={self.epochs}], got {self.warmup_epochs}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out, --overwrite deletes it: give one of them")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        for name, choices in (("gate", GATES), ("gate_act", GATE_ACTS), ("on_bad_record", ("error", "skip")),
+                              ("dtype", ("auto", *DTYPES))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+@dataclass
+class RunResult:
+    """What run() did: where it wrote, the last losses, and the trained model (unwrapped; FSDP-sharded with --fsdp)."""
+
+    out: Path
+    adapter: dict[str, torch.Tensor]  # the final adapter, full fp32 tensors on the CPU, on every rank
+    steps: int
+    train_loss: float | None  # of the last step
+    eval_loss: float | None  # of the last epoch
+    seconds: float
+    model: LLaMA | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes
+
+
+@dataclass
+class Dist:
+    """This process's place: rank, world_size, device, and whether run() started the process group."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """fn() run on rank 0 only; its result (or its exception) reaches every rank."""
+        if self.world_size == 1:
+            return fn()
+        payload: list[Any] = [None]
+        if self.main:
+            try:
+                payload = [(True, fn())]
+            except Exception as e:  # re-raised on every rank, so that all of them stop together
+                payload = [(False, e)]
+        dist.broadcast_object_list(payload, src=0)
+        ok, value = payload[0]
+        if not ok:
+            raise value
+        return value
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t
+
+
+def setup_distributed(device: str) -> Dist:
+    """One process, or a torchrun rank (WORLD_SIZE > 1): gloo on CPUs, NCCL on GPUs (cuda:LOCAL_RANK)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if device.startswith("cuda") and not cuda:
+        raise UsageError(f"--device {device}: no CUDA GPU is available")
+    if world_size == 1:
+        return Dist(0, 1, torch.device(device if device != "auto" else "cuda" if cuda else "cpu"))
+    if device.startswith("cuda:"):
+        raise UsageError(f"--device {device}: under torchrun every rank takes cuda:LOCAL_RANK; give --device cuda")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
+    return Dist(rank, world_size, dev, owns)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+
+
+def build_model(config: FinetuneConfig, adapter: AdapterConfig, dtype: torch.dtype,
+                d: Dist) -> tuple[LLaMA, torch.nn.Module]:
+    """(model, the module to train through): the plain model, the same under DDP, or the FSDP2-sharded model."""
+    if not config.fsdp:
+        model = load_checkpoint(config.checkpoint, adapter=adapter, dtype=dtype, device=d.device)
+        mark_only_adapter_as_trainable(model)
+        if d.world_size == 1:
+            return model, model
+        # the base has requires_grad False: DDP registers (and all-reduces) the adapter's parameters only
+        return model, DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.device("meta"):
+        model = LLaMA(load_config(config.checkpoint), adapter)
+    cast_base(model, dtype)
+    mark_only_adapter_as_trainable(model)
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device=d.device)
+    # rank 0 reads the checkpoint (on the CPU) and its fresh, seeded adapter; the others receive their shards
+    full = load_checkpoint(config.checkpoint, adapter=adapter, dtype=dtype).state_dict() if d.main else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model, model
+
+
+def adapter_tensors(model: LLaMA) -> dict[str, torch.Tensor]:
+    """The adapter as full fp32 CPU tensors on every rank (gathered from the shards under FSDP: call on all ranks)."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+    return {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
+
+
+def batch_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+    """The summed cross-entropy (fp32) of a micro-batch's targets. Labels are already shifted (train/data.py)."""
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    if "cu_seqlens" in batch:  # packed: one row, attention within each sequence, positions restarting
+        logits = model(tokens, positions=batch["positions"].to(device, non_blocking=True),
+                       cu_seqlens=batch["cu_seqlens"].to(device, non_blocking=True), max_seqlen=batch["max_seqlen"])
+    else:  # right-padded rows: causal attention never reaches the padding of a real token
+        logits = model(tokens)
+    labels = batch["labels"].to(device, non_blocking=True)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on the trained parameters of 2 or more dims (prompts), none on the gates."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at step (0-based): linear warmup to 1, then cosine decay to min_ratio."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: PackedLoader | PaddedLoader, d: Dist) -> float:
+    """Mean cross-entropy over the targets of the loader's data (all ranks together)."""
+    total = torch.zeros((), device=d.device)
+    targets = 0
+    for step in loader.iter_epoch(0):
+        for batch in step.batches:
+            total += batch_loss_sum(model, batch, d.device)
+        targets += step.num_targets
+    return float(d.sum(total)) / targets
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def earlier_outputs(out: Path) -> list[Path]:
+    """The files (and tensorboard folder) of an earlier run in out."""
+    if not out.is_dir():
+        return []
+    found = [out / n for n in (ADAPTER_FILE, STATE_FILE, LOG_FILE, PLOT_FILE, TB_DIR) if (out / n).exists()]
+    return found + sorted(out.glob(EPOCH_ADAPTER.format("*")))
+
+
+def check_outputs(config: FinetuneConfig) -> list[Path]:
+    """Refuse an out folder holding an earlier run's results without --resume / --overwrite; returns them."""
+    if config.out.exists() and not config.out.is_dir():
+        raise UsageError(f"--out {config.out} is a file; give a folder")
+    found = earlier_outputs(config.out)
+    if config.resume and not (config.out / STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume: {config.out / STATE_FILE} not found, so there is no run to continue "
+                                "(start without --resume)")
+    if found and not (config.resume or config.overwrite):
+        names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
+        raise FileExistsError(f"{config.out} holds the results of an earlier run ({names}); pass --resume to "
+                              "continue it, or --overwrite to delete them and start again")
+    return found
+
+
+def _json_config(config: FinetuneConfig) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+
+
+def load_state(config: FinetuneConfig, resolved: dict) -> dict:
+    """OUT/train_state.pt, checked against this run's resolved settings."""
+    path = config.out / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be loaded with weights_only=True ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path}: not a training state written by {PROG}")
+    saved = json.loads(state["config"])
+    changed = [f"{_flag(k)} {saved.get(k)!r} -> {v!r}" for k, v in resolved.items()
+               if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    if changed:
+        raise UsageError(f"--resume: these settings differ from the run in {config.out}: {'; '.join(changed)}. "
+                         "Resume with the same settings, or start again with --overwrite")
+    return state
+
+
+class RunLog:
+    """log.csv (one row per step and per eval), TensorBoard events when installed; rank 0 only."""
+
+    def __init__(self, out: Path, *, resume_step: int | None, tensorboard: bool):
+        self.path = out / LOG_FILE
+        if resume_step is not None and self.path.exists():  # drop the rows after the saved step: they are redone
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            text = io.StringIO()
+            writer = csv.DictWriter(text, LOG_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+            write_atomic(self.path, text.getvalue().encode(), overwrite=True)
+        else:
+            write_atomic(self.path, (",".join(LOG_COLUMNS) + "\r\n").encode(), overwrite=resume_step is not None)
+        self.file = open(self.path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, LOG_COLUMNS)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                pass
+            else:
+                self.tb = SummaryWriter(str(out / TB_DIR), purge_step=None if resume_step is None else resume_step + 1)
+
+    def write(self, **row: Any) -> None:
+        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self.file.flush()
+        if self.tb is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "memory_gib"):
+                if row.get(key) is not None:
+                    self.tb.add_scalar(f"{row['split']}/{key}", row[key], row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_losses(log_path: Path, png_path: Path) -> Path:
+    """The train and eval loss curves of log.csv as a PNG (matplotlib's Agg canvas; no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    with open(log_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    fig = Figure(figsize=(7, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for split, style in (("train", "-"), ("eval", "o-")):
+        points = [(int(r["step"]), float(r["loss"])) for r in rows if r["split"] == split]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=f"{split} loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy per target token")
+    ax.set_title(f"LLaMA-Adapter fine-tuning: {log_path.parent.name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return write_atomic(png_path, buf.getvalue(), overwrite=True)
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak CUDA memory allocated on a GPU; peak resident memory of this process on a CPU (Linux: KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource  # Unix only
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _resolve_dtype(config: FinetuneConfig, device: torch.device) -> torch.dtype:
+    if config.dtype != "auto":
+        return DTYPES[config.dtype]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_data(config: FinetuneConfig, max_seq_len: int, say: Callable[[str], None] = print
+              ) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """(train, eval or None): the records of config.data, tokenized and split as run() does (source_index: records)."""
+    tokenizer = Tokenizer(config.tokenizer or config.checkpoint)
+    records, load_report = load_records(config.data, on_bad_record=config.on_bad_record)
+    data, tok_report = tokenize_records(records, tokenizer, max_seq_len=max_seq_len)
+    say(f"data: {load_report.summary()}")
+    say(f"      {tok_report.summary()}")
+    eval_size = int(config.eval_size) if config.eval_size >= 1 else config.eval_size
+    if eval_size == 0:
+        return data, None
+    train, held_out = split_eval(data, eval_size, seed=config.seed)
+    return train, held_out
+
+
+def _loader(config: FinetuneConfig, data: TokenizedDataset, mbs: int, d: Dist, *, shuffle: bool):
+    common = dict(micro_batches_per_step=mbs, shuffle=shuffle, seed=config.seed, rank=d.rank, world_size=d.world_size)
+    if config.padded:
+        return PaddedLoader(data, config.batch_size, pad_to=config.pad_to, **common)
+    return PackedLoader(data, config.token_budget, **common)
+
+
+def run(config: FinetuneConfig) -> RunResult:
+    """Fine-tune the adapter as configured (see the module docstring); returns where it wrote and the last losses."""
+    started = time.perf_counter()
+    d = setup_distributed(config.device)
+    try:
+        return _run(config, d, started)
+    finally:
+        if d.owns_group:
+            dist.destroy_process_group()
+
+
+def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
+    def say(message: str) -> None:
+        if d.main:
+            tqdm.write(message, file=sys.stdout)
+
+    # -- check everything before anything is written
+    model_config = load_config(config.checkpoint)
+    if config.adapter_layers > model_config.n_layers:
+        raise UsageError(f"--adapter-layers {config.adapter_layers} exceeds the model's {model_config.n_layers} "
+                         "layers")
+    if config.fsdp and d.world_size == 1:
+        raise UsageError("--fsdp shards the model over several processes: run under torchrun --nproc_per_node N")
+    mbs = config.micro_batches_per_step or d.world_size
+    if mbs % d.world_size:
+        raise UsageError(f"--micro-batches-per-step {mbs} must be a multiple of the number of processes "
+                         f"({d.world_size}): they share each step's micro-batches")
+    max_seq_len = min(config.max_seq_len, model_config.max_seq_len)
+    if not config.padded and max_seq_len > config.token_budget:
+        raise UsageError(f"--max-seq-len {max_seq_len} exceeds --token-budget {config.token_budget}: a packed "
+                         "micro-batch holds whole examples")
+    if config.padded and config.pad_to != "longest" and max_seq_len > config.pad_to:
+        raise UsageError(f"--max-seq-len {max_seq_len} exceeds --pad-to {config.pad_to}")
+    dtype = _resolve_dtype(config, d.device)
+    resolved = _json_config(replace(
+        config, micro_batches_per_step=mbs, dtype=str(dtype).removeprefix("torch."),
+        **{k: getattr(config, k).resolve() for k in ("checkpoint", "data", "tokenizer")
+           if getattr(config, k) is not None}))
+    earlier = d.on_main(lambda: check_outputs(config))
+    state = d.on_main(lambda: load_state(config, resolved)) if config.resume else None
+    train_data, eval_data = load_data(config, max_seq_len, say)
+
+    # -- the model
+    torch.manual_seed(config.seed)
+    adapter_config = AdapterConfig(adapter_len=config.adapter_len, adapter_layers=config.adapter_layers,
+                                   gate=config.gate, gate_act=config.gate_act)
+    model, trained = build_model(config, adapter_config, dtype, d)
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    c = model_config
+    say(f"model: {config.checkpoint} ({c.n_layers} layers, dim {c.dim}, {c.n_heads} heads, {n_all / 1e6:.1f}M "
+        f"parameters; base frozen in {str(dtype).removeprefix('torch.')})")
+    say(f"adapter: top {config.adapter_layers} layers x {config.adapter_len} prompts, gate per {config.gate} "
+        f"({config.gate_act}): {n_trained:,} trained parameters (fp32)")
+
+    # -- batches, schedule, optimizer
+    loader = _loader(config, train_data, mbs, d, shuffle=True)
+    eval_loader = _loader(config, eval_data, d.world_size, d, shuffle=False) if eval_data is not None else None
+    steps_per_epoch = [loader.num_steps(e) for e in range(config.epochs)]
+    total_steps = sum(steps_per_epoch)
+    if config.padded:
+        effective = config.batch_size * mbs
+        batch_text = (f"padded, {config.batch_size} examples x {config.pad_to} tokens per micro-batch x {mbs} "
+                      "micro-batches per step")
+    else:
+        effective = len(train_data) / steps_per_epoch[0]
+        batch_text = (f"packed, up to {config.token_budget} tokens per micro-batch x {mbs} micro-batches per step "
+                      f"(no padding)")
+    lr = config.lr if config.lr is not None else config.blr * effective / 256
+    warmup_epochs = 0.4 * config.epochs if config.warmup_epochs is None else config.warmup_epochs
+    warmup_steps = round(warmup_epochs / config.epochs * total_steps)
+    min_ratio = min(1.0, config.min_lr / lr)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr,
+                                  betas=(config.beta1, config.beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup_steps, total_steps, min_ratio))
+    if config.fsdp:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler  # agrees on inf/NaN across shards
+
+        scaler = ShardedGradScaler(d.device.type, enabled=dtype == torch.float16)
+    else:
+        scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
+    eval_text = f", eval {len(eval_data)}" if eval_data is not None else ", no eval split"
+    say(f"batches: {batch_text}; {d.world_size} process(es){' (FSDP2)' if config.fsdp else ''} on {d.device}; "
+        f"train {len(train_data)} examples{eval_text}")
+    say(f"schedule: {total_steps} steps in {config.epochs} epochs ({', '.join(map(str, steps_per_epoch))}); "
+        f"effective batch {effective:.1f} examples per step; lr {lr:.3g}"
+        + ("" if config.lr is not None else f" = blr {config.blr:g} x {effective:.1f} / 256")
+        + f"; warmup {warmup_steps} steps, then cosine to {config.min_lr:g}")
+    say(f"writing to {config.out}/ (only rank 0 writes)" if d.world_size > 1 else f"writing to {config.out}/")
+
+    # -- resume, or start afresh
+    epoch, start_step, global_step, elapsed = 0, 0, 0, 0.0
+    if state is not None:
+        names = set(adapter_tensors(model))
+        if set(state["adapter"]) != names:
+            raise CheckpointError(f"{config.out / STATE_FILE}: holds adapter tensors "
+                                  f"{sorted(state['adapter'])[:2]}..., the model has {sorted(names)[:2]}...")
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, state["adapter"], options=options)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if d.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], d.device)
+        epoch, start_step, global_step, elapsed = state["epoch"], state["step"], state["global_step"], state["elapsed"]
+        say(f"resuming {config.out} at epoch {epoch + 1}, step {start_step} of it ({global_step} of {total_steps} "
+            "steps done)")
+    elif d.main:
+        for path in earlier:  # --overwrite (check_outputs refused them otherwise)
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if earlier:
+            say(f"--overwrite: deleted {len(earlier)} file(s) of an earlier run in {config.out}")
+    log = RunLog(config.out, resume_step=global_step if state is not None else None,
+                 tensorboard=config.tensorboard) if d.main else None
+
+    def save_state(next_epoch: int, next_step: int) -> None:  # on every rank: FSDP gathers
+        adapter = adapter_tensors(model)
+        optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                    cpu_offload=True))
+        if d.main:
+            rng = {"cpu": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None}
+            blob = {"format": STATE_FORMAT, "version": 1, "config": json.dumps(resolved), "epoch": next_epoch,
+                    "step": next_step, "global_step": global_step, "elapsed": elapsed, "adapter": adapter,
+                    "optimizer": optim, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "rng": rng}
+            buffer = io.BytesIO()
+            torch.save(blob, buffer)
+            write_atomic(config.out / STATE_FILE, buffer.getvalue(), overwrite=True)
+
+    # -- train
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(total=total_steps, initial=global_step, desc="fine-tuning", unit="step", disable=not d.main,
+               dynamic_ncols=True, file=sys.stderr)
+    loss = eval_loss = None
+    tokens_done, seconds_done = 0, 0.0
+    stopped = False
+    try:
+        while epoch < config.epochs and not stopped:
+            for step in loader.iter_epoch(epoch, start_step):
+                t0 = time.perf_counter()
+                loss_sum = torch.zeros((), device=d.device)
+                for i, batch in enumerate(step.batches):
+                    last = i == len(step.batches) - 1
+                    if config.fsdp:
+                        trained.set_requires_gradient_sync(last)
+                    sync = trained.no_sync() if isinstance(trained, DistributedDataParallel) and not last \
+                        else nullcontext()
+                    with sync:
+                        micro = batch_loss_sum(trained, batch, d.device)
+                        # the step's mean over all its targets; DDP / FSDP average over the ranks, hence x world_size
+                        scaler.scale(micro * (d.world_size / step.num_targets)).backward()
+                    loss_sum += micro.detach()
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad or float("inf"))
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                step_lr = optimizer.param_groups[0]["lr"]
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                loss = float(d.sum(loss_sum)) / step.num_targets
+                step_s = time.perf_counter() - t0
+                elapsed += step_s
+                global_step += 1
+                tokens_done, seconds_done = tokens_done + step.num_real_tokens, seconds_done + step_s
+                tokens_per_s = step.num_real_tokens / step_s
+                mem = memory_gib(d.device)
+                if d.main:
+                    log.write(step=global_step, epoch=epoch + 1, split="train", loss=loss, lr=step_lr,
+                              grad_norm=float(grad_norm), examples=step.num_examples, tokens=step.num_real_tokens,
+                              tokens_computed=step.num_tokens, tokens_per_s=tokens_per_s, step_s=step_s,
+                              elapsed_s=elapsed, memory_gib=mem)
+                    bar.update()
+                    bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs} loss {loss:.4f} lr {step_lr:.2e} "
+                                        f"{tokens_per_s:,.0f} real tok/s mem {mem:.2f} GiB")
+                stopped = bool(config.stop_after_steps) and global_step >= config.stop_after_steps
+                if stopped or (config.save_every and global_step % config.save_every == 0):
+                    save_state(epoch, step.index + 1)
+                if stopped:
+                    break
+            if stopped:
+                break
+            if eval_loader is not None:
+                eval_loss = evaluate(model, eval_loader, d)
+                if d.main:
+                    log.write(step=global_step, epoch=epoch + 1, split="eval", loss=eval_loss, elapsed_s=elapsed)
+                say(f"epoch {epoch + 1}/{config.epochs}: train loss {loss if loss is not None else float('nan'):.4f} "
+                    f"(last step), eval loss {eval_loss:.4f}")
+            adapter = adapter_tensors(model)
+            if d.main:
+                save_adapter(model, config.out / EPOCH_ADAPTER.format(epoch + 1), overwrite=True, state=adapter)
+            epoch, start_step = epoch + 1, 0
+            save_state(epoch, 0)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+
+    adapter = adapter_tensors(model)
+    if d.main:
+        written = [config.out / STATE_FILE, config.out / LOG_FILE]
+        if not stopped:
+            written.insert(0, save_adapter(model, config.out / ADAPTER_FILE, overwrite=True, state=adapter))
+        written.append(plot_losses(config.out / LOG_FILE, config.out / PLOT_FILE))
+        if log.tb is not None:
+            written.append(config.out / TB_DIR)
+        rate = f" ({tokens_done / seconds_done:,.0f} real tokens/s)" if seconds_done else ""
+        done = f"stopped after step {global_step} of {total_steps} (--stop-after-steps; --resume goes on)" \
+            if stopped else f"done: {global_step} steps"
+        say(f"{done} in {time.perf_counter() - started:.1f} s{rate}; peak memory {memory_gib(d.device):.2f} GiB")
+        say("wrote: " + ", ".join(str(p) for p in written)
+            + (f" and adapter-epoch1..{epoch}.safetensors" if epoch else ""))
+    return RunResult(config.out, adapter, global_step, loss, eval_loss, time.perf_counter() - started, model)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    description = __doc__.split("\n\n")[0]
+    epilog = __doc__[len(description):].strip()
+    config = parse_dataclass(FinetuneConfig, argv, prog=PROG, description=description, epilog=epilog)
+    try:
+        run(config)
+    except UsageError as e:
+        build_parser(FinetuneConfig, prog=PROG, description=description).error(str(e))
+    except (DataError, CheckpointError, FileExistsError, FileNotFoundError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

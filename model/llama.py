@@ -282,11 +282,8 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Causal attention of q (B, T, nh, hs) over k, v (B, S, nkv, hs) -> (B, T, nh, hs). The override point."""
-        if ctx.cu_seqlens is not None:  # packed sequences: the varlen op, with no prompt in effect
-            # prompt_len 0 would be the natural call, but the op's varlen launch then passes the 3-D k's strides
-            # for the (unused) prompt and fails (kernels/zero_init_attn.py, _fwd/_bwd: `pk, pv = ... else (k, v)`).
-            # One zero prompt key/value under a zero gate adds exactly 0 (tanh(0) * 0) instead.
-            no_prompt = k.new_zeros(1, 1, self.n_kv_heads, self.head_dim)
+        if ctx.cu_seqlens is not None:  # packed sequences: SDPA cannot, the op's varlen mode with no prompt can
+            no_prompt = k.new_empty(1, 0, self.n_kv_heads, self.head_dim)
             return packed_attention(q, k, v, ctx, no_prompt, no_prompt, q.new_zeros(1))
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, nh, T, hs), (B, nkv, S, hs)

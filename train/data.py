@@ -563,6 +563,14 @@ class _Loader:
         self.rank, self.world_size, self.micro_batches_per_step = rank, world_size, micro_batches_per_step
         self._cached: tuple[int, list[np.ndarray]] | None = None
 
+    def _check_longest_fits(self, name: str, limit: int, remedy: str) -> None:
+        """ValueError naming the argument and the longest example when that example exceeds limit tokens."""
+        longest = int(self.data.lengths.argmax())
+        if self.data.lengths[longest] > limit:
+            raise ValueError(f"{name}={limit} is smaller than example {longest} (record "
+                             f"{int(self.data.source_index[longest])}) of {int(self.data.lengths[longest])} tokens; "
+                             f"{remedy}")
+
     def order(self, epoch: int) -> np.ndarray:
         """The epoch's order of the examples: a permutation seeded by (seed, epoch), or 0 ... n-1."""
         _check_int("epoch", epoch, 0)
@@ -636,11 +644,8 @@ class PackedLoader(_Loader):
         super().__init__(data, micro_batches_per_step=micro_batches_per_step, shuffle=shuffle, seed=seed,
                          rank=rank, world_size=world_size)
         _check_int("token_budget", token_budget, 1)
-        longest = int(data.lengths.argmax())
-        if data.lengths[longest] > token_budget:
-            raise ValueError(f"token_budget={token_budget} is smaller than example {longest} (record "
-                             f"{int(data.source_index[longest])}) of {int(data.lengths[longest])} tokens; "
-                             "tokenize with max_seq_len <= token_budget, or raise token_budget")
+        self._check_longest_fits("token_budget", token_budget, "tokenize with max_seq_len <= token_budget, or "
+                                 "raise token_budget")
         self.token_budget = token_budget
 
     def _plan(self, order: np.ndarray) -> list[list[int]]:
@@ -713,11 +718,7 @@ class PaddedLoader(_Loader):
         _check_int("batch_size", batch_size, 1)
         if pad_to != "longest":
             _check_int("pad_to", pad_to, 1)
-            longest = int(data.lengths.argmax())
-            if data.lengths[longest] > pad_to:
-                raise ValueError(f"pad_to={pad_to} is shorter than example {longest} (record "
-                                 f"{int(data.source_index[longest])}) of {int(data.lengths[longest])} tokens; "
-                                 "tokenize with max_seq_len <= pad_to, or use pad_to='longest'")
+            self._check_longest_fits("pad_to", pad_to, "tokenize with max_seq_len <= pad_to, or use pad_to='longest'")
         self.batch_size, self.pad_to = batch_size, pad_to
 
     def _plan(self, order: np.ndarray) -> list[np.ndarray]:

@@ -244,30 +244,40 @@ class Expected:
         tol = 2 * |baseline - oracle|  +  2 * rounding of the oracle in the low dtype (at magnitude |x| + 0.3)
               +  TOL_FLOOR * max(1, max |oracle|),
     where the oracle is computed in higher precision (fp32, fp64 for fp32 runs) and the baseline is the
-    reference formulation run in the benchmark's own low dtype. baseline_desc names it in messages."""
+    reference formulation run in the benchmark's own low dtype. baseline_desc names it in messages.
+    With normalize, every result is first divided by its oracle's max |x| (scale), so that results of any
+    magnitude (gradients of 1e-4) are held to the bar that results of magnitude 1 are; errors are then
+    relative to that max."""
 
     oracle: dict[str, torch.Tensor]
     tol: dict[str, float]
     baseline_err: dict[str, float]
     oracle_desc: str = "fp32 reference"
     baseline_desc: str = "the reference in the benchmark's dtype"
+    scale: dict[str, float] = dataclasses.field(default_factory=dict)  # result name -> factor (1 when absent)
 
     @classmethod
     def from_runs(cls, oracle: Mapping[str, torch.Tensor], baseline: Mapping[str, torch.Tensor], dtype: str, *,
-                  oracle_desc: str = "fp32 reference", baseline_desc: str = "the reference in the benchmark's dtype"
-                  ) -> Expected:
+                  oracle_desc: str = "fp32 reference", baseline_desc: str = "the reference in the benchmark's dtype",
+                  normalize: bool = False) -> Expected:
         low = DTYPES[dtype]
-        tol, base_err = {}, {}
+        tol, base_err, scale = {}, {}, {}
+        oracle = dict(oracle)
+        for name in oracle:
+            if normalize:
+                top = oracle[name].abs().max().item() if oracle[name].numel() else 0.0
+                scale[name] = 1.0 / top if top > 0 else 1.0
+                oracle[name] = oracle[name] * scale[name]
         for name, ref in oracle.items():
-            base_err[name] = max_abs_err(baseline[name], ref)
+            base_err[name] = max_abs_err(baseline[name] * scale.get(name, 1.0), ref)
             if ref.numel():
                 r = ref.to(low)
                 rounding = ((r + 0.3 - 0.3) - r).abs().max().item()
-                scale = max(1.0, ref.abs().max().item())
+                magnitude = max(1.0, ref.abs().max().item())
             else:
-                rounding, scale = 0.0, 1.0
-            tol[name] = 2 * base_err[name] + 2 * rounding + TOL_FLOOR[dtype] * scale
-        return cls(dict(oracle), tol, base_err, oracle_desc, baseline_desc)
+                rounding, magnitude = 0.0, 1.0
+            tol[name] = 2 * base_err[name] + 2 * rounding + TOL_FLOOR[dtype] * magnitude
+        return cls(oracle, tol, base_err, oracle_desc, baseline_desc, scale)
 
 
 def check_results(provider: str, where: str, got: Mapping[str, torch.Tensor | None], expected: Expected,
@@ -285,10 +295,11 @@ def check_results(provider: str, where: str, got: Mapping[str, torch.Tensor | No
         if tuple(value.shape) != tuple(want.shape):
             problems.append(f"{name}: shape {tuple(value.shape)}, expected {tuple(want.shape)}")
             continue
-        err, tol = max_abs_err(value, want), expected.tol[name]
+        err, tol = max_abs_err(value * expected.scale.get(name, 1.0), want), expected.tol[name]
         ratios[name] = err / tol
         if not err <= tol:  # also catches NaN
-            problems.append(f"{name}: max abs error {err:.3e} > tolerance {tol:.3e} "
+            relative = " (relative to the oracle's max |x|)" if name in expected.scale else ""
+            problems.append(f"{name}: max abs error{relative} {err:.3e} > tolerance {tol:.3e} "
                             f"({expected.baseline_desc} errs by {expected.baseline_err[name]:.3e})")
     if problems:
         raise CorrectnessError(f"provider {provider!r} computes a WRONG answer on {where} (against the "
@@ -609,7 +620,7 @@ def check_choices(argument: str, given: Sequence[str], choices: Iterable[str], w
 # Random LLaMA models for the end-to-end benchmarks (fine-tuning, decode)
 # --------------------------------------------------------------------------------------------------
 # The smoke runs' model: 2 layers, dim 64, 2 heads of 32 (tiny enough for Triton's interpreter).
-SMOKE_MODEL = dict(dim=64, n_layers=2, n_heads=2, vocab_size=256, multiple_of=32, norm_eps=1e-5, max_seq_len=512)
+SMOKE_MODEL = dict(dim=64, n_layers=2, n_heads=2, vocab_size=512, multiple_of=32, norm_eps=1e-5, max_seq_len=512)
 
 
 def model_config(name: str):

@@ -85,6 +85,7 @@ from bench.common import (  # noqa: E402
     config_from_args,
     describe_exception,
     dtype_name,
+    exact_fp32_matmuls,
     format_table,
     free_device_memory,
     is_oom,
@@ -252,9 +253,7 @@ def reference_outputs(x: Inputs, dtype: torch.dtype, *, adapter: bool, need_grad
     out = torch.empty_like(q)
     n_grads = (6 if adapter else 3) if need_grad else 0
     grads = [torch.zeros_like(t) for t in (q, k, v, pk, pv, gate)[:n_grads]]
-    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 oracle
-    try:
+    with exact_fp32_matmuls():  # a true fp32 oracle
         for b0 in range(0, c.batch, bc):
             bs = slice(b0, min(b0 + bc, c.batch))
             pbs = bs if pk.shape[0] > 1 else slice(None)
@@ -275,8 +274,6 @@ def reference_outputs(x: Inputs, dtype: torch.dtype, *, adapter: bool, need_grad
                             acc[where[0]] += g
                         else:
                             acc[where[0], :, where[1]] += g
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev_tf32
     result = {"out": out}
     if need_grad:
         result.update(zip(GRAD_NAMES[:n_grads], grads, strict=True))

@@ -42,7 +42,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +92,7 @@ from bench.common import (  # noqa: E402
     reset_peak_memory,
     resolve_out_dir,
     unique_path,
+    unpatched,
 )
 from model import AdapterConfig, LLaMA  # noqa: E402
 from model.generate import stream  # noqa: E402
@@ -107,7 +108,7 @@ class Provider:
 
     name: str
     impl: str  # "fused" or "eager" (model.set_attention_impl)
-    patch: Callable[[LLaMA], AbstractContextManager] = lambda model: nullcontext()
+    patch: Callable[[LLaMA], AbstractContextManager] = unpatched
 
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (Provider("fused", "fused"), Provider("eager", "eager"))}
@@ -335,7 +336,8 @@ def run(cfg: DecodeBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapp
             f"{cfg.adapter_len} in the top {cfg.adapter_layers} layers; base bf16, adapter fp32; prompts of "
             f"{cfg.prompt_len} tokens, {cfg.new_tokens} new tokens")
         active = [providers[p] for p in cfg.providers]
-        check_shape = shape_of(name, "all", cfg)
+        check_shape = (f"{name}-K{cfg.adapter_len}-L{cfg.adapter_layers}-bf16-check-b{cfg.check_batch}-"
+                       f"p{cfg.prompt_len}-c{cfg.check_tokens}")
         try:
             model = random_llama(name, AdapterConfig(adapter_len=cfg.adapter_len, adapter_layers=cfg.adapter_layers),
                                  dtype=DTYPE, device=device, seed=cfg.seed).eval()
@@ -351,7 +353,7 @@ def run(cfg: DecodeBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapp
             free_device_memory(device, collect=True)
             log(f"   SKIP {name}: {reason}")
             write([Row(WHAT, p.name, "all", check_shape, "skipped", reason, "") for p in active])
-            result.skipped += [(name, p.name, "all", reason) for p in active]
+            result.skipped += [(name, p.name, "any", reason) for p in active]
             continue
         log(f"   check: {cfg.check_batch} prompts, {cfg.check_tokens} cached positions against a full recompute by "
             "the eager model in fp32")

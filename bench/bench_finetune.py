@@ -36,8 +36,8 @@ GPU): ours_packed at least 3x eager_padded512's real tokens/s; 5 epochs of Alpac
 on one GPU. An out-of-memory provider or model gets a "skipped" row with the reason.
 
 Example lengths (--data absent): an APPROXIMATION of Alpaca-52K with the Alpaca template and the LLaMA tokenizer
-(nothing is downloaded, so it is not measured here; see ALPACA_LENGTHS for the numbers and their sources, mean
-about 158 tokens). With --data alpaca_data.json --tokenizer tokenizer.model the real examples are tokenized as
+(nothing is downloaded, so it is not measured here; see AlpacaLengths for the numbers and their sources, mean
+about 156 tokens). With --data alpaca_data.json --tokenizer tokenizer.model the real examples are tokenized as
 train/finetune.py does, truncated to --pad-to tokens, and their real lengths (and tokens) are used instead.
 
 Examples:
@@ -59,7 +59,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +111,7 @@ from bench.common import (  # noqa: E402
     reset_peak_memory,
     resolve_out_dir,
     unique_path,
+    unpatched,
 )
 from model import AdapterConfig, LLaMA, Tokenizer, adapter_layers, adapter_state_dict  # noqa: E402
 from train.data import PackedLoader, PaddedLoader, Step, TokenizedDataset, load_records, tokenize_records  # noqa: E402
@@ -143,11 +144,13 @@ class AlpacaLengths:
     - input_share: the share of examples with a non-empty input, about 40% (assumption, from the Alpaca
       data's make-up).
     - instruction, input, response (EOS included): lognormal token counts (median, sigma), chosen so that the
-      whole matches Alpaca's size: the tatsu-lab/alpaca data set card gives 47.8 MB for 52,002 examples holding
-      instruction, input, output and the templated text, i.e. about 530 characters of templated text per
-      example, 140-170 LLaMA tokens at 3.2-3.8 characters per token. Means here: instruction 17.7, input 27.1
-      (when present), response 85.4; the whole about 158 tokens, median about 135, a tail past 400.
-    Longer examples are truncated to the padded length (512, as the official script's max_seq_len)."""
+      whole matches Alpaca's size: a Hugging Face copy of Alpaca-52K (disham993/alpaca-train-validation-test-split,
+      its data set card) lists 47.8 MB for its 52,002 examples, each holding instruction, input, output and the
+      templated text ("text"), i.e. about 540 characters of templated text per example, 140-170 LLaMA tokens at
+      3.2-3.8 characters per token. Means here: instruction 17.7, input 27.1 (when present), response 85.4.
+    Drawn for 52,002 examples: mean 156 tokens, median 136, p90 253, p99 482; 0.8% reach the padded length
+    (512, the official script's max_seq_len) and are truncated to it. The brief's own estimate for a real
+    Alpaca example with the template was 150-200 tokens."""
 
     template: int = 37  # BOS + template, no input
     template_with_input: int = 53  # BOS + template with an input
@@ -216,10 +219,6 @@ class DataStats:
 # --------------------------------------------------------------------------------------------------
 # Providers
 # --------------------------------------------------------------------------------------------------
-def _unchanged(model: LLaMA) -> AbstractContextManager:
-    return nullcontext()
-
-
 @dataclass(frozen=True)
 class Provider:
     """One way to train: the model's attention implementation and the batch layout. patch wraps everything
@@ -229,7 +228,7 @@ class Provider:
     name: str
     impl: str  # "fused" or "eager" (model.set_attention_impl)
     layout: str  # "packed" (PackedLoader) or "padded" (PaddedLoader, --pad-to)
-    patch: Callable[[LLaMA], AbstractContextManager] = _unchanged
+    patch: Callable[[LLaMA], AbstractContextManager] = unpatched
 
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
@@ -646,8 +645,9 @@ def run(cfg: FinetuneBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Ma
         free_device_memory(device, collect=True)
         log(f"   ({time.perf_counter() - started:.1f} s)")
 
-    result.targets = check_targets(result)
-    write(target_rows(result))
+    if env.is_cuda:  # a CPU smoke run's numbers say nothing about the targets
+        result.targets = check_targets(result)
+        write(target_rows(result))
     log("")
     report(result, log=log)
     log(f"CSV rows appended to {result.csv_path}")
@@ -724,7 +724,7 @@ def projection_text(result: RunResult) -> str:
         parts = [f"{m.provider} {m.projected_hours:.2f} h" for m in result.measurements if m.model == name]
         if parts:
             lines.append(f"{name} on 1 x {result.env.gpu_name}: {result.config.epochs} epochs of Alpaca-52K = "
-                         + ", ".join(parts) + " (GPU-hours; the paper: 8 A100-hours)")
+                         + ", ".join(parts) + f" (= {result.env.gpu_name}-hours; the paper: 8 A100-hours)")
     return "\n".join(lines)
 
 

@@ -32,7 +32,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -618,6 +618,8 @@ def check_choices(argument: str, given: Sequence[str], choices: Iterable[str], w
 
 # --------------------------------------------------------------------------------------------------
 # Random LLaMA models for the end-to-end benchmarks (fine-tuning, decode)
+# (model/ is imported inside the functions: importing it imports kernels, and a script must be able to set
+# TRITON_INTERPRET before that happens)
 # --------------------------------------------------------------------------------------------------
 # The smoke runs' model: 2 layers, dim 64, 2 heads of 32 (tiny enough for Triton's interpreter).
 SMOKE_MODEL = dict(dim=64, n_layers=2, n_heads=2, vocab_size=512, multiple_of=32, norm_eps=1e-5, max_seq_len=512)
@@ -666,6 +668,11 @@ def random_llama(name: str, adapter, *, dtype: torch.dtype, device: torch.device
             m.gate.copy_(torch.linspace(-1.5, 1.5, m.gate.numel()))
     mark_only_adapter_as_trainable(model)
     return model
+
+
+def unpatched(model: LLaMA) -> AbstractContextManager:
+    """A benchmark provider's default patch: nothing changed while it runs."""
+    return nullcontext()
 
 
 @contextmanager

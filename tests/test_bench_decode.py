@@ -34,7 +34,7 @@ def test_smoke_run_checks_times_and_writes_rows(benchmark, tmp_path, capsys):
     if not ON_CUDA:
         assert "CPU numbers mean nothing for the GPU" in capsys.readouterr().out
     idx = _index(common.read_rows(tmp_path / "decode.csv"))
-    check_shape = "smoke-K4-L1-bf16-ball-p8-n4"
+    check_shape = "smoke-K4-L1-bf16-check-b2-p8-c3"
     for prov in bd.PROVIDERS:
         assert 0 <= float(idx[(prov, "check", check_shape, "max_err_over_tol")]) <= 1
         assert idx[(prov, "check", check_shape, "checked")] == "logits"

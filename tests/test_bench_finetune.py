@@ -159,8 +159,8 @@ def test_smoke_run_checks_times_and_writes_rows(benchmark, tmp_path, capsys):
         assert (key("peak_mem") in idx) == ON_CUDA
     assert "zero_init_attention_ref" in idx[("eager_padded512", "all", shape, "attention")]
     assert "SDPA" in idx[("ours_padded512", "all", shape, "attention")]
-    targets = [r for r in rows if r["mode"] == "target"]
-    assert [r["metric"] for r in targets] == ["ours_packed / eager_padded512 real tokens/s >= 3"]  # no 7B: no hours
+    targets = [r["metric"] for r in rows if r["mode"] == "target"]
+    assert targets == (["ours_packed / eager_padded512 real tokens/s >= 3"] if ON_CUDA else [])  # no 7B: no hours
     assert len({(r["gpu_name"], r["date"], r["git_commit"]) for r in rows}) == 1  # one run, one stamp
     png, md = list(tmp_path.glob("finetune_*.png")), list(tmp_path.glob("finetune_*.md"))
     assert len(png) == len(md) == 1 and png[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

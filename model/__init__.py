@@ -3,7 +3,8 @@
     from model import LLaMA, LLaMAConfig, AdapterConfig, Tokenizer
     from model import load_checkpoint, save_adapter, load_adapter
     from model.generate import generate, stream      # (not imported here: `python -m model.generate` runs it)
-    set_attention_impl(model, "eager")               # the official code's attention formulation (benchmarks)
+    from model import set_attention_impl
+    set_attention_impl(model, "eager")   # the official code's attention formulation (benchmarks); default "fused"
 """
 
 from .adapter import (

@@ -265,7 +265,7 @@ def set_attention_impl(model: nn.Module, impl: str) -> str:
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                     is_causal: bool) -> torch.Tensor:
-    """Attention as the official LLaMA code computes it: every score materialised, the mask added, softmax in
+    """Attention as the official LLaMA code computes it: every score materialised, masked with -inf, softmax in
     fp32, cast back. q (B, T, nh, hs) over k, v (B, S, nkv, hs) -> (B, T, nh, hs); mask and is_causal as
     attention_mask returns them (True = visible). Kv heads are repeated to nh first (Llama-2's repeat_kv)."""
     T, S, hs = q.shape[1], k.shape[1], q.shape[3]

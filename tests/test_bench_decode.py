@@ -110,3 +110,18 @@ def test_bad_command_line_names_the_argument(argv, flag, capsys):
     assert exc.value.code == 2
     assert flag in capsys.readouterr().err
     assert not (common.RESULTS_DIR / "smoke").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA GPU")
+def test_gpu_small_run_checks_and_times_every_provider(tmp_path):
+    argv = ["--out", str(tmp_path), "--models", "tiny", "--adapter-layers", "3", "--batch-sizes", "1,4",
+            "--prompt-len", "32", "--new-tokens", "16", "--warmup-tokens", "4"]
+    assert bd.main(argv) == 0
+    idx = _index(common.read_rows(tmp_path / "decode.csv"))
+    for prov in bd.PROVIDERS:
+        assert float(idx[(prov, "check", "tiny-K10-L3-bf16-check-b2-p32-c8", "max_err_over_tol")]) <= 1
+        for batch in (1, 4):
+            shape = f"tiny-K10-L3-bf16-b{batch}-p32-n16"
+            assert float(idx[(prov, "generate", shape, "decode_tokens_per_s")]) > 0
+            assert float(idx[(prov, "generate", shape, "peak_mem")]) > 0

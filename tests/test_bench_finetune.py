@@ -327,3 +327,22 @@ def test_bad_command_line_names_the_argument(argv, flag, capsys):
     assert exc.value.code == 2
     assert flag in capsys.readouterr().err
     assert not (common.RESULTS_DIR / "smoke").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# On a GPU: the real kernels, a small model, every provider
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA GPU")
+def test_gpu_small_run_checks_and_times_every_provider(tmp_path):
+    argv = ["--out", str(tmp_path), "--models", "tiny", "--adapter-layers", "3", "--token-budget", "1024",
+            "--pad-to", "256", "--examples", "400", "--length-scale", "0.5", "--warmup-steps", "1", "--steps", "3"]
+    assert bf.main(argv) == 0
+    idx = _index(common.read_rows(tmp_path / "finetune.csv"))
+    shape = "tiny-K10-L3-bf16"
+    for prov in bf.PROVIDERS:
+        assert float(idx[(prov, "check", shape, "max_err_over_tol")]) <= 1
+        assert float(idx[(prov, "step", shape, "peak_mem")]) > 0
+        assert float(idx[(prov, "step", shape, "real_tokens_per_s")]) > 0
+    assert "(triton)" in idx[("ours_packed", "all", shape, "attention")]
+    assert idx[("all", "target", shape, "ours_packed / eager_padded512 real tokens/s >= 3")]

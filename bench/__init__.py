@@ -2,6 +2,9 @@
 
 - bench.common: helpers every benchmark shares (environment, timing, peak memory, CSV rows, plots).
 - bench.bench_attention: the attention op, forward / backward / forward+backward, swept over shapes.
+- bench.bench_finetune: fine-tuning steps of a 7B/13B-shaped model with the adapter: packed vs padded to 512 vs
+  the official eager formulation; tokens/s, peak memory, the projected time of 5 epochs of Alpaca-52K.
+- bench.bench_decode: generation with the KV cache (batch 1 and 16), the fused op vs the eager formulation.
 
 Results of GPU runs are appended to bench/results/*.csv; CPU runs are smoke tests only and write elsewhere.
 """

@@ -69,19 +69,29 @@ from bench.common import (  # noqa: E402
     CPU_NOTICE,
     DTYPES,
     BenchEnv,
+    ConfigError,  # noqa: F401 (part of this module's interface: make_config raises it)
+    CorrectnessError,
+    Expected,
     Panel,
     Row,
     Timing,
+    add_config_arguments,
     append_rows,
     argparse_type,
     bench_env,
+    check_choices,
     check_csv,
+    check_results,
+    config_from_args,
     describe_exception,
     dtype_name,
+    exact_fp32_matmuls,
     format_table,
     free_device_memory,
     is_oom,
     list_of,
+    op_backend,
+    opt,
     peak_memory_mib,
     plot_panels,
     positive_float,
@@ -196,10 +206,6 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
 # --------------------------------------------------------------------------------------------------
 # The reference and the correctness check
 # --------------------------------------------------------------------------------------------------
-class CorrectnessError(AssertionError):
-    """A provider's output or gradients disagree with the reference: nothing is timed for a wrong answer."""
-
-
 def _gamma(gate: torch.Tensor, gate_act: str, dtype: torch.dtype, nheads: int) -> torch.Tensor:
     """act(gate) as (nheads,) in the compute dtype (the peers apply the gate themselves)."""
     g = torch.tanh(gate) if gate_act == "tanh" else gate
@@ -247,9 +253,7 @@ def reference_outputs(x: Inputs, dtype: torch.dtype, *, adapter: bool, need_grad
     out = torch.empty_like(q)
     n_grads = (6 if adapter else 3) if need_grad else 0
     grads = [torch.zeros_like(t) for t in (q, k, v, pk, pv, gate)[:n_grads]]
-    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 oracle
-    try:
+    with exact_fp32_matmuls():  # a true fp32 oracle
         for b0 in range(0, c.batch, bc):
             bs = slice(b0, min(b0 + bc, c.batch))
             pbs = bs if pk.shape[0] > 1 else slice(None)
@@ -270,52 +274,23 @@ def reference_outputs(x: Inputs, dtype: torch.dtype, *, adapter: bool, need_grad
                             acc[where[0]] += g
                         else:
                             acc[where[0], :, where[1]] += g
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev_tf32
     result = {"out": out}
     if need_grad:
         result.update(zip(GRAD_NAMES[:n_grads], grads, strict=True))
     return result
 
 
-# Smallest tolerance, relative to max(1, |reference|): keeps fp32 checks from failing on rounding alone.
-TOL_FLOOR = {"fp32": 1e-5, "fp16": 1e-4, "bf16": 1e-3}
-
-
-@dataclass
-class Expected:
-    """The oracle for one case, with a tolerance per tensor in flash-attn's style:
-        tol = 2 * |eager reference in the case's dtype - oracle|  +  2 * rounding of the oracle in that dtype
-              (at magnitude |x| + 0.3)  +  TOL_FLOOR * max(1, max |oracle|).
-    The oracle is the eager reference in fp32 (fp64 when the case itself is fp32)."""
-
-    oracle: dict[str, torch.Tensor]
-    tol: dict[str, float]
-    baseline_err: dict[str, float]
-
-
-def _max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.detach().to(b.dtype) - b).abs().max().item() if b.numel() else 0.0
-
-
 def expected_results(x: Inputs, *, adapter: bool, need_grad: bool, budget_bytes: int | None = None) -> Expected:
+    """The oracle of a case: the eager reference in fp32 (fp64 when the case itself is fp32), with flash-attn's
+    tolerances from the same reference run in the case's dtype (common.Expected)."""
     c = x.case
     low = c.torch_dtype
     oracle_dtype = torch.float64 if low == torch.float32 else torch.float32
     oracle = reference_outputs(x, oracle_dtype, adapter=adapter, need_grad=need_grad, budget_bytes=budget_bytes)
     baseline = reference_outputs(x, low, adapter=adapter, need_grad=need_grad, budget_bytes=budget_bytes)
-    tol, base_err = {}, {}
-    for name, ref in oracle.items():
-        base_err[name] = _max_abs_err(baseline[name], ref)
-        if ref.numel():
-            r = ref.to(low)
-            rounding = ((r + 0.3 - 0.3) - r).abs().max().item()
-            scale = max(1.0, ref.abs().max().item())
-        else:
-            rounding, scale = 0.0, 1.0
-        tol[name] = 2 * base_err[name] + 2 * rounding + TOL_FLOOR[c.dtype] * scale
-    del baseline
-    return Expected(oracle=oracle, tol=tol, baseline_err=base_err)
+    oracle_name = "fp64" if oracle_dtype == torch.float64 else "fp32"
+    return Expected.from_runs(oracle, baseline, c.dtype, oracle_desc=f"{oracle_name} eager reference",
+                              baseline_desc=f"the eager reference in {c.dtype}")
 
 
 def check_provider(name: str, fwd: Callable[[], torch.Tensor], x: Inputs, expected: Expected, *,
@@ -328,32 +303,19 @@ def check_provider(name: str, fwd: Callable[[], torch.Tensor], x: Inputs, expect
         got = f"{type(out).__name__} {tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else repr(out)
         raise CorrectnessError(f"provider {name!r} on {c.shape}: output must be a {tuple(x.q.shape)} {x.q.dtype} "
                                f"tensor, got {got}")
-    errors = {"out": _max_abs_err(out, expected.oracle["out"])}
+    got = {"out": out}
     problems = []
     if need_grad:
         leaves = x.leaves(adapter)
         if not out.requires_grad:
             raise CorrectnessError(f"provider {name!r} on {c.shape}: its output does not require grad")
         grads = torch.autograd.grad(out, leaves, x.dout, allow_unused=True)
-        for gname, leaf, g in zip(GRAD_NAMES[: len(leaves)], leaves, grads, strict=True):
+        for gname, g in zip(GRAD_NAMES[: len(leaves)], grads, strict=True):
             if g is None:
                 problems.append(f"{gname}: no gradient reaches {gname[1:]}")
-            elif g.shape != leaf.shape:
-                problems.append(f"{gname}: gradient of shape {tuple(g.shape)}, expected {tuple(leaf.shape)}")
             else:
-                errors[gname] = _max_abs_err(g, expected.oracle[gname])
-    ratios = {}
-    for tname, err in errors.items():
-        tol = expected.tol[tname]
-        ratios[tname] = err / tol
-        if not err <= tol:  # also catches NaN
-            problems.append(f"{tname}: max abs error {err:.3e} > tolerance {tol:.3e} "
-                            f"(the eager reference in {c.dtype} errs by {expected.baseline_err[tname]:.3e})")
-    if problems:
-        raise CorrectnessError(f"provider {name!r} computes a WRONG answer on {c.shape} (against the "
-                               f"{'fp64' if c.dtype == 'fp32' else 'fp32'} eager reference); it is not timed:\n  "
-                               + "\n  ".join(problems))
-    return ratios
+                got[gname] = g
+    return check_results(name, c.shape, got, expected, problems)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,11 +341,7 @@ def _build_fused(x: Inputs) -> tuple[Forward, dict[str, str]]:
     act = x.case.gate_act
     fwd = lambda: kernels.zero_init_attention(x.q, x.k, x.v, x.prompt_k, x.prompt_v, x.gate, causal=True,
                                               gate_act=act)
-    if x.device.type == "cuda":
-        backend = "triton"
-    else:
-        backend = "triton-interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "torch-fallback"
-    return fwd, {"op_backend": backend}
+    return fwd, {"op_backend": op_backend(x.device)}
 
 
 def _build_eager(x: Inputs) -> tuple[Forward, dict[str, str]]:
@@ -623,41 +581,37 @@ def _gate_act(text: str) -> str:
     return text
 
 
-def _opt(help: str, parse: Callable[[str], object], metavar: str) -> dict:
-    return {"help": help, "parse": parse, "metavar": metavar}
-
-
 @dataclass(frozen=True)
 class BenchConfig:
     """The GPU sweep's defaults, in one place: the command line is generated from these fields."""
 
-    seqlens: tuple[int, ...] = field(default=(256, 512, 1024, 2048, 4096, 8192), metadata=_opt(
+    seqlens: tuple[int, ...] = field(default=(256, 512, 1024, 2048, 4096, 8192), metadata=opt(
         "sequence lengths", list_of(positive_int, "sequence length"), "S,S,..."))
-    headdims: tuple[int, ...] = field(default=(64, 128), metadata=_opt(
+    headdims: tuple[int, ...] = field(default=(64, 128), metadata=opt(
         "head dims", list_of(_headdim, "head dim"), "D,D,..."))
-    dtypes: tuple[str, ...] = field(default=("bf16", "fp16"), metadata=_opt(
+    dtypes: tuple[str, ...] = field(default=("bf16", "fp16"), metadata=opt(
         "dtypes of q, k, v and prompts (the gate stays fp32)", list_of(dtype_name, "dtype"), "bf16,fp16,fp32"))
-    shapes: tuple[str, ...] = field(default=("7b", "gqa"), metadata=_opt(
+    shapes: tuple[str, ...] = field(default=("7b", "gqa"), metadata=opt(
         f"head shapes: {', '.join(f'{n} ({h}:{kv})' for n, (h, kv) in SHAPES.items())} or NHEADS:NHEADS_KV",
         list_of(_shape_name, "shape"), "NAME,..."))
-    providers: tuple[str, ...] = field(default=tuple(PROVIDERS), metadata=_opt(
+    providers: tuple[str, ...] = field(default=tuple(PROVIDERS), metadata=opt(
         "providers", list_of(str, "provider"), "P,P,..."))
-    modes: tuple[str, ...] = field(default=MODES, metadata=_opt(
+    modes: tuple[str, ...] = field(default=MODES, metadata=opt(
         "modes: fwd, bwd (backward only), full (forward+backward)", list_of(_mode, "mode"), "M,M,..."))
-    prompt_len: int = field(default=10, metadata=_opt(
+    prompt_len: int = field(default=10, metadata=opt(
         "adapter prompt length K", argparse_type(positive_int), "K"))
-    tokens: int = field(default=16384, metadata=_opt(
+    tokens: int = field(default=16384, metadata=opt(
         "tokens per step: batch = max(1, tokens // seqlen)", argparse_type(positive_int), "N"))
-    gate_act: str = field(default="tanh", metadata=_opt(
+    gate_act: str = field(default="tanh", metadata=opt(
         "gate activation", argparse_type(_gate_act), "tanh|identity"))
-    warmup_ms: float = field(default=25.0, metadata=_opt(
+    warmup_ms: float = field(default=25.0, metadata=opt(
         "do_bench warm-up time per measurement (CUDA)", argparse_type(positive_float), "MS"))
-    rep_ms: float = field(default=100.0, metadata=_opt(
+    rep_ms: float = field(default=100.0, metadata=opt(
         "do_bench repetition time per measurement (CUDA)", argparse_type(positive_float), "MS"))
-    cpu_reps: int = field(default=3, metadata=_opt(
+    cpu_reps: int = field(default=3, metadata=opt(
         "timed repetitions per measurement on a CPU", argparse_type(positive_int), "N"))
-    seed: int = field(default=0, metadata=_opt("seed of the random inputs", argparse_type(int), "N"))
-    out: str | None = field(default=None, metadata=_opt(
+    seed: int = field(default=0, metadata=opt("seed of the random inputs", argparse_type(int), "N"))
+    out: str | None = field(default=None, metadata=opt(
         "folder for attention.csv, the plot and the summary (default: bench/results/ for a full CUDA run, "
         "else a temporary folder; CPU and smoke runs never write into bench/results/)", str, "DIR"))
 
@@ -666,12 +620,6 @@ class BenchConfig:
 # (--dtypes fp32 checks against an fp64 oracle instead).
 SMOKE = dict(seqlens=(64, 128), headdims=(32,), dtypes=("bf16",), shapes=("tiny", "tiny-gqa"),
              tokens=128, warmup_ms=5.0, rep_ms=20.0, cpu_reps=3)
-
-
-class ConfigError(ValueError):
-    def __init__(self, argument: str, message: str):
-        super().__init__(f"argument --{argument.replace('_', '-')}: {message}")
-        self.argument = argument
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -688,30 +636,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true",
                         help=f"the tiny smoke configuration ({', '.join(f'{k}={v}' for k, v in SMOKE.items())}); "
                              "implied without a GPU; other flags still narrow it")
-    defaults = BenchConfig()
-    for f in dataclasses.fields(BenchConfig):
-        default = getattr(defaults, f.name)
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=f.metadata["parse"], default=None,
-                            metavar=f.metadata["metavar"], help=f"{f.metadata['help']} (default: {shown})")
+    add_config_arguments(parser, BenchConfig())
     return parser
-
-
-def _dedup(items: Sequence) -> tuple:
-    return tuple(dict.fromkeys(items))
 
 
 def make_config(args: argparse.Namespace, *, smoke: bool, providers: Mapping[str, Provider]) -> BenchConfig:
     base = dataclasses.replace(BenchConfig(providers=tuple(providers)), **SMOKE) if smoke else \
         BenchConfig(providers=tuple(providers))
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)
-             if getattr(args, f.name) is not None}
-    cfg = dataclasses.replace(base, **given)
-    unknown = [p for p in cfg.providers if p not in providers]
-    if unknown:
-        raise ConfigError("providers", f"unknown provider(s) {', '.join(unknown)}; choose from {', '.join(providers)}")
-    return dataclasses.replace(cfg, **{n: _dedup(getattr(cfg, n)) for n in
-                                       ("seqlens", "headdims", "dtypes", "shapes", "providers", "modes")})
+    cfg = config_from_args(args, base)
+    check_choices("providers", cfg.providers, providers, "provider")
+    return cfg
 
 
 def cases_of(cfg: BenchConfig) -> list[Case]:

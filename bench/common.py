@@ -1,7 +1,8 @@
-"""Helpers shared by the benchmarks: environment, timing, peak memory, CSV rows, plots, output places.
+"""Helpers shared by the benchmarks: environment, timing, peak memory, correctness checks, CSV rows, plots,
+output places, command lines, and the random LLaMA models of the end-to-end benchmarks.
 
-Every benchmark in bench/ (attention now; fine-tuning and decode later) builds on these, so that all
-results land in one format:
+Every benchmark in bench/ (attention, fine-tuning, decode) builds on these, so that all results land in one
+format:
 
     what, provider, mode, shape, metric, value, unit, gpu_name, date, git_commit
 
@@ -16,23 +17,31 @@ Rules these helpers enforce:
   the folder given by --out, which must lie elsewhere, or to a fresh temporary folder.
 - An existing CSV only ever gets rows appended, and only when its header is ours; plots and summaries
   get names carrying the date and the commit, so no earlier file is replaced.
+- Nothing is timed before it is checked: a provider's results must lie within flash-attn's bar of an
+  oracle computed in higher precision (Expected, check_results), else CorrectnessError stops the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import gc
 import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from model import LLaMA
 
 CSV_COLUMNS = ("what", "provider", "mode", "shape", "metric", "value", "unit", "gpu_name", "date", "git_commit")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +107,14 @@ def bench_env(device: torch.device | None = None) -> BenchEnv:
     return BenchEnv(device=device, gpu_name=gpu_name, date=date, git_commit=git_commit())
 
 
+def op_backend(device: torch.device) -> str:
+    """What kernels.zero_init_attention runs on this device: "triton" (CUDA), "triton-interpreter"
+    (TRITON_INTERPRET=1, how the CPU runs the real kernels) or "torch-fallback" (the eager reference)."""
+    if device.type == "cuda":
+        return "triton"
+    return "triton-interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "torch-fallback"
+
+
 # --------------------------------------------------------------------------------------------------
 # Timing and memory
 # --------------------------------------------------------------------------------------------------
@@ -147,9 +164,7 @@ def time_fn(
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    median, p20, p80 = torch.quantile(torch.tensor(times, dtype=torch.float64),
-                                      torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
-    return Timing(median, p20, p80)
+    return quantiles_ms(times)
 
 
 def peak_memory_mib(fn: Callable[[], object], device: torch.device,
@@ -159,11 +174,33 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device,
     if device.type != "cuda":
         return None
     _clear_grads(grad_to_none)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     fn()
+    return peak_memory_since_reset(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a peak-memory measurement (CUDA; nothing on the CPU). Read it with peak_memory_since_reset."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_since_reset(device: torch.device) -> float | None:
+    """Peak CUDA memory allocated (MiB) since reset_peak_memory; None off CUDA."""
+    if device.type != "cuda":
+        return None
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def quantiles_ms(times_ms: Sequence[float]) -> Timing:
+    """Median and 20th/80th percentiles of measured times (ms), as time_fn reports them."""
+    if not times_ms:
+        raise ValueError("quantiles_ms: no times")
+    median, p20, p80 = torch.quantile(torch.tensor(list(times_ms), dtype=torch.float64),
+                                      torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+    return Timing(median, p20, p80)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -184,6 +221,90 @@ def describe_exception(exc: BaseException, limit: int = 300) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------------
+# Correctness: nothing is timed before its answer is checked
+# --------------------------------------------------------------------------------------------------
+class CorrectnessError(AssertionError):
+    """A provider's results disagree with the oracle: nothing is timed for a wrong answer."""
+
+
+# Smallest tolerance, relative to max(1, |oracle|): keeps checks from failing on rounding alone.
+TOL_FLOOR = {"fp32": 1e-5, "fp16": 1e-4, "bf16": 1e-3}
+
+
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().to(b.dtype) - b).abs().max().item() if b.numel() else 0.0
+
+
+@dataclass
+class Expected:
+    """The oracle of a check, with a tolerance per result in flash-attn's style:
+        tol = 2 * |baseline - oracle|  +  2 * rounding of the oracle in the low dtype (at magnitude |x| + 0.3)
+              +  TOL_FLOOR * max(1, max |oracle|),
+    where the oracle is computed in higher precision (fp32, fp64 for fp32 runs) and the baseline is the
+    reference formulation run in the benchmark's own low dtype. baseline_desc names it in messages.
+    With normalize, every result is first divided by its oracle's max |x| (scale), so that results of any
+    magnitude (gradients of 1e-4) are held to the bar that results of magnitude 1 are; errors are then
+    relative to that max."""
+
+    oracle: dict[str, torch.Tensor]
+    tol: dict[str, float]
+    baseline_err: dict[str, float]
+    oracle_desc: str = "fp32 reference"
+    baseline_desc: str = "the reference in the benchmark's dtype"
+    scale: dict[str, float] = dataclasses.field(default_factory=dict)  # result name -> factor (1 when absent)
+
+    @classmethod
+    def from_runs(cls, oracle: Mapping[str, torch.Tensor], baseline: Mapping[str, torch.Tensor], dtype: str, *,
+                  oracle_desc: str = "fp32 reference", baseline_desc: str = "the reference in the benchmark's dtype",
+                  normalize: bool = False) -> Expected:
+        low = DTYPES[dtype]
+        tol, base_err, scale = {}, {}, {}
+        oracle = dict(oracle)
+        for name in oracle:
+            if normalize:
+                top = oracle[name].abs().max().item() if oracle[name].numel() else 0.0
+                scale[name] = 1.0 / top if top > 0 else 1.0
+                oracle[name] = oracle[name] * scale[name]
+        for name, ref in oracle.items():
+            base_err[name] = max_abs_err(baseline[name] * scale.get(name, 1.0), ref)
+            if ref.numel():
+                r = ref.to(low)
+                rounding = ((r + 0.3 - 0.3) - r).abs().max().item()
+                magnitude = max(1.0, ref.abs().max().item())
+            else:
+                rounding, magnitude = 0.0, 1.0
+            tol[name] = 2 * base_err[name] + 2 * rounding + TOL_FLOOR[dtype] * magnitude
+        return cls(oracle, tol, base_err, oracle_desc, baseline_desc, scale)
+
+
+def check_results(provider: str, where: str, got: Mapping[str, torch.Tensor | None], expected: Expected,
+                  problems: Sequence[str] = ()) -> dict[str, float]:
+    """Compare a provider's results (None: a result it failed to produce, e.g. a gradient that never arrived)
+    with the oracle. Returns error / tolerance per result; raises CorrectnessError naming every result that
+    fails, and the problems found before (missing gradients, wrong shapes)."""
+    problems = list(problems)
+    ratios = {}
+    for name, value in got.items():
+        if value is None:
+            problems.append(f"{name}: not computed")
+            continue
+        want = expected.oracle[name]
+        if tuple(value.shape) != tuple(want.shape):
+            problems.append(f"{name}: shape {tuple(value.shape)}, expected {tuple(want.shape)}")
+            continue
+        err, tol = max_abs_err(value * expected.scale.get(name, 1.0), want), expected.tol[name]
+        ratios[name] = err / tol
+        if not err <= tol:  # also catches NaN
+            relative = " (relative to the oracle's max |x|)" if name in expected.scale else ""
+            problems.append(f"{name}: max abs error{relative} {err:.3e} > tolerance {tol:.3e} "
+                            f"({expected.baseline_desc} errs by {expected.baseline_err[name]:.3e})")
+    if problems:
+        raise CorrectnessError(f"provider {provider!r} computes a WRONG answer on {where} (against the "
+                               f"{expected.oracle_desc}); it is not timed:\n  " + "\n  ".join(problems))
+    return ratios
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,6 +479,41 @@ def plot_panels(panels: Sequence[Panel], path: Path, *, xlabel: str, ylabel: str
     return path
 
 
+def plot_bars(groups: Mapping[str, Mapping[str, float]], path: Path, *, ylabel: str, title: str,
+              value_format: str = "{:,.0f}") -> Path:
+    """Write a PNG bar chart: one cluster per group (e.g. a model or a batch size), one bar per series
+    (e.g. a provider, keeping its colour in every cluster), each bar labelled with its value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not groups:
+        raise ValueError("plot_bars: no groups to draw")
+    names: list[str] = []
+    for series in groups.values():
+        names += [n for n in series if n not in names]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 0.9 * len(groups) * len(names)), 4.2))
+    for i, name in enumerate(names):
+        xs = [g + (i - (len(names) - 1) / 2) * width for g, series in enumerate(groups.values()) if name in series]
+        ys = [series[name] for series in groups.values() if name in series]
+        bars = ax.bar(xs, ys, width, label=name, color=colors[i % len(colors)])
+        ax.bar_label(bars, labels=[value_format.format(y) for y in ys], fontsize=7, padding=2)
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain fixed-width text table (also valid GitHub markdown)."""
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
@@ -419,3 +575,139 @@ def argparse_type(parse_item: Callable[[str], object]) -> Callable[[str], object
             raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
     return parse
+
+
+def opt(help: str, parse: Callable[[str], object], metavar: str) -> dict:
+    """The metadata of a config dataclass field that becomes a command-line option (add_config_arguments)."""
+    return {"help": help, "parse": parse, "metavar": metavar}
+
+
+class ConfigError(ValueError):
+    """A configuration that does not hold together, found after parsing; names the option."""
+
+    def __init__(self, argument: str, message: str):
+        super().__init__(f"argument --{argument.replace('_', '-')}: {message}")
+        self.argument = argument
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, defaults: object) -> None:
+    """One --option per field of the config dataclass instance defaults (fields carry opt() metadata); every
+    option defaults to None, so that config_from_args can tell what was given."""
+    for f in dataclasses.fields(defaults):
+        default = getattr(defaults, f.name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=f.metadata["parse"], default=None,
+                            metavar=f.metadata["metavar"], help=f"{f.metadata['help']} (default: {shown})")
+
+
+def config_from_args(args: argparse.Namespace, base: object) -> object:
+    """base (a config dataclass instance) with the options given on the command line; lists deduplicated."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(base) if getattr(args, f.name) is not None}
+    cfg = dataclasses.replace(base, **given)
+    return dataclasses.replace(cfg, **{f.name: tuple(dict.fromkeys(getattr(cfg, f.name)))
+                                       for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), tuple)})
+
+
+def check_choices(argument: str, given: Sequence[str], choices: Iterable[str], what: str) -> None:
+    """ConfigError naming argument unless every item of given is one of choices."""
+    choices = list(choices)
+    unknown = [g for g in given if g not in choices]
+    if unknown:
+        raise ConfigError(argument, f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(choices)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Random LLaMA models for the end-to-end benchmarks (fine-tuning, decode)
+# (model/ is imported inside the functions: importing it imports kernels, and a script must be able to set
+# TRITON_INTERPRET before that happens)
+# --------------------------------------------------------------------------------------------------
+# The smoke runs' model: 2 layers, dim 64, 2 heads of 32 (tiny enough for Triton's interpreter).
+SMOKE_MODEL = dict(dim=64, n_layers=2, n_heads=2, vocab_size=512, multiple_of=32, norm_eps=1e-5, max_seq_len=512)
+
+
+def model_config(name: str):
+    """The LLaMAConfig of a model/ preset (llama-7b, llama-13b, llama2-13b, ...) or of "smoke"."""
+    from model import PRESETS, LLaMAConfig
+
+    if name == "smoke":
+        return LLaMAConfig(name="smoke", **SMOKE_MODEL)
+    if name not in PRESETS:
+        raise ValueError(f"use smoke or a preset of model/: {', '.join(PRESETS)}")
+    return LLaMAConfig.from_name(name)
+
+
+def model_name(text: str) -> str:
+    """An argparse item parser for model names (model_config checks them)."""
+    model_config(text)
+    return text
+
+
+def random_llama(name: str, adapter, *, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LLaMA:
+    """A randomly initialised LLaMA of preset name with an adapter (AdapterConfig), made for benchmarks:
+
+    - the base is built directly in dtype on device (no fp32 copy of a 7B model) with torch's default init,
+      and frozen; the adapter is fp32 (prompts N(0, 1));
+    - the gates are spread over [-1.5, 1.5] in every adapted layer (as after some training) instead of 0: with
+      zero gates the prompts get no gradient and the prompt part adds nothing, so the correctness checks
+      would not see it."""
+    from model import LLaMA, adapter_layers, mark_only_adapter_as_trainable
+
+    config = model_config(name)
+    if adapter.adapter_layers > config.n_layers:
+        raise ConfigError("adapter_layers", f"{adapter.adapter_layers} exceeds the {config.n_layers} layers of {name}")
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LLaMA(config, adapter)
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        for m in adapter_layers(model).values():
+            m.gate.copy_(torch.linspace(-1.5, 1.5, m.gate.numel()))
+    mark_only_adapter_as_trainable(model)
+    return model
+
+
+def unpatched(model: LLaMA) -> AbstractContextManager:
+    """A benchmark provider's default patch: nothing changed while it runs."""
+    return nullcontext()
+
+
+@contextmanager
+def base_upcast(model: LLaMA, dtype: torch.dtype = torch.float32) -> Iterator[LLaMA]:
+    """The model's base weights in dtype while inside (for an oracle), cast back after. bf16/fp16 -> fp32 ->
+    bf16/fp16 is exact, so the model leaves as it came. Costs the base's size in dtype, once."""
+    from model import cast_base
+
+    low = model.tok_embeddings.weight.dtype
+    cast_base(model, dtype)
+    try:
+        yield model
+    finally:
+        cast_base(model, low)
+        free_device_memory(model.tok_embeddings.weight.device)
+
+
+@contextmanager
+def attention_impl(model: LLaMA, impl: str) -> Iterator[LLaMA]:
+    """model computing its attention with impl ("fused" or "eager", model.set_attention_impl) while inside."""
+    from model import set_attention_impl
+
+    before = set_attention_impl(model, impl)
+    try:
+        yield model
+    finally:
+        set_attention_impl(model, before)
+
+
+@contextmanager
+def exact_fp32_matmuls() -> Iterator[None]:
+    """No TF32 inside: an fp32 oracle is computed in true fp32."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

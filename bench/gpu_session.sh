@@ -7,11 +7,17 @@
 #   bash bench/gpu_session.sh attention        # the headline sweep: bf16, head dim 128, LLaMA-7B heads
 #   bash bench/gpu_session.sh attention-rest   # head dim 64, fp16 and the GQA shape
 #   bash bench/gpu_session.sh report           # ratio table, targets, plot from $OUT's CSV rows
+#   bash bench/gpu_session.sh finetune         # fine-tuning steps, LLaMA-7B shape: ours_packed, ours_padded512,
+#                                              #   eager_padded512 (a few minutes, estimated: not yet run on a GPU)
+#   bash bench/gpu_session.sh finetune-13b     # the same for LLaMA-13B ("skipped: out of memory" rows if not)
+#   bash bench/gpu_session.sh decode           # KV-cache generation, LLaMA-7B shape, batch 1 and 16, fused/eager
+# Each stage prints its progress (one line per provider) and appends to $OUT/<benchmark>.csv.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  tests|attention|attention-rest|report) ;;
-  *) echo "usage: bash bench/gpu_session.sh tests|attention|attention-rest|report" >&2; exit 2 ;;
+  tests|attention|attention-rest|report|finetune|finetune-13b|decode) ;;
+  *) echo "usage: bash bench/gpu_session.sh tests|attention|attention-rest|report|finetune|finetune-13b|decode" >&2
+     exit 2 ;;
 esac
 PY=${PYTHON:-python3}  # the device machine's python3 holds torch
 OUT=${OUT:-runs/gpu-session}
@@ -37,4 +43,10 @@ case "${1:-}" in
       | tee -a "$OUT/attention-rest.log" ;;
   report)
     "$PY" -m bench.bench_attention --report "$OUT/attention.csv" --out "$OUT" 2>&1 | tee "$OUT/report.log" ;;
+  finetune)
+    timeout 570 "$PY" -m bench.bench_finetune --models llama-7b --out "$OUT" 2>&1 | tee "$OUT/finetune.log" ;;
+  finetune-13b)
+    timeout 570 "$PY" -m bench.bench_finetune --models llama-13b --out "$OUT" 2>&1 | tee "$OUT/finetune-13b.log" ;;
+  decode)
+    timeout 570 "$PY" -m bench.bench_decode --models llama-7b --out "$OUT" 2>&1 | tee "$OUT/decode.log" ;;
 esac

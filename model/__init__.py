@@ -3,6 +3,8 @@
     from model import LLaMA, LLaMAConfig, AdapterConfig, Tokenizer
     from model import load_checkpoint, save_adapter, load_adapter
     from model.generate import generate, stream      # (not imported here: `python -m model.generate` runs it)
+    from model import set_attention_impl
+    set_attention_impl(model, "eager")   # the official code's attention formulation (benchmarks); default "fused"
 """
 
 from .adapter import (
@@ -24,13 +26,13 @@ from .checkpoint import (
     save_checkpoint,
     write_atomic,
 )
-from .llama import PRESETS, LLaMA, LLaMAConfig, RopeScaling
+from .llama import ATTENTION_IMPLS, PRESETS, LLaMA, LLaMAConfig, RopeScaling, set_attention_impl
 from .prompt import alpaca_prompt
 from .tokenizer import Tokenizer
 
 __all__ = [
-    "PRESETS", "AdapterAttention", "AdapterConfig", "CheckpointError", "LLaMA", "LLaMAConfig", "RopeScaling",
-    "Tokenizer", "adapter_layers", "adapter_state_dict", "alpaca_prompt", "cast_base", "checkpoint_format",
-    "load_adapter", "load_checkpoint", "load_config", "mark_only_adapter_as_trainable", "read_adapter_config",
-    "save_adapter", "save_checkpoint", "write_atomic",
+    "ATTENTION_IMPLS", "PRESETS", "AdapterAttention", "AdapterConfig", "CheckpointError", "LLaMA", "LLaMAConfig",
+    "RopeScaling", "Tokenizer", "adapter_layers", "adapter_state_dict", "alpaca_prompt", "cast_base",
+    "checkpoint_format", "load_adapter", "load_checkpoint", "load_config", "mark_only_adapter_as_trainable",
+    "read_adapter_config", "save_adapter", "save_checkpoint", "set_attention_impl", "write_atomic",
 ]

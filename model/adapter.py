@@ -14,7 +14,8 @@ in one pass. With g = 0 the layer is exactly the pre-trained one, and the gate s
 gradient; so the gate starts at 0 and the prompt at N(0, 1) (as the official code's
 nn.Embedding, and PEFT): a zero prompt too would leave both gradients at zero for ever.
 
-AdapterAttention overrides Attention.attend, the one override point of model/llama.py.
+AdapterAttention overrides Attention.attend, the one override point of model/llama.py; with
+set_attention_impl(model, "eager") it calls kernels.zero_init_attention_ref instead of the op.
 Parameters, fp32 whatever the base dtype (they are trained; the prompt is cast to the activation
 dtype before wk / wv, the raw gate goes to the op, which applies act in fp32):
     layers.N.attention.adapter_prompt  (adapter_len, dim)
@@ -39,9 +40,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from kernels import zero_init_attention
+from kernels import zero_init_attention, zero_init_attention_ref
 
-from .llama import Attention, AttentionContext, LLaMA, LLaMAConfig, packed_attention
+from .llama import Attention, AttentionContext, LLaMA, LLaMAConfig, check_packed_impl, packed_attention
 
 GATES = ("head", "layer")
 GATE_ACTS = ("tanh", "identity")
@@ -105,10 +106,13 @@ class AdapterAttention(Attention):
             if cache is not None:
                 cache.prompt_kv = (pk, pv)
         if ctx.cu_seqlens is not None:  # packed sequences: the prompt (shared, or one per sequence), varlen
+            check_packed_impl(self.attn_impl)
             return packed_attention(q, k, v, ctx, pk, pv, self.gate, self.gate_act)
+        # the fused op, or the official code's eager formulation (set_attention_impl)
+        attention = zero_init_attention if self.attn_impl == "fused" else zero_init_attention_ref
 
         def op(q, k, v, pk, pv):
-            return zero_init_attention(q, k, v, pk, pv, self.gate, causal=True, gate_act=self.gate_act)
+            return attention(q, k, v, pk, pv, self.gate, causal=True, gate_act=self.gate_act)
 
         if ctx.left_pad is None:
             return op(q, k, v, pk, pv)

@@ -15,6 +15,12 @@ loads by name and a Hugging Face one after renaming (model/checkpoint.py).
 - Attention.attend is the one override point: here plain causal attention through
   torch's scaled_dot_product_attention; model/adapter.py overrides it in the adapted layers
   with the zero-init attention op.
+- Attention implementation, for benchmarks against the official code's formulation:
+  `set_attention_impl(model, "eager")` makes every layer's attend compute as the official
+  LLaMA-Adapter code does: plain layers through eager_attention (materialised scores, mask,
+  fp32 softmax: the official LLaMA code), adapted layers through kernels.zero_init_attention_ref.
+  "fused" (the default) is the path above. Both read one attribute, Attention.attn_impl; the
+  eager one has no packed (cu_seqlens) mode, since the official code pads.
 
 Forward: `model(tokens, *, input_pos=None, left_pad=None, positions=None, visual=None)`,
 tokens (batch, seqlen) int64 -> logits (batch, seqlen, vocab_size).
@@ -238,6 +244,50 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Att
                                max_seqlen_q=ctx.max_seqlen, max_seqlen_k=ctx.max_seqlen).unsqueeze(0)
 
 
+ATTENTION_IMPLS = ("fused", "eager")
+
+
+def set_attention_impl(model: nn.Module, impl: str) -> str:
+    """Choose how every attention layer of model computes: "fused" (the default: SDPA in the plain layers,
+    kernels.zero_init_attention in the adapted ones and in every layer of a packed batch) or "eager" (the
+    official code's formulation: eager_attention in the plain layers, kernels.zero_init_attention_ref in the
+    adapted ones; padded batches only). Returns the implementation the model had before."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(ATTENTION_IMPLS)}, got {impl!r}")
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no attention layers")
+    before = layers[0].attn_impl
+    for m in layers:
+        m.attn_impl = impl
+    return before
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    is_causal: bool) -> torch.Tensor:
+    """Attention as the official LLaMA code computes it: every score materialised, masked with -inf, softmax in
+    fp32, cast back. q (B, T, nh, hs) over k, v (B, S, nkv, hs) -> (B, T, nh, hs); mask and is_causal as
+    attention_mask returns them (True = visible). Kv heads are repeated to nh first (Llama-2's repeat_kv)."""
+    T, S, hs = q.shape[1], k.shape[1], q.shape[3]
+    groups = q.shape[2] // k.shape[2]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, S, hs)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)
+    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(hs)  # (B, nh, T, S)
+    if is_causal:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.softmax(scores.float(), dim=-1).type_as(q)
+    return torch.matmul(probs, v).transpose(1, 2)  # (B, T, nh, hs)
+
+
+def check_packed_impl(impl: str) -> None:
+    if impl != "fused":
+        raise ValueError(f"packed sequences (cu_seqlens) need attention impl 'fused'; this model's is {impl!r}, "
+                         "which has no varlen mode (pad the batch instead)")
+
+
 def attention_mask(seqlen_q: int, seqlen_k: int, left_pad: list[int] | None,
                    device: torch.device) -> tuple[torch.Tensor | None, bool]:
     """SDPA mask for queries at the last seqlen_q of seqlen_k slots: (mask, is_causal).
@@ -260,6 +310,8 @@ def attention_mask(seqlen_q: int, seqlen_k: int, left_pad: list[int] | None,
 
 
 class Attention(nn.Module):
+    attn_impl: str = "fused"  # see set_attention_impl; set per module
+
     def __init__(self, config: LLaMAConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
@@ -283,8 +335,11 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Causal attention of q (B, T, nh, hs) over k, v (B, S, nkv, hs) -> (B, T, nh, hs). The override point."""
         if ctx.cu_seqlens is not None:  # packed sequences: SDPA cannot, the op's varlen mode with no prompt can
+            check_packed_impl(self.attn_impl)
             no_prompt = k.new_empty(1, 0, self.n_kv_heads, self.head_dim)
             return packed_attention(q, k, v, ctx, no_prompt, no_prompt, q.new_zeros(1))
+        if self.attn_impl == "eager":
+            return eager_attention(q, k, v, ctx.mask, ctx.is_causal)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, nh, T, hs), (B, nkv, S, hs)
             attn_mask=ctx.mask, is_causal=ctx.is_causal, enable_gqa=self.n_kv_heads != self.n_heads)

@@ -1,0 +1,818 @@
+"""Benchmark: LLaMA-Adapter fine-tuning steps (arXiv 2303.16199), our stack against the official setup.
+
+Training steps of a randomly initialised LLaMA-7B-shaped model (13B too: --models) with the adapter (K = 10
+prompts in the top L = 30 layers), frozen base in bf16, adapter in fp32, on examples whose lengths are drawn
+like Alpaca's. One step is what train/finetune.py's loop does on one process (bf16 needs no loss scaling):
+batch_loss_sum (forward, fp32 cross-entropy on the response tokens), backward of the step's mean loss,
+gradient clipping to 1.0, AdamW (betas 0.9/0.95, weight decay on the prompts: param_groups), zero_grad.
+
+Providers (--providers), each checked before it is timed:
+    ours_packed      the fused op, packed micro-batches (train/data.py's PackedLoader) of at most --token-budget
+                     tokens (8192 by default) and no padding: every layer attends within each sequence through
+                     kernels.zero_init_attention's varlen mode
+    ours_padded512   the fused op in the adapted layers (SDPA in the plain ones), --batch-size examples (4, the
+                     official script's per GPU) padded to --pad-to tokens (512, the official script's)
+    eager_padded512  the official code's formulation (model.set_attention_impl(model, "eager")): adapted layers
+                     through kernels.zero_init_attention_ref, plain layers through eager_attention (materialised
+                     scores, mask, fp32 softmax), padded like ours_padded512
+
+Correctness, before any timing: on the same examples (--check-examples), one step's loss and every adapter
+gradient of each provider are compared with an oracle: the eager model in fp32 (its bf16 weights cast up,
+exactly), padded to the longest example. Tolerance per result (loss, all prompt gradients, all gate gradients;
+each divided by the oracle's max |x| first), flash-attn's bar: twice the error of the eager model in bf16
+(eager_padded512's own step), plus twice bf16's rounding at that magnitude. A provider outside it stops the
+run (exit status 1) before anything of it is timed. The adapter's gates are spread over [-1.5, 1.5]
+(common.random_llama): with zero gates the prompts would get no gradient and the check would not see them.
+
+Timing: --warmup-steps steps first (Triton compilation, AdamW state), then --steps steps, each on the next
+micro-batch of a shuffled epoch, timed alone (synchronised). Reported per provider (CSV rows, one per metric):
+step time median / p20 / p80; processed tokens/s (the tokens the model ran on, padding included: the median over
+the timed steps of tokens / step time); real tokens/s (the real tokens of an epoch of this data divided by the
+epoch's projected time: a padded step costs the same whatever its rows hold, so this is processed tokens/s times
+the data's fill ratio, mean length / pad_to; for packing the two are equal); peak memory (CUDA); the attention
+backends that ran; the projected time of --epochs (5) epochs of Alpaca-52K (52,002 examples at this data's mean
+length) on this one GPU, next to the paper's 1 hour on 8 A100s (8 A100-hours). Then the targets (issue 5, on a
+GPU): ours_packed at least 3x eager_padded512's real tokens/s; 5 epochs of Alpaca-52K on a 7B model under 1 hour
+on one GPU. An out-of-memory provider or model gets a "skipped" row with the reason.
+
+Example lengths (--data absent): an APPROXIMATION of Alpaca-52K with the Alpaca template and the LLaMA tokenizer
+(nothing is downloaded, so it is not measured here; see AlpacaLengths for the numbers and their sources, mean
+about 156 tokens). With --data alpaca_data.json --tokenizer tokenizer.model the real examples are tokenized as
+train/finetune.py does, truncated to --pad-to tokens, and their real lengths (and tokens) are used instead.
+
+Examples:
+    # one GPU: LLaMA-7B and 13B shapes, rows appended to bench/results/finetune.csv, bar chart + summary beside it
+    python -m bench.bench_finetune
+    python -m bench.bench_finetune --models llama-7b --token-budget 16384       # a larger packed micro-batch
+    python -m bench.bench_finetune --data alpaca_data.json --tokenizer llama/tokenizer.model   # real lengths
+    # CPU (or anywhere): the tiny smoke configuration, written to a temporary folder or --out
+    python -m bench.bench_finetune --smoke --out /tmp/bench-finetune
+On a CPU the numbers mean nothing for the GPU: the run only shows that the benchmark works and that every
+provider computes the right answer. Several GPUs: the benchmark uses the current device (CUDA_VISIBLE_DEVICES).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # run as a file (python bench/bench_finetune.py): import from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not torch.cuda.is_available():
+    # as in tests/conftest.py: without a GPU the Triton kernels run under Triton's interpreter; it must be
+    # set before `kernels` is first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench.bench_attention import sdpa_backend  # noqa: E402
+from bench.common import (  # noqa: E402
+    CPU_NOTICE,
+    BenchEnv,
+    ConfigError,
+    CorrectnessError,
+    Expected,
+    Row,
+    Timing,
+    add_config_arguments,
+    append_rows,
+    argparse_type,
+    attention_impl,
+    base_upcast,
+    bench_env,
+    check_choices,
+    check_csv,
+    check_results,
+    config_from_args,
+    describe_exception,
+    exact_fp32_matmuls,
+    format_table,
+    free_device_memory,
+    is_oom,
+    list_of,
+    model_config,
+    model_name,
+    op_backend,
+    opt,
+    peak_memory_since_reset,
+    plot_bars,
+    positive_float,
+    positive_int,
+    quantiles_ms,
+    random_llama,
+    reset_peak_memory,
+    resolve_out_dir,
+    unique_path,
+    unpatched,
+)
+from model import AdapterConfig, LLaMA, Tokenizer, adapter_layers, adapter_state_dict  # noqa: E402
+from train.data import PackedLoader, PaddedLoader, Step, TokenizedDataset, load_records, tokenize_records  # noqa: E402
+from train.finetune import batch_loss_sum, param_groups  # noqa: E402
+
+WHAT = "finetune"
+DTYPE = torch.bfloat16  # the frozen base; the adapter is fp32
+ALPACA_EXAMPLES = 52_002  # Alpaca-52K (tatsu-lab/stanford_alpaca's alpaca_data.json)
+PAPER = "1 h on 8 A100s = 8 A100-hours (5 epochs of Alpaca-52K, LLaMA-7B)"
+OFFICIAL_ONE_GPU = "the official script on one GPU was reported at about 2.3 h per epoch (11.5 h for 5)"
+TARGET_SPEEDUP = 3.0  # ours_packed / eager_padded512, real tokens/s
+TARGET_HOURS = 1.0  # 5 epochs of Alpaca-52K, 7B, one GPU
+# the step as train/finetune.py takes it by default (the learning rate does not change the time of a step)
+LR, BETAS, WEIGHT_DECAY, CLIP_GRAD = 1e-3, (0.9, 0.95), 0.02, 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Alpaca-like example lengths
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AlpacaLengths:
+    """An approximation of the token counts of Alpaca-52K examples with the Alpaca template and the LLaMA
+    tokenizer (sentencepiece, 32000 pieces), as train/data.py tokenizes them: BOS + template + instruction
+    [+ input] + response + EOS. Not measured: no tokenizer or data set can be downloaded here. The numbers:
+
+    - template: "Below is an instruction that describes a task. Write a response ...### Instruction:\\n ...
+      ### Response:" is about 36 LLaMA tokens (the 105-character sentence ~21, each "\\n\\n### Name:\\n" header
+      ~7-8: newlines are byte pieces); the variant with an input ("..., paired with an input that provides
+      further context. ...", plus "### Input:") about 52; +1 for BOS.
+    - input_share: the share of examples with a non-empty input, about 40% (assumption, from the Alpaca
+      data's make-up).
+    - instruction, input, response (EOS included): lognormal token counts (median, sigma), chosen so that the
+      whole matches Alpaca's size: a Hugging Face copy of Alpaca-52K (disham993/alpaca-train-validation-test-split,
+      its data set card) lists 47.8 MB for its 52,002 examples, each holding instruction, input, output and the
+      templated text ("text"), i.e. about 540 characters of templated text per example, 140-170 LLaMA tokens at
+      3.2-3.8 characters per token. Means here: instruction 17.7, input 27.1 (when present), response 85.4.
+    Drawn for 52,002 examples: mean 156 tokens, median 136, p90 253, p99 482; 0.8% reach the padded length
+    (512, the official script's max_seq_len) and are truncated to it. The brief's own estimate for a real
+    Alpaca example with the template was 150-200 tokens."""
+
+    template: int = 37  # BOS + template, no input
+    template_with_input: int = 53  # BOS + template with an input
+    input_share: float = 0.40
+    instruction: tuple[float, float] = (16.0, 0.45)  # (median, sigma) of a lognormal
+    input: tuple[float, float] = (18.0, 0.9)
+    response: tuple[float, float] = (62.0, 0.8)
+
+    def draw(self, n: int, rng: np.random.Generator, *, scale: float = 1.0,
+             max_len: int = 512) -> tuple[np.ndarray, np.ndarray]:
+        """(lengths, prompt_lens) of n examples, int64; every count times scale (smoke runs), each example at
+        most max_len tokens with at least one response token."""
+        lognormal = lambda median_sigma: rng.lognormal(np.log(median_sigma[0]), median_sigma[1], n)  # noqa: E731
+        has_input = rng.random(n) < self.input_share
+        prompt = np.where(has_input, self.template_with_input + lognormal(self.input), self.template)
+        prompt = prompt + lognormal(self.instruction)
+        response = lognormal(self.response)
+        prompt = np.clip(np.rint(prompt * scale), 1, max_len - 1).astype(np.int64)
+        response = np.maximum(np.rint(response * scale), 1).astype(np.int64)
+        return np.minimum(prompt + response, max_len), prompt
+
+
+ALPACA_LENGTHS = AlpacaLengths()
+
+
+def synthetic_dataset(n: int, vocab_size: int, *, seed: int, scale: float, max_len: int) -> TokenizedDataset:
+    """n examples of random tokens with Alpaca-like lengths (ALPACA_LENGTHS) and train/data.py's labels."""
+    rng = np.random.default_rng(seed)
+    lengths, prompt_lens = ALPACA_LENGTHS.draw(n, rng, scale=scale, max_len=max_len)
+    tokens = torch.randint(0, vocab_size, (int(lengths.sum()),), generator=torch.Generator().manual_seed(seed))
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.from_numpy(lengths).cumsum(0)])
+    return TokenizedDataset(tokens, offsets, torch.from_numpy(prompt_lens), torch.arange(n), pad_id=0)
+
+
+def real_dataset(data: str, tokenizer: str, *, max_len: int) -> tuple[TokenizedDataset, int]:
+    """The records of an Alpaca JSON / JSONL file tokenized as train/finetune.py does (truncated to max_len);
+    returns (dataset, the tokenizer's vocabulary size)."""
+    tok = Tokenizer(tokenizer)
+    records, _ = load_records(data)
+    dataset, _ = tokenize_records(records, tok, max_seq_len=max_len)
+    return dataset, tok.vocab_size
+
+
+@dataclass(frozen=True)
+class DataStats:
+    source: str
+    examples: int
+    mean: float
+    p50: float
+    p90: float
+    longest: int
+    at_max: float  # share of examples at the padded length (truncated, or exactly that long)
+
+    @classmethod
+    def of(cls, data: TokenizedDataset, source: str, max_len: int) -> DataStats:
+        lengths = data.lengths
+        return cls(source, len(lengths), float(lengths.mean()), float(np.percentile(lengths, 50)),
+                   float(np.percentile(lengths, 90)), int(lengths.max()), float((lengths >= max_len).mean()))
+
+    def line(self) -> str:
+        return (f"{self.source}: {self.examples} examples, tokens per example mean {self.mean:.1f}, median "
+                f"{self.p50:.0f}, p90 {self.p90:.0f}, longest {self.longest}, {100 * self.at_max:.2f}% at the "
+                "padded length")
+
+
+# --------------------------------------------------------------------------------------------------
+# Providers
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Provider:
+    """One way to train: the model's attention implementation and the batch layout. patch wraps everything
+    the provider runs (its check and its timed steps) for anything else it changes (tests inject wrong
+    providers through it)."""
+
+    name: str
+    impl: str  # "fused" or "eager" (model.set_attention_impl)
+    layout: str  # "packed" (PackedLoader) or "padded" (PaddedLoader, --pad-to)
+    patch: Callable[[LLaMA], AbstractContextManager] = unpatched
+
+
+PROVIDERS: dict[str, Provider] = {p.name: p for p in (
+    Provider("ours_packed", "fused", "packed"),
+    Provider("ours_padded512", "fused", "padded"),
+    Provider("eager_padded512", "eager", "padded"),
+)}
+BASELINE = Provider("eager_padded512", "eager", "padded")  # the official formulation: the check's tolerance
+ORACLE = Provider("oracle", "eager", "padded")  # run in fp32, padded to the longest example
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration and command line
+# --------------------------------------------------------------------------------------------------
+def _file(text: str) -> str:
+    if not Path(text).expanduser().is_file():
+        raise ValueError("no such file")
+    return text
+
+
+@dataclass(frozen=True)
+class FinetuneBenchConfig:
+    """The GPU run's defaults, in one place: the command line is generated from these fields."""
+
+    models: tuple[str, ...] = field(default=("llama-7b", "llama-13b"), metadata=opt(
+        "model shapes: model/ presets (llama-7b, llama-13b, llama2-13b, ...) or smoke", list_of(model_name, "model"),
+        "NAME,..."))
+    providers: tuple[str, ...] = field(default=tuple(PROVIDERS), metadata=opt(
+        "providers", list_of(str, "provider"), "P,P,..."))
+    token_budget: int = field(default=8192, metadata=opt(
+        "ours_packed: the most tokens in one packed micro-batch", argparse_type(positive_int), "N"))
+    batch_size: int = field(default=4, metadata=opt(
+        "padded providers: examples per micro-batch (the official script: 4 per GPU)", argparse_type(positive_int),
+        "N"))
+    pad_to: int = field(default=512, metadata=opt(
+        "padded providers: row length (the official script's 512); also the longest example",
+        argparse_type(positive_int), "N"))
+    adapter_len: int = field(default=10, metadata=opt("adapter prompts per layer K", argparse_type(positive_int), "K"))
+    adapter_layers: int = field(default=30, metadata=opt(
+        "adapted layers L, counted from the top", argparse_type(positive_int), "L"))
+    examples: int = field(default=ALPACA_EXAMPLES, metadata=opt(
+        "synthetic examples (Alpaca-like lengths) the steps are drawn from", argparse_type(positive_int), "N"))
+    length_scale: float = field(default=1.0, metadata=opt(
+        "synthetic lengths times this (smoke runs shrink them)", argparse_type(positive_float), "X"))
+    data: str | None = field(default=None, metadata=opt(
+        "an Alpaca JSON / JSONL file: use its real examples (needs --tokenizer) instead of synthetic ones",
+        argparse_type(_file), "FILE"))
+    tokenizer: str | None = field(default=None, metadata=opt(
+        "with --data: the LLaMA tokenizer.model (or tokenizer.json)", argparse_type(_file), "FILE"))
+    warmup_steps: int = field(default=2, metadata=opt(
+        "untimed steps first (compilation, optimizer state)", argparse_type(positive_int), "N"))
+    steps: int = field(default=8, metadata=opt("timed steps per provider", argparse_type(positive_int), "N"))
+    epochs: int = field(default=5, metadata=opt(
+        "epochs of Alpaca-52K in the projection (the paper's 5)", argparse_type(positive_int), "N"))
+    check_examples: int = field(default=4, metadata=opt(
+        "examples of the correctness check's step", argparse_type(positive_int), "N"))
+    seed: int = field(default=0, metadata=opt("seed of the weights, the data and its order", argparse_type(int), "N"))
+    out: str | None = field(default=None, metadata=opt(
+        "folder for finetune.csv, the plot and the summary (default: bench/results/ for a full CUDA run, else a "
+        "temporary folder; CPU and smoke runs never write into bench/results/)", str, "DIR"))
+
+
+# --smoke, and the default on a CPU: tiny enough for Triton's interpreter (2 layers, dim 64, the top one adapted)
+SMOKE = dict(models=("smoke",), token_budget=128, batch_size=2, pad_to=64, adapter_len=4, adapter_layers=1,
+             examples=24, length_scale=0.1, warmup_steps=1, steps=2, check_examples=2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.bench_finetune",
+        description="Benchmark LLaMA-Adapter fine-tuning steps: our stack (fused op, packing) against the official "
+                    "setup (padded to 512, eager attention).",
+        epilog="Lists are comma-separated. Without a GPU the run is the smoke configuration and its numbers mean "
+               "nothing for the GPU.")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"the tiny smoke configuration ({', '.join(f'{k}={v}' for k, v in SMOKE.items())}); "
+                             "implied without a GPU; other flags still narrow it")
+    add_config_arguments(parser, FinetuneBenchConfig())
+    return parser
+
+
+def make_config(args: argparse.Namespace, *, smoke: bool, providers: Mapping[str, Provider]) -> FinetuneBenchConfig:
+    base = FinetuneBenchConfig(providers=tuple(providers))
+    cfg = config_from_args(args, dataclasses.replace(base, **SMOKE) if smoke else base)
+    check_choices("providers", cfg.providers, providers, "provider")
+    if (cfg.data is None) != (cfg.tokenizer is None):
+        raise ConfigError("tokenizer" if cfg.data else "data", "--data and --tokenizer go together (the real "
+                          "examples are tokenized to measure their lengths)")
+    if cfg.token_budget < cfg.pad_to:
+        raise ConfigError("token_budget", f"{cfg.token_budget} is below --pad-to {cfg.pad_to}: a packed micro-batch "
+                          "must hold the longest example")
+    for name in cfg.models:
+        n_layers = model_config(name).n_layers
+        if cfg.adapter_layers > n_layers:
+            raise ConfigError("adapter_layers", f"{cfg.adapter_layers} exceeds the {n_layers} layers of {name}")
+    if cfg.data is None and cfg.examples < max(cfg.check_examples, cfg.batch_size):
+        raise ConfigError("examples", f"{cfg.examples} is fewer than --check-examples ({cfg.check_examples}) or "
+                          f"--batch-size ({cfg.batch_size})")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# One step, checked; steps, timed
+# --------------------------------------------------------------------------------------------------
+CHECKED = ("loss", "prompt_grads", "gate_grads")
+
+
+def step_results(model: LLaMA, batch: dict, provider: Provider, device: torch.device) -> dict[str, torch.Tensor | None]:
+    """The loss (mean over the batch's targets) and the adapter's gradients of one training step's
+    forward/backward with the provider's attention: {"loss", "prompt_grads" (all adapted layers stacked),
+    "gate_grads"}, fp32; a gradient that did not arrive in every layer is None."""
+    model.zero_grad(set_to_none=True)
+    with attention_impl(model, provider.impl), provider.patch(model):
+        loss = batch_loss_sum(model, batch, device) / batch["num_targets"]
+        loss.backward()
+    layers = list(adapter_layers(model).values())
+
+    def stacked(name: str) -> torch.Tensor | None:
+        grads = [getattr(m, name).grad for m in layers]
+        return None if any(g is None for g in grads) else torch.stack(grads).float()
+
+    result = {"loss": loss.detach().float(), "prompt_grads": stacked("adapter_prompt"), "gate_grads": stacked("gate")}
+    model.zero_grad(set_to_none=True)
+    return result
+
+
+def check_ids(data: TokenizedDataset, count: int, token_budget: int) -> list[int]:
+    """The first examples of the data (at most count) that fit one packed micro-batch together."""
+    ids, total = [], 0
+    for i in range(min(count, len(data))):
+        total += int(data.lengths[i])
+        if ids and total > token_budget:
+            break
+        ids.append(i)
+    return ids
+
+
+def check_batch(provider: Provider, data: TokenizedDataset, ids: list[int], cfg: FinetuneBenchConfig) -> dict:
+    """The check's examples in the provider's layout (the oracle's: padded to the longest)."""
+    if provider is ORACLE:
+        return PaddedLoader(data, len(ids), pad_to="longest", shuffle=False).collate(ids)
+    if provider.layout == "packed":
+        return PackedLoader(data, cfg.token_budget, shuffle=False).collate(ids)
+    return PaddedLoader(data, len(ids), pad_to=cfg.pad_to, shuffle=False).collate(ids)
+
+
+# the eager model in bf16 may err by at most this (relative to the oracle's max |x|): a sanity bound on the baseline
+BASELINE_BOUND = 0.25
+
+
+def expected_step(model: LLaMA, data: TokenizedDataset, ids: list[int], cfg: FinetuneBenchConfig,
+                  device: torch.device) -> tuple[Expected, dict[str, torch.Tensor | None]]:
+    """The oracle (the eager model in fp32, padded to the longest) and the tolerances from the baseline (the
+    eager model in bf16 on eager_padded512's layout); returns (expected, the baseline's results)."""
+    with base_upcast(model, torch.float32), exact_fp32_matmuls():
+        oracle = step_results(model, check_batch(ORACLE, data, ids, cfg), ORACLE, device)
+    baseline = step_results(model, check_batch(BASELINE, data, ids, cfg), BASELINE, device)
+    if any(v is None for v in (*oracle.values(), *baseline.values())):
+        raise CorrectnessError("the eager model computes no gradient for some adapter parameter: nothing to check")
+    expected = Expected.from_runs(oracle, baseline, "bf16",
+                                  oracle_desc="eager model in fp32, padded to the longest example",
+                                  baseline_desc="the eager model in bf16 (eager_padded512)", normalize=True)
+    for name, err in expected.baseline_err.items():
+        if not err <= BASELINE_BOUND:
+            raise CorrectnessError(f"the eager model in bf16 errs by {err:.3e} (relative to the max) on {name} against "
+                                   f"its fp32 oracle (bound {BASELINE_BOUND}): the baseline itself is broken")
+    return expected, baseline
+
+
+def steps_forever(loader: PackedLoader | PaddedLoader) -> Iterator[Step]:
+    """The loader's steps, epoch after epoch (each collated when it is drawn: outside the timed region)."""
+    epoch = 0
+    while True:
+        yield from loader.iter_epoch(epoch)
+        epoch += 1
+
+
+def train_step(model: LLaMA, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], step: Step,
+               device: torch.device) -> float:
+    """One optimizer step as train/finetune.py's loop takes it on one process (bf16: no loss scaling)."""
+    loss_sum = torch.zeros((), device=device)
+    for batch in step.batches:
+        micro = batch_loss_sum(model, batch, device)
+        (micro / step.num_targets).backward()
+        loss_sum += micro.detach()
+    torch.nn.utils.clip_grad_norm_(params, CLIP_GRAD)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss_sum) / step.num_targets  # a sync, as the loop's loss logging
+
+
+@dataclass
+class Measurement:
+    model: str
+    provider: str
+    batching: str
+    step: Timing  # ms
+    processed_tokens_per_s: float  # median over the timed steps
+    real_tokens_per_s: float  # over an epoch of this data: processed_tokens_per_s x fill ratio
+    projected_hours: float  # cfg.epochs epochs of Alpaca-52K at this data's mean length
+    peak_mib: float | None
+    timed_steps: int
+    timed_real_tokens: int
+    timed_processed_tokens: int
+    final_loss: float
+
+
+def batching(provider: Provider, cfg: FinetuneBenchConfig) -> str:
+    if provider.layout == "packed":
+        return f"packed, <= {cfg.token_budget} tokens per micro-batch, no padding"
+    return f"padded, {cfg.batch_size} x {cfg.pad_to} tokens per micro-batch"
+
+
+def epoch_tokens(provider: Provider, mean_len: float, cfg: FinetuneBenchConfig) -> tuple[float, float]:
+    """(real, processed) tokens of one epoch of Alpaca-52K at this mean length in the provider's layout."""
+    real = ALPACA_EXAMPLES * mean_len
+    return real, (real if provider.layout == "packed" else ALPACA_EXAMPLES * cfg.pad_to)
+
+
+def time_provider(model: LLaMA, data: TokenizedDataset, provider: Provider, cfg: FinetuneBenchConfig,
+                  device: torch.device, model_name: str) -> Measurement:
+    """Warm up, then time cfg.steps steps of a fresh AdamW on the adapter; the adapter is restored after."""
+    if provider.layout == "packed":
+        loader = PackedLoader(data, cfg.token_budget, seed=cfg.seed)
+    else:
+        loader = PaddedLoader(data, cfg.batch_size, pad_to=cfg.pad_to, seed=cfg.seed)
+    saved = {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS)
+    steps = steps_forever(loader)
+    times, rates, real, processed = [], [], 0, 0
+    try:
+        with attention_impl(model, provider.impl), provider.patch(model):
+            for _ in range(cfg.warmup_steps):
+                train_step(model, optimizer, params, next(steps), device)
+            reset_peak_memory(device)
+            for _ in range(cfg.steps):
+                step = next(steps)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                loss = train_step(model, optimizer, params, step, device)
+                seconds = time.perf_counter() - start
+                times.append(seconds * 1e3)
+                rates.append(step.num_tokens / seconds)
+                real, processed = real + step.num_real_tokens, processed + step.num_tokens
+            peak = peak_memory_since_reset(device)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for k, p in adapter_state_dict(model).items():
+                p.copy_(saved[k])
+        del optimizer
+    rate = float(np.median(rates))
+    epoch_real, epoch_processed = epoch_tokens(provider, float(data.lengths.mean()), cfg)
+    epoch_seconds = epoch_processed / rate
+    return Measurement(model_name, provider.name, batching(provider, cfg), quantiles_ms(times), rate,
+                       epoch_real / epoch_seconds, cfg.epochs * epoch_seconds / 3600, peak, len(times), real,
+                       processed, loss)
+
+
+def attention_backends(provider: Provider, config, device: torch.device, cfg: FinetuneBenchConfig) -> str:
+    """What computes the attention of each kind of layer for this provider, on this device."""
+    if provider.impl == "eager":
+        return ("adapted layers: kernels.zero_init_attention_ref; plain layers: eager_attention (both materialise "
+                "the scores, fp32 softmax)")
+    op = f"kernels.zero_init_attention ({op_backend(device)})"
+    if provider.layout == "packed":
+        return f"every layer: {op}, varlen (the plain layers with an empty prompt)"
+    q = torch.empty(cfg.batch_size, config.n_heads, cfg.pad_to, config.head_dim, dtype=DTYPE, device=device)
+    k = torch.empty(cfg.batch_size, config.n_kv_heads, cfg.pad_to, config.head_dim, dtype=DTYPE, device=device)
+    sdpa = sdpa_backend(q, k, k, is_causal=True, enable_gqa=config.n_heads != config.n_kv_heads)
+    return f"adapted layers: {op}; plain layers: SDPA {sdpa}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    env: BenchEnv
+    out_dir: Path
+    csv_path: Path
+    config: FinetuneBenchConfig
+    data: dict[str, DataStats] = field(default_factory=dict)  # per model
+    measurements: list[Measurement] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (model, provider, reason)
+    checks: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)  # (model, provider) -> ratios
+    targets: list[TargetCheck] = field(default_factory=list)
+    plot_path: Path | None = None
+    summary_path: Path | None = None
+
+    def get(self, model: str, provider: str) -> Measurement | None:
+        return next((m for m in self.measurements if m.model == model and m.provider == provider), None)
+
+
+def shape_of(name: str, cfg: FinetuneBenchConfig) -> str:
+    """The CSV's shape column: the model and its adapter, e.g. llama-7b-K10-L30-bf16."""
+    return f"{name}-K{cfg.adapter_len}-L{cfg.adapter_layers}-bf16"
+
+
+def _measurement_rows(m: Measurement, shape: str) -> list[Row]:
+    row = lambda metric, value, unit: Row(WHAT, m.provider, "step", shape, metric, value, unit)  # noqa: E731
+    rows = [row("step_median", m.step.median_ms, "ms"), row("step_p20", m.step.p20_ms, "ms"),
+            row("step_p80", m.step.p80_ms, "ms"), row("processed_tokens_per_s", m.processed_tokens_per_s, "tokens/s"),
+            row("real_tokens_per_s", m.real_tokens_per_s, "tokens/s"),
+            row("projected_hours", m.projected_hours, "h"), row("timed_steps", m.timed_steps, "steps"),
+            row("timed_real_tokens", m.timed_real_tokens, "tokens"),
+            row("timed_processed_tokens", m.timed_processed_tokens, "tokens"), row("final_loss", m.final_loss, "")]
+    if m.peak_mib is not None:
+        rows.append(row("peak_mem", m.peak_mib, "MiB"))
+    return rows
+
+
+def _data_for(cfg: FinetuneBenchConfig, vocab_size: int, real: tuple[TokenizedDataset, int] | None
+              ) -> tuple[TokenizedDataset, str]:
+    if real is not None:
+        data, tok_vocab = real
+        if tok_vocab > vocab_size:
+            raise ConfigError("tokenizer", f"its {tok_vocab} tokens exceed the model's vocabulary of {vocab_size}")
+        return data, f"{cfg.data} (tokenized with {cfg.tokenizer})"
+    data = synthetic_dataset(cfg.examples, vocab_size, seed=cfg.seed, scale=cfg.length_scale, max_len=cfg.pad_to)
+    scaled = f", lengths x {cfg.length_scale:g}" if cfg.length_scale != 1 else ""
+    return data, f"synthetic Alpaca-like lengths (an approximation{scaled})"
+
+
+def run(cfg: FinetuneBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[str, Provider] | None = None,
+        real: tuple[TokenizedDataset, int] | None = None, log: Callable[[str], None] = print) -> RunResult:
+    """Check, then time, every (model, provider); append the rows to out_dir/finetune.csv as they come, then
+    print the table, the projection and the targets, and write the plot and the summary. real: cfg.data's
+    examples and the tokenizer's vocabulary size (real_dataset; read here when not given). Raises
+    CorrectnessError as soon as a provider computes a wrong answer."""
+    providers = PROVIDERS if providers is None else providers
+    device = env.device
+    result = RunResult(env, out_dir, out_dir / f"{WHAT}.csv", cfg)
+    write = lambda rows: append_rows(result.csv_path, rows, env)  # noqa: E731
+    log(f"bench_finetune | {env.describe()}")
+    if not env.is_cuda:
+        log(CPU_NOTICE)
+    log(f"fused op: {op_backend(device)} | rows go to {result.csv_path}")
+    if cfg.data and real is None:
+        real = real_dataset(cfg.data, cfg.tokenizer, max_len=cfg.pad_to)
+
+    for name in cfg.models:
+        started = time.perf_counter()
+        shape = shape_of(name, cfg)
+        config = model_config(name)
+        data, source = _data_for(cfg, config.vocab_size, real)
+        stats = result.data[name] = DataStats.of(data, source, cfg.pad_to)
+        log(f"\n== {shape}: {config.n_layers} layers, dim {config.dim}, {config.n_heads} heads; adapter K "
+            f"{cfg.adapter_len} in the top {cfg.adapter_layers} layers; base bf16, adapter fp32")
+        log(f"   data: {stats.line()}")
+        write([Row(WHAT, "data", "all", shape, metric, value, unit) for metric, value, unit in (
+            ("source", source, ""), ("examples", stats.examples, "examples"), ("mean_tokens", stats.mean, "tokens"),
+            ("p50_tokens", stats.p50, "tokens"), ("p90_tokens", stats.p90, "tokens"),
+            ("longest", stats.longest, "tokens"), ("share_at_pad_to", stats.at_max, ""))])
+        active = [providers[p] for p in cfg.providers]
+        model = None
+        try:
+            model = random_llama(name, AdapterConfig(adapter_len=cfg.adapter_len, adapter_layers=cfg.adapter_layers),
+                                 dtype=DTYPE, device=device, seed=cfg.seed)
+            weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            log(f"   model: {weights / 1024:.1f} GiB of weights, {trained:,} trained parameters")
+            write([Row(WHAT, "all", "all", shape, "weights_mem", weights, "MiB"),
+                   Row(WHAT, "all", "all", shape, "trained_params", trained, "parameters")])
+            ids = check_ids(data, cfg.check_examples, cfg.token_budget)
+            expected, baseline = expected_step(model, data, ids, cfg, device)
+            log(f"   check: one step on {len(ids)} examples ({int(data.lengths[ids].sum())} tokens) against the "
+                "eager model in fp32")
+        except Exception as exc:  # out of memory building the model or computing the oracle; anything else is a bug
+            if not is_oom(exc):
+                raise
+            reason = "out of memory: " + describe_exception(exc)
+            del exc
+            model = None
+            free_device_memory(device, collect=True)
+            log(f"   SKIP {name}: {reason}")
+            write([Row(WHAT, p.name, "all", shape, "skipped", reason, "") for p in active])
+            result.skipped += [(name, p.name, reason) for p in active]
+            continue
+
+        for prov in active:
+            prov_started = time.perf_counter()
+            try:
+                got = baseline if prov == BASELINE else step_results(model, check_batch(prov, data, ids, cfg), prov,
+                                                                     device)
+                ratios = check_results(prov.name, shape, got, expected)
+                result.checks[(name, prov.name)] = ratios
+                m = time_provider(model, data, prov, cfg, device, name)
+            except Exception as exc:  # out of memory; anything else is a bug
+                if not is_oom(exc):
+                    raise
+                reason = "out of memory: " + describe_exception(exc)
+                del exc
+                model.zero_grad(set_to_none=True)
+                free_device_memory(device, collect=True)
+                log(f"   {prov.name:<16} SKIP: {reason}")
+                write([Row(WHAT, prov.name, "all", shape, "skipped", reason, "")])
+                result.skipped.append((name, prov.name, reason))
+                continue
+            result.measurements.append(m)
+            write([Row(WHAT, prov.name, "check", shape, "max_err_over_tol", max(ratios.values()), "ratio"),
+                   Row(WHAT, prov.name, "check", shape, "checked", " ".join(ratios), ""),
+                   Row(WHAT, prov.name, "all", shape, "attention", attention_backends(prov, config, device, cfg), ""),
+                   Row(WHAT, prov.name, "all", shape, "batching", m.batching, "")] + _measurement_rows(m, shape))
+            mem = f" | peak {m.peak_mib / 1024:.1f} GiB" if m.peak_mib is not None else ""
+            log(f"   {prov.name:<16} check ok (err/tol {max(ratios.values()):.2f}) | step {m.step.median_ms:.1f} ms "
+                f"[{m.step.p20_ms:.1f}-{m.step.p80_ms:.1f}] | {m.processed_tokens_per_s:,.0f} processed tok/s | "
+                f"{m.real_tokens_per_s:,.0f} real tok/s{mem} | {cfg.epochs} epochs: {m.projected_hours:.2f} h "
+                f"({time.perf_counter() - prov_started:.1f} s)")
+            free_device_memory(device)
+        del model, expected, baseline
+        free_device_memory(device, collect=True)
+        log(f"   ({time.perf_counter() - started:.1f} s)")
+
+    if env.is_cuda:  # a CPU smoke run's numbers say nothing about the targets
+        result.targets = check_targets(result)
+        write(target_rows(result))
+    log("")
+    report(result, log=log)
+    log(f"CSV rows appended to {result.csv_path}")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports: table, projection, targets, plot, summary
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TargetCheck:
+    target: str
+    model: str
+    value: float | None  # None: a side was not measured
+    bound: float
+    met: bool | None
+
+    def line(self) -> str:
+        verdict = "not measured" if self.met is None else ("MET" if self.met else "NOT MET")
+        shown = "-" if self.value is None else f"{self.value:.2f}"
+        return f"{verdict:<12} {self.target:<58} {self.model:<12} {shown} (bound {self.bound:g})"
+
+
+def check_targets(result: RunResult) -> list[TargetCheck]:
+    """Issue 5's fine-tuning targets per model: ours_packed >= 3x eager_padded512's real tokens/s, and (7B
+    shapes) cfg.epochs epochs of Alpaca-52K under 1 hour on this one GPU."""
+    checks = []
+    for name in result.config.models:
+        ours, eager = result.get(name, "ours_packed"), result.get(name, "eager_padded512")
+        ratio = ours.real_tokens_per_s / eager.real_tokens_per_s if ours and eager else None
+        checks.append(TargetCheck("ours_packed / eager_padded512 real tokens/s >= 3", name, ratio, TARGET_SPEEDUP,
+                                  None if ratio is None else ratio >= TARGET_SPEEDUP))
+        if model_config(name).dim == 4096:  # the 7B shapes (LLaMA-1/2 7B, Llama-3 8B)
+            hours = ours.projected_hours if ours else None
+            checks.append(TargetCheck(f"{result.config.epochs} epochs of Alpaca-52K on 1 GPU < 1 h (ours_packed)",
+                                      name, hours, TARGET_HOURS, None if hours is None else hours < TARGET_HOURS))
+    return checks
+
+
+def target_rows(result: RunResult) -> list[Row]:
+    rows = []
+    for c in result.targets:
+        shape = shape_of(c.model, result.config)
+        verdict = "not measured" if c.met is None else ("MET" if c.met else "NOT MET")
+        rows.append(Row(WHAT, "all", "target", shape, c.target, verdict if c.value is None
+                        else f"{verdict} ({c.value:.3g}, bound {c.bound:g})", ""))
+    return rows
+
+
+def results_table(result: RunResult) -> str:
+    cfg = result.config
+    lines = []
+    for m in result.measurements:
+        eager = result.get(m.model, "eager_padded512")
+        vs = f"{m.real_tokens_per_s / eager.real_tokens_per_s:.2f}x" if eager else "-"
+        mem = f"{m.peak_mib / 1024:.1f}" if m.peak_mib is not None else "-"
+        step = f"{m.step.median_ms:.1f} [{m.step.p20_ms:.1f}-{m.step.p80_ms:.1f}]"
+        lines.append([m.model, m.provider, m.batching, step, f"{m.processed_tokens_per_s:,.0f}",
+                      f"{m.real_tokens_per_s:,.0f}", vs, mem, f"{m.projected_hours:.2f}"])
+    if not lines:
+        return "Nothing was measured."
+    title = (f"Fine-tuning steps ({cfg.steps} timed after {cfg.warmup_steps} warm-up); projected: {cfg.epochs} "
+             f"epochs of Alpaca-52K ({ALPACA_EXAMPLES:,} examples at the data's mean length) on this one GPU")
+    if not result.env.is_cuda:
+        title += " - CPU smoke run: these numbers mean nothing for the GPU"
+    header = ["model", "provider", "batching", "step ms [p20-p80]", "processed tok/s", "real tok/s",
+              "real vs eager_padded512", "peak GiB", f"{cfg.epochs} epochs (h)"]
+    return title + "\n" + format_table(header, lines)
+
+
+def projection_text(result: RunResult) -> str:
+    lines = [f"Paper: {PAPER}; {OFFICIAL_ONE_GPU}."]
+    for name in result.config.models:
+        parts = [f"{m.provider} {m.projected_hours:.2f} h" for m in result.measurements if m.model == name]
+        if parts:
+            lines.append(f"{name} on 1 x {result.env.gpu_name}: {result.config.epochs} epochs of Alpaca-52K = "
+                         + ", ".join(parts) + f" (= {result.env.gpu_name}-hours; the paper: 8 A100-hours)")
+    return "\n".join(lines)
+
+
+def format_targets(result: RunResult) -> str:
+    head = "Targets (issue 5: H100, bf16; fine-tuning)"
+    if not result.env.is_cuda:
+        return head + ": checked on GPU runs only. " + CPU_NOTICE
+    if "H100" not in result.env.gpu_name:
+        head += f" - measured on {result.env.gpu_name}, not an H100: informative only"
+    met = sum(c.met is True for c in result.targets)
+    return "\n".join([head] + [c.line() for c in result.targets] + [f"{met} of {len(result.targets)} targets met"])
+
+
+def report(result: RunResult, *, log: Callable[[str], None] = print) -> RunResult:
+    """Print the table, the projection and the targets; write the bar chart and the summary."""
+    text = "\n\n".join([results_table(result), projection_text(result), format_targets(result)])
+    log(text)
+    if result.skipped:
+        log("Skipped: " + "; ".join(f"{m} {p}: {why}" for m, p, why in result.skipped))
+    result.plot_path = write_plot(result)
+    result.summary_path = write_summary(result, text)
+    log(f"plot: {result.plot_path}" if result.plot_path else "plot: nothing measured, no plot")
+    log(f"summary: {result.summary_path}")
+    return result
+
+
+def write_plot(result: RunResult) -> Path | None:
+    if not result.measurements:
+        return None
+    groups: dict[str, dict[str, float]] = {}
+    for m in result.measurements:
+        groups.setdefault(m.model, {})[m.provider] = m.real_tokens_per_s
+    env = result.env
+    title = f"LLaMA-Adapter fine-tuning: real tokens/s per provider\n{env.gpu_name} | {env.date} | {env.git_commit}"
+    if not env.is_cuda:
+        title += "\nCPU smoke run: these numbers mean nothing for the GPU"
+    return plot_bars(groups, unique_path(result.out_dir, WHAT, ".png", env), ylabel="real tokens/s", title=title)
+
+
+def write_summary(result: RunResult, text: str) -> Path:
+    env = result.env
+    lines = [f"# Fine-tuning benchmark, {env.date}", "", f"- GPU: {env.gpu_name}", f"- date: {env.date}",
+             f"- commit: {env.git_commit}", f"- torch {torch.__version__}",
+             f"- configuration: {dataclasses.asdict(result.config)}",
+             f"- rows: {result.csv_path}; plot: {result.plot_path.name if result.plot_path else 'none'}", ""]
+    lines += [f"- data ({m}): {s.line()}" for m, s in result.data.items()] + [""]
+    if not env.is_cuda:
+        lines += [f"**{CPU_NOTICE}**", ""]
+    lines += ["```", text, "```", ""]
+    if result.skipped:
+        lines += ["## Skipped", ""] + [f"- {m} {p}: {why}" for m, p, why in result.skipped] + [""]
+    path = unique_path(result.out_dir, WHAT, ".md", env)
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def main(argv: Sequence[str] | None = None, *, providers: Mapping[str, Provider] | None = None) -> int:
+    providers = PROVIDERS if providers is None else providers
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    env = bench_env()
+    smoke = args.smoke or not env.is_cuda
+    if not args.smoke and not env.is_cuda:
+        print("No CUDA device: running the smoke configuration (--smoke).")
+    try:
+        cfg = make_config(args, smoke=smoke, providers=providers)
+        out_dir = resolve_out_dir(cfg.out, env, smoke=smoke, name=WHAT)
+        try:
+            check_csv(out_dir / f"{WHAT}.csv")
+        except ValueError as exc:
+            raise ValueError(f"--out {out_dir}: {exc}") from None
+        real = None
+        if cfg.data:
+            try:
+                real = real_dataset(cfg.data, cfg.tokenizer, max_len=cfg.pad_to)
+            except (ValueError, OSError) as exc:  # DataError is a ValueError; a tokenizer file that is none
+                raise ValueError(f"argument --data / --tokenizer: {exc}") from None
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        run(cfg, env, out_dir, providers=providers, real=real)
+    except CorrectnessError as exc:
+        print(f"\nCORRECTNESS CHECK FAILED - the benchmark stops here.\n{exc}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:  # found once the data is read (--tokenizer's vocabulary)
+        parser.error(str(exc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

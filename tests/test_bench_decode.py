@@ -1,0 +1,127 @@
+"""bench/bench_decode.py: the smoke configuration end to end under pytest-benchmark (each provider's cached logits
+checked against a full recompute, then generation timed; CSV rows, plot and summary in a temporary folder, never in
+bench/results/); wrong providers stop the benchmark before anything is timed; bad command lines name the argument."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from bench import bench_decode as bd
+from bench import common
+from model import adapter_layers
+from model.llama import KVCache
+
+ON_CUDA = torch.cuda.is_available()
+
+
+def _index(rows: list[dict[str, str]]) -> dict[tuple[str, str, str, str], str]:
+    return {(r["provider"], r["mode"], r["shape"], r["metric"]): r["value"] for r in rows}
+
+
+def _results_snapshot() -> dict[str, float]:
+    if not common.RESULTS_DIR.exists():
+        return {}
+    return {str(p): p.stat().st_mtime for p in common.RESULTS_DIR.rglob("*")}
+
+
+def test_smoke_run_checks_times_and_writes_rows(benchmark, tmp_path, capsys):
+    before = _results_snapshot()
+    rc = benchmark.pedantic(bd.main, args=(["--smoke", "--out", str(tmp_path)],), rounds=1, iterations=1)
+    assert rc == 0
+    if not ON_CUDA:
+        assert "CPU numbers mean nothing for the GPU" in capsys.readouterr().out
+    idx = _index(common.read_rows(tmp_path / "decode.csv"))
+    check_shape = "smoke-K4-L1-bf16-check-b2-p8-c3"
+    for prov in bd.PROVIDERS:
+        assert 0 <= float(idx[(prov, "check", check_shape, "max_err_over_tol")]) <= 1
+        assert idx[(prov, "check", check_shape, "checked")] == "logits"
+        for batch in (1, 2):
+            shape = f"smoke-K4-L1-bf16-b{batch}-p8-n4"
+            key = lambda metric: (prov, "generate", shape, metric)  # noqa: B023
+            med, p20, p80 = (float(idx[key(m)]) for m in ("decode_step_median", "decode_step_p20", "decode_step_p80"))
+            assert 0 < p20 <= med <= p80
+            prefill = float(idx[key("prefill_ms")])
+            assert float(idx[key("prefill_tokens_per_s")]) == pytest.approx(batch * 8 / prefill * 1e3)
+            assert float(idx[key("decode_tokens_per_s")]) > 0 and (key("peak_mem") in idx) == ON_CUDA
+            assert idx[(prov, "all", shape, "attention")]
+    assert "zero_init_attention_ref" in idx[("eager", "all", "smoke-K4-L1-bf16-b1-p8-n4", "attention")]
+    assert len(list(tmp_path.glob("decode_*.png"))) == len(list(tmp_path.glob("decode_*.md"))) == 1
+    assert _results_snapshot() == before  # a smoke run never writes into bench/results/
+
+
+@contextlib.contextmanager
+def _cache_misses_the_newest_key(model):
+    """A KV cache off by one: a decode step attends to the keys before its own, not to itself."""
+    update = KVCache.update
+
+    def stale(self, input_pos, k, v):
+        keys, values = update(self, input_pos, k, v)
+        return (keys[:, :-1], values[:, :-1]) if k.shape[1] == 1 else (keys, values)
+
+    KVCache.update = stale
+    try:
+        yield
+    finally:
+        KVCache.update = update
+
+
+@contextlib.contextmanager
+def _raw_gate(model):
+    """The official release's ambiguity: the raw gate instead of tanh(gate)."""
+    layers = list(adapter_layers(model).values())
+    for m in layers:
+        m.gate_act = "identity"
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.gate_act = "tanh"
+
+
+@pytest.mark.parametrize("wrong, patch", [("stale_cache", _cache_misses_the_newest_key), ("raw_gate", _raw_gate)])
+def test_wrong_provider_fails_loudly_before_anything_is_timed(wrong, patch, tmp_path, capsys):
+    providers = {"eager": bd.PROVIDERS["eager"], wrong: bd.Provider(wrong, "fused", patch)}
+    assert bd.main(["--smoke", "--out", str(tmp_path), "--providers", f"eager,{wrong}", "--batch-sizes", "1"],
+                   providers=providers) == 1
+    err = capsys.readouterr().err
+    assert "CORRECTNESS CHECK FAILED" in err and repr(wrong) in err and "logits: max abs error" in err
+    rows = common.read_rows(tmp_path / "decode.csv")
+    assert not any(r["provider"] == wrong for r in rows)
+    assert not any(r["mode"] == "generate" for r in rows)  # every check comes before any timing
+    assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--batch-sizes", "0"], "--batch-sizes"),
+    (["--providers", "fused,flash"], "--providers"),
+    (["--new-tokens", "1"], "--new-tokens"),
+    (["--check-tokens", "1"], "--check-tokens"),
+    (["--prompt-len", "600"], "--new-tokens"),  # past the smoke model's 512-token context
+    (["--models", "gpt2"], "--models"),
+    (["--adapter-layers", "5"], "--adapter-layers"),
+    (["--out", str(common.RESULTS_DIR / "smoke")], "--out"),
+])
+def test_bad_command_line_names_the_argument(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bd.main(["--smoke", *argv])
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+    assert not (common.RESULTS_DIR / "smoke").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA GPU")
+def test_gpu_small_run_checks_and_times_every_provider(tmp_path):
+    argv = ["--out", str(tmp_path), "--models", "tiny", "--adapter-layers", "3", "--batch-sizes", "1,4",
+            "--prompt-len", "32", "--new-tokens", "16", "--warmup-tokens", "4"]
+    assert bd.main(argv) == 0
+    idx = _index(common.read_rows(tmp_path / "decode.csv"))
+    for prov in bd.PROVIDERS:
+        assert float(idx[(prov, "check", "tiny-K10-L3-bf16-check-b2-p32-c8", "max_err_over_tol")]) <= 1
+        for batch in (1, 4):
+            shape = f"tiny-K10-L3-bf16-b{batch}-p32-n16"
+            assert float(idx[(prov, "generate", shape, "decode_tokens_per_s")]) > 0
+            assert float(idx[(prov, "generate", shape, "peak_mem")]) > 0

@@ -78,7 +78,7 @@ from bench.common import (  # noqa: E402
     add_config_arguments,
     append_rows,
     argparse_type,
-    bench_env,
+    bench_main,
     check_choices,
     check_csv,
     check_results,
@@ -1034,25 +1034,8 @@ def main(argv: Sequence[str] | None = None, *, providers: Mapping[str, Provider]
         return _main_report(parser, args)
     if args.report_commit is not None:
         parser.error("argument --report-commit: only goes with --report")
-    env = bench_env()
-    smoke = args.smoke or not env.is_cuda
-    if not args.smoke and not env.is_cuda:
-        print("No CUDA device: running the smoke configuration (--smoke).")
-    try:
-        cfg = make_config(args, smoke=smoke, providers=providers)
-        out_dir = resolve_out_dir(cfg.out, env, smoke=smoke, name=WHAT)
-        try:
-            check_csv(out_dir / f"{WHAT}.csv")
-        except ValueError as exc:
-            raise ValueError(f"--out {out_dir}: {exc}") from None
-    except ValueError as exc:
-        parser.error(str(exc))
-    try:
-        run(cfg, env, out_dir, providers=providers)
-    except CorrectnessError as exc:
-        print(f"\nCORRECTNESS CHECK FAILED - the benchmark stops here.\n{exc}", file=sys.stderr)
-        return 1
-    return 0
+    return bench_main(parser, args, WHAT, lambda smoke: make_config(args, smoke=smoke, providers=providers),
+                      lambda cfg, env, out_dir: run(cfg, env, out_dir, providers=providers))
 
 
 def _main_report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

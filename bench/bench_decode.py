@@ -60,7 +60,6 @@ from bench.common import (  # noqa: E402
     CPU_NOTICE,
     BenchEnv,
     ConfigError,
-    CorrectnessError,
     Expected,
     Row,
     Timing,
@@ -69,9 +68,8 @@ from bench.common import (  # noqa: E402
     argparse_type,
     attention_impl,
     base_upcast,
-    bench_env,
+    bench_main,
     check_choices,
-    check_csv,
     check_results,
     config_from_args,
     describe_exception,
@@ -90,7 +88,6 @@ from bench.common import (  # noqa: E402
     quantiles_ms,
     random_llama,
     reset_peak_memory,
-    resolve_out_dir,
     unique_path,
     unpatched,
 )
@@ -457,25 +454,8 @@ def main(argv: Sequence[str] | None = None, *, providers: Mapping[str, Provider]
     providers = PROVIDERS if providers is None else providers
     parser = build_parser()
     args = parser.parse_args(argv)
-    env = bench_env()
-    smoke = args.smoke or not env.is_cuda
-    if not args.smoke and not env.is_cuda:
-        print("No CUDA device: running the smoke configuration (--smoke).")
-    try:
-        cfg = make_config(args, smoke=smoke, providers=providers)
-        out_dir = resolve_out_dir(cfg.out, env, smoke=smoke, name=WHAT)
-        try:
-            check_csv(out_dir / f"{WHAT}.csv")
-        except ValueError as exc:
-            raise ValueError(f"--out {out_dir}: {exc}") from None
-    except ValueError as exc:
-        parser.error(str(exc))
-    try:
-        run(cfg, env, out_dir, providers=providers)
-    except CorrectnessError as exc:
-        print(f"\nCORRECTNESS CHECK FAILED - the benchmark stops here.\n{exc}", file=sys.stderr)
-        return 1
-    return 0
+    return bench_main(parser, args, WHAT, lambda smoke: make_config(args, smoke=smoke, providers=providers),
+                      lambda cfg, env, out_dir: run(cfg, env, out_dir, providers=providers))
 
 
 if __name__ == "__main__":

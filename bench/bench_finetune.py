@@ -87,9 +87,8 @@ from bench.common import (  # noqa: E402
     argparse_type,
     attention_impl,
     base_upcast,
-    bench_env,
+    bench_main,
     check_choices,
-    check_csv,
     check_results,
     config_from_args,
     describe_exception,
@@ -109,7 +108,6 @@ from bench.common import (  # noqa: E402
     quantiles_ms,
     random_llama,
     reset_peak_memory,
-    resolve_out_dir,
     unique_path,
     unpatched,
 )
@@ -785,33 +783,18 @@ def main(argv: Sequence[str] | None = None, *, providers: Mapping[str, Provider]
     providers = PROVIDERS if providers is None else providers
     parser = build_parser()
     args = parser.parse_args(argv)
-    env = bench_env()
-    smoke = args.smoke or not env.is_cuda
-    if not args.smoke and not env.is_cuda:
-        print("No CUDA device: running the smoke configuration (--smoke).")
-    try:
-        cfg = make_config(args, smoke=smoke, providers=providers)
-        out_dir = resolve_out_dir(cfg.out, env, smoke=smoke, name=WHAT)
-        try:
-            check_csv(out_dir / f"{WHAT}.csv")
-        except ValueError as exc:
-            raise ValueError(f"--out {out_dir}: {exc}") from None
+
+    def run_on_data(cfg: FinetuneBenchConfig, env: BenchEnv, out_dir: Path) -> None:
         real = None
         if cfg.data:
             try:
                 real = real_dataset(cfg.data, cfg.tokenizer, max_len=cfg.pad_to)
             except (ValueError, OSError) as exc:  # DataError is a ValueError; a tokenizer file that is none
-                raise ValueError(f"argument --data / --tokenizer: {exc}") from None
-    except ValueError as exc:
-        parser.error(str(exc))
-    try:
+                raise ConfigError("data / --tokenizer", str(exc)) from None
         run(cfg, env, out_dir, providers=providers, real=real)
-    except CorrectnessError as exc:
-        print(f"\nCORRECTNESS CHECK FAILED - the benchmark stops here.\n{exc}", file=sys.stderr)
-        return 1
-    except ConfigError as exc:  # found once the data is read (--tokenizer's vocabulary)
-        parser.error(str(exc))
-    return 0
+
+    return bench_main(parser, args, WHAT, lambda smoke: make_config(args, smoke=smoke, providers=providers),
+                      run_on_data)
 
 
 if __name__ == "__main__":

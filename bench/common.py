@@ -29,6 +29,7 @@ import dataclasses
 import gc
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -711,3 +712,34 @@ def exact_fp32_matmuls() -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def bench_main(parser: argparse.ArgumentParser, args: argparse.Namespace, what: str,
+               make_config: Callable[[bool], object], run: Callable[[object, BenchEnv, Path], object]) -> int:
+    """A benchmark's main, after parsing: the smoke configuration where there is no GPU, the output folder
+    and its CSV checked first, bad arguments as argparse errors naming them (exit 2), a failed correctness
+    check as exit status 1 with nothing of the wrong provider timed.
+
+    make_config(smoke) builds the run's configuration (ValueError: a bad argument);
+    run(config, env, out_dir) measures (ConfigError: a bad argument found once data is read)."""
+    env = bench_env()
+    smoke = args.smoke or not env.is_cuda
+    if not args.smoke and not env.is_cuda:
+        print("No CUDA device: running the smoke configuration (--smoke).")
+    try:
+        cfg = make_config(smoke)
+        out_dir = resolve_out_dir(cfg.out, env, smoke=smoke, name=what)
+        try:
+            check_csv(out_dir / f"{what}.csv")
+        except ValueError as exc:
+            raise ValueError(f"--out {out_dir}: {exc}") from None
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        run(cfg, env, out_dir)
+    except CorrectnessError as exc:
+        print(f"\nCORRECTNESS CHECK FAILED - the benchmark stops here.\n{exc}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return 0

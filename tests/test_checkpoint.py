@@ -235,7 +235,7 @@ def test_meta_checkpoint_errors(tmp_path):
     model = tiny_model()
     params = {"dim": 128, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5, "vocab_size": -1}
     _write_meta(model, tmp_path / "meta", mp=2, vocab_parallel=False, params=params)
-    shard = torch.load(tmp_path / "meta" / "consolidated.01.pth")
+    shard = torch.load(tmp_path / "meta" / "consolidated.01.pth", weights_only=True)
     del shard["layers.1.attention.wo.weight"]
     torch.save(shard, tmp_path / "meta" / "consolidated.01.pth")
     with pytest.raises(CheckpointError, match=r"consolidated\.01\.pth: tensor 'layers\.1\.attention\.wo\.weight'"):

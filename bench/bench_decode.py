@@ -195,8 +195,8 @@ def cached_logits(model: LLaMA, prompts: torch.Tensor, continuation: torch.Tenso
     with attention_impl(model, provider.impl), provider.patch(model):
         model.setup_cache(B, P + C)
         try:
-            steps = [model(prompts, input_pos=0)[:, -1]]
-            steps += [model(continuation[:, t:t + 1], input_pos=P + t)[:, -1] for t in range(C - 1)]
+            steps = [model(prompts, input_pos=0, logits_at=-1)]
+            steps += [model(continuation[:, t:t + 1], input_pos=P + t, logits_at=-1) for t in range(C - 1)]
         finally:
             model.clear_cache()
     return torch.stack(steps, dim=1).float()

@@ -3,7 +3,9 @@
 Training steps of a randomly initialised LLaMA-7B-shaped model (13B too: --models) with the adapter (K = 10
 prompts in the top L = 30 layers), frozen base in bf16, adapter in fp32, on examples whose lengths are drawn
 like Alpaca's. One step is what train/finetune.py's loop does on one process (bf16 needs no loss scaling):
-batch_loss_sum (forward, fp32 cross-entropy on the response tokens), backward of the step's mean loss,
+batch_loss_sum (forward, output layer and fp32 cross-entropy at the response tokens only, for every provider:
+the official script's logits over all 512 padded positions are not reproduced, so its baseline here is a little
+faster than the script), backward of the step's mean loss,
 gradient clipping to 1.0, AdamW (betas 0.9/0.95, weight decay on the prompts: param_groups), zero_grad.
 
 Providers (--providers), each checked before it is timed:

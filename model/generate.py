@@ -106,14 +106,14 @@ def stream(model: LLaMA, prompts: Sequence[Sequence[int]] | torch.Tensor, *, max
 
     model.setup_cache(len(rows), total)
     try:
-        logits = model(tokens, input_pos=0, left_pad=left_pad, visual=visual)[:, -1]  # prefill: (B, vocab)
+        logits = model(tokens, input_pos=0, left_pad=left_pad, visual=visual, logits_at=-1)  # prefill: (B, vocab)
         for step in range(max_new_tokens):
             next_tokens = sample(logits, temperature=temperature, top_p=top_p, generator=generator)  # (B,)
             yield next_tokens
             done |= torch.isin(next_tokens, stop)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            logits = model(next_tokens.unsqueeze(1), input_pos=longest + step, left_pad=left_pad)[:, -1]
+            logits = model(next_tokens.unsqueeze(1), input_pos=longest + step, left_pad=left_pad, logits_at=-1)
     finally:
         model.clear_cache()
 

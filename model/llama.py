@@ -22,8 +22,12 @@ loads by name and a Hugging Face one after renaming (model/checkpoint.py).
   "fused" (the default) is the path above. Both read one attribute, Attention.attn_impl; the
   eager one has no packed (cu_seqlens) mode, since the official code pads.
 
-Forward: `model(tokens, *, input_pos=None, left_pad=None, positions=None, visual=None)`,
+Forward: `model(tokens, *, input_pos=None, left_pad=None, positions=None, visual=None, logits_at=None)`,
 tokens (batch, seqlen) int64 -> logits (batch, seqlen, vocab_size).
+- logits_at: the output layer (dim x vocab, and the fp32 loss after it) only where logits are used.
+  An int t gives (batch, vocab_size), every row's position t (-1: the last, what generation needs);
+  a 1-D integer tensor of flat indices into the batch * seqlen positions (row-major) gives
+  (len(indices), vocab_size), e.g. the positions that have a training target.
 - KV cache: `model.setup_cache(batch, max_seq_len)` then prefill with input_pos=0 and decode
   with input_pos = the cache slot of tokens[:, 0]; queries see every cached key up to their own
   slot (causal, aligned bottom-right). `model.clear_cache()` frees it. The cache is for
@@ -410,8 +414,9 @@ class LLaMA(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *, input_pos: int | None = None, left_pad: Sequence[int] | None = None,
                 positions: torch.Tensor | None = None, visual: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab_size); see the module docstring for the keyword arguments."""
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                logits_at: int | torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab_size), or only at logits_at; see the module docstring."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
             got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must be an integer tensor (batch, seqlen), got {got}")
@@ -420,6 +425,7 @@ class LLaMA(nn.Module):
                 0 <= int(tokens.min()) and int(tokens.max()) < self.config.vocab_size):
             raise ValueError(f"tokens must be ids in [0, {self.config.vocab_size}), got values from "
                              f"{int(tokens.min())} to {int(tokens.max())}")
+        self._check_logits_at(logits_at, B, T, tokens.device)
         input_pos = input_pos or 0
         cached = self.layers[0].attention.kv_cache is not None
         seqlen_k = input_pos + T if cached else T  # slots the queries attend over
@@ -458,7 +464,32 @@ class LLaMA(nn.Module):
                 x = layer(x, rope, ctx)
         for layer in self.layers[self.first_adapted:]:
             x = layer(x, rope, ctx)
-        return self.output(self.norm(x))  # (B, T, vocab)
+        if isinstance(logits_at, int):
+            x = x[:, logits_at]  # (B, dim)
+        elif logits_at is not None:
+            x = x.flatten(0, 1).index_select(0, logits_at)  # (N, dim)
+        return self.output(self.norm(x))  # (B, T, vocab), (B, vocab) or (N, vocab)
+
+    @staticmethod
+    def _check_logits_at(logits_at: int | torch.Tensor | None, batch: int, seqlen: int, device: torch.device) -> None:
+        if logits_at is None:
+            return
+        if isinstance(logits_at, int) and not isinstance(logits_at, bool):
+            if not -seqlen <= logits_at < seqlen:
+                raise ValueError(f"logits_at={logits_at} is not a position of tokens of seqlen {seqlen}")
+            return
+        if not isinstance(logits_at, torch.Tensor) or logits_at.dim() != 1 or logits_at.is_floating_point() \
+                or logits_at.dtype == torch.bool:
+            got = f"{logits_at.dtype} {tuple(logits_at.shape)}" if isinstance(logits_at, torch.Tensor) else \
+                repr(logits_at)
+            raise ValueError(f"logits_at must be an int position or a 1-D integer tensor of flat indices into the "
+                             f"batch * seqlen positions, got {got}")
+        if logits_at.device != device:
+            raise ValueError(f"logits_at is on {logits_at.device} but tokens are on {device}")
+        if device.type == "cpu" and logits_at.numel() and not (
+                0 <= int(logits_at.min()) and int(logits_at.max()) < batch * seqlen):
+            raise ValueError(f"logits_at indices must lie in [0, {batch * seqlen}) (batch {batch} x seqlen {seqlen}), "
+                             f"got values from {int(logits_at.min())} to {int(logits_at.max())}")
 
     @staticmethod
     def _check_packed(tokens: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None, input_pos: int,

@@ -30,7 +30,7 @@ from model import (
     mark_only_adapter_as_trainable,
     save_checkpoint,
 )
-from train.data import PackedLoader, PaddedLoader, load_records, tokenize_records
+from train.data import IGNORE_INDEX, PackedLoader, PaddedLoader, load_records, tokenize_records
 from train.demo import DEMO_DATA, train_tokenizer
 from train.finetune import FinetuneConfig, UsageError, batch_loss_sum, lr_factor, main, param_groups, run
 
@@ -104,6 +104,23 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(checkpoint, 
         results[name] = loss.detach(), {k: p.grad.clone() for k, p in adapter_state_dict(model).items()}
     loss, grads = results["packed"]
     assert all(g.abs().max() > 0 for g in grads.values())
+    # the logits of every position, and the loss ignoring the non-targets, give the same (logits_at is exact)
+    batch = batches["packed"]
+    model.zero_grad()
+    logits = model(batch["tokens"], positions=batch["positions"], cu_seqlens=batch["cu_seqlens"],
+                   max_seqlen=batch["max_seqlen"])
+    full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="sum") / batch["num_targets"]
+    full.backward()
+    torch.testing.assert_close(full.detach(), loss, atol=1e-6, rtol=1e-6)
+    for k, p in adapter_state_dict(model).items():
+        torch.testing.assert_close(p.grad, grads[k], atol=1e-6, rtol=1e-6, msg=k)
+    # a filler micro-batch (no target: ranks short of examples run one) adds 0 and zero gradients
+    model.zero_grad()
+    filler = PackedLoader(data, 256)._filler()
+    zero = batch_loss_sum(model, filler, torch.device("cpu"))
+    zero.backward()
+    assert zero.item() == 0 and all(not p.grad.any() for p in adapter_state_dict(model).values())
     for name in ("longest", "64"):
         torch.testing.assert_close(results[name][0], loss, atol=1e-5, rtol=1e-5)
         for k, g in grads.items():

@@ -215,6 +215,31 @@ def test_forward_rejects_bad_input():
     with pytest.raises(ValueError, match=r"KV cache holds batch 2 x 8 slots; .* input_pos 6\.\.10 do not fit"):
         model(tokens(2, 5), input_pos=6)
     model.clear_cache()
+    with pytest.raises(ValueError, match=r"logits_at=5 is not a position of tokens of seqlen 5"):
+        model(tokens(2, 5), logits_at=5)
+    with pytest.raises(ValueError, match=r"logits_at must be an int position or a 1-D integer tensor .* torch.bool"):
+        model(tokens(2, 5), logits_at=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"logits_at indices must lie in \[0, 10\) .* got values from 0 to 10"):
+        model(tokens(2, 5), logits_at=torch.tensor([0, 10]))
+
+
+def test_logits_at_selects_positions_of_the_full_logits():
+    """An int is every row's position; flat indices pick positions across rows; gradients flow alike."""
+    model = tiny_model(ADAPTER)
+    mark_only_adapter_as_trainable(model)
+    x = tokens(3, 7)
+    full = model(x)
+    torch.testing.assert_close(model(x, logits_at=-1), full[:, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x, logits_at=2), full[:, 2], atol=1e-5, rtol=1e-5)
+    at = torch.tensor([20, 0, 8, 9])  # row 2 pos 6, row 0 pos 0, row 1 pos 1 and 2
+    picked = model(x, logits_at=at)
+    torch.testing.assert_close(picked, full.flatten(0, 1)[at], atol=1e-5, rtol=1e-5)
+    assert model(x, logits_at=torch.tensor([], dtype=torch.long)).shape == (0, VOCAB)
+    gate = adapter_layers(model)["layers.1.attention"].gate
+    (g_full,) = torch.autograd.grad(full.flatten(0, 1)[at].square().sum(), gate)
+    (g_picked,) = torch.autograd.grad(picked.square().sum(), gate)
+    assert g_full.abs().max() > 0
+    torch.testing.assert_close(g_picked, g_full, atol=1e-5, rtol=1e-5)
 
 
 def _packed(lengths: list[int], seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:

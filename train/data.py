@@ -12,6 +12,7 @@
             logits = model(batch["tokens"], ...)        # varlen attention: cu_seqlens, positions
             loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
                                        ignore_index=IGNORE_INDEX, reduction="sum")
+            # (train.finetune.batch_loss_sum computes the logits at the targets only: logits_at)
             (loss_sum / step.num_targets).backward()    # the step's mean over all of its targets
         optimizer.step()
     (Under DDP, which averages gradients over ranks, multiply by world_size as well.)

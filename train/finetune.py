@@ -364,15 +364,23 @@ def adapter_tensors(model: LLaMA) -> dict[str, torch.Tensor]:
 
 
 def batch_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
-    """The summed cross-entropy (fp32) of a micro-batch's targets. Labels are already shifted (train/data.py)."""
+    """The summed cross-entropy (fp32) of a micro-batch's targets. Labels are already shifted (train/data.py).
+
+    Logits are computed at the target positions only (the response, about half of an Alpaca example's
+    tokens): the output layer and the fp32 (positions x vocab) tensors of the loss shrink by as much.
+    The positions are found on the CPU, where the loaders make the labels, so there is no device sync."""
+    labels = batch["labels"].flatten()
+    at = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # flat indices of the targets
+    targets = labels.index_select(0, at).to(device, non_blocking=True)
+    at = at.to(device, non_blocking=True)
     tokens = batch["tokens"].to(device, non_blocking=True)
     if "cu_seqlens" in batch:  # packed: one row, attention within each sequence, positions restarting
         logits = model(tokens, positions=batch["positions"].to(device, non_blocking=True),
-                       cu_seqlens=batch["cu_seqlens"].to(device, non_blocking=True), max_seqlen=batch["max_seqlen"])
+                       cu_seqlens=batch["cu_seqlens"].to(device, non_blocking=True), max_seqlen=batch["max_seqlen"],
+                       logits_at=at)
     else:  # right-padded rows: causal attention never reaches the padding of a real token
-        logits = model(tokens)
-    labels = batch["labels"].to(device, non_blocking=True)
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        logits = model(tokens, logits_at=at)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")  # (N, vocab): no IGNORE_INDEX left
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

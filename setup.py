@@ -17,6 +17,7 @@ setup(
         "numpy",
         "sentencepiece>=0.2",
         "tokenizers>=0.19",
+        "tiktoken>=0.6",  # Meta's Llama-3 tokenizer.model
         "safetensors>=0.4",
         "tqdm>=4.66",
         "matplotlib>=3.7",

@@ -6,28 +6,48 @@
   tokenizers package. Its special tokens are read from tokenizer_config.json beside it when there
   is one, else the usual names (<|begin_of_text|> / <s>, <|end_of_text|> / </s>). The file's own
   post-processor is bypassed (add_special_tokens=False): encode adds BOS/EOS only when asked.
+- tokenizer.model, a tiktoken BPE file (Meta's Llama-3, 3.1, 3.2 and 3.3 releases), through the
+  tiktoken package, as Meta's reference code builds it: the file's mergeable ranks, Llama-3's
+  pre-tokenizer pattern, and 256 special tokens numbered after them (<|begin_of_text|> 128000,
+  <|end_of_text|> 128001, <|eom_id|> 128008, <|eot_id|> 128009 with the 128000-token vocabulary;
+  the names are Llama-3.1's, whose ids agree with Llama-3's for every token used here). Special-token
+  text inside a prompt is encoded as plain text, as Meta's encode does by default.
 - encode(text, bos=True, eos=False) as the official LLaMA-Adapter code calls it; decode drops
   special tokens. stop_ids: EOS, and Llama-3's <|eot_id|> / <|eom_id|> when the vocabulary has them.
-Meta's Llama-3 tokenizer.model is a tiktoken file, not sentencepiece: give the tokenizer.json of
-the HF release instead (a clear error says so).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 from pathlib import Path
 
 import sentencepiece
+import tiktoken
 import tokenizers
 
 _BOS_NAMES = ("<|begin_of_text|>", "<s>")
 _EOS_NAMES = ("<|end_of_text|>", "</s>")
 _EXTRA_STOP_NAMES = ("<|eot_id|>", "<|eom_id|>")
 
+# Meta's Llama-3 tiktoken tokenizer: pre-tokenizer pattern and special tokens (Llama-3.1's names; Llama-3 had
+# reserved tokens in places 4, 5, 8 and 10 of this list, and 3.2's vision models <|image|> in place 11)
+_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_NAMED = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+                 "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+                 "<|eot_id|>", "<|python_tag|>")
+_LLAMA3_SPECIAL = (*_LLAMA3_NAMED, *(f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(_LLAMA3_NAMED))))
+# tiktoken's Rust core can fail on very long texts and overflow its stack on huge runs of whitespace or of
+# non-whitespace: Meta's code encodes pieces of at most _MAX_CHARS characters with no run over _MAX_RUN (_pieces)
+_MAX_CHARS = 400_000
+_MAX_RUN = 25_000
+
 
 class Tokenizer:
-    """tokenizer.model (sentencepiece) or tokenizer.json (tokenizers); path is the file or its folder."""
+    """tokenizer.model (sentencepiece or tiktoken) or tokenizer.json (tokenizers); path is the file or its folder."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         path = Path(path)
@@ -38,6 +58,7 @@ class Tokenizer:
         self.path = path
         self._sp: sentencepiece.SentencePieceProcessor | None = None
         self._hf: tokenizers.Tokenizer | None = None
+        self._tt: tiktoken.Encoding | None = None
         if path.suffix == ".json":
             self._hf = tokenizers.Tokenizer.from_file(str(path))
             special = self._special_tokens(path.parent / "tokenizer_config.json")
@@ -46,10 +67,14 @@ class Tokenizer:
             self.pad_id = self._hf.token_to_id(special["pad_token"]) if special.get("pad_token") else None
             self.vocab_size = self._hf.get_vocab_size()
             extra = [self._hf.token_to_id(t) for t in _EXTRA_STOP_NAMES]
+        elif _is_tiktoken(path):
+            self._tt = _llama3_tiktoken(path)
+            self.bos_id, self.eos_id = (self._tt.encode_single_token(t) for t in _LLAMA3_SPECIAL[:2])
+            self.pad_id = None
+            self.vocab_size = self._tt.n_vocab
+            extra = [self._tt.encode_single_token(t) for t in _EXTRA_STOP_NAMES]
+            self._special_ids = frozenset(self._tt.encode_single_token(t) for t in _LLAMA3_SPECIAL)
         else:
-            if _is_tiktoken(path):
-                raise ValueError(f"{path}: a tiktoken file (Meta's Llama-3 release), not a sentencepiece model; use "
-                                 "the tokenizer.json of the Hugging Face release")
             try:
                 self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
             except (RuntimeError, OSError) as e:
@@ -62,9 +87,9 @@ class Tokenizer:
 
     @staticmethod
     def _pick(folder: Path) -> Path:
-        """tokenizer.model when it is sentencepiece, else tokenizer.json."""
+        """tokenizer.model (sentencepiece or tiktoken), else tokenizer.json."""
         model, js = folder / "tokenizer.model", folder / "tokenizer.json"
-        if model.is_file() and not (_is_tiktoken(model) and js.is_file()):
+        if model.is_file():
             return model
         if js.is_file():
             return js
@@ -89,12 +114,21 @@ class Tokenizer:
         raise ValueError(f"{self.path}: no {what} token ({configured or ' or '.join(names)}) in the vocabulary")
 
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
-        ids = self._sp.encode(text) if self._sp is not None else self._hf.encode(text, add_special_tokens=False).ids
+        if self._sp is not None:
+            ids = self._sp.encode(text)
+        elif self._hf is not None:
+            ids = self._hf.encode(text, add_special_tokens=False).ids
+        else:  # special-token text is plain text (disallowed_special=()), as in Meta's encode
+            ids = [i for piece in _pieces(text) for i in self._tt.encode(piece, disallowed_special=())]
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids: list[int]) -> str:
         ids = [int(i) for i in ids]
-        return self._sp.decode(ids) if self._sp is not None else self._hf.decode(ids, skip_special_tokens=True)
+        if self._sp is not None:
+            return self._sp.decode(ids)
+        if self._hf is not None:
+            return self._hf.decode(ids, skip_special_tokens=True)
+        return self._tt.decode([i for i in ids if i not in self._special_ids])
 
 
 def _is_tiktoken(path: Path) -> bool:
@@ -102,3 +136,39 @@ def _is_tiktoken(path: Path) -> bool:
     with open(path, "rb") as f:
         first = f.readline(200).split()
     return len(first) == 2 and first[1].isdigit()
+
+
+def _llama3_tiktoken(path: Path) -> tiktoken.Encoding:
+    """Meta's Llama-3 tokenizer from its tiktoken file. The ranks are read here rather than by
+    tiktoken.load.load_tiktoken_bpe, which caches files by their path name in a temporary folder and would
+    serve a stale copy after the file at that path is replaced."""
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except (ValueError, binascii.Error) as e:
+                raise ValueError(f"{path}: line {number} is not '<base64 token> <rank>' of a tiktoken file") from e
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: the ranks of a tiktoken file must be 0 .. {len(ranks) - 1}, each once")
+    return tiktoken.Encoding(name=path.stem, pat_str=_LLAMA3_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={t: len(ranks) + i for i, t in enumerate(_LLAMA3_SPECIAL)})
+
+
+def _pieces(text: str) -> list[str]:
+    """text cut as Meta's encode cuts it for tiktoken: chunks of at most _MAX_CHARS characters, each cut again
+    inside any run of more than _MAX_RUN whitespace (or non-whitespace) characters. Shorter texts stay whole."""
+    pieces = []
+    for chunk in (text[i:i + _MAX_CHARS] for i in range(0, len(text), _MAX_CHARS)) if text else ("",):
+        start, run, space = 0, 0, None
+        for i, c in enumerate(chunk):
+            run = run + 1 if c.isspace() == space else 1
+            space = c.isspace()
+            if run > _MAX_RUN:
+                pieces.append(chunk[start:i])
+                start, run = i, 1
+        pieces.append(chunk[start:])
+    return pieces

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 
@@ -76,9 +77,54 @@ def test_tokenizer_json_round_trip(hf_tokenizer):
     assert tok.encode("llamas", bos=False, eos=True)[-1] == 1
 
 
+MERGES = [b"he", b" t", b" the", b"in", b"ing", b"ll", b"am", b"as"]  # each the join of two lower ranks
+
+
+def write_tiktoken(path, tokens):
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {rank}\n" for rank, t in enumerate(tokens)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiktoken_file(tmp_path_factory):
+    """A Meta Llama-3-style tokenizer.model: tiktoken ranks, the 256 bytes then 8 merges (264 base tokens)."""
+    folder = tmp_path_factory.mktemp("tt")
+    return write_tiktoken(folder / "tokenizer.model", [bytes([b]) for b in range(256)] + MERGES)
+
+
+def test_llama3_tiktoken_file(tiktoken_file):
+    tok = Tokenizer(tiktoken_file.parent)  # the folder finds tokenizer.model, a tiktoken file
+    n = 256 + len(MERGES)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (n, n + 1, None, n + 256)  # 128000, 128001
+    assert tok.stop_ids == {n + 1, n + 8, n + 9}  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+    # Llama-3's pre-tokenizer ("the", " thing"), then byte-pair merges by rank
+    assert tok.encode("the thing", bos=False) == [ord("t"), 256, 257, ord("h"), 260]
+    assert tok.encode("the thing", eos=True) == [n, ord("t"), 256, 257, ord("h"), 260, n + 1]
+    for text in ["Give three tips for staying healthy.", "  leading spaces and\nnew lines", "ünïcödé → bytes ✓",
+                 "<|eot_id|> is plain text in a prompt"]:
+        ids = tok.encode(text, eos=True)
+        assert ids.count(n) == 1 and ids.count(n + 1) == 1 and n + 9 not in ids  # only the BOS/EOS asked for
+        assert tok.decode(ids) == text  # special tokens dropped
+    runs = "a" + " " * 60_000 + "b" * 30_000  # runs Meta's encode cuts: every character still comes back
+    assert tok.decode(tok.encode(runs)) == runs
+
+
+def test_tiktoken_pieces_cut_only_long_runs():
+    from model.tokenizer import _MAX_RUN, _pieces
+
+    assert _pieces("hello world") == ["hello world"] and _pieces("") == [""]
+    text = "x " + " " * (_MAX_RUN + 10) + "yz"
+    pieces = _pieces(text)
+    assert "".join(pieces) == text and len(pieces) == 2
+    assert pieces[0] == "x " + " " * (_MAX_RUN - 1)  # the cut falls inside the run, at its _MAX_RUN-th character
+
+
 def test_tokenizer_errors(tmp_path, sp_model):
-    (tmp_path / "tokenizer.model").write_text("IQ== 0\nIg== 1\n")  # Meta's Llama-3 file is tiktoken
-    with pytest.raises(ValueError, match=r"tokenizer\.model: a tiktoken file .* use the tokenizer\.json"):
+    (tmp_path / "tokenizer.model").write_text("YQ== 0\nnot-base64! 1\n")
+    with pytest.raises(ValueError, match=r"tokenizer\.model: line 2 is not '<base64 token> <rank>'"):
+        Tokenizer(tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer.model").write_text("YQ== 0\nYg== 2\n")
+    with pytest.raises(ValueError, match=r"ranks of a tiktoken file must be 0 \.\. 1, each once"):
         Tokenizer(tmp_path / "tokenizer.model")
     with pytest.raises(FileNotFoundError, match="missing: no such tokenizer file"):
         Tokenizer(tmp_path / "missing")

@@ -596,7 +596,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: object) -> N
     option defaults to None, so that config_from_args can tell what was given."""
     for f in dataclasses.fields(defaults):
         default = getattr(defaults, f.name)
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = (",".join(map(str, default)) or "none") if isinstance(default, tuple) else default
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=f.metadata["parse"], default=None,
                             metavar=f.metadata["metavar"], help=f"{f.metadata['help']} (default: {shown})")
 

@@ -11,12 +11,15 @@
 #                                              #   eager_padded512 (a few minutes, estimated: not yet run on a GPU)
 #   bash bench/gpu_session.sh finetune-13b     # the same for LLaMA-13B ("skipped: out of memory" rows if not)
 #   bash bench/gpu_session.sh decode           # KV-cache generation, LLaMA-7B shape, batch 1 and 16, fused/eager
+#   bash bench/gpu_session.sh tune             # block-size sweep of the fwd, dkdv and dq kernels (bf16, head dim 128,
+#                                              #   LLaMA-7B heads, seqlen 512-4096): suggested _blocks changes; about
+#                                              #   3 minutes by its own estimate, stopped cleanly at 480 s
 # Each stage prints its progress (one line per provider) and appends to $OUT/<benchmark>.csv.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  tests|attention|attention-rest|report|finetune|finetune-13b|decode) ;;
-  *) echo "usage: bash bench/gpu_session.sh tests|attention|attention-rest|report|finetune|finetune-13b|decode" >&2
+  tests|attention|attention-rest|report|finetune|finetune-13b|decode|tune) ;;
+  *) echo "usage: bash bench/gpu_session.sh tests|attention|attention-rest|report|finetune|finetune-13b|decode|tune" >&2
      exit 2 ;;
 esac
 PY=${PYTHON:-python3}  # the device machine's python3 holds torch
@@ -49,4 +52,6 @@ case "${1:-}" in
     timeout 570 "$PY" -m bench.bench_finetune --models llama-13b --out "$OUT" 2>&1 | tee "$OUT/finetune-13b.log" ;;
   decode)
     timeout 570 "$PY" -m bench.bench_decode --models llama-7b --out "$OUT" 2>&1 | tee "$OUT/decode.log" ;;
+  tune)
+    timeout 570 "$PY" -m bench.tune_blocks --time-budget 480 --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
 esac

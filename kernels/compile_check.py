@@ -149,15 +149,14 @@ def run(arch: int, scenarios: list[Scenario], out=sys.stdout, blocks: dict | Non
     if zia.INTERPRET:
         raise RuntimeError("kernels.compile_check needs TRITON_INTERPRET unset: the interpreter compiles nothing")
     max_shared = MAX_SHARED[arch]
-    chosen_blocks, device_shared = zia._blocks, zia._shared_memory
+    device_shared = zia._shared_memory
     # the launchers choose blocks for the target chip's shared memory, as they would on it
     zia._shared_memory = lambda device: max_shared
-    if blocks:
-        zia._blocks = lambda *a: {**chosen_blocks(*a), **blocks}
     try:
-        return _compile_all(zia, arch, scenarios, out, max_shared)
+        with zia.override_blocks(blocks or {}):
+            return _compile_all(zia, arch, scenarios, out, max_shared)
     finally:
-        zia._blocks, zia._shared_memory = chosen_blocks, device_shared
+        zia._shared_memory = device_shared
 
 
 def _compile_all(zia, arch, scenarios, out, max_shared) -> list[str]:
@@ -201,16 +200,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.arch not in MAX_SHARED:
         parser.error(f"--arch must be one of {sorted(MAX_SHARED)}, got {args.arch}")
+    import kernels.zero_init_attn as zia
+
     blocks = {}
     for item in args.blocks:
-        name, _, values = item.partition("=")
-        want = 2 if name == "pre" else 4
         try:
-            numbers = tuple(int(x) for x in values.split(","))
-        except ValueError:
-            numbers = ()
-        if name not in ("fwd", "pre", "dkdv", "dq") or len(numbers) != want:
-            parser.error(f"--blocks takes fwd|dkdv|dq=M,N,WARPS,STAGES or pre=M,WARPS, got {item!r}")
+            name, numbers = zia.parse_blocks(item)
+        except ValueError as exc:
+            parser.error(f"--blocks {exc}")
         blocks[name] = numbers
     scenarios = [s for s in ([SCENARIOS[i] for i in QUICK] if args.quick else SCENARIOS) if args.scenario in s.name]
     if not scenarios:

@@ -43,8 +43,10 @@ Caution:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -533,6 +535,63 @@ def _blocks(dtype: torch.dtype, head_dim_pad: int, seqlen_q: int, prompt_len: in
     fwd_m = min(64, small_m)
     return dict(fwd=(fwd_m, 32, 8 if fwd_m == 64 else 4, 2), pre=(64, 4), dkdv=(32, 32, 8, 2),
                 dq=(min(32, small_m), 32, 8 if small_m >= 32 else 4, 2), BLOCK_P=block_p)
+
+
+# what _blocks chooses per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages), or (BLOCK_M, num_warps) for pre
+BLOCK_FIELDS = {"fwd": ("M", "N", "WARPS", "STAGES"), "pre": ("M", "WARPS"), "dkdv": ("M", "N", "WARPS", "STAGES"),
+                "dq": ("M", "N", "WARPS", "STAGES")}
+
+
+def check_blocks(kernel: str, blocks: tuple[int, ...]) -> tuple[int, ...]:
+    """blocks, if they are a launch the kernels can take; else ValueError saying why. Block sizes must be powers
+    of two of at least 16 (tl.arange, and tl.dot's smallest tile), warps a power of two up to 16, stages >= 1."""
+    if kernel not in BLOCK_FIELDS:
+        raise ValueError(f"unknown kernel {kernel!r}: choose from {', '.join(BLOCK_FIELDS)}")
+    fields = BLOCK_FIELDS[kernel]
+    if len(blocks) != len(fields) or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks):
+        raise ValueError(f"{kernel} takes {len(fields)} integers {','.join(fields)}, got {blocks!r}")
+    for name, value in zip(fields, blocks, strict=True):
+        power = value > 0 and value & (value - 1) == 0
+        if name in ("M", "N") and not (power and value >= 16):
+            raise ValueError(f"{kernel}: BLOCK_{name} must be a power of two >= 16, got {value}")
+        if name == "WARPS" and not (power and value <= 16):
+            raise ValueError(f"{kernel}: num_warps must be a power of two up to 16, got {value}")
+        if name == "STAGES" and value < 1:
+            raise ValueError(f"{kernel}: num_stages must be >= 1, got {value}")
+    return tuple(blocks)
+
+
+def parse_blocks(text: str) -> tuple[str, tuple[int, ...]]:
+    """'fwd=128,64,8,3' -> ("fwd", (128, 64, 8, 3)): the command-line form of one kernel's blocks
+    (KERNEL=M,N,WARPS,STAGES for fwd, dkdv, dq; pre=M,WARPS). ValueError says what is wrong."""
+    kernel, sep, values = text.partition("=")
+    forms = "fwd|dkdv|dq=M,N,WARPS,STAGES or pre=M,WARPS"
+    try:
+        numbers = tuple(int(x) for x in values.split(","))
+    except ValueError:
+        numbers = ()
+    if not sep or kernel not in BLOCK_FIELDS or len(numbers) != len(BLOCK_FIELDS[kernel]):
+        raise ValueError(f"takes {forms}, got {text!r}")
+    return kernel, check_blocks(kernel, numbers)
+
+
+@contextlib.contextmanager
+def override_blocks(blocks: Mapping[str, tuple[int, ...]]) -> Iterator[None]:
+    """The launchers use these kernels' blocks instead of _blocks' choice while inside (the other kernels keep
+    it), e.g. {"dkdv": (64, 64, 4, 3)}: how kernels.compile_check and bench.tune_blocks try other blocks.
+    _blocks is restored on leaving, also after an exception; overrides nest."""
+    global _blocks
+    blocks = {kernel: check_blocks(kernel, tuple(b)) for kernel, b in blocks.items()}
+    chosen = _blocks
+
+    def overridden(*args) -> dict:
+        return {**chosen(*args), **blocks}
+
+    _blocks = overridden
+    try:
+        yield
+    finally:
+        _blocks = chosen
 
 
 def _geometry(q, k, prompt_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):

@@ -46,6 +46,7 @@ class Scenario:
     prompt_len: int = 10
     causal: bool = True
     varlen: bool = False
+    leftpad: bool = False  # a left-padded batch (batched generation): leftpad_k
     grads: str = "all"  # "all", or "prompt": only the adapter needs gradients (first adapted layer)
 
 
@@ -57,12 +58,13 @@ SCENARIOS = [
     Scenario("bf16 d128 packed sequences", varlen=True),
     Scenario("bf16 d128 packed, no prompt (plain layers)", varlen=True, prompt_len=0),
     Scenario("bf16 d128 decode (seqlen_q 1)", seqlen_q=1),
+    Scenario("bf16 d128 decode, left-padded batch", seqlen_q=1, leftpad=True),
     Scenario("bf16 d128 no prompt", prompt_len=0),
     Scenario("bf16 d128 prompt-only grads", grads="prompt"),
     Scenario("bf16 d96 prompt 64", headdim=96, prompt_len=64),
     Scenario("fp64 d32 (gradcheck)", dtype=torch.float64, headdim=32, seqlen_q=64, seqlen_k=64),
 ]
-QUICK = [0, 1, 3, 4, 5, 6, 8]
+QUICK = [0, 1, 3, 4, 5, 6, 7, 9]
 
 
 class _Recorder:
@@ -98,9 +100,11 @@ def record_launches(zia, s: Scenario) -> list:
         pk = torch.empty(1, s.prompt_len, s.nheads_kv, s.headdim, dtype=s.dtype)
         gamma = torch.zeros(s.nheads, dtype=zia._acc_dtype(s.dtype))
         scale = s.headdim**-0.5
-        out, lse_w, lse_p = zia._fwd(q, k, v, pk, pk, gamma, s.causal, scale, *packed)
+        leftpad = torch.tensor([3, 0], dtype=torch.int32) if s.leftpad else None
+        out, lse_w, lse_p = zia._fwd(q, k, v, pk, pk, gamma, s.causal, scale, *packed, leftpad)
         need_all = s.grads == "all"
-        zia._bwd(out, q, k, v, pk, pk, gamma, out, lse_w, lse_p, s.causal, scale, *packed, need_all, need_all, True)
+        zia._bwd(out, q, k, v, pk, pk, gamma, out, lse_w, lse_p, s.causal, scale, *packed, leftpad, need_all,
+                 need_all, True)
     finally:
         for n, kernel in saved.items():
             setattr(zia, n, kernel)

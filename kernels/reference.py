@@ -38,6 +38,7 @@ def zero_init_attention_ref(
     causal: bool = True,
     softmax_scale: float | None = None,
     gate_act: str = "tanh",
+    leftpad_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Zero-init attention computed eagerly, every score materialised.
 
@@ -49,6 +50,8 @@ def zero_init_attention_ref(
         causal: bottom-right aligned causal mask on the token keys (prompt keys are never masked).
         softmax_scale: defaults to headdim ** -0.5, applies to both parts.
         gate_act: "tanh" or "identity".
+        leftpad_k: (batch,) int, optional: row b's token keys j < leftpad_k[b] are padding, never seen. A
+            query that sees no token key (a pad query) gets the prompt part alone.
     Returns:
         out: (batch, seqlen_q, nheads, headdim), dtype of q.
     """
@@ -67,12 +70,17 @@ def zero_init_attention_ref(
     scores = torch.matmul(q.transpose(1, 2), keys.transpose(2, 3)) * scale  # (B, nh, Tq, P + Tk)
 
     token_scores = scores[..., prompt_len:].float()
-    if causal:
-        # query i sees key j <= i + seqlen_k - seqlen_q (bottom-right alignment)
-        i = torch.arange(seqlen_q, device=q.device).unsqueeze(1)
-        j = torch.arange(seqlen_k, device=q.device).unsqueeze(0)
-        token_scores = token_scores.masked_fill(j > i + (seqlen_k - seqlen_q), float("-inf"))
-    token_probs = torch.softmax(token_scores, dim=-1).type_as(q)
+    i = torch.arange(seqlen_q, device=q.device).unsqueeze(1)
+    j = torch.arange(seqlen_k, device=q.device).unsqueeze(0)
+    # query i sees key j <= i + seqlen_k - seqlen_q (bottom-right alignment), and no left padding
+    hidden = j > i + (seqlen_k - seqlen_q) if causal else torch.zeros_like(j > i)  # (Tq, Tk)
+    if leftpad_k is not None:
+        hidden = hidden | (j < leftpad_k.to(q.device).view(-1, 1, 1, 1))  # (B, 1, Tq, Tk)
+    token_scores = token_scores.masked_fill(hidden, float("-inf"))
+    # a query that sees no key at all: its token part is 0 (finite scores first, so that no NaN reaches
+    # the softmax's backward)
+    blind = hidden.all(dim=-1, keepdim=True)
+    token_probs = torch.softmax(token_scores.masked_fill(blind, 0.0), dim=-1).masked_fill(blind, 0.0).type_as(q)
 
     gamma = gate_activation(gate, gate_act).to(q.dtype)
     gamma = gamma.reshape(-1, 1, 1).expand(nheads, 1, 1)  # (nh, 1, 1): one gate per head or one for all

@@ -75,8 +75,11 @@ LOG2E = 1.4426950408889634
 if HAS_TRITON:
 
     @triton.jit
-    def _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
-        """(first row of this sequence in q, in k; seqlen_q; seqlen_k) for dense or packed inputs."""
+    def _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k, VARLEN: tl.constexpr,
+                    HAS_LEFTPAD: tl.constexpr):
+        """(first row of this sequence in q, in k; seqlen_q; seqlen_k) for dense or packed inputs. Left padding
+        (LEFTPAD[b] pad keys first, dense only) moves the keys' start past the pad: the bottom-right causal
+        alignment is unchanged, and queries before the first key (pad queries) see no key at all."""
         if VARLEN:
             q_start = tl.load(CU_Q + off_b).to(tl.int64)
             k_start = tl.load(CU_K + off_b).to(tl.int64)
@@ -85,6 +88,10 @@ if HAS_TRITON:
         else:
             q_start = tl.zeros((), dtype=tl.int64)
             k_start = tl.zeros((), dtype=tl.int64)
+            if HAS_LEFTPAD:
+                pad = tl.load(LEFTPAD + off_b)
+                k_start += pad.to(tl.int64)
+                seqlen_k = seqlen_k - pad.to(tl.int32)
         return q_start, k_start, seqlen_q, seqlen_k
 
     @triton.jit
@@ -111,9 +118,10 @@ if HAS_TRITON:
     def _token_fwd_block(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
                          start_n, offs_m, offs_d, seqlen_k, diag, qk_scale,
                          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                         IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         ACC: tl.constexpr):
-        """One step of the token online softmax over keys [start_n, start_n + BLOCK_N)."""
+                         IS_CAUSAL: tl.constexpr, BLIND_ROWS: tl.constexpr, UPCAST: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+        """One step of the token online softmax over keys [start_n, start_n + BLOCK_N). BLIND_ROWS: some rows
+        may have seen no key yet (left padding), whose max is still -inf: they must add 0, not NaN."""
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(K_base, offs_n, stride_kn, offs_d, stride_kd, seqlen_k, HEAD_DIM, UPCAST, ACC)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC) * qk_scale  # log2 units
@@ -123,8 +131,11 @@ if HAS_TRITON:
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + diag)
             qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
-        p = tl.math.exp2(qk - m_new[:, None])
+        m_use = m_new
+        if BLIND_ROWS:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)  # rescales what was accumulated under the old max
+        p = tl.math.exp2(qk - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(V_base, offs_n, stride_vn, offs_d, stride_vd, seqlen_k, HEAD_DIM, UPCAST, ACC)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=ACC)
@@ -142,7 +153,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _zia_fwd_kernel(
-        Q, K, V, PK, PV, GAMMA, OUT, LSE_W, LSE_P, CU_Q, CU_K,
+        Q, K, V, PK, PV, GAMMA, OUT, LSE_W, LSE_P, CU_Q, CU_K, LEFTPAD,
         stride_qb, stride_qm, stride_qh, stride_qd,
         stride_kb, stride_kn, stride_kh, stride_kd,
         stride_vb, stride_vn, stride_vh, stride_vd,
@@ -153,7 +164,7 @@ if HAS_TRITON:
         nheads, groups, seqlen_q, seqlen_k, prompt_len, qk_scale,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-        IS_CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, VARLEN: tl.constexpr,
+        IS_CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, VARLEN: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -161,7 +172,8 @@ if HAS_TRITON:
         off_b = off_bh // nheads
         off_h = off_bh % nheads
         off_hk = off_h // groups  # the kv head this query head reads (GQA / MQA)
-        q_start, k_start, seqlen_q, seqlen_k = _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, VARLEN)
+        q_start, k_start, seqlen_q, seqlen_k = _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k, VARLEN,
+                                                           HAS_LEFTPAD)
         start_m = pid_m * BLOCK_M
         if start_m >= seqlen_q:  # packed sequences shorter than the longest one
             return
@@ -190,9 +202,9 @@ if HAS_TRITON:
         # mask; the blocks crossing the causal diagonal or the end of the keys do.
         K_base = K + b64 * stride_kb + off_hk.to(tl.int64) * stride_kh + k_start * stride_kn
         V_base = V + b64 * stride_vb + off_hk.to(tl.int64) * stride_vh + k_start * stride_vn
-        diag = seqlen_k - seqlen_q  # bottom-right alignment: row i sees keys j <= i + diag
+        diag = seqlen_k - seqlen_q  # bottom-right alignment: row i sees keys j <= i + diag (< 0: left padding)
         if IS_CAUSAL:
-            full_hi = (tl.minimum(start_m + diag + 1, seqlen_k) // BLOCK_N) * BLOCK_N
+            full_hi = (tl.maximum(tl.minimum(start_m + diag + 1, seqlen_k), 0) // BLOCK_N) * BLOCK_N
             hi = tl.minimum(start_m + BLOCK_M + diag, seqlen_k)
         else:
             full_hi = (seqlen_k // BLOCK_N) * BLOCK_N
@@ -203,15 +215,25 @@ if HAS_TRITON:
         for start_n in range(0, full_hi, BLOCK_N):
             acc, l_w, m_w = _token_fwd_block(acc, l_w, m_w, q, K_base, V_base, stride_kn, stride_kd, stride_vn,
                                              stride_vd, start_n, offs_m, offs_d, seqlen_k, diag, qk_scale,
-                                             BLOCK_N, HEAD_DIM, False, IS_CAUSAL, UPCAST, DOT_PRECISION, ACC)
+                                             BLOCK_N, HEAD_DIM, False, IS_CAUSAL, HAS_LEFTPAD, UPCAST,
+                                             DOT_PRECISION, ACC)
         for start_n in range(full_hi, hi, BLOCK_N):
             acc, l_w, m_w = _token_fwd_block(acc, l_w, m_w, q, K_base, V_base, stride_kn, stride_kd, stride_vn,
                                              stride_vd, start_n, offs_m, offs_d, seqlen_k, diag, qk_scale,
-                                             BLOCK_N, HEAD_DIM, True, IS_CAUSAL, UPCAST, DOT_PRECISION, ACC)
+                                             BLOCK_N, HEAD_DIM, True, IS_CAUSAL, HAS_LEFTPAD, UPCAST,
+                                             DOT_PRECISION, ACC)
+        if HAS_LEFTPAD:
+            # a pad query sees no token key: its token part is 0, and lse_w = +inf makes every
+            # probability the backward recomputes for it exp2(-inf) = 0
+            seen = l_w > 0
+            l_w = tl.where(seen, l_w, 1.0)
+            lse_w = tl.where(seen, m_w + tl.math.log2(l_w), float("inf"))
+        else:
+            lse_w = m_w + tl.math.log2(l_w)
         acc = acc / l_w[:, None]
         row_ok = offs_m < seqlen_q
         L_off = b64 * stride_lb + off_h.to(tl.int64) * stride_lh + (q_start + offs_m) * stride_lm
-        tl.store(LSE_W + L_off, m_w + tl.math.log2(l_w), mask=row_ok)
+        tl.store(LSE_W + L_off, lse_w, mask=row_ok)
 
         # prompt values, accumulated straight into the normalised output with weights
         # gamma * softmax_p: with gamma = 0 they add exactly zero
@@ -251,7 +273,8 @@ if HAS_TRITON:
         off_b = off_bh // nheads
         off_h = off_bh % nheads
         off_hk = off_h // groups
-        q_start, _k_start, seqlen_q, _seqlen_k = _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, VARLEN)
+        q_start, _k_start, seqlen_q, _seqlen_k = _seq_bounds(CU_Q, CU_K, CU_K, off_b, seqlen_q, seqlen_k, VARLEN,
+                                                             False)
         start_m = pid_m * BLOCK_M
         if start_m >= seqlen_q:
             return
@@ -309,7 +332,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _zia_bwd_dkdv_kernel(
-        Q, K, V, DOUT, DK, DV, LSE_W, DELTA_W, CU_Q, CU_K,
+        Q, K, V, DOUT, DK, DV, LSE_W, DELTA_W, CU_Q, CU_K, LEFTPAD,
         stride_qb, stride_qm, stride_qh, stride_qd,
         stride_kb, stride_kn, stride_kh, stride_kd,
         stride_vb, stride_vn, stride_vh, stride_vd,
@@ -319,14 +342,16 @@ if HAS_TRITON:
         stride_lb, stride_lh, stride_lm,
         nheads_kv, groups, seqlen_q, seqlen_k, qk_scale, sm_scale,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+        IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         off_bh = tl.program_id(1)
         off_b = off_bh // nheads_kv
         off_hk = off_bh % nheads_kv
-        q_start, k_start, seqlen_q, seqlen_k = _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, VARLEN)
+        # with left padding the pad keys are never visited: their gradients stay the zeros DK / DV start as
+        q_start, k_start, seqlen_q, seqlen_k = _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k, VARLEN,
+                                                           HAS_LEFTPAD)
         start_n = pid_n * BLOCK_N
         if start_n >= seqlen_k:
             return
@@ -392,7 +417,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _zia_bwd_dq_kernel(
-        Q, K, V, PK, PV, GAMMA, DOUT, DQ, DPK_PART, DPV_PART, LSE_W, LSE_P, DELTA_W, DELTA_P, CU_Q, CU_K,
+        Q, K, V, PK, PV, GAMMA, DOUT, DQ, DPK_PART, DPV_PART, LSE_W, LSE_P, DELTA_W, DELTA_P, CU_Q, CU_K, LEFTPAD,
         stride_qb, stride_qm, stride_qh, stride_qd,
         stride_kb, stride_kn, stride_kh, stride_kd,
         stride_vb, stride_vn, stride_vh, stride_vd,
@@ -404,7 +429,7 @@ if HAS_TRITON:
         nheads, groups, seqlen_q, seqlen_k, prompt_len, qk_scale, sm_scale,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-        IS_CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, VARLEN: tl.constexpr,
+        IS_CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, VARLEN: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
         COMPUTE_DQ: tl.constexpr, COMPUTE_DPROMPT: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):
@@ -413,7 +438,8 @@ if HAS_TRITON:
         off_b = off_bh // nheads
         off_h = off_bh % nheads
         off_hk = off_h // groups
-        q_start, k_start, seqlen_q, seqlen_k = _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, VARLEN)
+        q_start, k_start, seqlen_q, seqlen_k = _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k, VARLEN,
+                                                           HAS_LEFTPAD)
         start_m = pid_m * BLOCK_M
         if start_m >= seqlen_q:
             return
@@ -437,8 +463,8 @@ if HAS_TRITON:
             K_base = K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn
             V_base = V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vn
             diag = seqlen_k - seqlen_q
-            if IS_CAUSAL:
-                full_hi = (tl.minimum(start_m + diag + 1, seqlen_k) // BLOCK_N) * BLOCK_N
+            if IS_CAUSAL:  # pad queries (left padding) have lse_w = +inf: they add exactly 0
+                full_hi = (tl.maximum(tl.minimum(start_m + diag + 1, seqlen_k), 0) // BLOCK_N) * BLOCK_N
                 hi = tl.minimum(start_m + BLOCK_M + diag, seqlen_k)
             else:
                 full_hi = (seqlen_k // BLOCK_N) * BLOCK_N
@@ -613,7 +639,7 @@ def _lse_shape(q, varlen, batch, nheads, seqlen_q):
 
 
 def _fwd(q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-         max_seqlen_k):
+         max_seqlen_k, leftpad_k):
     varlen, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, prompt_len = _geometry(
         q, k, prompt_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -629,14 +655,14 @@ def _fwd(q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_seqlens_q
     pk, pv = prompt_k, prompt_v  # (batch or 1, prompt_len, nheads_kv, headdim); unread when prompt_len is 0
     grid = (triton.cdiv(seqlen_q, block_m), batch * nheads)
     _zia_fwd_kernel[grid](
-        q, k, v, pk, pv, gamma, out, lse_w, lse_p, cu_seqlens_q, cu_seqlens_k,
+        q, k, v, pk, pv, gamma, out, lse_w, lse_p, cu_seqlens_q, cu_seqlens_k, leftpad_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
         *_prompt_strides(pk), *_prompt_strides(pv), *_strides(out, varlen),
         *_lse_strides(lse_w, varlen),
         nheads, nheads // nheads_kv, seqlen_q, seqlen_k, prompt_len, softmax_scale * LOG2E,
         HEAD_DIM=headdim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=cfg["BLOCK_P"],
-        IS_CAUSAL=causal, HAS_PROMPT=has_prompt, VARLEN=varlen, **_dtype_flags(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        IS_CAUSAL=causal, HAS_PROMPT=has_prompt, VARLEN=varlen, HAS_LEFTPAD=leftpad_k is not None,
+        **_dtype_flags(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse_w, lse_p
 
@@ -657,7 +683,7 @@ def _dtype_flags(dtype: torch.dtype) -> dict:
 
 
 def _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, softmax_scale, cu_seqlens_q,
-         cu_seqlens_k, max_seqlen_q, max_seqlen_k, need_dq, need_dkv, need_dprompt):
+         cu_seqlens_k, max_seqlen_q, max_seqlen_k, leftpad_k, need_dq, need_dkv, need_dprompt):
     varlen, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, prompt_len = _geometry(
         q, k, prompt_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     groups = nheads // nheads_kv
@@ -692,12 +718,12 @@ def _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, so
     if need_dkv:
         block_m, block_n, num_warps, num_stages = cfg["dkdv"]
         _zia_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, block_n), batch * nheads_kv)](
-            q, k, v, dout, dk, dv, lse_w, delta_w, cu_seqlens_q, cu_seqlens_k,
+            q, k, v, dout, dk, dv, lse_w, delta_w, cu_seqlens_q, cu_seqlens_k, leftpad_k,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
             *_strides(dk, varlen), *_strides(dv, varlen), *_lse_strides(lse_w, varlen),
             nheads_kv, groups, seqlen_q, seqlen_k, qk_scale, softmax_scale,
-            BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, num_warps=num_warps, num_stages=num_stages,
-            **common,
+            BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, HAS_LEFTPAD=leftpad_k is not None,
+            num_warps=num_warps, num_stages=num_stages, **common,
         )
 
     need_prompt_part = has_prompt and need_dprompt
@@ -711,14 +737,14 @@ def _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, so
         dpv_part = alloc(part_shape, dtype=_acc_dtype(q.dtype), device=dev)
         _zia_bwd_dq_kernel[(num_m, batch * nheads)](
             q, k, v, pk, pv, gamma, dout, dq if need_dq else q, dpk_part, dpv_part, lse_w, lse_p, delta_w, delta_p,
-            cu_seqlens_q, cu_seqlens_k,
+            cu_seqlens_q, cu_seqlens_k, leftpad_k,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
             *_prompt_strides(pk), *_prompt_strides(pv), *_strides(dout, varlen),
             *_strides(dq if need_dq else q, varlen), *_lse_strides(lse_w, varlen),
             nheads, groups, seqlen_q, seqlen_k, prompt_len, qk_scale, softmax_scale,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=cfg["BLOCK_P"], IS_CAUSAL=causal, HAS_PROMPT=has_prompt,
-            COMPUTE_DQ=need_dq, COMPUTE_DPROMPT=need_prompt_part, num_warps=num_warps, num_stages=num_stages,
-            **common,
+            HAS_LEFTPAD=leftpad_k is not None, COMPUTE_DQ=need_dq, COMPUTE_DPROMPT=need_prompt_part,
+            num_warps=num_warps, num_stages=num_stages, **common,
         )
         if need_prompt_part:
             # fixed-order sums: over query blocks, the query heads of each kv group, then the
@@ -742,15 +768,15 @@ def _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, so
 def _zia_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: torch.Tensor, prompt_v: torch.Tensor,
     gamma: torch.Tensor, causal: bool, softmax_scale: float, cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+    cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, leftpad_k: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _fwd(q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k,
-                max_seqlen_q, max_seqlen_k)
+                max_seqlen_q, max_seqlen_k, leftpad_k)
 
 
 @_zia_fwd_op.register_fake
 def _(q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-      max_seqlen_k):
+      max_seqlen_k, leftpad_k):
     varlen, batch, seqlen_q, _, nheads, *_ = _geometry(q, k, prompt_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     lse_shape = _lse_shape(q, varlen, batch, nheads, seqlen_q)
     acc = _acc_dtype(q.dtype)
@@ -763,15 +789,16 @@ def _zia_bwd_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: torch.Tensor,
     prompt_v: torch.Tensor, gamma: torch.Tensor, out: torch.Tensor, lse_w: torch.Tensor, lse_p: torch.Tensor,
     causal: bool, softmax_scale: float, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int, max_seqlen_k: int, need_dq: bool, need_dkv: bool, need_dprompt: bool,
+    max_seqlen_q: int, max_seqlen_k: int, leftpad_k: torch.Tensor | None, need_dq: bool, need_dkv: bool,
+    need_dprompt: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, softmax_scale, cu_seqlens_q,
-                cu_seqlens_k, max_seqlen_q, max_seqlen_k, need_dq, need_dkv, need_dprompt)
+                cu_seqlens_k, max_seqlen_q, max_seqlen_k, leftpad_k, need_dq, need_dkv, need_dprompt)
 
 
 @_zia_bwd_op.register_fake
 def _(dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, softmax_scale, cu_seqlens_q,
-      cu_seqlens_k, max_seqlen_q, max_seqlen_k, need_dq, need_dkv, need_dprompt):
+      cu_seqlens_k, max_seqlen_q, max_seqlen_k, leftpad_k, need_dq, need_dkv, need_dprompt):
     def grad(x, needed):
         return torch.empty_like(x) if needed else x.new_empty(0)
 
@@ -780,23 +807,23 @@ def _(dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, softm
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_q, cu_k, max_q, max_k = inputs
+    q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_q, cu_k, max_q, max_k, leftpad_k = inputs
     out, lse_w, lse_p = output
-    ctx.save_for_backward(q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, cu_q, cu_k)
+    ctx.save_for_backward(q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, cu_q, cu_k, leftpad_k)
     ctx.args = (causal, softmax_scale, max_q, max_k)
     ctx.mark_non_differentiable(lse_w, lse_p)
 
 
 def _backward(ctx, dout, _dlse_w, _dlse_p):
-    q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, cu_q, cu_k = ctx.saved_tensors
+    q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, cu_q, cu_k, leftpad_k = ctx.saved_tensors
     causal, softmax_scale, max_q, max_k = ctx.args
     need = ctx.needs_input_grad
     dq, dk, dv, dpk, dpv, dgamma = _zia_bwd_op(
         dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, softmax_scale, cu_q, cu_k, max_q, max_k,
-        need[0], need[1] or need[2], need[3] or need[4])
+        leftpad_k, need[0], need[1] or need[2], need[3] or need[4])
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
             dpk if need[3] else None, dpv if need[4] else None, dgamma if need[5] else None,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 _zia_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -912,6 +939,20 @@ def _check_varlen(q, k, prompt_k, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen
                              f"{cu_seqlens_q.tolist()} and cu_seqlens_k {cu_seqlens_k.tolist()}")
 
 
+def _check_leftpad(q, k, leftpad_k, varlen) -> None:
+    if varlen:
+        raise ValueError("leftpad_k is for a dense left-padded batch; packed sequences (cu_seqlens) have no padding")
+    if not isinstance(leftpad_k, torch.Tensor) or leftpad_k.dtype != torch.int32 or leftpad_k.shape != (q.shape[0],):
+        got = f"{leftpad_k.dtype} of shape {_shape(leftpad_k)}" if isinstance(leftpad_k, torch.Tensor) else \
+            type(leftpad_k).__name__
+        raise ValueError(f"leftpad_k must be an int32 tensor of shape (batch={q.shape[0]},), got {got}")
+    if leftpad_k.device != q.device:
+        raise ValueError(f"leftpad_k is on {leftpad_k.device} but q is on {q.device}")
+    if q.device.type == "cpu" and not torch.compiler.is_compiling() and leftpad_k.numel() and not (
+            0 <= int(leftpad_k.min()) and int(leftpad_k.max()) <= k.shape[1]):
+        raise ValueError(f"leftpad_k must count pad keys in [0, seqlen_k={k.shape[1]}], got {leftpad_k.tolist()}")
+
+
 def _use_triton(q: torch.Tensor) -> bool:
     return HAS_TRITON and (q.device.type == "cuda" or INTERPRET)
 
@@ -931,6 +972,7 @@ def zero_init_attention(
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    leftpad_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Zero-init attention: causal attention over the tokens plus a gated prompt attention with its
     own softmax, fused in one pass (LLaMA-Adapter, arXiv 2303.16199).
@@ -954,6 +996,10 @@ def zero_init_attention(
             varlen convention: q (total_q, nheads, headdim), k, v (total_k, nheads_kv, headdim),
             cu_seqlens_* (num_seqs + 1,) int32 offsets, max_seqlen_* the longest sequence;
             prompt_k / prompt_v then have batch 1 or num_seqs. Sequences never see each other.
+        leftpad_k: (batch,) int32, a left-padded batch (batched generation with a KV cache, as flash-attn's
+            leftpad_k / cache_leftpad): row b's first leftpad_k[b] token keys are padding, never attended.
+            The causal alignment stays bottom-right; a query before row b's first real key (a pad query)
+            sees no token key, and its output is the prompt part alone. Not with packed sequences.
     Returns:
         out: shaped like q, contiguous, dtype of q. Softmax statistics and accumulators in fp32 (fp64 for
             fp64 inputs, which exist for verification).
@@ -963,7 +1009,8 @@ def zero_init_attention(
 
     Caution:
         Bad input raises ValueError / TypeError before anything is launched. The packed offsets
-        are checked on CPU tensors only (on a GPU that would need a device synchronisation).
+        and leftpad_k's values are checked on CPU tensors only (on a GPU that would need a device
+        synchronisation).
         Runs the Triton kernels on CUDA tensors (compiled) or anywhere under TRITON_INTERPRET=1
         (read when this module is imported); otherwise the eager reference.
     """
@@ -973,6 +1020,8 @@ def zero_init_attention(
         _check_varlen(q, k, prompt_k, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     elif max_seqlen_q is not None or max_seqlen_k is not None:
         raise ValueError("max_seqlen_q / max_seqlen_k go with cu_seqlens_q / cu_seqlens_k (packed sequences)")
+    if leftpad_k is not None:
+        _check_leftpad(q, k, leftpad_k, varlen)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
 
     if not _use_triton(q):
@@ -980,11 +1029,11 @@ def zero_init_attention(
             return _varlen_ref(q, k, v, prompt_k, prompt_v, gate, cu_seqlens_q, cu_seqlens_k, causal=causal,
                                softmax_scale=scale, gate_act=gate_act)
         return zero_init_attention_ref(q, k, v, prompt_k, prompt_v, gate, causal=causal, softmax_scale=scale,
-                                       gate_act=gate_act)
+                                       gate_act=gate_act, leftpad_k=leftpad_k)
     nheads = q.shape[-2]
     gamma = gate_activation(gate.to(_acc_dtype(q.dtype)), gate_act).expand(nheads).contiguous()  # (nheads,) fp32
     out, _, _ = _zia_fwd_op(q, k, v, prompt_k, prompt_v, gamma, causal, scale, cu_seqlens_q, cu_seqlens_k,
-                            max_seqlen_q or 0, max_seqlen_k or 0)
+                            max_seqlen_q or 0, max_seqlen_k or 0, leftpad_k)
     return out
 
 

@@ -27,10 +27,9 @@ Multi-modal hook: forward(..., visual=(batch, dim)) adds that token to every pro
 adapted layer, so the prompt keys/values become per sample (batch, adapter_len, ...); with packed
 sequences (cu_seqlens), visual is (num_seqs, dim) and the op gets one prompt per sequence.
 
-Limits: the op has no key-padding mask, so a left-padded batch (batched generation) calls it
-once per group of rows with the same padding, on their unpadded keys (exact, a little slower).
-With a KV cache the prompt keys/values are computed at input_pos 0 and reused until the cache
-is set up again.
+A left-padded batch (batched generation) goes through the op in one call: its leftpad_k masks each
+row's pad keys. With a KV cache the prompt keys/values are computed at input_pos 0 and reused until
+the cache is set up again.
 """
 
 from __future__ import annotations
@@ -108,24 +107,10 @@ class AdapterAttention(Attention):
         if ctx.cu_seqlens is not None:  # packed sequences: the prompt (shared, or one per sequence), varlen
             check_packed_impl(self.attn_impl)
             return packed_attention(q, k, v, ctx, pk, pv, self.gate, self.gate_act)
-        # the fused op, or the official code's eager formulation (set_attention_impl)
+        # the fused op, or the official code's eager formulation (set_attention_impl); a left-padded batch
+        # (batched generation) masks each row's pad keys (leftpad_k)
         attention = zero_init_attention if self.attn_impl == "fused" else zero_init_attention_ref
-
-        def op(q, k, v, pk, pv):
-            return attention(q, k, v, pk, pv, self.gate, causal=True, gate_act=self.gate_act)
-
-        if ctx.left_pad is None:
-            return op(q, k, v, pk, pv)
-        # Padded batch: rows with the same left padding go together, over their unpadded keys.
-        # Query i sits at key slot i + S - T; the queries before slot `pad` are pad tokens (output 0).
-        T, S = q.shape[1], k.shape[1]
-        y = q.new_zeros(q.shape)
-        for pad in sorted(set(ctx.left_pad)):
-            rows = torch.tensor([b for b, p in enumerate(ctx.left_pad) if p == pad], device=q.device)
-            first_q = max(0, pad - (S - T))
-            prompt_rows = rows if pk.shape[0] > 1 else slice(None)
-            y[rows, first_q:] = op(q[rows, first_q:], k[rows, pad:], v[rows, pad:], pk[prompt_rows], pv[prompt_rows])
-        return y
+        return attention(q, k, v, pk, pv, self.gate, causal=True, gate_act=self.gate_act, leftpad_k=ctx.leftpad_k)
 
 
 def adapter_layers(model: LLaMA) -> dict[str, AdapterAttention]:

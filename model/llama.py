@@ -230,7 +230,7 @@ class AttentionContext:
     """What every layer's attention needs besides its input, built once per forward."""
 
     input_pos: int  # cache slot of the first query token
-    left_pad: list[int] | None  # pad tokens at the start of each row, None when there are none
+    leftpad_k: torch.Tensor | None  # (B,) int32: pad tokens at the start of each row, None when there are none
     visual: torch.Tensor | None = None  # (B, dim) visual token for the adapter prompts
     mask: torch.Tensor | None = None  # SDPA boolean mask (T, S) or (B, 1, T, S), True = visible
     is_causal: bool = False  # SDPA's own causal mask (T == S, no padding)
@@ -292,14 +292,14 @@ def check_packed_impl(impl: str) -> None:
                          "which has no varlen mode (pad the batch instead)")
 
 
-def attention_mask(seqlen_q: int, seqlen_k: int, left_pad: list[int] | None,
+def attention_mask(seqlen_q: int, seqlen_k: int, leftpad_k: torch.Tensor | None,
                    device: torch.device) -> tuple[torch.Tensor | None, bool]:
     """SDPA mask for queries at the last seqlen_q of seqlen_k slots: (mask, is_causal).
 
     Query i sits at slot i + seqlen_k - seqlen_q and sees slots j up to its own (causal, bottom-right),
-    and from left_pad[b] on; a pad query sees only itself, so that no row is fully masked (NaN).
+    and from leftpad_k[b] on; a pad query sees only itself, so that no row is fully masked (NaN).
     """
-    if left_pad is None:
+    if leftpad_k is None:
         if seqlen_q == 1:
             return None, False
         if seqlen_q == seqlen_k:
@@ -307,8 +307,8 @@ def attention_mask(seqlen_q: int, seqlen_k: int, left_pad: list[int] | None,
     i = torch.arange(seqlen_q, device=device).unsqueeze(1) + (seqlen_k - seqlen_q)  # (T, 1): slot of query i
     j = torch.arange(seqlen_k, device=device).unsqueeze(0)  # (1, S)
     mask = j <= i  # (T, S)
-    if left_pad is not None:
-        pad = torch.tensor(left_pad, device=device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    if leftpad_k is not None:
+        pad = leftpad_k.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         mask = mask & ((j >= pad) | (j == i))  # (B, 1, T, S)
     return mask, False
 
@@ -440,20 +440,21 @@ class LLaMA(nn.Module):
         if visual is not None and visual.shape != (rows, self.config.dim):
             raise ValueError(f"visual must be ({what}={rows}, dim={self.config.dim}), got {tuple(visual.shape)}")
 
+        leftpad_k = None if left_pad is None else torch.tensor(left_pad, dtype=torch.int32, device=tokens.device)
         if positions is None and cu_seqlens is not None:  # restart at 0 in each sequence
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
             positions = torch.arange(T, device=tokens.device) - torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
         elif positions is None:
             positions = torch.arange(input_pos, input_pos + T, device=tokens.device).expand(B, T)
-            if left_pad is not None:  # each row counts from its first real token; pad tokens sit at 0
-                positions = (positions - torch.tensor(left_pad, device=tokens.device).unsqueeze(1)).clamp(min=0)
+            if leftpad_k is not None:  # each row counts from its first real token; pad tokens sit at 0
+                positions = (positions - leftpad_k.unsqueeze(1)).clamp(min=0)
         elif positions.shape not in ((B, T), (T,)):
             raise ValueError(f"positions must be (batch={B}, seqlen={T}) or ({T},), got {tuple(positions.shape)}")
         rope = rope_cos_sin(positions.expand(B, T), self.config)
-        mask, is_causal = (None, False) if cu_seqlens is not None else attention_mask(T, seqlen_k, left_pad,
+        mask, is_causal = (None, False) if cu_seqlens is not None else attention_mask(T, seqlen_k, leftpad_k,
                                                                                       tokens.device)
-        ctx = AttentionContext(input_pos=input_pos, left_pad=left_pad, visual=visual, mask=mask, is_causal=is_causal,
-                               cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        ctx = AttentionContext(input_pos=input_pos, leftpad_k=leftpad_k, visual=visual, mask=mask,
+                               is_causal=is_causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
         x = self.tok_embeddings(tokens)  # (B, T, dim)
         # Below the first adapted layer nothing is trained: no autograd graph, no saved activations.

@@ -30,6 +30,7 @@ class Case:
     causal: bool = True
     gate_act: str = "tanh"
     gate_per_head: bool = True
+    leftpad: tuple[int, ...] | None = None  # left padding of each row's keys (leftpad_k)
 
 
 CASES = {
@@ -45,8 +46,19 @@ CASES = {
     "hd128_prompt65": Case(batch=1, seqlen_q=33, seqlen_k=33, nheads=2, nheads_kv=1, headdim=128, prompt_len=65),
     "no_prompt": Case(seqlen_q=17, seqlen_k=17, nheads=2, nheads_kv=2, headdim=32, prompt_len=0),
     "hd16": Case(batch=1, seqlen_q=70, seqlen_k=70, nheads=2, nheads_kv=2, headdim=16, prompt_len=3),
+    # left-padded batches (batched generation): a prefill whose rows start with 0, 30 and 96 pad tokens (pad
+    # queries see no token key), decode steps, a chunk with 7 pad queries, and a row that is all padding
+    "leftpad_prefill_gqa": Case(batch=3, nheads=4, nheads_kv=2, headdim=32, leftpad=(0, 30, 96)),
+    "leftpad_decode": Case(batch=3, seqlen_q=1, seqlen_k=130, nheads_kv=2, prompt_batch=3, leftpad=(128, 0, 64)),
+    # one real key: fp32 only, like "seqlen1" (a single key's dk cancels exactly in fp64, while the backward's
+    # Delta comes from the output as stored, rounded to bf16 / fp16: flash-attn's bar does not cover that)
+    "leftpad_one_key": Case(seqlen_q=1, seqlen_k=70, nheads=2, nheads_kv=2, headdim=32, leftpad=(69, 0)),
+    "leftpad_chunk": Case(seqlen_q=17, seqlen_k=130, nheads=2, nheads_kv=2, headdim=32, leftpad=(120, 3)),
+    "leftpad_noncausal_all_pad": Case(seqlen_q=33, seqlen_k=17, nheads=2, nheads_kv=2, headdim=32, causal=False,
+                                      leftpad=(17, 5)),
 }
-LOW_PRECISION_CASES = ["base", "decode_kvcache", "q_shorter_gqa8to2", "mqa_hd80_identity", "noncausal_q_longer"]
+LOW_PRECISION_CASES = ["base", "decode_kvcache", "q_shorter_gqa8to2", "mqa_hd80_identity", "noncausal_q_longer",
+                       "leftpad_prefill_gqa", "leftpad_decode"]
 NAMES = ("out", "dq", "dk", "dv", "dprompt_k", "dprompt_v", "dgate")
 
 
@@ -65,8 +77,9 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int = 0):
     return [q, k, v, pk, pv, gate]
 
 
-def kwargs_of(case: Case) -> dict:
-    return dict(causal=case.causal, gate_act=case.gate_act)
+def kwargs_of(case: Case, device: str) -> dict:
+    leftpad = None if case.leftpad is None else torch.tensor(case.leftpad, dtype=torch.int32, device=device)
+    return dict(causal=case.causal, gate_act=case.gate_act, leftpad_k=leftpad)
 
 
 def forward_backward(fn, inputs, dout, **kwargs):
@@ -88,11 +101,11 @@ def check_against_reference(case: Case, dtype: torch.dtype, device: str, seed: i
     inputs = make_inputs(case, dtype, device, seed)
     dout = torch.randn(case.batch, case.seqlen_q, case.nheads, case.headdim,
                        generator=torch.Generator().manual_seed(seed + 1)).to(device=device, dtype=dtype)
-    got = forward_backward(zero_init_attention, inputs, dout, **kwargs_of(case))
-    exact = forward_backward(zero_init_attention_ref, as_fp64(inputs), dout.double(), **kwargs_of(case))
+    got = forward_backward(zero_init_attention, inputs, dout, **kwargs_of(case, device))
+    exact = forward_backward(zero_init_attention_ref, as_fp64(inputs), dout.double(), **kwargs_of(case, device))
     # the same math done by PyTorch in the input dtype: the error any implementation may have
     torch_err = forward_backward(zero_init_attention_ref, [x.detach().requires_grad_() for x in inputs], dout,
-                                 **kwargs_of(case))
+                                 **kwargs_of(case, device))
     for name, a, ref, low in zip(NAMES, got, exact, torch_err, strict=True):
         assert a.shape == ref.shape and a.dtype == (torch.float32 if name == "dgate" else dtype), name
         err, bar = max_err(a, ref), 2 * max_err(low, ref) + 1e-5
@@ -275,6 +288,37 @@ def test_varlen_matches_per_sequence_calls(causal, prompt, device):
 
 
 # ----------------------------------------------------------------------------------------------
+# left-padded batches (leftpad_k)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_leftpad_rows_equal_their_unpadded_calls(device):
+    """Each row of a left-padded batch equals the op on its real keys alone (its queries after the pad); pad
+    keys get zero gradients and change nothing; pad queries get the prompt part alone."""
+    case = Case(batch=3, seqlen_q=40, seqlen_k=70, nheads=4, nheads_kv=2, headdim=32, prompt_batch=3)
+    pads = (0, 45, 65)
+    q, k, v, pk, pv, gate = make_inputs(case, torch.float32, device, seed=11)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(12)).to(device)
+    leftpad = torch.tensor(pads, dtype=torch.int32, device=device)
+    got = forward_backward(zero_init_attention, [q, k, v, pk, pv, gate], dout, leftpad_k=leftpad)
+    for b, pad in enumerate(pads):
+        first_q = max(0, pad - (case.seqlen_k - case.seqlen_q))  # queries before it are pad queries
+        row = [x.detach()[b:b + 1].requires_grad_() for x in (q, k, v, pk, pv)]
+        alone = forward_backward(zero_init_attention, [row[0][:, first_q:], row[1][:, pad:], row[2][:, pad:],
+                                                       row[3], row[4], gate], dout[b:b + 1, first_q:])
+        torch.testing.assert_close(got[0][b, first_q:], alone[0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[2][b, pad:], alone[2][0], rtol=1e-5, atol=1e-5)  # dk of the real keys
+        torch.testing.assert_close(got[3][b, pad:], alone[3][0], rtol=1e-5, atol=1e-5)  # dv
+        assert not got[2][b, :pad].any() and not got[3][b, :pad].any()  # pad keys: no gradient
+        if first_q:  # pad queries: act(gate) * softmax(q pk^T) pv, no token part, finite
+            prompt_only = zero_init_attention_ref(q.detach()[b:b + 1, :first_q], k.detach()[b:b + 1, :1] * 0,
+                                                  v.detach()[b:b + 1, :1] * 0, pk.detach()[b:b + 1],
+                                                  pv.detach()[b:b + 1], gate.detach(), causal=False)
+            torch.testing.assert_close(got[0][b, :first_q], prompt_only[0], rtol=1e-5, atol=1e-5)
+    assert all(torch.isfinite(x).all() for x in got)
+
+
+# ----------------------------------------------------------------------------------------------
 # bad input: a clear error naming the argument, nothing launched
 # ----------------------------------------------------------------------------------------------
 
@@ -335,7 +379,10 @@ def test_bad_input_raises(what, changes, exc, msg, nothing_launched):
     (dict(softmax_scale=-1.0), ValueError, "softmax_scale"),
     (dict(gate_act="relu"), ValueError, "gate_act"),
     (dict(max_seqlen_q=8), ValueError, "go with cu_seqlens"),
-], ids=["scale", "gate_act", "max_seqlen_alone"])
+    (dict(leftpad_k=torch.tensor([0, 1])), ValueError, r"leftpad_k must be an int32 tensor of shape \(batch=2,\)"),
+    (dict(leftpad_k=torch.tensor([0, 1, 2], dtype=torch.int32)), ValueError, "leftpad_k must be an int32"),
+    (dict(leftpad_k=torch.tensor([0, 9], dtype=torch.int32)), ValueError, r"pad keys in \[0, seqlen_k=8\]"),
+], ids=["scale", "gate_act", "max_seqlen_alone", "leftpad_int64", "leftpad_shape", "leftpad_range"])
 def test_bad_options_raise(kwargs, exc, msg, nothing_launched):
     with pytest.raises(exc, match=msg):
         zero_init_attention(*_base_inputs().values(), **kwargs)
@@ -364,8 +411,9 @@ def _packed(**changes):
     (dict(prompt_k=torch.randn(3, 3, 2, 32), prompt_v=torch.randn(3, 3, 2, 32)), ValueError,
      "one prompt per sequence"),
     (dict(q=torch.randn(2, 10, 4, 32)), ValueError, "q must be 3-D"),
+    (dict(leftpad_k=torch.tensor([0, 1], dtype=torch.int32)), ValueError, "packed sequences .* have no padding"),
 ], ids=["one_cu_only", "int64_offsets", "falling", "wrong_total", "max_too_small", "causal_q_longer",
-        "prompt_batch", "q_rank"])
+        "prompt_batch", "q_rank", "leftpad"])
 def test_bad_packed_input_raises(changes, exc, msg, nothing_launched):
     args, opts = _packed(**changes)
     with pytest.raises(exc, match=msg):

@@ -13,21 +13,25 @@ Providers (--providers), each checked before it is timed:
 
 Correctness, before any timing: the cached path's logits (prefill, then --check-tokens - 1 decode steps fed a fixed
 random continuation) of each provider are compared with a full recompute of the whole sequence without a cache, by
-the eager model in fp32 (its bf16 weights cast up, exactly). Tolerance (logits divided by the oracle's max |x|
-first), flash-attn's bar: twice the error of the same full recompute by the eager model in bf16, plus twice bf16's
-rounding. A provider outside it stops the run (exit status 1) before anything of it is timed.
+the eager model in fp32 (its bf16 weights cast up, exactly). Every other check prompt is a quarter shorter,
+left-padded as generate() pads a batch of uneven prompts, so that the check covers the padded path (leftpad_k) too.
+Tolerance (logits divided by the oracle's max |x| first), flash-attn's bar: twice the error of the same full
+recompute by the eager model in bf16, plus twice bf16's rounding. A provider outside it stops the run (exit
+status 1) before anything of it is timed.
 
 Timing: a --warmup-tokens generation first (Triton compilation), then one generation of --new-tokens tokens,
-synchronised after every token. Reported per (provider, batch size), one CSV row per metric: prefill_ms (time to
-the first token: cache set-up, the prefill forward, the first greedy pick), prefill_tokens_per_s (batch x prompt
-tokens / prefill time), decode_tokens_per_s (batch x (new tokens - 1) / the time from the first token to the
-last), decode step median / p20 / p80 (ms per step, all rows together), peak memory (CUDA), the attention backends.
-Out of memory: a "skipped" row with the reason.
+synchronised after every token. --ragged yes draws each prompt's length from [prompt_len / 2, prompt_len] (batched
+generation of uneven prompts, left-padded; the shape gets "-ragged"). Reported per (provider, batch size), one CSV
+row per metric: prefill_ms (time to the first token: cache set-up, the prefill forward, the first greedy pick),
+prefill_tokens_per_s (real prompt tokens / prefill time), decode_tokens_per_s (batch x (new tokens - 1) / the time
+from the first token to the last), decode step median / p20 / p80 (ms per step, all rows together), peak memory
+(CUDA), the attention backends. Out of memory: a "skipped" row with the reason.
 
 Examples:
     # one GPU: rows appended to bench/results/decode.csv, bar chart + summary beside it
     python -m bench.bench_decode
     python -m bench.bench_decode --batch-sizes 1,4,16,64 --new-tokens 256
+    python -m bench.bench_decode --batch-sizes 16 --ragged yes        # uneven prompts, left-padded
     # CPU (or anywhere): the tiny smoke configuration, written to a temporary folder or --out
     python -m bench.bench_decode --smoke --out /tmp/bench-decode
 On a CPU the numbers mean nothing for the GPU: the run only shows that the benchmark works and that every
@@ -90,6 +94,7 @@ from bench.common import (  # noqa: E402
     reset_peak_memory,
     unique_path,
     unpatched,
+    yes_no,
 )
 from model import AdapterConfig, LLaMA  # noqa: E402
 from model.generate import stream  # noqa: E402
@@ -133,6 +138,9 @@ class DecodeBenchConfig:
     check_tokens: int = field(default=8, metadata=opt(
         "positions whose cached logits are checked against a full recompute", argparse_type(positive_int), "N"))
     check_batch: int = field(default=2, metadata=opt("prompts of the check", argparse_type(positive_int), "B"))
+    ragged: bool = field(default=False, metadata=opt(
+        "prompts of uneven lengths, drawn from [prompt_len / 2, prompt_len] and left-padded (batched generation)",
+        argparse_type(yes_no), "yes|no"))
     adapter_len: int = field(default=10, metadata=opt("adapter prompts per layer K", argparse_type(positive_int), "K"))
     adapter_layers: int = field(default=30, metadata=opt(
         "adapted layers L, counted from the top", argparse_type(positive_int), "L"))
@@ -186,37 +194,53 @@ def random_tokens(batch: int, length: int, vocab_size: int, seed: int, device: t
     return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
+def check_left_pad(batch: int, prompt_len: int) -> list[int]:
+    """The check's left padding: every other prompt a quarter shorter (what generate() does to uneven prompts)."""
+    return [(prompt_len // 4) * (b % 2) for b in range(batch)]
+
+
+def ragged_prompts(batch: int, prompt_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """batch random prompts of lengths drawn uniformly from [ceil(prompt_len / 2), prompt_len]."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint((prompt_len + 1) // 2, prompt_len + 1, (batch,), generator=g).tolist()
+    return [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
 @torch.inference_mode()
-def cached_logits(model: LLaMA, prompts: torch.Tensor, continuation: torch.Tensor, provider: Provider) -> torch.Tensor:
+def cached_logits(model: LLaMA, prompts: torch.Tensor, continuation: torch.Tensor, provider: Provider,
+                  left_pad: list[int]) -> torch.Tensor:
     """Next-token logits (B, C, vocab) fp32 of the cached path, as stream() runs it: the prefill's last position,
-    then C - 1 decode steps fed continuation[:, :C - 1] (continuation: (B, C))."""
+    then C - 1 decode steps fed continuation[:, :C - 1] (continuation: (B, C)); row b's first left_pad[b] prompt
+    tokens are padding."""
     B, P = prompts.shape
     C = continuation.shape[1]
     with attention_impl(model, provider.impl), provider.patch(model):
         model.setup_cache(B, P + C)
         try:
-            steps = [model(prompts, input_pos=0, logits_at=-1)]
-            steps += [model(continuation[:, t:t + 1], input_pos=P + t, logits_at=-1) for t in range(C - 1)]
+            steps = [model(prompts, input_pos=0, left_pad=left_pad, logits_at=-1)]
+            steps += [model(continuation[:, t:t + 1], input_pos=P + t, left_pad=left_pad, logits_at=-1)
+                      for t in range(C - 1)]
         finally:
             model.clear_cache()
     return torch.stack(steps, dim=1).float()
 
 
 @torch.inference_mode()
-def recomputed_logits(model: LLaMA, prompts: torch.Tensor, continuation: torch.Tensor, impl: str) -> torch.Tensor:
+def recomputed_logits(model: LLaMA, prompts: torch.Tensor, continuation: torch.Tensor, impl: str,
+                      left_pad: list[int]) -> torch.Tensor:
     """The same logits from one forward over the whole sequence, no cache."""
     P, C = prompts.shape[1], continuation.shape[1]
     with attention_impl(model, impl):
-        logits = model(torch.cat([prompts, continuation[:, :C - 1]], dim=1))
+        logits = model(torch.cat([prompts, continuation[:, :C - 1]], dim=1), left_pad=left_pad)
     return logits[:, P - 1:].float()
 
 
-def expected_logits(model: LLaMA, prompts: torch.Tensor, continuation: torch.Tensor) -> Expected:
+def expected_logits(model: LLaMA, prompts: torch.Tensor, continuation: torch.Tensor, left_pad: list[int]) -> Expected:
     """The oracle (a full recompute by the eager model in fp32) and the tolerances from the same recompute by the
     eager model in bf16."""
     with base_upcast(model, torch.float32), exact_fp32_matmuls():
-        oracle = recomputed_logits(model, prompts, continuation, "eager")
-    baseline = recomputed_logits(model, prompts, continuation, "eager")
+        oracle = recomputed_logits(model, prompts, continuation, "eager", left_pad)
+    baseline = recomputed_logits(model, prompts, continuation, "eager", left_pad)
     return Expected.from_runs({"logits": oracle}, {"logits": baseline}, "bf16",
                               oracle_desc="full recompute (no cache) by the eager model in fp32",
                               baseline_desc="the eager model's full recompute in bf16", normalize=True)
@@ -237,7 +261,8 @@ class Measurement:
     peak_mib: float | None
 
 
-def generate_timed(model: LLaMA, prompts: torch.Tensor, new_tokens: int, device: torch.device) -> list[float]:
+def generate_timed(model: LLaMA, prompts: torch.Tensor | list[list[int]], new_tokens: int,
+                   device: torch.device) -> list[float]:
     """Greedy generation through stream(); the perf_counter time at which each token (all rows) is ready, the
     start first."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -251,7 +276,12 @@ def generate_timed(model: LLaMA, prompts: torch.Tensor, new_tokens: int, device:
 
 def time_provider(model: LLaMA, provider: Provider, batch: int, cfg: DecodeBenchConfig, device: torch.device,
                   name: str) -> Measurement:
-    prompts = random_tokens(batch, cfg.prompt_len, model.config.vocab_size, cfg.seed + batch, device)
+    if cfg.ragged:  # uneven lengths: stream() left-pads them
+        prompts = ragged_prompts(batch, cfg.prompt_len, model.config.vocab_size, cfg.seed + batch)
+        prompt_tokens = sum(len(p) for p in prompts)
+    else:
+        prompts = random_tokens(batch, cfg.prompt_len, model.config.vocab_size, cfg.seed + batch, device)
+        prompt_tokens = batch * cfg.prompt_len
     with attention_impl(model, provider.impl), provider.patch(model):
         generate_timed(model, prompts, cfg.warmup_tokens, device)
         reset_peak_memory(device)
@@ -263,7 +293,7 @@ def time_provider(model: LLaMA, provider: Provider, batch: int, cfg: DecodeBench
     steps_ms = [(b - a) * 1e3 for a, b in zip(stamps[1:], stamps[2:], strict=False)]
     decode = stamps[-1] - stamps[1]
     return Measurement(name, provider.name, batch, prefill * 1e3, quantiles_ms(steps_ms),
-                       batch * (cfg.new_tokens - 1) / decode, batch * cfg.prompt_len / prefill, peak)
+                       batch * (cfg.new_tokens - 1) / decode, prompt_tokens / prefill, peak)
 
 
 def attention_backends(provider: Provider, config, batch: int, cfg: DecodeBenchConfig, device: torch.device) -> str:
@@ -298,7 +328,8 @@ class RunResult:
 
 def shape_of(name: str, batch: int | str, cfg: DecodeBenchConfig) -> str:
     """The CSV's shape column, e.g. llama-7b-K10-L30-bf16-b16-p128-n512."""
-    return f"{name}-K{cfg.adapter_len}-L{cfg.adapter_layers}-bf16-b{batch}-p{cfg.prompt_len}-n{cfg.new_tokens}"
+    ragged = "-ragged" if cfg.ragged else ""
+    return f"{name}-K{cfg.adapter_len}-L{cfg.adapter_layers}-bf16-b{batch}-p{cfg.prompt_len}{ragged}-n{cfg.new_tokens}"
 
 
 def _measurement_rows(m: Measurement, shape: str) -> list[Row]:
@@ -340,7 +371,8 @@ def run(cfg: DecodeBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapp
                                  dtype=DTYPE, device=device, seed=cfg.seed).eval()
             prompts = random_tokens(cfg.check_batch, cfg.prompt_len, config.vocab_size, cfg.seed, device)
             continuation = random_tokens(cfg.check_batch, cfg.check_tokens, config.vocab_size, cfg.seed + 1, device)
-            expected = expected_logits(model, prompts, continuation)
+            left_pad = check_left_pad(cfg.check_batch, cfg.prompt_len)
+            expected = expected_logits(model, prompts, continuation, left_pad)
         except Exception as exc:  # out of memory building the model or computing the oracle; anything else is a bug
             if not is_oom(exc):
                 raise
@@ -352,11 +384,11 @@ def run(cfg: DecodeBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapp
             write([Row(WHAT, p.name, "all", check_shape, "skipped", reason, "") for p in active])
             result.skipped += [(name, p.name, "any", reason) for p in active]
             continue
-        log(f"   check: {cfg.check_batch} prompts, {cfg.check_tokens} cached positions against a full recompute by "
-            "the eager model in fp32")
+        log(f"   check: {cfg.check_batch} prompts (left padding {left_pad}), {cfg.check_tokens} cached positions "
+            "against a full recompute by the eager model in fp32")
         for prov in active:
             ratios = check_results(prov.name, check_shape, {"logits": cached_logits(model, prompts, continuation,
-                                                                                     prov)}, expected)
+                                                                                     prov, left_pad)}, expected)
             result.checks[(name, prov.name)] = ratios
             write([Row(WHAT, prov.name, "check", check_shape, "max_err_over_tol", max(ratios.values()), "ratio"),
                    Row(WHAT, prov.name, "check", check_shape, "checked", " ".join(ratios), "")])

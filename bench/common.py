@@ -560,6 +560,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def yes_no(text: str) -> bool:
+    """A boolean option's value: yes / no (true / false, 1 / 0 too)."""
+    value = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}.get(text.lower())
+    if value is None:
+        raise ValueError("choose yes or no")
+    return value
+
+
 def dtype_name(text: str) -> str:
     if text not in DTYPES:
         raise ValueError(f"choose from {', '.join(DTYPES)}")

@@ -9,7 +9,8 @@
 #   bash bench/gpu_session.sh finetune         # fine-tuning steps, LLaMA-7B shape: ours_packed, ours_padded512,
 #                                              #   eager_padded512
 #   bash bench/gpu_session.sh finetune-13b     # the same for LLaMA-13B ("skipped: out of memory" rows if not)
-#   bash bench/gpu_session.sh decode           # KV-cache generation, LLaMA-7B shape, batch 1 and 16, fused/eager
+#   bash bench/gpu_session.sh decode           # KV-cache generation, LLaMA-7B shape, batch 1 and 16, fused/eager;
+#                                              #   then batch 16 of uneven prompts (left-padded, --ragged)
 #   bash bench/gpu_session.sh tune             # block-size sweep of the fwd, dkdv and dq kernels (bf16, head dim 128,
 #                                              #   LLaMA-7B heads, seqlen 512-4096): suggested _blocks changes; about
 #                                              #   3 minutes by its own estimate, stopped cleanly at 480 s
@@ -69,7 +70,8 @@ for stage in "$@"; do
     finetune-13b)
       timeout 570 "$PY" -m bench.bench_finetune --models llama-13b --out "$WORK" ;;
     decode)
-      timeout 570 "$PY" -m bench.bench_decode --models llama-7b --out "$WORK" ;;
+      timeout 400 "$PY" -m bench.bench_decode --models llama-7b --out "$WORK" &&
+        timeout 170 "$PY" -m bench.bench_decode --models llama-7b --batch-sizes 16 --ragged yes --out "$WORK" ;;
     tune)
       timeout 570 "$PY" -m bench.tune_blocks --time-budget 480 --out "$WORK" ;;
   esac 2>&1 | tee "$WORK/$stage.log"

@@ -52,14 +52,26 @@ def test_smoke_run_checks_times_and_writes_rows(benchmark, tmp_path, capsys):
     assert _results_snapshot() == before  # a smoke run never writes into bench/results/
 
 
+def test_ragged_prompts_are_left_padded_and_timed(tmp_path):
+    assert bd.main(["--smoke", "--out", str(tmp_path), "--batch-sizes", "3", "--ragged", "yes"]) == 0
+    idx = _index(common.read_rows(tmp_path / "decode.csv"))
+    for prov in bd.PROVIDERS:
+        assert float(idx[(prov, "generate", "smoke-K4-L1-bf16-b3-p8-ragged-n4", "decode_tokens_per_s")]) > 0
+    prompts = bd.ragged_prompts(64, 8, 100, seed=0)
+    assert {len(p) for p in prompts} == {4, 5, 6, 7, 8}  # lengths from [prompt_len / 2, prompt_len]
+    assert bd.check_left_pad(3, 8) == [0, 2, 0]
+
+
 @contextlib.contextmanager
 def _cache_misses_the_newest_key(model):
-    """A KV cache off by one: a decode step attends to the keys before its own, not to itself."""
+    """A KV cache off by one: a decode step sees the key before its own in place of its own."""
     update = KVCache.update
 
     def stale(self, input_pos, k, v):
         keys, values = update(self, input_pos, k, v)
-        return (keys[:, :-1], values[:, :-1]) if k.shape[1] == 1 else (keys, values)
+        if k.shape[1] != 1:
+            return keys, values
+        return tuple(torch.cat([x[:, :-1], x[:, -2:-1]], dim=1) for x in (keys, values))
 
     KVCache.update = stale
     try:
@@ -81,7 +93,25 @@ def _raw_gate(model):
             m.gate_act = "tanh"
 
 
-@pytest.mark.parametrize("wrong, patch", [("stale_cache", _cache_misses_the_newest_key), ("raw_gate", _raw_gate)])
+@contextlib.contextmanager
+def _one_pad_key_seen(model):
+    """Left padding off by one in the adapted layers: each padded row attends to its last pad key."""
+    import model.adapter as adapter
+
+    op = adapter.zero_init_attention
+
+    def off_by_one(*args, leftpad_k=None, **kwargs):
+        return op(*args, leftpad_k=None if leftpad_k is None else (leftpad_k - 1).clamp(min=0), **kwargs)
+
+    adapter.zero_init_attention = off_by_one
+    try:
+        yield
+    finally:
+        adapter.zero_init_attention = op
+
+
+@pytest.mark.parametrize("wrong, patch", [("stale_cache", _cache_misses_the_newest_key), ("raw_gate", _raw_gate),
+                                          ("pad_seen", _one_pad_key_seen)])
 def test_wrong_provider_fails_loudly_before_anything_is_timed(wrong, patch, tmp_path, capsys):
     providers = {"eager": bd.PROVIDERS["eager"], wrong: bd.Provider(wrong, "fused", patch)}
     assert bd.main(["--smoke", "--out", str(tmp_path), "--providers", f"eager,{wrong}", "--batch-sizes", "1"],
@@ -101,6 +131,7 @@ def test_wrong_provider_fails_loudly_before_anything_is_timed(wrong, patch, tmp_
     (["--check-tokens", "1"], "--check-tokens"),
     (["--prompt-len", "600"], "--new-tokens"),  # past the smoke model's 512-token context
     (["--models", "gpt2"], "--models"),
+    (["--ragged", "maybe"], "--ragged"),
     (["--adapter-layers", "5"], "--adapter-layers"),
     (["--out", str(common.RESULTS_DIR / "smoke")], "--out"),
 ])

@@ -26,6 +26,8 @@ setup(
         # transformers: the tests compare our LLaMA against LlamaForCausalLM;
         # peft: they compare our import of a PEFT adaption-prompt adapter against PEFT's own logits.
         "dev": ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.45", "peft>=0.13", "ruff>=0.5"],
+        # the multi-modal adapter's CLIP image encoder (model/visual.py); Pillow comes with matplotlib
+        "vision": ["transformers>=4.45", "pillow"],
         # xformers has no CPU use and pins torch builds: GPU benchmark machines only.
         "bench": ["xformers"],
     },

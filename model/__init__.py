@@ -5,6 +5,7 @@
     from model.generate import generate, stream      # (not imported here: `python -m model.generate` runs it)
     from model import set_attention_impl
     set_attention_impl(model, "eager")   # the official code's attention formulation (benchmarks); default "fused"
+    from model import CLIPImageEncoder   # multi-modal adapters: CLIP features of images (model/visual.py)
 """
 
 from .adapter import (
@@ -29,10 +30,12 @@ from .checkpoint import (
 from .llama import ATTENTION_IMPLS, PRESETS, LLaMA, LLaMAConfig, RopeScaling, set_attention_impl
 from .prompt import alpaca_prompt
 from .tokenizer import Tokenizer
+from .visual import CLIPImageEncoder, VisualProjector
 
 __all__ = [
-    "ATTENTION_IMPLS", "PRESETS", "AdapterAttention", "AdapterConfig", "CheckpointError", "LLaMA", "LLaMAConfig",
-    "RopeScaling", "Tokenizer", "adapter_layers", "adapter_state_dict", "alpaca_prompt", "cast_base",
-    "checkpoint_format", "load_adapter", "load_checkpoint", "load_config", "mark_only_adapter_as_trainable",
-    "read_adapter_config", "save_adapter", "save_checkpoint", "set_attention_impl", "write_atomic",
+    "ATTENTION_IMPLS", "PRESETS", "AdapterAttention", "AdapterConfig", "CLIPImageEncoder", "CheckpointError", "LLaMA",
+    "LLaMAConfig", "RopeScaling", "Tokenizer", "VisualProjector", "adapter_layers", "adapter_state_dict",
+    "alpaca_prompt", "cast_base", "checkpoint_format", "load_adapter", "load_checkpoint", "load_config",
+    "mark_only_adapter_as_trainable", "read_adapter_config", "save_adapter", "save_checkpoint", "set_attention_impl",
+    "write_atomic",
 ]

@@ -25,7 +25,10 @@ for the adapted layers N >= n_layers - adapter_layers only. 7B with 30 layers of
 
 Multi-modal hook: forward(..., visual=(batch, dim)) adds that token to every prompt row of every
 adapted layer, so the prompt keys/values become per sample (batch, adapter_len, ...); with packed
-sequences (cu_seqlens), visual is (num_seqs, dim) and the op gets one prompt per sequence.
+sequences (cu_seqlens), visual is (num_seqs, dim) and the op gets one prompt per sequence. A multi-modal
+adapter (AdapterConfig.visual_dim > 0, model/visual.py) also has the learned projector model.visual_proj
+(fp32, trained with the prompts and gates): forward(..., image_features=(batch, visual_dim)) makes the
+visual tokens from CLIP features.
 
 A left-padded batch (batched generation) goes through the op in one call: its leftpad_k masks each
 row's pad keys. With a KV cache the prompt keys/values are computed at input_pos 0 and reused until
@@ -55,19 +58,35 @@ class AdapterConfig:
     adapter_layers: int = 30  # counted from the top
     gate: str = "head"
     gate_act: str = "tanh"  # "tanh": the paper's training code; "identity": PEFT and lit-llama
+    # multi-modal (model/visual.py): a projector of visual_dim image features to one visual token; 0: text only
+    visual_dim: int = 0  # width of the concatenated CLIP features
+    visual_hidden: int = 128  # the projector MLP's hidden width
+    clip_layers: tuple[int, ...] = ()  # the CLIP layers whose global features were concatenated, in order
 
     def __post_init__(self) -> None:
-        for name in ("adapter_len", "adapter_layers"):
+        for name in ("adapter_len", "adapter_layers", "visual_hidden"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"AdapterConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.visual_dim, int) or isinstance(self.visual_dim, bool) or self.visual_dim < 0:
+            raise ValueError(f"AdapterConfig.visual_dim must be an int >= 0 (0: text only), got {self.visual_dim!r}")
+        layers = self.clip_layers
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, (tuple, list)) or any(
+                isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in layers):
+            raise ValueError(f"AdapterConfig.clip_layers must be a sequence of layer numbers >= 1, got {layers!r}")
+        object.__setattr__(self, "clip_layers", tuple(layers))  # JSON gives a list
+        if bool(self.clip_layers) != bool(self.visual_dim):
+            raise ValueError("AdapterConfig.clip_layers and visual_dim go together (a multi-modal adapter has both, "
+                             f"a text-only one neither), got visual_dim={self.visual_dim}, "
+                             f"clip_layers={self.clip_layers}")
         if self.gate not in GATES:
             raise ValueError(f"AdapterConfig.gate must be one of {GATES}, got {self.gate!r}")
         if self.gate_act not in GATE_ACTS:
             raise ValueError(f"AdapterConfig.gate_act must be one of {GATE_ACTS}, got {self.gate_act!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as JSON gives them back (clip_layers a list)."""
+        return {**asdict(self), "clip_layers": list(self.clip_layers)}
 
 
 class AdapterAttention(Attention):
@@ -119,9 +138,13 @@ def adapter_layers(model: LLaMA) -> dict[str, AdapterAttention]:
 
 
 def adapter_state_dict(model: LLaMA) -> dict[str, torch.Tensor]:
-    """The adapter's parameters alone: layers.N.attention.adapter_prompt and layers.N.attention.gate."""
-    return {f"{name}.{p}": getattr(m, p)
-            for name, m in adapter_layers(model).items() for p in ("adapter_prompt", "gate")}
+    """The adapter's parameters alone: layers.N.attention.adapter_prompt and layers.N.attention.gate, and
+    visual_proj.fc1/fc2.weight/bias for a multi-modal adapter (AdapterConfig.visual_dim > 0)."""
+    state = {f"{name}.{p}": getattr(m, p)
+             for name, m in adapter_layers(model).items() for p in ("adapter_prompt", "gate")}
+    if getattr(model, "visual_proj", None) is not None:
+        state.update({f"visual_proj.{k}": v for k, v in model.visual_proj.named_parameters()})
+    return state
 
 
 def mark_only_adapter_as_trainable(model: LLaMA) -> None:

@@ -26,6 +26,7 @@ Adapters, load_adapter(model, path), the format detected by the file's keys:
 1. Ours (save_adapter): a safetensors file holding exactly the adapter's parameters,
        layers.N.attention.adapter_prompt  (adapter_len, dim)   fp32
        layers.N.attention.gate            (n_heads,) or (1,)   fp32
+       visual_proj.fc1.weight / .bias, visual_proj.fc2.weight / .bias   (multi-modal adapters only)
    with metadata "format" = "llama-adapter-triton", "format_version" = "1", "adapter_config"
    (the AdapterConfig as JSON) and "model" (dim, n_layers, n_heads, n_kv_heads as JSON, checked
    against the model on load). Written to a temporary file in the same folder, then renamed into
@@ -59,7 +60,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -384,6 +385,9 @@ def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = 
     for module in adapter_layers(model).values():
         module.to_empty(device=device, recurse=False)
         module.reset_adapter()
+    if model.visual_proj is not None:
+        model.visual_proj.to_empty(device=device)
+        model.visual_proj.reset_parameters()
     return model
 
 
@@ -403,6 +407,7 @@ class _AdapterFile:
     prompts: list[tuple[str, torch.Tensor]]  # (name in the file, (adapter_len, dim)), bottom to top
     gates: list[tuple[str, torch.Tensor]]  # (name in the file, (n_gates,))
     model_dims: dict | None = None  # ours: the dims of the model it was trained on
+    visual: dict[str, torch.Tensor] = field(default_factory=dict)  # ours, multi-modal: visual_proj.* tensors
 
 
 _OURS_RE = re.compile(r"layers\.(\d+)\.attention\.(adapter_prompt|gate)")
@@ -433,10 +438,12 @@ def _parse_ours(file: Path, tensors: dict, metadata: dict) -> _AdapterFile:
         model_dims = json.loads(metadata["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{file}: its metadata lacks a valid 'adapter_config' / 'model' entry ({e})") from e
-    layers = _by_layer(file, tensors, _OURS_RE, ("adapter_prompt", "gate"))
+    visual = {name: t for name, t in tensors.items() if name.startswith("visual_proj.")}
+    layers = _by_layer(file, {k: v for k, v in tensors.items() if k not in visual}, _OURS_RE,
+                       ("adapter_prompt", "gate"))
     return _AdapterFile("llama-adapter-triton", file, config, list(layers), None,
                         [got["adapter_prompt"] for got in layers.values()], [got["gate"] for got in layers.values()],
-                        model_dims)
+                        model_dims, visual)
 
 
 def _parse_official(file: Path, tensors: dict, gate_act: str | None, adapter_len: int | None) -> _AdapterFile:
@@ -551,7 +558,8 @@ def load_adapter(model: LLaMA, path: str | os.PathLike, *, gate_act: str | None 
                          f"{str(path)!r}))")
     adapter = _read_adapter(path, gate_act, model.adapter.adapter_len)
     file, config = adapter.file, model.config
-    for key in ("adapter_len", "adapter_layers", "gate", "gate_act"):
+    keys = ["adapter_len", "adapter_layers", "gate", "gate_act", "visual_dim", "clip_layers"]
+    for key in keys + (["visual_hidden"] if model.adapter.visual_dim else []):
         theirs, ours = getattr(adapter.config, key), getattr(model.adapter, key)
         if theirs != ours:
             tensor = f" (tensor {adapter.gates[0][0]!r})" if key == "gate" else ""
@@ -575,6 +583,16 @@ def load_adapter(model: LLaMA, path: str | os.PathLike, *, gate_act: str | None 
                     raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(src.shape)}, the model "
                                           f"(dim {config.dim}, {config.n_heads} heads) needs {tuple(dst.shape)}")
                 dst.copy_(src)
+        own = {k: v for k, v in adapter_state_dict(model).items() if k.startswith("visual_proj.")}
+        if adapter.visual.keys() != own.keys():
+            raise CheckpointError(f"{file}: holds the projector tensors {sorted(adapter.visual)}, the model's "
+                                  f"multi-modal adapter has {sorted(own)}")
+        for name, dst in own.items():
+            src = adapter.visual[name]
+            if src.shape != dst.shape:
+                raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(src.shape)}, the model needs "
+                                      f"{tuple(dst.shape)}")
+            dst.copy_(src)
     return adapter.config
 
 

@@ -27,9 +27,12 @@ from pathlib import Path
 
 import torch
 
+from .adapter import AdapterConfig
 from .cli import parse_dataclass
 from .llama import LLaMA
 from .prompt import alpaca_prompt
+
+PROG = "python -m model.generate"
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0,
@@ -152,6 +155,10 @@ class Args:
         "help": "required for the official v1 release, whose gate is ambiguous", "choices": ("tanh", "identity")})
     tokenizer: Path | None = field(default=None, metadata={
         "help": "tokenizer.model / tokenizer.json or its folder (default: the checkpoint folder)"})
+    image: Path | None = field(default=None, metadata={
+        "help": "multi-modal adapters: an image file for the instruction (needs --clip)"})
+    clip: Path | None = field(default=None, metadata={
+        "help": "the local CLIP model folder the multi-modal adapter was trained with"})
     max_new_tokens: int = field(default=256, metadata={"help": "at most this many new tokens"})
     temperature: float = field(default=0.1, metadata={"help": "0 for greedy (the official demo uses 0.1)"})
     top_p: float = field(default=0.75, metadata={"help": "nucleus of sampling (the official demo uses 0.75)"})
@@ -162,7 +169,43 @@ class Args:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Args:
-    return parse_dataclass(Args, argv, prog="python -m model.generate", description=__doc__.split("\n\n")[0])
+    return parse_dataclass(Args, argv, prog=PROG, description=__doc__.split("\n\n")[0])
+
+
+def check_image_args(args: Args, adapter: AdapterConfig | None) -> None:
+    """--image and --clip against the adapter's config, before anything is loaded."""
+    def error(message: str) -> None:
+        raise SystemExit(f"{PROG}: error: {message}")
+
+    if args.image is None:
+        if args.clip is not None:
+            error("--clip goes with --image")
+        return
+    if adapter is None or not adapter.visual_dim:
+        error("--image needs a multi-modal adapter (trained with train.finetune --clip); "
+              + ("this one is text-only" if adapter is not None else "no --adapter was given"))
+    if args.clip is None:
+        error("--image needs --clip, the CLIP model folder the adapter was trained with")
+    if not args.image.is_file():
+        error(f"--image {args.image} does not exist")
+
+
+def image_visual_token(model: LLaMA, image: Path, clip: Path, dtype: torch.dtype) -> torch.Tensor:
+    """The visual token (1, dim) of an image through the model's multi-modal adapter (CLIP, then its projector)."""
+    from .visual import CLIPImageEncoder
+
+    device = model.tok_embeddings.weight.device
+    encoder = CLIPImageEncoder(clip, layers=model.adapter.clip_layers, device=device,
+                               dtype=dtype if device.type == "cuda" else torch.float32)
+    if encoder.feature_dim != model.adapter.visual_dim:
+        raise SystemExit(f"{PROG}: error: --clip {clip} gives {encoder.feature_dim} features per image, the adapter "
+                         f"was trained on {model.adapter.visual_dim}: not the CLIP model it was trained with")
+    try:
+        features = encoder.encode_files([image])
+    except ValueError as e:  # not an image
+        raise SystemExit(f"{PROG}: error: --image: {e}") from None
+    with torch.no_grad():
+        return model.visual_proj(features)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -176,9 +219,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     adapter = read_adapter_config(args.adapter, gate_act=args.gate_act) if args.adapter else None
+    check_image_args(args, adapter)
     model = load_checkpoint(args.checkpoint, adapter=adapter, dtype=dtype, device=args.device).eval()
     if args.adapter:
         load_adapter(model, args.adapter, gate_act=args.gate_act)
+    visual = image_visual_token(model, args.image, args.clip, dtype) if args.image is not None else None
     tokenizer = Tokenizer(args.tokenizer or args.checkpoint)
     print(f"loaded {args.checkpoint} ({model.config.n_layers} layers, dim {model.config.dim}"
           f"{', adapter ' + str(args.adapter) if args.adapter else ''}) in {time.perf_counter() - t0:.1f} s",
@@ -190,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     printed = ""
     t0 = time.perf_counter()
     for next_tokens in stream(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, stop_ids=tokenizer.stop_ids, generator=generator):
+                              top_p=args.top_p, stop_ids=tokenizer.stop_ids, generator=generator, visual=visual):
         token = int(next_tokens[0])
         if token in tokenizer.stop_ids:
             break

@@ -22,8 +22,11 @@ loads by name and a Hugging Face one after renaming (model/checkpoint.py).
   "fused" (the default) is the path above. Both read one attribute, Attention.attn_impl; the
   eager one has no packed (cu_seqlens) mode, since the official code pads.
 
-Forward: `model(tokens, *, input_pos=None, left_pad=None, positions=None, visual=None, logits_at=None)`,
-tokens (batch, seqlen) int64 -> logits (batch, seqlen, vocab_size).
+Forward: `model(tokens, *, input_pos=None, left_pad=None, positions=None, visual=None, image_features=None,
+image_mask=None, logits_at=None)`, tokens (batch, seqlen) int64 -> logits (batch, seqlen, vocab_size).
+- visual: (batch, dim) tokens added to the adapter's prompts (model/adapter.py); image_features:
+  (batch, visual_dim) CLIP features a multi-modal adapter's projector makes into them (model/visual.py),
+  with image_mask (batch,) bool False for rows without an image (they get no visual token).
 - logits_at: the output layer (dim x vocab, and the fp32 loss after it) only where logits are used.
   An int t gives (batch, vocab_size), every row's position t (-1: the last, what generation needs);
   a 1-D integer tensor of flat indices into the batch * seqlen positions (row-major) gives
@@ -394,8 +397,33 @@ class LLaMA(nn.Module):
             for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.visual_proj = None  # multi-modal adapters: CLIP features -> the visual token (model/visual.py)
+        if adapter is not None and adapter.visual_dim:
+            from .visual import VisualProjector
+
+            self.visual_proj = VisualProjector(adapter.visual_dim, adapter.visual_hidden, config.dim)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+
+    def _visual_tokens(self, features: torch.Tensor, mask: torch.Tensor | None, visual: torch.Tensor | None,
+                       rows: int, what: str) -> torch.Tensor:
+        """The visual tokens (rows, dim) of image features (rows, visual_dim); zero where mask (rows,) is False."""
+        if self.visual_proj is None:
+            raise ValueError("image_features need a multi-modal adapter (AdapterConfig(visual_dim=...)); this model "
+                             + ("has no adapter" if self.adapter is None else "has a text-only one"))
+        if visual is not None:
+            raise ValueError("give visual (the tokens) or image_features (made into tokens), not both")
+        want = (rows, self.adapter.visual_dim)
+        if not isinstance(features, torch.Tensor) or not features.is_floating_point() or features.shape != want:
+            got = f"{features.dtype} {tuple(features.shape)}" if isinstance(features, torch.Tensor) else type(features)
+            raise ValueError(f"image_features must be floating-point ({what}={rows}, visual_dim={want[1]}), got {got}")
+        tokens = self.visual_proj(features)
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (rows,):
+                got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask)
+                raise ValueError(f"image_mask must be a bool tensor ({what}={rows},), got {got}")
+            tokens = tokens * mask.unsqueeze(1)  # rows without an image: no visual token
+        return tokens
 
     def setup_cache(self, batch_size: int, max_seq_len: int, *, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None) -> None:
@@ -414,6 +442,7 @@ class LLaMA(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *, input_pos: int | None = None, left_pad: Sequence[int] | None = None,
                 positions: torch.Tensor | None = None, visual: torch.Tensor | None = None,
+                image_features: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 logits_at: int | torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab_size), or only at logits_at; see the module docstring."""
@@ -435,6 +464,10 @@ class LLaMA(nn.Module):
         elif max_seqlen is not None:
             raise ValueError("max_seqlen goes with cu_seqlens (packed sequences)")
         rows, what = (cu_seqlens.shape[0] - 1, "num_seqs") if cu_seqlens is not None else (B, "batch")
+        if image_features is not None:
+            visual = self._visual_tokens(image_features, image_mask, visual, rows, what)
+        elif image_mask is not None:
+            raise ValueError("image_mask goes with image_features")
         if visual is not None and self.adapter is None:
             raise ValueError("visual is added to the adapter prompts, but this model has no adapter")
         if visual is not None and visual.shape != (rows, self.config.dim):

@@ -19,7 +19,10 @@
 
 Records (Alpaca format)
     {"instruction": non-empty string, "input": string (optional, may be empty), "output": non-empty string}
-    as a JSON list, or as JSON Lines (one object per line; blank lines ignored). Other keys are ignored.
+    as a JSON list, or as JSON Lines (one object per line; blank lines ignored). Other keys are ignored,
+    but for "image" (multi-modal data, model/visual.py): the example's image file, a non-empty string, or
+    null / absent for a text-only example; Record.image keeps it as written (train/finetune.py --clip
+    resolves it and encodes the images).
     Bad records are reported by index (0-based, in file order; JSONL adds the line number) and field.
 
 Tokenization (the official LLaMA-Adapter script's, one boundary detail aside)
@@ -125,6 +128,7 @@ class Record:
     input: str
     output: str
     index: int | None = None
+    image: str | None = None  # multi-modal data: the example's image file, as the record gives it
 
     @property
     def prompt(self) -> str:
@@ -213,9 +217,13 @@ def _check_record(obj: object, index: int, line: int | None) -> tuple[Record | N
             problems.append(RecordProblem(index, name, "is empty", line))
         else:
             values[name] = obj[name]
+    image = obj.get("image")
+    if image is not None and (not isinstance(image, str) or not image.strip()):
+        what = "is empty" if isinstance(image, str) else f"is a JSON {_json_type(image)}, not a string"
+        problems.append(RecordProblem(index, "image", f"{what} (a file name, or null / absent for no image)", line))
     if problems:
         return None, problems
-    return Record(values["instruction"], values["input"], values["output"], index), []
+    return Record(values["instruction"], values["input"], values["output"], index, image), []
 
 
 class _InvalidJSON(str):

@@ -307,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"\nLLaMA-Adapter: fine-tuning an adapter on {data.name} with the base frozen "
               f"(python -m train.finetune {' '.join(_flags(ft))})")
         run(ft)
-        train_data, eval_data = load_data(ft, min(ft.max_seq_len, CONTEXT), say=lambda _: None)  # run()'s split
+        train_data, eval_data, _ = load_data(ft, min(ft.max_seq_len, CONTEXT), say=lambda _: None)  # run()'s split
         records = load_records(data)[0]
 
     tokenizer = Tokenizer(base)

@@ -13,12 +13,21 @@ several processes (DDP / FSDP2).
         --out runs/alpaca-65b --fsdp
     # go on with a run that stopped (killed, or --stop-after-steps): the same flags plus --resume
     python -m train.finetune --checkpoint llama-7b/ --data alpaca_data.json --out runs/alpaca-7b --resume
+    # multi-modal: records with an "image" file, a local CLIP model (model/visual.py)
+    python -m train.finetune --checkpoint llama-7b/ --data sqa.json --out runs/sqa-7b --clip clip-vit-large-patch14/
 
 The model: load_checkpoint (Meta or HF) with a fresh adapter (prompts N(0, 1), gates 0: the model
 starts as the base) in its top --adapter-layers layers; the base is frozen and cast to --dtype
 (bf16 on a GPU, fp32 on a CPU; fp16 uses loss scaling, torch.amp.GradScaler), the adapter stays fp32.
 Data: train/data.py (Alpaca JSON / JSONL, bad records reported by index, loss on response tokens only),
 a seeded held-out split (--eval-size) whose loss is computed after every epoch.
+
+Multi-modal (--clip): each record may name an "image" (relative to --image-root, by default the data file's
+folder). The frozen CLIP encoder computes every image's features once, before the first step (every rank
+alike); each sequence of a batch then carries its image's features, and the model's projector
+(model.visual_proj, trained with the prompts and gates, saved in the adapter file) turns them into the visual
+token added to its prompts. Records without an image get no visual token. A missing or unreadable image stops
+the run before anything is written.
 
 Batches (train/data.py's module docstring has the details)
 - Packed (the default): whole examples in micro-batches of at most --token-budget tokens, no padding;
@@ -143,6 +152,14 @@ class UsageError(ValueError):
     """A flag whose value does not fit the model or the data (found after parsing); names the flag."""
 
 
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, e.g. 6,12,18,24, got {text!r}") \
+            from None
+
+
 def _pad_to(text: str) -> int | str:
     if text == "longest":
         return text
@@ -167,6 +184,16 @@ class FinetuneConfig:
     gate: str = field(default="head", metadata={"help": "one gate per head or per layer", "choices": GATES})
     gate_act: str = field(default="tanh", metadata={"help": "tanh(gate) (the paper's) or the raw gate",
                                                     "choices": GATE_ACTS})
+    # multi-modal (model/visual.py)
+    clip: Path | None = field(default=None, metadata={
+        "help": "multi-modal: a local CLIP model folder; the records' \"image\" files are encoded by it (frozen) and a "
+                "projector of its features is trained with the adapter"})
+    clip_layers: tuple[int, ...] | None = field(default=None, metadata={
+        "help": "multi-modal: the CLIP layers whose global features are concatenated, e.g. 6,12,18,24 (default: four "
+                "evenly spaced, the last included)", "type": _layer_list})
+    visual_hidden: int = field(default=128, metadata={"help": "multi-modal: the projector MLP's hidden width"})
+    image_root: Path | None = field(default=None, metadata={
+        "help": "multi-modal: the folder relative image paths start from (default: the data file's folder)"})
     # data
     max_seq_len: int = field(default=512, metadata={
         "help": "examples are truncated to this many tokens (counted and reported); at most the model's context"})
@@ -212,15 +239,19 @@ class FinetuneConfig:
     tensorboard: bool = field(default=True, metadata={"help": "TensorBoard events in OUT/tensorboard (if installed)"})
 
     def __post_init__(self) -> None:
-        for name in ("checkpoint", "data", "out", "tokenizer"):
+        for name in ("checkpoint", "data", "out", "tokenizer", "clip", "image_root"):
             if getattr(self, name) is not None:
                 setattr(self, name, Path(getattr(self, name)))
-        for name, minimum in (("adapter_len", 1), ("adapter_layers", 1), ("max_seq_len", 2), ("token_budget", 1),
-                              ("batch_size", 1), ("epochs", 1), ("seed", 0), ("save_every", 0),
+        for name, minimum in (("adapter_len", 1), ("adapter_layers", 1), ("visual_hidden", 1), ("max_seq_len", 2),
+                              ("token_budget", 1), ("batch_size", 1), ("epochs", 1), ("seed", 0), ("save_every", 0),
                               ("stop_after_steps", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{_flag(name)} must be an integer >= {minimum}, got {value!r}")
+        if self.clip is None and (self.clip_layers is not None or self.image_root is not None):
+            raise ValueError("--clip-layers and --image-root go with --clip (multi-modal fine-tuning)")
+        if self.clip_layers is not None:
+            self.clip_layers = tuple(self.clip_layers)
         if self.micro_batches_per_step is not None and self.micro_batches_per_step < 1:
             raise ValueError(f"--micro-batches-per-step must be >= 1, got {self.micro_batches_per_step}")
         if self.pad_to != "longest" and (not isinstance(self.pad_to, int) or self.pad_to < 1):
@@ -363,28 +394,85 @@ def adapter_tensors(model: LLaMA) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
 
 
+@dataclass
+class ImageFeatures:
+    """A multi-modal run's images: the CLIP features of each, computed once before training (the encoder is
+    frozen), and which image each record has."""
+
+    features: torch.Tensor  # (num_images, visual_dim) fp32, on the training device
+    row_of_record: dict[int, int]  # record index (TokenizedDataset.source_index) -> row of features
+
+    def rows(self, data: TokenizedDataset) -> torch.Tensor:
+        """(len(data),) int64: each example's row of features, -1 for an example without an image."""
+        return torch.tensor([self.row_of_record.get(i, -1) for i in data.source_index.tolist()], dtype=torch.int64)
+
+    def attach(self, batch: dict, rows: torch.Tensor) -> dict:
+        """The batch with image_features (num_seqs, visual_dim) and image_mask (num_seqs,) for the model;
+        rows: self.rows(the loader's data). A filler's one row, and examples without an image, get no image."""
+        seq_rows = rows[batch["example_ids"]] if len(batch["example_ids"]) else torch.full((batch["num_seqs"],), -1)
+        device = self.features.device
+        return {**batch, "image_features": self.features[seq_rows.clamp(min=0).to(device)],
+                "image_mask": (seq_rows >= 0).to(device)}
+
+
+def encode_images(config: FinetuneConfig, images: dict[int, str], dtype: torch.dtype, device: torch.device,
+                  say: Callable[[str], None] = print) -> tuple[ImageFeatures, tuple[int, ...]]:
+    """The CLIP features of the records' images (images: record index -> file as the record gives it;
+    relative to --image-root, by default the data file's folder), and the CLIP layers they come from."""
+    from model.visual import CLIPImageEncoder
+
+    root = config.image_root or config.data.parent
+    files: dict[Path, int] = {}  # each file once, in order of first use
+    row_of_record, missing = {}, []
+    for index, image in sorted(images.items()):
+        path = Path(image) if Path(image).is_absolute() else root / image
+        if not path.is_file():
+            missing.append(f"record {index}: {path}")
+        row_of_record[index] = files.setdefault(path, len(files))
+    if missing:
+        raise DataError(f"{config.data}: {len(missing)} record(s) name an image file that does not exist "
+                        f"(relative paths start at {root}; --image-root sets it): " + "; ".join(missing[:5])
+                        + (f"; ... and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    try:
+        encoder = CLIPImageEncoder(config.clip, layers=config.clip_layers, device=device,
+                                   dtype=dtype if device.type == "cuda" else torch.float32)
+    except ValueError as e:  # layers out of range, an incomplete CLIP checkpoint
+        raise UsageError(f"--clip / --clip-layers: {e}") from None
+    say(f"images: {len(files)} file(s) for {len(row_of_record)} record(s); CLIP {config.clip} "
+        f"({encoder.depth} layers), global features of layers {', '.join(map(str, encoder.layers))}: "
+        f"{encoder.feature_dim} per image, computed once")
+    try:
+        features = encoder.encode_files(list(files), progress=len(files) > 64)
+    except ValueError as e:  # a file that is not an image
+        raise DataError(f"{config.data}: {e}") from None
+    return ImageFeatures(features, row_of_record), encoder.layers
+
+
 def batch_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
     """The summed cross-entropy (fp32) of a micro-batch's targets. Labels are already shifted (train/data.py).
 
     Logits are computed at the target positions only (the response, about half of an Alpaca example's
     tokens): the output layer and the fp32 (positions x vocab) tensors of the loss shrink by as much.
-    The positions are found on the CPU, where the loaders make the labels, so there is no device sync."""
+    The positions are found on the CPU, where the loaders make the labels, so there is no device sync.
+    Multi-modal batches carry image_features and image_mask (ImageFeatures.attach)."""
     labels = batch["labels"].flatten()
     at = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # flat indices of the targets
     targets = labels.index_select(0, at).to(device, non_blocking=True)
     at = at.to(device, non_blocking=True)
     tokens = batch["tokens"].to(device, non_blocking=True)
+    images = {k: batch[k] for k in ("image_features", "image_mask") if k in batch}
     if "cu_seqlens" in batch:  # packed: one row, attention within each sequence, positions restarting
         logits = model(tokens, positions=batch["positions"].to(device, non_blocking=True),
                        cu_seqlens=batch["cu_seqlens"].to(device, non_blocking=True), max_seqlen=batch["max_seqlen"],
-                       logits_at=at)
+                       logits_at=at, **images)
     else:  # right-padded rows: causal attention never reaches the padding of a real token
-        logits = model(tokens, logits_at=at)
+        logits = model(tokens, logits_at=at, **images)
     return F.cross_entropy(logits.float(), targets, reduction="sum")  # (N, vocab): no IGNORE_INDEX left
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on the trained parameters of 2 or more dims (prompts), none on the gates."""
+    """AdamW groups: weight decay on the trained parameters of 2 or more dims (prompts, the projector's weights),
+    none on the gates (and the projector's biases)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -399,12 +487,16 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: PackedLoader | PaddedLoader, d: Dist) -> float:
+def evaluate(model: torch.nn.Module, loader: PackedLoader | PaddedLoader, d: Dist,
+             images: ImageFeatures | None = None) -> float:
     """Mean cross-entropy over the targets of the loader's data (all ranks together)."""
     total = torch.zeros((), device=d.device)
     targets = 0
+    rows = images.rows(loader.data) if images is not None else None
     for step in loader.iter_epoch(0):
         for batch in step.batches:
+            if images is not None:
+                batch = images.attach(batch, rows)
             total += batch_loss_sum(model, batch, d.device)
         targets += step.num_targets
     return float(d.sum(total)) / targets
@@ -438,7 +530,8 @@ def check_outputs(config: FinetuneConfig) -> list[Path]:
 
 
 def _json_config(config: FinetuneConfig) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+    """The settings as they read back from JSON (paths as strings, tuples as lists), to compare with a saved run's."""
+    return json.loads(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}))
 
 
 def load_state(config: FinetuneConfig, resolved: dict) -> dict:
@@ -544,18 +637,21 @@ def _resolve_dtype(config: FinetuneConfig, device: torch.device) -> torch.dtype:
 
 
 def load_data(config: FinetuneConfig, max_seq_len: int, say: Callable[[str], None] = print
-              ) -> tuple[TokenizedDataset, TokenizedDataset | None]:
-    """(train, eval or None): the records of config.data, tokenized and split as run() does (source_index: records)."""
+              ) -> tuple[TokenizedDataset, TokenizedDataset | None, dict[int, str]]:
+    """(train, eval or None, images): the records of config.data, tokenized and split as run() does
+    (source_index: record indices), and the image of each record that has one (index -> file as written)."""
     tokenizer = Tokenizer(config.tokenizer or config.checkpoint)
     records, load_report = load_records(config.data, on_bad_record=config.on_bad_record)
     data, tok_report = tokenize_records(records, tokenizer, max_seq_len=max_seq_len)
     say(f"data: {load_report.summary()}")
     say(f"      {tok_report.summary()}")
+    used = set(data.source_index.tolist())
+    images = {r.index: r.image for r in records if r.image is not None and r.index in used}
     eval_size = int(config.eval_size) if config.eval_size >= 1 else config.eval_size
     if eval_size == 0:
-        return data, None
+        return data, None, images
     train, held_out = split_eval(data, eval_size, seed=config.seed)
-    return train, held_out
+    return train, held_out, images
 
 
 def _loader(config: FinetuneConfig, data: TokenizedDataset, mbs: int, d: Dist, *, shuffle: bool):
@@ -601,28 +697,41 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
     dtype = _resolve_dtype(config, d.device)
     resolved = _json_config(replace(
         config, micro_batches_per_step=mbs, dtype=str(dtype).removeprefix("torch."),
-        **{k: getattr(config, k).resolve() for k in ("checkpoint", "data", "tokenizer")
+        **{k: getattr(config, k).resolve() for k in ("checkpoint", "data", "tokenizer", "clip", "image_root")
            if getattr(config, k) is not None}))
     earlier = d.on_main(lambda: check_outputs(config))
     state = d.on_main(lambda: load_state(config, resolved)) if config.resume else None
-    train_data, eval_data = load_data(config, max_seq_len, say)
+    train_data, eval_data, images = load_data(config, max_seq_len, say)
+    if images and config.clip is None:
+        raise UsageError(f"{len(images)} record(s) of {config.data} have an \"image\": pass --clip (a local CLIP "
+                         "model folder) for multi-modal fine-tuning, or remove their images for a text-only adapter")
+    if config.clip is not None and not images:
+        raise UsageError(f"--clip: no record of {config.data} has an \"image\" to encode")
+    image_features, visual = None, {}
+    if config.clip is not None:
+        image_features, clip_layers = encode_images(config, images, dtype, d.device, say)
+        visual = dict(visual_dim=image_features.features.shape[1], visual_hidden=config.visual_hidden,
+                      clip_layers=clip_layers)
 
     # -- the model
     torch.manual_seed(config.seed)
     adapter_config = AdapterConfig(adapter_len=config.adapter_len, adapter_layers=config.adapter_layers,
-                                   gate=config.gate, gate_act=config.gate_act)
+                                   gate=config.gate, gate_act=config.gate_act, **visual)
     model, trained = build_model(config, adapter_config, dtype, d)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     c = model_config
     say(f"model: {config.checkpoint} ({c.n_layers} layers, dim {c.dim}, {c.n_heads} heads, {n_all / 1e6:.1f}M "
         f"parameters; base frozen in {str(dtype).removeprefix('torch.')})")
+    projector = (f", a {adapter_config.visual_dim} -> {adapter_config.visual_hidden} -> {c.dim} projector of the "
+                 "image features" if config.clip is not None else "")
     say(f"adapter: top {config.adapter_layers} layers x {config.adapter_len} prompts, gate per {config.gate} "
-        f"({config.gate_act}): {n_trained:,} trained parameters (fp32)")
+        f"({config.gate_act}){projector}: {n_trained:,} trained parameters (fp32)")
 
     # -- batches, schedule, optimizer
     loader = _loader(config, train_data, mbs, d, shuffle=True)
     eval_loader = _loader(config, eval_data, d.world_size, d, shuffle=False) if eval_data is not None else None
+    train_rows = image_features.rows(train_data) if image_features is not None else None
     steps_per_epoch = [loader.num_steps(e) for e in range(config.epochs)]
     total_steps = sum(steps_per_epoch)
     if config.padded:
@@ -710,6 +819,8 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
                 t0 = time.perf_counter()
                 loss_sum = torch.zeros((), device=d.device)
                 for i, batch in enumerate(step.batches):
+                    if image_features is not None:
+                        batch = image_features.attach(batch, train_rows)
                     last = i == len(step.batches) - 1
                     if config.fsdp:
                         trained.set_requires_gradient_sync(last)
@@ -751,7 +862,7 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
             if stopped:
                 break
             if eval_loader is not None:
-                eval_loss = evaluate(model, eval_loader, d)
+                eval_loss = evaluate(model, eval_loader, d, image_features)
                 if d.main:
                     log.write(step=global_step, epoch=epoch + 1, split="eval", loss=eval_loss, elapsed_s=elapsed)
                 say(f"epoch {epoch + 1}/{config.epochs}: train loss {loss if loss is not None else float('nan'):.4f} "

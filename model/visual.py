@@ -1,0 +1,151 @@
+"""The multi-modal LLaMA-Adapter (arXiv 2303.16199, "multi-modal reasoning"): an image as one visual token.
+
+A frozen CLIP image encoder gives the global feature (the class token) of several of its layers, the
+multi-scale features I_1 .. I_M; they are concatenated and a small learned MLP projects them to the model's
+width, one visual token per image:
+
+    I_p = fc2(gelu(fc1([I_1; ...; I_M])))        (dim,)
+
+I_p is added to every prompt P_l of every adapted layer, so the prompt keys and values become per sample
+(model/adapter.py's `visual` hook); the zero-init gates still start the model as the pre-trained one.
+
+    encoder = CLIPImageEncoder("clip-vit-large-patch14/", layers=(6, 12, 18, 24), device="cuda")
+    features = encoder.encode_files(["cat.jpg"])                    # (1, 4 * 1024) fp32
+    adapter = AdapterConfig(visual_dim=encoder.feature_dim, clip_layers=encoder.layers)
+    model = load_checkpoint("llama-7b/", adapter=adapter)           # gets model.visual_proj (trained)
+    logits = model(tokens, image_features=features)                 # = model(tokens, visual=model.visual_proj(f))
+
+- The encoder is Hugging Face's CLIPVisionModel with its CLIPImageProcessor (resize, centre crop,
+  normalise), read from a local folder: a CLIP vision model or a whole CLIP model (its text tower is not
+  loaded), e.g. a download of openai/clip-vit-large-patch14. Nothing is fetched from a hub.
+- Layers count from 1 (the first transformer block's output) to the encoder's depth; negative numbers
+  count from the top. The global feature of a layer is its class token through CLIP's own post_layernorm:
+  for the last layer that is exactly CLIP's pooled output. By default, four evenly spaced layers
+  (6, 12, 18, 24 of ViT-L/14's 24). The adapter file records the layers (AdapterConfig.clip_layers), so
+  generation extracts the same features the adapter was trained on.
+- The encoder is frozen: training computes every image's features once before the first step
+  (train/finetune.py --clip), and only the projector and the adapter are trained.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class VisualProjector(nn.Module):
+    """The learned projection of the concatenated CLIP features to one visual token: fc2(gelu(fc1(x)))."""
+
+    def __init__(self, in_dim: int, hidden: int, dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden, dtype=torch.float32)
+        self.fc2 = nn.Linear(hidden, dim, dtype=torch.float32)
+
+    def reset_parameters(self) -> None:
+        self.fc1.reset_parameters()
+        self.fc2.reset_parameters()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(rows, in_dim) features -> (rows, dim) visual tokens, fp32."""
+        return self.fc2(F.gelu(self.fc1(features.to(self.fc1.weight.dtype))))
+
+
+def default_clip_layers(depth: int) -> tuple[int, ...]:
+    """Four evenly spaced layers ending with the last: (6, 12, 18, 24) for depth 24; fewer for shallow encoders."""
+    return tuple(sorted({max(1, depth * i // 4) for i in range(1, 5)}))
+
+
+def _normalise_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
+        raise ValueError(f"layers must be a non-empty sequence of layer numbers, got {layers!r}")
+    out = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not (1 <= abs(layer) <= depth):
+            raise ValueError(f"layers must be in 1..{depth} (or -{depth}..-1 from the top) for this {depth}-layer "
+                             f"encoder, got {layer!r}")
+        out.append(layer if layer > 0 else depth + 1 + layer)
+    if len(set(out)) != len(out):
+        raise ValueError(f"layers must not repeat a layer, got {tuple(layers)} (= {tuple(out)})")
+    return tuple(out)
+
+
+class CLIPImageEncoder:
+    """A frozen CLIP image encoder from a local folder: images -> concatenated global features (see the docstring).
+
+    Arguments:
+        path: a folder with a CLIP (vision) model's config.json, its weights (safetensors preferred) and
+            preprocessor_config.json.
+        layers: the layers whose global features are concatenated, in this order; None: default_clip_layers.
+        device, dtype: where the encoder runs and in which dtype (bf16 on a GPU is fine); features come out fp32.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, layers: Sequence[int] | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        from transformers import CLIPImageProcessor, CLIPVisionModel
+        from transformers.utils import logging as hf_logging
+
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder}: not a CLIP model folder (no config.json); give the folder of a "
+                                    "local CLIP model, e.g. a download of openai/clip-vit-large-patch14")
+        if not (folder / "preprocessor_config.json").is_file():
+            raise FileNotFoundError(f"{folder}: has no preprocessor_config.json (CLIP's image preprocessing)")
+        self.path = folder
+        # a whole CLIP model's text tower is "unexpected" here: no report of it; a missing vision tensor is an error
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            self.model, info = CLIPVisionModel.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        if info.get("missing_keys") or info.get("mismatched_keys"):
+            bad = sorted(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
+            raise ValueError(f"{folder}: the weights lack or mismatch {len(bad)} tensor(s) of the CLIP vision model, "
+                             f"e.g. {bad[:3]}: not a complete CLIP checkpoint")
+        self.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
+        self.depth = self.model.config.num_hidden_layers
+        self.layers = _normalise_layers(default_clip_layers(self.depth) if layers is None else layers, self.depth)
+        self.feature_dim = len(self.layers) * self.model.config.hidden_size
+        self.device, self.dtype = torch.device(device), dtype
+
+    @torch.no_grad()
+    def encode(self, images: Sequence) -> torch.Tensor:
+        """PIL images (any mode; converted to RGB) -> (len(images), feature_dim) fp32 features."""
+        if not len(images):
+            raise ValueError("images must hold at least one image")
+        pixels = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+        out = self.model(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True)
+        vision = getattr(self.model, "vision_model", self.model)  # transformers 4 nests it, 5 does not
+        # hidden_states[0] is the embeddings' output, hidden_states[m] block m's; CLS through post_layernorm
+        cls = torch.cat([out.hidden_states[m][:, 0] for m in self.layers], dim=0)  # (M * B, width)
+        cls = vision.post_layernorm(cls).float()
+        return cls.view(len(self.layers), len(images), -1).transpose(0, 1).reshape(len(images), self.feature_dim)
+
+    def encode_files(self, paths: Sequence[str | os.PathLike], *, batch_size: int = 32,
+                     progress: bool = False) -> torch.Tensor:
+        """Image files -> (len(paths), feature_dim) fp32 features, batch_size images at a time."""
+        from PIL import Image, UnidentifiedImageError
+        from tqdm import tqdm
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        chunks = []
+        for start in tqdm(range(0, len(paths), batch_size), desc="CLIP features", unit="batch", disable=not progress):
+            images = []
+            for p in paths[start:start + batch_size]:
+                try:
+                    with Image.open(p) as im:
+                        im.load()
+                        images.append(im)
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"image {str(p)!r} does not exist") from None
+                except (UnidentifiedImageError, OSError) as e:
+                    raise ValueError(f"image {str(p)!r} could not be read as an image: {e}") from None
+            chunks.append(self.encode(images))
+        return torch.cat(chunks) if chunks else torch.zeros(0, self.feature_dim, device=self.device)

@@ -127,25 +127,38 @@ class CLIPImageEncoder:
         cls = vision.post_layernorm(cls).float()
         return cls.view(len(self.layers), len(images), -1).transpose(0, 1).reshape(len(images), self.feature_dim)
 
-    def encode_files(self, paths: Sequence[str | os.PathLike], *, batch_size: int = 32,
+    def encode_files(self, paths: Sequence[str | os.PathLike], *, batch_size: int = 32, workers: int = 8,
                      progress: bool = False) -> torch.Tensor:
-        """Image files -> (len(paths), feature_dim) fp32 features, batch_size images at a time."""
-        from PIL import Image, UnidentifiedImageError
+        """Image files -> (len(paths), feature_dim) fp32 features, batch_size images at a time; up to workers
+        threads read and decode the files (Pillow releases the GIL there) while the encoder runs."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from tqdm import tqdm
 
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size < 1 or workers < 1:
+            raise ValueError(f"batch_size and workers must be >= 1, got {batch_size} and {workers}")
         chunks = []
-        for start in tqdm(range(0, len(paths), batch_size), desc="CLIP features", unit="batch", disable=not progress):
-            images = []
-            for p in paths[start:start + batch_size]:
-                try:
-                    with Image.open(p) as im:
-                        im.load()
-                        images.append(im)
-                except FileNotFoundError:
-                    raise FileNotFoundError(f"image {str(p)!r} does not exist") from None
-                except (UnidentifiedImageError, OSError) as e:
-                    raise ValueError(f"image {str(p)!r} could not be read as an image: {e}") from None
-            chunks.append(self.encode(images))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            def read(start: int) -> list:  # the files of the batch at start, read in the background
+                return [pool.submit(read_image, p) for p in paths[start:start + batch_size]]
+
+            upcoming = read(0)
+            for start in tqdm(range(0, len(paths), batch_size), desc="CLIP features", unit="batch",
+                              disable=not progress):
+                batch, upcoming = upcoming, read(start + batch_size)  # one batch ahead, no more in memory
+                chunks.append(self.encode([f.result() for f in batch]))  # a bad file raises here
         return torch.cat(chunks) if chunks else torch.zeros(0, self.feature_dim, device=self.device)
+
+
+def read_image(path: str | os.PathLike):
+    """A PIL image, fully read; FileNotFoundError or ValueError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {str(path)!r} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"image {str(path)!r} could not be read as an image: {e}") from None

@@ -460,3 +460,41 @@ def test_two_processes_fsdp2_equal_one_with_images(checkpoint, clip, images, tmp
         torch.testing.assert_close(ranks[0]["adapter"][k], t, atol=1e-5, rtol=1e-5, msg=k)
     saved = load_file(tmp_path / "two" / "adapter.safetensors")
     assert saved.keys() == single.adapter.keys()
+
+
+def _rank_expecting_data_error(rank: int, world_size: int, port: int, cfg: FinetuneConfig, result_dir: Path) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    try:
+        run(cfg)
+    except DataError as e:
+        (result_dir / f"rank{rank}.error").write_text(str(e))
+
+
+def test_an_unreadable_image_on_one_rank_stops_every_rank(checkpoint, clip, images, tmp_path):
+    """Each rank encodes its share of the images: a bad file in rank 1's share must stop rank 0 too, not hang it."""
+    import torch.multiprocessing as mp
+    from test_finetune import _free_port
+
+    root = images["red"].parent
+    (tmp_path / "broken.png").write_text("not an image")
+    records = mm_records(images, root)[:3]  # red, green, blue: images 0, 1, 2
+    records[1] = {**records[1], "image": str(tmp_path / "broken.png")}  # image 1: rank 1's share of 2 processes
+    data = tmp_path / "mm.json"
+    data.write_text(json.dumps(records))
+    cfg = ft_config(checkpoint, data, tmp_path / "out", clip, image_root=root, eval_size=0,
+                    micro_batches_per_step=2)
+    context = mp.spawn(_rank_expecting_data_error, args=(2, _free_port(), cfg, tmp_path), nprocs=2, join=False)
+    for _ in range(60):  # 5 minutes at most, never a hang of the suite
+        if context.join(timeout=5):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail("the ranks did not stop")
+    for rank in range(2):
+        assert "broken.png' could not be read as an image" in (tmp_path / f"rank{rank}.error").read_text()
+    assert not (tmp_path / "out").exists()

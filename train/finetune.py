@@ -23,8 +23,9 @@ Data: train/data.py (Alpaca JSON / JSONL, bad records reported by index, loss on
 a seeded held-out split (--eval-size) whose loss is computed after every epoch.
 
 Multi-modal (--clip): each record may name an "image" (relative to --image-root, by default the data file's
-folder). The frozen CLIP encoder computes every image's features once, before the first step (every rank
-alike); each sequence of a batch then carries its image's features, and the model's projector
+folder). The frozen CLIP encoder computes every image's features once, before the first step (with several
+processes, each encodes its share and all gather the table; threads read the files ahead of the encoder);
+each sequence of a batch then carries its image's features, and the model's projector
 (model.visual_proj, trained with the prompts and gates, saved in the adapter file) turns them into the visual
 token added to its prompts. Records without an image get no visual token. A missing or unreadable image stops
 the run before anything is written.
@@ -415,10 +416,11 @@ class ImageFeatures:
                 "image_mask": (seq_rows >= 0).to(device)}
 
 
-def encode_images(config: FinetuneConfig, images: dict[int, str], dtype: torch.dtype, device: torch.device,
+def encode_images(config: FinetuneConfig, images: dict[int, str], dtype: torch.dtype, d: Dist,
                   say: Callable[[str], None] = print) -> tuple[ImageFeatures, tuple[int, ...]]:
     """The CLIP features of the records' images (images: record index -> file as the record gives it;
-    relative to --image-root, by default the data file's folder), and the CLIP layers they come from."""
+    relative to --image-root, by default the data file's folder), and the CLIP layers they come from.
+    With several processes each encodes every world_size-th image and all of them gather the whole table."""
     from model.visual import CLIPImageEncoder
 
     root = config.image_root or config.data.parent
@@ -434,17 +436,32 @@ def encode_images(config: FinetuneConfig, images: dict[int, str], dtype: torch.d
                         f"(relative paths start at {root}; --image-root sets it): " + "; ".join(missing[:5])
                         + (f"; ... and {len(missing) - 5} more" if len(missing) > 5 else ""))
     try:
-        encoder = CLIPImageEncoder(config.clip, layers=config.clip_layers, device=device,
-                                   dtype=dtype if device.type == "cuda" else torch.float32)
+        encoder = CLIPImageEncoder(config.clip, layers=config.clip_layers, device=d.device,
+                                   dtype=dtype if d.device.type == "cuda" else torch.float32)
     except ValueError as e:  # layers out of range, an incomplete CLIP checkpoint
         raise UsageError(f"--clip / --clip-layers: {e}") from None
     say(f"images: {len(files)} file(s) for {len(row_of_record)} record(s); CLIP {config.clip} "
         f"({encoder.depth} layers), global features of layers {', '.join(map(str, encoder.layers))}: "
         f"{encoder.feature_dim} per image, computed once")
+    paths = list(files)[d.rank::d.world_size]
+    features, error = None, None
     try:
-        features = encoder.encode_files(list(files), progress=len(files) > 64)
+        features = encoder.encode_files(paths, progress=d.main and len(files) > 64)
     except ValueError as e:  # a file that is not an image
-        raise DataError(f"{config.data}: {e}") from None
+        error = f"{config.data}: {e}"
+    if d.world_size > 1:  # every rank learns of any rank's error before the gather (which would wait for ever)
+        errors: list[str | None] = [None] * d.world_size
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise DataError(error)
+    if d.world_size > 1:  # rank r encoded images r, r + W, ...: gather, then interleave back
+        per = -(-len(files) // d.world_size)
+        mine = torch.zeros(per, encoder.feature_dim, device=d.device)
+        mine[:len(features)] = features
+        shares = [torch.empty_like(mine) for _ in range(d.world_size)]
+        dist.all_gather(shares, mine)
+        features = torch.stack(shares, dim=1).flatten(0, 1)[:len(files)]
     return ImageFeatures(features, row_of_record), encoder.layers
 
 
@@ -709,7 +726,7 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
         raise UsageError(f"--clip: no record of {config.data} has an \"image\" to encode")
     image_features, visual = None, {}
     if config.clip is not None:
-        image_features, clip_layers = encode_images(config, images, dtype, d.device, say)
+        image_features, clip_layers = encode_images(config, images, dtype, d, say)
         visual = dict(visual_dim=image_features.features.shape[1], visual_hidden=config.visual_hidden,
                       clip_layers=clip_layers)
 

@@ -226,17 +226,18 @@ def test_image_inputs_bad_input():
             AdapterConfig(**kwargs)
 
 
-def test_fused_op_gradients_equal_the_eager_formulation_packed_with_and_without_images():
+def test_fused_op_gradients_equal_the_eager_formulation_packed_with_and_without_images(device):
     """Packed sequences, one visual token per sequence (one without an image): loss and every trained gradient,
-    projector included, through the fused op (interpreted) and through the official code's eager formulation."""
+    projector included, through the fused op (interpreted on a CPU, compiled on a GPU) and through the official
+    code's eager formulation."""
     results = {}
     lengths = [7, 12, 5]
-    cu = torch.tensor([0, 7, 19, 24], dtype=torch.int32)
-    tokens = torch.randint(0, 120, (1, 24), generator=torch.Generator().manual_seed(0))
-    features = torch.randn(3, 2 * WIDTH, generator=torch.Generator().manual_seed(1))
-    mask = torch.tensor([True, False, True])
+    cu = torch.tensor([0, 7, 19, 24], dtype=torch.int32, device=device)
+    tokens = torch.randint(0, 120, (1, 24), generator=torch.Generator().manual_seed(0)).to(device)
+    features = torch.randn(3, 2 * WIDTH, generator=torch.Generator().manual_seed(1)).to(device)
+    mask = torch.tensor([True, False, True], device=device)
     for impl in ("fused", "eager"):
-        model = mm_model()
+        model = mm_model().to(device)
         mark_only_adapter_as_trainable(model)
         if impl == "eager":  # the eager formulation has no packed mode: each sequence alone
             set_attention_impl(model, "eager")

@@ -195,8 +195,7 @@ def image_visual_token(model: LLaMA, image: Path, clip: Path, dtype: torch.dtype
     from .visual import CLIPImageEncoder
 
     device = model.tok_embeddings.weight.device
-    encoder = CLIPImageEncoder(clip, layers=model.adapter.clip_layers, device=device,
-                               dtype=dtype if device.type == "cuda" else torch.float32)
+    encoder = CLIPImageEncoder(clip, layers=model.adapter.clip_layers, device=device, dtype=dtype)
     if encoder.feature_dim != model.adapter.visual_dim:
         raise SystemExit(f"{PROG}: error: --clip {clip} gives {encoder.feature_dim} features per image, the adapter "
                          f"was trained on {model.adapter.visual_dim}: not the CLIP model it was trained with")

@@ -81,7 +81,8 @@ class CLIPImageEncoder:
         path: a folder with a CLIP (vision) model's config.json, its weights (safetensors preferred) and
             preprocessor_config.json.
         layers: the layers whose global features are concatenated, in this order; None: default_clip_layers.
-        device, dtype: where the encoder runs and in which dtype (bf16 on a GPU is fine); features come out fp32.
+        device, dtype: where the encoder runs and in which dtype on a GPU (bf16 is fine; on a CPU it runs in
+            fp32); features come out fp32.
     """
 
     def __init__(self, path: str | os.PathLike, *, layers: Sequence[int] | None = None,
@@ -96,6 +97,8 @@ class CLIPImageEncoder:
         if not (folder / "preprocessor_config.json").is_file():
             raise FileNotFoundError(f"{folder}: has no preprocessor_config.json (CLIP's image preprocessing)")
         self.path = folder
+        self.device = torch.device(device)
+        self.dtype = dtype if self.device.type == "cuda" else torch.float32
         # a whole CLIP model's text tower is "unexpected" here: no report of it; a missing vision tensor is an error
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
@@ -107,12 +110,11 @@ class CLIPImageEncoder:
             bad = sorted(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
             raise ValueError(f"{folder}: the weights lack or mismatch {len(bad)} tensor(s) of the CLIP vision model, "
                              f"e.g. {bad[:3]}: not a complete CLIP checkpoint")
-        self.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self.processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
         self.depth = self.model.config.num_hidden_layers
         self.layers = _normalise_layers(default_clip_layers(self.depth) if layers is None else layers, self.depth)
         self.feature_dim = len(self.layers) * self.model.config.hidden_size
-        self.device, self.dtype = torch.device(device), dtype
 
     @torch.no_grad()
     def encode(self, images: Sequence) -> torch.Tensor:

@@ -186,11 +186,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world_size: int, port: int, cfg: FinetuneConfig, result_dir: Path) -> None:
-    """One torchrun-like rank: the environment torchrun sets, then run(); saves this rank's adapter."""
+def torchrun_env(rank: int, world_size: int, port: int) -> None:
+    """What torchrun sets for a rank on this machine (and one thread, as the ranks share the cores)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
+
+
+def _rank(rank: int, world_size: int, port: int, cfg: FinetuneConfig, result_dir: Path) -> None:
+    """One torchrun-like rank: the environment torchrun sets, then run(); saves this rank's adapter."""
+    torchrun_env(rank, world_size, port)
     result = run(cfg)
     torch.save({"adapter": result.adapter, "local": {k: v.detach().clone() if not hasattr(v, "to_local") else
                                                      v.to_local().clone()

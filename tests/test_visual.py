@@ -464,11 +464,9 @@ def test_two_processes_fsdp2_equal_one_with_images(checkpoint, clip, images, tmp
 
 
 def _rank_expecting_data_error(rank: int, world_size: int, port: int, cfg: FinetuneConfig, result_dir: Path) -> None:
-    import os
+    from test_finetune import torchrun_env
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
+    torchrun_env(rank, world_size, port)
     try:
         run(cfg)
     except DataError as e:

@@ -436,8 +436,7 @@ def encode_images(config: FinetuneConfig, images: dict[int, str], dtype: torch.d
                         f"(relative paths start at {root}; --image-root sets it): " + "; ".join(missing[:5])
                         + (f"; ... and {len(missing) - 5} more" if len(missing) > 5 else ""))
     try:
-        encoder = CLIPImageEncoder(config.clip, layers=config.clip_layers, device=d.device,
-                                   dtype=dtype if d.device.type == "cuda" else torch.float32)
+        encoder = CLIPImageEncoder(config.clip, layers=config.clip_layers, device=d.device, dtype=dtype)
     except ValueError as e:  # layers out of range, an incomplete CLIP checkpoint
         raise UsageError(f"--clip / --clip-layers: {e}") from None
     say(f"images: {len(files)} file(s) for {len(row_of_record)} record(s); CLIP {config.clip} "

@@ -200,6 +200,23 @@ def test_image_features_become_the_visual_token():
         torch.testing.assert_close(masked[0], out[0])
 
 
+def test_a_fresh_multimodal_adapter_ignores_the_image_yet_its_gates_get_gradients():
+    """Zero-init: with gates 0 the image changes nothing (bit for bit), and the gates still get a gradient, through
+    which training starts to use it."""
+    model = mm_model()
+    for m in adapter_layers(model).values():
+        m.reset_adapter()  # fresh: random prompt, zero gate
+    mark_only_adapter_as_trainable(model)
+    tokens = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(4))
+    features = torch.randn(2, 2 * WIDTH, generator=torch.Generator().manual_seed(5))
+    with_image = model(tokens, image_features=features)
+    assert torch.equal(with_image, model(tokens))
+    with_image.float().pow(2).mean().backward()
+    gates = [m.gate.grad for m in adapter_layers(model).values()]
+    assert all(g is not None and g.abs().max() > 0 for g in gates)
+    assert model.visual_proj.fc1.weight.grad.abs().max() == 0  # through the zero gate: nothing yet
+
+
 def test_image_inputs_bad_input():
     model = mm_model()
     tokens = torch.randint(0, 120, (2, 5))

@@ -48,6 +48,8 @@ class Scenario:
     varlen: bool = False
     leftpad: bool = False  # a left-padded batch (batched generation): leftpad_k
     grads: str = "all"  # "all", or "prompt": only the adapter needs gradients (first adapted layer)
+    deterministic: bool = True  # False: dq summed with atomics in the dK/dV pass
+    batch: int = 2
 
 
 SCENARIOS = [
@@ -61,10 +63,14 @@ SCENARIOS = [
     Scenario("bf16 d128 decode, left-padded batch", seqlen_q=1, leftpad=True),
     Scenario("bf16 d128 no prompt", prompt_len=0),
     Scenario("bf16 d128 prompt-only grads", grads="prompt"),
+    Scenario("bf16 d128 atomic dq (deterministic=False)", deterministic=False),
+    Scenario("bf16 d128 packed, atomic dq", varlen=True, deterministic=False),
     Scenario("bf16 d96 prompt 64", headdim=96, prompt_len=64),
     Scenario("fp64 d32 (gradcheck)", dtype=torch.float64, headdim=32, seqlen_q=64, seqlen_k=64),
 ]
-QUICK = [0, 1, 3, 4, 5, 6, 7, 9]
+QUICK = [0, 1, 3, 4, 5, 6, 7, 9, 10]
+KERNELS = ["_zia_fwd_kernel", "_zia_bwd_preprocess_kernel", "_zia_bwd_dkdv_kernel", "_zia_bwd_dq_kernel",
+           "_zia_prompt_grad_kernel"]
 
 
 class _Recorder:
@@ -74,23 +80,30 @@ class _Recorder:
         self.kernel, self.calls = kernel, calls
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((self.kernel, args, kwargs))
+        return lambda *args, **kwargs: self.calls.append(Launch(self.kernel, grid, args, kwargs))
 
 
-def record_launches(zia, s: Scenario) -> list:
+@dataclass(frozen=True)
+class Launch:
+    kernel: object  # the @triton.jit function
+    grid: tuple[int, ...]
+    args: tuple
+    kwargs: dict
+
+
+def record_launches(zia, s: Scenario) -> list[Launch]:
     """The kernel launches that forward + backward make for a scenario (nothing runs)."""
-    names = ["_zia_fwd_kernel", "_zia_bwd_preprocess_kernel", "_zia_bwd_dkdv_kernel", "_zia_bwd_dq_kernel"]
     calls: list = []
-    saved = {n: getattr(zia, n) for n in names}
+    saved = {n: getattr(zia, n) for n in KERNELS}
     try:
-        for n in names:
+        for n in KERNELS:
             setattr(zia, n, _Recorder(saved[n], calls))
-        batch = 2
+        batch = s.batch
         if s.varlen:
             q = torch.empty(batch * s.seqlen_q, s.nheads, s.headdim, dtype=s.dtype)
             k = torch.empty(batch * s.seqlen_k, s.nheads_kv, s.headdim, dtype=s.dtype)
-            cu_q = torch.tensor([0, s.seqlen_q, 2 * s.seqlen_q], dtype=torch.int32)
-            cu_k = torch.tensor([0, s.seqlen_k, 2 * s.seqlen_k], dtype=torch.int32)
+            cu_q = torch.arange(0, (batch + 1) * s.seqlen_q, s.seqlen_q, dtype=torch.int32)
+            cu_k = torch.arange(0, (batch + 1) * s.seqlen_k, s.seqlen_k, dtype=torch.int32)
             packed = (cu_q, cu_k, s.seqlen_q, s.seqlen_k)
         else:
             q = torch.empty(batch, s.seqlen_q, s.nheads, s.headdim, dtype=s.dtype)
@@ -100,11 +113,11 @@ def record_launches(zia, s: Scenario) -> list:
         pk = torch.empty(1, s.prompt_len, s.nheads_kv, s.headdim, dtype=s.dtype)
         gamma = torch.zeros(s.nheads, dtype=zia._acc_dtype(s.dtype))
         scale = s.headdim**-0.5
-        leftpad = torch.tensor([3, 0], dtype=torch.int32) if s.leftpad else None
-        out, lse_w, lse_p = zia._fwd(q, k, v, pk, pk, gamma, s.causal, scale, *packed, leftpad)
+        leftpad = torch.tensor([3] + [0] * (batch - 1), dtype=torch.int32) if s.leftpad else None
+        out, o_w, lse_w, lse_p = zia._fwd(q, k, v, pk, pk, gamma, s.causal, scale, *packed, leftpad, True)
         need_all = s.grads == "all"
-        zia._bwd(out, q, k, v, pk, pk, gamma, out, lse_w, lse_p, s.causal, scale, *packed, leftpad, need_all,
-                 need_all, True)
+        zia._bwd(out, q, k, v, pk, pk, gamma, o_w, lse_w, lse_p, s.causal, scale, *packed, leftpad, s.deterministic,
+                 need_all, need_all, True)
     finally:
         for n, kernel in saved.items():
             setattr(zia, n, kernel)
@@ -168,7 +181,8 @@ def _compile_all(zia, arch, scenarios, out, max_shared) -> list[str]:
     print(f"{'scenario':36s} {'kernel':28s} {'warps':>5s} {'stages':>6s} {'smem KB':>8s} {'regs':>5s} "
           f"{'spill B':>7s} {'s':>5s}", file=out)
     for s in scenarios:
-        for kernel, args, kwargs in record_launches(zia, s):
+        for launch in record_launches(zia, s):
+            kernel, args, kwargs = launch.kernel, launch.args, launch.kwargs
             key = (kernel.__name__, repr(sorted((k, str(v)) for k, v in kwargs.items())),
                    tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args))
             if key in seen:

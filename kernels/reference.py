@@ -10,21 +10,14 @@ written here as the paper writes it: prompt keys/values concatenated in front of
 keys/values (repeated over the batch when shared), one (seqlen_q x (prompt_len + seqlen_k))
 score matrix, two separate softmaxes over its two slices. It materialises every score, so it
 is the test oracle (call it on fp64 inputs) and the fallback on machines without Triton, not
-a fast path. Matmuls run in the input dtype, softmaxes in fp32, like the paper's code.
+a fast path. Matmuls run in the input dtype, softmaxes in fp32 (in fp64 for fp64 inputs: then every step is
+fp64), like the paper's code. It shares no code with the Triton op (kernels/zero_init_attn.py), its gate
+activation included, so that the tests' oracle cannot inherit the op's mistakes.
 """
 
 from __future__ import annotations
 
 import torch
-
-
-def gate_activation(gate: torch.Tensor, gate_act: str) -> torch.Tensor:
-    """act(gate): tanh (the paper's training code) or identity (PEFT's and lit-llama's variant)."""
-    if gate_act == "tanh":
-        return torch.tanh(gate)
-    if gate_act == "identity":
-        return gate
-    raise ValueError(f"gate_act must be 'tanh' or 'identity', got {gate_act!r}")
 
 
 def zero_init_attention_ref(
@@ -55,11 +48,14 @@ def zero_init_attention_ref(
     Returns:
         out: (batch, seqlen_q, nheads, headdim), dtype of q.
     """
+    if gate_act not in ("tanh", "identity"):
+        raise ValueError(f"gate_act must be 'tanh' or 'identity', got {gate_act!r}")
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_kv = k.shape[1], k.shape[2]
     prompt_len = prompt_k.shape[1]
     groups = nheads // nheads_kv
     scale = headdim**-0.5 if softmax_scale is None else softmax_scale
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
 
     def heads_first(x: torch.Tensor) -> torch.Tensor:
         # (B, T, nh_kv, hs) -> (B, nh, T, hs): kv head h // groups serves query head h
@@ -69,7 +65,7 @@ def zero_init_attention_ref(
     values = torch.cat([heads_first(prompt_v), heads_first(v)], dim=2)
     scores = torch.matmul(q.transpose(1, 2), keys.transpose(2, 3)) * scale  # (B, nh, Tq, P + Tk)
 
-    token_scores = scores[..., prompt_len:].float()
+    token_scores = scores[..., prompt_len:].to(softmax_dtype)
     i = torch.arange(seqlen_q, device=q.device).unsqueeze(1)
     j = torch.arange(seqlen_k, device=q.device).unsqueeze(0)
     # query i sees key j <= i + seqlen_k - seqlen_q (bottom-right alignment), and no left padding
@@ -82,9 +78,9 @@ def zero_init_attention_ref(
     blind = hidden.all(dim=-1, keepdim=True)
     token_probs = torch.softmax(token_scores.masked_fill(blind, 0.0), dim=-1).masked_fill(blind, 0.0).type_as(q)
 
-    gamma = gate_activation(gate, gate_act).to(q.dtype)
+    gamma = (torch.tanh(gate) if gate_act == "tanh" else gate).to(q.dtype)  # act(gate)
     gamma = gamma.reshape(-1, 1, 1).expand(nheads, 1, 1)  # (nh, 1, 1): one gate per head or one for all
-    prompt_probs = gamma * torch.softmax(scores[..., :prompt_len].float(), dim=-1).type_as(q)
+    prompt_probs = gamma * torch.softmax(scores[..., :prompt_len].to(softmax_dtype), dim=-1).type_as(q)
 
     probs = torch.cat([prompt_probs, token_probs], dim=-1)  # two softmaxes, side by side
     out = torch.matmul(probs, values)  # (B, nh, Tq, hs)

@@ -15,45 +15,75 @@ Forward, one program per (query block, batch, head), nothing of size seqlen x se
   3. token keys: the usual online softmax (flash attention) -> acc, lse_w;
   4. out = acc / l_w, then the prompt values are accumulated straight into it with weights
      gamma * exp(s q.pk - lse_p): the prompt part needs no second accumulator.
-  lse_w and lse_p are kept (fp32, base-2 units: log2 of the sum of exp2 of scaled scores).
+  lse_w and lse_p are kept (fp32, base-2 units: log2 of the sum of exp2 of scaled scores), and, when a backward
+  will follow, the token part O_w = acc / l_w in fp32, which the backward keeps instead of out.
 
 Backward (DESIGN.md), with O_p = softmax_p(.) PV recomputed from lse_p:
-  preprocess   Delta_p = dout . O_p;  Delta_w = dout . out - gamma * Delta_p
+  preprocess   Delta_w = dout . O_w, with O_w the token part that the forward saves for it in fp32 (FlashAttention
+               takes its 16-bit out instead; here out - gamma O_p would carry out's rounding error, proportional to
+               the prompt part, into Delta_w, and a 16-bit O_w still fails the tests' error bar on rows that see
+               few keys); Delta_p = dout . O_p = rowsum(A * (dout PV^T)) (A, the prompt probabilities, never
+               rounded to 16 bits: d gate is the sum of Delta_p)
   dK/dV        one program per (key block, batch, kv head), looping over the query heads of
                its group and the query blocks that see it: dv += P^T dout, dk += s dS^T q,
                dS = P * (dout V^T - Delta_w). No atomics: deterministic.
   dQ + prompt  one program per (query block, batch, head): dq += s dS K over the visible keys,
                plus the prompt part dT = gamma A (dout PV^T - Delta_p): dq += s dT PK, and the
-               block's partial d pk = s dT^T q, d pv = gamma A^T dout, written per block and
-               summed on the host in a fixed order (over blocks, the heads of a kv group, and
-               the batch when the prompt was broadcast): deterministic.
+               block's partial d pk = s dT^T q, d pv = gamma A^T dout, written per block;
+  reduce       one program per (prompt, kv head, chunk of prompt_len x headdim) sums those partials in a
+               fixed order (the sequences sharing the prompt, the query heads of the kv group, the query
+               blocks): deterministic.
   d gamma      sum of Delta_p over batch and rows; d gate follows through autograd of act.
+  deterministic=False (flash-attn's option, FlashAttention-2's way): the dK/dV pass also adds s dS K to an
+  fp32 dq with atomics, and the dQ pass keeps only the prompt part: 5 block products instead of 7, but the
+  atomics' order, and so dq's last bits, vary from run to run.
+
+Memory kept for the backward: q, k, v, the prompt, lse_w, lse_p and O_w (fp32: total_q x nheads x headdim x 4
+bytes, where FlashAttention keeps its 16-bit output). Scratch memory of the backward, besides the gradients:
+  - the prompt partials, 2 x nheads x num_blocks x prompt_len x headdim x 4 bytes (8 for fp64), num_blocks the
+    query blocks present: batch x cdiv(seqlen_q, BLOCK_M) dense, at most cdiv(total_q, BLOCK_M) + num_seqs
+    packed (bounded by the tokens, never num_seqs x the longest sequence);
+  - with deterministic=False, an fp32 dq (total_q x nheads x headdim x 4 bytes);
+  - Delta_w and Delta_p, like lse.
+
+Launch grids are one-dimensional (blocks x batch x heads on the x axis, up to 2**31 - 1 programs): CUDA's
+65,535 limit on the other axes never binds, whatever the batch or the number of packed sequences.
 
 Backends: the compiled Triton kernels on CUDA tensors; the same kernels under Triton's
 interpreter when TRITON_INTERPRET=1 at import (how CI tests them on a CPU; bf16/fp16 are
-upcast to fp32 inside the kernels there, since the interpreter's bf16 arithmetic is wrong);
-the eager reference (kernels/reference.py) otherwise.
+computed in fp32 inside the kernels there, since the interpreter's bf16 arithmetic is wrong, but every
+operand the GPU rounds to 16 bits before a matrix product is rounded there too, to nearest even, so that
+the CPU suite measures the GPU's error); the eager reference (kernels/reference.py) otherwise.
 
 Caution:
   - Block sizes are chosen per dtype and the chip's shared memory, free of register spills on
     sm_80/86/89/90 (python -m kernels.compile_check), but not yet autotuned against GPU timings.
+    Under the interpreter, large 64 x 64 blocks run by default (speed); ZIA_INTERPRET_BLOCKS=gpu (read at
+    import, or INTERPRET_BLOCKS = "gpu") makes it use the GPU's block sizes instead.
   - fp32 inputs use IEEE fp32 dots on the GPU (not TF32): exact, slower.
   - Head dims: multiples of 8 from 16 to 128 (non-powers of two are padded by masking).
+  - cu_seqlens_* and leftpad_k are checked on the host for CPU tensors only (a check of CUDA tensors would
+    cost a device synchronisation per call; LLaMA.forward checks cu_seqlens once per batch). On a GPU the
+    kernels clamp every offset they read, so no value can make them read or write outside the tensors, and
+    a sequence (or left-padded row) whose own offsets are out of range gets NaN outputs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from collections.abc import Iterator, Mapping
 
 import torch
 
-from .reference import gate_activation, zero_init_attention_ref
+from .reference import zero_init_attention_ref
 
 # triton.jit decides at import time whether kernels are interpreted, so the switch is read once too.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Block sizes under the interpreter: "large" (64 x 64, fast) or "gpu" (what _blocks picks for an H100/H200).
+INTERPRET_BLOCKS = os.environ.get("ZIA_INTERPRET_BLOCKS", "large")
 
 try:
     import triton
@@ -67,6 +97,7 @@ except ImportError:  # no Triton wheel on this platform: the eager reference ser
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEADDIM = 128
 LOG2E = 1.4426950408889634
+MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on a grid's x axis (the kernels' grids are one-dimensional)
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -75,24 +106,39 @@ LOG2E = 1.4426950408889634
 if HAS_TRITON:
 
     @triton.jit
-    def _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k, VARLEN: tl.constexpr,
+    def _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k, total_q, total_k, VARLEN: tl.constexpr,
                     HAS_LEFTPAD: tl.constexpr):
-        """(first row of this sequence in q, in k; seqlen_q; seqlen_k) for dense or packed inputs. Left padding
-        (LEFTPAD[b] pad keys first, dense only) moves the keys' start past the pad: the bottom-right causal
-        alignment is unchanged, and queries before the first key (pad queries) see no key at all."""
+        """(first row of this sequence in q, in k; seqlen_q; seqlen_k; ok) for dense or packed inputs.
+
+        Packed: the offsets come from CU_Q / CU_K, and seqlen_q / seqlen_k hold max_seqlen_q / max_seqlen_k.
+        Left padding (LEFTPAD[b] pad keys first, dense only) moves the keys' start past the pad: the bottom-right
+        causal alignment is unchanged, and queries before the first key (pad queries) see no key at all.
+        These values are not checked on the host for CUDA tensors, so every one is clamped here: no value can
+        make a kernel read or write outside its tensors. ok is False when this sequence's own values are out of
+        range (the forward then writes NaN)."""
         if VARLEN:
-            q_start = tl.load(CU_Q + off_b).to(tl.int64)
-            k_start = tl.load(CU_K + off_b).to(tl.int64)
-            seqlen_q = (tl.load(CU_Q + off_b + 1) - q_start).to(tl.int32)
-            seqlen_k = (tl.load(CU_K + off_b + 1) - k_start).to(tl.int32)
+            q0 = tl.load(CU_Q + off_b).to(tl.int64)
+            q1 = tl.load(CU_Q + off_b + 1).to(tl.int64)
+            k0 = tl.load(CU_K + off_b).to(tl.int64)
+            k1 = tl.load(CU_K + off_b + 1).to(tl.int64)
+            ok = ((q0 >= 0) & (q1 >= q0) & (q1 <= total_q) & (q1 - q0 <= seqlen_q)
+                  & (k0 >= 0) & (k1 >= k0) & (k1 <= total_k) & (k1 - k0 <= seqlen_k))
+            q_start = tl.minimum(tl.maximum(q0, 0), total_q)
+            k_start = tl.minimum(tl.maximum(k0, 0), total_k)
+            seqlen_q = tl.minimum(tl.maximum(q1 - q_start, 0), tl.minimum(total_q - q_start, seqlen_q)).to(tl.int32)
+            seqlen_k = tl.minimum(tl.maximum(k1 - k_start, 0), tl.minimum(total_k - k_start, seqlen_k)).to(tl.int32)
         else:
             q_start = tl.zeros((), dtype=tl.int64)
             k_start = tl.zeros((), dtype=tl.int64)
             if HAS_LEFTPAD:
                 pad = tl.load(LEFTPAD + off_b)
+                ok = (pad >= 0) & (pad <= seqlen_k)
+                pad = tl.minimum(tl.maximum(pad, 0), seqlen_k)
                 k_start += pad.to(tl.int64)
-                seqlen_k = seqlen_k - pad.to(tl.int32)
-        return q_start, k_start, seqlen_q, seqlen_k
+                seqlen_k = seqlen_k - pad
+            else:
+                ok = True
+        return q_start, k_start, seqlen_q, seqlen_k, ok
 
     @triton.jit
     def _load_tile(base, rows, stride_row, offs_d, stride_d, row_limit, HEAD_DIM: tl.constexpr,
@@ -106,19 +152,28 @@ if HAS_TRITON:
 
     @triton.jit
     def _cast_out(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-        """x cast to the output dtype, rounded to nearest even."""
+        """x cast to DTYPE, rounded to nearest even."""
         if UPCAST and DTYPE == tl.bfloat16:
-            # the interpreter truncates fp32 -> bf16; round to nearest even by hand, as the GPU does
+            # the interpreter truncates fp32 -> bf16; round to nearest even by hand, as the GPU does (NaN stays NaN)
             bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
+            x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+        return x.to(DTYPE)
+
+    @triton.jit
+    def _operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+        """x (fp32) as an operand of a matrix product with tiles of the input dtype DTYPE: rounded to DTYPE (to
+        nearest even), as the GPU does before its tensor-core products. Under the interpreter the rounded value
+        stays in fp32 (its own bf16 arithmetic is wrong), so the CPU sees the GPU's rounding."""
+        if UPCAST:
+            return _cast_out(x, DTYPE, UPCAST).to(tl.float32)
         return x.to(DTYPE)
 
     @triton.jit
     def _token_fwd_block(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
                          start_n, offs_m, offs_d, seqlen_k, diag, qk_scale,
                          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                         IS_CAUSAL: tl.constexpr, BLIND_ROWS: tl.constexpr, UPCAST: tl.constexpr,
+                         IS_CAUSAL: tl.constexpr, BLIND_ROWS: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
         """One step of the token online softmax over keys [start_n, start_n + BLOCK_N). BLIND_ROWS: some rows
         may have seen no key yet (left padding), whose max is still -inf: they must add 0, not NaN."""
@@ -138,7 +193,8 @@ if HAS_TRITON:
         p = tl.math.exp2(qk - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(V_base, offs_n, stride_vn, offs_d, stride_vd, seqlen_k, HEAD_DIM, UPCAST, ACC)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=ACC)
+        acc = tl.dot(_operand(p, DTYPE, UPCAST), v, acc * alpha[:, None], input_precision=DOT_PRECISION,
+                     out_dtype=ACC)
         return acc, l_i, m_new
 
     @triton.jit
@@ -153,27 +209,32 @@ if HAS_TRITON:
 
     @triton.jit
     def _zia_fwd_kernel(
-        Q, K, V, PK, PV, GAMMA, OUT, LSE_W, LSE_P, CU_Q, CU_K, LEFTPAD,
+        Q, K, V, PK, PV, GAMMA, OUT, O_W, LSE_W, LSE_P, CU_Q, CU_K, LEFTPAD,
         stride_qb, stride_qm, stride_qh, stride_qd,
         stride_kb, stride_kn, stride_kh, stride_kd,
         stride_vb, stride_vn, stride_vh, stride_vd,
         stride_pkb, stride_pkn, stride_pkh, stride_pkd,
         stride_pvb, stride_pvn, stride_pvh, stride_pvd,
         stride_ob, stride_om, stride_oh, stride_od,
+        stride_wb, stride_wm, stride_wh, stride_wd,
         stride_lb, stride_lh, stride_lm,
-        nheads, groups, seqlen_q, seqlen_k, prompt_len, qk_scale,
+        nheads, groups, seqlen_q, seqlen_k, total_q, total_k, prompt_len, qk_scale,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
         IS_CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, VARLEN: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+        SAVE_O_W: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        off_bh = tl.program_id(1)
+        # one axis: the query blocks of one (batch, head) are neighbours
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(seqlen_q, BLOCK_M)
+        pid_m = pid % num_m
+        off_bh = pid // num_m
         off_b = off_bh // nheads
         off_h = off_bh % nheads
         off_hk = off_h // groups  # the kv head this query head reads (GQA / MQA)
-        q_start, k_start, seqlen_q, seqlen_k = _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k, VARLEN,
-                                                           HAS_LEFTPAD)
+        DTYPE: tl.constexpr = Q.dtype.element_ty
+        q_start, k_start, seqlen_q, seqlen_k, ok = _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k,
+                                                               total_q, total_k, VARLEN, HAS_LEFTPAD)
         start_m = pid_m * BLOCK_M
         if start_m >= seqlen_q:  # packed sequences shorter than the longest one
             return
@@ -215,12 +276,12 @@ if HAS_TRITON:
         for start_n in range(0, full_hi, BLOCK_N):
             acc, l_w, m_w = _token_fwd_block(acc, l_w, m_w, q, K_base, V_base, stride_kn, stride_kd, stride_vn,
                                              stride_vd, start_n, offs_m, offs_d, seqlen_k, diag, qk_scale,
-                                             BLOCK_N, HEAD_DIM, False, IS_CAUSAL, HAS_LEFTPAD, UPCAST,
+                                             BLOCK_N, HEAD_DIM, False, IS_CAUSAL, HAS_LEFTPAD, DTYPE, UPCAST,
                                              DOT_PRECISION, ACC)
         for start_n in range(full_hi, hi, BLOCK_N):
             acc, l_w, m_w = _token_fwd_block(acc, l_w, m_w, q, K_base, V_base, stride_kn, stride_kd, stride_vn,
                                              stride_vd, start_n, offs_m, offs_d, seqlen_k, diag, qk_scale,
-                                             BLOCK_N, HEAD_DIM, True, IS_CAUSAL, HAS_LEFTPAD, UPCAST,
+                                             BLOCK_N, HEAD_DIM, True, IS_CAUSAL, HAS_LEFTPAD, DTYPE, UPCAST,
                                              DOT_PRECISION, ACC)
         if HAS_LEFTPAD:
             # a pad query sees no token key: its token part is 0, and lse_w = +inf makes every
@@ -231,9 +292,16 @@ if HAS_TRITON:
         else:
             lse_w = m_w + tl.math.log2(l_w)
         acc = acc / l_w[:, None]
+        if VARLEN or HAS_LEFTPAD:  # offsets out of range (unchecked on a GPU): NaN, never a plausible answer
+            acc = tl.where(ok, acc, float("nan"))
+            lse_w = tl.where(ok, lse_w, float("nan"))
         row_ok = offs_m < seqlen_q
-        L_off = b64 * stride_lb + off_h.to(tl.int64) * stride_lh + (q_start + offs_m) * stride_lm
-        tl.store(LSE_W + L_off, lse_w, mask=row_ok)
+        o_off = offs_m[:, None].to(tl.int64)
+        o_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        if SAVE_O_W:  # the token part alone (fp32), for the backward's Delta_w = dout . O_w
+            W_base = O_W + b64 * stride_wb + off_h.to(tl.int64) * stride_wh + q_start * stride_wm
+            tl.store(W_base + o_off * stride_wm + offs_d[None, :] * stride_wd,
+                     _cast_out(acc, O_W.dtype.element_ty, UPCAST), mask=o_mask)
 
         # prompt values, accumulated straight into the normalised output with weights
         # gamma * softmax_p: with gamma = 0 they add exactly zero
@@ -245,36 +313,42 @@ if HAS_TRITON:
                                                 qk_scale, BLOCK_P, HEAD_DIM, UPCAST, DOT_PRECISION, ACC)
                 a = tl.math.exp2(t - lse_p[:, None]) * gamma
                 pv = _load_tile(PV_base, offs_p, stride_pvn, offs_d, stride_pvd, prompt_len, HEAD_DIM, UPCAST, ACC)
-                acc = tl.dot(a.to(pv.dtype), pv, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
-            tl.store(LSE_P + L_off, lse_p, mask=row_ok)
+                acc = tl.dot(_operand(a, DTYPE, UPCAST), pv, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
 
+        L_off = b64 * stride_lb + off_h.to(tl.int64) * stride_lh + (q_start + offs_m) * stride_lm
+        tl.store(LSE_W + L_off, lse_w, mask=row_ok)
+        if HAS_PROMPT:
+            tl.store(LSE_P + L_off, lse_p, mask=row_ok)
         O_base = OUT + b64 * stride_ob + off_h.to(tl.int64) * stride_oh + q_start * stride_om
-        o_ptrs = O_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
-        o_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-        tl.store(o_ptrs, _cast_out(acc, OUT.dtype.element_ty, UPCAST), mask=o_mask)
+        tl.store(O_base + o_off * stride_om + offs_d[None, :] * stride_od, _cast_out(acc, OUT.dtype.element_ty, UPCAST),
+                 mask=o_mask)
 
     @triton.jit
     def _zia_bwd_preprocess_kernel(
-        Q, PK, PV, GAMMA, OUT, DOUT, LSE_P, DELTA_W, DELTA_P, CU_Q, CU_K,
+        Q, PK, PV, O_W, DOUT, LSE_P, DELTA_W, DELTA_P, CU_Q, CU_K,
         stride_qb, stride_qm, stride_qh, stride_qd,
         stride_pkb, stride_pkn, stride_pkh, stride_pkd,
         stride_pvb, stride_pvn, stride_pvh, stride_pvd,
-        stride_ob, stride_om, stride_oh, stride_od,
+        stride_wb, stride_wm, stride_wh, stride_wd,
         stride_dob, stride_dom, stride_doh, stride_dod,
         stride_lb, stride_lh, stride_lm,
-        nheads, groups, seqlen_q, seqlen_k, prompt_len, qk_scale,
+        nheads, groups, seqlen_q, seqlen_k, total_q, total_k, prompt_len, qk_scale,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
         HAS_PROMPT: tl.constexpr, VARLEN: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):
-        """Delta_p = dout . O_p (O_p recomputed from lse_p) and Delta_w = dout . out - gamma * Delta_p."""
-        pid_m = tl.program_id(0)
-        off_bh = tl.program_id(1)
+        """Delta_w = dout . O_w (the forward's token part, saved apart in fp32: not out - gamma O_p, whose 16-bit
+        rounding error, proportional to the prompt part, would swamp it) and Delta_p = dout . O_p =
+        rowsum(A * (dout PV^T)) (A from lse_p, kept in fp32)."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(seqlen_q, BLOCK_M)
+        pid_m = pid % num_m
+        off_bh = pid // num_m
         off_b = off_bh // nheads
         off_h = off_bh % nheads
         off_hk = off_h // groups
-        q_start, _k_start, seqlen_q, _seqlen_k = _seq_bounds(CU_Q, CU_K, CU_K, off_b, seqlen_q, seqlen_k, VARLEN,
-                                                             False)
+        q_start, _k_start, seqlen_q, _seqlen_k, _ok = _seq_bounds(CU_Q, CU_K, CU_K, off_b, seqlen_q, seqlen_k,
+                                                                  total_q, total_k, VARLEN, False)
         start_m = pid_m * BLOCK_M
         if start_m >= seqlen_q:
             return
@@ -282,11 +356,11 @@ if HAS_TRITON:
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         b64 = off_b.to(tl.int64)
         h64 = off_h.to(tl.int64)
-        o = _load_tile(OUT + b64 * stride_ob + h64 * stride_oh + q_start * stride_om, offs_m, stride_om, offs_d,
-                       stride_od, seqlen_q, HEAD_DIM, True, ACC)
+        o = _load_tile(O_W + b64 * stride_wb + h64 * stride_wh + q_start * stride_wm, offs_m, stride_wm, offs_d,
+                       stride_wd, seqlen_q, HEAD_DIM, True, ACC)
         do = _load_tile(DOUT + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom, offs_m, stride_dom, offs_d,
-                        stride_dod, seqlen_q, HEAD_DIM, True, ACC)
-        delta_w = tl.sum(o * do, 1)
+                        stride_dod, seqlen_q, HEAD_DIM, UPCAST, ACC)
+        delta_w = tl.sum(o * do.to(ACC), 1)
         row_ok = offs_m < seqlen_q
         L_off = b64 * stride_lb + h64 * stride_lh + (q_start + offs_m) * stride_lm
         if HAS_PROMPT:
@@ -301,18 +375,19 @@ if HAS_TRITON:
                                                 qk_scale, BLOCK_P, HEAD_DIM, UPCAST, DOT_PRECISION, ACC)
                 a = tl.math.exp2(t - lse_p[:, None])
                 pv = _load_tile(PV_base, offs_p, stride_pvn, offs_d, stride_pvd, prompt_len, HEAD_DIM, UPCAST, ACC)
-                o_p = tl.dot(a.to(pv.dtype), pv, input_precision=DOT_PRECISION, out_dtype=ACC)
-                delta_p += tl.sum(o_p * do, 1)
-            delta_w -= tl.load(GAMMA + off_h) * delta_p
+                dp = tl.dot(do, tl.trans(pv), input_precision=DOT_PRECISION, out_dtype=ACC)  # exact products
+                delta_p += tl.sum(a * dp, 1)
             tl.store(DELTA_P + L_off, delta_p, mask=row_ok)
         tl.store(DELTA_W + L_off, delta_w, mask=row_ok)
 
     @triton.jit
-    def _dkdv_block(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, stride_qm, stride_qd, stride_dom, stride_dod,
-                    stride_lm, start_m, offs_n, offs_d, seqlen_q, diag, qk_scale,
-                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
-        """Contribution of query rows [start_m, start_m + BLOCK_M) to dk, dv of one key block (transposed)."""
+    def _dkdv_block(dk, dv, k, v, Q_base, DO_base, DQA_base, LSE_base, DELTA_base, stride_qm, stride_qd, stride_dom,
+                    stride_dod, stride_dqam, stride_dqad, stride_lm, start_m, offs_n, offs_d, seqlen_q, diag, qk_scale,
+                    sm_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                    ATOMIC_DQ: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    ACC: tl.constexpr):
+        """Contribution of query rows [start_m, start_m + BLOCK_M) to dk, dv of one key block (transposed); with
+        ATOMIC_DQ also their dq from this key block, added to the fp32 dq with atomics."""
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < seqlen_q
         q = _load_tile(Q_base, offs_m, stride_qm, offs_d, stride_qd, seqlen_q, HEAD_DIM, UPCAST, ACC)
@@ -324,34 +399,42 @@ if HAS_TRITON:
         if MASKED:
             kq = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, kq, float("-inf"))
         p_t = tl.math.exp2(kq - lse[None, :])  # P^T from the saved log-sum-exp
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION, out_dtype=ACC)
+        dv = tl.dot(_operand(p_t, DTYPE, UPCAST), do, dv, input_precision=DOT_PRECISION, out_dtype=ACC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION, out_dtype=ACC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION, out_dtype=ACC)
+        ds_t = _operand(p_t * (dp_t - delta[None, :]), DTYPE, UPCAST)
+        dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION, out_dtype=ACC)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION, out_dtype=ACC) * sm_scale
+            dq_ptrs = DQA_base + offs_m[:, None].to(tl.int64) * stride_dqam + offs_d[None, :] * stride_dqad
+            tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
         return dk, dv
 
     @triton.jit
     def _zia_bwd_dkdv_kernel(
-        Q, K, V, DOUT, DK, DV, LSE_W, DELTA_W, CU_Q, CU_K, LEFTPAD,
+        Q, K, V, DOUT, DK, DV, DQ_ACC, LSE_W, DELTA_W, CU_Q, CU_K, LEFTPAD,
         stride_qb, stride_qm, stride_qh, stride_qd,
         stride_kb, stride_kn, stride_kh, stride_kd,
         stride_vb, stride_vn, stride_vh, stride_vd,
         stride_dob, stride_dom, stride_doh, stride_dod,
         stride_dkb, stride_dkn, stride_dkh, stride_dkd,
         stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+        stride_dqab, stride_dqam, stride_dqah, stride_dqad,
         stride_lb, stride_lh, stride_lm,
-        nheads_kv, groups, seqlen_q, seqlen_k, qk_scale, sm_scale,
+        nheads_kv, groups, seqlen_q, seqlen_k, total_q, total_k, qk_scale, sm_scale,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+        IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_LEFTPAD: tl.constexpr, ATOMIC_DQ: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
-        off_bh = tl.program_id(1)
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(seqlen_k, BLOCK_N)
+        pid_n = pid % num_n
+        off_bh = pid // num_n
         off_b = off_bh // nheads_kv
         off_hk = off_bh % nheads_kv
+        DTYPE: tl.constexpr = Q.dtype.element_ty
         # with left padding the pad keys are never visited: their gradients stay the zeros DK / DV start as
-        q_start, k_start, seqlen_q, seqlen_k = _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k, VARLEN,
-                                                           HAS_LEFTPAD)
+        q_start, k_start, seqlen_q, seqlen_k, _ok = _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k,
+                                                                total_q, total_k, VARLEN, HAS_LEFTPAD)
         start_n = pid_n * BLOCK_N
         if start_n >= seqlen_k:
             return
@@ -379,15 +462,18 @@ if HAS_TRITON:
             h64 = (off_hk * groups + g).to(tl.int64)
             Q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
             DO_base = DOUT + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
+            DQA_base = DQ_ACC + b64 * stride_dqab + h64 * stride_dqah + q_start * stride_dqam
             L_off = b64 * stride_lb + h64 * stride_lh + q_start * stride_lm
             for start_m in range(lo, full_lo, BLOCK_M):
-                dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, LSE_W + L_off, DELTA_W + L_off, stride_qm,
-                                     stride_qd, stride_dom, stride_dod, stride_lm, start_m, offs_n, offs_d, seqlen_q,
-                                     diag, qk_scale, BLOCK_M, HEAD_DIM, True, UPCAST, DOT_PRECISION, ACC)
+                dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, DQA_base, LSE_W + L_off, DELTA_W + L_off,
+                                     stride_qm, stride_qd, stride_dom, stride_dod, stride_dqam, stride_dqad, stride_lm,
+                                     start_m, offs_n, offs_d, seqlen_q, diag, qk_scale, sm_scale, BLOCK_M, HEAD_DIM,
+                                     True, ATOMIC_DQ, DTYPE, UPCAST, DOT_PRECISION, ACC)
             for start_m in range(full_lo, seqlen_q, BLOCK_M):
-                dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, LSE_W + L_off, DELTA_W + L_off, stride_qm,
-                                     stride_qd, stride_dom, stride_dod, stride_lm, start_m, offs_n, offs_d, seqlen_q,
-                                     diag, qk_scale, BLOCK_M, HEAD_DIM, False, UPCAST, DOT_PRECISION, ACC)
+                dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, DQA_base, LSE_W + L_off, DELTA_W + L_off,
+                                     stride_qm, stride_qd, stride_dom, stride_dod, stride_dqam, stride_dqad, stride_lm,
+                                     start_m, offs_n, offs_d, seqlen_q, diag, qk_scale, sm_scale, BLOCK_M, HEAD_DIM,
+                                     False, ATOMIC_DQ, DTYPE, UPCAST, DOT_PRECISION, ACC)
         mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
         rows = (k_start + offs_n)[:, None]
         tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + rows * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -399,7 +485,7 @@ if HAS_TRITON:
     def _dq_block(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, start_n, offs_m,
                   offs_d, seqlen_k, diag, qk_scale,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+                  DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
         """Contribution of token keys [start_n, start_n + BLOCK_N) to dq (unscaled)."""
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(K_base, offs_n, stride_kn, offs_d, stride_kd, seqlen_k, HEAD_DIM, UPCAST, ACC)
@@ -413,11 +499,12 @@ if HAS_TRITON:
         p = tl.math.exp2(qk - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC)
         ds = p * (dp - delta[:, None])
-        return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION, out_dtype=ACC)
+        return tl.dot(_operand(ds, DTYPE, UPCAST), k, dq, input_precision=DOT_PRECISION, out_dtype=ACC)
 
     @triton.jit
     def _zia_bwd_dq_kernel(
-        Q, K, V, PK, PV, GAMMA, DOUT, DQ, DPK_PART, DPV_PART, LSE_W, LSE_P, DELTA_W, DELTA_P, CU_Q, CU_K, LEFTPAD,
+        Q, K, V, PK, PV, GAMMA, DOUT, DQ, DQ_ACC, DPK_PART, DPV_PART, BLK_OFF, LSE_W, LSE_P, DELTA_W, DELTA_P,
+        CU_Q, CU_K, LEFTPAD,
         stride_qb, stride_qm, stride_qh, stride_qd,
         stride_kb, stride_kn, stride_kh, stride_kd,
         stride_vb, stride_vn, stride_vh, stride_vd,
@@ -425,21 +512,25 @@ if HAS_TRITON:
         stride_pvb, stride_pvn, stride_pvh, stride_pvd,
         stride_dob, stride_dom, stride_doh, stride_dod,
         stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+        stride_dqab, stride_dqam, stride_dqah, stride_dqad,
         stride_lb, stride_lh, stride_lm,
-        nheads, groups, seqlen_q, seqlen_k, prompt_len, qk_scale, sm_scale,
+        nheads, groups, seqlen_q, seqlen_k, total_q, total_k, prompt_len, num_parts, qk_scale, sm_scale,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
         IS_CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, VARLEN: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
-        COMPUTE_DQ: tl.constexpr, COMPUTE_DPROMPT: tl.constexpr,
+        COMPUTE_DQ: tl.constexpr, ATOMIC_DQ: tl.constexpr, COMPUTE_DPROMPT: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        off_bh = tl.program_id(1)
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(seqlen_q, BLOCK_M)
+        pid_m = pid % num_m
+        off_bh = pid // num_m
         off_b = off_bh // nheads
         off_h = off_bh % nheads
         off_hk = off_h // groups
-        q_start, k_start, seqlen_q, seqlen_k = _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k, VARLEN,
-                                                           HAS_LEFTPAD)
+        DTYPE: tl.constexpr = Q.dtype.element_ty
+        q_start, k_start, seqlen_q, seqlen_k, _ok = _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k,
+                                                                total_q, total_k, VARLEN, HAS_LEFTPAD)
         start_m = pid_m * BLOCK_M
         if start_m >= seqlen_q:
             return
@@ -456,8 +547,9 @@ if HAS_TRITON:
         L_off = b64 * stride_lb + h64 * stride_lh + (q_start + offs_m) * stride_lm
         dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=ACC)
 
-        # token part: flash-style, with Delta_w in place of the usual rowsum(dout * out)
-        if COMPUTE_DQ:
+        # token part: flash-style, with Delta_w in place of the usual rowsum(dout * out) (with ATOMIC_DQ the
+        # dK/dV pass has added it to DQ_ACC already)
+        if COMPUTE_DQ and not ATOMIC_DQ:
             lse = tl.load(LSE_W + L_off, mask=row_ok, other=0.0)
             delta = tl.load(DELTA_W + L_off, mask=row_ok, other=0.0)
             K_base = K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn
@@ -472,11 +564,11 @@ if HAS_TRITON:
             for start_n in range(0, full_hi, BLOCK_N):
                 dq = _dq_block(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                start_n, offs_m, offs_d, seqlen_k, diag, qk_scale, BLOCK_N, HEAD_DIM, False, IS_CAUSAL,
-                               UPCAST, DOT_PRECISION, ACC)
+                               DTYPE, UPCAST, DOT_PRECISION, ACC)
             for start_n in range(full_hi, hi, BLOCK_N):
                 dq = _dq_block(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                start_n, offs_m, offs_d, seqlen_k, diag, qk_scale, BLOCK_N, HEAD_DIM, True, IS_CAUSAL,
-                               UPCAST, DOT_PRECISION, ACC)
+                               DTYPE, UPCAST, DOT_PRECISION, ACC)
 
         # prompt part: dT = gamma * A * (dout PV^T - Delta_p), A recomputed from lse_p
         if HAS_PROMPT:
@@ -485,29 +577,92 @@ if HAS_TRITON:
             delta_p = tl.load(DELTA_P + L_off, mask=row_ok, other=0.0)
             PK_base = PK + b64 * stride_pkb + hk64 * stride_pkh
             PV_base = PV + b64 * stride_pvb + hk64 * stride_pvh
-            # this block's partial prompt gradients: DPK_PART[b, h, pid_m, p, d], contiguous
-            part_off = (off_bh.to(tl.int64) * tl.num_programs(0) + pid_m) * prompt_len * HEAD_DIM
+            # this block's partial prompt gradients: DPK_PART[h, j, p, d], contiguous, j this block's index among
+            # the query blocks present (packed: BLK_OFF[b] + pid_m; never past num_parts, whatever CU_Q holds)
+            if VARLEN:
+                part_j = tl.load(BLK_OFF + off_b) + pid_m
+            else:
+                part_j = b64 * num_m + pid_m
+            part_off = (h64 * num_parts + part_j) * prompt_len * HEAD_DIM
             for start_p in range(0, prompt_len, BLOCK_P):
                 t, pk, offs_p = _prompt_scores(q, PK_base, stride_pkn, stride_pkd, start_p, offs_d, prompt_len,
                                                qk_scale, BLOCK_P, HEAD_DIM, UPCAST, DOT_PRECISION, ACC)
                 a = tl.math.exp2(t - lse_p[:, None]) * gamma  # gamma * A, zero on padded prompt columns
                 pv = _load_tile(PV_base, offs_p, stride_pvn, offs_d, stride_pvd, prompt_len, HEAD_DIM, UPCAST, ACC)
-                dt = a * (tl.dot(do, tl.trans(pv), input_precision=DOT_PRECISION, out_dtype=ACC) - delta_p[:, None])
+                dt = _operand(a * (tl.dot(do, tl.trans(pv), input_precision=DOT_PRECISION, out_dtype=ACC)
+                                   - delta_p[:, None]), DTYPE, UPCAST)
                 if COMPUTE_DQ:
-                    dq = tl.dot(dt.to(pk.dtype), pk, dq, input_precision=DOT_PRECISION, out_dtype=ACC)
+                    dq = tl.dot(dt, pk, dq, input_precision=DOT_PRECISION, out_dtype=ACC)
                 if COMPUTE_DPROMPT:
-                    dpk = tl.dot(tl.trans(dt).to(q.dtype), q, input_precision=DOT_PRECISION, out_dtype=ACC) * sm_scale
-                    dpv = tl.dot(tl.trans(a).to(do.dtype), do, input_precision=DOT_PRECISION, out_dtype=ACC)
+                    dpk = tl.dot(tl.trans(dt), q, input_precision=DOT_PRECISION, out_dtype=ACC) * sm_scale
+                    dpv = tl.dot(tl.trans(_operand(a, DTYPE, UPCAST)), do, input_precision=DOT_PRECISION,
+                                 out_dtype=ACC)
                     p_ptrs = part_off + offs_p[:, None] * HEAD_DIM + offs_d[None, :]
-                    p_mask = (offs_p[:, None] < prompt_len) & (offs_d[None, :] < HEAD_DIM)
+                    p_mask = (offs_p[:, None] < prompt_len) & (offs_d[None, :] < HEAD_DIM) & (part_j < num_parts)
                     tl.store(DPK_PART + p_ptrs, dpk, mask=p_mask)
                     tl.store(DPV_PART + p_ptrs, dpv, mask=p_mask)
 
         if COMPUTE_DQ:
+            dq = dq * sm_scale
+            d_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+            if ATOMIC_DQ:  # the token part, summed by the dK/dV pass (already scaled)
+                dqa_ptrs = (DQ_ACC + b64 * stride_dqab + h64 * stride_dqah + (q_start + offs_m)[:, None] * stride_dqam
+                            + offs_d[None, :] * stride_dqad)
+                dq += tl.load(dqa_ptrs, mask=d_ok, other=0.0)
             dq_ptrs = (DQ + b64 * stride_dqb + h64 * stride_dqh + (q_start + offs_m)[:, None] * stride_dqm
                        + offs_d[None, :] * stride_dqd)
-            dq_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-            tl.store(dq_ptrs, _cast_out(dq * sm_scale, DQ.dtype.element_ty, UPCAST), mask=dq_mask)
+            tl.store(dq_ptrs, _cast_out(dq, DQ.dtype.element_ty, UPCAST), mask=d_ok)
+
+    @triton.jit
+    def _zia_prompt_grad_kernel(
+        DPK_PART, DPV_PART, DPK, DPV, BLK_OFF,
+        stride_pkb, stride_pkn, stride_pkh, stride_pkd,
+        stride_pvb, stride_pvn, stride_pvh, stride_pvd,
+        num_seqs, num_m, num_parts, nheads_kv, groups, prompt_len,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SHARED: tl.constexpr, VARLEN: tl.constexpr,
+        UPCAST: tl.constexpr, ACC: tl.constexpr,
+    ):
+        """d prompt_k, d prompt_v: the dQ pass's per-block partials summed, one program per (prompt, kv head,
+        BLOCK elements of its prompt_len x HEAD_DIM), in a fixed order: the sequences that read the prompt (all of
+        them when it is SHARED), the query heads of the kv group, the query blocks of the sequence. No atomics:
+        the same inputs give the same bits."""
+        pid = tl.program_id(0)
+        size = prompt_len * HEAD_DIM
+        num_c = tl.cdiv(size, BLOCK)
+        c = pid % num_c
+        off_hk = (pid // num_c) % nheads_kv
+        off_pb = pid // (num_c * nheads_kv)  # which prompt: 0 when SHARED
+        offs = c * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < size
+        acc_k = tl.zeros([BLOCK], dtype=ACC)
+        acc_v = tl.zeros([BLOCK], dtype=ACC)
+        if SHARED:
+            s_lo = 0
+            s_hi = num_seqs
+        else:
+            s_lo = off_pb
+            s_hi = off_pb + 1
+        for s in range(s_lo, s_hi):
+            if VARLEN:
+                j_lo = tl.load(BLK_OFF + s)
+                j_hi = tl.minimum(tl.load(BLK_OFF + s + 1), num_parts)
+            else:
+                j_lo = s * num_m  # < num_parts: int32 is enough
+                j_hi = j_lo + num_m
+            for g in range(0, groups):
+                head_base = (off_hk * groups + g).to(tl.int64) * num_parts
+                for j in range(j_lo, j_hi):
+                    ptrs = (head_base + j) * size + offs
+                    acc_k += tl.load(DPK_PART + ptrs, mask=mask, other=0.0)
+                    acc_v += tl.load(DPV_PART + ptrs, mask=mask, other=0.0)
+        p = (offs // HEAD_DIM).to(tl.int64)
+        d = offs % HEAD_DIM
+        pb64 = off_pb.to(tl.int64)
+        hk64 = off_hk.to(tl.int64)
+        tl.store(DPK + pb64 * stride_pkb + p * stride_pkn + hk64 * stride_pkh + d * stride_pkd,
+                 _cast_out(acc_k, DPK.dtype.element_ty, UPCAST), mask=mask)
+        tl.store(DPV + pb64 * stride_pvb + p * stride_pvn + hk64 * stride_pvh + d * stride_pvd,
+                 _cast_out(acc_v, DPV.dtype.element_ty, UPCAST), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,16 +693,19 @@ def _shared_memory(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
-def _blocks(dtype: torch.dtype, head_dim_pad: int, seqlen_q: int, prompt_len: int, shared_memory: int) -> dict:
-    """Block sizes (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel.
+def _blocks(dtype: torch.dtype, head_dim_pad: int, seqlen_q: int, prompt_len: int, shared_memory: int,
+            atomic_dq: bool = False) -> dict:
+    """Block sizes (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel (atomic_dq: the dK/dV pass also sums dq).
 
-    Under the interpreter large blocks are fastest. On the GPU these are choices that compile
-    without register spills and within the chip's shared memory, checked for sm_80, sm_89 and
-    sm_90 by python -m kernels.compile_check; they still await autotuning against measured times.
+    Under the interpreter large blocks are fastest (unless INTERPRET_BLOCKS is "gpu"). On the GPU these are
+    choices that compile without register spills and within the chip's shared memory, checked for sm_80, sm_89
+    and sm_90 by python -m kernels.compile_check; they still await autotuning against measured times.
     """
     # prompts longer than one chunk loop over chunks
     block_p = min(32, max(16, triton.next_power_of_2(max(prompt_len, 1))))
-    if INTERPRET:
+    if INTERPRET and INTERPRET_BLOCKS != "gpu":
+        if INTERPRET_BLOCKS != "large":
+            raise ValueError(f"ZIA_INTERPRET_BLOCKS must be 'large' or 'gpu', got {INTERPRET_BLOCKS!r}")
         return dict(fwd=(64, 64, 4, 1), pre=(64, 4), dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1), BLOCK_P=block_p)
     small_m = max(16, triton.next_power_of_2(seqlen_q))  # decode: one query row needs no 128-row block
     if dtype.itemsize == 2:
@@ -555,12 +713,23 @@ def _blocks(dtype: torch.dtype, head_dim_pad: int, seqlen_q: int, prompt_len: in
         # dQ holds q, dout and its accumulator: 64 rows where shared memory is small (consumer GPUs)
         dq_m = min(128 if shared_memory >= 128 * 1024 else 64, small_m)
         fwd_warps = 8 if fwd_m == 128 and head_dim_pad == 128 else 4
-        return dict(fwd=(fwd_m, 64, fwd_warps, 3), pre=(64, 4), dkdv=(32, 128, 8, 3),
+        # its dq tile needs 40 KB more shared memory with atomic_dq: 2 stages where there is little
+        dkdv_stages = 2 if atomic_dq and shared_memory < 128 * 1024 else 3
+        return dict(fwd=(fwd_m, 64, fwd_warps, 3), pre=(64, 4), dkdv=(32, 128, 8, dkdv_stages),
                     dq=(dq_m, 32, 8 if dq_m >= 64 else 4, 3), BLOCK_P=block_p)
     # fp32 (IEEE dots: no tensor cores) and fp64: smaller tiles, or the registers spill
     fwd_m = min(64, small_m)
     return dict(fwd=(fwd_m, 32, 8 if fwd_m == 64 else 4, 2), pre=(64, 4), dkdv=(32, 32, 8, 2),
                 dq=(min(32, small_m), 32, 8 if small_m >= 32 else 4, 2), BLOCK_P=block_p)
+
+
+def _reduce_block(size: int) -> int:
+    """Elements of one prompt's prompt_len x headdim that one program of the prompt-gradient sum takes: few on
+    the GPU (more programs, each a short stream), all of them under the interpreter (fewer, faster steps)."""
+    if INTERPRET and INTERPRET_BLOCKS != "gpu":
+        return min(8192, triton.next_power_of_2(size))
+    return 256
+
 
 
 # what _blocks chooses per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages), or (BLOCK_M, num_warps) for pre
@@ -620,6 +789,18 @@ def override_blocks(blocks: Mapping[str, tuple[int, ...]]) -> Iterator[None]:
         _blocks = chosen
 
 
+
+
+def launch_grid(blocks: int, rows: int, what: str) -> tuple[int]:
+    """The one-dimensional grid of a kernel that runs `blocks` programs for each of `rows` (batch x heads):
+    (blocks * rows,), within CUDA's limit on the x axis (2**31 - 1); ValueError naming the sizes past it."""
+    programs = blocks * rows
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"{what} would launch {programs:,} programs ({blocks:,} blocks x {rows:,} batch x heads), "
+                         f"past CUDA's grid limit of {MAX_PROGRAMS:,}: split the batch")
+    return (programs,)
+
+
 def _geometry(q, k, prompt_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     varlen = cu_seqlens_q is not None
     if varlen:
@@ -633,38 +814,44 @@ def _geometry(q, k, prompt_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     return varlen, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, prompt_k.shape[1]
 
 
+def _totals(q, k, varlen) -> tuple[int, int]:
+    """Rows of packed q and k (what the kernels clamp the offsets to); unused for dense inputs."""
+    return (q.shape[0], k.shape[0]) if varlen else (0, 0)
+
+
 def _lse_shape(q, varlen, batch, nheads, seqlen_q):
     # (batch, nheads, seqlen_q); packed: (1, nheads, total_q)
     return (1, nheads, q.shape[0]) if varlen else (batch, nheads, seqlen_q)
 
 
 def _fwd(q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-         max_seqlen_k, leftpad_k):
+         max_seqlen_k, leftpad_k, save_o_w):
+    """(out, o_w, lse_w, lse_p); o_w (the token part in fp32, for the backward) is empty unless save_o_w."""
     varlen, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, prompt_len = _geometry(
         q, k, prompt_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    o_w = torch.empty(q.shape if save_o_w else (0,), dtype=_acc_dtype(q.dtype), device=q.device)
     lse_shape = _lse_shape(q, varlen, batch, nheads, seqlen_q)
     lse_w = torch.empty(lse_shape, dtype=_acc_dtype(q.dtype), device=q.device)
     lse_p = torch.full(lse_shape, float("-inf"), dtype=_acc_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
-        return out, lse_w, lse_p
+        return out, o_w, lse_w, lse_p
     head_dim_pad = max(16, triton.next_power_of_2(headdim))
     cfg = _blocks(q.dtype, head_dim_pad, seqlen_q, prompt_len, _shared_memory(q.device))
     block_m, block_n, num_warps, num_stages = cfg["fwd"]
-    has_prompt = prompt_len > 0
     pk, pv = prompt_k, prompt_v  # (batch or 1, prompt_len, nheads_kv, headdim); unread when prompt_len is 0
-    grid = (triton.cdiv(seqlen_q, block_m), batch * nheads)
+    grid = launch_grid(triton.cdiv(seqlen_q, block_m), batch * nheads, "the forward")
     _zia_fwd_kernel[grid](
-        q, k, v, pk, pv, gamma, out, lse_w, lse_p, cu_seqlens_q, cu_seqlens_k, leftpad_k,
+        q, k, v, pk, pv, gamma, out, o_w if save_o_w else out, lse_w, lse_p, cu_seqlens_q, cu_seqlens_k, leftpad_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
         *_prompt_strides(pk), *_prompt_strides(pv), *_strides(out, varlen),
-        *_lse_strides(lse_w, varlen),
-        nheads, nheads // nheads_kv, seqlen_q, seqlen_k, prompt_len, softmax_scale * LOG2E,
+        *_strides(o_w if save_o_w else out, varlen), *_lse_strides(lse_w, varlen),
+        nheads, nheads // nheads_kv, seqlen_q, seqlen_k, *_totals(q, k, varlen), prompt_len, softmax_scale * LOG2E,
         HEAD_DIM=headdim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=cfg["BLOCK_P"],
-        IS_CAUSAL=causal, HAS_PROMPT=has_prompt, VARLEN=varlen, HAS_LEFTPAD=leftpad_k is not None,
-        **_dtype_flags(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        IS_CAUSAL=causal, HAS_PROMPT=prompt_len > 0, VARLEN=varlen, HAS_LEFTPAD=leftpad_k is not None,
+        SAVE_O_W=save_o_w, **_dtype_flags(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
-    return out, lse_w, lse_p
+    return out, o_w, lse_w, lse_p
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -682,80 +869,102 @@ def _dtype_flags(dtype: torch.dtype) -> dict:
     )
 
 
-def _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, softmax_scale, cu_seqlens_q,
-         cu_seqlens_k, max_seqlen_q, max_seqlen_k, leftpad_k, need_dq, need_dkv, need_dprompt):
+def prompt_grad_blocks(cu_seqlens_q: torch.Tensor | None, batch: int, seqlen_q: int, total_q: int,
+                       block_m: int) -> tuple[int, torch.Tensor | None]:
+    """(num_parts, blk_off): the query blocks whose prompt-gradient partials the backward keeps, and, packed,
+    the index of each sequence's first one (num_seqs + 1,) int64, computed on the device without a
+    synchronisation. Dense: batch x cdiv(seqlen_q, block_m). Packed (seqlen_q = max_seqlen_q): at most
+    cdiv(total_q, block_m) + num_seqs, bounded by the tokens whatever the longest sequence."""
+    dense = batch * triton.cdiv(seqlen_q, block_m)
+    if cu_seqlens_q is None:
+        return dense, None
+    lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long().clamp(0, seqlen_q)
+    blk_off = torch.nn.functional.pad(((lens + block_m - 1) // block_m).cumsum(0), (1, 0))
+    return min(dense, triton.cdiv(total_q, block_m) + batch), blk_off
+
+
+def _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, o_w, lse_w, lse_p, causal, softmax_scale, cu_seqlens_q,
+         cu_seqlens_k, max_seqlen_q, max_seqlen_k, leftpad_k, deterministic, need_dq, need_dkv, need_dprompt):
     varlen, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, prompt_len = _geometry(
         q, k, prompt_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     groups = nheads // nheads_kv
-    dev = q.device
-    dq = torch.zeros_like(q) if need_dq else q.new_empty(0)
-    dk = torch.zeros_like(k) if need_dkv else k.new_empty(0)
-    dv = torch.zeros_like(v) if need_dkv else v.new_empty(0)
-    dpk = torch.zeros_like(prompt_k) if need_dprompt else prompt_k.new_empty(0)
-    dpv = torch.zeros_like(prompt_v) if need_dprompt else prompt_v.new_empty(0)
-    dgamma = torch.zeros(nheads, dtype=gamma.dtype, device=dev)
-    if dout.numel() == 0:
-        return dq, dk, dv, dpk, dpv, dgamma
+    dev, acc = q.device, _acc_dtype(q.dtype)
 
-    head_dim_pad = max(16, triton.next_power_of_2(headdim))
-    cfg = _blocks(q.dtype, head_dim_pad, seqlen_q, prompt_len, _shared_memory(q.device))
+    def grad(x, needed, alloc=torch.empty_like):
+        return alloc(x) if needed else x.new_empty(0)
+
+    if dout.numel() == 0:  # no query: every gradient is zero
+        return (grad(q, need_dq), grad(k, need_dkv, torch.zeros_like), grad(v, need_dkv, torch.zeros_like),
+                grad(prompt_k, need_dprompt, torch.zeros_like), grad(prompt_v, need_dprompt, torch.zeros_like),
+                torch.zeros(nheads, dtype=gamma.dtype, device=dev))
+    # every row of dq and of the prompt gradients is written; of dk / dv, all but a left-padded batch's pad keys
+    kv_alloc = torch.zeros_like if leftpad_k is not None else torch.empty_like
+    dq, dk, dv = grad(q, need_dq), grad(k, need_dkv, kv_alloc), grad(v, need_dkv, kv_alloc)
+    dpk, dpv = grad(prompt_k, need_dprompt), grad(prompt_v, need_dprompt)
+
     has_prompt = prompt_len > 0
+    need_prompt_part = has_prompt and need_dprompt
+    atomic_dq = not deterministic and need_dq and need_dkv  # dq rides on the dK/dV pass
+    head_dim_pad = max(16, triton.next_power_of_2(headdim))
+    cfg = _blocks(q.dtype, head_dim_pad, seqlen_q, prompt_len, _shared_memory(q.device), atomic_dq)
     pk, pv = prompt_k, prompt_v
     qk_scale = softmax_scale * LOG2E
+    totals = _totals(q, k, varlen)
     common = dict(HEAD_DIM=headdim, HEAD_DIM_PAD=head_dim_pad, VARLEN=varlen, **_dtype_flags(q.dtype))
     delta_w = torch.empty_like(lse_w)
-    delta_p = torch.zeros_like(lse_w)
+    delta_p = torch.empty_like(lse_w) if has_prompt else delta_w  # unread without a prompt
 
     pre_m, num_warps = cfg["pre"]
-    _zia_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre_m), batch * nheads)](
-        q, pk, pv, gamma, out, dout, lse_p, delta_w, delta_p, cu_seqlens_q, cu_seqlens_k,
-        *_strides(q, varlen), *_prompt_strides(pk), *_prompt_strides(pv), *_strides(out, varlen),
+    _zia_bwd_preprocess_kernel[launch_grid(triton.cdiv(seqlen_q, pre_m), batch * nheads, "the backward")](
+        q, pk, pv, o_w, dout, lse_p, delta_w, delta_p, cu_seqlens_q, cu_seqlens_k,
+        *_strides(q, varlen), *_prompt_strides(pk), *_prompt_strides(pv), *_strides(o_w, varlen),
         *_strides(dout, varlen), *_lse_strides(lse_w, varlen),
-        nheads, groups, seqlen_q, seqlen_k, prompt_len, qk_scale,
+        nheads, groups, seqlen_q, seqlen_k, *totals, prompt_len, qk_scale,
         BLOCK_M=pre_m, BLOCK_P=cfg["BLOCK_P"], HAS_PROMPT=has_prompt, num_warps=num_warps, **common,
     )
 
+    # deterministic=False: the token part of dq, summed with atomics in fp32 (zeros first)
+    dq_acc = torch.zeros(q.shape, dtype=acc, device=dev) if atomic_dq else q  # q: a placeholder, never touched
     if need_dkv:
         block_m, block_n, num_warps, num_stages = cfg["dkdv"]
-        _zia_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, block_n), batch * nheads_kv)](
-            q, k, v, dout, dk, dv, lse_w, delta_w, cu_seqlens_q, cu_seqlens_k, leftpad_k,
+        _zia_bwd_dkdv_kernel[launch_grid(triton.cdiv(seqlen_k, block_n), batch * nheads_kv, "the backward")](
+            q, k, v, dout, dk, dv, dq_acc, lse_w, delta_w, cu_seqlens_q, cu_seqlens_k, leftpad_k,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
-            *_strides(dk, varlen), *_strides(dv, varlen), *_lse_strides(lse_w, varlen),
-            nheads_kv, groups, seqlen_q, seqlen_k, qk_scale, softmax_scale,
+            *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq_acc, varlen), *_lse_strides(lse_w, varlen),
+            nheads_kv, groups, seqlen_q, seqlen_k, *totals, qk_scale, softmax_scale,
             BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, HAS_LEFTPAD=leftpad_k is not None,
-            num_warps=num_warps, num_stages=num_stages, **common,
+            ATOMIC_DQ=atomic_dq, num_warps=num_warps, num_stages=num_stages, **common,
         )
 
-    need_prompt_part = has_prompt and need_dprompt
     if need_dq or need_prompt_part:
         block_m, block_n, num_warps, num_stages = cfg["dq"]
         num_m = triton.cdiv(seqlen_q, block_m)
-        part_shape = (batch, nheads, num_m, prompt_len, headdim) if need_prompt_part else (0,)
-        # packed: blocks past a short sequence's end write nothing, so their partials must read 0
-        alloc = torch.zeros if varlen else torch.empty
-        dpk_part = alloc(part_shape, dtype=_acc_dtype(q.dtype), device=dev)
-        dpv_part = alloc(part_shape, dtype=_acc_dtype(q.dtype), device=dev)
-        _zia_bwd_dq_kernel[(num_m, batch * nheads)](
-            q, k, v, pk, pv, gamma, dout, dq if need_dq else q, dpk_part, dpv_part, lse_w, lse_p, delta_w, delta_p,
-            cu_seqlens_q, cu_seqlens_k, leftpad_k,
+        num_parts, blk_off = prompt_grad_blocks(cu_seqlens_q, batch, seqlen_q, q.shape[0], block_m)
+        part_shape = (nheads, num_parts, prompt_len, headdim) if need_prompt_part else (0,)
+        dpk_part = torch.empty(part_shape, dtype=acc, device=dev)  # every block present writes its own
+        dpv_part = torch.empty(part_shape, dtype=acc, device=dev)
+        _zia_bwd_dq_kernel[launch_grid(num_m, batch * nheads, "the backward")](
+            q, k, v, pk, pv, gamma, dout, dq if need_dq else q, dq_acc, dpk_part, dpv_part, blk_off, lse_w, lse_p,
+            delta_w, delta_p, cu_seqlens_q, cu_seqlens_k, leftpad_k,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
             *_prompt_strides(pk), *_prompt_strides(pv), *_strides(dout, varlen),
-            *_strides(dq if need_dq else q, varlen), *_lse_strides(lse_w, varlen),
-            nheads, groups, seqlen_q, seqlen_k, prompt_len, qk_scale, softmax_scale,
+            *_strides(dq if need_dq else q, varlen), *_strides(dq_acc, varlen), *_lse_strides(lse_w, varlen),
+            nheads, groups, seqlen_q, seqlen_k, *totals, prompt_len, num_parts, qk_scale, softmax_scale,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=cfg["BLOCK_P"], IS_CAUSAL=causal, HAS_PROMPT=has_prompt,
-            HAS_LEFTPAD=leftpad_k is not None, COMPUTE_DQ=need_dq, COMPUTE_DPROMPT=need_prompt_part,
-            num_warps=num_warps, num_stages=num_stages, **common,
+            HAS_LEFTPAD=leftpad_k is not None, COMPUTE_DQ=need_dq, ATOMIC_DQ=atomic_dq,
+            COMPUTE_DPROMPT=need_prompt_part, num_warps=num_warps, num_stages=num_stages, **common,
         )
         if need_prompt_part:
-            # fixed-order sums: over query blocks, the query heads of each kv group, then the
-            # batch if one prompt was shared by all
-            for part, grad in ((dpk_part, dpk), (dpv_part, dpv)):
-                g = part.sum(dim=2).view(batch, nheads_kv, groups, prompt_len, headdim).sum(dim=2)
-                if prompt_k.shape[0] == 1:
-                    g = g.sum(dim=0, keepdim=True)
-                grad.copy_(g.permute(0, 2, 1, 3))  # (B, nh_kv, P, hs) -> (B, P, nh_kv, hs)
-    if has_prompt:
-        dgamma = delta_p.sum(dim=(0, 2))
+            size = prompt_len * headdim
+            block = _reduce_block(size)
+            grid = launch_grid(triton.cdiv(size, block), prompt_k.shape[0] * nheads_kv, "the prompt gradients")
+            _zia_prompt_grad_kernel[grid](
+                dpk_part, dpv_part, dpk, dpv, blk_off, *dpk.stride(), *dpv.stride(),
+                batch, num_m, num_parts, nheads_kv, groups, prompt_len,
+                HEAD_DIM=headdim, BLOCK=block, SHARED=prompt_k.shape[0] == 1, VARLEN=varlen,
+                UPCAST=common["UPCAST"], ACC=common["ACC"],
+            )
+    dgamma = delta_p.sum(dim=(0, 2)) if has_prompt else torch.zeros(nheads, dtype=gamma.dtype, device=dev)
     return dq, dk, dv, dpk, dpv, dgamma
 
 
@@ -769,36 +978,39 @@ def _zia_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: torch.Tensor, prompt_v: torch.Tensor,
     gamma: torch.Tensor, causal: bool, softmax_scale: float, cu_seqlens_q: torch.Tensor | None,
     cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, leftpad_k: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    deterministic: bool, save_o_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # deterministic is the backward's; it is an input here so that autograd's context keeps it
     return _fwd(q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k,
-                max_seqlen_q, max_seqlen_k, leftpad_k)
+                max_seqlen_q, max_seqlen_k, leftpad_k, save_o_w)
 
 
 @_zia_fwd_op.register_fake
 def _(q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-      max_seqlen_k, leftpad_k):
+      max_seqlen_k, leftpad_k, deterministic, save_o_w):
     varlen, batch, seqlen_q, _, nheads, *_ = _geometry(q, k, prompt_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     lse_shape = _lse_shape(q, varlen, batch, nheads, seqlen_q)
     acc = _acc_dtype(q.dtype)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty(lse_shape, dtype=acc), q.new_empty(lse_shape, dtype=acc))
+            q.new_empty(q.shape if save_o_w else (0,), dtype=acc), q.new_empty(lse_shape, dtype=acc),
+            q.new_empty(lse_shape, dtype=acc))
 
 
 @torch.library.custom_op("llama_adapter::zero_init_attention_bwd", mutates_args=())
 def _zia_bwd_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: torch.Tensor,
-    prompt_v: torch.Tensor, gamma: torch.Tensor, out: torch.Tensor, lse_w: torch.Tensor, lse_p: torch.Tensor,
+    prompt_v: torch.Tensor, gamma: torch.Tensor, o_w: torch.Tensor, lse_w: torch.Tensor, lse_p: torch.Tensor,
     causal: bool, softmax_scale: float, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int, max_seqlen_k: int, leftpad_k: torch.Tensor | None, need_dq: bool, need_dkv: bool,
-    need_dprompt: bool,
+    max_seqlen_q: int, max_seqlen_k: int, leftpad_k: torch.Tensor | None, deterministic: bool, need_dq: bool,
+    need_dkv: bool, need_dprompt: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, softmax_scale, cu_seqlens_q,
-                cu_seqlens_k, max_seqlen_q, max_seqlen_k, leftpad_k, need_dq, need_dkv, need_dprompt)
+    return _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, o_w, lse_w, lse_p, causal, softmax_scale, cu_seqlens_q,
+                cu_seqlens_k, max_seqlen_q, max_seqlen_k, leftpad_k, deterministic, need_dq, need_dkv, need_dprompt)
 
 
 @_zia_bwd_op.register_fake
-def _(dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, softmax_scale, cu_seqlens_q,
-      cu_seqlens_k, max_seqlen_q, max_seqlen_k, leftpad_k, need_dq, need_dkv, need_dprompt):
+def _(dout, q, k, v, prompt_k, prompt_v, gamma, o_w, lse_w, lse_p, causal, softmax_scale, cu_seqlens_q,
+      cu_seqlens_k, max_seqlen_q, max_seqlen_k, leftpad_k, deterministic, need_dq, need_dkv, need_dprompt):
     def grad(x, needed):
         return torch.empty_like(x) if needed else x.new_empty(0)
 
@@ -807,23 +1019,25 @@ def _(dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, softm
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_q, cu_k, max_q, max_k, leftpad_k = inputs
-    out, lse_w, lse_p = output
-    ctx.save_for_backward(q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, cu_q, cu_k, leftpad_k)
-    ctx.args = (causal, softmax_scale, max_q, max_k)
-    ctx.mark_non_differentiable(lse_w, lse_p)
+    q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_q, cu_k, max_q, max_k, leftpad_k, det, saved = inputs
+    _out, o_w, lse_w, lse_p = output
+    ctx.save_for_backward(q, k, v, prompt_k, prompt_v, gamma, o_w, lse_w, lse_p, cu_q, cu_k, leftpad_k)
+    ctx.args = (causal, softmax_scale, max_q, max_k, det, saved)
+    ctx.mark_non_differentiable(o_w, lse_w, lse_p)
 
 
-def _backward(ctx, dout, _dlse_w, _dlse_p):
-    q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, cu_q, cu_k, leftpad_k = ctx.saved_tensors
-    causal, softmax_scale, max_q, max_k = ctx.args
+def _backward(ctx, dout, _do_w, _dlse_w, _dlse_p):
+    q, k, v, prompt_k, prompt_v, gamma, o_w, lse_w, lse_p, cu_q, cu_k, leftpad_k = ctx.saved_tensors
+    causal, softmax_scale, max_q, max_k, deterministic, saved = ctx.args
+    if not saved:  # the public op asks for o_w whenever an input requires grad
+        raise RuntimeError("zero_init_attention's forward ran without keeping what its backward needs")
     need = ctx.needs_input_grad
     dq, dk, dv, dpk, dpv, dgamma = _zia_bwd_op(
-        dout, q, k, v, prompt_k, prompt_v, gamma, out, lse_w, lse_p, causal, softmax_scale, cu_q, cu_k, max_q, max_k,
-        leftpad_k, need[0], need[1] or need[2], need[3] or need[4])
+        dout, q, k, v, prompt_k, prompt_v, gamma, o_w, lse_w, lse_p, causal, softmax_scale, cu_q, cu_k, max_q, max_k,
+        leftpad_k, deterministic, need[0], need[1] or need[2], need[3] or need[4])
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
             dpk if need[3] else None, dpv if need[4] else None, dgamma if need[5] else None,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
 
 
 _zia_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -838,7 +1052,8 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _check_inputs(q, k, v, prompt_k, prompt_v, gate, causal, softmax_scale, gate_act, varlen) -> None:
+def _check_inputs(q, k, v, prompt_k, prompt_v, gate, causal, softmax_scale, gate_act, deterministic,
+                  varlen) -> None:
     """Raise ValueError/TypeError naming the argument and the shapes it got; nothing is launched."""
     named = {"q": q, "k": k, "v": v, "prompt_k": prompt_k, "prompt_v": prompt_v, "gate": gate}
     for name, t in named.items():
@@ -890,13 +1105,16 @@ def _check_inputs(q, k, v, prompt_k, prompt_v, gate, causal, softmax_scale, gate
                          f"got {_shape(prompt_k)}")
     if gate.dim() != 1 or gate.shape[0] not in (1, nheads):
         raise ValueError(f"gate must have shape ({nheads},) (one per head) or (1,), got {_shape(gate)}")
+    for name, flag in (("causal", causal), ("deterministic", deterministic)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
     if not varlen and causal and q.shape[1] > k.shape[1]:
         raise ValueError(f"causal attention needs seqlen_q <= seqlen_k (bottom-right aligned), got q {_shape(q)} "
                          f"and k {_shape(k)}")
     if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
-                                      or not softmax_scale > 0):
-        raise ValueError(f"softmax_scale must be a positive number or None, got {softmax_scale!r}")
-    if gate_act not in ("tanh", "identity"):
+                                      or not 0 < softmax_scale < math.inf):
+        raise ValueError(f"softmax_scale must be a positive finite number or None, got {softmax_scale!r}")
+    if gate_act not in GATE_ACTS:
         raise ValueError(f"gate_act must be 'tanh' or 'identity', got {gate_act!r}")
 
 
@@ -922,21 +1140,31 @@ def _check_varlen(q, k, prompt_k, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen
                          f"got {_shape(prompt_k)}")
     # the offsets themselves are checked where that costs no device synchronisation
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
-        for name, cu, total, m in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
-                                   ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
-            lens = cu[1:] - cu[:-1]
-            if cu[0].item() != 0 or cu[-1].item() != total or bool((lens < 0).any()):
-                raise ValueError(f"{name} must rise from 0 to {total} (the packed length), got {cu.tolist()}")
-            if int(lens.max()) > m:
-                raise ValueError(f"{name.replace('cu_seqlens', 'max_seqlen')}={m} is less than the longest "
-                                 f"sequence ({int(lens.max())})")
-        lq, lk = cu_seqlens_q[1:] - cu_seqlens_q[:-1], cu_seqlens_k[1:] - cu_seqlens_k[:-1]
-        if bool(((lk == 0) & (lq > 0)).any()):
-            raise ValueError("every sequence with queries needs at least one key: cu_seqlens_k has an empty "
-                             f"sequence where cu_seqlens_q has not ({cu_seqlens_q.tolist()}, {cu_seqlens_k.tolist()})")
-        if causal and bool((lq > lk).any()):
-            raise ValueError("causal attention needs seqlen_q <= seqlen_k in every sequence, got cu_seqlens_q "
-                             f"{cu_seqlens_q.tolist()} and cu_seqlens_k {cu_seqlens_k.tolist()}")
+        check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, causal)
+
+
+def check_cu_seqlens(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: int,
+                     max_seqlen_q: int, max_seqlen_k: int, causal: bool) -> None:
+    """The packed offsets' values (host tensors, or device ones at the cost of a synchronisation): each rises
+    from 0 to the packed length, no sequence is longer than its max_seqlen, every sequence with queries has a
+    key, and causal ones have no more queries than keys. ValueError naming what is wrong."""
+    for name, cu, total, m in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
+                               ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k)):
+        cu = cu.cpu()
+        lens = cu[1:] - cu[:-1]
+        if cu[0].item() != 0 or cu[-1].item() != total or bool((lens < 0).any()):
+            raise ValueError(f"{name} must rise from 0 to {total} (the packed length), got {cu.tolist()}")
+        if int(lens.max()) > m:
+            raise ValueError(f"{name.replace('cu_seqlens', 'max_seqlen')}={m} is less than the longest "
+                             f"sequence ({int(lens.max())})")
+    cu_q, cu_k = cu_seqlens_q.cpu(), cu_seqlens_k.cpu()
+    lq, lk = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
+    if bool(((lk == 0) & (lq > 0)).any()):
+        raise ValueError("every sequence with queries needs at least one key: cu_seqlens_k has an empty "
+                         f"sequence where cu_seqlens_q has not ({cu_q.tolist()}, {cu_k.tolist()})")
+    if causal and bool((lq > lk).any()):
+        raise ValueError("causal attention needs seqlen_q <= seqlen_k in every sequence, got cu_seqlens_q "
+                         f"{cu_q.tolist()} and cu_seqlens_k {cu_k.tolist()}")
 
 
 def _check_leftpad(q, k, leftpad_k, varlen) -> None:
@@ -951,6 +1179,15 @@ def _check_leftpad(q, k, leftpad_k, varlen) -> None:
     if q.device.type == "cpu" and not torch.compiler.is_compiling() and leftpad_k.numel() and not (
             0 <= int(leftpad_k.min()) and int(leftpad_k.max()) <= k.shape[1]):
         raise ValueError(f"leftpad_k must count pad keys in [0, seqlen_k={k.shape[1]}], got {leftpad_k.tolist()}")
+
+
+GATE_ACTS = ("tanh", "identity")
+
+
+def _gate_act(gate: torch.Tensor, gate_act: str) -> torch.Tensor:
+    """act(gate) for the kernels (the eager reference writes its own, so that the tests' oracle shares no code
+    with the op)."""
+    return torch.tanh(gate) if gate_act == "tanh" else gate
 
 
 def _use_triton(q: torch.Tensor) -> bool:
@@ -973,6 +1210,7 @@ def zero_init_attention(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     leftpad_k: torch.Tensor | None = None,
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """Zero-init attention: causal attention over the tokens plus a gated prompt attention with its
     own softmax, fused in one pass (LLaMA-Adapter, arXiv 2303.16199).
@@ -1000,6 +1238,10 @@ def zero_init_attention(
             leftpad_k / cache_leftpad): row b's first leftpad_k[b] token keys are padding, never attended.
             The causal alignment stays bottom-right; a query before row b's first real key (a pad query)
             sees no token key, and its output is the prompt part alone. Not with packed sequences.
+        deterministic: as flash-attn's. True (the default): the backward gives bitwise the same gradients for
+            the same inputs. False: dq is summed with atomics during the dK/dV pass (FlashAttention-2's
+            backward, 5 block products instead of 7), its last bits varying from run to run; only when k and v
+            need gradients too.
     Returns:
         out: shaped like q, contiguous, dtype of q. Softmax statistics and accumulators in fp32 (fp64 for
             fp64 inputs, which exist for verification).
@@ -1010,12 +1252,14 @@ def zero_init_attention(
     Caution:
         Bad input raises ValueError / TypeError before anything is launched. The packed offsets
         and leftpad_k's values are checked on CPU tensors only (on a GPU that would need a device
-        synchronisation).
+        synchronisation: check_cu_seqlens does it at that cost); on a GPU the kernels clamp every offset,
+        so no value reads or writes outside the tensors, and a sequence or row whose own offsets are out of
+        range gets NaN outputs.
         Runs the Triton kernels on CUDA tensors (compiled) or anywhere under TRITON_INTERPRET=1
         (read when this module is imported); otherwise the eager reference.
     """
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
-    _check_inputs(q, k, v, prompt_k, prompt_v, gate, causal, softmax_scale, gate_act, varlen)
+    _check_inputs(q, k, v, prompt_k, prompt_v, gate, causal, softmax_scale, gate_act, deterministic, varlen)
     if varlen:
         _check_varlen(q, k, prompt_k, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     elif max_seqlen_q is not None or max_seqlen_k is not None:
@@ -1031,9 +1275,10 @@ def zero_init_attention(
         return zero_init_attention_ref(q, k, v, prompt_k, prompt_v, gate, causal=causal, softmax_scale=scale,
                                        gate_act=gate_act, leftpad_k=leftpad_k)
     nheads = q.shape[-2]
-    gamma = gate_activation(gate.to(_acc_dtype(q.dtype)), gate_act).expand(nheads).contiguous()  # (nheads,) fp32
-    out, _, _ = _zia_fwd_op(q, k, v, prompt_k, prompt_v, gamma, causal, scale, cu_seqlens_q, cu_seqlens_k,
-                            max_seqlen_q or 0, max_seqlen_k or 0, leftpad_k)
+    gamma = _gate_act(gate.to(_acc_dtype(q.dtype)), gate_act).expand(nheads).contiguous()  # (nheads,) fp32
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prompt_k, prompt_v, gate))
+    out, _, _, _ = _zia_fwd_op(q, k, v, prompt_k, prompt_v, gamma, causal, scale, cu_seqlens_q, cu_seqlens_k,
+                               max_seqlen_q or 0, max_seqlen_k or 0, leftpad_k, deterministic, backward)
     return out
 
 

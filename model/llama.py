@@ -528,7 +528,7 @@ class LLaMA(nn.Module):
     @staticmethod
     def _check_packed(tokens: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None, input_pos: int,
                       left_pad: list[int] | None, cached: bool) -> int:
-        """Check packed-sequence arguments; returns max_seqlen (computed from cu_seqlens when None: a sync on GPU)."""
+        """Check packed-sequence arguments; returns max_seqlen (the longest sequence when None)."""
         if tokens.shape[0] != 1:
             raise ValueError(f"packed sequences (cu_seqlens) go in one row: tokens must be (1, total), got "
                              f"{tuple(tokens.shape)}")
@@ -541,13 +541,18 @@ class LLaMA(nn.Module):
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but tokens are on {tokens.device}")
         if cached or input_pos or left_pad is not None:
             raise ValueError("packed sequences (cu_seqlens) are for training: no KV cache, input_pos or left_pad")
-        if cu_seqlens.device.type == "cpu":  # on a GPU the op's kernels bound every access instead
-            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-            if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != tokens.shape[1] or bool((lengths < 0).any()):
-                raise ValueError(f"cu_seqlens must rise from 0 to {tokens.shape[1]} (the packed length), got "
-                                 f"{cu_seqlens.tolist()}")
+        # checked once per forward, for every layer's op (which checks CUDA offsets only by clamping them): on a
+        # GPU this one small copy is the forward's one synchronisation
+        cu = cu_seqlens.cpu()
+        lengths = cu[1:] - cu[:-1]
+        if int(cu[0]) != 0 or int(cu[-1]) != tokens.shape[1] or bool((lengths < 0).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to {tokens.shape[1]} (the packed length), got {cu.tolist()}")
+        longest = int(lengths.max())
         if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            return longest
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < longest:
+            raise ValueError(f"max_seqlen must be an int of at least the longest sequence ({longest}), got "
+                             f"{max_seqlen!r}")
         return max_seqlen
 
     @staticmethod

@@ -295,7 +295,7 @@ def test_packed_sequences_reject_bad_input():
         model(row, cu_seqlens=cu, visual=torch.zeros(1, 128))
     with pytest.raises(ValueError, match="max_seqlen goes with cu_seqlens"):
         model(row, max_seqlen=4)
-    with pytest.raises(ValueError, match="max_seqlen_q=3 is less than the longest sequence"):
+    with pytest.raises(ValueError, match=r"max_seqlen must be an int of at least the longest sequence \(4\), got 3"):
         model(row, cu_seqlens=cu, max_seqlen=3)
     model.setup_cache(1, 8)
     with pytest.raises(ValueError, match="packed sequences .* no KV cache"):

@@ -4,12 +4,14 @@
 
 Providers (--providers), each checked against an fp32 eager reference before it is timed:
     fused        kernels.zero_init_attention (the Triton kernels; interpreted on a CPU)
+    fused_atomic the same with deterministic=False: dq summed with atomics in the dK/dV pass
     eager        kernels.zero_init_attention_ref (the paper's code: materialised scores, fp32 softmax)
     sdpa2        two F.scaled_dot_product_attention calls summed (litgpt / LLaMA-Adapter V2): causal on the
                  tokens + non-causal on the prompts expanded over the batch, times act(gate) per head
     xformers2    the same with two xformers.ops.memory_efficient_attention calls (when xformers imports)
     flex2        the same with two FlexAttention calls (torch.compile'd on CUDA, eager on a CPU)
     sdpa_causal  one causal SDPA call without any adapter: the floor the fused op is measured against
+    sdpa_causal_flash  the same with SDPA's flash backend forced (torch.nn.attention.sdpa_kernel)
 Modes (--modes): fwd (the training forward: inputs require grad), bwd (backward only: the forward runs
 outside the timed region, backward(retain_graph=True) is timed), full (forward + backward).
 
@@ -44,6 +46,7 @@ provider computes the right answer. Several GPUs: the benchmark uses the current
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
@@ -337,11 +340,11 @@ class Provider:
     no_backward: Callable[[torch.device], str | None] = lambda device: None  # why it cannot run backward here
 
 
-def _build_fused(x: Inputs) -> tuple[Forward, dict[str, str]]:
+def _build_fused(x: Inputs, *, deterministic: bool = True) -> tuple[Forward, dict[str, str]]:
     act = x.case.gate_act
     fwd = lambda: kernels.zero_init_attention(x.q, x.k, x.v, x.prompt_k, x.prompt_v, x.gate, causal=True,
-                                              gate_act=act)
-    return fwd, {"op_backend": op_backend(x.device)}
+                                              gate_act=act, deterministic=deterministic)
+    return fwd, {"op_backend": op_backend(x.device), "deterministic": str(deterministic)}
 
 
 def _build_eager(x: Inputs) -> tuple[Forward, dict[str, str]]:
@@ -397,8 +400,23 @@ def _sdpa_gqa_strategy(x: Inputs) -> str:
     return "enable_gqa"
 
 
-def _build_sdpa(x: Inputs, *, adapter: bool) -> tuple[Forward, dict[str, str]]:
+def _flash_unavailable(device: torch.device) -> str | None:
+    """Why SDPA's flash backend cannot run here, if it cannot (tried on a tiny causal call)."""
+    t = torch.zeros(1, 1, 16, 64, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            F.scaled_dot_product_attention(t, t, t, is_causal=True)
+    except RuntimeError as exc:
+        return f"SDPA's flash backend does not run here ({describe_exception(exc, 150)})"
+    return None
+
+
+def _build_sdpa(x: Inputs, *, adapter: bool, backend: str | None = None) -> tuple[Forward, dict[str, str]]:
+    """Causal SDPA on the tokens (+ a second call on the prompts with adapter); backend forces one of SDPA's
+    backends (an SDPBackend name) instead of letting torch choose."""
     c = x.case
+    forced = getattr(torch.nn.attention.SDPBackend, backend) if backend else None
+    within = (lambda: torch.nn.attention.sdpa_kernel(forced)) if forced is not None else contextlib.nullcontext
     strategy = _sdpa_gqa_strategy(x)
     groups = c.nheads // c.nheads_kv
     gqa = strategy == "enable_gqa"
@@ -408,17 +426,18 @@ def _build_sdpa(x: Inputs, *, adapter: bool) -> tuple[Forward, dict[str, str]]:
         q, k, v, pk, pv = _heads_first(x)  # (B, nh, T, hs); prompts (B, nh_kv, K, hs), expanded over the batch
         if expand_heads is not None:
             k, v, pk, pv = (expand_heads(t) for t in (k, v, pk, pv))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        if adapter:
-            ay = F.scaled_dot_product_attention(q, pk, pv, enable_gqa=gqa)  # the prompts: no mask, own softmax
-            y = y + _gamma(x.gate, c.gate_act, y.dtype, c.nheads).view(1, -1, 1, 1) * ay
+        with within():
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            if adapter:
+                ay = F.scaled_dot_product_attention(q, pk, pv, enable_gqa=gqa)  # the prompts: no mask, own softmax
+                y = y + _gamma(x.gate, c.gate_act, y.dtype, c.nheads).view(1, -1, 1, 1) * ay
         return y.transpose(1, 2).contiguous()  # (B, T, nh, hs), as the op returns it
 
     q, k, v, pk, pv = _heads_first(x)
     if expand_heads is not None:
         k, v, pk, pv = (expand_heads(t) for t in (k, v, pk, pv))
-    info = {"sdpa_backend_tokens": sdpa_backend(q, k, v, is_causal=True, enable_gqa=gqa),
-            "sdpa_enabled": sdpa_enabled_backends(), "sdpa_gqa": strategy}
+    chosen = f"{backend} (forced)" if backend else sdpa_backend(q, k, v, is_causal=True, enable_gqa=gqa)
+    info = {"sdpa_backend_tokens": chosen, "sdpa_enabled": sdpa_enabled_backends(), "sdpa_gqa": strategy}
     if adapter:
         info["sdpa_backend_prompt"] = sdpa_backend(q, pk, pv, is_causal=False, enable_gqa=gqa)
     return fwd, info
@@ -518,11 +537,14 @@ PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in (
         Provider("fused", _build_fused),
+        Provider("fused_atomic", lambda x: _build_fused(x, deterministic=False)),
         Provider("eager", _build_eager),
         Provider("sdpa2", lambda x: _build_sdpa(x, adapter=True)),
         Provider("xformers2", _build_xformers2, unavailable=_xformers_unavailable),
         Provider("flex2", _build_flex2, no_backward=_flex_no_backward),
         Provider("sdpa_causal", lambda x: _build_sdpa(x, adapter=False), adapter=False),
+        Provider("sdpa_causal_flash", lambda x: _build_sdpa(x, adapter=False, backend="FLASH_ATTENTION"),
+                 adapter=False, unavailable=_flash_unavailable),
     )
 }
 
@@ -892,9 +914,13 @@ def check_targets(result: RunResult) -> list[TargetCheck]:
     for case in result.cases:
         if case.dtype != "bf16" or case.headdim != 128 or not TARGET_SEQLENS[0] <= case.seqlen <= TARGET_SEQLENS[1]:
             continue
-        t = {p: result.median(case.shape, p, "full") for p in ("fused", "sdpa_causal", "sdpa2", "eager")}
+        t = {p: result.median(case.shape, p, "full")
+             for p in ("fused", "fused_atomic", "sdpa_causal", "sdpa_causal_flash", "sdpa2", "eager")}
         for name, num, den, bound, upper in (
                 ("fused / sdpa_causal time <= 1.15", "fused", "sdpa_causal", 1.15, True),
+                ("fused / sdpa_causal_flash time <= 1.15", "fused", "sdpa_causal_flash", 1.15, True),
+                # not a target: whether deterministic=False should become the default (DESIGN.md)
+                ("fused_atomic / fused time < 1 (atomic dq faster)", "fused_atomic", "fused", 1.0, True),
                 ("sdpa2 / fused time >= 1.5 (1.5x faster)", "sdpa2", "fused", 1.5, False),
                 ("eager / fused time >= 5 (5x faster)", "eager", "fused", 5.0, False)):
             if num not in result.providers or den not in result.providers:

@@ -68,12 +68,14 @@ def test_smoke_run_writes_checked_rows(smoke_run):
     cases = ba.cases_of(cfg)
     assert len(cases) == 4 and {c.nheads_kv for c in cases} == {2} and {c.nheads for c in cases} == {2, 4}
 
-    timed = ["fused", "eager", "sdpa2", "sdpa_causal"] + (["flex2"] if ON_CUDA else [])
+    timed = ["fused", "fused_atomic", "eager", "sdpa2", "sdpa_causal", "sdpa_causal_flash"] + (
+        ["flex2"] if ON_CUDA else [])
+    floors = ("sdpa_causal", "sdpa_causal_flash")
     for case in cases:
         for prov in timed:
             assert float(idx[(prov, "check", case.shape, "max_err_over_tol")]) <= 1.0
             checked = idx[(prov, "check", case.shape, "checked")].split()
-            assert checked == (ADAPTER_TENSORS if prov != "sdpa_causal" else ADAPTER_TENSORS[:4])
+            assert checked == (ADAPTER_TENSORS if prov not in floors else ADAPTER_TENSORS[:4])
             for mode in ba.MODES:
                 key = lambda metric: (prov, mode, case.shape, metric)  # noqa: B023
                 med, p20, p80 = (float(idx[key(m)]) for m in ("time_median", "time_p20", "time_p80"))
@@ -82,12 +84,14 @@ def test_smoke_run_writes_checked_rows(smoke_run):
                 assert float(idx[key("gflop")]) == pytest.approx(flop / 1e9, rel=1e-5)
                 assert float(idx[key("tflops")]) == pytest.approx(flop / 1e9 / med, rel=1e-4)  # GFLOP/ms = TFLOP/s
                 pflop = 4 * case.batch * case.nheads * case.seqlen * case.prompt_len * case.headdim
-                if prov == "sdpa_causal":
+                if prov in floors:
                     assert key("prompt_gflop") not in idx
                 else:
                     assert float(idx[key("prompt_gflop")]) == pytest.approx(
                         pflop * ba.MODE_FACTOR[mode] / 1e9, rel=1e-5)
                 assert (key("peak_mem") in idx) == ON_CUDA
+        assert idx[("sdpa_causal_flash", "all", case.shape, "sdpa_backend_tokens")] == "FLASH_ATTENTION (forced)"
+        assert idx[("fused_atomic", "all", case.shape, "deterministic")] == "False"
         for prov in ("sdpa2", "sdpa_causal"):
             assert idx[(prov, "all", case.shape, "sdpa_backend_tokens")]
             gqa = idx[(prov, "all", case.shape, "sdpa_gqa")]
@@ -428,13 +432,14 @@ def _synthetic_result(gpu: str, medians: dict[tuple[str, int], float]) -> ba.Run
 
 def test_targets_are_checked_with_numbers():
     result = _synthetic_result("NVIDIA H100 80GB HBM3", {
-        ("fused", 512): 1.0, ("sdpa_causal", 512): 0.9, ("sdpa2", 512): 1.4,
+        ("fused", 512): 1.0, ("sdpa_causal", 512): 0.9, ("sdpa2", 512): 1.4, ("fused_atomic", 512): 0.8,
         ("fused", 8192): 9.0, ("sdpa_causal", 8192): 1.0})  # 8192 lies outside the targets' range
     checks = ba.check_targets(result)
-    assert [(c.shape, c.met) for c in checks] == [("b32-s512-h32-kv32-d128-p10-bf16", True),
-                                                  ("b32-s512-h32-kv32-d128-p10-bf16", False),
-                                                  ("b32-s512-h32-kv32-d128-p10-bf16", None)]
-    assert checks[0].value == pytest.approx(1 / 0.9) and checks[1].value == pytest.approx(1.4)
+    assert {c.shape for c in checks} == {"b32-s512-h32-kv32-d128-p10-bf16"}
+    assert [(c.target.split()[0], c.met) for c in checks] == [
+        ("fused", True), ("fused", None), ("fused_atomic", True), ("sdpa2", False), ("eager", None)]
+    assert checks[0].value == pytest.approx(1 / 0.9) and checks[2].value == pytest.approx(0.8)
+    assert checks[3].value == pytest.approx(1.4)
     text = ba.format_targets(checks, result.env)
     assert "MET" in text and "NOT MET" in text and "not measured" in text and "not an H100" not in text
     assert "not an H100" in ba.format_targets(checks, _synthetic_result("NVIDIA A100", {}).env)
@@ -486,7 +491,8 @@ def test_gpu_all_providers_small_sweep(tmp_path):
     assert ba.main(argv) == 0
     idx = _index(common.read_rows(tmp_path / "attention.csv"))
     shape = "b2-s512-h32-kv8-d64-p10-bf16"
-    for prov in ["fused", "eager", "sdpa2", "flex2", "sdpa_causal"] + (["xformers2"] if _xformers_imports() else []):
+    provs = ["fused", "fused_atomic", "eager", "sdpa2", "flex2", "sdpa_causal", "sdpa_causal_flash"]
+    for prov in provs + (["xformers2"] if _xformers_imports() else []):
         for mode in ba.MODES:
             assert float(idx[(prov, mode, shape, "time_median")]) > 0, (prov, mode)
             assert float(idx[(prov, mode, shape, "peak_mem")]) > 0

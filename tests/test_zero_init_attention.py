@@ -668,13 +668,14 @@ def test_every_output_element_is_written_packed(device, poisoned_allocations):
     check_varlen_against_per_sequence_calls(causal=True, prompt="per_sequence", device=device)
 
 
-def test_seq_bounds_clamp_any_offsets():
+def test_seq_bounds_clamp_any_offsets(device):
     """Whatever cu_seqlens or leftpad_k hold (on a GPU nobody checked them), every row a kernel touches lies inside
     the tensors: 0 <= start, start + length <= total, length <= max_seqlen; and ok says whether they were valid."""
     cu_q = torch.tensor([0, 5, 3, -7, 2**31 - 1, -2**31, 40, 41, 50], dtype=torch.int32)
     cu_k = torch.tensor([0, 9, 9, 12, 60, 61, -1, 44, 50], dtype=torch.int32)
-    out = torch.zeros(8, 5, dtype=torch.int64)
-    _bounds_kernel[(8,)](cu_q, cu_k, None, out, 16, 16, 50, 50, True, False)
+    out = torch.zeros(8, 5, dtype=torch.int64, device=device)
+    _bounds_kernel[(8,)](cu_q.to(device), cu_k.to(device), None, out, 16, 16, 50, 50, True, False)
+    out = out.cpu()
     for b in range(8):
         q_start, k_start, sq, sk, ok = out[b].tolist()
         assert 0 <= q_start and q_start + sq <= 50 and 0 <= sq <= 16, (b, out[b])
@@ -685,8 +686,9 @@ def test_seq_bounds_clamp_any_offsets():
         if valid:
             assert (q_start, k_start, sq, sk) == (cu_q[b], cu_k[b], lq, lk)
     pads = torch.tensor([-3, 0, 7, 16, 17, 2**31 - 1], dtype=torch.int32)
-    out = torch.zeros(6, 5, dtype=torch.int64)
-    _bounds_kernel[(6,)](None, None, pads, out, 16, 16, 0, 0, False, True)
+    out = torch.zeros(6, 5, dtype=torch.int64, device=device)
+    _bounds_kernel[(6,)](None, None, pads.to(device), out, 16, 16, 0, 0, False, True)
+    out = out.cpu()
     for b in range(6):
         _, k_start, _, sk, ok = out[b].tolist()
         assert 0 <= k_start and k_start + sk == 16 and ok == (0 <= int(pads[b]) <= 16), (b, out[b])

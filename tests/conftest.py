@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def device() -> str:
     return DEVICE
 

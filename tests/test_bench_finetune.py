@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -52,11 +53,13 @@ def _loss_and_grads(model, x, impl, **kwargs):
     return logits.detach(), {k: p.grad.clone() for k, p in adapter_state_dict(model).items()}
 
 
+@pytest.mark.gpu_leg
 @pytest.mark.parametrize("gqa", [False, True])
-def test_eager_impl_gives_the_fused_logits_and_adapter_gradients(gqa):
+def test_eager_impl_gives_the_fused_logits_and_adapter_gradients(gqa, device, triton_kernels_only):
     model = tiny_model(AdapterConfig(adapter_len=4, adapter_layers=1), gqa=gqa)  # layer 0 plain, layer 1 adapted
+    model.to(device)
     mark_only_adapter_as_trainable(model)
-    x = tokens(2, 21)
+    x = tokens(2, 21).to(device)
     fused, fused_grads = _loss_and_grads(model, x, "fused")
     eager, eager_grads = _loss_and_grads(model, x, "eager")
     assert model.layers[0].attention.attn_impl == model.layers[1].attention.attn_impl == "eager"
@@ -65,11 +68,13 @@ def test_eager_impl_gives_the_fused_logits_and_adapter_gradients(gqa):
         assert g.abs().max() > 0, name
         torch.testing.assert_close(eager_grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
     assert set_attention_impl(model, "fused") == "eager"  # returns the previous implementation
+    assert triton_kernels_only.forward > 0 and triton_kernels_only.backward > 0
 
 
-def test_eager_impl_with_kv_cache_and_left_padding_equals_fused():
-    model = tiny_model(AdapterConfig(adapter_len=4, adapter_layers=1), gqa=True)
-    x = tokens(3, 12, seed=1)
+@pytest.mark.gpu_leg
+def test_eager_impl_with_kv_cache_and_left_padding_equals_fused(device, triton_kernels_only):
+    model = tiny_model(AdapterConfig(adapter_len=4, adapter_layers=1), gqa=True).to(device)
+    x = tokens(3, 12, seed=1).to(device)
     out = {}
     with torch.no_grad():
         for impl in ("fused", "eager"):
@@ -81,6 +86,7 @@ def test_eager_impl_with_kv_cache_and_left_padding_equals_fused():
             out[impl] = torch.cat(steps, dim=1)
     assert out["eager"].isfinite().all()
     torch.testing.assert_close(out["eager"], out["fused"], atol=1e-4, rtol=1e-4)
+    assert triton_kernels_only.forward > 0
 
 
 def test_eager_attention_is_the_official_formulation():
@@ -345,4 +351,12 @@ def test_gpu_small_run_checks_and_times_every_provider(tmp_path):
         assert float(idx[(prov, "step", shape, "peak_mem")]) > 0
         assert float(idx[(prov, "step", shape, "real_tokens_per_s")]) > 0
     assert "(triton)" in idx[("ours_packed", "all", shape, "attention")]
-    assert idx[("all", "target", shape, "ours_packed / eager_padded512 real tokens/s >= 3")]
+    # the target row states the measured ratio and the verdict that follows from it (a tiny model need not meet
+    # it: the check is that it was measured and judged right, not that it was met)
+    verdict = idx[("all", "target", shape, "ours_packed / eager_padded512 real tokens/s >= 3")]
+    match = re.fullmatch(r"(MET|NOT MET) \(([0-9.e+]+), bound 3\)", verdict)
+    assert match, verdict
+    ratio = (float(idx[("ours_packed", "step", shape, "real_tokens_per_s")])
+             / float(idx[("eager_padded512", "step", shape, "real_tokens_per_s")]))
+    assert float(match.group(2)) == pytest.approx(ratio, rel=2e-3)
+    assert (match.group(1) == "MET") == (ratio >= 3)

@@ -127,10 +127,14 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(checkpoint, 
             torch.testing.assert_close(results[name][1][k], g, atol=1e-5, rtol=1e-5, msg=f"{name}: {k}")
 
 
-def test_30_steps_lower_the_loss_and_open_the_gates(checkpoint, tmp_path):
+@pytest.mark.gpu_leg
+def test_30_steps_lower_the_loss_and_open_the_gates(checkpoint, tmp_path, device, triton_kernels_only):
+    """Packed micro-batches through the fused op: on a GPU in bf16, compiled."""
     data = data_file(tmp_path, 10)
-    cfg = config(checkpoint, data, tmp_path / "out", epochs=3, lr=0.3, adapter_len=10, warmup_epochs=0.5)
+    cfg = config(checkpoint, data, tmp_path / "out", epochs=3, lr=0.3, adapter_len=10, warmup_epochs=0.5,
+                 device=device)
     result = run(cfg)
+    assert triton_kernels_only.forward > 0 and triton_kernels_only.backward > 0
     rows = [r for r in log_rows(cfg.out) if r["split"] == "train"]
     assert result.steps == len(rows) == 30, "10 examples, one per step: 10 steps per epoch"
     losses = [float(r["loss"]) for r in rows]
@@ -166,18 +170,43 @@ def test_resume_equals_an_uninterrupted_run(checkpoint, tmp_path):
                                                                       for r in log_rows(tmp_path / "whole")]
 
 
-def test_fp16_loss_scaling_resumes_exactly(checkpoint, tmp_path):
-    """fp16 base with GradScaler: the adapter stays fp32, the scaler's state is saved and resumed with the rest."""
+def test_fp16_loss_scaling_resumes_exactly(checkpoint, tmp_path, monkeypatch):
+    """fp16 base with GradScaler: the adapter stays fp32, the scaler's state is saved and resumed with the rest.
+
+    The scaler grows after every good step here (growth_interval 1), so that it overflows at the third step of
+    the uninterrupted run, which then skips that step and halves its scale: a resume that did not restore the
+    scaler would restart from the initial scale, take that step, and end elsewhere. That planted bug (the
+    scaler's load_state_dict a no-op) is run below and must be caught."""
+    base = torch.amp.GradScaler
+
+    class EagerScaler(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, growth_interval=1, **kwargs)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", EagerScaler)
     data = data_file(tmp_path, 4)
     whole = run(config(checkpoint, data, tmp_path / "whole", dtype="float16"))
     assert whole.steps == 4 and all(t.dtype == torch.float32 for t in adapter_state_dict(whole.model).values())
     assert whole.model.layers[0].attention.wq.weight.dtype == torch.float16
-    run(config(checkpoint, data, tmp_path / "part", dtype="float16", stop_after_steps=2))
-    state = torch.load(tmp_path / "part" / "train_state.pt", weights_only=True)
-    assert state["scaler"]["scale"] > 0 and (state["epoch"], state["step"]) == (0, 2)
-    resumed = run(config(checkpoint, data, tmp_path / "part", dtype="float16", resume=True))
+    norms = [float(r["grad_norm"]) for r in log_rows(tmp_path / "whole")]
+    assert math.isfinite(norms[0]) and math.isfinite(norms[1]) and not math.isfinite(norms[2]), norms  # skipped
+    final = torch.load(tmp_path / "whole" / "train_state.pt", weights_only=True)["scaler"]
+
+    def stopped_then_resumed(out: Path) -> tuple[dict, dict]:
+        run(config(checkpoint, data, out, dtype="float16", stop_after_steps=2))
+        state = torch.load(out / "train_state.pt", weights_only=True)
+        assert state["scaler"]["scale"] == 2.0**18 and (state["epoch"], state["step"]) == (0, 2)  # grew twice
+        resumed = run(config(checkpoint, data, out, dtype="float16", resume=True))
+        return resumed.adapter, torch.load(out / "train_state.pt", weights_only=True)["scaler"]
+
+    adapter, scaler = stopped_then_resumed(tmp_path / "part")
+    assert scaler == final
     for k, t in whole.adapter.items():
-        assert torch.equal(resumed.adapter[k], t), k
+        assert torch.equal(adapter[k], t), k
+
+    monkeypatch.setattr(EagerScaler, "load_state_dict", lambda self, state: None)  # the planted bug
+    adapter, _ = stopped_then_resumed(tmp_path / "forgetful")
+    assert any(not torch.equal(adapter[k], t) for k, t in whole.adapter.items())
 
 
 def _free_port() -> int:

@@ -3,6 +3,7 @@ sampling, stop tokens, and the command line end to end."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 
@@ -32,8 +33,9 @@ def prompt(length: int, seed: int) -> list[int]:
 @torch.no_grad()
 def greedy_without_cache(model, tokens: list[int], n: int, visual=None) -> list[int]:
     seq = list(tokens)
+    device = next(model.parameters()).device
     for _ in range(n):
-        seq.append(int(model(torch.tensor([seq]), visual=visual)[0, -1].argmax()))
+        seq.append(int(model(torch.tensor([seq], device=device), visual=visual)[0, -1].argmax()))
     return seq[len(tokens):]
 
 
@@ -42,16 +44,27 @@ def model():
     return tiny_model(ADAPTER, gqa=True, seed=2)
 
 
-def test_kv_cached_generation_equals_full_recomputation(model):
+@pytest.fixture(scope="module")
+def model_on_device(model, device):
+    """The same model on the suite's device (CUDA when there is a GPU)."""
+    return model.to(device) if device == "cpu" else copy.deepcopy(model).to(device)
+
+
+@pytest.mark.gpu_leg
+def test_kv_cached_generation_equals_full_recomputation(model_on_device, triton_kernels_only):
+    model = model_on_device
     tokens = prompt(7, seed=0)
     cached = generate(model, [tokens], max_new_tokens=8)[0]
     assert cached == greedy_without_cache(model, tokens, 8)
     assert len(set(cached)) > 2  # a real sequence, not one token repeated
+    assert triton_kernels_only.forward > 0
 
 
-def test_batch_of_uneven_prompts_equals_each_prompt_alone(model):
+@pytest.mark.gpu_leg
+def test_batch_of_uneven_prompts_equals_each_prompt_alone(model_on_device, device, triton_kernels_only):
+    model = model_on_device
     prompts = [prompt(7, seed=1), prompt(3, seed=2), prompt(5, seed=3)]
-    visual = torch.randn(3, 128, generator=torch.Generator().manual_seed(4))
+    visual = torch.randn(3, 128, generator=torch.Generator().manual_seed(4)).to(device)
     batch = generate(model, prompts, max_new_tokens=6, visual=visual)
     alone = [generate(model, [p], max_new_tokens=6, visual=visual[b:b + 1])[0] for b, p in enumerate(prompts)]
     assert batch == alone
@@ -59,7 +72,8 @@ def test_batch_of_uneven_prompts_equals_each_prompt_alone(model):
 
     # the same batch as a right-padded tensor with a mask of its real tokens
     padded, mask = padded_tensor(prompts, "right")
-    assert generate(model, padded, prompt_mask=mask, max_new_tokens=6, visual=visual) == alone
+    assert generate(model, padded.to(device), prompt_mask=mask.to(device), max_new_tokens=6, visual=visual) == alone
+    assert triton_kernels_only.forward > 0
 
 
 def padded_tensor(prompts: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:

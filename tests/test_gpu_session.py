@@ -36,6 +36,7 @@ def test_bad_arguments_are_refused(args, message):
     assert res.returncode == 2 and message in res.stderr
 
 
+@pytest.mark.gpu_leg
 def test_kernel_launches_reach_every_kernel(triton_kernels_only, device):
     """One forward and backward through each kernel, finite (interpreted on a CPU, compiled on a GPU)."""
     import torch

@@ -243,7 +243,8 @@ def test_image_inputs_bad_input():
             AdapterConfig(**kwargs)
 
 
-def test_fused_op_gradients_equal_the_eager_formulation_packed_with_and_without_images(device):
+@pytest.mark.gpu_leg
+def test_fused_op_gradients_equal_the_eager_formulation_packed_with_and_without_images(device, triton_kernels_only):
     """Packed sequences, one visual token per sequence (one without an image): loss and every trained gradient,
     projector included, through the fused op (interpreted on a CPU, compiled on a GPU) and through the official
     code's eager formulation."""
@@ -270,6 +271,7 @@ def test_fused_op_gradients_equal_the_eager_formulation_packed_with_and_without_
     for k, g in results["eager"][1].items():
         assert g.abs().max() > 0, k
         torch.testing.assert_close(results["fused"][1][k], g, atol=1e-5, rtol=1e-4, msg=k)
+    assert triton_kernels_only.forward > 0 and triton_kernels_only.backward > 0
 
 
 def test_adapter_file_round_trip_with_the_projector(tmp_path):

@@ -56,8 +56,9 @@ operand the GPU rounds to 16 bits before a matrix product is rounded there too, 
 the CPU suite measures the GPU's error); the eager reference (kernels/reference.py) otherwise.
 
 Caution:
-  - Block sizes are chosen per dtype and the chip's shared memory, free of register spills on
-    sm_80/86/89/90 (python -m kernels.compile_check), but not yet autotuned against GPU timings.
+  - Block sizes are chosen per dtype and the chip's shared memory (python -m kernels.compile_check: no register
+    spills in bf16/fp16 on sm_90, a few dozen bytes in dK/dV on sm_80/86, more in fp32/fp64), but not yet
+    autotuned against GPU timings.
     Under the interpreter, large 64 x 64 blocks run by default (speed); ZIA_INTERPRET_BLOCKS=gpu (read at
     import, or INTERPRET_BLOCKS = "gpu") makes it use the GPU's block sizes instead.
   - fp32 inputs use IEEE fp32 dots on the GPU (not TF32): exact, slower.
@@ -151,13 +152,18 @@ if HAS_TRITON:
         return x
 
     @triton.jit
+    def _round_to_bf16(x):
+        """x (fp32) rounded to the nearest bf16 value, ties to even, as the GPU's conversion does (the
+        interpreter's truncates), and kept in fp32, where it is exact. NaN stays NaN."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+
+    @triton.jit
     def _cast_out(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
         """x cast to DTYPE, rounded to nearest even."""
         if UPCAST and DTYPE == tl.bfloat16:
-            # the interpreter truncates fp32 -> bf16; round to nearest even by hand, as the GPU does (NaN stays NaN)
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+            x = _round_to_bf16(x)  # the interpreter's own conversion then only drops zero bits
         return x.to(DTYPE)
 
     @triton.jit
@@ -166,7 +172,9 @@ if HAS_TRITON:
         nearest even), as the GPU does before its tensor-core products. Under the interpreter the rounded value
         stays in fp32 (its own bf16 arithmetic is wrong), so the CPU sees the GPU's rounding."""
         if UPCAST:
-            return _cast_out(x, DTYPE, UPCAST).to(tl.float32)
+            if DTYPE == tl.bfloat16:
+                return _round_to_bf16(x)
+            return x.to(DTYPE).to(tl.float32)
         return x.to(DTYPE)
 
     @triton.jit
@@ -698,8 +706,9 @@ def _blocks(dtype: torch.dtype, head_dim_pad: int, seqlen_q: int, prompt_len: in
     """Block sizes (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel (atomic_dq: the dK/dV pass also sums dq).
 
     Under the interpreter large blocks are fastest (unless INTERPRET_BLOCKS is "gpu"). On the GPU these are
-    choices that compile without register spills and within the chip's shared memory, checked for sm_80, sm_89
-    and sm_90 by python -m kernels.compile_check; they still await autotuning against measured times.
+    choices that compile within the chip's shared memory, without register spills in bf16/fp16 on sm_90,
+    checked for sm_80, sm_86, sm_89 and sm_90 by python -m kernels.compile_check; they still await autotuning
+    against measured times.
     """
     # prompts longer than one chunk loop over chunks
     block_p = min(32, max(16, triton.next_power_of_2(max(prompt_len, 1))))

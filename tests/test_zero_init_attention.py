@@ -330,11 +330,10 @@ def test_backward_is_deterministic_whatever_the_program_order(device):
     inputs = make_inputs(DETERMINISM, torch.float32, device)
     dout = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1)).to(device)
     first = forward_backward(zero_init_attention, inputs, dout)
-    for seed in (1, 2):
-        with programs_in_random_order(seed):
-            again = forward_backward(zero_init_attention, inputs, dout)
-        for name, a, b in zip(NAMES, first, again, strict=True):
-            assert torch.equal(a, b), f"{name} changed with the programs' order"
+    with programs_in_random_order(1):
+        again = forward_backward(zero_init_attention, inputs, dout)
+    for name, a, b in zip(NAMES, first, again, strict=True):
+        assert torch.equal(a, b), f"{name} changed with the programs' order"
 
     # the harness can see order dependence: deterministic=False sums dq with atomics
     atomic = forward_backward(zero_init_attention, inputs, dout, deterministic=False)

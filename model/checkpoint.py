@@ -9,7 +9,8 @@ Base models, load_checkpoint(folder), the format detected from the folder:
   params.json names no context length: max_seq_len is 2048 (LLaMA-1), 4096 (norm_eps 1e-5:
   Llama-2), 8192 (rope_theta 500000: Llama-3) or 131072 (use_scaled_rope: Llama-3.1).
 - Hugging Face: config.json + model.safetensors, or shards listed by model.safetensors.index.json,
-  or pytorch_model.bin (and its index). HF stores q_proj / k_proj rows permuted per head for its
+  or pytorch_model.bin (and its index); an index naming a shard outside the folder (an absolute path,
+  or through "..") is refused unless allow_external_files=True. HF stores q_proj / k_proj rows permuted per head for its
   rotate-half RoPE (convert_llama_weights_to_hf.py: view(h, hs/2, 2, dim).transpose(1, 2));
   the inverse permutation gives Meta's interleaved layout. rope_theta, Llama-3.1's "llama3"
   rope scaling, GQA and tied embeddings are read from config.json (transformers 4 and 5 keys).
@@ -72,6 +73,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .adapter import AdapterConfig, adapter_layers, adapter_state_dict
+from .cli import remedy_text
 from .llama import ConfigValueError, LLaMA, LLaMAConfig
 
 logger = logging.getLogger(__name__)
@@ -81,7 +83,12 @@ ADAPTER_FORMAT_VERSION = "1"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint or adapter that does not fit the model; the message names the file and the tensor."""
+    """A checkpoint, tokenizer or adapter file that cannot be used; the message names the file and the tensor or key.
+    .remedy: (argument, value) that gets past it, when the message names one (model/cli.py's cli_message)."""
+
+    def __init__(self, message: str, *, remedy: tuple[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.remedy = remedy
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,7 +306,7 @@ def unpermute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _hf_files(folder: Path) -> list[Path]:
+def _hf_files(folder: Path, allow_external_files: bool) -> list[Path]:
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = folder / index_name
@@ -307,6 +314,14 @@ def _hf_files(folder: Path) -> list[Path]:
             weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: has no 'weight_map' (tensor name -> shard file)")
+            for name in set(weight_map.values()):
+                if not isinstance(name, str) or not name:
+                    raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files, got {name!r}")
+                # by its name: a shard that is a link (the Hugging Face cache's) may lead anywhere
+                if (Path(name).is_absolute() or ".." in Path(name).parts) and not allow_external_files:
+                    raise CheckpointError(f"{index}: lists shard {name!r}, outside the checkpoint folder {folder}; "
+                                          f"refused unless you pass {remedy_text('allow_external_files', True)}",
+                                          remedy=("allow_external_files", True))
             files = sorted({folder / f for f in weight_map.values()})
             for f in files:
                 if not f.exists():
@@ -318,9 +333,9 @@ def _hf_files(folder: Path) -> list[Path]:
                           "shards, pytorch_model.bin or pytorch_model.bin.index.json)")
 
 
-def _read_hf(folder: Path) -> tuple[LLaMAConfig, Iterator[Item]]:
+def _read_hf(folder: Path, allow_external_files: bool) -> tuple[LLaMAConfig, Iterator[Item]]:
     config = _hf_config(_read_json(folder / "config.json"), folder / "config.json")
-    files = _hf_files(folder)
+    files = _hf_files(folder, allow_external_files)
     q_shape = (config.n_heads * config.head_dim, config.dim)
     k_shape = (config.n_kv_heads * config.head_dim, config.dim)
 
@@ -369,18 +384,20 @@ def checkpoint_format(path: str | os.PathLike) -> str:
                           "one (config.json + model*.safetensors or pytorch_model*.bin)")
 
 
-def _read(path: str | os.PathLike) -> tuple[LLaMAConfig, Iterator[Item]]:
+def _read(path: str | os.PathLike, allow_external_files: bool) -> tuple[LLaMAConfig, Iterator[Item]]:
     folder = Path(path)
-    return _read_meta(folder) if checkpoint_format(folder) == "meta" else _read_hf(folder)
+    return _read_meta(folder) if checkpoint_format(folder) == "meta" else _read_hf(folder, allow_external_files)
 
 
-def load_config(path: str | os.PathLike) -> LLaMAConfig:
-    """The LLaMAConfig of a Meta or HF checkpoint folder (no weights are read)."""
-    return _read(path)[0]
+def load_config(path: str | os.PathLike, *, allow_external_files: bool = False) -> LLaMAConfig:
+    """The LLaMAConfig of a Meta or HF checkpoint folder (no weights are read); allow_external_files as
+    load_checkpoint's."""
+    return _read(path, allow_external_files)[0]
 
 
 def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = None,
-                    dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> LLaMA:
+                    dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                    allow_external_files: bool = False) -> LLaMA:
     """A LLaMA with the weights of a Meta or HF checkpoint folder, and a fresh adapter if one is configured.
 
     Arguments:
@@ -388,10 +405,12 @@ def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = 
         adapter: AdapterConfig for a fresh adapter (prompt N(0, 1), gate 0: the model equals the base).
         dtype: of the base weights; None keeps the checkpoint's. The adapter is fp32.
         device: where the weights go, one tensor at a time.
+        allow_external_files: read shards that a Hugging Face shard index names outside the folder (an absolute
+            path or one through ".."); refused by default. Shards that are links (the HF cache's) are read.
     Returns:
         the model; every tensor of the checkpoint loaded, or a CheckpointError naming the file and tensor.
     """
-    config, items = _read(path)
+    config, items = _read(path, allow_external_files)
     with torch.device("meta"):
         model = LLaMA(config, adapter)
     device = torch.device(device)

@@ -567,3 +567,32 @@ def test_adapter_metadata_and_tensors_are_checked(tmp_path):
     with pytest.raises(ValueError, match=rf"not written: tensor '{gate}' holds 1 non-finite"):
         save_adapter(model, tmp_path / "inf.safetensors")
     assert not (tmp_path / "inf.safetensors").exists()
+
+
+def test_shards_named_outside_the_checkpoint_folder_are_refused(tmp_path):
+    """A shard index may name only files in its folder (links there, as in the Hugging Face cache, are followed)."""
+    from model.cli import cli_message
+
+    model = tiny_model()
+    save_checkpoint(model, tmp_path / "elsewhere")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text((tmp_path / "elsewhere" / "config.json").read_text())
+    with safe_open(tmp_path / "elsewhere" / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+    for shard in ("../elsewhere/model.safetensors", str(tmp_path / "elsewhere" / "model.safetensors")):
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(names, shard)}))
+        with pytest.raises(CheckpointError, match=rf"index\.json: lists shard '{shard}', outside the checkpoint "
+                                                  r"folder .*ckpt; refused unless you pass allow_external_files=True"
+                                   ) as info:
+            load_config(folder)
+        assert cli_message(info.value).endswith("refused unless you pass --allow-external-files")
+        loaded = load_checkpoint(folder, allow_external_files=True)
+        torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
+    (folder / "model.safetensors").symlink_to(tmp_path / "elsewhere" / "model.safetensors")
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": dict.fromkeys(names, "model.safetensors")}))
+    torch.testing.assert_close(logits(load_checkpoint(folder)), logits(model), atol=0, rtol=0)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(names, 7)}))
+    with pytest.raises(CheckpointError, match="'weight_map' must map tensor names to shard files, got 7"):
+        load_config(folder)

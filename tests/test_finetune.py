@@ -239,7 +239,7 @@ def test_cli_malformed_data_names_the_record_and_writes_nothing(checkpoint, tmp_
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert "python -m train.finetune: error:" in err and "record 3: field 'output' is missing" in err
-    assert "on_bad_record='skip'" in err and "Traceback" not in err
+    assert "pass --on-bad-record skip to skip them" in err and "Traceback" not in err
     assert not out.exists()
 
 
@@ -278,3 +278,43 @@ def test_cli_refuses_earlier_results_and_bad_flags(checkpoint, tmp_path, capsys)
     result = run(replace(config(checkpoint, data, out, overwrite=True), stop_after_steps=1))
     assert result.steps == 1
     assert sorted(p.name for p in out.iterdir()) == ["log.csv", "loss.png", "notes.txt", "train_state.pt"]
+
+
+def test_cli_refuses_bad_values_before_loading_or_writing_anything(checkpoint, tmp_path, capsys, monkeypatch):
+    """Non-finite numbers, an --eval-size that leaves nothing to train on, a tokenizer larger than the model's
+    vocabulary, an --out that cannot be written: one line each, and nothing loaded (the model) or written."""
+    import tokenizers
+
+    import train.finetune as finetune
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(finetune, "build_model", no_model)
+    data = data_file(tmp_path, 4)
+    big = tmp_path / "big"
+    big.mkdir()
+    words = {"<s>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, VOCAB + 1)}}
+    tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="<s>")).save(str(big / "tokenizer.json"))
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / "out"
+    base = ["--checkpoint", str(checkpoint), "--data", str(data), "--adapter-layers", "1", "--device", "cpu"]
+    cases = [(["--lr", "inf"], 2, "--lr must be a finite number, got inf"),
+             (["--blr", "nan"], 2, "--blr must be a finite number, got nan"),
+             (["--weight-decay", "inf"], 2, "--weight-decay must be a finite number, got inf"),
+             (["--min-lr", "inf"], 2, "--min-lr must be a finite number, got inf"),
+             (["--clip-grad", "inf"], 2, "--clip-grad must be a finite number, got inf"),
+             (["--eval-size", "nan"], 2, "--eval-size must be a finite number, got nan"),
+             (["--eval-size", "1e9"], 2, "--eval-size 1e+09 leaves none of the 4 examples to train on"),
+             (["--eval-size", "0.9999"], 2, "--eval-size 0.9999 leaves none of the 4 examples to train on"),
+             (["--tokenizer", str(big)], 1, f"the tokenizer has {VOCAB + 1} tokens, more than the model's {VOCAB}"),
+             (["--out", str(tmp_path / "a-file" / "out")], 2, "a-file is a file, so the folder cannot be made")]
+    if os.geteuid() != 0:  # root may write anywhere
+        (tmp_path / "locked").mkdir(mode=0o555)
+        cases.append((["--out", str(tmp_path / "locked" / "out")], 2, "locked is not writable by this process"))
+    for flags, code, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main([*base, "--out", str(out), *flags])
+        err = capsys.readouterr().err
+        assert e.value.code == code and message in err.strip().splitlines()[-1], (flags, err)
+        assert "Traceback" not in err and not out.exists(), flags

@@ -92,7 +92,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +122,7 @@ from model import (
     write_atomic,
 )
 from model.adapter import GATE_ACTS, GATES
-from model.cli import build_parser, parse_dataclass
+from model.cli import build_parser, cli_message, parse_dataclass
 from train.data import (
     IGNORE_INDEX,
     DataError,
@@ -145,7 +145,8 @@ STATE_FORMAT = "llama-adapter-triton train state"
 LOG_COLUMNS = ("step", "epoch", "split", "loss", "lr", "grad_norm", "examples", "tokens", "tokens_computed",
                "tokens_per_s", "step_s", "elapsed_s", "memory_gib")
 # settings a resumed run may change: they do not change the result
-RESUMABLE_CHANGES = ("out", "resume", "overwrite", "save_every", "stop_after_steps", "device", "tensorboard", "fsdp")
+RESUMABLE_CHANGES = ("out", "resume", "overwrite", "save_every", "stop_after_steps", "device", "tensorboard", "fsdp",
+                     "allow_external_files")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -195,6 +196,9 @@ class FinetuneConfig:
     visual_hidden: int = field(default=128, metadata={"help": "multi-modal: the projector MLP's hidden width"})
     image_root: Path | None = field(default=None, metadata={
         "help": "multi-modal: the folder relative image paths start from (default: the data file's folder)"})
+    allow_external_files: bool = field(default=False, metadata={
+        "help": "read images that lead outside --image-root (\"..\", absolute paths, links) and checkpoint shards "
+                "that its shard index names outside --checkpoint; refused by default"})
     # data
     max_seq_len: int = field(default=512, metadata={
         "help": "examples are truncated to this many tokens (counted and reported); at most the model's context"})
@@ -257,6 +261,10 @@ class FinetuneConfig:
             raise ValueError(f"--micro-batches-per-step must be >= 1, got {self.micro_batches_per_step}")
         if self.pad_to != "longest" and (not isinstance(self.pad_to, int) or self.pad_to < 1):
             raise ValueError(f"--pad-to must be a positive number of tokens or 'longest', got {self.pad_to!r}")
+        for f in fields(self):  # every number given as a float: finite (inf, nan are typos or attacks)
+            value = getattr(self, f.name)
+            if f.type in ("float", "float | None") and value is not None and not math.isfinite(value):
+                raise ValueError(f"{_flag(f.name)} must be a finite number, got {value}")
         if self.eval_size < 0 or (self.eval_size >= 1 and not float(self.eval_size).is_integer()):
             raise ValueError(f"--eval-size must be a fraction in (0, 1), a whole count >= 1, or 0, got "
                              f"{self.eval_size}")
@@ -365,7 +373,8 @@ def build_model(config: FinetuneConfig, adapter: AdapterConfig, dtype: torch.dty
                 d: Dist) -> tuple[LLaMA, torch.nn.Module]:
     """(model, the module to train through): the plain model, the same under DDP, or the FSDP2-sharded model."""
     if not config.fsdp:
-        model = load_checkpoint(config.checkpoint, adapter=adapter, dtype=dtype, device=d.device)
+        model = load_checkpoint(config.checkpoint, adapter=adapter, dtype=dtype, device=d.device,
+                                allow_external_files=config.allow_external_files)
         mark_only_adapter_as_trainable(model)
         if d.world_size == 1:
             return model, model
@@ -375,7 +384,7 @@ def build_model(config: FinetuneConfig, adapter: AdapterConfig, dtype: torch.dty
     from torch.distributed.fsdp import fully_shard
 
     with torch.device("meta"):
-        model = LLaMA(load_config(config.checkpoint), adapter)
+        model = LLaMA(load_config(config.checkpoint, allow_external_files=config.allow_external_files), adapter)
     cast_base(model, dtype)
     mark_only_adapter_as_trainable(model)
     mesh = init_device_mesh(d.device.type, (d.world_size,))
@@ -384,7 +393,8 @@ def build_model(config: FinetuneConfig, adapter: AdapterConfig, dtype: torch.dty
     fully_shard(model, mesh=mesh)
     model.to_empty(device=d.device)
     # rank 0 reads the checkpoint (on the CPU) and its fresh, seeded adapter; the others receive their shards
-    full = load_checkpoint(config.checkpoint, adapter=adapter, dtype=dtype).state_dict() if d.main else {}
+    full = load_checkpoint(config.checkpoint, adapter=adapter, dtype=dtype,
+                           allow_external_files=config.allow_external_files).state_dict() if d.main else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model, model
 
@@ -531,9 +541,17 @@ def earlier_outputs(out: Path) -> list[Path]:
 
 
 def check_outputs(config: FinetuneConfig) -> list[Path]:
-    """Refuse an out folder holding an earlier run's results without --resume / --overwrite; returns them."""
+    """Refuse an out folder holding an earlier run's results without --resume / --overwrite, or one this process
+    cannot write; returns the results."""
     if config.out.exists() and not config.out.is_dir():
         raise UsageError(f"--out {config.out} is a file; give a folder")
+    folder = config.out  # the folder, or the one it would be made in
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"--out {config.out}: {folder} is a file, so the folder cannot be made")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {config.out}: {folder} is not writable by this process")
     found = earlier_outputs(config.out)
     if config.resume and not (config.out / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume: {config.out / STATE_FILE} not found, so there is no run to continue "
@@ -652,11 +670,14 @@ def _resolve_dtype(config: FinetuneConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_data(config: FinetuneConfig, max_seq_len: int, say: Callable[[str], None] = print
-              ) -> tuple[TokenizedDataset, TokenizedDataset | None, dict[int, str]]:
+def load_data(config: FinetuneConfig, max_seq_len: int, say: Callable[[str], None] = print, *,
+              vocab_size: int | None = None) -> tuple[TokenizedDataset, TokenizedDataset | None, dict[int, str]]:
     """(train, eval or None, images): the records of config.data, tokenized and split as run() does
-    (source_index: record indices), and the image of each record that has one (index -> file as written)."""
+    (source_index: record indices), and the image of each record that has one (index -> file as written).
+    vocab_size: the model's; a tokenizer with more tokens is refused before the data is read."""
     tokenizer = Tokenizer(config.tokenizer or config.checkpoint)
+    if vocab_size is not None:
+        tokenizer.check_vocab(vocab_size)
     records, load_report = load_records(config.data, on_bad_record=config.on_bad_record)
     data, tok_report = tokenize_records(records, tokenizer, max_seq_len=max_seq_len)
     say(f"data: {load_report.summary()}")
@@ -666,7 +687,11 @@ def load_data(config: FinetuneConfig, max_seq_len: int, say: Callable[[str], Non
     eval_size = int(config.eval_size) if config.eval_size >= 1 else config.eval_size
     if eval_size == 0:
         return data, None, images
-    train, held_out = split_eval(data, eval_size, seed=config.seed)
+    try:
+        train, held_out = split_eval(data, eval_size, seed=config.seed)
+    except ValueError:  # eval_size is checked in FinetuneConfig: all that can be wrong is the count
+        raise UsageError(f"--eval-size {config.eval_size:g} leaves none of the {len(data)} examples to train on") \
+            from None
     return train, held_out, images
 
 
@@ -694,7 +719,7 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
             tqdm.write(message, file=sys.stdout)
 
     # -- check everything before anything is written
-    model_config = load_config(config.checkpoint)
+    model_config = load_config(config.checkpoint, allow_external_files=config.allow_external_files)
     if config.adapter_layers > model_config.n_layers:
         raise UsageError(f"--adapter-layers {config.adapter_layers} exceeds the model's {model_config.n_layers} "
                          "layers")
@@ -717,7 +742,7 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
            if getattr(config, k) is not None}))
     earlier = d.on_main(lambda: check_outputs(config))
     state = d.on_main(lambda: load_state(config, resolved)) if config.resume else None
-    train_data, eval_data, images = load_data(config, max_seq_len, say)
+    train_data, eval_data, images = load_data(config, max_seq_len, say, vocab_size=model_config.vocab_size)
     if images and config.clip is None:
         raise UsageError(f"{len(images)} record(s) of {config.data} have an \"image\": pass --clip (a local CLIP "
                          "model folder) for multi-modal fine-tuning, or remove their images for a text-only adapter")
@@ -917,9 +942,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         run(config)
     except UsageError as e:
-        build_parser(FinetuneConfig, prog=PROG, description=description).error(str(e))
-    except (DataError, CheckpointError, FileExistsError, FileNotFoundError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        build_parser(FinetuneConfig, prog=PROG, description=description).error(cli_message(e))
+    except (DataError, CheckpointError, OSError) as e:  # the files given: missing, unreadable, unusable
+        print(f"{PROG}: error: {cli_message(e)}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -204,7 +204,8 @@ def test_command_line_user_errors_are_one_line(checkpoint_dir, tmp_path, capsys)
     cases = [
         (["--checkpoint", str(tmp_path / "nope")], 1, "nope: not a folder"),
         (["--adapter", str(tmp_path / "missing.safetensors")], 1, "missing.safetensors: cannot be read"),
-        (["--adapter", str(tmp_path / "garbage.safetensors")], 1, "garbage.safetensors: cannot be loaded with weights_only=True"),
+        (["--adapter", str(tmp_path / "garbage.safetensors")], 1, "garbage.safetensors: cannot be loaded with "
+                                                                  "weights_only=True"),
         (["--adapter", str(tmp_path / "nan.safetensors")], 1, f"tensor '{prompt}' holds 1 non-finite value(s)"),
         (["--tokenizer", str(tmp_path / "none.model")], 1, "none.model: no such tokenizer file"),
         (["--tokenizer", str(tmp_path / "tokenizer.json")], 1, "the tokenizer has 301 tokens, more than the model's "

@@ -318,3 +318,109 @@ def test_cli_refuses_bad_values_before_loading_or_writing_anything(checkpoint, t
         err = capsys.readouterr().err
         assert e.value.code == code and message in err.strip().splitlines()[-1], (flags, err)
         assert "Traceback" not in err and not out.exists(), flags
+
+
+class _Poison(torch.autograd.Function):
+    """The identity forward; NaN gradients backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def poison_step(monkeypatch, at_call: int, what: str) -> None:
+    """train.finetune's batch_loss_sum, with its at_call-th call (1-based) made NaN: what="loss" (forward) or
+    "grad" (backward only: the loss stays finite)."""
+    import train.finetune as finetune
+
+    clean, calls = finetune.batch_loss_sum, []
+
+    def poisoned(model, batch, device):
+        loss = clean(model, batch, device)
+        calls.append(1)
+        if len(calls) == at_call:
+            loss = loss * float("nan") if what == "loss" else _Poison.apply(loss)
+        return loss
+
+    monkeypatch.setattr(finetune, "batch_loss_sum", poisoned)
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_saved_state(checkpoint, tmp_path, capsys, monkeypatch):
+    """A NaN loss or gradient once gave 'train loss nan', exit 0 and an adapter of NaNs: now the run stops before
+    applying that step, exits 1 naming it, and the state saved before it is the one in OUT."""
+    from train.finetune import TrainingDiverged
+
+    data = data_file(tmp_path, 4)
+    out = tmp_path / "grad"
+    poison_step(monkeypatch, 3, "grad")
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--adapter-layers", "1",
+              "--adapter-len", "4", "--token-budget", "64", "--max-seq-len", "64", "--eval-size", "0", "--epochs", "1",
+              "--no-tensorboard", "--device", "cpu", "--save-every", "1"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(
+        "python -m train.finetune: error: training diverged: at step 3 (epoch 1) the gradient norm is nan (the loss ")
+    assert f"the last saved state, {out / 'train_state.pt'} of step 2, and the adapters written before it are " \
+           "intact" in err
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["global_step"] == 2 and all(torch.isfinite(t).all() for t in state["adapter"].values())
+    assert not (out / "adapter.safetensors").exists() and [r["step"] for r in log_rows(out)] == ["1", "2"]
+
+    # a finite but huge --lr: the adapter goes non-finite after a step; it is never saved
+    with pytest.raises(TrainingDiverged, match=r"after step 2 \(epoch 1\) the adapter's .* holds NaN or Inf. "
+                                               r"Nothing of it was saved: the last saved state, .* of step 1, "):
+        run(config(checkpoint, data, tmp_path / "lr", lr=1e30, warmup_epochs=0, save_every=1))
+    assert torch.load(tmp_path / "lr" / "train_state.pt", weights_only=True)["global_step"] == 1
+    with pytest.raises(UsageError, match=r"--lr 1e\+38 is too large: AdamW's first step, lr / \(1 - beta1\), "
+                                         "overflows float32"):
+        run(config(checkpoint, data, tmp_path / "lr38", lr=1e38))
+    assert not (tmp_path / "lr38").exists()
+
+    poison_step(monkeypatch, 2, "loss")
+    with pytest.raises(TrainingDiverged, match=r"at step 2 \(epoch 1\) the loss is nan, so the step was not applied. "
+                                               "Nothing of it was saved: no train state was saved yet"):
+        run(config(checkpoint, data, tmp_path / "loss"))
+
+    # fp16: a non-finite gradient is the loss scaler's to handle (it skips the step and halves its scale)
+    poison_step(monkeypatch, 2, "grad")
+    result = run(config(checkpoint, data, tmp_path / "fp16", dtype="float16"))
+    assert result.steps == 4 and all(torch.isfinite(t).all() for t in result.adapter.values())
+    scale = torch.load(tmp_path / "fp16" / "train_state.pt", weights_only=True)["scaler"]["scale"]
+    assert scale == 2.0 ** 15  # 2 ** 16 to start, halved once
+
+
+def _rank_poisoned(rank: int, world_size: int, port: int, cfg: FinetuneConfig, result_dir: Path) -> None:
+    """A torchrun-like rank whose gradients go NaN at its second micro-batch, on rank 1 only."""
+    from train.finetune import TrainingDiverged
+
+    torchrun_env(rank, world_size, port)
+    if rank == 1:
+        poison_step(pytest.MonkeyPatch(), 2, "grad")
+    try:
+        run(cfg)
+    except TrainingDiverged as e:
+        (result_dir / f"rank{rank}.error").write_text(str(e))
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_a_diverging_rank_stops_every_rank(checkpoint, tmp_path, fsdp):
+    """NaN gradients on rank 1 alone: both ranks stop at the same step (no hang), no adapter is written."""
+    data = data_file(tmp_path, 8)
+    cfg = config(checkpoint, data, tmp_path / "two", micro_batches_per_step=2, fsdp=fsdp)
+    context = mp.spawn(_rank_poisoned, args=(2, _free_port(), cfg, tmp_path), nprocs=2, join=False)
+    for _ in range(60):  # 5 minutes at most, never a hang of the suite
+        if context.join(timeout=5):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail("the ranks did not stop")
+    for rank in range(2):
+        assert "training diverged: at step 2 (epoch 1) the gradient norm is nan" in \
+            (tmp_path / f"rank{rank}.error").read_text()
+    assert not (tmp_path / "two" / "adapter.safetensors").exists()

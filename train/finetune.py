@@ -61,6 +61,12 @@ them first); other files in OUT are left alone. tokens / tokens_per_s count real
 tokens_computed the tokens the model ran on (padding included: equal to tokens when packed);
 memory_gib is the peak CUDA memory allocated on a GPU, the peak resident memory on a CPU.
 
+Divergence: the loss and the gradient norm of every step are checked where the loss comes to the host anyway,
+before the optimizer applies the step (with fp16 a non-finite gradient is the loss scaler's to handle: it skips the
+step and lowers its scale), and the adapter before every save. A NaN or Inf stops the run on every rank together
+(TrainingDiverged; exit status 1, naming the step and epoch): nothing non-finite is ever saved, and the last saved
+state and adapters stay as they were.
+
 Resume: --resume reads OUT/train_state.pt (torch.load with weights_only=True) and continues at the
 saved (epoch, step); the data order is a function of (seed, epoch) only and the loop draws no random
 numbers, so the result equals an uninterrupted run (tests: bitwise on a CPU). Settings that change the
@@ -83,6 +89,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import io
 import json
 import math
@@ -90,6 +97,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -152,6 +160,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 class UsageError(ValueError):
     """A flag whose value does not fit the model or the data (found after parsing); names the flag."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients (or the adapter) went NaN or Inf: the run stops; nothing of it was applied or saved,
+    the last saved state is intact."""
 
 
 def _layer_list(text: str) -> tuple[int, ...]:
@@ -708,6 +721,11 @@ def run(config: FinetuneConfig) -> RunResult:
     d = setup_distributed(config.device)
     try:
         return _run(config, d, started)
+    except BaseException as e:
+        if d.world_size > 1:  # the error's frames hold the model, and DDP the process group: let them go before it
+            traceback.clear_frames(e.__traceback__)
+            gc.collect()
+        raise
     finally:
         if d.owns_group:
             dist.destroy_process_group()
@@ -784,6 +802,9 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
         batch_text = (f"packed, up to {config.token_budget} tokens per micro-batch x {mbs} micro-batches per step "
                       f"(no padding)")
     lr = config.lr if config.lr is not None else config.blr * effective / 256
+    if lr / (1 - config.beta1) > torch.finfo(torch.float32).max:  # AdamW's first update would overflow
+        raise UsageError(f"--lr {lr:g}{'' if config.lr is not None else ' (from --blr)'} is too large: AdamW's first "
+                         "step, lr / (1 - beta1), overflows float32")
     warmup_epochs = 0.4 * config.epochs if config.warmup_epochs is None else config.warmup_epochs
     warmup_steps = round(warmup_epochs / config.epochs * total_steps)
     min_ratio = min(1.0, config.min_lr / lr)
@@ -831,9 +852,25 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
             say(f"--overwrite: deleted {len(earlier)} file(s) of an earlier run in {config.out}")
     log = RunLog(config.out, resume_step=global_step if state is not None else None,
                  tensorboard=config.tensorboard) if d.main else None
+    saved_step = global_step if state is not None else None  # of the train state in OUT
+
+    def diverged(what: str) -> TrainingDiverged:
+        kept = f"the last saved state, {config.out / STATE_FILE} of step {saved_step}, and the adapters written " \
+            "before it are intact" if saved_step is not None else "no train state was saved yet"
+        return TrainingDiverged(f"training diverged: {what}. Nothing of it was saved: {kept}. A smaller --lr or "
+                                "--blr may help")
+
+    def finite_adapter() -> dict[str, torch.Tensor]:  # on every rank: FSDP gathers
+        """adapter_tensors(model), which must be finite: a NaN or Inf is never saved."""
+        adapter = adapter_tensors(model)
+        bad = next((k for k, t in adapter.items() if not torch.isfinite(t).all()), None)
+        if bad is not None:
+            raise diverged(f"after step {global_step} (epoch {epoch + 1}) the adapter's {bad!r} holds NaN or Inf")
+        return adapter
 
     def save_state(next_epoch: int, next_step: int) -> None:  # on every rank: FSDP gathers
-        adapter = adapter_tensors(model)
+        nonlocal saved_step
+        adapter = finite_adapter()
         optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                     cpu_offload=True))
         if d.main:
@@ -846,6 +883,7 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
             buffer = io.BytesIO()
             torch.save(blob, buffer)
             write_atomic(config.out / STATE_FILE, buffer.getvalue(), overwrite=True)
+        saved_step = global_step
 
     # -- train
     params = [p for p in model.parameters() if p.requires_grad]
@@ -875,12 +913,21 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad or float("inf"))
                 grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                # the step's one host sync: its loss (all ranks) and gradient norm, checked before the step is applied
+                # (the same on every rank: all stop together). With fp16 loss scaling a non-finite gradient is the
+                # scaler's: it skips the step and lowers its scale.
+                loss, grad_norm = torch.stack([d.sum(loss_sum), grad_norm.float()]).tolist()
+                loss /= step.num_targets
+                if not math.isfinite(loss) or not (math.isfinite(grad_norm) or scaler.is_enabled()):
+                    what = f"the loss is {loss}" if not math.isfinite(loss) else \
+                        f"the gradient norm is {grad_norm} (the loss {loss:.4g})"
+                    raise diverged(f"at step {global_step + 1} (epoch {epoch + 1}) {what}, so the step was not "
+                                   "applied")
                 step_lr = optimizer.param_groups[0]["lr"]
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                loss = float(d.sum(loss_sum)) / step.num_targets
                 step_s = time.perf_counter() - t0
                 elapsed += step_s
                 global_step += 1
@@ -889,7 +936,7 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
                 mem = memory_gib(d.device)
                 if d.main:
                     log.write(step=global_step, epoch=epoch + 1, split="train", loss=loss, lr=step_lr,
-                              grad_norm=float(grad_norm), examples=step.num_examples, tokens=step.num_real_tokens,
+                              grad_norm=grad_norm, examples=step.num_examples, tokens=step.num_real_tokens,
                               tokens_computed=step.num_tokens, tokens_per_s=tokens_per_s, step_s=step_s,
                               elapsed_s=elapsed, memory_gib=mem)
                     bar.update()
@@ -908,7 +955,7 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
                     log.write(step=global_step, epoch=epoch + 1, split="eval", loss=eval_loss, elapsed_s=elapsed)
                 say(f"epoch {epoch + 1}/{config.epochs}: train loss {loss if loss is not None else float('nan'):.4f} "
                     f"(last step), eval loss {eval_loss:.4f}")
-            adapter = adapter_tensors(model)
+            adapter = finite_adapter()
             if d.main:
                 save_adapter(model, config.out / EPOCH_ADAPTER.format(epoch + 1), overwrite=True, state=adapter)
             epoch, start_step = epoch + 1, 0
@@ -918,7 +965,7 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
         if log is not None:
             log.close()
 
-    adapter = adapter_tensors(model)
+    adapter = finite_adapter()
     if d.main:
         written = [config.out / STATE_FILE, config.out / LOG_FILE]
         if not stopped:
@@ -943,7 +990,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         run(config)
     except UsageError as e:
         build_parser(FinetuneConfig, prog=PROG, description=description).error(cli_message(e))
-    except (DataError, CheckpointError, OSError) as e:  # the files given: missing, unreadable, unusable
+    except (DataError, CheckpointError, OSError, TrainingDiverged) as e:  # files missing, unreadable, unusable
         print(f"{PROG}: error: {cli_message(e)}", file=sys.stderr)
         sys.exit(1)
 

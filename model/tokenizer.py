@@ -54,12 +54,7 @@ class Tokenizer:
     """tokenizer.model (sentencepiece or tiktoken) or tokenizer.json (tokenizers); path is the file or its folder."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        if path.is_dir():
-            path = self._pick(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such tokenizer file")
-        self.path = path
+        self.path = path = self.find(path)
         self._sp: sentencepiece.SentencePieceProcessor | None = None
         self._hf: tokenizers.Tokenizer | None = None
         self._tt: tiktoken.Encoding | None = None
@@ -93,14 +88,18 @@ class Tokenizer:
         self.stop_ids = frozenset([self.eos_id, *(i for i in extra if i is not None)])
 
     @staticmethod
-    def _pick(folder: Path) -> Path:
-        """tokenizer.model (sentencepiece or tiktoken), else tokenizer.json."""
-        model, js = folder / "tokenizer.model", folder / "tokenizer.json"
-        if model.is_file():
-            return model
-        if js.is_file():
-            return js
-        raise FileNotFoundError(f"{folder}: no tokenizer.model or tokenizer.json")
+    def find(path: str | os.PathLike) -> Path:
+        """The tokenizer file Tokenizer(path) reads: path itself, or in a folder tokenizer.model (sentencepiece or
+        tiktoken), else tokenizer.json; FileNotFoundError when there is none."""
+        path = Path(path)
+        if path.is_dir():
+            model, js = path / "tokenizer.model", path / "tokenizer.json"
+            if not model.is_file() and not js.is_file():
+                raise FileNotFoundError(f"{path}: no tokenizer.model or tokenizer.json")
+            path = model if model.is_file() else js
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such tokenizer file")
+        return path
 
     @staticmethod
     def _special_tokens(config_file: Path) -> dict[str, str]:

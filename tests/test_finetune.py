@@ -424,3 +424,46 @@ def test_a_diverging_rank_stops_every_rank(checkpoint, tmp_path, fsdp):
         assert "training diverged: at step 2 (epoch 1) the gradient norm is nan" in \
             (tmp_path / f"rank{rank}.error").read_text()
     assert not (tmp_path / "two" / "adapter.safetensors").exists()
+
+
+def test_resume_refuses_changed_data_and_tokenizer(checkpoint, tmp_path, capsys):
+    """Another data file of as many records was once trained on silently (fewer: "start_step=9 is past the end"):
+    the train state keeps the data file's and the tokenizer's size and sha256, and a resume compares them."""
+    from model import CheckpointError
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(RECORDS[:6]))
+    tokenizer = tmp_path / "tokenizer.model"
+    tokenizer.write_bytes((checkpoint / "tokenizer.model").read_bytes())
+    out = tmp_path / "out"
+    run(config(checkpoint, data, out, tokenizer=tokenizer, stop_after_steps=2))
+    inputs = torch.load(out / "train_state.pt", weights_only=True)["inputs"]
+    assert inputs["data file"]["bytes"] == data.stat().st_size and len(inputs["tokenizer"]["sha256"]) == 64
+    resume = config(checkpoint, data, out, tokenizer=tokenizer, resume=True)
+    for records in (RECORDS[6:12], RECORDS[:4]):  # as many records, other ones; fewer
+        data.write_text(json.dumps(records))
+        with pytest.raises(UsageError, match=rf"--resume: the data differs from the run in .*out: the data file "
+                                             rf"{data}: \d+ -> {data.stat().st_size} bytes, sha256 "
+                                             r"[0-9a-f]{12}\.\.\. -> [0-9a-f]{12}\.\.\.\. Resume with the data it "
+                                             "started with"):
+            run(resume)
+    data.write_text(json.dumps(RECORDS[:6]))
+    tokenizer.write_bytes(tokenizer.read_bytes() + b"\0")
+    with pytest.raises(UsageError, match=rf"the data differs .*: the tokenizer {tokenizer}: "):
+        run(resume)
+    tokenizer.write_bytes((checkpoint / "tokenizer.model").read_bytes())
+
+    # a state written before the digests were kept resumes, with a warning
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "inputs"}, out / "train_state.pt")
+    capsys.readouterr()
+    assert run(resume).steps == 6
+    assert "does not record the data's digests (an older version wrote it): resuming" in capsys.readouterr().out
+
+    # the state is untrusted: a wrong entry is an error naming the file, never a traceback
+    for key, value, message in (("epoch", "1", r"its 'epoch' must be an int >= 0, got str"),
+                                ("step", 99, r"its position, step 99 of epoch 1, lies beyond this run's"),
+                                ("rng", {"cpu": "seed"}, r"cannot be restored \(TypeError")):
+        torch.save({**state, key: value}, out / "train_state.pt")
+        with pytest.raises(CheckpointError, match=rf"train_state\.pt: {message}"):
+            run(resume)

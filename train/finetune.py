@@ -71,7 +71,10 @@ Resume: --resume reads OUT/train_state.pt (torch.load with weights_only=True) an
 saved (epoch, step); the data order is a function of (seed, epoch) only and the loop draws no random
 numbers, so the result equals an uninterrupted run (tests: bitwise on a CPU). Settings that change the
 result must match the saved ones (an error lists the differences); --save-every, --stop-after-steps,
---device, --fsdp and --tensorboard may change. log.csv keeps its rows up to the saved step.
+--device, --fsdp, --tensorboard and --allow-external-files may change. The state also keeps the size and sha256
+of the data file and of the tokenizer file (input_digests): a resume on other data is refused, naming what changed
+(a state written before they were kept resumes with a warning). The state is untrusted input: each entry is checked
+before it is used. log.csv keeps its rows up to the saved step.
 
 Several processes (torchrun): each rank takes its share of every step's micro-batches.
 - DDP (default): the base is frozen (requires_grad False), so DDP buckets and all-reduces only the
@@ -90,6 +93,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import hashlib
 import io
 import json
 import math
@@ -581,8 +585,34 @@ def _json_config(config: FinetuneConfig) -> dict:
     return json.loads(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}))
 
 
-def load_state(config: FinetuneConfig, resolved: dict) -> dict:
-    """OUT/train_state.pt, checked against this run's resolved settings."""
+def _file_digest(path: Path) -> dict:
+    """{"bytes": size, "sha256": hex digest} of a file, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 20):
+            digest.update(piece)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def input_digests(config: FinetuneConfig) -> dict[str, dict]:
+    """Size and sha256 of what the run's examples are made of: the data file, the tokenizer file (and the
+    tokenizer_config.json that gives a tokenizer.json its special tokens). Kept in the train state: --resume
+    refuses to go on with other data."""
+    tokenizer = Tokenizer.find(config.tokenizer or config.checkpoint)
+    files = {"data file": config.data, "tokenizer": tokenizer}
+    if tokenizer.suffix == ".json" and (tokenizer.parent / "tokenizer_config.json").is_file():
+        files["tokenizer_config.json"] = tokenizer.parent / "tokenizer_config.json"
+    return {name: {"file": str(path), **_file_digest(path)} for name, path in files.items()}
+
+
+# the train state's entries, and their types; loaded from an untrusted file, each is checked before it is used
+_STATE_ENTRIES = {"config": str, "epoch": int, "step": int, "global_step": int, "elapsed": float, "adapter": dict,
+                  "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": dict}
+
+
+def load_state(config: FinetuneConfig, resolved: dict, inputs: dict[str, dict],
+               say: Callable[[str], None] = print) -> dict:
+    """OUT/train_state.pt, checked against this run's resolved settings and input_digests."""
     path = config.out / STATE_FILE
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -590,12 +620,32 @@ def load_state(config: FinetuneConfig, resolved: dict) -> dict:
         raise CheckpointError(f"{path}: cannot be loaded with weights_only=True ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: not a training state written by {PROG}")
-    saved = json.loads(state["config"])
+    for key, kind in _STATE_ENTRIES.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool) or \
+                (kind is int and state[key] < 0):
+            raise CheckpointError(f"{path}: its {key!r} must be {'an int >= 0' if kind is int else kind.__name__}, got "
+                                  f"{type(state.get(key)).__name__}")
+    try:
+        saved = json.loads(state["config"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its 'config' is not JSON ({e})") from None
     changed = [f"{_flag(k)} {saved.get(k)!r} -> {v!r}" for k, v in resolved.items()
                if k not in RESUMABLE_CHANGES and saved.get(k) != v]
     if changed:
         raise UsageError(f"--resume: these settings differ from the run in {config.out}: {'; '.join(changed)}. "
                          "Resume with the same settings, or start again with --overwrite")
+    if "inputs" not in state:  # written before the digests were kept
+        say(f"warning: {path} does not record the data's digests (an older version wrote it): resuming on the "
+            "assumption that the data file and the tokenizer have not changed")
+    else:
+        changed = [f"the {name} {(now or was)['file']}: " + (
+            "new" if was is None else "gone" if now is None else
+            f"{was['bytes']} -> {now['bytes']} bytes, sha256 {was['sha256'][:12]}... -> {now['sha256'][:12]}...")
+            for name in sorted(inputs.keys() | state["inputs"].keys())
+            for was, now in [(state["inputs"].get(name), inputs.get(name))] if was != now]
+        if changed:
+            raise UsageError(f"--resume: the data differs from the run in {config.out}: {'; '.join(changed)}. "
+                             "Resume with the data it started with, or start again with --overwrite")
     return state
 
 
@@ -759,7 +809,8 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
         **{k: getattr(config, k).resolve() for k in ("checkpoint", "data", "tokenizer", "clip", "image_root")
            if getattr(config, k) is not None}))
     earlier = d.on_main(lambda: check_outputs(config))
-    state = d.on_main(lambda: load_state(config, resolved)) if config.resume else None
+    inputs = d.on_main(lambda: input_digests(config))
+    state = d.on_main(lambda: load_state(config, resolved, inputs, say)) if config.resume else None
     train_data, eval_data, images = load_data(config, max_seq_len, say, vocab_size=model_config.vocab_size)
     if images and config.clip is None:
         raise UsageError(f"{len(images)} record(s) of {config.data} have an \"image\": pass --clip (a local CLIP "
@@ -834,15 +885,21 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
         if set(state["adapter"]) != names:
             raise CheckpointError(f"{config.out / STATE_FILE}: holds adapter tensors "
                                   f"{sorted(state['adapter'])[:2]}..., the model has {sorted(names)[:2]}...")
-        options = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(model, state["adapter"], options=options)
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if d.device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], d.device)
         epoch, start_step, global_step, elapsed = state["epoch"], state["step"], state["global_step"], state["elapsed"]
+        if epoch > config.epochs or start_step > (steps_per_epoch + [0])[epoch]:
+            raise CheckpointError(f"{config.out / STATE_FILE}: its position, step {start_step} of epoch {epoch + 1}, "
+                                  f"lies beyond this run's {config.epochs} epochs of {steps_per_epoch} steps")
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        try:
+            set_model_state_dict(model, state["adapter"], options=options)
+            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"]["cpu"])
+            if d.device.type == "cuda" and state["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], d.device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a damaged or foreign state
+            raise CheckpointError(f"{config.out / STATE_FILE}: cannot be restored ({type(e).__name__}: {e})") from None
         say(f"resuming {config.out} at epoch {epoch + 1}, step {start_step} of it ({global_step} of {total_steps} "
             "steps done)")
     elif d.main:
@@ -876,10 +933,10 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
         if d.main:
             rng = {"cpu": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None}
-            blob = {"format": STATE_FORMAT, "version": 1, "config": json.dumps(resolved), "epoch": next_epoch,
-                    "step": next_step, "global_step": global_step, "elapsed": elapsed, "adapter": adapter,
-                    "optimizer": optim, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "rng": rng}
+            blob = {"format": STATE_FORMAT, "version": 1, "config": json.dumps(resolved), "inputs": inputs,
+                    "epoch": next_epoch, "step": next_step, "global_step": global_step, "elapsed": elapsed,
+                    "adapter": adapter, "optimizer": optim, "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "rng": rng}
             buffer = io.BytesIO()
             torch.save(blob, buffer)
             write_atomic(config.out / STATE_FILE, buffer.getvalue(), overwrite=True)

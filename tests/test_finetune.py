@@ -247,13 +247,13 @@ def test_cli_refuses_earlier_results_and_bad_flags(checkpoint, tmp_path, capsys)
     data = data_file(tmp_path, 4)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "adapter.safetensors").write_text("the user's adapter")
+    earlier = save_adapter_file(checkpoint, out / "adapter.safetensors")  # an earlier run's (our format)
     (out / "notes.txt").write_text("the user's notes")
     base = ["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--adapter-layers", "1"]
     with pytest.raises(SystemExit) as e:
         main(base)
     assert e.value.code == 1 and "holds the results of an earlier run (adapter.safetensors)" in capsys.readouterr().err
-    assert (out / "adapter.safetensors").read_text() == "the user's adapter"
+    assert (out / "adapter.safetensors").read_bytes() == earlier
     with pytest.raises(SystemExit):
         main([*base, "--resume"])
     assert "train_state.pt not found" in capsys.readouterr().err
@@ -274,7 +274,7 @@ def test_cli_refuses_earlier_results_and_bad_flags(checkpoint, tmp_path, capsys)
     assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "notes.txt"]
 
     # --overwrite deletes the earlier run's files (only those) and starts again
-    (out / "adapter-epoch7.safetensors").write_text("an earlier run's")
+    (out / "adapter-epoch7.safetensors").write_bytes(earlier)
     result = run(replace(config(checkpoint, data, out, overwrite=True), stop_after_steps=1))
     assert result.steps == 1
     assert sorted(p.name for p in out.iterdir()) == ["log.csv", "loss.png", "notes.txt", "train_state.pt"]
@@ -467,3 +467,57 @@ def test_resume_refuses_changed_data_and_tokenizer(checkpoint, tmp_path, capsys)
         torch.save({**state, key: value}, out / "train_state.pt")
         with pytest.raises(CheckpointError, match=rf"train_state\.pt: {message}"):
             run(resume)
+
+
+def save_adapter_file(checkpoint: Path, path: Path) -> bytes:
+    """An adapter file of a model of the checkpoint's shape, as a run writes it; returns its bytes."""
+    from model import load_checkpoint, save_adapter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_adapter(load_checkpoint(checkpoint, adapter=AdapterConfig(adapter_len=4, adapter_layers=1)),
+                        path).read_bytes()
+
+
+def test_overwrite_and_resume_touch_only_the_runs_own_files(checkpoint, tmp_path):
+    """--overwrite once deleted whatever bore the run's names (another tool's tensorboard/ or log.csv): the run's files
+    are now recognised by their content, others refused by name and reason; a killed run's .NAME.*.tmp files go."""
+    data = data_file(tmp_path, 4)
+    out = tmp_path / "out"
+    run(config(checkpoint, data, out, stop_after_steps=1))
+    (out / ".train_state.pt.0123abcd.tmp").write_bytes(b"half a state")  # what kill -9 leaves
+    (out / ".log.csv.89abcdef.tmp").write_text("step,")
+    (out / ".notes.0123abcd.tmp").write_text("another tool's temporary file")
+    (out / "notes.txt").write_text("the user's notes")
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.out.tfevents.17.host.other").write_bytes(b"another tool's events")
+
+    def snapshot(folder: Path) -> dict:
+        return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = snapshot(out)
+    for flag in ("resume", "overwrite"):
+        with pytest.raises(FileExistsError, match=r"holds files of the names python -m train.finetune writes that it "
+                                                  r"did not write: tensorboard \(holds 'events\.out\.tfevents\.17\."
+                                                  r"host\.other', not an event file of train\.finetune's "
+                                                  r"\(\*\.llama-adapter-triton\)\)\. They are never deleted"):
+            run(config(checkpoint, data, out, **{flag: True}))
+        assert snapshot(out) == before
+    (out / "tensorboard" / "events.out.tfevents.17.host.other").rename(
+        out / "tensorboard" / "events.out.tfevents.17.host.1.llama-adapter-triton")  # as the run names its events
+
+    assert run(config(checkpoint, data, out, resume=True)).steps == 4  # the temporaries go, the rest stays
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [".notes.0123abcd.tmp", "adapter-epoch1.safetensors", "adapter.safetensors", "log.csv", "loss.png",
+         "notes.txt", "tensorboard", "train_state.pt"])
+    run(config(checkpoint, data, out, overwrite=True, stop_after_steps=1))
+    assert sorted(p.name for p in out.iterdir()) == [".notes.0123abcd.tmp", "log.csv", "loss.png", "notes.txt",
+                                                     "train_state.pt"]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "log.csv").write_text("epoch,accuracy\n1,0.5\n")
+    (other / "adapter.safetensors").write_text("not ours")
+    with pytest.raises(FileExistsError, match=r"adapter\.safetensors \(cannot be read as one \(SafetensorError\)\); "
+                                              r"log\.csv \(its first line is not train\.finetune's header\)"):
+        run(config(checkpoint, data, other, overwrite=True))
+    assert (other / "log.csv").read_text() == "epoch,accuracy\n1,0.5\n"

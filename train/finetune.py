@@ -56,9 +56,15 @@ Outputs (only rank 0 writes; every file goes to a temporary name and is renamed 
                                        tokens_computed, tokens_per_s, step_s, elapsed_s, memory_gib
     OUT/loss.png                       the loss curves
     OUT/tensorboard/                   the same scalars, when the tensorboard package is installed
-An OUT holding any of these is refused unless --resume (go on with that run) or --overwrite (delete
-them first); other files in OUT are left alone. tokens / tokens_per_s count real tokens (no padding),
-tokens_computed the tokens the model ran on (padding included: equal to tokens when packed);
+The run knows its own files by their content, not only their names: adapters by this project's metadata,
+train_state.pt by its format entry, log.csv by its header, loss.png by its PNG Software entry, tensorboard/ by
+holding only event files named *.llama-adapter-triton. An OUT holding any of them is refused unless --resume (go
+on with that run) or --overwrite (delete them first, the event files one by one); a file or folder of one of those
+names that the run did not write (another tool's log.csv or tensorboard/, a file of an older version) is never
+deleted or written over: the run is refused, naming it and why. Temporary .NAME.XXXXXXXX.tmp files of a killed run
+are deleted by --resume and --overwrite; other files in OUT are left alone.
+tokens / tokens_per_s count real tokens (no padding), tokens_computed the tokens the model ran on (padding
+included: equal to tokens when packed);
 memory_gib is the peak CUDA memory allocated on a GPU, the peak resident memory on a CPU.
 
 Divergence: the loss and the gradient norm of every step are checked where the loss comes to the host anyway,
@@ -98,7 +104,7 @@ import io
 import json
 import math
 import os
-import shutil
+import re
 import sys
 import time
 import traceback
@@ -111,6 +117,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -134,6 +141,7 @@ from model import (
     write_atomic,
 )
 from model.adapter import GATE_ACTS, GATES
+from model.checkpoint import ADAPTER_FORMAT
 from model.cli import build_parser, cli_message, parse_dataclass
 from train.data import (
     IGNORE_INDEX,
@@ -153,6 +161,8 @@ STATE_FILE = "train_state.pt"
 LOG_FILE = "log.csv"
 PLOT_FILE = "loss.png"
 TB_DIR = "tensorboard"
+TB_SUFFIX = ".llama-adapter-triton"  # the end of the event files' names the run writes in TB_DIR
+PLOT_TAG = f"llama-adapter-triton {PROG}"  # the PNG's Software entry
 STATE_FORMAT = "llama-adapter-triton train state"
 LOG_COLUMNS = ("step", "epoch", "split", "loss", "lr", "grad_norm", "examples", "tokens", "tokens_computed",
                "tokens_per_s", "step_s", "elapsed_s", "memory_gib")
@@ -549,17 +559,56 @@ def evaluate(model: torch.nn.Module, loader: PackedLoader | PaddedLoader, d: Dis
 # Outputs
 
 
-def earlier_outputs(out: Path) -> list[Path]:
-    """The files (and tensorboard folder) of an earlier run in out."""
+_TEMP_RE = re.compile(r"\.(adapter(-epoch\d+)?\.safetensors|train_state\.pt|log\.csv|loss\.png)\.[0-9a-f]{8}\.tmp")
+
+
+def _own_file(path: Path) -> str | None:
+    """None if path is a file (or event folder) a run of train.finetune wrote, recognised by its content;
+    else why not. path has one of the names the run writes."""
+    try:
+        if path.name == TB_DIR:
+            if not path.is_dir():
+                return "not a folder"
+            other = [p.name for p in path.iterdir() if not (p.is_file() and p.name.startswith("events.out.tfevents.")
+                                                            and p.name.endswith(TB_SUFFIX))]
+            return f"holds {other[0]!r}, not an event file of train.finetune's (*{TB_SUFFIX})" if other else None
+        if not path.is_file():
+            return "not a file"
+        if path.name == STATE_FILE:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return None if isinstance(state, dict) and state.get("format") == STATE_FORMAT else \
+                "not a train state of train.finetune's"
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        if path.name == LOG_FILE:
+            return None if head.split(b"\r\n", 1)[0] == ",".join(LOG_COLUMNS).encode() else \
+                "its first line is not train.finetune's header"
+        if path.name == PLOT_FILE:
+            return None if b"tEXtSoftware\0" + PLOT_TAG.encode() in head else "not a plot of train.finetune's"
+        with safe_open(path, framework="pt") as f:  # adapter.safetensors, adapter-epochN.safetensors
+            return None if (f.metadata() or {}).get("format") == ADAPTER_FORMAT else "not an adapter file of ours"
+    except Exception as e:  # unreadable, or not of the format its name says: not ours
+        return f"cannot be read as one ({type(e).__name__})"
+
+
+def earlier_outputs(out: Path) -> tuple[list[Path], list[str], list[Path]]:
+    """What out holds under the names a run writes: (the files of an earlier run, recognised by their content;
+    "name (why not)" for those that are not ours; temporary .NAME.*.tmp files a killed run left)."""
     if not out.is_dir():
-        return []
-    found = [out / n for n in (ADAPTER_FILE, STATE_FILE, LOG_FILE, PLOT_FILE, TB_DIR) if (out / n).exists()]
-    return found + sorted(out.glob(EPOCH_ADAPTER.format("*")))
+        return [], [], []
+    named = [out / n for n in (ADAPTER_FILE, STATE_FILE, LOG_FILE, PLOT_FILE, TB_DIR) if (out / n).exists()]
+    named += sorted(out.glob(EPOCH_ADAPTER.format("*")))
+    ours, foreign = [], []
+    for path in named:
+        why = _own_file(path)
+        ours.append(path) if why is None else foreign.append(f"{path.name} ({why})")
+    return ours, foreign, sorted(p for p in out.iterdir() if _TEMP_RE.fullmatch(p.name))
 
 
 def check_outputs(config: FinetuneConfig) -> list[Path]:
-    """Refuse an out folder holding an earlier run's results without --resume / --overwrite, or one this process
-    cannot write; returns the results."""
+    """Refuse an out folder this process cannot write, one holding files of the run's names that it did not write,
+    or one holding an earlier run's results without --resume / --overwrite. Returns what the run deletes: the
+    earlier results (--overwrite) and temporary files a killed run left (--overwrite, --resume)."""
     if config.out.exists() and not config.out.is_dir():
         raise UsageError(f"--out {config.out} is a file; give a folder")
     folder = config.out  # the folder, or the one it would be made in
@@ -569,15 +618,20 @@ def check_outputs(config: FinetuneConfig) -> list[Path]:
         raise UsageError(f"--out {config.out}: {folder} is a file, so the folder cannot be made")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"--out {config.out}: {folder} is not writable by this process")
-    found = earlier_outputs(config.out)
+    ours, foreign, temps = earlier_outputs(config.out)
+    if foreign:
+        raise FileExistsError(f"{config.out} holds files of the names {PROG} writes that it did not write: "
+                              f"{'; '.join(foreign)}. They are never deleted or written over: move them away, or "
+                              "choose another --out")
     if config.resume and not (config.out / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume: {config.out / STATE_FILE} not found, so there is no run to continue "
                                 "(start without --resume)")
+    found = ours + temps
     if found and not (config.resume or config.overwrite):
         names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
         raise FileExistsError(f"{config.out} holds the results of an earlier run ({names}); pass --resume to "
                               "continue it, or --overwrite to delete them and start again")
-    return found
+    return temps if config.resume else found
 
 
 def _json_config(config: FinetuneConfig) -> dict:
@@ -673,7 +727,8 @@ class RunLog:
             except ImportError:  # tensorboard is optional
                 pass
             else:
-                self.tb = SummaryWriter(str(out / TB_DIR), purge_step=None if resume_step is None else resume_step + 1)
+                self.tb = SummaryWriter(str(out / TB_DIR), purge_step=None if resume_step is None else resume_step + 1,
+                                        filename_suffix=TB_SUFFIX)
 
     def write(self, **row: Any) -> None:
         self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -710,7 +765,7 @@ def plot_losses(log_path: Path, png_path: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", metadata={"Software": PLOT_TAG})  # how --overwrite knows it
     return write_atomic(png_path, buf.getvalue(), overwrite=True)
 
 
@@ -808,7 +863,7 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
         config, micro_batches_per_step=mbs, dtype=str(dtype).removeprefix("torch."),
         **{k: getattr(config, k).resolve() for k in ("checkpoint", "data", "tokenizer", "clip", "image_root")
            if getattr(config, k) is not None}))
-    earlier = d.on_main(lambda: check_outputs(config))
+    deleted = d.on_main(lambda: check_outputs(config))
     inputs = d.on_main(lambda: input_digests(config))
     state = d.on_main(lambda: load_state(config, resolved, inputs, say)) if config.resume else None
     train_data, eval_data, images = load_data(config, max_seq_len, say, vocab_size=model_config.vocab_size)
@@ -902,11 +957,13 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
             raise CheckpointError(f"{config.out / STATE_FILE}: cannot be restored ({type(e).__name__}: {e})") from None
         say(f"resuming {config.out} at epoch {epoch + 1}, step {start_step} of it ({global_step} of {total_steps} "
             "steps done)")
-    elif d.main:
-        for path in earlier:  # --overwrite (check_outputs refused them otherwise)
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        if earlier:
-            say(f"--overwrite: deleted {len(earlier)} file(s) of an earlier run in {config.out}")
+    if d.main and deleted:  # --overwrite: an earlier run's files; --resume, --overwrite: a killed run's temporaries
+        for path in deleted:
+            if path.is_dir():  # tensorboard/, holding our event files only
+                for events in path.iterdir():
+                    events.unlink()
+            path.rmdir() if path.is_dir() else path.unlink()
+        say(f"{'--resume' if state is not None else '--overwrite'}: deleted {', '.join(p.name for p in deleted)}")
     log = RunLog(config.out, resume_step=global_step if state is not None else None,
                  tensorboard=config.tensorboard) if d.main else None
     saved_step = global_step if state is not None else None  # of the train state in OUT

@@ -686,7 +686,8 @@ def load_adapter(model: LLaMA, path: str | os.PathLike, *, gate_act: str | None 
 
 def write_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
     """Write data to path through a temporary file in the same folder, renamed into place (os.replace): a killed
-    process never leaves a half-written file. An existing file is replaced only with overwrite=True."""
+    process never leaves a half-written file, a failed write (a full disk) leaves path as it was and raises an
+    OSError naming path. An existing file is replaced only with overwrite=True."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name")
@@ -700,6 +701,8 @@ def write_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = Fals
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, ...: name the file meant, not the temporary one (which goes)
+        raise OSError(e.errno, e.strerror, str(path)) from e
     finally:
         tmp.unlink(missing_ok=True)
     return path

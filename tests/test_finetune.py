@@ -521,3 +521,54 @@ def test_overwrite_and_resume_touch_only_the_runs_own_files(checkpoint, tmp_path
                                               r"log\.csv \(its first line is not train\.finetune's header\)"):
         run(config(checkpoint, data, other, overwrite=True))
     assert (other / "log.csv").read_text() == "epoch,accuracy\n1,0.5\n"
+
+
+def test_a_full_disk_keeps_the_last_saved_state_and_resume_goes_on(checkpoint, tmp_path, capsys, monkeypatch):
+    """An OSError writing a file is one line naming it and what is intact; --resume then ends as an uninterrupted
+    run would."""
+    import errno
+
+    data = data_file(tmp_path, 4)
+    whole = run(config(checkpoint, data, tmp_path / "whole"))
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--adapter-layers", "1",
+            "--adapter-len", "4", "--token-budget", "64", "--max-seq-len", "64", "--eval-size", "0", "--epochs", "1",
+            "--blr", "0.5", "--no-tensorboard", "--device", "cpu", "--save-every", "1"]
+    fsync, calls = os.fsync, []
+
+    def full_disk(fd):  # the 3rd file written: log.csv's header, the state of step 1, then that of step 2
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"python -m train.finetune: error: cannot write {out / 'train_state.pt'}: No space left on device; the last "
+        f"saved state, {out / 'train_state.pt'} of step 1, and the adapters written before it are intact: --resume "
+        "goes on from there")
+    assert torch.load(out / "train_state.pt", weights_only=True)["global_step"] == 1
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+    # a log row cut short (a full disk, a kill; here after the "1" of "12") is dropped on resume
+    with open(out / "log.csv", "a", newline="") as f:
+        f.write("1")
+    main([*argv, "--resume"])
+    for k, t in whole.adapter.items():
+        assert torch.equal(load_file(out / "adapter.safetensors")[k], t), k
+    assert [r["step"] for r in log_rows(out)] == ["1", "2", "3", "4"]
+
+    def full_log(self, row):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(csv.DictWriter, "writerow", full_log)
+    from train.finetune import OutputError
+
+    with pytest.raises(OutputError, match=rf"cannot write {tmp_path / 'fresh' / 'log.csv'}: No space left on device; "
+                                          "no train state was saved yet: start again with --overwrite"):
+        run(config(checkpoint, data, tmp_path / "fresh"))

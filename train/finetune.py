@@ -67,6 +67,9 @@ tokens / tokens_per_s count real tokens (no padding), tokens_computed the tokens
 included: equal to tokens when packed);
 memory_gib is the peak CUDA memory allocated on a GPU, the peak resident memory on a CPU.
 
+A file that cannot be written (a full disk) stops the run with OutputError: one line naming the file and the last
+saved state, which is intact (every file goes to a temporary name first), so --resume goes on from it.
+
 Divergence: the loss and the gradient norm of every step are checked where the loss comes to the host anyway,
 before the optimizer applies the step (with fp16 a non-finite gradient is the loss scaler's to handle: it skips the
 step and lowers its scale), and the adapter before every save. A NaN or Inf stops the run on every rank together
@@ -174,6 +177,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 class UsageError(ValueError):
     """A flag whose value does not fit the model or the data (found after parsing); names the flag."""
+
+
+class OutputError(OSError):
+    """A file of the run could not be written (a full disk, ...); the message names it and says what is intact."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -710,7 +717,9 @@ class RunLog:
         self.path = out / LOG_FILE
         if resume_step is not None and self.path.exists():  # drop the rows after the saved step: they are redone
             with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+                # (a row cut short by a full disk or a kill has missing fields: it goes too)
+                rows = [r for r in csv.DictReader(f) if None not in r and None not in r.values()
+                        and r["step"].isdigit() and int(r["step"]) <= resume_step]
             text = io.StringIO()
             writer = csv.DictWriter(text, LOG_COLUMNS)
             writer.writeheader()
@@ -731,8 +740,11 @@ class RunLog:
                                         filename_suffix=TB_SUFFIX)
 
     def write(self, **row: Any) -> None:
-        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        self.file.flush()
+        try:
+            self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            self.file.flush()
+        except OSError as e:  # a full disk: name the file (the rows after the last saved step are redone on resume)
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
         if self.tb is not None:
             for key in ("loss", "lr", "grad_norm", "tokens_per_s", "memory_gib"):
                 if row.get(key) is not None:
@@ -964,15 +976,19 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
                     events.unlink()
             path.rmdir() if path.is_dir() else path.unlink()
         say(f"{'--resume' if state is not None else '--overwrite'}: deleted {', '.join(p.name for p in deleted)}")
-    log = RunLog(config.out, resume_step=global_step if state is not None else None,
-                 tensorboard=config.tensorboard) if d.main else None
     saved_step = global_step if state is not None else None  # of the train state in OUT
 
-    def diverged(what: str) -> TrainingDiverged:
-        kept = f"the last saved state, {config.out / STATE_FILE} of step {saved_step}, and the adapters written " \
+    def kept() -> str:
+        return f"the last saved state, {config.out / STATE_FILE} of step {saved_step}, and the adapters written " \
             "before it are intact" if saved_step is not None else "no train state was saved yet"
-        return TrainingDiverged(f"training diverged: {what}. Nothing of it was saved: {kept}. A smaller --lr or "
+
+    def diverged(what: str) -> TrainingDiverged:
+        return TrainingDiverged(f"training diverged: {what}. Nothing of it was saved: {kept()}. A smaller --lr or "
                                 "--blr may help")
+
+    def write_failed(e: OSError) -> OutputError:
+        goes_on = "--resume goes on from there" if saved_step is not None else "start again with --overwrite"
+        return OutputError(f"cannot write {e.filename or config.out}: {e.strerror or e}; {kept()}: {goes_on}")
 
     def finite_adapter() -> dict[str, torch.Tensor]:  # on every rank: FSDP gathers
         """adapter_tensors(model), which must be finite: a NaN or Inf is never saved."""
@@ -1006,7 +1022,10 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
     loss = eval_loss = None
     tokens_done, seconds_done = 0, 0.0
     stopped = False
+    log = None
     try:
+        log = RunLog(config.out, resume_step=global_step if state is not None else None,
+                     tensorboard=config.tensorboard) if d.main else None
         while epoch < config.epochs and not stopped:
             for step in loader.iter_epoch(epoch, start_step):
                 t0 = time.perf_counter()
@@ -1074,19 +1093,23 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
                 save_adapter(model, config.out / EPOCH_ADAPTER.format(epoch + 1), overwrite=True, state=adapter)
             epoch, start_step = epoch + 1, 0
             save_state(epoch, 0)
+
+        adapter = finite_adapter()
+        if d.main:
+            written = [config.out / STATE_FILE, config.out / LOG_FILE]
+            if not stopped:
+                written.insert(0, save_adapter(model, config.out / ADAPTER_FILE, overwrite=True, state=adapter))
+            written.append(plot_losses(config.out / LOG_FILE, config.out / PLOT_FILE))
+            if log.tb is not None:
+                written.append(config.out / TB_DIR)
+    except OSError as e:  # all the run reads was read before: this is a write, of rank 0
+        raise write_failed(e) from e
     finally:
         bar.close()
         if log is not None:
             log.close()
 
-    adapter = finite_adapter()
     if d.main:
-        written = [config.out / STATE_FILE, config.out / LOG_FILE]
-        if not stopped:
-            written.insert(0, save_adapter(model, config.out / ADAPTER_FILE, overwrite=True, state=adapter))
-        written.append(plot_losses(config.out / LOG_FILE, config.out / PLOT_FILE))
-        if log.tb is not None:
-            written.append(config.out / TB_DIR)
         rate = f" ({tokens_done / seconds_done:,.0f} real tokens/s)" if seconds_done else ""
         done = f"stopped after step {global_step} of {total_steps} (--stop-after-steps; --resume goes on)" \
             if stopped else f"done: {global_step} steps"

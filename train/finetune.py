@@ -27,8 +27,9 @@ folder). The frozen CLIP encoder computes every image's features once, before th
 processes, each encodes its share and all gather the table; threads read the files ahead of the encoder);
 each sequence of a batch then carries its image's features, and the model's projector
 (model.visual_proj, trained with the prompts and gates, saved in the adapter file) turns them into the visual
-token added to its prompts. Records without an image get no visual token. A missing or unreadable image stops
-the run before anything is written.
+token added to its prompts. Records without an image get no visual token. A missing or unreadable image, one over
+Pillow's pixel limit (a decompression bomb), or one that leads outside --image-root ("..", an absolute path, a
+link; allowed by --allow-external-files) stops the run before anything is written, naming its record.
 
 Batches (train/data.py's module docstring has the details)
 - Packed (the default): whole examples in micro-batches of at most --token-budget tokens, no padding;
@@ -464,21 +465,31 @@ def encode_images(config: FinetuneConfig, images: dict[int, str], dtype: torch.d
                   say: Callable[[str], None] = print) -> tuple[ImageFeatures, tuple[int, ...]]:
     """The CLIP features of the records' images (images: record index -> file as the record gives it;
     relative to --image-root, by default the data file's folder), and the CLIP layers they come from.
-    With several processes each encodes every world_size-th image and all of them gather the whole table."""
-    from model.visual import CLIPImageEncoder
+    An image that leads outside --image-root ("..", an absolute path, a link) is refused unless
+    --allow-external-files. With several processes each encodes every world_size-th image and all of them gather
+    the whole table."""
+    from model.visual import CLIPImageEncoder, ImageError
+
+    def listing(items: list[str]) -> str:
+        return "; ".join(items[:5]) + (f"; ... and {len(items) - 5} more" if len(items) > 5 else "")
 
     root = config.image_root or config.data.parent
     files: dict[Path, int] = {}  # each file once, in order of first use
-    row_of_record, missing = {}, []
+    row_of_record, missing, outside = {}, [], []
     for index, image in sorted(images.items()):
         path = Path(image) if Path(image).is_absolute() else root / image
         if not path.is_file():
             missing.append(f"record {index}: {path}")
+        elif not (config.allow_external_files or path.resolve().is_relative_to(root.resolve())):
+            outside.append(f"record {index}: {image!r} is {path.resolve()}")
         row_of_record[index] = files.setdefault(path, len(files))
     if missing:
         raise DataError(f"{config.data}: {len(missing)} record(s) name an image file that does not exist "
-                        f"(relative paths start at {root}; --image-root sets it): " + "; ".join(missing[:5])
-                        + (f"; ... and {len(missing) - 5} more" if len(missing) > 5 else ""))
+                        f"(relative paths start at {root}; --image-root sets it): {listing(missing)}")
+    if outside:
+        raise DataError(f"{config.data}: {len(outside)} record(s) name an image outside --image-root {root} (through "
+                        f"\"..\", an absolute path or a link): {listing(outside)}; refused unless you pass "
+                        "--allow-external-files")
     try:
         encoder = CLIPImageEncoder(config.clip, layers=config.clip_layers, device=d.device, dtype=dtype)
     except ValueError as e:  # layers out of range, an incomplete CLIP checkpoint
@@ -490,8 +501,10 @@ def encode_images(config: FinetuneConfig, images: dict[int, str], dtype: torch.d
     features, error = None, None
     try:
         features = encoder.encode_files(paths, progress=d.main and len(files) > 64)
-    except ValueError as e:  # a file that is not an image
-        error = f"{config.data}: {e}"
+    except ImageError as e:  # not an image, or a decompression bomb
+        records = [i for i, row in row_of_record.items() if row == files[Path(e.path)]]
+        more = f" (and {len(records) - 1} more with that image)" if len(records) > 1 else ""
+        error = f"{config.data}: record {records[0]}{more}: {e}"
     if d.world_size > 1:  # every rank learns of any rank's error before the gather (which would wait for ever)
         errors: list[str | None] = [None] * d.world_size
         dist.all_gather_object(errors, error)

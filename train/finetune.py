@@ -708,15 +708,23 @@ def load_state(config: FinetuneConfig, resolved: dict, inputs: dict[str, dict],
     if changed:
         raise UsageError(f"--resume: these settings differ from the run in {config.out}: {'; '.join(changed)}. "
                          "Resume with the same settings, or start again with --overwrite")
-    if "inputs" not in state:  # written before the digests were kept
+    saved_inputs = state.get("inputs")
+    if saved_inputs is None:  # written before the digests were kept
         say(f"warning: {path} does not record the data's digests (an older version wrote it): resuming on the "
             "assumption that the data file and the tokenizer have not changed")
+    elif not isinstance(saved_inputs, dict):
+        raise CheckpointError(f"{path}: its 'inputs' must be a dict, got {type(saved_inputs).__name__}")
     else:
-        changed = [f"the {name} {(now or was)['file']}: " + (
-            "new" if was is None else "gone" if now is None else
-            f"{was['bytes']} -> {now['bytes']} bytes, sha256 {was['sha256'][:12]}... -> {now['sha256'][:12]}...")
-            for name in sorted(inputs.keys() | state["inputs"].keys())
-            for was, now in [(state["inputs"].get(name), inputs.get(name))] if was != now]
+        def text(entry: object) -> str:
+            if entry is None:
+                return "none"
+            if isinstance(entry, dict) and isinstance(entry.get("sha256"), str):
+                return f"{entry.get('bytes')} bytes, sha256 {entry['sha256'][:12]}..."
+            return repr(entry)
+
+        changed = [f"the {name} {inputs[name]['file'] if name in inputs else ''}: {text(saved_inputs.get(name))} -> "
+                   f"{text(inputs.get(name))}" for name in sorted(inputs.keys() | saved_inputs.keys())
+                   if saved_inputs.get(name) != inputs.get(name)]
         if changed:
             raise UsageError(f"--resume: the data differs from the run in {config.out}: {'; '.join(changed)}. "
                              "Resume with the data it started with, or start again with --overwrite")
@@ -1140,7 +1148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         run(config)
     except UsageError as e:
         build_parser(FinetuneConfig, prog=PROG, description=description).error(cli_message(e))
-    except (DataError, CheckpointError, OSError, TrainingDiverged) as e:  # files missing, unreadable, unusable
+    except (DataError, CheckpointError, OSError, TrainingDiverged) as e:  # unusable files, failed writes, NaN
         print(f"{PROG}: error: {cli_message(e)}", file=sys.stderr)
         sys.exit(1)
 

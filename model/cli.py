@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
 from collections.abc import Sequence
 from typing import TypeVar
@@ -80,3 +81,16 @@ def cli_message(error: BaseException) -> str:
         flag = f"--{argument.replace('_', '-')}" + ("" if value is True else f" {value}")
         message = message.replace(remedy_text(argument, value), flag)
     return message
+
+
+def check_cuda_device(device: str) -> None:
+    """ValueError naming --device unless device is "cuda" or "cuda:N" and this machine has that GPU."""
+    import torch
+
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"--device {device}: expected cuda or cuda:N")
+    count = torch.cuda.device_count()
+    if not count:
+        raise ValueError(f"--device {device}: no CUDA GPU is available")
+    if torch.device(device).index not in (None, *range(count)):
+        raise ValueError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 .. cuda:{count - 1}")

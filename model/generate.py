@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,7 +33,7 @@ import torch
 
 from .adapter import AdapterConfig
 from .checkpoint import CheckpointError
-from .cli import cli_message, parse_dataclass
+from .cli import check_cuda_device, cli_message, parse_dataclass
 from .llama import LLaMA
 from .prompt import alpaca_prompt
 
@@ -195,15 +194,10 @@ class Args:
                 or self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         check_sampling(self.temperature, self.top_p, names=("--temperature", "--top-p"))
-        if self.device != "cpu" and self.device != "cuda" and not re.fullmatch(r"cuda:\d+", self.device):
+        if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.device != "cpu":
-            count = torch.cuda.device_count()
-            if not count:
-                raise ValueError(f"--device {self.device}: no CUDA GPU is available")
-            if torch.device(self.device).index not in (None, *range(count)):
-                raise ValueError(f"--device {self.device}: this machine has {count} CUDA GPU(s), cuda:0 .. "
-                                 f"cuda:{count - 1}")
+            check_cuda_device(self.device)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Args:

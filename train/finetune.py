@@ -146,7 +146,7 @@ from model import (
 )
 from model.adapter import GATE_ACTS, GATES
 from model.checkpoint import ADAPTER_FORMAT
-from model.cli import build_parser, cli_message, parse_dataclass
+from model.cli import build_parser, check_cuda_device, cli_message, parse_dataclass
 from train.data import (
     IGNORE_INDEX,
     DataError,
@@ -384,8 +384,11 @@ def setup_distributed(device: str) -> Dist:
     """One process, or a torchrun rank (WORLD_SIZE > 1): gloo on CPUs, NCCL on GPUs (cuda:LOCAL_RANK)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and device != "cpu"
-    if device.startswith("cuda") and not cuda:
-        raise UsageError(f"--device {device}: no CUDA GPU is available")
+    if device.startswith("cuda"):
+        try:
+            check_cuda_device(device)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if world_size == 1:
         return Dist(0, 1, torch.device(device if device != "auto" else "cuda" if cuda else "cpu"))
     if device.startswith("cuda:"):

@@ -9,14 +9,17 @@ Base models, load_checkpoint(folder), the format detected from the folder:
   params.json names no context length: max_seq_len is 2048 (LLaMA-1), 4096 (norm_eps 1e-5:
   Llama-2), 8192 (rope_theta 500000: Llama-3) or 131072 (use_scaled_rope: Llama-3.1).
 - Hugging Face: config.json + model.safetensors, or shards listed by model.safetensors.index.json,
-  or pytorch_model.bin (and its index). HF stores q_proj / k_proj rows permuted per head for its
+  or pytorch_model.bin (and its index); an index naming a shard outside the folder (an absolute path,
+  or through "..") is refused unless allow_external_files=True. HF stores q_proj / k_proj rows permuted per head for its
   rotate-half RoPE (convert_llama_weights_to_hf.py: view(h, hs/2, 2, dim).transpose(1, 2));
   the inverse permutation gives Meta's interleaved layout. rope_theta, Llama-3.1's "llama3"
   rope scaling, GQA and tied embeddings are read from config.json (transformers 4 and 5 keys).
 The model is built on the meta device and each tensor is copied to its device and dtype as it is
 read, one at a time: no fp32 copy of a bf16 model ever exists. .pth/.bin files load with
 torch.load(weights_only=True, mmap=True): checkpoints are data, never code. A missing,
-unexpected, duplicated or mis-shaped tensor raises CheckpointError naming the file and the tensor.
+unexpected, duplicated or mis-shaped tensor raises CheckpointError naming the file and the tensor;
+every config value is checked (type, range, finiteness: LLaMAConfig's own checks) and a bad one
+raises CheckpointError naming the file and its key.
 save_checkpoint(model, folder) writes a base model in the Hugging Face format (config.json and
 model.safetensors, q/k rows permuted back to HF's layout), which both load_checkpoint and transformers read.
 Every file this module writes goes through write_atomic: a temporary name in the same folder, renamed
@@ -48,8 +51,9 @@ Adapters, load_adapter(model, path), the format detected by the file's keys:
    (PEFT multiplies by the raw gate). PEFT's prompt keys come from HF's permuted k_proj and
    meet HF's permuted queries: the same permutation on both sides of every dot product, so the
    prompts are used as they are.
-A mismatch (another model size, missing or unexpected tensors, another gate mode or gate_act)
-raises CheckpointError naming the file and the tensor or setting.
+A mismatch (another model size, missing or unexpected tensors, another gate mode or gate_act), bad
+metadata, or a tensor that is not floating point or holds NaN / Inf raises CheckpointError naming the
+file and the tensor or setting; save_adapter never writes a file that load_adapter would refuse.
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .adapter import AdapterConfig, adapter_layers, adapter_state_dict
-from .llama import LLaMA, LLaMAConfig, RopeScaling
+from .cli import remedy_text
+from .llama import ConfigValueError, LLaMA, LLaMAConfig
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +83,12 @@ ADAPTER_FORMAT_VERSION = "1"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint or adapter that does not fit the model; the message names the file and the tensor."""
+    """A checkpoint, tokenizer or adapter file that cannot be used; the message names the file and the tensor or key.
+    .remedy: (argument, value) that gets past it, when the message names one (model/cli.py's cli_message)."""
+
+    def __init__(self, message: str, *, remedy: tuple[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.remedy = remedy
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,21 +143,44 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
 # Base model: configs
 
 
-def _meta_config(params: dict, file: Path, vocab_from_weights: int) -> LLaMAConfig:
+def _config(file: Path, keys: dict[str, str], **fields) -> LLaMAConfig:
+    """LLaMAConfig(**fields), every value checked by LLaMAConfig itself; a bad one is a CheckpointError naming
+    the file and its key (keys: our field -> the file's key, where they differ)."""
     try:
-        vocab = params.get("vocab_size", -1)
-        scaled = bool(params.get("use_scaled_rope", False))
-        theta = float(params.get("rope_theta", 10000.0))
-        eps = float(params["norm_eps"])
-        max_seq_len = 131072 if scaled else 8192 if theta >= 500000 else 4096 if eps == 1e-5 else 2048
-        return LLaMAConfig(
-            name=file.parent.name, dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
-            n_kv_heads=params.get("n_kv_heads"), vocab_size=vocab if vocab > 0 else vocab_from_weights,
+        return LLaMAConfig(name=file.parent.name, **fields)
+    except ConfigValueError as e:
+        raise CheckpointError(f"{file}: {keys.get(e.field, e.field)!r}: {e}") from None
+
+
+def _section(cfg: dict, key: str, file: Path) -> dict:
+    """cfg[key] as a dict ({} when absent or null); anything else is a CheckpointError naming the key."""
+    value = cfg.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: {key!r} must be a JSON object or null, got {value!r}")
+    return value
+
+
+def _meta_config(params: dict, file: Path, vocab_from_weights: int) -> LLaMAConfig:
+    scaled = params.get("use_scaled_rope", False)
+    if not isinstance(scaled, bool):
+        raise CheckpointError(f"{file}: 'use_scaled_rope' must be true or false, got {scaled!r}")
+    vocab = params.get("vocab_size", -1)
+    try:
+        config = _config(
+            file, {"rope_scaling.factor": "rope_scaling_factor"},
+            dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
+            n_kv_heads=params.get("n_kv_heads"), vocab_size=vocab_from_weights if vocab == -1 else vocab,
             multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
-            norm_eps=eps, rope_theta=theta, max_seq_len=max_seq_len,
-            rope_scaling=RopeScaling(factor=float(params.get("rope_scaling_factor") or 8.0)) if scaled else None)
+            norm_eps=params["norm_eps"], rope_theta=params.get("rope_theta", 10000.0),
+            rope_scaling={"factor": params.get("rope_scaling_factor") or 8.0} if scaled else None)
     except KeyError as e:
         raise CheckpointError(f"{file}: missing {e.args[0]!r}") from e
+    # params.json names no context length: the release's, told apart by its other values
+    config.max_seq_len = 131072 if scaled else 8192 if config.rope_theta >= 500000 else \
+        4096 if config.norm_eps == 1e-5 else 2048
+    return config
 
 
 def _hf_config(cfg: dict, file: Path) -> LLaMAConfig:
@@ -157,28 +190,40 @@ def _hf_config(cfg: dict, file: Path) -> LLaMAConfig:
 
     check("model_type", cfg.get("model_type", "llama") == "llama", "'llama'")
     check("hidden_act", cfg.get("hidden_act", "silu") == "silu", "'silu'")
-    check("attention_bias", not cfg.get("attention_bias", False), "false")
-    check("mlp_bias", not cfg.get("mlp_bias", False), "false")
+    check("attention_bias", cfg.get("attention_bias") in (None, False), "false")
+    check("mlp_bias", cfg.get("mlp_bias") in (None, False), "false")
+    rope = _section(cfg, "rope_parameters", file)  # transformers 5: theta and scaling together
+    scaling_key = "rope_scaling" if cfg.get("rope_scaling") not in (None, {}) else "rope_parameters"
+    scaling = _section(cfg, scaling_key, file)  # transformers 4: rope_scaling, or null
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise CheckpointError(f"{file}: {scaling_key}.rope_type={rope_type!r} is not supported (LLaMA needs none or "
+                              "'llama3')")
+    theta_key = "rope_parameters.rope_theta" if "rope_theta" in rope else "rope_theta"
+    keys = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+            "n_kv_heads": "num_key_value_heads", "hidden_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
+            "rope_theta": theta_key, "max_seq_len": "max_position_embeddings",
+            "tie_embeddings": "tie_word_embeddings", "rope_scaling": scaling_key,
+            **{f"rope_scaling.{ours}": f"{scaling_key}.{theirs}" for ours, theirs in (
+                ("factor", "factor"), ("low_freq_factor", "low_freq_factor"), ("high_freq_factor", "high_freq_factor"),
+                ("original_max_seq_len", "original_max_position_embeddings"))}}
     try:
-        dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-        check("head_dim", cfg.get("head_dim") in (None, dim // n_heads), "hidden_size / num_attention_heads")
-        rope = cfg.get("rope_parameters") or {}  # transformers 5: theta and scaling together
-        scaling = cfg.get("rope_scaling") or rope  # transformers 4: rope_scaling, or null
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        check("rope_scaling", rope_type in ("default", "llama3"), "none or rope_type 'llama3'")
-        return LLaMAConfig(
-            name=file.parent.name, dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
-            hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            rope_scaling=None if rope_type == "default" else RopeScaling(
+        n_kv_heads = cfg.get("num_key_value_heads")
+        config = _config(
+            file, keys, dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg["num_attention_heads"] if n_kv_heads is None else n_kv_heads,
+            vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+            rope_scaling=None if rope_type == "default" else dict(
                 factor=scaling["factor"], low_freq_factor=scaling["low_freq_factor"],
                 high_freq_factor=scaling["high_freq_factor"],
                 original_max_seq_len=scaling["original_max_position_embeddings"]),
             max_seq_len=cfg.get("max_position_embeddings", 2048),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+            tie_embeddings=cfg.get("tie_word_embeddings", False))
     except KeyError as e:
         raise CheckpointError(f"{file}: missing {e.args[0]!r}") from e
+    check("head_dim", cfg.get("head_dim") in (None, config.head_dim), "hidden_size / num_attention_heads")
+    return config
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -261,7 +306,7 @@ def unpermute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _hf_files(folder: Path) -> list[Path]:
+def _hf_files(folder: Path, allow_external_files: bool) -> list[Path]:
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = folder / index_name
@@ -269,6 +314,14 @@ def _hf_files(folder: Path) -> list[Path]:
             weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: has no 'weight_map' (tensor name -> shard file)")
+            for name in set(weight_map.values()):
+                if not isinstance(name, str) or not name:
+                    raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files, got {name!r}")
+                # by its name: a shard that is a link (the Hugging Face cache's) may lead anywhere
+                if (Path(name).is_absolute() or ".." in Path(name).parts) and not allow_external_files:
+                    raise CheckpointError(f"{index}: lists shard {name!r}, outside the checkpoint folder {folder}; "
+                                          f"refused unless you pass {remedy_text('allow_external_files', True)}",
+                                          remedy=("allow_external_files", True))
             files = sorted({folder / f for f in weight_map.values()})
             for f in files:
                 if not f.exists():
@@ -280,9 +333,9 @@ def _hf_files(folder: Path) -> list[Path]:
                           "shards, pytorch_model.bin or pytorch_model.bin.index.json)")
 
 
-def _read_hf(folder: Path) -> tuple[LLaMAConfig, Iterator[Item]]:
+def _read_hf(folder: Path, allow_external_files: bool) -> tuple[LLaMAConfig, Iterator[Item]]:
     config = _hf_config(_read_json(folder / "config.json"), folder / "config.json")
-    files = _hf_files(folder)
+    files = _hf_files(folder, allow_external_files)
     q_shape = (config.n_heads * config.head_dim, config.dim)
     k_shape = (config.n_kv_heads * config.head_dim, config.dim)
 
@@ -331,18 +384,20 @@ def checkpoint_format(path: str | os.PathLike) -> str:
                           "one (config.json + model*.safetensors or pytorch_model*.bin)")
 
 
-def _read(path: str | os.PathLike) -> tuple[LLaMAConfig, Iterator[Item]]:
+def _read(path: str | os.PathLike, allow_external_files: bool) -> tuple[LLaMAConfig, Iterator[Item]]:
     folder = Path(path)
-    return _read_meta(folder) if checkpoint_format(folder) == "meta" else _read_hf(folder)
+    return _read_meta(folder) if checkpoint_format(folder) == "meta" else _read_hf(folder, allow_external_files)
 
 
-def load_config(path: str | os.PathLike) -> LLaMAConfig:
-    """The LLaMAConfig of a Meta or HF checkpoint folder (no weights are read)."""
-    return _read(path)[0]
+def load_config(path: str | os.PathLike, *, allow_external_files: bool = False) -> LLaMAConfig:
+    """The LLaMAConfig of a Meta or HF checkpoint folder (no weights are read); allow_external_files as
+    load_checkpoint's."""
+    return _read(path, allow_external_files)[0]
 
 
 def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = None,
-                    dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> LLaMA:
+                    dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                    allow_external_files: bool = False) -> LLaMA:
     """A LLaMA with the weights of a Meta or HF checkpoint folder, and a fresh adapter if one is configured.
 
     Arguments:
@@ -350,10 +405,12 @@ def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = 
         adapter: AdapterConfig for a fresh adapter (prompt N(0, 1), gate 0: the model equals the base).
         dtype: of the base weights; None keeps the checkpoint's. The adapter is fp32.
         device: where the weights go, one tensor at a time.
+        allow_external_files: read shards that a Hugging Face shard index names outside the folder (an absolute
+            path or one through ".."); refused by default. Shards that are links (the HF cache's) are read.
     Returns:
         the model; every tensor of the checkpoint loaded, or a CheckpointError naming the file and tensor.
     """
-    config, items = _read(path)
+    config, items = _read(path, allow_external_files)
     with torch.device("meta"):
         model = LLaMA(config, adapter)
     device = torch.device(device)
@@ -432,12 +489,29 @@ def _by_layer(file: Path, tensors: dict[str, torch.Tensor], pattern: re.Pattern,
     return dict(sorted(layers.items()))
 
 
+_MODEL_DIMS = ("dim", "n_layers", "n_heads", "n_kv_heads")  # what our adapter files record of their model
+
+
 def _parse_ours(file: Path, tensors: dict, metadata: dict) -> _AdapterFile:
+    def entry(key: str) -> dict:
+        try:
+            value = json.loads(metadata[key])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{file}: its metadata has no valid JSON {key!r} entry ({type(e).__name__}: "
+                                  f"{e})") from None
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{file}: its metadata {key!r} must be a JSON object, got {metadata[key]!r}")
+        return value
+
     try:
-        config = AdapterConfig(**json.loads(metadata["adapter_config"]))
-        model_dims = json.loads(metadata["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{file}: its metadata lacks a valid 'adapter_config' / 'model' entry ({e})") from e
+        config = AdapterConfig(**entry("adapter_config"))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: its metadata 'adapter_config' is not valid ({e})") from None
+    model_dims = entry("model")
+    for key in _MODEL_DIMS:
+        value = model_dims.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{file}: its metadata 'model' must give {key} as an integer >= 1, got {value!r}")
     visual = {name: t for name, t in tensors.items() if name.startswith("visual_proj.")}
     layers = _by_layer(file, {k: v for k, v in tensors.items() if k not in visual}, _OURS_RE,
                        ("adapter_prompt", "gate"))
@@ -533,7 +607,21 @@ def _read_adapter(path: str | os.PathLike, gate_act: str | None, adapter_len: in
     if gate_act is not None and gate_act != adapter.config.gate_act:
         raise CheckpointError(f"{path}: this {adapter.fmt} adapter uses gate_act={adapter.config.gate_act!r}, "
                               f"not {gate_act!r}")
+    for name, t in [*adapter.prompts, *adapter.gates, *adapter.visual.items()]:
+        problem = _tensor_problem(t)
+        if problem:
+            raise CheckpointError(f"{path}: tensor {name!r} {problem}")
     return adapter
+
+
+def _tensor_problem(t: torch.Tensor) -> str | None:
+    """What makes t unusable as an adapter tensor (not floating point, NaN or Inf in it), or None."""
+    if not t.is_floating_point():
+        return f"is {t.dtype}; an adapter's tensors are floating point"
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        return f"holds {bad} non-finite value(s) (NaN or Inf) of {t.numel()}"
+    return None
 
 
 def read_adapter_config(path: str | os.PathLike, *, gate_act: str | None = None,
@@ -566,10 +654,10 @@ def load_adapter(model: LLaMA, path: str | os.PathLike, *, gate_act: str | None 
             raise CheckpointError(f"{file}: the adapter has {key}={theirs!r}{tensor} but the model was built with "
                                   f"{key}={ours!r}")
     if adapter.model_dims is not None:
-        for key in ("dim", "n_layers", "n_heads", "n_kv_heads"):
-            if adapter.model_dims.get(key) != getattr(config, key):
+        for key in _MODEL_DIMS:
+            if adapter.model_dims[key] != getattr(config, key):
                 raise CheckpointError(f"{file}: the adapter was trained on a model with {key}="
-                                      f"{adapter.model_dims.get(key)}, this model has {getattr(config, key)}")
+                                      f"{adapter.model_dims[key]}, this model has {getattr(config, key)}")
     top = list(range(config.n_layers - model.adapter.adapter_layers, config.n_layers))
     if adapter.n_layers not in (None, config.n_layers) or adapter.layers not in (None, top):
         raise CheckpointError(f"{file}: the adapter is for layers {adapter.layers or 'the top'} of a "
@@ -598,7 +686,8 @@ def load_adapter(model: LLaMA, path: str | os.PathLike, *, gate_act: str | None 
 
 def write_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
     """Write data to path through a temporary file in the same folder, renamed into place (os.replace): a killed
-    process never leaves a half-written file. An existing file is replaced only with overwrite=True."""
+    process never leaves a half-written file, a failed write (a full disk) leaves path as it was and raises an
+    OSError naming path. An existing file is replaced only with overwrite=True."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name")
@@ -612,6 +701,8 @@ def write_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = Fals
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, ...: name the file meant, not the temporary one (which goes)
+        raise OSError(e.errno, e.strerror, str(path)) from e
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -645,6 +736,9 @@ def save_adapter(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = Fal
                 "model": json.dumps({"name": c.name, "dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads,
                                      "n_kv_heads": c.n_kv_heads})}
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    for name, t in tensors.items():  # load_adapter would refuse the file
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{path}: not written: tensor {name!r} {_tensor_problem(t)}")
     return write_atomic(path, safetensors_bytes(tensors, metadata=metadata), overwrite=overwrite)
 
 

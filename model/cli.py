@@ -13,12 +13,17 @@ Each field is a --flag (underscores as dashes), typed by its annotation (X | Non
 metadata "type" overrides the conversion, e.g. for int-or-word values). A bool field is a switch:
 --flag when its default is False, --flag / --no-flag when it is True. A ValueError raised by the
 dataclass itself (its __post_init__ checks) becomes an argparse error: usage, the message, exit 2.
+
+Library errors that tell how to get past them name a Python argument (`pass on_bad_record='skip'`,
+written by remedy_text); such an error carries .remedy = (argument, value), and cli_message(e) gives
+its message as a command-line user should read it, with the flag instead (`pass --on-bad-record skip`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
 from collections.abc import Sequence
 from typing import TypeVar
@@ -59,3 +64,33 @@ def parse_dataclass(cls: type[T], argv: Sequence[str] | None, *, prog: str, desc
         return cls(**vars(args))
     except ValueError as e:
         parser.error(str(e))
+
+
+def remedy_text(argument: str, value: object) -> str:
+    """How a library message names the argument that gets past it: "on_bad_record='skip'"."""
+    return f"{argument}={value!r}"
+
+
+def cli_message(error: BaseException) -> str:
+    """str(error), with the argument its .remedy names written as the command line's flag ("--on-bad-record skip",
+    "--allow-external-files" for True)."""
+    message = str(error)
+    remedy = getattr(error, "remedy", None)
+    if remedy is not None:
+        argument, value = remedy
+        flag = f"--{argument.replace('_', '-')}" + ("" if value is True else f" {value}")
+        message = message.replace(remedy_text(argument, value), flag)
+    return message
+
+
+def check_cuda_device(device: str) -> None:
+    """ValueError naming --device unless device is "cuda" or "cuda:N" and this machine has that GPU."""
+    import torch
+
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"--device {device}: expected cuda or cuda:N")
+    count = torch.cuda.device_count()
+    if not count:
+        raise ValueError(f"--device {device}: no CUDA GPU is available")
+    if torch.device(device).index not in (None, *range(count)):
+        raise ValueError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 .. cuda:{count - 1}")

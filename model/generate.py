@@ -7,7 +7,10 @@
         --gate-act tanh --instruction "..."            # the official v1 release: gate_act must be chosen
 
 The instruction goes through the Alpaca template (model/prompt.py), BOS first, as the adapter was
-trained; the answer is streamed, then tokens/s is printed (and peak memory on a GPU).
+trained; the answer is streamed, then tokens/s is printed (and peak memory on a GPU). A user error (a
+missing or unusable checkpoint, adapter, tokenizer or image, a flag out of range, --device cuda without
+a GPU) prints one line and exits non-zero (2 for a flag, 1 for a file); the tokenizer and the prompt's
+length are checked before the weights load.
 
 Batches of prompts of different lengths are left-padded: every row's last prompt token sits at
 the same cache slot, so one decode step serves all rows. The pad keys are masked and each row's
@@ -19,6 +22,7 @@ tokens, padded on either side, and realigns it.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,22 +32,37 @@ from pathlib import Path
 import torch
 
 from .adapter import AdapterConfig
-from .cli import parse_dataclass
+from .checkpoint import CheckpointError
+from .cli import check_cuda_device, cli_message, parse_dataclass
 from .llama import LLaMA
 from .prompt import alpaca_prompt
 
 PROG = "python -m model.generate"
 
 
+def check_sampling(temperature: float, top_p: float, *, names: tuple[str, str] = ("temperature", "top_p")) -> None:
+    """ValueError unless temperature is finite and >= 0 (0: greedy) and top_p lies in (0, 1]; names: how the
+    message calls them (the command line's flags)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"{names[0]} must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"{names[1]} must lie in (0, 1], got {top_p!r}")
+
+
 def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Next tokens (B,) from logits (B, vocab): argmax at temperature 0, else sampled from the top-p nucleus."""
-    if temperature <= 0:
+    check_sampling(temperature, top_p)
+    if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    # the largest logit at 0 first: a tiny temperature divides the others to -inf, never inf - inf
+    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest set of most likely tokens whose mass reaches top_p (always the first one)
+        # keep the smallest set of most likely tokens whose mass reaches top_p: always the first one, whose mass
+        # before it is 0 < top_p (checked)
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
@@ -93,6 +112,7 @@ def stream(model: LLaMA, prompts: Sequence[Sequence[int]] | torch.Tensor, *, max
         visual: (batch, dim) visual token for the adapter prompts (multi-modal).
     """
     rows = _prompt_lists(prompts, prompt_mask)
+    check_sampling(temperature, top_p)
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     longest = max(len(r) for r in rows)
@@ -166,6 +186,18 @@ class Args:
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cuda or cpu"})
     dtype: str = field(default="auto", metadata={"help": "auto: bf16 on a GPU, fp32 on the CPU",
                                                  "choices": ("auto", "bfloat16", "float16", "float32")})
+    allow_external_files: bool = field(default=False, metadata={
+        "help": "read checkpoint shards that its shard index names outside --checkpoint (refused by default)"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        check_sampling(self.temperature, self.top_p, names=("--temperature", "--top-p"))
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device != "cpu":
+            check_cuda_device(self.device)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Args:
@@ -195,7 +227,10 @@ def image_visual_token(model: LLaMA, image: Path, clip: Path, dtype: torch.dtype
     from .visual import CLIPImageEncoder
 
     device = model.tok_embeddings.weight.device
-    encoder = CLIPImageEncoder(clip, layers=model.adapter.clip_layers, device=device, dtype=dtype)
+    try:
+        encoder = CLIPImageEncoder(clip, layers=model.adapter.clip_layers, device=device, dtype=dtype)
+    except ValueError as e:  # an incomplete CLIP checkpoint, or fewer layers than the adapter's
+        raise SystemExit(f"{PROG}: error: --clip: {e}") from None
     if encoder.feature_dim != model.adapter.visual_dim:
         raise SystemExit(f"{PROG}: error: --clip {clip} gives {encoder.feature_dim} features per image, the adapter "
                          f"was trained on {model.adapter.visual_dim}: not the CLIP model it was trained with")
@@ -208,27 +243,44 @@ def image_visual_token(model: LLaMA, image: Path, clip: Path, dtype: torch.dtype
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from .checkpoint import load_adapter, load_checkpoint, read_adapter_config
-    from .tokenizer import Tokenizer
-
+    """The command line: one clear line and exit status 1 for a file that cannot be used (no traceback)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    try:
+        run(args)
+    except (CheckpointError, OSError) as e:  # missing or bad checkpoint, adapter, tokenizer or CLIP files
+        print(f"{PROG}: error: {cli_message(e)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run(args: Args) -> None:
+    """Generate the answer to args.instruction, streamed to stdout; tokens/s to stderr."""
+    from .checkpoint import load_adapter, load_checkpoint, load_config, read_adapter_config
+    from .tokenizer import Tokenizer
+
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     dtype = dtypes.get(args.dtype, torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
 
     t0 = time.perf_counter()
+    # everything that can be checked before the weights load
+    config = load_config(args.checkpoint, allow_external_files=args.allow_external_files)
+    tokenizer = Tokenizer(args.tokenizer or args.checkpoint)
+    tokenizer.check_vocab(config.vocab_size)
+    prompt = tokenizer.encode(alpaca_prompt(args.instruction, args.input), bos=True, eos=False)
+    if len(prompt) + args.max_new_tokens > config.max_seq_len:
+        raise SystemExit(f"{PROG}: error: the prompt has {len(prompt)} tokens; with --max-new-tokens "
+                         f"{args.max_new_tokens} that exceeds the model's context of {config.max_seq_len} tokens")
     adapter = read_adapter_config(args.adapter, gate_act=args.gate_act) if args.adapter else None
     check_image_args(args, adapter)
-    model = load_checkpoint(args.checkpoint, adapter=adapter, dtype=dtype, device=args.device).eval()
+    model = load_checkpoint(args.checkpoint, adapter=adapter, dtype=dtype, device=args.device,
+                            allow_external_files=args.allow_external_files).eval()
     if args.adapter:
         load_adapter(model, args.adapter, gate_act=args.gate_act)
     visual = image_visual_token(model, args.image, args.clip, dtype) if args.image is not None else None
-    tokenizer = Tokenizer(args.tokenizer or args.checkpoint)
     print(f"loaded {args.checkpoint} ({model.config.n_layers} layers, dim {model.config.dim}"
           f"{', adapter ' + str(args.adapter) if args.adapter else ''}) in {time.perf_counter() - t0:.1f} s",
           file=sys.stderr)
 
-    prompt = tokenizer.encode(alpaca_prompt(args.instruction, args.input), bos=True, eos=False)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     answer: list[int] = []
     printed = ""

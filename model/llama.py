@@ -72,6 +72,30 @@ if TYPE_CHECKING:
     from .adapter import AdapterConfig
 
 
+class ConfigValueError(ValueError):
+    """A LLaMAConfig (or RopeScaling) value of the wrong type or out of its range; .field names the field
+    ("rope_scaling.factor" for a RopeScaling one), so that a checkpoint reader can name its file's key."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _check_int(owner: str, field: str, value: object, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigValueError(field, f"{owner}.{field.rpartition('.')[2]} must be an integer >= {minimum}, "
+                                      f"got {value!r}")
+
+
+def _check_real(owner: str, field: str, value: object, minimum: float = 0.0) -> float:
+    """value as a float: a finite number > minimum (JSON gives ints for some)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not value > minimum:
+        raise ConfigValueError(field, f"{owner}.{field.rpartition('.')[2]} must be a finite number > {minimum:g}, "
+                                      f"got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama-3.1's RoPE frequency scaling (Meta's apply_scaling, HF's rope_type "llama3")."""
@@ -81,10 +105,19 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_seq_len: int = 8192
 
+    def __post_init__(self) -> None:
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            object.__setattr__(self, name, _check_real("RopeScaling", f"rope_scaling.{name}", getattr(self, name)))
+        # rope_frequencies divides by (high - low)
+        _check_real("RopeScaling", "rope_scaling.high_freq_factor", self.high_freq_factor, self.low_freq_factor)
+        _check_int("RopeScaling", "rope_scaling.original_max_seq_len", self.original_max_seq_len)
+
 
 @dataclass
 class LLaMAConfig:
-    """Shapes of a LLaMA model. hidden_dim (SwiGLU width) and n_kv_heads are derived when left unset."""
+    """Shapes of a LLaMA model. hidden_dim (SwiGLU width) and n_kv_heads are derived when left unset.
+
+    Every value is checked (type, range, finiteness): a ConfigValueError names the field."""
 
     name: str = "custom"
     dim: int = 4096
@@ -102,23 +135,40 @@ class LLaMAConfig:
     tie_embeddings: bool = False  # output shares tok_embeddings' weight (some Llama-3.2 models)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise ConfigValueError("name", f"LLaMAConfig.name must be a string, got {self.name!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        _check_int("LLaMAConfig", "multiple_of", self.multiple_of)
+        if self.ffn_dim_multiplier is not None:
+            self.ffn_dim_multiplier = _check_real("LLaMAConfig", "ffn_dim_multiplier", self.ffn_dim_multiplier)
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
+            _check_int("LLaMAConfig", name, getattr(self, name))
         if self.hidden_dim is None:
             hidden = int(2 * (4 * self.dim) / 3)
             if self.ffn_dim_multiplier is not None:
                 hidden = int(self.ffn_dim_multiplier * hidden)
             self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"LLaMAConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        _check_int("LLaMAConfig", "hidden_dim", self.hidden_dim)
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
-            raise ValueError(f"LLaMAConfig.dim ({self.dim}) must be n_heads ({self.n_heads}) times an even head_dim")
+            raise ConfigValueError("dim", f"LLaMAConfig.dim ({self.dim}) must be n_heads ({self.n_heads}) times an "
+                                          "even head_dim")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"LLaMAConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
-                             f"({self.n_kv_heads})")
+            raise ConfigValueError("n_kv_heads", f"LLaMAConfig.n_heads ({self.n_heads}) must be a multiple of "
+                                                 f"n_kv_heads ({self.n_kv_heads})")
+        self.norm_eps = _check_real("LLaMAConfig", "norm_eps", self.norm_eps)
+        self.rope_theta = _check_real("LLaMAConfig", "rope_theta", self.rope_theta)
         if isinstance(self.rope_scaling, dict):
-            self.rope_scaling = RopeScaling(**self.rope_scaling)
+            try:
+                self.rope_scaling = RopeScaling(**self.rope_scaling)
+            except TypeError as e:  # a key RopeScaling does not have
+                raise ConfigValueError("rope_scaling", f"LLaMAConfig.rope_scaling: {e}") from None
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigValueError("rope_scaling", "LLaMAConfig.rope_scaling must be None, a RopeScaling or its "
+                                                   f"fields as a dict, got {self.rope_scaling!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigValueError("tie_embeddings", "LLaMAConfig.tie_embeddings must be True or False, got "
+                                                     f"{self.tie_embeddings!r}")
 
     @property
     def head_dim(self) -> int:

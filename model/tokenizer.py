@@ -14,6 +14,8 @@
   text inside a prompt is encoded as plain text, as Meta's encode does by default.
 - encode(text, bos=True, eos=False) as the official LLaMA-Adapter code calls it; decode drops
   special tokens. stop_ids: EOS, and Llama-3's <|eot_id|> / <|eom_id|> when the vocabulary has them.
+A file that is not a tokenizer of its kind raises CheckpointError naming it; check_vocab refuses a tokenizer
+whose ids do not all fit a model's embedding.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pathlib import Path
 import sentencepiece
 import tiktoken
 import tokenizers
+
+from .checkpoint import CheckpointError
 
 _BOS_NAMES = ("<|begin_of_text|>", "<s>")
 _EOS_NAMES = ("<|end_of_text|>", "</s>")
@@ -50,17 +54,15 @@ class Tokenizer:
     """tokenizer.model (sentencepiece or tiktoken) or tokenizer.json (tokenizers); path is the file or its folder."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        if path.is_dir():
-            path = self._pick(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such tokenizer file")
-        self.path = path
+        self.path = path = self.find(path)
         self._sp: sentencepiece.SentencePieceProcessor | None = None
         self._hf: tokenizers.Tokenizer | None = None
         self._tt: tiktoken.Encoding | None = None
         if path.suffix == ".json":
-            self._hf = tokenizers.Tokenizer.from_file(str(path))
+            try:
+                self._hf = tokenizers.Tokenizer.from_file(str(path))
+            except Exception as e:  # the tokenizers package raises a bare Exception for a bad file
+                raise CheckpointError(f"{path}: not a tokenizers tokenizer.json ({e})") from None
             special = self._special_tokens(path.parent / "tokenizer_config.json")
             self.bos_id = self._token_id(special.get("bos_token"), _BOS_NAMES, "BOS")
             self.eos_id = self._token_id(special.get("eos_token"), _EOS_NAMES, "EOS")
@@ -78,7 +80,7 @@ class Tokenizer:
             try:
                 self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
             except (RuntimeError, OSError) as e:
-                raise ValueError(f"{path}: not a sentencepiece model ({e})") from e
+                raise CheckpointError(f"{path}: not a sentencepiece model ({e})") from e
             self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
             self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
             self.vocab_size = self._sp.vocab_size()
@@ -86,24 +88,36 @@ class Tokenizer:
         self.stop_ids = frozenset([self.eos_id, *(i for i in extra if i is not None)])
 
     @staticmethod
-    def _pick(folder: Path) -> Path:
-        """tokenizer.model (sentencepiece or tiktoken), else tokenizer.json."""
-        model, js = folder / "tokenizer.model", folder / "tokenizer.json"
-        if model.is_file():
-            return model
-        if js.is_file():
-            return js
-        raise FileNotFoundError(f"{folder}: no tokenizer.model or tokenizer.json")
+    def find(path: str | os.PathLike) -> Path:
+        """The tokenizer file Tokenizer(path) reads: path itself, or in a folder tokenizer.model (sentencepiece or
+        tiktoken), else tokenizer.json; FileNotFoundError when there is none."""
+        path = Path(path)
+        if path.is_dir():
+            model, js = path / "tokenizer.model", path / "tokenizer.json"
+            if not model.is_file() and not js.is_file():
+                raise FileNotFoundError(f"{path}: no tokenizer.model or tokenizer.json")
+            path = model if model.is_file() else js
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such tokenizer file")
+        return path
 
     @staticmethod
     def _special_tokens(config_file: Path) -> dict[str, str]:
         if not config_file.is_file():
             return {}
-        config = json.loads(config_file.read_text())
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{config_file}: cannot be read as JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
         tokens = {}
         for key in ("bos_token", "eos_token", "pad_token"):
             value = config.get(key)
-            tokens[key] = value.get("content") if isinstance(value, dict) else value
+            value = value.get("content") if isinstance(value, dict) else value
+            if value is not None and not isinstance(value, str):
+                raise CheckpointError(f"{config_file}: {key!r} must be a token (a string), got {value!r}")
+            tokens[key] = value
         return tokens
 
     def _token_id(self, configured: str | None, names: tuple[str, ...], what: str) -> int:
@@ -111,7 +125,13 @@ class Tokenizer:
             token_id = self._hf.token_to_id(name)
             if token_id is not None:
                 return token_id
-        raise ValueError(f"{self.path}: no {what} token ({configured or ' or '.join(names)}) in the vocabulary")
+        raise CheckpointError(f"{self.path}: no {what} token ({configured or ' or '.join(names)}) in the vocabulary")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """CheckpointError unless every id of this tokenizer is below vocab_size (the model's embedding rows)."""
+        if self.vocab_size > vocab_size:
+            raise CheckpointError(f"{self.path}: the tokenizer has {self.vocab_size} tokens, more than the model's "
+                                  f"{vocab_size}: not the model's tokenizer")
 
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
         if self._sp is not None:
@@ -151,9 +171,14 @@ def _llama3_tiktoken(path: Path) -> tiktoken.Encoding:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except (ValueError, binascii.Error) as e:
-                raise ValueError(f"{path}: line {number} is not '<base64 token> <rank>' of a tiktoken file") from e
+                raise CheckpointError(f"{path}: line {number} is not '<base64 token> <rank>' of a tiktoken file") \
+                    from e
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{path}: the ranks of a tiktoken file must be 0 .. {len(ranks) - 1}, each once")
+        raise CheckpointError(f"{path}: the ranks of a tiktoken file must be 0 .. {len(ranks) - 1}, each once")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:  # byte-level BPE encodes any text through its 256 single bytes
+        raise CheckpointError(f"{path}: a tiktoken file holds a token for each of the 256 bytes; this one lacks "
+                              f"{len(missing)} of them (it has {len(ranks)} tokens)")
     return tiktoken.Encoding(name=path.stem, pat_str=_LLAMA3_PATTERN, mergeable_ranks=ranks,
                              special_tokens={t: len(ranks) + i for i, t in enumerate(_LLAMA3_SPECIAL)})
 

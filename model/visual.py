@@ -152,15 +152,31 @@ class CLIPImageEncoder:
         return torch.cat(chunks) if chunks else torch.zeros(0, self.feature_dim, device=self.device)
 
 
+class ImageError(ValueError):
+    """A file that cannot be used as an image; .path is the file (as given)."""
+
+    def __init__(self, path: str | os.PathLike, message: str) -> None:
+        super().__init__(f"image {str(path)!r} {message}")
+        self.path = path
+
+
 def read_image(path: str | os.PathLike):
-    """A PIL image, fully read; FileNotFoundError or ValueError naming the file."""
+    """A PIL image, fully read; FileNotFoundError, or ImageError for a file that is not an image or has more pixels
+    than Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS), before it is decoded."""
     from PIL import Image, UnidentifiedImageError
 
+    limit = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only; refuses twice the limit itself
+            if limit is not None and im.width * im.height > limit:
+                raise ImageError(path, f"has {im.width} x {im.height} pixels, more than the limit of {limit:,} "
+                                       "(PIL.Image.MAX_IMAGE_PIXELS): a decompression bomb, or too large an image")
             im.load()
             return im
     except FileNotFoundError:
         raise FileNotFoundError(f"image {str(path)!r} does not exist") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(path, f"has more pixels than twice the limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS): "
+                               f"a decompression bomb, or too large an image ({e})") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"image {str(path)!r} could not be read as an image: {e}") from None
+        raise ImageError(path, f"could not be read as an image: {e}") from None

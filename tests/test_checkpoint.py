@@ -460,3 +460,139 @@ def test_model_fresh_adapter_set_adapter_changes_logits():
     assert (logits(model) - logits(base)).abs().max() > 1e-2
     set_adapter_(model, gate_scale=0.0)
     torch.testing.assert_close(logits(model), logits(base), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Untrusted values: every parsed config value and adapter tensor is checked
+
+
+def _hf_config_json(**changes) -> dict:
+    config = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": VOCAB, "rms_norm_eps": 1e-5,
+              "rope_theta": 10000.0, "max_position_embeddings": 64, "tie_word_embeddings": False}
+    config.update(changes)
+    return config
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_attention_heads": 0}, "'num_attention_heads': LLaMAConfig.n_heads must be an integer >= 1, got 0"),
+    ({"num_key_value_heads": 3}, "'num_key_value_heads': LLaMAConfig.n_heads (4) must be a multiple of n_kv_heads (3)"),
+    ({"hidden_size": 130}, "'hidden_size': LLaMAConfig.dim (130) must be n_heads (4) times an even head_dim"),
+    ({"rms_norm_eps": -1}, "'rms_norm_eps': LLaMAConfig.norm_eps must be a finite number > 0, got -1"),
+    ({"rope_theta": 0}, "'rope_theta': LLaMAConfig.rope_theta must be a finite number > 0, got 0"),
+    ({"rope_theta": float("nan")}, "'rope_theta': LLaMAConfig.rope_theta must be a finite number > 0, got nan"),
+    ({"rope_parameters": {"rope_theta": float("inf")}}, "'rope_parameters.rope_theta': LLaMAConfig.rope_theta"),
+    ({"hidden_size": "128"}, "'hidden_size': LLaMAConfig.dim must be an integer >= 1, got '128'"),
+    ({"vocab_size": 96.0}, "'vocab_size': LLaMAConfig.vocab_size must be an integer >= 1, got 96.0"),
+    ({"max_position_embeddings": True}, "'max_position_embeddings': LLaMAConfig.max_seq_len must be an integer"),
+    ({"tie_word_embeddings": "false"}, "'tie_word_embeddings': LLaMAConfig.tie_embeddings must be True or False"),
+    ({"rope_scaling": "yes"}, "'rope_scaling' must be a JSON object or null, got 'yes'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": "8", "low_freq_factor": 1, "high_freq_factor": 4,
+                       "original_max_position_embeddings": 8192}},
+     "'rope_scaling.factor': RopeScaling.factor must be a finite number > 0, got '8'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 4,
+                       "original_max_position_embeddings": 8192}},
+     "'rope_scaling.high_freq_factor': RopeScaling.high_freq_factor must be a finite number > 4, got 4.0"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2}}, "rope_scaling.rope_type='dynamic' is not supported"),
+])
+def test_hf_config_values_are_checked_and_named_by_their_key(tmp_path, changes, message):
+    """Zero heads once gave a ZeroDivisionError, a negative eps NaN logits, strings a TypeError without the file."""
+    (tmp_path / "config.json").write_text(json.dumps(_hf_config_json(**changes)))
+    with pytest.raises(CheckpointError) as info:
+        load_config(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path / 'config.json'}: ") and message in str(info.value)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"multiple_of": 0}, "'multiple_of': LLaMAConfig.multiple_of must be an integer >= 1, got 0"),
+    ({"n_heads": 0}, "'n_heads': LLaMAConfig.n_heads must be an integer >= 1, got 0"),
+    ({"norm_eps": "1e-5"}, "'norm_eps': LLaMAConfig.norm_eps must be a finite number > 0, got '1e-5'"),
+    ({"ffn_dim_multiplier": -1.3}, "'ffn_dim_multiplier': LLaMAConfig.ffn_dim_multiplier must be a finite number"),
+    ({"use_scaled_rope": "yes"}, "'use_scaled_rope' must be true or false, got 'yes'"),
+    ({"use_scaled_rope": True, "rope_scaling_factor": float("nan")},
+     "'rope_scaling_factor': RopeScaling.factor must be a finite number > 0, got nan"),
+])
+def test_meta_params_values_are_checked_and_named_by_their_key(tmp_path, changes, message):
+    params = {"dim": 128, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5, "vocab_size": -1}
+    (tmp_path / "params.json").write_text(json.dumps({**params, **changes}))
+    torch.save({"tok_embeddings.weight": torch.zeros(VOCAB, 128)}, tmp_path / "consolidated.00.pth")
+    with pytest.raises(CheckpointError) as info:
+        load_config(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path / 'params.json'}: ") and message in str(info.value)
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    assert load_config(tmp_path).vocab_size == VOCAB  # the file without the change loads
+
+
+def test_adapter_metadata_and_tensors_are_checked(tmp_path):
+    """Bad metadata once gave an AttributeError; NaN, Inf or integer tensors loaded (and generated token 0)."""
+    model = tiny_model(ADAPTER)
+    path = save_adapter(model, tmp_path / "adapter.safetensors")
+    with safe_open(path, "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+    def write(name: str, tensors: dict = tensors, **meta: str):
+        save_file(tensors, tmp_path / name, {**metadata, **meta})
+        return tmp_path / name
+
+    for meta, message in ((dict(model="[1,2]"), r"metadata 'model' must be a JSON object, got '\[1,2\]'"),
+                          (dict(model='{"dim": "128"}'), r"metadata 'model' must give dim as an integer >= 1, got "
+                                                         r"'128'"),
+                          (dict(model="{"), r"metadata has no valid JSON 'model' entry"),
+                          (dict(adapter_config="[4]"), r"metadata 'adapter_config' must be a JSON object"),
+                          (dict(adapter_config='{"adapter_len": 0}'),
+                           r"metadata .adapter_config. is not valid \(AdapterConfig\.adapter_len must be a positive")):
+        bad = write("meta.safetensors", **meta)
+        for read in (read_adapter_config, lambda p: load_adapter(model, p)):
+            with pytest.raises(CheckpointError, match=rf"meta\.safetensors: its {message}"):
+                read(bad)
+
+    gate = "layers.1.attention.gate"
+    for value, message in ((torch.tensor([0.1, float("nan"), 0.2, float("inf")]),
+                            r"holds 2 non-finite value\(s\) \(NaN or Inf\) of 4"),
+                           (torch.zeros(4, dtype=torch.int32), "is torch.int32; an adapter's tensors are floating")):
+        bad = write("bad.safetensors", {**tensors, gate: value})
+        with pytest.raises(CheckpointError, match=rf"bad\.safetensors: tensor '{gate}' {message}"):
+            load_adapter(model, bad)
+    before = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    with pytest.raises(CheckpointError, match="non-finite"):  # the official release's layout too
+        official = _official_v1(model)
+        official["adapter_query.weight"][0, 0] = float("nan")
+        torch.save(official, tmp_path / "release.pth")
+        load_adapter(model, tmp_path / "release.pth", gate_act="tanh")
+    assert all(torch.equal(before[k], v) for k, v in adapter_state_dict(model).items())  # nothing half-loaded
+
+    # and save_adapter writes no file that load_adapter would refuse
+    with torch.no_grad():
+        model.layers[1].attention.gate[0] = float("inf")
+    with pytest.raises(ValueError, match=rf"not written: tensor '{gate}' holds 1 non-finite"):
+        save_adapter(model, tmp_path / "inf.safetensors")
+    assert not (tmp_path / "inf.safetensors").exists()
+
+
+def test_shards_named_outside_the_checkpoint_folder_are_refused(tmp_path):
+    """A shard index may name only files in its folder (links there, as in the Hugging Face cache, are followed)."""
+    from model.cli import cli_message
+
+    model = tiny_model()
+    save_checkpoint(model, tmp_path / "elsewhere")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text((tmp_path / "elsewhere" / "config.json").read_text())
+    with safe_open(tmp_path / "elsewhere" / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+    for shard in ("../elsewhere/model.safetensors", str(tmp_path / "elsewhere" / "model.safetensors")):
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(names, shard)}))
+        with pytest.raises(CheckpointError, match=rf"index\.json: lists shard '{shard}', outside the checkpoint "
+                                                  r"folder .*ckpt; refused unless you pass allow_external_files=True"
+                                   ) as info:
+            load_config(folder)
+        assert cli_message(info.value).endswith("refused unless you pass --allow-external-files")
+        loaded = load_checkpoint(folder, allow_external_files=True)
+        torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
+    (folder / "model.safetensors").symlink_to(tmp_path / "elsewhere" / "model.safetensors")
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": dict.fromkeys(names, "model.safetensors")}))
+    torch.testing.assert_close(logits(load_checkpoint(folder)), logits(model), atol=0, rtol=0)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(names, 7)}))
+    with pytest.raises(CheckpointError, match="'weight_map' must map tensor names to shard files, got 7"):
+        load_config(folder)

@@ -280,7 +280,7 @@ def test_record_with_several_problems_lists_each(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ('{"instruction": "x", "output": "y"', "not valid JSON"),   # JSONL by content: one bad line
     ('[{"instruction": "x", "output": "y"}', "not valid JSON"),
-    ('{"data": [1]}\n', "record 0 (line 1): field 'instruction' is missing"),
+    ('{"data": [1]}\n', "the top level is a JSON object; it must be a list of records, or lines of records"),
     ("", "the file is empty"),
     ("[]", "no usable records"),
 ])
@@ -626,3 +626,37 @@ def test_demo_dataset(tokenizer):
     assert all((b, a) in opposites for a, b in opposites)   # the antonym list is symmetric
     data, tok_report = tokenize_records(records, tokenizer, max_seq_len=128)
     assert not tok_report.truncated and not tok_report.dropped and len(data) == len(records)
+
+
+def test_file_level_errors_say_what_the_file_must_be(tmp_path):
+    """A dict at the top level was read as JSON Lines ("field 'instruction' is missing", "N bad records"); a file
+    that is not UTF-8 raised a bare UnicodeDecodeError."""
+    from model.cli import cli_message
+
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps({"data": [GOOD, GOOD]}, indent=2))  # pretty-printed: many lines, none a record
+    with pytest.raises(DataError, match=r"data\.json: the top level is a JSON object; it must be a list of records, "
+                                        r"or lines of records \(JSON Lines"):
+        load_records(path, on_bad_record="skip")
+    path.write_text(json.dumps(GOOD))  # one record alone is not a list
+    with pytest.raises(DataError, match="the top level is a JSON object"):
+        load_records(path)
+    (tmp_path / "one.jsonl").write_text(json.dumps(GOOD))  # but it is one line of JSON Lines
+    assert len(load_records(tmp_path / "one.jsonl")[0]) == 1
+
+    text = json.dumps([GOOD, {**GOOD, "output": "café"}], indent=1, ensure_ascii=False).encode("utf-8")
+    bad = text.replace("café".encode(), "caf\xe9".encode("latin-1"))
+    path.write_bytes(bad)
+    offset = bad.index(b"\xe9")
+    line = bad.count(b"\n", 0, offset) + 1
+    with pytest.raises(DataError, match=rf"data\.json: not UTF-8 text: byte {offset} \(0xe9, line {line}\) cannot "
+                                        "be decoded"):
+        load_records(path)
+    path.write_bytes(b"\xef\xbb\xbf" + text)  # a BOM is fine
+    assert load_records(path)[0][1].output == "café"
+
+    path.write_text(json.dumps([GOOD, {"instruction": "x"}]))
+    with pytest.raises(DataError) as info:
+        load_records(path)
+    assert "pass on_bad_record='skip' to skip them" in str(info.value)  # Python callers read the argument
+    assert "pass --on-bad-record skip to skip them" in cli_message(info.value)  # command-line users the flag

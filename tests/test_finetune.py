@@ -268,7 +268,7 @@ def test_cli_malformed_data_names_the_record_and_writes_nothing(checkpoint, tmp_
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert "python -m train.finetune: error:" in err and "record 3: field 'output' is missing" in err
-    assert "on_bad_record='skip'" in err and "Traceback" not in err
+    assert "pass --on-bad-record skip to skip them" in err and "Traceback" not in err
     assert not out.exists()
 
 
@@ -276,13 +276,13 @@ def test_cli_refuses_earlier_results_and_bad_flags(checkpoint, tmp_path, capsys)
     data = data_file(tmp_path, 4)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "adapter.safetensors").write_text("the user's adapter")
+    earlier = save_adapter_file(checkpoint, out / "adapter.safetensors")  # an earlier run's (our format)
     (out / "notes.txt").write_text("the user's notes")
     base = ["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--adapter-layers", "1"]
     with pytest.raises(SystemExit) as e:
         main(base)
     assert e.value.code == 1 and "holds the results of an earlier run (adapter.safetensors)" in capsys.readouterr().err
-    assert (out / "adapter.safetensors").read_text() == "the user's adapter"
+    assert (out / "adapter.safetensors").read_bytes() == earlier
     with pytest.raises(SystemExit):
         main([*base, "--resume"])
     assert "train_state.pt not found" in capsys.readouterr().err
@@ -303,7 +303,302 @@ def test_cli_refuses_earlier_results_and_bad_flags(checkpoint, tmp_path, capsys)
     assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "notes.txt"]
 
     # --overwrite deletes the earlier run's files (only those) and starts again
-    (out / "adapter-epoch7.safetensors").write_text("an earlier run's")
+    (out / "adapter-epoch7.safetensors").write_bytes(earlier)
     result = run(replace(config(checkpoint, data, out, overwrite=True), stop_after_steps=1))
     assert result.steps == 1
     assert sorted(p.name for p in out.iterdir()) == ["log.csv", "loss.png", "notes.txt", "train_state.pt"]
+
+
+def test_cli_refuses_bad_values_before_loading_or_writing_anything(checkpoint, tmp_path, capsys, monkeypatch):
+    """Non-finite numbers, an --eval-size that leaves nothing to train on, a tokenizer larger than the model's
+    vocabulary, an --out that cannot be written: one line each, and nothing loaded (the model) or written."""
+    import tokenizers
+
+    import train.finetune as finetune
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(finetune, "build_model", no_model)
+    data = data_file(tmp_path, 4)
+    big = tmp_path / "big"
+    big.mkdir()
+    words = {"<s>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, VOCAB + 1)}}
+    tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="<s>")).save(str(big / "tokenizer.json"))
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / "out"
+    base = ["--checkpoint", str(checkpoint), "--data", str(data), "--adapter-layers", "1", "--device", "cpu"]
+    cases = [(["--lr", "inf"], 2, "--lr must be a finite number, got inf"),
+             (["--blr", "nan"], 2, "--blr must be a finite number, got nan"),
+             (["--weight-decay", "inf"], 2, "--weight-decay must be a finite number, got inf"),
+             (["--min-lr", "inf"], 2, "--min-lr must be a finite number, got inf"),
+             (["--clip-grad", "inf"], 2, "--clip-grad must be a finite number, got inf"),
+             (["--eval-size", "nan"], 2, "--eval-size must be a finite number, got nan"),
+             (["--eval-size", "1e9"], 2, "--eval-size 1e+09 leaves none of the 4 examples to train on"),
+             (["--eval-size", "0.9999"], 2, "--eval-size 0.9999 leaves none of the 4 examples to train on"),
+             (["--tokenizer", str(big)], 1, f"the tokenizer has {VOCAB + 1} tokens, more than the model's {VOCAB}"),
+             (["--out", str(tmp_path / "a-file" / "out")], 2, "a-file is a file, so the folder cannot be made")]
+    if os.geteuid() != 0:  # root may write anywhere
+        (tmp_path / "locked").mkdir(mode=0o555)
+        cases.append((["--out", str(tmp_path / "locked" / "out")], 2, "locked is not writable by this process"))
+    for flags, code, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main([*base, "--out", str(out), *flags])
+        err = capsys.readouterr().err
+        assert e.value.code == code and message in err.strip().splitlines()[-1], (flags, err)
+        assert "Traceback" not in err and not out.exists(), flags
+
+
+class _Poison(torch.autograd.Function):
+    """The identity forward; NaN gradients backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def poison_step(monkeypatch, at_call: int, what: str) -> None:
+    """train.finetune's batch_loss_sum, with its at_call-th call (1-based) made NaN: what="loss" (forward) or
+    "grad" (backward only: the loss stays finite)."""
+    import train.finetune as finetune
+
+    clean, calls = finetune.batch_loss_sum, []
+
+    def poisoned(model, batch, device):
+        loss = clean(model, batch, device)
+        calls.append(1)
+        if len(calls) == at_call:
+            loss = loss * float("nan") if what == "loss" else _Poison.apply(loss)
+        return loss
+
+    monkeypatch.setattr(finetune, "batch_loss_sum", poisoned)
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_saved_state(checkpoint, tmp_path, capsys, monkeypatch):
+    """A NaN loss or gradient once gave 'train loss nan', exit 0 and an adapter of NaNs: now the run stops before
+    applying that step, exits 1 naming it, and the state saved before it is the one in OUT."""
+    from train.finetune import TrainingDiverged
+
+    data = data_file(tmp_path, 4)
+    out = tmp_path / "grad"
+    poison_step(monkeypatch, 3, "grad")
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--adapter-layers", "1",
+              "--adapter-len", "4", "--token-budget", "64", "--max-seq-len", "64", "--eval-size", "0", "--epochs", "1",
+              "--no-tensorboard", "--device", "cpu", "--save-every", "1"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(
+        "python -m train.finetune: error: training diverged: at step 3 (epoch 1) the gradient norm is nan (the loss ")
+    assert f"the last saved state, {out / 'train_state.pt'} of step 2, and the adapters written before it are " \
+           "intact" in err
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["global_step"] == 2 and all(torch.isfinite(t).all() for t in state["adapter"].values())
+    assert not (out / "adapter.safetensors").exists() and [r["step"] for r in log_rows(out)] == ["1", "2"]
+
+    # a finite but huge --lr: the adapter goes non-finite after a step; it is never saved
+    with pytest.raises(TrainingDiverged, match=r"after step 2 \(epoch 1\) the adapter's .* holds NaN or Inf. "
+                                               r"Nothing of it was saved: the last saved state, .* of step 1, "):
+        run(config(checkpoint, data, tmp_path / "lr", lr=1e30, warmup_epochs=0, save_every=1))
+    assert torch.load(tmp_path / "lr" / "train_state.pt", weights_only=True)["global_step"] == 1
+    with pytest.raises(UsageError, match=r"--lr 1e\+38 is too large: AdamW's first step, lr / \(1 - beta1\), "
+                                         "overflows float32"):
+        run(config(checkpoint, data, tmp_path / "lr38", lr=1e38))
+    assert not (tmp_path / "lr38").exists()
+
+    poison_step(monkeypatch, 2, "loss")
+    with pytest.raises(TrainingDiverged, match=r"at step 2 \(epoch 1\) the loss is nan, so the step was not applied. "
+                                               "Nothing of it was saved: no train state was saved yet"):
+        run(config(checkpoint, data, tmp_path / "loss"))
+
+    # fp16: a non-finite gradient is the loss scaler's to handle (it skips the step and halves its scale)
+    poison_step(monkeypatch, 2, "grad")
+    result = run(config(checkpoint, data, tmp_path / "fp16", dtype="float16"))
+    assert result.steps == 4 and all(torch.isfinite(t).all() for t in result.adapter.values())
+    scale = torch.load(tmp_path / "fp16" / "train_state.pt", weights_only=True)["scaler"]["scale"]
+    assert scale == 2.0 ** 15  # 2 ** 16 to start, halved once
+
+
+def _rank_poisoned(rank: int, world_size: int, port: int, cfg: FinetuneConfig, result_dir: Path) -> None:
+    """A torchrun-like rank whose gradients go NaN at its second micro-batch, on rank 1 only."""
+    from train.finetune import TrainingDiverged
+
+    torchrun_env(rank, world_size, port)
+    if rank == 1:
+        poison_step(pytest.MonkeyPatch(), 2, "grad")
+    try:
+        run(cfg)
+    except TrainingDiverged as e:
+        (result_dir / f"rank{rank}.error").write_text(str(e))
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_a_diverging_rank_stops_every_rank(checkpoint, tmp_path, fsdp):
+    """NaN gradients on rank 1 alone: both ranks stop at the same step (no hang), no adapter is written."""
+    data = data_file(tmp_path, 8)
+    cfg = config(checkpoint, data, tmp_path / "two", micro_batches_per_step=2, fsdp=fsdp)
+    context = mp.spawn(_rank_poisoned, args=(2, _free_port(), cfg, tmp_path), nprocs=2, join=False)
+    for _ in range(60):  # 5 minutes at most, never a hang of the suite
+        if context.join(timeout=5):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail("the ranks did not stop")
+    for rank in range(2):
+        assert "training diverged: at step 2 (epoch 1) the gradient norm is nan" in \
+            (tmp_path / f"rank{rank}.error").read_text()
+    assert not (tmp_path / "two" / "adapter.safetensors").exists()
+
+
+def test_resume_refuses_changed_data_and_tokenizer(checkpoint, tmp_path, capsys):
+    """Another data file of as many records was once trained on silently (fewer: "start_step=9 is past the end"):
+    the train state keeps the data file's and the tokenizer's size and sha256, and a resume compares them."""
+    from model import CheckpointError
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(RECORDS[:6]))
+    tokenizer = tmp_path / "tokenizer.model"
+    tokenizer.write_bytes((checkpoint / "tokenizer.model").read_bytes())
+    out = tmp_path / "out"
+    run(config(checkpoint, data, out, tokenizer=tokenizer, stop_after_steps=2))
+    inputs = torch.load(out / "train_state.pt", weights_only=True)["inputs"]
+    assert inputs["data file"]["bytes"] == data.stat().st_size and len(inputs["tokenizer"]["sha256"]) == 64
+    resume = config(checkpoint, data, out, tokenizer=tokenizer, resume=True)
+    for records in (RECORDS[6:12], RECORDS[:4]):  # as many records, other ones; fewer
+        data.write_text(json.dumps(records))
+        with pytest.raises(UsageError, match=rf"--resume: the data differs from the run in .*out: the data file "
+                                             rf"{data}: \d+ bytes, sha256 [0-9a-f]{{12}}\.\.\. -> "
+                                             rf"{data.stat().st_size} bytes, sha256 [0-9a-f]{{12}}\.\.\.\. Resume "
+                                             "with the data it started with"):
+            run(resume)
+    data.write_text(json.dumps(RECORDS[:6]))
+    tokenizer.write_bytes(tokenizer.read_bytes() + b"\0")
+    with pytest.raises(UsageError, match=rf"the data differs .*: the tokenizer {tokenizer}: "):
+        run(resume)
+    tokenizer.write_bytes((checkpoint / "tokenizer.model").read_bytes())
+
+    # a state written before the digests were kept resumes, with a warning
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "inputs"}, out / "train_state.pt")
+    capsys.readouterr()
+    assert run(resume).steps == 6
+    assert "does not record the data's digests (an older version wrote it): resuming" in capsys.readouterr().out
+
+    # the state is untrusted: a wrong entry is an error naming the file, never a traceback
+    for key, value, message in (("epoch", "1", r"its 'epoch' must be an int >= 0, got str"),
+                                ("step", 99, r"its position, step 99 of epoch 1, lies beyond this run's"),
+                                ("rng", {"cpu": "seed"}, r"cannot be restored \(TypeError"),
+                                ("inputs", [1], r"its 'inputs' must be a dict, got list")):
+        torch.save({**state, key: value}, out / "train_state.pt")
+        with pytest.raises(CheckpointError, match=rf"train_state\.pt: {message}"):
+            run(resume)
+
+
+def save_adapter_file(checkpoint: Path, path: Path) -> bytes:
+    """An adapter file of a model of the checkpoint's shape, as a run writes it; returns its bytes."""
+    from model import load_checkpoint, save_adapter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_adapter(load_checkpoint(checkpoint, adapter=AdapterConfig(adapter_len=4, adapter_layers=1)),
+                        path).read_bytes()
+
+
+def test_overwrite_and_resume_touch_only_the_runs_own_files(checkpoint, tmp_path):
+    """--overwrite once deleted whatever bore the run's names (another tool's tensorboard/ or log.csv): the run's files
+    are now recognised by their content, others refused by name and reason; a killed run's .NAME.*.tmp files go."""
+    data = data_file(tmp_path, 4)
+    out = tmp_path / "out"
+    run(config(checkpoint, data, out, stop_after_steps=1))
+    (out / ".train_state.pt.0123abcd.tmp").write_bytes(b"half a state")  # what kill -9 leaves
+    (out / ".log.csv.89abcdef.tmp").write_text("step,")
+    (out / ".notes.0123abcd.tmp").write_text("another tool's temporary file")
+    (out / "notes.txt").write_text("the user's notes")
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.out.tfevents.17.host.other").write_bytes(b"another tool's events")
+
+    def snapshot(folder: Path) -> dict:
+        return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = snapshot(out)
+    for flag in ("resume", "overwrite"):
+        with pytest.raises(FileExistsError, match=r"holds files of the names python -m train.finetune writes that it "
+                                                  r"did not write: tensorboard \(holds 'events\.out\.tfevents\.17\."
+                                                  r"host\.other', not an event file of train\.finetune's "
+                                                  r"\(\*\.llama-adapter-triton\)\)\. They are never deleted"):
+            run(config(checkpoint, data, out, **{flag: True}))
+        assert snapshot(out) == before
+    (out / "tensorboard" / "events.out.tfevents.17.host.other").rename(
+        out / "tensorboard" / "events.out.tfevents.17.host.1.llama-adapter-triton")  # as the run names its events
+
+    assert run(config(checkpoint, data, out, resume=True)).steps == 4  # the temporaries go, the rest stays
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [".notes.0123abcd.tmp", "adapter-epoch1.safetensors", "adapter.safetensors", "log.csv", "loss.png",
+         "notes.txt", "tensorboard", "train_state.pt"])
+    run(config(checkpoint, data, out, overwrite=True, stop_after_steps=1))
+    assert sorted(p.name for p in out.iterdir()) == [".notes.0123abcd.tmp", "log.csv", "loss.png", "notes.txt",
+                                                     "train_state.pt"]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "log.csv").write_text("epoch,accuracy\n1,0.5\n")
+    (other / "adapter.safetensors").write_text("not ours")
+    with pytest.raises(FileExistsError, match=r"adapter\.safetensors \(cannot be read as one \(SafetensorError\)\); "
+                                              r"log\.csv \(its first line is not train\.finetune's header\)"):
+        run(config(checkpoint, data, other, overwrite=True))
+    assert (other / "log.csv").read_text() == "epoch,accuracy\n1,0.5\n"
+
+
+def test_a_full_disk_keeps_the_last_saved_state_and_resume_goes_on(checkpoint, tmp_path, capsys, monkeypatch):
+    """An OSError writing a file is one line naming it and what is intact; --resume then ends as an uninterrupted
+    run would."""
+    import errno
+
+    data = data_file(tmp_path, 4)
+    whole = run(config(checkpoint, data, tmp_path / "whole"))
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--adapter-layers", "1",
+            "--adapter-len", "4", "--token-budget", "64", "--max-seq-len", "64", "--eval-size", "0", "--epochs", "1",
+            "--blr", "0.5", "--no-tensorboard", "--device", "cpu", "--save-every", "1"]
+    fsync, calls = os.fsync, []
+
+    def full_disk(fd):  # the 3rd file written: log.csv's header, the state of step 1, then that of step 2
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"python -m train.finetune: error: cannot write {out / 'train_state.pt'}: No space left on device; the last "
+        f"saved state, {out / 'train_state.pt'} of step 1, and the adapters written before it are intact: --resume "
+        "goes on from there")
+    assert torch.load(out / "train_state.pt", weights_only=True)["global_step"] == 1
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+    # a log row cut short (a full disk, a kill; here after the "1" of "12") is dropped on resume
+    with open(out / "log.csv", "a", newline="") as f:
+        f.write("1")
+    main([*argv, "--resume"])
+    for k, t in whole.adapter.items():
+        assert torch.equal(load_file(out / "adapter.safetensors")[k], t), k
+    assert [r["step"] for r in log_rows(out)] == ["1", "2", "3", "4"]
+
+    def full_log(self, row):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(csv.DictWriter, "writerow", full_log)
+    from train.finetune import OutputError
+
+    with pytest.raises(OutputError, match=rf"cannot write {tmp_path / 'fresh' / 'log.csv'}: No space left on device; "
+                                          "no train state was saved yet: start again with --overwrite"):
+        run(config(checkpoint, data, tmp_path / "fresh"))

@@ -9,6 +9,7 @@ import io
 
 import pytest
 import sentencepiece
+import tokenizers
 import torch
 from model_utils import VOCAB, hf_model, set_adapter_, tiny_config, tiny_model
 
@@ -182,3 +183,62 @@ def test_cuda_batched_generation_equals_each_prompt_alone():
     batch = generate(gpu, prompts, max_new_tokens=6)
     assert batch == [generate(gpu, [p], max_new_tokens=6)[0] for p in prompts]
     assert batch[0] == greedy_without_cache(gpu, prompts[0], 6)
+
+
+def test_sampling_arguments_are_checked_and_the_top_token_always_kept():
+    """top_p <= 0 once masked every token (multinomial raised); a tiny temperature gave inf - inf = NaN."""
+    logits = torch.tensor([[0.45, 0.35, 0.2]]).log().expand(50, 3)
+    g = torch.Generator().manual_seed(0)
+    assert sample(logits, temperature=1.0, top_p=1e-12, generator=g).tolist() == [0] * 50
+    assert sample(logits * 1e6, temperature=1e-30, top_p=0.5, generator=g).tolist() == [0] * 50
+    for kwargs, message in ((dict(temperature=1.0, top_p=0.0), r"top_p must lie in \(0, 1\], got 0.0"),
+                            (dict(temperature=1.0, top_p=1.5), r"top_p must lie in \(0, 1\], got 1.5"),
+                            (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+                            (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
+                            (dict(temperature=-1.0), "temperature must be a finite number >= 0")):
+        with pytest.raises(ValueError, match=message):
+            sample(logits, generator=g, **kwargs)
+
+
+def test_command_line_user_errors_are_one_line(checkpoint_dir, tmp_path, capsys):
+    """Every user error: `python -m model.generate: error: ...` and a non-zero exit, never a traceback."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(checkpoint_dir / "adapter.safetensors", "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    prompt = next(k for k in tensors if k.endswith("adapter_prompt"))
+    tensors[prompt][0, 0] = float("nan")
+    save_file(tensors, tmp_path / "nan.safetensors", metadata)
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    # a tokenizer with more tokens than the model's 300 embedding rows
+    words = {"<s>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, 301)}}
+    tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="<s>")).save(str(tmp_path / "tokenizer.json"))
+    gpus = torch.cuda.device_count()
+    cases = [
+        (["--checkpoint", str(tmp_path / "nope")], 1, "nope: not a folder"),
+        (["--adapter", str(tmp_path / "missing.safetensors")], 1, "missing.safetensors: cannot be read"),
+        (["--adapter", str(tmp_path / "garbage.safetensors")], 1, "garbage.safetensors: cannot be loaded with "
+                                                                  "weights_only=True"),
+        (["--adapter", str(tmp_path / "nan.safetensors")], 1, f"tensor '{prompt}' holds 1 non-finite value(s)"),
+        (["--tokenizer", str(tmp_path / "none.model")], 1, "none.model: no such tokenizer file"),
+        (["--tokenizer", str(tmp_path / "tokenizer.json")], 1, "the tokenizer has 301 tokens, more than the model's "
+                                                               "300"),
+        (["--max-new-tokens", "600"], 1, "with --max-new-tokens 600 that exceeds the model's context of 512"),
+        (["--top-p", "0"], 2, "--top-p must lie in (0, 1], got 0.0"),
+        (["--temperature", "nan"], 2, "--temperature must be a finite number >= 0 (0: greedy), got nan"),
+        (["--max-new-tokens", "0"], 2, "--max-new-tokens must be an integer >= 1, got 0"),
+        (["--device", "tpu"], 2, "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+        (["--device", f"cuda:{gpus}"], 2, f"this machine has {gpus} CUDA GPU(s)" if gpus else "no CUDA GPU"),
+    ]
+    base = ["--checkpoint", str(checkpoint_dir), "--instruction", "Tell me about alpacas.", "--device", "cpu",
+            "--max-new-tokens", "2", "--temperature", "0"]
+    for flags, code, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main(base + flags)
+        # exit(1) after printing, or SystemExit(message), which Python prints and exits 1 with
+        text = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")
+        assert e.value.code == code or (code == 1 and isinstance(e.value.code, str)), flags
+        last = text.strip().splitlines()[-1]  # after argparse's usage for a bad flag (exit 2)
+        assert last.startswith("python -m model.generate: error: ") and message in last, (flags, text)
+        assert "Traceback" not in text and (code == 2 or text.strip() == last), text

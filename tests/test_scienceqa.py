@@ -148,3 +148,14 @@ def test_evaluate_a_multimodal_adapter(sqa, checkpoint, clip, tmp_path, capsys):
     assert main_exit(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--out",
                       str(tmp_path / "y.jsonl"), "--batch-size", "0"]) == 2
     assert "--batch-size must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_convert_says_when_train_finetune_needs_allow_external_files(sqa, tmp_path, capsys):
+    """Records beside the images name them inside the default --image-root; elsewhere they lead out of it, which
+    train.finetune refuses without --allow-external-files: convert says so."""
+    common = ["convert", "--problems", str(sqa / "problems.json"), "--split", "train", "--images", str(sqa / "images")]
+    main([*common, "--out", str(sqa / "train.json")])
+    assert "--allow-external-files" not in capsys.readouterr().out
+    main([*common, "--out", str(tmp_path / "sqa" / "train.json")])
+    assert "they lead out of it, to --images: train.finetune reads them only with --allow-external-files" in \
+        capsys.readouterr().out

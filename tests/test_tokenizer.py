@@ -134,3 +134,29 @@ def test_tokenizer_errors(tmp_path, sp_model):
     (tmp_path / "bad.model").write_bytes(b"\x00\x01 not a model")
     with pytest.raises(ValueError, match=r"bad\.model: not a sentencepiece model"):
         Tokenizer(tmp_path / "bad.model")
+
+
+def test_garbage_tokenizer_files_are_refused_naming_the_file(tmp_path, sp_model):
+    """A bad tokenizer.json once raised the tokenizers package's bare Exception; a one-line tiktoken file loaded."""
+    from model import CheckpointError
+
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": 42}')
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: not a tokenizers tokenizer\.json \("):
+        Tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer.model").write_text("YQ== 0\n")
+    with pytest.raises(CheckpointError, match=r"tokenizer\.model: a tiktoken file holds a token for each of the 256 "
+                                              r"bytes; this one lacks 255 of them \(it has 1 tokens\)"):
+        Tokenizer(tmp_path / "tokenizer.model")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<s>": 0, "</s>": 1, "a": 2}, unk_token="<s>"))
+    tok.save(str(folder / "tokenizer.json"))
+    for config, message in (("{", "cannot be read as JSON"), ('{"bos_token": 7}', "'bos_token' must be a token")):
+        (folder / "tokenizer_config.json").write_text(config)
+        with pytest.raises(CheckpointError, match=rf"tokenizer_config\.json: {message}"):
+            Tokenizer(folder)
+    (folder / "tokenizer_config.json").write_text('{"bos_token": {"content": "<s>"}}')
+    tok = Tokenizer(folder)
+    tok.check_vocab(3)
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: the tokenizer has 3 tokens, more than the model's 2"):
+        tok.check_vocab(2)

@@ -504,7 +504,7 @@ def test_an_unreadable_image_on_one_rank_stops_every_rank(checkpoint, clip, imag
     data = tmp_path / "mm.json"
     data.write_text(json.dumps(records))
     cfg = ft_config(checkpoint, data, tmp_path / "out", clip, image_root=root, eval_size=0,
-                    micro_batches_per_step=2)
+                    micro_batches_per_step=2, allow_external_files=True)
     context = mp.spawn(_rank_expecting_data_error, args=(2, _free_port(), cfg, tmp_path), nprocs=2, join=False)
     for _ in range(60):  # 5 minutes at most, never a hang of the suite
         if context.join(timeout=5):
@@ -516,3 +516,49 @@ def test_an_unreadable_image_on_one_rank_stops_every_rank(checkpoint, clip, imag
     for rank in range(2):
         assert "broken.png' could not be read as an image" in (tmp_path / f"rank{rank}.error").read_text()
     assert not (tmp_path / "out").exists()
+
+
+def test_images_outside_the_image_root_are_refused(checkpoint, clip, images, tmp_path):
+    """Records may name images under --image-root only ("..", absolute paths and links out once read anything),
+    unless --allow-external-files."""
+    from dataclasses import replace
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "red.png").write_bytes(images["red"].read_bytes())
+    (tmp_path / "outside.png").write_bytes(images["blue"].read_bytes())
+    (root / "link.png").symlink_to(tmp_path / "outside.png")
+    records = [{"instruction": QUESTION, "input": "", "output": name, "image": image}
+               for name, image in (("red", "red.png"), ("red", str(root / "red.png")), ("blue", "../outside.png"),
+                                   ("blue", str(tmp_path / "outside.png")), ("blue", "link.png"))]
+    data = root / "mm.json"
+    data.write_text(json.dumps(records))
+    cfg = ft_config(checkpoint, data, tmp_path / "out", clip, eval_size=0, epochs=1, stop_after_steps=1)
+    outside = tmp_path / "outside.png"
+    with pytest.raises(DataError, match=rf"3 record\(s\) name an image outside --image-root {root} \(through "
+                                        rf"\"\.\.\", an absolute path or a link\): record 2: '\.\./outside\.png' is "
+                                        rf"{outside}; record 3: '{outside}' is {outside}; record 4: 'link\.png' is "
+                                        rf"{outside}; refused unless you pass --allow-external-files"):
+        run(cfg)
+    assert not cfg.out.exists()
+    assert run(replace(cfg, allow_external_files=True)).steps == 1
+
+
+def test_a_decompression_bomb_is_refused_naming_the_record_and_the_limit(checkpoint, clip, images, tmp_path,
+                                                                        monkeypatch):
+    """An image over Pillow's pixel limit once gave a traceback (or a warning, then the whole decode)."""
+    from PIL import Image
+
+    from model.visual import ImageError, read_image
+
+    root = images["red"].parent
+    data = tmp_path / "mm.json"
+    data.write_text(json.dumps(mm_records(images, root)[:3]))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the images have 48 x 40 = 1920
+    with pytest.raises(DataError, match=r"record 0: image '.*red\.png' has 48 x 40 pixels, more than the limit of "
+                                        r"1,000 \(PIL\.Image\.MAX_IMAGE_PIXELS\): a decompression bomb"):
+        run(ft_config(checkpoint, data, tmp_path / "out", clip, image_root=root, eval_size=0))
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # more than twice the limit: Pillow refuses it itself
+    with pytest.raises(ImageError, match=r"has more pixels than twice the limit of 500"):
+        read_image(images["red"])

@@ -81,6 +81,7 @@ Steps, resuming, several processes
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import math
@@ -93,6 +94,7 @@ from typing import Literal, Protocol, TypedDict
 import numpy as np
 import torch
 
+from model.cli import remedy_text
 from model.prompt import alpaca_prompt
 
 log = logging.getLogger(__name__)
@@ -151,11 +153,14 @@ class RecordProblem:
 
 
 class DataError(ValueError):
-    """A data file or record that cannot be used; .problems lists the bad records, if any."""
+    """A data file or record that cannot be used; .problems lists the bad records, if any; .remedy: (argument, value)
+    that gets past it, when the message names one (model/cli.py's cli_message)."""
 
-    def __init__(self, message: str, problems: Sequence[RecordProblem] = ()):
+    def __init__(self, message: str, problems: Sequence[RecordProblem] = (), *,
+                 remedy: tuple[str, object] | None = None):
         super().__init__(message)
         self.problems = list(problems)
+        self.remedy = remedy
 
 
 @dataclass
@@ -246,7 +251,8 @@ def _collect(items: Sequence[tuple[int, int | None, object]], on_bad_record: str
     if report.skipped and on_bad_record == "error":
         raise DataError(f"{source}: {len(report.skipped)} bad record(s) of {len(items)}:\n"
                         f"{_listing(report.problems)}\n"
-                        "Fix them, or pass on_bad_record='skip' to skip them.", report.problems)
+                        f"Fix them, or pass {remedy_text('on_bad_record', 'skip')} to skip them.", report.problems,
+                        remedy=("on_bad_record", "skip"))
     if not records:
         listing = f":\n{_listing(report.problems)}" if report.problems else ""
         raise DataError(f"{source}: no usable records ({len(items)} in the file){listing}", report.problems)
@@ -265,9 +271,29 @@ def parse_records(objects: Sequence[object], *, on_bad_record: Literal["error", 
 
 
 def _detect_format(path: Path, text: str) -> str:
+    """jsonl by the name, else json when the whole text is one JSON value (a list, or a mistake: a dict), else jsonl."""
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         return "jsonl"
-    return "json" if text.lstrip().startswith("[") else "jsonl"
+    if text.lstrip().startswith("["):
+        return "json"
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:  # several lines of records, or broken JSON Lines: read line by line
+        return "jsonl"
+    return "json"
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a BOM allowed); DataError naming the file and the first bad byte otherwise."""
+    raw = path.read_bytes()
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = start + e.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise DataError(f"{path}: not UTF-8 text: byte {offset} (0x{raw[offset]:02x}, line {line}) cannot be "
+                        "decoded; save the file as UTF-8") from None
 
 
 def load_records(path: str | Path, *, on_bad_record: Literal["error", "skip"] = "error",
@@ -275,8 +301,9 @@ def load_records(path: str | Path, *, on_bad_record: Literal["error", "skip"] = 
     """Load Alpaca records from a JSON list or a JSONL file.
 
     Arguments:
-        path: the file. format "auto": JSONL if it is named *.jsonl or *.ndjson, else JSON if its first
-            non-blank character is "[", else JSONL.
+        path: the file, UTF-8. format "auto": JSONL if it is named *.jsonl or *.ndjson, else JSON if its first
+            non-blank character is "[" or the whole file is one JSON value (a top level other than a list is an
+            error: one record is a list of one, or a line of a .jsonl file), else JSONL.
         on_bad_record: "error" raises a DataError that lists every bad record (index, line for JSONL,
             field, what is wrong); "skip" leaves them out, logs a warning and lists them in the report.
     Returns:
@@ -288,7 +315,7 @@ def load_records(path: str | Path, *, on_bad_record: Literal["error", "skip"] = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8-sig")
+    text = _read_text(path)
     fmt = _detect_format(path, text) if format == "auto" else format
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
@@ -299,8 +326,8 @@ def load_records(path: str | Path, *, on_bad_record: Literal["error", "skip"] = 
             raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected "
                             "a JSON list of records, or JSON Lines (one record per line)") from None
         if not isinstance(data, list):
-            raise DataError(f"{path}: the top level is a JSON {_json_type(data)}; expected a list of records "
-                            "(or JSON Lines, one record per line)")
+            raise DataError(f"{path}: the top level is a JSON {_json_type(data)}; it must be a list of records, or "
+                            "lines of records (JSON Lines, one record per line; name the file .jsonl)")
         items = [(i, None, obj) for i, obj in enumerate(data)]
     else:
         items = []

@@ -27,8 +27,9 @@ folder). The frozen CLIP encoder computes every image's features once, before th
 processes, each encodes its share and all gather the table; threads read the files ahead of the encoder);
 each sequence of a batch then carries its image's features, and the model's projector
 (model.visual_proj, trained with the prompts and gates, saved in the adapter file) turns them into the visual
-token added to its prompts. Records without an image get no visual token. A missing or unreadable image stops
-the run before anything is written.
+token added to its prompts. Records without an image get no visual token. A missing or unreadable image, one over
+Pillow's pixel limit (a decompression bomb), or one that leads outside --image-root ("..", an absolute path, a
+link; allowed by --allow-external-files) stops the run before anything is written, naming its record.
 
 Batches (train/data.py's module docstring has the details)
 - Packed (the default): whole examples in micro-batches of at most --token-budget tokens, no padding;
@@ -56,16 +57,34 @@ Outputs (only rank 0 writes; every file goes to a temporary name and is renamed 
                                        tokens_computed, tokens_per_s, step_s, elapsed_s, memory_gib
     OUT/loss.png                       the loss curves
     OUT/tensorboard/                   the same scalars, when the tensorboard package is installed
-An OUT holding any of these is refused unless --resume (go on with that run) or --overwrite (delete
-them first); other files in OUT are left alone. tokens / tokens_per_s count real tokens (no padding),
-tokens_computed the tokens the model ran on (padding included: equal to tokens when packed);
+The run knows its own files by their content, not only their names: adapters by this project's metadata,
+train_state.pt by its format entry, log.csv by its header, loss.png by its PNG Software entry, tensorboard/ by
+holding only event files named *.llama-adapter-triton. An OUT holding any of them is refused unless --resume (go
+on with that run) or --overwrite (delete them first, the event files one by one); a file or folder of one of those
+names that the run did not write (another tool's log.csv or tensorboard/, a file of an older version) is never
+deleted or written over: the run is refused, naming it and why. Temporary .NAME.XXXXXXXX.tmp files of a killed run
+are deleted by --resume and --overwrite; other files in OUT are left alone.
+tokens / tokens_per_s count real tokens (no padding), tokens_computed the tokens the model ran on (padding
+included: equal to tokens when packed);
 memory_gib is the peak CUDA memory allocated on a GPU, the peak resident memory on a CPU.
+
+A file that cannot be written (a full disk) stops the run with OutputError: one line naming the file and the last
+saved state, which is intact (every file goes to a temporary name first), so --resume goes on from it.
+
+Divergence: the loss and the gradient norm of every step are checked where the loss comes to the host anyway,
+before the optimizer applies the step (with fp16 a non-finite gradient is the loss scaler's to handle: it skips the
+step and lowers its scale), and the adapter before every save. A NaN or Inf stops the run on every rank together
+(TrainingDiverged; exit status 1, naming the step and epoch): nothing non-finite is ever saved, and the last saved
+state and adapters stay as they were.
 
 Resume: --resume reads OUT/train_state.pt (torch.load with weights_only=True) and continues at the
 saved (epoch, step); the data order is a function of (seed, epoch) only and the loop draws no random
 numbers, so the result equals an uninterrupted run (tests: bitwise on a CPU). Settings that change the
 result must match the saved ones (an error lists the differences); --save-every, --stop-after-steps,
---device, --fsdp and --tensorboard may change. log.csv keeps its rows up to the saved step.
+--device, --fsdp, --tensorboard and --allow-external-files may change. The state also keeps the size and sha256
+of the data file and of the tokenizer file (input_digests): a resume on other data is refused, naming what changed
+(a state written before they were kept resumes with a warning). The state is untrusted input: each entry is checked
+before it is used. log.csv keeps its rows up to the saved step.
 
 Several processes (torchrun): each rank takes its share of every step's micro-batches.
 - DDP (default): the base is frozen (requires_grad False), so DDP buckets and all-reduces only the
@@ -83,22 +102,26 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
+import hashlib
 import io
 import json
 import math
 import os
-import shutil
+import re
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -122,7 +145,8 @@ from model import (
     write_atomic,
 )
 from model.adapter import GATE_ACTS, GATES
-from model.cli import build_parser, parse_dataclass
+from model.checkpoint import ADAPTER_FORMAT
+from model.cli import build_parser, check_cuda_device, cli_message, parse_dataclass
 from train.data import (
     IGNORE_INDEX,
     DataError,
@@ -141,16 +165,28 @@ STATE_FILE = "train_state.pt"
 LOG_FILE = "log.csv"
 PLOT_FILE = "loss.png"
 TB_DIR = "tensorboard"
+TB_SUFFIX = ".llama-adapter-triton"  # the end of the event files' names the run writes in TB_DIR
+PLOT_TAG = f"llama-adapter-triton {PROG}"  # the PNG's Software entry
 STATE_FORMAT = "llama-adapter-triton train state"
 LOG_COLUMNS = ("step", "epoch", "split", "loss", "lr", "grad_norm", "examples", "tokens", "tokens_computed",
                "tokens_per_s", "step_s", "elapsed_s", "memory_gib")
 # settings a resumed run may change: they do not change the result
-RESUMABLE_CHANGES = ("out", "resume", "overwrite", "save_every", "stop_after_steps", "device", "tensorboard", "fsdp")
+RESUMABLE_CHANGES = ("out", "resume", "overwrite", "save_every", "stop_after_steps", "device", "tensorboard", "fsdp",
+                     "allow_external_files")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class UsageError(ValueError):
     """A flag whose value does not fit the model or the data (found after parsing); names the flag."""
+
+
+class OutputError(OSError):
+    """A file of the run could not be written (a full disk, ...); the message names it and says what is intact."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients (or the adapter) went NaN or Inf: the run stops; nothing of it was applied or saved,
+    the last saved state is intact."""
 
 
 def _layer_list(text: str) -> tuple[int, ...]:
@@ -195,6 +231,9 @@ class FinetuneConfig:
     visual_hidden: int = field(default=128, metadata={"help": "multi-modal: the projector MLP's hidden width"})
     image_root: Path | None = field(default=None, metadata={
         "help": "multi-modal: the folder relative image paths start from (default: the data file's folder)"})
+    allow_external_files: bool = field(default=False, metadata={
+        "help": "read images that lead outside --image-root (\"..\", absolute paths, links) and checkpoint shards "
+                "that its shard index names outside --checkpoint; refused by default"})
     # data
     max_seq_len: int = field(default=512, metadata={
         "help": "examples are truncated to this many tokens (counted and reported); at most the model's context"})
@@ -257,6 +296,10 @@ class FinetuneConfig:
             raise ValueError(f"--micro-batches-per-step must be >= 1, got {self.micro_batches_per_step}")
         if self.pad_to != "longest" and (not isinstance(self.pad_to, int) or self.pad_to < 1):
             raise ValueError(f"--pad-to must be a positive number of tokens or 'longest', got {self.pad_to!r}")
+        for f in fields(self):  # every number given as a float: finite (inf, nan are typos or attacks)
+            value = getattr(self, f.name)
+            if f.type in ("float", "float | None") and value is not None and not math.isfinite(value):
+                raise ValueError(f"{_flag(f.name)} must be a finite number, got {value}")
         if self.eval_size < 0 or (self.eval_size >= 1 and not float(self.eval_size).is_integer()):
             raise ValueError(f"--eval-size must be a fraction in (0, 1), a whole count >= 1, or 0, got "
                              f"{self.eval_size}")
@@ -341,8 +384,11 @@ def setup_distributed(device: str) -> Dist:
     """One process, or a torchrun rank (WORLD_SIZE > 1): gloo on CPUs, NCCL on GPUs (cuda:LOCAL_RANK)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and device != "cpu"
-    if device.startswith("cuda") and not cuda:
-        raise UsageError(f"--device {device}: no CUDA GPU is available")
+    if device.startswith("cuda"):
+        try:
+            check_cuda_device(device)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if world_size == 1:
         return Dist(0, 1, torch.device(device if device != "auto" else "cuda" if cuda else "cpu"))
     if device.startswith("cuda:"):
@@ -365,7 +411,8 @@ def build_model(config: FinetuneConfig, adapter: AdapterConfig, dtype: torch.dty
                 d: Dist) -> tuple[LLaMA, torch.nn.Module]:
     """(model, the module to train through): the plain model, the same under DDP, or the FSDP2-sharded model."""
     if not config.fsdp:
-        model = load_checkpoint(config.checkpoint, adapter=adapter, dtype=dtype, device=d.device)
+        model = load_checkpoint(config.checkpoint, adapter=adapter, dtype=dtype, device=d.device,
+                                allow_external_files=config.allow_external_files)
         mark_only_adapter_as_trainable(model)
         if d.world_size == 1:
             return model, model
@@ -375,7 +422,7 @@ def build_model(config: FinetuneConfig, adapter: AdapterConfig, dtype: torch.dty
     from torch.distributed.fsdp import fully_shard
 
     with torch.device("meta"):
-        model = LLaMA(load_config(config.checkpoint), adapter)
+        model = LLaMA(load_config(config.checkpoint, allow_external_files=config.allow_external_files), adapter)
     cast_base(model, dtype)
     mark_only_adapter_as_trainable(model)
     mesh = init_device_mesh(d.device.type, (d.world_size,))
@@ -384,7 +431,8 @@ def build_model(config: FinetuneConfig, adapter: AdapterConfig, dtype: torch.dty
     fully_shard(model, mesh=mesh)
     model.to_empty(device=d.device)
     # rank 0 reads the checkpoint (on the CPU) and its fresh, seeded adapter; the others receive their shards
-    full = load_checkpoint(config.checkpoint, adapter=adapter, dtype=dtype).state_dict() if d.main else {}
+    full = load_checkpoint(config.checkpoint, adapter=adapter, dtype=dtype,
+                           allow_external_files=config.allow_external_files).state_dict() if d.main else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model, model
 
@@ -420,21 +468,31 @@ def encode_images(config: FinetuneConfig, images: dict[int, str], dtype: torch.d
                   say: Callable[[str], None] = print) -> tuple[ImageFeatures, tuple[int, ...]]:
     """The CLIP features of the records' images (images: record index -> file as the record gives it;
     relative to --image-root, by default the data file's folder), and the CLIP layers they come from.
-    With several processes each encodes every world_size-th image and all of them gather the whole table."""
-    from model.visual import CLIPImageEncoder
+    An image that leads outside --image-root ("..", an absolute path, a link) is refused unless
+    --allow-external-files. With several processes each encodes every world_size-th image and all of them gather
+    the whole table."""
+    from model.visual import CLIPImageEncoder, ImageError
+
+    def listing(items: list[str]) -> str:
+        return "; ".join(items[:5]) + (f"; ... and {len(items) - 5} more" if len(items) > 5 else "")
 
     root = config.image_root or config.data.parent
     files: dict[Path, int] = {}  # each file once, in order of first use
-    row_of_record, missing = {}, []
+    row_of_record, missing, outside = {}, [], []
     for index, image in sorted(images.items()):
         path = Path(image) if Path(image).is_absolute() else root / image
         if not path.is_file():
             missing.append(f"record {index}: {path}")
+        elif not (config.allow_external_files or path.resolve().is_relative_to(root.resolve())):
+            outside.append(f"record {index}: {image!r} is {path.resolve()}")
         row_of_record[index] = files.setdefault(path, len(files))
     if missing:
         raise DataError(f"{config.data}: {len(missing)} record(s) name an image file that does not exist "
-                        f"(relative paths start at {root}; --image-root sets it): " + "; ".join(missing[:5])
-                        + (f"; ... and {len(missing) - 5} more" if len(missing) > 5 else ""))
+                        f"(relative paths start at {root}; --image-root sets it): {listing(missing)}")
+    if outside:
+        raise DataError(f"{config.data}: {len(outside)} record(s) name an image outside --image-root {root} (through "
+                        f"\"..\", an absolute path or a link): {listing(outside)}; refused unless you pass "
+                        "--allow-external-files")
     try:
         encoder = CLIPImageEncoder(config.clip, layers=config.clip_layers, device=d.device, dtype=dtype)
     except ValueError as e:  # layers out of range, an incomplete CLIP checkpoint
@@ -446,8 +504,10 @@ def encode_images(config: FinetuneConfig, images: dict[int, str], dtype: torch.d
     features, error = None, None
     try:
         features = encoder.encode_files(paths, progress=d.main and len(files) > 64)
-    except ValueError as e:  # a file that is not an image
-        error = f"{config.data}: {e}"
+    except ImageError as e:  # not an image, or a decompression bomb
+        records = [i for i, row in row_of_record.items() if row == files[Path(e.path)]]
+        more = f" (and {len(records) - 1} more with that image)" if len(records) > 1 else ""
+        error = f"{config.data}: record {records[0]}{more}: {e}"
     if d.world_size > 1:  # every rank learns of any rank's error before the gather (which would wait for ever)
         errors: list[str | None] = [None] * d.world_size
         dist.all_gather_object(errors, error)
@@ -522,27 +582,79 @@ def evaluate(model: torch.nn.Module, loader: PackedLoader | PaddedLoader, d: Dis
 # Outputs
 
 
-def earlier_outputs(out: Path) -> list[Path]:
-    """The files (and tensorboard folder) of an earlier run in out."""
+_TEMP_RE = re.compile(r"\.(adapter(-epoch\d+)?\.safetensors|train_state\.pt|log\.csv|loss\.png)\.[0-9a-f]{8}\.tmp")
+
+
+def _own_file(path: Path) -> str | None:
+    """None if path is a file (or event folder) a run of train.finetune wrote, recognised by its content;
+    else why not. path has one of the names the run writes."""
+    try:
+        if path.name == TB_DIR:
+            if not path.is_dir():
+                return "not a folder"
+            other = [p.name for p in path.iterdir() if not (p.is_file() and p.name.startswith("events.out.tfevents.")
+                                                            and p.name.endswith(TB_SUFFIX))]
+            return f"holds {other[0]!r}, not an event file of train.finetune's (*{TB_SUFFIX})" if other else None
+        if not path.is_file():
+            return "not a file"
+        if path.name == STATE_FILE:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return None if isinstance(state, dict) and state.get("format") == STATE_FORMAT else \
+                "not a train state of train.finetune's"
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        if path.name == LOG_FILE:
+            return None if head.split(b"\r\n", 1)[0] == ",".join(LOG_COLUMNS).encode() else \
+                "its first line is not train.finetune's header"
+        if path.name == PLOT_FILE:
+            return None if b"tEXtSoftware\0" + PLOT_TAG.encode() in head else "not a plot of train.finetune's"
+        with safe_open(path, framework="pt") as f:  # adapter.safetensors, adapter-epochN.safetensors
+            return None if (f.metadata() or {}).get("format") == ADAPTER_FORMAT else "not an adapter file of ours"
+    except Exception as e:  # unreadable, or not of the format its name says: not ours
+        return f"cannot be read as one ({type(e).__name__})"
+
+
+def earlier_outputs(out: Path) -> tuple[list[Path], list[str], list[Path]]:
+    """What out holds under the names a run writes: (the files of an earlier run, recognised by their content;
+    "name (why not)" for those that are not ours; temporary .NAME.*.tmp files a killed run left)."""
     if not out.is_dir():
-        return []
-    found = [out / n for n in (ADAPTER_FILE, STATE_FILE, LOG_FILE, PLOT_FILE, TB_DIR) if (out / n).exists()]
-    return found + sorted(out.glob(EPOCH_ADAPTER.format("*")))
+        return [], [], []
+    named = [out / n for n in (ADAPTER_FILE, STATE_FILE, LOG_FILE, PLOT_FILE, TB_DIR) if (out / n).exists()]
+    named += sorted(out.glob(EPOCH_ADAPTER.format("*")))
+    ours, foreign = [], []
+    for path in named:
+        why = _own_file(path)
+        ours.append(path) if why is None else foreign.append(f"{path.name} ({why})")
+    return ours, foreign, sorted(p for p in out.iterdir() if _TEMP_RE.fullmatch(p.name))
 
 
 def check_outputs(config: FinetuneConfig) -> list[Path]:
-    """Refuse an out folder holding an earlier run's results without --resume / --overwrite; returns them."""
+    """Refuse an out folder this process cannot write, one holding files of the run's names that it did not write,
+    or one holding an earlier run's results without --resume / --overwrite. Returns what the run deletes: the
+    earlier results (--overwrite) and temporary files a killed run left (--overwrite, --resume)."""
     if config.out.exists() and not config.out.is_dir():
         raise UsageError(f"--out {config.out} is a file; give a folder")
-    found = earlier_outputs(config.out)
+    folder = config.out  # the folder, or the one it would be made in
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"--out {config.out}: {folder} is a file, so the folder cannot be made")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {config.out}: {folder} is not writable by this process")
+    ours, foreign, temps = earlier_outputs(config.out)
+    if foreign:
+        raise FileExistsError(f"{config.out} holds files of the names {PROG} writes that it did not write: "
+                              f"{'; '.join(foreign)}. They are never deleted or written over: move them away, or "
+                              "choose another --out")
     if config.resume and not (config.out / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume: {config.out / STATE_FILE} not found, so there is no run to continue "
                                 "(start without --resume)")
+    found = ours + temps
     if found and not (config.resume or config.overwrite):
         names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
         raise FileExistsError(f"{config.out} holds the results of an earlier run ({names}); pass --resume to "
                               "continue it, or --overwrite to delete them and start again")
-    return found
+    return temps if config.resume else found
 
 
 def _json_config(config: FinetuneConfig) -> dict:
@@ -550,8 +662,34 @@ def _json_config(config: FinetuneConfig) -> dict:
     return json.loads(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}))
 
 
-def load_state(config: FinetuneConfig, resolved: dict) -> dict:
-    """OUT/train_state.pt, checked against this run's resolved settings."""
+def _file_digest(path: Path) -> dict:
+    """{"bytes": size, "sha256": hex digest} of a file, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 20):
+            digest.update(piece)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def input_digests(config: FinetuneConfig) -> dict[str, dict]:
+    """Size and sha256 of what the run's examples are made of: the data file, the tokenizer file (and the
+    tokenizer_config.json that gives a tokenizer.json its special tokens). Kept in the train state: --resume
+    refuses to go on with other data."""
+    tokenizer = Tokenizer.find(config.tokenizer or config.checkpoint)
+    files = {"data file": config.data, "tokenizer": tokenizer}
+    if tokenizer.suffix == ".json" and (tokenizer.parent / "tokenizer_config.json").is_file():
+        files["tokenizer_config.json"] = tokenizer.parent / "tokenizer_config.json"
+    return {name: {"file": str(path), **_file_digest(path)} for name, path in files.items()}
+
+
+# the train state's entries, and their types; loaded from an untrusted file, each is checked before it is used
+_STATE_ENTRIES = {"config": str, "epoch": int, "step": int, "global_step": int, "elapsed": float, "adapter": dict,
+                  "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": dict}
+
+
+def load_state(config: FinetuneConfig, resolved: dict, inputs: dict[str, dict],
+               say: Callable[[str], None] = print) -> dict:
+    """OUT/train_state.pt, checked against this run's resolved settings and input_digests."""
     path = config.out / STATE_FILE
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -559,12 +697,40 @@ def load_state(config: FinetuneConfig, resolved: dict) -> dict:
         raise CheckpointError(f"{path}: cannot be loaded with weights_only=True ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: not a training state written by {PROG}")
-    saved = json.loads(state["config"])
+    for key, kind in _STATE_ENTRIES.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool) or \
+                (kind is int and state[key] < 0):
+            raise CheckpointError(f"{path}: its {key!r} must be {'an int >= 0' if kind is int else kind.__name__}, got "
+                                  f"{type(state.get(key)).__name__}")
+    try:
+        saved = json.loads(state["config"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its 'config' is not JSON ({e})") from None
     changed = [f"{_flag(k)} {saved.get(k)!r} -> {v!r}" for k, v in resolved.items()
                if k not in RESUMABLE_CHANGES and saved.get(k) != v]
     if changed:
         raise UsageError(f"--resume: these settings differ from the run in {config.out}: {'; '.join(changed)}. "
                          "Resume with the same settings, or start again with --overwrite")
+    saved_inputs = state.get("inputs")
+    if saved_inputs is None:  # written before the digests were kept
+        say(f"warning: {path} does not record the data's digests (an older version wrote it): resuming on the "
+            "assumption that the data file and the tokenizer have not changed")
+    elif not isinstance(saved_inputs, dict):
+        raise CheckpointError(f"{path}: its 'inputs' must be a dict, got {type(saved_inputs).__name__}")
+    else:
+        def text(entry: object) -> str:
+            if entry is None:
+                return "none"
+            if isinstance(entry, dict) and isinstance(entry.get("sha256"), str):
+                return f"{entry.get('bytes')} bytes, sha256 {entry['sha256'][:12]}..."
+            return repr(entry)
+
+        changed = [f"the {name} {inputs[name]['file'] if name in inputs else ''}: {text(saved_inputs.get(name))} -> "
+                   f"{text(inputs.get(name))}" for name in sorted(inputs.keys() | saved_inputs.keys())
+                   if saved_inputs.get(name) != inputs.get(name)]
+        if changed:
+            raise UsageError(f"--resume: the data differs from the run in {config.out}: {'; '.join(changed)}. "
+                             "Resume with the data it started with, or start again with --overwrite")
     return state
 
 
@@ -575,7 +741,9 @@ class RunLog:
         self.path = out / LOG_FILE
         if resume_step is not None and self.path.exists():  # drop the rows after the saved step: they are redone
             with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+                # (a row cut short by a full disk or a kill has missing fields: it goes too)
+                rows = [r for r in csv.DictReader(f) if None not in r and None not in r.values()
+                        and r["step"].isdigit() and int(r["step"]) <= resume_step]
             text = io.StringIO()
             writer = csv.DictWriter(text, LOG_COLUMNS)
             writer.writeheader()
@@ -592,11 +760,15 @@ class RunLog:
             except ImportError:  # tensorboard is optional
                 pass
             else:
-                self.tb = SummaryWriter(str(out / TB_DIR), purge_step=None if resume_step is None else resume_step + 1)
+                self.tb = SummaryWriter(str(out / TB_DIR), purge_step=None if resume_step is None else resume_step + 1,
+                                        filename_suffix=TB_SUFFIX)
 
     def write(self, **row: Any) -> None:
-        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        self.file.flush()
+        try:
+            self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            self.file.flush()
+        except OSError as e:  # a full disk: name the file (the rows after the last saved step are redone on resume)
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
         if self.tb is not None:
             for key in ("loss", "lr", "grad_norm", "tokens_per_s", "memory_gib"):
                 if row.get(key) is not None:
@@ -629,7 +801,7 @@ def plot_losses(log_path: Path, png_path: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", metadata={"Software": PLOT_TAG})  # how --overwrite knows it
     return write_atomic(png_path, buf.getvalue(), overwrite=True)
 
 
@@ -652,11 +824,14 @@ def _resolve_dtype(config: FinetuneConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_data(config: FinetuneConfig, max_seq_len: int, say: Callable[[str], None] = print
-              ) -> tuple[TokenizedDataset, TokenizedDataset | None, dict[int, str]]:
+def load_data(config: FinetuneConfig, max_seq_len: int, say: Callable[[str], None] = print, *,
+              vocab_size: int | None = None) -> tuple[TokenizedDataset, TokenizedDataset | None, dict[int, str]]:
     """(train, eval or None, images): the records of config.data, tokenized and split as run() does
-    (source_index: record indices), and the image of each record that has one (index -> file as written)."""
+    (source_index: record indices), and the image of each record that has one (index -> file as written).
+    vocab_size: the model's; a tokenizer with more tokens is refused before the data is read."""
     tokenizer = Tokenizer(config.tokenizer or config.checkpoint)
+    if vocab_size is not None:
+        tokenizer.check_vocab(vocab_size)
     records, load_report = load_records(config.data, on_bad_record=config.on_bad_record)
     data, tok_report = tokenize_records(records, tokenizer, max_seq_len=max_seq_len)
     say(f"data: {load_report.summary()}")
@@ -666,7 +841,11 @@ def load_data(config: FinetuneConfig, max_seq_len: int, say: Callable[[str], Non
     eval_size = int(config.eval_size) if config.eval_size >= 1 else config.eval_size
     if eval_size == 0:
         return data, None, images
-    train, held_out = split_eval(data, eval_size, seed=config.seed)
+    try:
+        train, held_out = split_eval(data, eval_size, seed=config.seed)
+    except ValueError:  # eval_size is checked in FinetuneConfig: all that can be wrong is the count
+        raise UsageError(f"--eval-size {config.eval_size:g} leaves none of the {len(data)} examples to train on") \
+            from None
     return train, held_out, images
 
 
@@ -683,6 +862,11 @@ def run(config: FinetuneConfig) -> RunResult:
     d = setup_distributed(config.device)
     try:
         return _run(config, d, started)
+    except BaseException as e:
+        if d.world_size > 1:  # the error's frames hold the model, and DDP the process group: let them go before it
+            traceback.clear_frames(e.__traceback__)
+            gc.collect()
+        raise
     finally:
         if d.owns_group:
             dist.destroy_process_group()
@@ -694,7 +878,7 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
             tqdm.write(message, file=sys.stdout)
 
     # -- check everything before anything is written
-    model_config = load_config(config.checkpoint)
+    model_config = load_config(config.checkpoint, allow_external_files=config.allow_external_files)
     if config.adapter_layers > model_config.n_layers:
         raise UsageError(f"--adapter-layers {config.adapter_layers} exceeds the model's {model_config.n_layers} "
                          "layers")
@@ -715,9 +899,10 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
         config, micro_batches_per_step=mbs, dtype=str(dtype).removeprefix("torch."),
         **{k: getattr(config, k).resolve() for k in ("checkpoint", "data", "tokenizer", "clip", "image_root")
            if getattr(config, k) is not None}))
-    earlier = d.on_main(lambda: check_outputs(config))
-    state = d.on_main(lambda: load_state(config, resolved)) if config.resume else None
-    train_data, eval_data, images = load_data(config, max_seq_len, say)
+    deleted = d.on_main(lambda: check_outputs(config))
+    inputs = d.on_main(lambda: input_digests(config))
+    state = d.on_main(lambda: load_state(config, resolved, inputs, say)) if config.resume else None
+    train_data, eval_data, images = load_data(config, max_seq_len, say, vocab_size=model_config.vocab_size)
     if images and config.clip is None:
         raise UsageError(f"{len(images)} record(s) of {config.data} have an \"image\": pass --clip (a local CLIP "
                          "model folder) for multi-modal fine-tuning, or remove their images for a text-only adapter")
@@ -759,6 +944,9 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
         batch_text = (f"packed, up to {config.token_budget} tokens per micro-batch x {mbs} micro-batches per step "
                       f"(no padding)")
     lr = config.lr if config.lr is not None else config.blr * effective / 256
+    if lr / (1 - config.beta1) > torch.finfo(torch.float32).max:  # AdamW's first update would overflow
+        raise UsageError(f"--lr {lr:g}{'' if config.lr is not None else ' (from --blr)'} is too large: AdamW's first "
+                         "step, lr / (1 - beta1), overflows float32")
     warmup_epochs = 0.4 * config.epochs if config.warmup_epochs is None else config.warmup_epochs
     warmup_steps = round(warmup_epochs / config.epochs * total_steps)
     min_ratio = min(1.0, config.min_lr / lr)
@@ -788,39 +976,68 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
         if set(state["adapter"]) != names:
             raise CheckpointError(f"{config.out / STATE_FILE}: holds adapter tensors "
                                   f"{sorted(state['adapter'])[:2]}..., the model has {sorted(names)[:2]}...")
-        options = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(model, state["adapter"], options=options)
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if d.device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], d.device)
         epoch, start_step, global_step, elapsed = state["epoch"], state["step"], state["global_step"], state["elapsed"]
+        if epoch > config.epochs or start_step > (steps_per_epoch + [0])[epoch]:
+            raise CheckpointError(f"{config.out / STATE_FILE}: its position, step {start_step} of epoch {epoch + 1}, "
+                                  f"lies beyond this run's {config.epochs} epochs of {steps_per_epoch} steps")
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        try:
+            set_model_state_dict(model, state["adapter"], options=options)
+            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"]["cpu"])
+            if d.device.type == "cuda" and state["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], d.device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a damaged or foreign state
+            raise CheckpointError(f"{config.out / STATE_FILE}: cannot be restored ({type(e).__name__}: {e})") from None
         say(f"resuming {config.out} at epoch {epoch + 1}, step {start_step} of it ({global_step} of {total_steps} "
             "steps done)")
-    elif d.main:
-        for path in earlier:  # --overwrite (check_outputs refused them otherwise)
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        if earlier:
-            say(f"--overwrite: deleted {len(earlier)} file(s) of an earlier run in {config.out}")
-    log = RunLog(config.out, resume_step=global_step if state is not None else None,
-                 tensorboard=config.tensorboard) if d.main else None
+    if d.main and deleted:  # --overwrite: an earlier run's files; --resume, --overwrite: a killed run's temporaries
+        for path in deleted:
+            if path.is_dir():  # tensorboard/, holding our event files only
+                for events in path.iterdir():
+                    events.unlink()
+            path.rmdir() if path.is_dir() else path.unlink()
+        say(f"{'--resume' if state is not None else '--overwrite'}: deleted {', '.join(p.name for p in deleted)}")
+    saved_step = global_step if state is not None else None  # of the train state in OUT
+
+    def kept() -> str:
+        return f"the last saved state, {config.out / STATE_FILE} of step {saved_step}, and the adapters written " \
+            "before it are intact" if saved_step is not None else "no train state was saved yet"
+
+    def diverged(what: str) -> TrainingDiverged:
+        return TrainingDiverged(f"training diverged: {what}. Nothing of it was saved: {kept()}. A smaller --lr or "
+                                "--blr may help")
+
+    def write_failed(e: OSError) -> OutputError:
+        goes_on = "--resume goes on from there" if saved_step is not None else "start again with --overwrite"
+        return OutputError(f"cannot write {e.filename or config.out}: {e.strerror or e}; {kept()}: {goes_on}")
+
+    def finite_adapter() -> dict[str, torch.Tensor]:  # on every rank: FSDP gathers
+        """adapter_tensors(model), which must be finite: a NaN or Inf is never saved."""
+        adapter = adapter_tensors(model)
+        bad = next((k for k, t in adapter.items() if not torch.isfinite(t).all()), None)
+        if bad is not None:
+            raise diverged(f"after step {global_step} (epoch {epoch + 1}) the adapter's {bad!r} holds NaN or Inf")
+        return adapter
 
     def save_state(next_epoch: int, next_step: int) -> None:  # on every rank: FSDP gathers
-        adapter = adapter_tensors(model)
+        nonlocal saved_step
+        adapter = finite_adapter()
         optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                     cpu_offload=True))
         if d.main:
             rng = {"cpu": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None}
-            blob = {"format": STATE_FORMAT, "version": 1, "config": json.dumps(resolved), "epoch": next_epoch,
-                    "step": next_step, "global_step": global_step, "elapsed": elapsed, "adapter": adapter,
-                    "optimizer": optim, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "rng": rng}
+            blob = {"format": STATE_FORMAT, "version": 1, "config": json.dumps(resolved), "inputs": inputs,
+                    "epoch": next_epoch, "step": next_step, "global_step": global_step, "elapsed": elapsed,
+                    "adapter": adapter, "optimizer": optim, "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "rng": rng}
             buffer = io.BytesIO()
             torch.save(blob, buffer)
             write_atomic(config.out / STATE_FILE, buffer.getvalue(), overwrite=True)
+        saved_step = global_step
 
     # -- train
     params = [p for p in model.parameters() if p.requires_grad]
@@ -829,7 +1046,10 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
     loss = eval_loss = None
     tokens_done, seconds_done = 0, 0.0
     stopped = False
+    log = None
     try:
+        log = RunLog(config.out, resume_step=global_step if state is not None else None,
+                     tensorboard=config.tensorboard) if d.main else None
         while epoch < config.epochs and not stopped:
             for step in loader.iter_epoch(epoch, start_step):
                 t0 = time.perf_counter()
@@ -850,12 +1070,21 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad or float("inf"))
                 grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                # the step's one host sync: its loss (all ranks) and gradient norm, checked before the step is applied
+                # (the same on every rank: all stop together). With fp16 loss scaling a non-finite gradient is the
+                # scaler's: it skips the step and lowers its scale.
+                loss, grad_norm = torch.stack([d.sum(loss_sum), grad_norm.float()]).tolist()
+                loss /= step.num_targets
+                if not math.isfinite(loss) or not (math.isfinite(grad_norm) or scaler.is_enabled()):
+                    what = f"the loss is {loss}" if not math.isfinite(loss) else \
+                        f"the gradient norm is {grad_norm} (the loss {loss:.4g})"
+                    raise diverged(f"at step {global_step + 1} (epoch {epoch + 1}) {what}, so the step was not "
+                                   "applied")
                 step_lr = optimizer.param_groups[0]["lr"]
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                loss = float(d.sum(loss_sum)) / step.num_targets
                 step_s = time.perf_counter() - t0
                 elapsed += step_s
                 global_step += 1
@@ -864,7 +1093,7 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
                 mem = memory_gib(d.device)
                 if d.main:
                     log.write(step=global_step, epoch=epoch + 1, split="train", loss=loss, lr=step_lr,
-                              grad_norm=float(grad_norm), examples=step.num_examples, tokens=step.num_real_tokens,
+                              grad_norm=grad_norm, examples=step.num_examples, tokens=step.num_real_tokens,
                               tokens_computed=step.num_tokens, tokens_per_s=tokens_per_s, step_s=step_s,
                               elapsed_s=elapsed, memory_gib=mem)
                     bar.update()
@@ -883,24 +1112,28 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
                     log.write(step=global_step, epoch=epoch + 1, split="eval", loss=eval_loss, elapsed_s=elapsed)
                 say(f"epoch {epoch + 1}/{config.epochs}: train loss {loss if loss is not None else float('nan'):.4f} "
                     f"(last step), eval loss {eval_loss:.4f}")
-            adapter = adapter_tensors(model)
+            adapter = finite_adapter()
             if d.main:
                 save_adapter(model, config.out / EPOCH_ADAPTER.format(epoch + 1), overwrite=True, state=adapter)
             epoch, start_step = epoch + 1, 0
             save_state(epoch, 0)
+
+        adapter = finite_adapter()
+        if d.main:
+            written = [config.out / STATE_FILE, config.out / LOG_FILE]
+            if not stopped:
+                written.insert(0, save_adapter(model, config.out / ADAPTER_FILE, overwrite=True, state=adapter))
+            written.append(plot_losses(config.out / LOG_FILE, config.out / PLOT_FILE))
+            if log.tb is not None:
+                written.append(config.out / TB_DIR)
+    except OSError as e:  # all the run reads was read before: this is a write, of rank 0
+        raise write_failed(e) from e
     finally:
         bar.close()
         if log is not None:
             log.close()
 
-    adapter = adapter_tensors(model)
     if d.main:
-        written = [config.out / STATE_FILE, config.out / LOG_FILE]
-        if not stopped:
-            written.insert(0, save_adapter(model, config.out / ADAPTER_FILE, overwrite=True, state=adapter))
-        written.append(plot_losses(config.out / LOG_FILE, config.out / PLOT_FILE))
-        if log.tb is not None:
-            written.append(config.out / TB_DIR)
         rate = f" ({tokens_done / seconds_done:,.0f} real tokens/s)" if seconds_done else ""
         done = f"stopped after step {global_step} of {total_steps} (--stop-after-steps; --resume goes on)" \
             if stopped else f"done: {global_step} steps"
@@ -917,9 +1150,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         run(config)
     except UsageError as e:
-        build_parser(FinetuneConfig, prog=PROG, description=description).error(str(e))
-    except (DataError, CheckpointError, FileExistsError, FileNotFoundError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        build_parser(FinetuneConfig, prog=PROG, description=description).error(cli_message(e))
+    except (DataError, CheckpointError, OSError, TrainingDiverged) as e:  # unusable files, failed writes, NaN
+        print(f"{PROG}: error: {cli_message(e)}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -5,8 +5,10 @@
         --pid-splits ScienceQA/data/scienceqa/pid_splits.json --images ScienceQA/data/scienceqa/images \\
         --split train --out sqa/train.json
     python -m train.scienceqa convert ... --split test --out sqa/test.json
-    # 2. a multi-modal adapter (the image paths in the records are relative to sqa/, the default --image-root)
-    python -m train.finetune --checkpoint llama-7b/ --data sqa/train.json --out runs/sqa-7b --clip clip-vit-l-14/
+    # 2. a multi-modal adapter (the image paths in the records are relative to sqa/, the default --image-root; they
+    #    lead out of it, to the dataset's images/, which train.finetune reads only with --allow-external-files)
+    python -m train.finetune --checkpoint llama-7b/ --data sqa/train.json --out runs/sqa-7b --clip clip-vit-l-14/ \\
+        --allow-external-files
     # 3. accuracy on the test split, by the dataset's categories
     python -m train.scienceqa evaluate --checkpoint llama-7b/ --adapter runs/sqa-7b/adapter.safetensors \\
         --clip clip-vit-l-14/ --data sqa/test.json --out runs/sqa-7b/test-predictions.jsonl
@@ -311,8 +313,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             out, n, with_image = convert(args.problems, args.split, args.images, args.out,
                                          pid_splits_file=args.pid_splits, explain=args.explain,
                                          overwrite=args.overwrite)
+            outside = not args.images.resolve().is_relative_to(out.parent.resolve())
             print(f"wrote {n} records ({with_image} with an image) to {out}; their image paths start at "
-                  f"{out.parent} (train.finetune's default --image-root for it)")
+                  f"{out.parent} (train.finetune's default --image-root for it)"
+                  + ("; they lead out of it, to --images: train.finetune reads them only with "
+                     "--allow-external-files" if outside and with_image else ""))
         else:
             try:
                 eval_args = EvalArgs(**{k: v for k, v in vars(args).items() if k != "command"})

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from model_utils import set_adapter_
 from PIL import Image
 from test_visual import WIDTH, checkpoint, clip  # noqa: F401  (fixtures)
@@ -148,6 +149,22 @@ def test_evaluate_a_multimodal_adapter(sqa, checkpoint, clip, tmp_path, capsys):
     assert main_exit(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--out",
                       str(tmp_path / "y.jsonl"), "--batch-size", "0"]) == 2
     assert "--batch-size must be an integer >= 1" in capsys.readouterr().err
+
+    # files that cannot be used: one line naming them, exit status 1, no traceback
+    (tmp_path / "junk.safetensors").write_bytes(b"not an adapter")
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{ not json")
+    base = ["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(tmp_path / "z.jsonl"),
+            "--device", "cpu"]
+    for extra, named in ((["--adapter", str(tmp_path / "junk.safetensors")], "junk.safetensors"),
+                         (["--adapter", str(tmp_path / "missing.safetensors")], "missing.safetensors"),
+                         (["--tokenizer", str(tmp_path / "tok")], "tokenizer.json")):
+        assert main_exit([*base, *extra]) == 1, extra
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    if not torch.cuda.is_available():
+        assert main_exit([*base[:-2], "--device", "cuda"]) == 2
+        assert "--device cuda: no CUDA GPU is available" in capsys.readouterr().err
 
 
 def test_convert_says_when_train_finetune_needs_allow_external_files(sqa, tmp_path, capsys):

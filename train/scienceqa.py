@@ -203,6 +203,12 @@ class EvalArgs:
         for name in ("checkpoint", "data", "out", "adapter", "clip", "tokenizer"):
             if getattr(self, name) is not None:
                 setattr(self, name, Path(getattr(self, name)))
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device != "cpu":
+            from model.cli import check_cuda_device
+
+            check_cuda_device(self.device)
 
 
 def _load_eval_records(file: Path) -> list[dict]:
@@ -292,7 +298,8 @@ def format_table(summary: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from model.cli import build_parser
+    from model.checkpoint import CheckpointError
+    from model.cli import build_parser, cli_message
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -326,8 +333,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             summary = evaluate(eval_args)
             print(format_table(summary))
             print(f"predictions: {args.out}; summary: {args.out}.summary.json")
-    except (ScienceQAError, FileExistsError, FileNotFoundError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+    except (ScienceQAError, CheckpointError, OSError) as e:  # a file that cannot be used: one line, no traceback
+        print(f"{PROG}: error: {cli_message(e)}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -11,10 +11,13 @@
 from .adapter import (
     AdapterAttention,
     AdapterConfig,
+    BiasScaleLinear,
+    adapter_groups,
     adapter_layers,
     adapter_state_dict,
     cast_base,
     mark_only_adapter_as_trainable,
+    reset_adapter,
 )
 from .checkpoint import (
     CheckpointError,
@@ -33,9 +36,9 @@ from .tokenizer import Tokenizer
 from .visual import CLIPImageEncoder, VisualProjector
 
 __all__ = [
-    "ATTENTION_IMPLS", "PRESETS", "AdapterAttention", "AdapterConfig", "CLIPImageEncoder", "CheckpointError", "LLaMA",
-    "LLaMAConfig", "RopeScaling", "Tokenizer", "VisualProjector", "adapter_layers", "adapter_state_dict",
-    "alpaca_prompt", "cast_base", "checkpoint_format", "load_adapter", "load_checkpoint", "load_config",
-    "mark_only_adapter_as_trainable", "read_adapter_config", "save_adapter", "save_checkpoint", "set_attention_impl",
-    "write_atomic",
+    "ATTENTION_IMPLS", "PRESETS", "AdapterAttention", "AdapterConfig", "BiasScaleLinear", "CLIPImageEncoder",
+    "CheckpointError", "LLaMA", "LLaMAConfig", "RopeScaling", "Tokenizer", "VisualProjector", "adapter_groups",
+    "adapter_layers", "adapter_state_dict", "alpaca_prompt", "cast_base", "checkpoint_format", "load_adapter",
+    "load_checkpoint", "load_config", "mark_only_adapter_as_trainable", "read_adapter_config", "reset_adapter",
+    "save_adapter", "save_checkpoint", "set_attention_impl", "write_atomic",
 ]

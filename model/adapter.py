@@ -59,7 +59,7 @@ where they are used; the raw gate goes to the op, which applies act in fp32), ad
     visual_proj.*                                                              multi-modal (model/visual.py)
 7B, V1 (30 layers of 10 prompts, a gate per head): 30 * (10 * 4096 + 32) = 1,229,760 parameters; V2 adds
 32 * (2 * 42,496 + 2 * 4096) + 4096 = 2,985,984 (biases and output scales of the seven linears, the norms):
-4,215,744 (input scales: 35,584 instead of 42,496 per layer, 3,984,640 in all).
+4,215,744 (input scales: 35,584 instead of 42,496 per layer, 3,994,560 in all).
 
 A left-padded batch (batched generation) goes through the op in one call: its leftpad_k masks each row's pad
 keys. With a KV cache the prompt keys/values are computed at input_pos 0 and reused until the cache is set up

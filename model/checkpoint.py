@@ -788,6 +788,10 @@ def _parse_litgpt(file: Path, tensors: dict[str, torch.Tensor]) -> _AdapterFile:
                               "adapter_bias / adapter_scale of its layers")
     config = AdapterConfig(adapter_len=adapter_len, adapter_layers=len(prompt_layers), gate="head",
                            gate_act="identity", **config_fields)
+    logger.warning("%s: litgpt's adapter code (since its QKV layout change, PR #1013; seen in v0.5.13) takes the "
+                   "adaption prompt's keys and values from other rows of its fused qkv output than the key and value "
+                   "projections; this import uses the key and value projections (the paper's, the official code's and "
+                   "litgpt's before that change), so the model may differ from what litgpt computes", file)
     return _AdapterFile(f"litgpt adapter{'_v2' if v2 else ''}", file, config, prompt_layers,
                         max(by_layer) + 1 if v2 else None, prompts, gates, None, extra)
 

@@ -180,6 +180,18 @@ class CLIPImageEncoder:
             self.layers = _normalise_layers(default_clip_layers(self.depth) if layers is None else layers, self.depth)
             self.feature_dim = len(self.layers) * self.model.config.hidden_size
 
+    @classmethod
+    def for_adapter(cls, path: str | os.PathLike, adapter, *, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> CLIPImageEncoder:
+        """The encoder of the features a multi-modal AdapterConfig was trained on (its clip_layers, or CLIP's tokens
+        for the "query" projector); ValueError when path's CLIP gives features of another width."""
+        tokens = adapter.projector == "query"
+        encoder = cls(path, layers=None if tokens else adapter.clip_layers, device=device, dtype=dtype, tokens=tokens)
+        if encoder.feature_dim != adapter.visual_dim:
+            raise ValueError(f"{path} gives {encoder.feature_dim} features per image{' token' if tokens else ''}, the "
+                             f"adapter was trained on {adapter.visual_dim}: not the CLIP model it was trained with")
+        return encoder
+
     @torch.no_grad()
     def encode(self, images: Sequence) -> torch.Tensor:
         """PIL images (any mode; converted to RGB) -> (len(images), feature_dim) fp32 features, or (len(images),

@@ -24,12 +24,18 @@ save_checkpoint(model, folder) writes a base model in the Hugging Face format (c
 model.safetensors, q/k rows permuted back to HF's layout), which both load_checkpoint and transformers read.
 Every file this module writes goes through write_atomic: a temporary name in the same folder, renamed
 into place, and never over an existing file unless asked (overwrite=True).
+With a V2 adapter the linears are wrapped (model/adapter.py's BiasScaleLinear): their weights, e.g.
+layers.0.attention.wq.linear.weight, load and save under the checkpoint's names (adapter.base_name), and the
+norms the adapter trains load in fp32.
 
 Adapters, load_adapter(model, path), the format detected by the file's keys:
-1. Ours (save_adapter): a safetensors file holding exactly the adapter's parameters,
-       layers.N.attention.adapter_prompt  (adapter_len, dim)   fp32
-       layers.N.attention.gate            (n_heads,) or (1,)   fp32
-       visual_proj.fc1.weight / .bias, visual_proj.fc2.weight / .bias   (multi-modal adapters only)
+1. Ours (save_adapter): a safetensors file holding exactly the adapter's parameters (adapter_state_dict), fp32,
+       layers.N.attention.adapter_prompt  (adapter_len, dim)
+       layers.N.attention.gate            (n_heads,) or (1,)
+       layers.N.attention.visual_gate     (n_heads,) or (1,)        (V2 early fusion, the first layers)
+       layers.N.attention.wq.bias / .scale, ..., layers.N.feed_forward.w3.bias / .scale, the norms'
+           layers.N.attention_norm.weight, layers.N.ffn_norm.weight, norm.weight; output.bias / .scale  (V2)
+       visual_proj.*                                                 (multi-modal adapters only)
    with metadata "format" = "llama-adapter-triton", "format_version" = "1", "adapter_config"
    (the AdapterConfig as JSON) and "model" (dim, n_layers, n_heads, n_kv_heads as JSON, checked
    against the model on load). Written to a temporary file in the same folder, then renamed into
@@ -51,6 +57,29 @@ Adapters, load_adapter(model, path), the format detected by the file's keys:
    (PEFT multiplies by the raw gate). PEFT's prompt keys come from HF's permuted k_proj and
    meet HF's permuted queries: the same permutation on both sides of every dot product, so the
    prompts are used as they are.
+4. The official LLaMA-Adapter V2 multi-modal release (BIAS-7B, CAPTION-7B: llama_adapter_v2_multimodal7b's
+   extract_adapter_from_checkpoint.py writes {"model": tensors, "config": {"w_bias", "w_lora", "lora_rank"}}):
+   adapter_query.weight (query_layer * query_len, dim), the prompts of the top query_layer layers;
+   visual_query.weight (query_len, width); llama.layers.N.attention.gate (1, n_heads, 1, 1),
+   llama.layers.N.{attention.wq, attention.wo, feed_forward.w1, w2, w3}.bias and the norms
+   llama.layers.N.{attention_norm, ffn_norm}.weight in every layer, llama.norm.weight; the visual side
+   clip_proj, clip_proj_norm, visual_blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2},
+   visual_proj, visual_proj_norm (weights and biases). Imported as version=2, gate "head" with tanh (the V2
+   code's, training and inference alike), projector="query" (model/visual.py's QueryProjector, its 16 heads
+   the release's: the file does not tell them), the query_len visual queries added to every prompt; wk / wv
+   get zero biases and every linear unit scales (the release has none: the same model). LoRA files
+   (LORA-BIAS-7B: lora_* tensors, new_gate) are refused.
+5. litgpt's adapter (lit_model.pth.adapter) and adapter_v2 (lit_model.pth.adapter_v2) files ({"model": ...}
+   of its adapter_filter): transformer.h.N.attn.adapter_wte.weight (adapter_len, n_embd) and
+   .attn.gating_factor (1, 1, n_head, 1) (an older (1, n_head, 1, 1) too) in the adapted layers; adapter_v2 adds
+   in every layer AdapterV2Linear's adapter_bias / adapter_scale (output scales) of attn.qkv (q, k and v
+   concatenated: split into wq, wk, wv, the q and k parts taken from HF's rotate-half row order back to Meta's
+   rows), attn.proj (wo), mlp.fc_1 (w1), mlp.fc_2 (w3), mlp.proj (w2), the norms norm_1, norm_2 and
+   transformer.ln_f, and lm_head's (output_bias_scale=True). gate="head", gate_act="identity" (litgpt
+   multiplies by the raw gating factor). The prompt's keys and values go through the key and value
+   projections, as in the paper and litgpt before its QKV layout change (PR #1013): litgpt's code since
+   then (v0.5.13 checked) takes them from other rows of its qkv output, so its own logits differ; the import
+   says so in a warning.
 A mismatch (another model size, missing or unexpected tensors, another gate mode or gate_act), bad
 metadata, or a tensor that is not floating point or holds NaN / Inf raises CheckpointError naming the
 file and the tensor or setting; save_adapter never writes a file that load_adapter would refuse.

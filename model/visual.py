@@ -25,6 +25,10 @@ I_p is added to every prompt P_l of every adapted layer, so the prompt keys and 
   generation extracts the same features the adapter was trained on.
 - The encoder is frozen: training computes every image's features once before the first step
   (train/finetune.py --clip), and only the projector and the adapter are trained.
+- LLaMA-Adapter V2 (model/adapter.py): the projector may make several tokens per image (visual_len), which with
+  early fusion are the prompts of the first layers instead of being added to the adaption prompts.
+  QueryProjector is the official V2 release's projection (learned queries through ViT blocks over every CLIP
+  token, CLIPImageEncoder(tokens=True)), built to import that release; train.finetune trains the MLP one.
 """
 
 from __future__ import annotations

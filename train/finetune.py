@@ -15,10 +15,21 @@ several processes (DDP / FSDP2).
     python -m train.finetune --checkpoint llama-7b/ --data alpaca_data.json --out runs/alpaca-7b --resume
     # multi-modal: records with an "image" file, a local CLIP model (model/visual.py)
     python -m train.finetune --checkpoint llama-7b/ --data sqa.json --out runs/sqa-7b --clip clip-vit-large-patch14/
+    # LLaMA-Adapter V2: biases, scales and norms trained too (the official code's 31 layers of prompts, its blr)
+    python -m train.finetune --checkpoint llama-7b/ --data alpaca_data.json --out runs/v2-7b --adapter-version 2 \\
+        --adapter-layers 31 --blr 1e-3 --weight-decay 0.05
+    # V2, multi-modal: early fusion, and the paper's joint training on image-text pairs mixed with instructions
+    python -m train.finetune --checkpoint llama-7b/ --data captions_and_alpaca.json --out runs/v2-mm \\
+        --adapter-version 2 --adapter-layers 31 --clip clip-vit-large-patch14/ --joint-training
 
 The model: load_checkpoint (Meta or HF) with a fresh adapter (prompts N(0, 1), gates 0: the model
 starts as the base) in its top --adapter-layers layers; the base is frozen and cast to --dtype
 (bf16 on a GPU, fp32 on a CPU; fp16 uses loss scaling, torch.amp.GradScaler), the adapter stays fp32.
+--adapter-version 2 (LLaMA-Adapter V2, model/adapter.py) also trains a bias (zero-init) and a scale (one-init) of
+every linear layer of every layer, y = s * (W x + b) (--v2-scale output, the paper's and litgpt's) or
+y = W (s * x) + b (--v2-scale input, the official V2 code's), the output layer's too with --v2-output-layer
+(litgpt's), and every norm (fp32): the fresh model is still the base, bit for bit; the backward then reaches
+every layer. --template chat formats the examples in the official V2 chat model's template (model/prompt.py).
 Data: train/data.py (Alpaca JSON / JSONL, bad records reported by index, loss on response tokens only),
 a seeded held-out split (--eval-size) whose loss is computed after every epoch.
 
@@ -30,6 +41,13 @@ each sequence of a batch then carries its image's features, and the model's proj
 token added to its prompts. Records without an image get no visual token. A missing or unreadable image, one over
 Pillow's pixel limit (a decompression bomb), or one that leads outside --image-root ("..", an absolute path, a
 link; allowed by --allow-external-files) stops the run before anything is written, naming its record.
+With V2 the image goes in by early fusion (--fusion early, its default): the projector makes --visual-len (10)
+tokens, the prompts of the first --visual-layers (1) layers with their own zero-init gates, apart from the
+adaption prompts of the top layers (--fusion prompts adds them to those instead, as V1 and the official V2
+release do). --joint-training (the V2 paper's joint training with disjoint parameters): image records (image-text
+pairs {"image", "caption"} among them) train the projector and the early gates, text records the rest; each
+micro-batch holds one kind, its loss is divided by its kind's targets in the step, and a group none of whose
+records is in a step is not updated in it (JointTraining; with DDP, not with --fsdp).
 
 Batches (train/data.py's module docstring has the details)
 - Packed (the default): whole examples in micro-batches of at most --token-budget tokens, no padding;

@@ -90,7 +90,7 @@ V2_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "f
 _NORM_RE = re.compile(r"(layers\.\d+\.(attention|ffn)_norm|norm)\.weight")
 
 
-def _positive(owner: str, name: str, value: object, minimum: int = 1) -> None:
+def _int_at_least(owner: str, name: str, value: object, minimum: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         what = "a positive int" if minimum == 1 else f"an int >= {minimum} (0: text only)"
         raise ValueError(f"{owner}.{name} must be {what}, got {value!r}")
@@ -124,8 +124,8 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         for name in ("adapter_len", "adapter_layers", "visual_hidden", "visual_len", "visual_layers", "visual_width",
                      "visual_depth", "visual_heads"):
-            _positive("AdapterConfig", name, getattr(self, name))
-        _positive("AdapterConfig", "visual_dim", self.visual_dim, 0)
+            _int_at_least("AdapterConfig", name, getattr(self, name))
+        _int_at_least("AdapterConfig", "visual_dim", self.visual_dim, 0)
         layers = self.clip_layers
         if isinstance(layers, (str, bytes)) or not isinstance(layers, (tuple, list)) or any(
                 isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in layers):
@@ -321,18 +321,14 @@ class AdapterAttention(Attention):
         shape = (prompt.shape[0], prompt.shape[1], self.n_kv_heads, self.head_dim)
         return self.wk(prompt).view(shape), self.wv(prompt).view(shape)
 
-    def cached_prompt_kv(self, q: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompt_kv, computed once per generation with a KV cache (at input_pos 0) and reused after."""
-        cache = self.kv_cache
-        if cache is not None and cache.prompt_kv is not None and ctx.input_pos > 0:
-            return cache.prompt_kv
-        pk, pv = self.prompt_kv(ctx.visual, q.dtype)
-        if cache is not None:
-            cache.prompt_kv = (pk, pv)
-        return pk, pv
-
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        pk, pv = self.cached_prompt_kv(q, ctx)
+        cache = self.kv_cache  # with a KV cache: the prompt's keys and values of the prefill (input_pos 0), reused
+        if cache is not None and cache.prompt_kv is not None and ctx.input_pos > 0:
+            pk, pv = cache.prompt_kv
+        else:
+            pk, pv = self.prompt_kv(ctx.visual, q.dtype)
+            if cache is not None:
+                cache.prompt_kv = (pk, pv)
         return gated_attention(self, q, k, v, ctx, pk, pv, self.gate)
 
 

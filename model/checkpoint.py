@@ -641,14 +641,14 @@ _OFFICIAL_V2_VISUAL = (("clip_proj_norm.", "visual_proj.clip_proj_norm."), ("cli
 
 
 def _v2_extra(biases: dict[int, dict[str, tuple[str, torch.Tensor]]],
-              scales: dict[int, dict[str, tuple[str, torch.Tensor]]], widths: dict[str, tuple[int, int]],
+              scales: dict[int, dict[str, tuple[str, torch.Tensor]]], widths: dict[str, int],
               n_layers: int) -> dict[str, tuple[str, torch.Tensor]]:
     """Our V2 bias and (output) scale of every linear of every layer: the file's where it has them, else the fresh
     values (zero bias, unit scale: the same model). biases / scales: {layer: {our linear: (name in the file,
-    tensor)}}; widths: {our linear: (in, out)}."""
+    tensor)}}; widths: {our linear: its output's width}."""
     extra = {}
     for n in range(n_layers):
-        for linear, (_, out) in widths.items():
+        for linear, out in widths.items():
             ours = f"layers.{n}.{linear}"
             extra[f"{ours}.bias"] = biases.get(n, {}).get(linear, (f"{ours}.bias (none: zero)", torch.zeros(out)))
             extra[f"{ours}.scale"] = scales.get(n, {}).get(linear, (f"{ours}.scale (none: one)", torch.ones(out)))
@@ -706,9 +706,8 @@ def _parse_official_v2(file: Path, tensors: dict[str, torch.Tensor]) -> _Adapter
         for norm in ("attention_norm", "ffn_norm"):
             extra[f"layers.{n}.{norm}.weight"] = by_layer[n][f"{norm}.weight"]
     hidden = by_layer[0]["feed_forward.w1.bias"][1].shape[0]
-    widths = {"attention.wq": (dim, dim), "attention.wk": (dim, dim), "attention.wv": (dim, dim),
-              "attention.wo": (dim, dim), "feed_forward.w1": (dim, hidden), "feed_forward.w2": (hidden, dim),
-              "feed_forward.w3": (dim, hidden)}
+    widths = {"attention.wq": dim, "attention.wk": dim, "attention.wv": dim, "attention.wo": dim,
+              "feed_forward.w1": hidden, "feed_forward.w2": dim, "feed_forward.w3": hidden}  # MHA, as the release
     biases = {n: {linear: got[f"{linear}.bias"] for linear in _OFFICIAL_V2_BIASES} for n, got in by_layer.items()}
     extra.update(_v2_extra(biases, {}, widths, n_layers))
     clip_proj = tensors.get("clip_proj.weight")
@@ -790,9 +789,9 @@ def _parse_litgpt(file: Path, tensors: dict[str, torch.Tensor]) -> _AdapterFile:
             raise CheckpointError(f"{file}: transformer.h.0.attn.qkv.adapter_bias has {qkv_rows} rows, not "
                                   f"(n_head + 2 * n_query_groups) * head_size for {n_heads} heads of {head_dim}")
         hidden = by_layer[0]["mlp.fc_1.adapter_bias"][1].shape[0]
-        widths = {"attention.wq": (dim, n_heads * head_dim), "attention.wk": (dim, n_kv_heads * head_dim),
-                  "attention.wv": (dim, n_kv_heads * head_dim), "attention.wo": (dim, dim),
-                  "feed_forward.w1": (dim, hidden), "feed_forward.w2": (hidden, dim), "feed_forward.w3": (dim, hidden)}
+        widths = {"attention.wq": n_heads * head_dim, "attention.wk": n_kv_heads * head_dim,
+                  "attention.wv": n_kv_heads * head_dim, "attention.wo": dim, "feed_forward.w1": hidden,
+                  "feed_forward.w2": dim, "feed_forward.w3": hidden}
         biases: dict[int, dict[str, tuple[str, torch.Tensor]]] = {}
         scales: dict[int, dict[str, tuple[str, torch.Tensor]]] = {}
         for n in range(n_layers):

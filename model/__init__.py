@@ -1,4 +1,5 @@
-"""LLaMA with LLaMA-Adapter (arXiv 2303.16199) on the fused zero-init attention op.
+"""LLaMA with LLaMA-Adapter (arXiv 2303.16199) and LLaMA-Adapter V2 (arXiv 2304.15010, AdapterConfig(version=2))
+on the fused zero-init attention op.
 
     from model import LLaMA, LLaMAConfig, AdapterConfig, Tokenizer
     from model import load_checkpoint, save_adapter, load_adapter

@@ -16,6 +16,7 @@ from model_utils import VOCAB, randomize_, tiny_config
 
 from model import (
     AdapterConfig,
+    CheckpointError,
     LLaMA,
     LLaMAConfig,
     adapter_state_dict,
@@ -222,8 +223,6 @@ def test_v2_file_round_trip_and_its_checks(tmp_path):
     with torch.no_grad():
         x = torch.randint(0, VOCAB, (2, 7))
         assert torch.equal(other(x), model(x))
-    from model import CheckpointError
-
     for built, message in ((AdapterConfig(adapter_len=4, adapter_layers=1), "version=2 .* built with version=1"),
                            (AdapterConfig(adapter_len=4, adapter_layers=1, version=2),
                             "scale='input' .* built with scale='output'")):
@@ -371,8 +370,6 @@ def test_official_v2_release_import_gives_its_logits(tmp_path, device, triton_ke
     torch.testing.assert_close(got.double().cpu(), want, atol=1e-4, rtol=1e-4)
     assert triton_kernels_only.forward > 0
 
-    from model import CheckpointError
-
     lora = {**state, "llama.layers.0.attention.lora_wq_l1.weight": torch.zeros(2, 128)}
     torch.save({"model": lora, "config": {"w_lora": True}}, tmp_path / "LORA.pth")
     with pytest.raises(CheckpointError, match=r"LORA\.pth: .*LoRA tensors .*LORA-BIAS-7B.*: not supported"):
@@ -475,8 +472,6 @@ def test_litgpt_adapter_v2_import_gives_its_logits(tmp_path, device, triton_kern
         got = model(tokens.to(device))
     torch.testing.assert_close(got.double().cpu(), want, atol=1e-4, rtol=1e-4)
     assert triton_kernels_only.forward > 0
-
-    from model import CheckpointError
 
     del lit["transformer.h.0.mlp.fc_2.adapter_scale"]
     torch.save({"model": lit}, tmp_path / "partial.adapter_v2")

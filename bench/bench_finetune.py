@@ -14,6 +14,10 @@ Providers (--providers), each checked before it is timed:
                      kernels.zero_init_attention's varlen mode
     ours_padded512   the fused op in the adapted layers (SDPA in the plain ones), --batch-size examples (4, the
                      official script's per GPU) padded to --pad-to tokens (512, the official script's)
+    v2_packed        LLaMA-Adapter V2 (model/adapter.py, version=2: a bias and an output scale around every linear
+                     of every layer, the norms trained too) on ours_packed's batches and fused op: its cost against
+                     V1's (tokens/s and peak memory: V2 trains parameters in every layer, so every layer keeps its
+                     activations for the backward, and each scale its input)
     eager_padded512  the official code's formulation (model.set_attention_impl(model, "eager")): adapted layers
                      through kernels.zero_init_attention_ref, plain layers through eager_attention (materialised
                      scores, mask, fp32 softmax), padded like ours_padded512
@@ -22,8 +26,9 @@ Correctness, before any timing: on the same examples (--check-examples), one ste
 gradient of each provider are compared with an oracle: the eager model in fp32 (its bf16 weights cast up,
 exactly), padded to the longest example. Tolerance per result (loss, all prompt gradients, all gate gradients;
 each divided by the oracle's max |x| first), flash-attn's bar: twice the error of the eager model in bf16
-(eager_padded512's own step), plus twice bf16's rounding at that magnitude. A provider outside it stops the
-run (exit status 1) before anything of it is timed. The adapter's gates are spread over [-1.5, 1.5]
+(eager_padded512's own step), plus twice bf16's rounding at that magnitude. V2's providers run on a V2 model, with
+its own oracle and baseline, and its biases', scales' and norms' gradients are checked too (v2_grads). A provider
+outside it stops the run (exit status 1) before anything of it is timed. The adapter's gates are spread over [-1.5, 1.5]
 (common.random_llama): with zero gates the prompts would get no gradient and the check would not see them.
 
 Timing: --warmup-steps steps first (Triton compilation, AdamW state), then --steps steps, each on the next
@@ -229,12 +234,14 @@ class Provider:
     impl: str  # "fused" or "eager" (model.set_attention_impl)
     layout: str  # "packed" (PackedLoader) or "padded" (PaddedLoader, --pad-to)
     patch: Callable[[LLaMA], AbstractContextManager] = unpatched
+    version: int = 1  # the adapter: 1 (LLaMA-Adapter) or 2 (LLaMA-Adapter V2)
 
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("ours_packed", "fused", "packed"),
     Provider("ours_padded512", "fused", "padded"),
     Provider("eager_padded512", "eager", "padded"),
+    Provider("v2_packed", "fused", "packed", version=2),
 )}
 BASELINE = Provider("eager_padded512", "eager", "padded")  # the official formulation: the check's tolerance
 ORACLE = Provider("oracle", "eager", "padded")  # run in fp32, padded to the longest example
@@ -334,12 +341,14 @@ def make_config(args: argparse.Namespace, *, smoke: bool, providers: Mapping[str
 # One step, checked; steps, timed
 # --------------------------------------------------------------------------------------------------
 CHECKED = ("loss", "prompt_grads", "gate_grads")
+CHECKED_V2 = (*CHECKED, "v2_grads")  # V2: its biases', scales' and norms' gradients, all of them in one vector
 
 
 def step_results(model: LLaMA, batch: dict, provider: Provider, device: torch.device) -> dict[str, torch.Tensor | None]:
     """The loss (mean over the batch's targets) and the adapter's gradients of one training step's
     forward/backward with the provider's attention: {"loss", "prompt_grads" (all adapted layers stacked),
-    "gate_grads"}, fp32; a gradient that did not arrive in every layer is None."""
+    "gate_grads"} and, for V2, "v2_grads" (every bias, scale and norm, concatenated), fp32; a gradient that did
+    not arrive in every layer is None."""
     model.zero_grad(set_to_none=True)
     with attention_impl(model, provider.impl), provider.patch(model):
         loss = batch_loss_sum(model, batch, device) / batch["num_targets"]
@@ -351,6 +360,9 @@ def step_results(model: LLaMA, batch: dict, provider: Provider, device: torch.de
         return None if any(g is None for g in grads) else torch.stack(grads).float()
 
     result = {"loss": loss.detach().float(), "prompt_grads": stacked("adapter_prompt"), "gate_grads": stacked("gate")}
+    if model.adapter.version == 2:
+        grads = [p.grad for n, p in adapter_state_dict(model).items() if not n.endswith(("adapter_prompt", "gate"))]
+        result["v2_grads"] = None if any(g is None for g in grads) else torch.cat([g.flatten() for g in grads]).float()
     model.zero_grad(set_to_none=True)
     return result
 
@@ -555,6 +567,72 @@ def _data_for(cfg: FinetuneBenchConfig, vocab_size: int, real: tuple[TokenizedDa
     return data, f"synthetic Alpaca-like lengths (an approximation{scaled})"
 
 
+def run_version(name: str, version: int, active: list[Provider], data: TokenizedDataset, cfg: FinetuneBenchConfig,
+                result: RunResult, write: Callable[[list[Row]], None], log: Callable[[str], None]) -> None:
+    """Build the model of preset name with a V1 or V2 adapter, check, then time, each of its providers; rows go out
+    as they come ("skipped" rows for what runs out of memory). V2's model rows carry the provider "all-v2"."""
+    device, shape, config = result.env.device, shape_of(name, cfg), model_config(name)
+    everyone = "all" if version == 1 else "all-v2"
+    model = None
+    try:
+        model = random_llama(name, AdapterConfig(adapter_len=cfg.adapter_len, adapter_layers=cfg.adapter_layers,
+                                                 version=version), dtype=DTYPE, device=device, seed=cfg.seed)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log(f"   model{' (V2)' if version == 2 else ''}: {weights / 1024:.1f} GiB of weights, {trained:,} trained "
+            "parameters")
+        write([Row(WHAT, everyone, "all", shape, "weights_mem", weights, "MiB"),
+               Row(WHAT, everyone, "all", shape, "trained_params", trained, "parameters")])
+        ids = check_ids(data, cfg.check_examples, cfg.token_budget)
+        expected, baseline = expected_step(model, data, ids, cfg, device)
+        log(f"   check: one step on {len(ids)} examples ({int(data.lengths[ids].sum())} tokens) against the "
+            "eager model in fp32")
+    except Exception as exc:  # out of memory building the model or computing the oracle; anything else is a bug
+        if not is_oom(exc):
+            raise
+        reason = "out of memory: " + describe_exception(exc)
+        del exc
+        model = None
+        free_device_memory(device, collect=True)
+        log(f"   SKIP {name}{' (V2)' if version == 2 else ''}: {reason}")
+        write([Row(WHAT, p.name, "all", shape, "skipped", reason, "") for p in active])
+        result.skipped += [(name, p.name, reason) for p in active]
+        return
+
+    for prov in active:
+        prov_started = time.perf_counter()
+        try:
+            got = baseline if prov == BASELINE else step_results(model, check_batch(prov, data, ids, cfg), prov,
+                                                                 device)
+            ratios = check_results(prov.name, shape, got, expected)
+            result.checks[(name, prov.name)] = ratios
+            m = time_provider(model, data, prov, cfg, device, name)
+        except Exception as exc:  # out of memory; anything else is a bug
+            if not is_oom(exc):
+                raise
+            reason = "out of memory: " + describe_exception(exc)
+            del exc
+            model.zero_grad(set_to_none=True)
+            free_device_memory(device, collect=True)
+            log(f"   {prov.name:<16} SKIP: {reason}")
+            write([Row(WHAT, prov.name, "all", shape, "skipped", reason, "")])
+            result.skipped.append((name, prov.name, reason))
+            continue
+        result.measurements.append(m)
+        write([Row(WHAT, prov.name, "check", shape, "max_err_over_tol", max(ratios.values()), "ratio"),
+               Row(WHAT, prov.name, "check", shape, "checked", " ".join(ratios), ""),
+               Row(WHAT, prov.name, "all", shape, "attention", attention_backends(prov, config, device, cfg), ""),
+               Row(WHAT, prov.name, "all", shape, "batching", m.batching, "")] + _measurement_rows(m, shape))
+        mem = f" | peak {m.peak_mib / 1024:.1f} GiB" if m.peak_mib is not None else ""
+        log(f"   {prov.name:<16} check ok (err/tol {max(ratios.values()):.2f}) | step {m.step.median_ms:.1f} ms "
+            f"[{m.step.p20_ms:.1f}-{m.step.p80_ms:.1f}] | {m.processed_tokens_per_s:,.0f} processed tok/s | "
+            f"{m.real_tokens_per_s:,.0f} real tok/s{mem} | {cfg.epochs} epochs: {m.projected_hours:.2f} h "
+            f"({time.perf_counter() - prov_started:.1f} s)")
+        free_device_memory(device)
+    del model, expected, baseline
+    free_device_memory(device, collect=True)
+
+
 def run(cfg: FinetuneBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[str, Provider] | None = None,
         real: tuple[TokenizedDataset, int] | None = None, log: Callable[[str], None] = print) -> RunResult:
     """Check, then time, every (model, provider); append the rows to out_dir/finetune.csv as they come, then
@@ -586,64 +664,15 @@ def run(cfg: FinetuneBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Ma
             ("p50_tokens", stats.p50, "tokens"), ("p90_tokens", stats.p90, "tokens"),
             ("longest", stats.longest, "tokens"), ("share_at_pad_to", stats.at_max, ""))])
         active = [providers[p] for p in cfg.providers]
-        model = None
-        try:
-            model = random_llama(name, AdapterConfig(adapter_len=cfg.adapter_len, adapter_layers=cfg.adapter_layers),
-                                 dtype=DTYPE, device=device, seed=cfg.seed)
-            weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            log(f"   model: {weights / 1024:.1f} GiB of weights, {trained:,} trained parameters")
-            write([Row(WHAT, "all", "all", shape, "weights_mem", weights, "MiB"),
-                   Row(WHAT, "all", "all", shape, "trained_params", trained, "parameters")])
-            ids = check_ids(data, cfg.check_examples, cfg.token_budget)
-            expected, baseline = expected_step(model, data, ids, cfg, device)
-            log(f"   check: one step on {len(ids)} examples ({int(data.lengths[ids].sum())} tokens) against the "
-                "eager model in fp32")
-        except Exception as exc:  # out of memory building the model or computing the oracle; anything else is a bug
-            if not is_oom(exc):
-                raise
-            reason = "out of memory: " + describe_exception(exc)
-            del exc
-            model = None
-            free_device_memory(device, collect=True)
-            log(f"   SKIP {name}: {reason}")
-            write([Row(WHAT, p.name, "all", shape, "skipped", reason, "") for p in active])
-            result.skipped += [(name, p.name, reason) for p in active]
-            continue
-
-        for prov in active:
-            prov_started = time.perf_counter()
-            try:
-                got = baseline if prov == BASELINE else step_results(model, check_batch(prov, data, ids, cfg), prov,
-                                                                     device)
-                ratios = check_results(prov.name, shape, got, expected)
-                result.checks[(name, prov.name)] = ratios
-                m = time_provider(model, data, prov, cfg, device, name)
-            except Exception as exc:  # out of memory; anything else is a bug
-                if not is_oom(exc):
-                    raise
-                reason = "out of memory: " + describe_exception(exc)
-                del exc
-                model.zero_grad(set_to_none=True)
-                free_device_memory(device, collect=True)
-                log(f"   {prov.name:<16} SKIP: {reason}")
-                write([Row(WHAT, prov.name, "all", shape, "skipped", reason, "")])
-                result.skipped.append((name, prov.name, reason))
-                continue
-            result.measurements.append(m)
-            write([Row(WHAT, prov.name, "check", shape, "max_err_over_tol", max(ratios.values()), "ratio"),
-                   Row(WHAT, prov.name, "check", shape, "checked", " ".join(ratios), ""),
-                   Row(WHAT, prov.name, "all", shape, "attention", attention_backends(prov, config, device, cfg), ""),
-                   Row(WHAT, prov.name, "all", shape, "batching", m.batching, "")] + _measurement_rows(m, shape))
-            mem = f" | peak {m.peak_mib / 1024:.1f} GiB" if m.peak_mib is not None else ""
-            log(f"   {prov.name:<16} check ok (err/tol {max(ratios.values()):.2f}) | step {m.step.median_ms:.1f} ms "
-                f"[{m.step.p20_ms:.1f}-{m.step.p80_ms:.1f}] | {m.processed_tokens_per_s:,.0f} processed tok/s | "
-                f"{m.real_tokens_per_s:,.0f} real tok/s{mem} | {cfg.epochs} epochs: {m.projected_hours:.2f} h "
-                f"({time.perf_counter() - prov_started:.1f} s)")
-            free_device_memory(device)
-        del model, expected, baseline
-        free_device_memory(device, collect=True)
+        for version in sorted({p.version for p in active}):  # one model at a time: V1's, then V2's
+            run_version(name, version, [p for p in active if p.version == version], data, cfg, result, write, log)
         log(f"   ({time.perf_counter() - started:.1f} s)")
+        v1, v2 = result.get(name, "ours_packed"), result.get(name, "v2_packed")
+        if v1 and v2:
+            write([Row(WHAT, "v2_packed", "vs_v1", shape, "real_tokens_per_s_ratio",
+                       v2.real_tokens_per_s / v1.real_tokens_per_s, "ratio")]
+                  + ([Row(WHAT, "v2_packed", "vs_v1", shape, "peak_mem_ratio", v2.peak_mib / v1.peak_mib, "ratio")]
+                     if v1.peak_mib and v2.peak_mib else []))
 
     if env.is_cuda:  # a CPU smoke run's numbers say nothing about the targets
         result.targets = check_targets(result)
@@ -725,6 +754,11 @@ def projection_text(result: RunResult) -> str:
         if parts:
             lines.append(f"{name} on 1 x {result.env.gpu_name}: {result.config.epochs} epochs of Alpaca-52K = "
                          + ", ".join(parts) + f" (= {result.env.gpu_name}-hours; the paper: 8 A100-hours)")
+        v1, v2 = result.get(name, "ours_packed"), result.get(name, "v2_packed")
+        if v1 and v2:
+            mem = f", peak memory {v2.peak_mib / v1.peak_mib:.2f}x" if v1.peak_mib and v2.peak_mib else ""
+            lines.append(f"{name}: LLaMA-Adapter V2 (v2_packed) at {v2.real_tokens_per_s / v1.real_tokens_per_s:.2f}x "
+                         f"V1's real tokens/s (ours_packed){mem}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""LLaMA with LLaMA-Adapter (arXiv 2303.16199) on the fused zero-init attention op.
+"""LLaMA with LLaMA-Adapter (arXiv 2303.16199) and LLaMA-Adapter V2 (arXiv 2304.15010, AdapterConfig(version=2))
+on the fused zero-init attention op.
 
     from model import LLaMA, LLaMAConfig, AdapterConfig, Tokenizer
     from model import load_checkpoint, save_adapter, load_adapter
@@ -11,10 +12,13 @@
 from .adapter import (
     AdapterAttention,
     AdapterConfig,
+    BiasScaleLinear,
+    adapter_groups,
     adapter_layers,
     adapter_state_dict,
     cast_base,
     mark_only_adapter_as_trainable,
+    reset_adapter,
 )
 from .checkpoint import (
     CheckpointError,
@@ -33,9 +37,9 @@ from .tokenizer import Tokenizer
 from .visual import CLIPImageEncoder, VisualProjector
 
 __all__ = [
-    "ATTENTION_IMPLS", "PRESETS", "AdapterAttention", "AdapterConfig", "CLIPImageEncoder", "CheckpointError", "LLaMA",
-    "LLaMAConfig", "RopeScaling", "Tokenizer", "VisualProjector", "adapter_layers", "adapter_state_dict",
-    "alpaca_prompt", "cast_base", "checkpoint_format", "load_adapter", "load_checkpoint", "load_config",
-    "mark_only_adapter_as_trainable", "read_adapter_config", "save_adapter", "save_checkpoint", "set_attention_impl",
-    "write_atomic",
+    "ATTENTION_IMPLS", "PRESETS", "AdapterAttention", "AdapterConfig", "BiasScaleLinear", "CLIPImageEncoder",
+    "CheckpointError", "LLaMA", "LLaMAConfig", "RopeScaling", "Tokenizer", "VisualProjector", "adapter_groups",
+    "adapter_layers", "adapter_state_dict", "alpaca_prompt", "cast_base", "checkpoint_format", "load_adapter",
+    "load_checkpoint", "load_config", "mark_only_adapter_as_trainable", "read_adapter_config", "reset_adapter",
+    "save_adapter", "save_checkpoint", "set_attention_impl", "write_atomic",
 ]

@@ -24,12 +24,18 @@ save_checkpoint(model, folder) writes a base model in the Hugging Face format (c
 model.safetensors, q/k rows permuted back to HF's layout), which both load_checkpoint and transformers read.
 Every file this module writes goes through write_atomic: a temporary name in the same folder, renamed
 into place, and never over an existing file unless asked (overwrite=True).
+With a V2 adapter the linears are wrapped (model/adapter.py's BiasScaleLinear): their weights, e.g.
+layers.0.attention.wq.linear.weight, load and save under the checkpoint's names (adapter.base_name), and the
+norms the adapter trains load in fp32.
 
 Adapters, load_adapter(model, path), the format detected by the file's keys:
-1. Ours (save_adapter): a safetensors file holding exactly the adapter's parameters,
-       layers.N.attention.adapter_prompt  (adapter_len, dim)   fp32
-       layers.N.attention.gate            (n_heads,) or (1,)   fp32
-       visual_proj.fc1.weight / .bias, visual_proj.fc2.weight / .bias   (multi-modal adapters only)
+1. Ours (save_adapter): a safetensors file holding exactly the adapter's parameters (adapter_state_dict), fp32,
+       layers.N.attention.adapter_prompt  (adapter_len, dim)
+       layers.N.attention.gate            (n_heads,) or (1,)
+       layers.N.attention.visual_gate     (n_heads,) or (1,)        (V2 early fusion, the first layers)
+       layers.N.attention.wq.bias / .scale, ..., layers.N.feed_forward.w3.bias / .scale, the norms'
+           layers.N.attention_norm.weight, layers.N.ffn_norm.weight, norm.weight; output.bias / .scale  (V2)
+       visual_proj.*                                                 (multi-modal adapters only)
    with metadata "format" = "llama-adapter-triton", "format_version" = "1", "adapter_config"
    (the AdapterConfig as JSON) and "model" (dim, n_layers, n_heads, n_kv_heads as JSON, checked
    against the model on load). Written to a temporary file in the same folder, then renamed into
@@ -51,6 +57,29 @@ Adapters, load_adapter(model, path), the format detected by the file's keys:
    (PEFT multiplies by the raw gate). PEFT's prompt keys come from HF's permuted k_proj and
    meet HF's permuted queries: the same permutation on both sides of every dot product, so the
    prompts are used as they are.
+4. The official LLaMA-Adapter V2 multi-modal release (BIAS-7B, CAPTION-7B: llama_adapter_v2_multimodal7b's
+   extract_adapter_from_checkpoint.py writes {"model": tensors, "config": {"w_bias", "w_lora", "lora_rank"}}):
+   adapter_query.weight (query_layer * query_len, dim), the prompts of the top query_layer layers;
+   visual_query.weight (query_len, width); llama.layers.N.attention.gate (1, n_heads, 1, 1),
+   llama.layers.N.{attention.wq, attention.wo, feed_forward.w1, w2, w3}.bias and the norms
+   llama.layers.N.{attention_norm, ffn_norm}.weight in every layer, llama.norm.weight; the visual side
+   clip_proj, clip_proj_norm, visual_blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2},
+   visual_proj, visual_proj_norm (weights and biases). Imported as version=2, gate "head" with tanh (the V2
+   code's, training and inference alike), projector="query" (model/visual.py's QueryProjector, its 16 heads
+   the release's: the file does not tell them), the query_len visual queries added to every prompt; wk / wv
+   get zero biases and every linear unit scales (the release has none: the same model). LoRA files
+   (LORA-BIAS-7B: lora_* tensors, new_gate) are refused.
+5. litgpt's adapter (lit_model.pth.adapter) and adapter_v2 (lit_model.pth.adapter_v2) files ({"model": ...}
+   of its adapter_filter): transformer.h.N.attn.adapter_wte.weight (adapter_len, n_embd) and
+   .attn.gating_factor (1, 1, n_head, 1) (an older (1, n_head, 1, 1) too) in the adapted layers; adapter_v2 adds
+   in every layer AdapterV2Linear's adapter_bias / adapter_scale (output scales) of attn.qkv (q, k and v
+   concatenated: split into wq, wk, wv, the q and k parts taken from HF's rotate-half row order back to Meta's
+   rows), attn.proj (wo), mlp.fc_1 (w1), mlp.fc_2 (w3), mlp.proj (w2), the norms norm_1, norm_2 and
+   transformer.ln_f, and lm_head's (output_bias_scale=True). gate="head", gate_act="identity" (litgpt
+   multiplies by the raw gating factor). The prompt's keys and values go through the key and value
+   projections, as in the paper and litgpt before its QKV layout change (PR #1013): litgpt's code since
+   then (v0.5.13 checked) takes them from other rows of its qkv output, so its own logits differ; the import
+   says so in a warning.
 A mismatch (another model size, missing or unexpected tensors, another gate mode or gate_act), bad
 metadata, or a tensor that is not floating point or holds NaN / Inf raises CheckpointError naming the
 file and the tensor or setting; save_adapter never writes a file that load_adapter would refuse.
@@ -72,7 +101,15 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from .adapter import AdapterConfig, adapter_layers, adapter_state_dict
+from .adapter import (
+    AdapterConfig,
+    BiasScaleLinear,
+    adapter_layers,
+    adapter_state_dict,
+    base_name,
+    fresh_adapter_parameters,
+    reset_adapter,
+)
 from .cli import remedy_text
 from .llama import ConfigValueError, LLaMA, LLaMAConfig
 
@@ -108,8 +145,7 @@ def _read_tensor_file(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
                 return {name: f.get_tensor(name) for name in f.keys()}, dict(f.metadata() or {})
         except SafetensorError as e:
             raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from e
-    state = _torch_load(file)
-    return state, {}
+    return _torch_load(file, unwrap=True), {}
 
 
 def _read_json(file: Path) -> dict:
@@ -122,8 +158,10 @@ def _read_json(file: Path) -> dict:
     return value
 
 
-def _torch_load(file: Path) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only=True (and mmap when the file allows it): a dict of tensors, or an error."""
+def _torch_load(file: Path, *, unwrap: bool = False) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only=True (and mmap when the file allows it): a dict of tensors, or an error.
+    unwrap: a dict whose "model" entry is the dict of tensors (the official V2 release's {"model", "config"},
+    litgpt's fabric.save) gives that entry."""
     try:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -134,6 +172,8 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # unpickling errors: the file holds something other than plain tensors
         raise CheckpointError(f"{file}: cannot be loaded with weights_only=True: it is not a plain checkpoint of "
                               f"tensors ({type(e).__name__}: {e})") from e
+    if unwrap and isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise CheckpointError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
     return state
@@ -414,8 +454,10 @@ def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = 
     with torch.device("meta"):
         model = LLaMA(config, adapter)
     device = torch.device(device)
-    adapter_ids = {id(p) for p in adapter_state_dict(model).values()}
-    params = {name: p for name, p in model.named_parameters() if id(p) not in adapter_ids}
+    fresh = {id(p) for p in fresh_adapter_parameters(model).values()}  # not in the checkpoint
+    trained = {id(p) for p in adapter_state_dict(model).values()} - fresh  # V2's norms: loaded, and kept in fp32
+    # by the checkpoint's names (a V2-wrapped linear's weight: layers.N.attention.wq.linear.weight -> ...wq.weight)
+    params = {base_name(name): (name, p) for name, p in model.named_parameters() if id(p) not in fresh}
     size = f"{config.n_layers} layers, dim {config.dim}, {config.n_heads} heads ({config.n_kv_heads} kv)"
     loaded: set[str] = set()
     for file, src, name, tensor in items:
@@ -425,27 +467,23 @@ def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = 
                                   f"a LLaMA with {size}")
         if name in loaded:
             raise CheckpointError(f"{file}: tensor {label} appears more than once")
-        if tensor.shape != params[name].shape or not tensor.is_floating_point():
+        own_name, param = params[name]
+        if tensor.shape != param.shape or not tensor.is_floating_point():
             raise CheckpointError(f"{file}: tensor {label} is {tensor.dtype} {tuple(tensor.shape)}, the model ({size}) "
-                                  f"needs a floating-point {tuple(params[name].shape)}")
+                                  f"needs a floating-point {tuple(param.shape)}")
         dtype = dtype or tensor.dtype
-        module_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(module_name), leaf,
-                nn.Parameter(tensor.to(device=device, dtype=dtype, copy=True)))
+        module_name, _, leaf = own_name.rpartition(".")
+        setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor.to(
+            device=device, dtype=torch.float32 if id(param) in trained else dtype, copy=True)))
         loaded.add(name)
     missing = [n for n in params if n not in loaded]
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing, e.g. {missing[:3]} (our names; a partial "
                               "checkpoint is never loaded)")
     if config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    for module in adapter_layers(model).values():
-        module.to_empty(device=device, recurse=False)
-        module.reset_adapter()
-    if model.visual_proj is not None:
-        model.visual_proj.to_empty(device=device)
-        model.visual_proj.reset_parameters()
-    return model
+        output = model.output.linear if isinstance(model.output, BiasScaleLinear) else model.output
+        output.weight = model.tok_embeddings.weight
+    return reset_adapter(model, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -464,7 +502,9 @@ class _AdapterFile:
     prompts: list[tuple[str, torch.Tensor]]  # (name in the file, (adapter_len, dim)), bottom to top
     gates: list[tuple[str, torch.Tensor]]  # (name in the file, (n_gates,))
     model_dims: dict | None = None  # ours: the dims of the model it was trained on
-    visual: dict[str, torch.Tensor] = field(default_factory=dict)  # ours, multi-modal: visual_proj.* tensors
+    # every other tensor, by our name (adapter_state_dict's): (name in the file, tensor): V2's biases, scales and
+    # norms, the early-fusion gates, the projector
+    extra: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
 
 
 _OURS_RE = re.compile(r"layers\.(\d+)\.attention\.(adapter_prompt|gate)")
@@ -512,12 +552,26 @@ def _parse_ours(file: Path, tensors: dict, metadata: dict) -> _AdapterFile:
         value = model_dims.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CheckpointError(f"{file}: its metadata 'model' must give {key} as an integer >= 1, got {value!r}")
-    visual = {name: t for name, t in tensors.items() if name.startswith("visual_proj.")}
-    layers = _by_layer(file, {k: v for k, v in tensors.items() if k not in visual}, _OURS_RE,
+    # the names this config gives a model of these dims (a meta model: nothing is allocated)
+    try:
+        with torch.device("meta"):
+            expected = adapter_state_dict(LLaMA(LLaMAConfig(**{k: model_dims[k] for k in _MODEL_DIMS}), config))
+    except ValueError as e:
+        raise CheckpointError(f"{file}: its metadata 'adapter_config' does not fit its 'model' ({e})") from None
+    unexpected = sorted(tensors.keys() - expected.keys())
+    if unexpected:
+        raise CheckpointError(f"{file}: unexpected tensor {unexpected[0]!r} of shape "
+                              f"{tuple(tensors[unexpected[0]].shape)} for its adapter_config")
+    extra = {name: (name, t) for name, t in tensors.items() if not _OURS_RE.fullmatch(name)}
+    layers = _by_layer(file, {k: v for k, v in tensors.items() if k not in extra}, _OURS_RE,
                        ("adapter_prompt", "gate"))
+    missing = sorted(n for n in expected.keys() - tensors.keys() if not _OURS_RE.fullmatch(n))
+    if missing:  # (missing prompts and gates: load_adapter names the layers)
+        raise CheckpointError(f"{file}: tensor {missing[0]!r} is missing ({len(missing)} missing for its "
+                              "adapter_config)")
     return _AdapterFile("llama-adapter-triton", file, config, list(layers), None,
                         [got["adapter_prompt"] for got in layers.values()], [got["gate"] for got in layers.values()],
-                        model_dims, visual)
+                        model_dims, extra)
 
 
 def _parse_official(file: Path, tensors: dict, gate_act: str | None, adapter_len: int | None) -> _AdapterFile:
@@ -578,6 +632,198 @@ def _parse_peft(file: Path, tensors: dict, peft_config: dict | None) -> _Adapter
                         [got["gate"] for got in layers.values()])
 
 
+OFFICIAL_V2_VISUAL_HEADS = 16  # the release's visual blocks (llama_adapter.load: v_num_heads=16); not in the file
+_OFFICIAL_V2_BIASES = ("attention.wq", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+# the release's projector names -> ours (model/visual.py's QueryProjector at visual_proj), longest prefix first
+_OFFICIAL_V2_VISUAL = (("clip_proj_norm.", "visual_proj.clip_proj_norm."), ("clip_proj.", "visual_proj.clip_proj."),
+                       ("visual_proj_norm.", "visual_proj.proj_norm."), ("visual_proj.", "visual_proj.proj."),
+                       ("visual_blocks.", "visual_proj.blocks."), ("visual_query.weight", "visual_proj.visual_query"))
+
+
+def _v2_extra(biases: dict[int, dict[str, tuple[str, torch.Tensor]]],
+              scales: dict[int, dict[str, tuple[str, torch.Tensor]]], widths: dict[str, int],
+              n_layers: int) -> dict[str, tuple[str, torch.Tensor]]:
+    """Our V2 bias and (output) scale of every linear of every layer: the file's where it has them, else the fresh
+    values (zero bias, unit scale: the same model). biases / scales: {layer: {our linear: (name in the file,
+    tensor)}}; widths: {our linear: its output's width}."""
+    extra = {}
+    for n in range(n_layers):
+        for linear, out in widths.items():
+            ours = f"layers.{n}.{linear}"
+            extra[f"{ours}.bias"] = biases.get(n, {}).get(linear, (f"{ours}.bias (none: zero)", torch.zeros(out)))
+            extra[f"{ours}.scale"] = scales.get(n, {}).get(linear, (f"{ours}.scale (none: one)", torch.ones(out)))
+    return extra
+
+
+def _parse_official_v2(file: Path, tensors: dict[str, torch.Tensor]) -> _AdapterFile:
+    """The official LLaMA-Adapter V2 multi-modal release (BIAS-7B, CAPTION-7B; llama_adapter_v2_multimodal7b's
+    extract_adapter_from_checkpoint.py writes {"model": ..., "config": ...}): see the module docstring."""
+    lora = sorted(n for n in tensors if "lora" in n or n.endswith("new_gate"))
+    if lora:
+        raise CheckpointError(f"{file}: an official LLaMA-Adapter V2 file with LoRA tensors ({lora[0]!r}; "
+                              "LORA-BIAS-7B): not supported (its BIAS-7B and CAPTION-7B files are)")
+    query, visual_query = tensors.get("adapter_query.weight"), tensors.get("visual_query.weight")
+    if visual_query is None or visual_query.dim() != 2 or query.dim() != 2 or query.shape[0] % visual_query.shape[0]:
+        raise CheckpointError(f"{file}: an official V2 file needs adapter_query.weight (query_layer * query_len, "
+                              "dim) and visual_query.weight (query_len, width), got "
+                              f"{tuple(query.shape)} and {None if visual_query is None else tuple(visual_query.shape)}")
+    adapter_len, dim = visual_query.shape[0], query.shape[1]
+    n_adapted = query.shape[0] // adapter_len
+    layer_re = re.compile(r"llama\.layers\.(\d+)\.(.+)")
+    by_layer: dict[int, dict[str, tuple[str, torch.Tensor]]] = {}
+    extra: dict[str, tuple[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        m = layer_re.fullmatch(name)
+        if m:
+            by_layer.setdefault(int(m.group(1)), {})[m.group(2)] = (name, t)
+        elif name == "llama.norm.weight":
+            extra["norm.weight"] = (name, t)
+        elif name != "adapter_query.weight":
+            ours = next((o + name[len(prefix):] for prefix, o in _OFFICIAL_V2_VISUAL if name.startswith(prefix)), None)
+            if ours is None:
+                raise CheckpointError(f"{file}: unexpected tensor {name!r} of shape {tuple(t.shape)} in an official "
+                                      "LLaMA-Adapter V2 file")
+            extra[ours] = (name, t)
+    n_layers = max(by_layer, default=-1) + 1
+    expected = {"attention.gate", "attention_norm.weight", "ffn_norm.weight",
+                *(f"{linear}.bias" for linear in _OFFICIAL_V2_BIASES)}
+    for n in range(n_layers):
+        got = by_layer.get(n, {})
+        odd = sorted(set(got) - expected)
+        if odd:
+            raise CheckpointError(f"{file}: unexpected tensor {got[odd[0]][0]!r} in an official LLaMA-Adapter V2 file")
+        lacking = sorted(expected - set(got))
+        if lacking:
+            raise CheckpointError(f"{file}: tensor 'llama.layers.{n}.{lacking[0]}' is missing (every layer of an "
+                                  "official V2 file has gate, norms and biases)")
+    if "norm.weight" not in extra or n_adapted > n_layers:
+        raise CheckpointError(f"{file}: an official V2 file needs llama.norm.weight and {n_adapted} adapted layers of "
+                              f"{n_layers}")
+    for n in range(n_layers):
+        g = by_layer[n]["attention.gate"]
+        if g[1].dim() != 4 or g[1].shape[0] != 1 or g[1].shape[2:] != (1, 1):
+            raise CheckpointError(f"{file}: tensor {g[0]!r} has shape {tuple(g[1].shape)}, expected (1, n_heads, 1, 1)")
+        for norm in ("attention_norm", "ffn_norm"):
+            extra[f"layers.{n}.{norm}.weight"] = by_layer[n][f"{norm}.weight"]
+    hidden = by_layer[0]["feed_forward.w1.bias"][1].shape[0]
+    widths = {"attention.wq": dim, "attention.wk": dim, "attention.wv": dim, "attention.wo": dim,
+              "feed_forward.w1": hidden, "feed_forward.w2": dim, "feed_forward.w3": hidden}  # MHA, as the release
+    biases = {n: {linear: got[f"{linear}.bias"] for linear in _OFFICIAL_V2_BIASES} for n, got in by_layer.items()}
+    extra.update(_v2_extra(biases, {}, widths, n_layers))
+    clip_proj = tensors.get("clip_proj.weight")
+    blocks = {int(name.split(".")[1]) for name in tensors if name.startswith("visual_blocks.")}
+    if clip_proj is None or clip_proj.dim() != 2 or blocks != set(range(len(blocks))):
+        raise CheckpointError(f"{file}: an official V2 file needs clip_proj.weight and visual_blocks.0 .. N")
+    config = AdapterConfig(adapter_len=adapter_len, adapter_layers=n_adapted, gate="head", gate_act="tanh", version=2,
+                           visual_dim=clip_proj.shape[1], visual_len=adapter_len, projector="query",
+                           visual_width=clip_proj.shape[0], visual_depth=len(blocks),
+                           visual_heads=OFFICIAL_V2_VISUAL_HEADS)
+    top = list(range(n_layers - n_adapted, n_layers))
+    prompts = [(f"adapter_query.weight[{i * adapter_len}:{(i + 1) * adapter_len}]", p)
+               for i, p in enumerate(query.split(adapter_len))]
+    gates = [(by_layer[n]["attention.gate"][0], by_layer[n]["attention.gate"][1].flatten()) for n in top]
+    return _AdapterFile("official LLaMA-Adapter V2", file, config, top, n_layers, prompts, gates, None, extra)
+
+
+_LITGPT_RE = re.compile(r"transformer\.h\.(\d+)\.(.+)")
+# litgpt's names in a block -> ours (its fc_1 is LLaMA's gate projection w1, fc_2 the up projection w3)
+_LITGPT_LINEARS = {"attn.proj": "attention.wo", "mlp.fc_1": "feed_forward.w1", "mlp.fc_2": "feed_forward.w3",
+                   "mlp.proj": "feed_forward.w2"}
+_LITGPT_NORMS = {"norm_1.weight": "attention_norm.weight", "norm_2.weight": "ffn_norm.weight"}
+
+
+def _parse_litgpt(file: Path, tensors: dict[str, torch.Tensor]) -> _AdapterFile:
+    """litgpt's adapter (lit_model.pth.adapter) or adapter_v2 (lit_model.pth.adapter_v2) file: see the module
+    docstring."""
+    by_layer: dict[int, dict[str, tuple[str, torch.Tensor]]] = {}
+    extra: dict[str, tuple[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        m = _LITGPT_RE.fullmatch(name)
+        if m:
+            by_layer.setdefault(int(m.group(1)), {})[m.group(2)] = (name, t)
+        elif name == "transformer.ln_f.weight":
+            extra["norm.weight"] = (name, t)
+        elif name in ("lm_head.adapter_bias", "lm_head.adapter_scale"):
+            extra[f"output.{name.rpartition('_')[2]}"] = (name, t)
+        else:
+            raise CheckpointError(f"{file}: unexpected tensor {name!r} of shape {tuple(t.shape)} in a litgpt adapter "
+                                  "file")
+    prompt_layers = sorted(n for n, got in by_layer.items() if "attn.adapter_wte.weight" in got)
+    if not prompt_layers:
+        raise CheckpointError(f"{file}: a litgpt adapter file needs transformer.h.N.attn.adapter_wte.weight in its "
+                              "adapted layers; it has none")
+    gate_name, gate = by_layer[prompt_layers[0]].get("attn.gating_factor", ("attn.gating_factor", None))
+    if gate is None or gate.dim() != 4 or gate.numel() != max(gate.shape):
+        raise CheckpointError(f"{file}: transformer.h.{prompt_layers[0]}.attn.gating_factor must be (1, 1, n_head, "
+                              f"1), got {None if gate is None else tuple(gate.shape)}")
+    n_heads = gate.numel()
+    prompts, gates = [], []
+    for n in prompt_layers:
+        got = by_layer[n]
+        for key in ("attn.adapter_wte.weight", "attn.gating_factor"):
+            if key not in got:
+                raise CheckpointError(f"{file}: layer {n} has 'transformer.h.{n}.attn.adapter_wte.weight' or a gate "
+                                      f"but no 'transformer.h.{n}.{key}'")
+        prompts.append(got.pop("attn.adapter_wte.weight"))
+        name, g = got.pop("attn.gating_factor")
+        gates.append((name, g.flatten()))  # (1, 1, nh, 1), or an older file's (1, nh, 1, 1): the same order
+    adapter_len, dim = prompts[0][1].shape
+    head_dim = dim // n_heads
+    v2 = any(got for got in by_layer.values())
+    config_fields = {}
+    if v2:
+        n_layers = max(by_layer) + 1
+        expected = {f"{lin}.adapter_{kind}" for lin in ("attn.qkv", *_LITGPT_LINEARS) for kind in ("bias", "scale")}
+        expected |= set(_LITGPT_NORMS)
+        for n in range(n_layers):
+            got = by_layer.get(n, {})
+            odd, lacking = sorted(set(got) - expected), sorted(expected - set(got))
+            if odd or lacking:
+                what = f"unexpected tensor 'transformer.h.{n}.{odd[0]}'" if odd else \
+                    f"tensor 'transformer.h.{n}.{lacking[0]}' is missing"
+                raise CheckpointError(f"{file}: {what} (a litgpt adapter_v2 file has the bias, scale and norms of "
+                                      "every layer)")
+        qkv_rows = by_layer[0]["attn.qkv.adapter_bias"][1].shape[0]
+        n_kv_heads = (qkv_rows // head_dim - n_heads) // 2
+        if n_kv_heads < 1 or (n_heads + 2 * n_kv_heads) * head_dim != qkv_rows:
+            raise CheckpointError(f"{file}: transformer.h.0.attn.qkv.adapter_bias has {qkv_rows} rows, not "
+                                  f"(n_head + 2 * n_query_groups) * head_size for {n_heads} heads of {head_dim}")
+        hidden = by_layer[0]["mlp.fc_1.adapter_bias"][1].shape[0]
+        widths = {"attention.wq": n_heads * head_dim, "attention.wk": n_kv_heads * head_dim,
+                  "attention.wv": n_kv_heads * head_dim, "attention.wo": dim, "feed_forward.w1": hidden,
+                  "feed_forward.w2": dim, "feed_forward.w3": hidden}
+        biases: dict[int, dict[str, tuple[str, torch.Tensor]]] = {}
+        scales: dict[int, dict[str, tuple[str, torch.Tensor]]] = {}
+        for n in range(n_layers):
+            got = by_layer[n]
+            for ours, theirs in _LITGPT_NORMS.items():
+                extra[f"layers.{n}.{theirs}"] = got[ours]
+            for kind, into in (("bias", biases), ("scale", scales)):
+                name, qkv = got[f"attn.qkv.adapter_{kind}"]
+                if qkv.shape != (qkv_rows,):
+                    raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(qkv.shape)}, expected "
+                                          f"({qkv_rows},)")
+                q, k, v = qkv.split((n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim))
+                # litgpt keeps Hugging Face's rotate-half row order of q and k: back to Meta's interleaved rows
+                into[n] = {"attention.wq": (f"{name}[q]", unpermute_hf(q[:, None], n_heads)[:, 0]),
+                           "attention.wk": (f"{name}[k]", unpermute_hf(k[:, None], n_kv_heads)[:, 0]),
+                           "attention.wv": (f"{name}[v]", v)}
+                into[n].update({ours: got[f"{theirs}.adapter_{kind}"] for theirs, ours in _LITGPT_LINEARS.items()})
+        extra.update(_v2_extra(biases, scales, widths, n_layers))
+        config_fields = dict(version=2, scale="output", output_bias_scale="output.bias" in extra)
+    elif extra:
+        raise CheckpointError(f"{file}: tensor {next(iter(extra.values()))[0]!r} is V2's, but the file has no "
+                              "adapter_bias / adapter_scale of its layers")
+    config = AdapterConfig(adapter_len=adapter_len, adapter_layers=len(prompt_layers), gate="head",
+                           gate_act="identity", **config_fields)
+    logger.warning("%s: litgpt's adapter code (since its QKV layout change, PR #1013; seen in v0.5.13) takes the "
+                   "adaption prompt's keys and values from other rows of its fused qkv output than the key and value "
+                   "projections; this import uses the key and value projections (the paper's, the official code's and "
+                   "litgpt's before that change), so the model may differ from what litgpt computes", file)
+    return _AdapterFile(f"litgpt adapter{'_v2' if v2 else ''}", file, config, prompt_layers,
+                        max(by_layer) + 1 if v2 else None, prompts, gates, None, extra)
+
+
 def _read_adapter(path: str | os.PathLike, gate_act: str | None, adapter_len: int | None) -> _AdapterFile:
     path = Path(path)
     peft_config = None
@@ -593,21 +839,26 @@ def _read_adapter(path: str | os.PathLike, gate_act: str | None, adapter_len: in
     tensors, metadata = _read_tensor_file(path)
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors")
-    if "adapter_query.weight" in tensors:
+    if "adapter_query.weight" in tensors and any(name.startswith("llama.") for name in tensors):
+        adapter = _parse_official_v2(path, tensors)
+    elif "adapter_query.weight" in tensors:
         adapter = _parse_official(path, tensors, gate_act, adapter_len)
     elif any(_PEFT_RE.fullmatch(name) for name in tensors):
         if config_file.exists():
             peft_config = _read_json(config_file)
         adapter = _parse_peft(path, tensors, peft_config)
+    elif any(name.startswith(("transformer.h.", "transformer.ln_f.", "lm_head.")) for name in tensors):
+        adapter = _parse_litgpt(path, tensors)
     elif metadata.get("format") == ADAPTER_FORMAT:
         adapter = _parse_ours(path, tensors, metadata)
     else:
-        raise CheckpointError(f"{path}: not a LLaMA-Adapter file (ours, the official v1 release or PEFT's adaption "
-                              f"prompt); its tensors start with {sorted(tensors)[:3]}")
+        raise CheckpointError(f"{path}: not a LLaMA-Adapter file (ours, the official v1 or V2 release, PEFT's "
+                              f"adaption prompt, litgpt's adapter or adapter_v2); its tensors start with "
+                              f"{sorted(tensors)[:3]}")
     if gate_act is not None and gate_act != adapter.config.gate_act:
         raise CheckpointError(f"{path}: this {adapter.fmt} adapter uses gate_act={adapter.config.gate_act!r}, "
                               f"not {gate_act!r}")
-    for name, t in [*adapter.prompts, *adapter.gates, *adapter.visual.items()]:
+    for name, t in [*adapter.prompts, *adapter.gates, *adapter.extra.values()]:
         problem = _tensor_problem(t)
         if problem:
             raise CheckpointError(f"{path}: tensor {name!r} {problem}")
@@ -646,8 +897,13 @@ def load_adapter(model: LLaMA, path: str | os.PathLike, *, gate_act: str | None 
                          f"{str(path)!r}))")
     adapter = _read_adapter(path, gate_act, model.adapter.adapter_len)
     file, config = adapter.file, model.config
-    keys = ["adapter_len", "adapter_layers", "gate", "gate_act", "visual_dim", "clip_layers"]
-    for key in keys + (["visual_hidden"] if model.adapter.visual_dim else []):
+    keys = ["adapter_len", "adapter_layers", "gate", "gate_act", "visual_dim", "clip_layers", "version"]
+    if model.adapter.version == 2:
+        keys += ["scale", "output_bias_scale"]
+    if model.adapter.visual_dim:
+        keys += ["fusion", "visual_len", "projector"] + (["visual_layers"] if model.adapter.early_fusion else []) + (
+            ["visual_hidden"] if model.adapter.projector == "mlp" else ["visual_width", "visual_depth", "visual_heads"])
+    for key in keys:
         theirs, ours = getattr(adapter.config, key), getattr(model.adapter, key)
         if theirs != ours:
             tensor = f" (tensor {adapter.gates[0][0]!r})" if key == "gate" else ""
@@ -671,14 +927,15 @@ def load_adapter(model: LLaMA, path: str | os.PathLike, *, gate_act: str | None 
                     raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(src.shape)}, the model "
                                           f"(dim {config.dim}, {config.n_heads} heads) needs {tuple(dst.shape)}")
                 dst.copy_(src)
-        own = {k: v for k, v in adapter_state_dict(model).items() if k.startswith("visual_proj.")}
-        if adapter.visual.keys() != own.keys():
-            raise CheckpointError(f"{file}: holds the projector tensors {sorted(adapter.visual)}, the model's "
-                                  f"multi-modal adapter has {sorted(own)}")
+        own = {k: v for k, v in adapter_state_dict(model).items() if not _OURS_RE.fullmatch(k)}
+        for name in sorted(own.keys() ^ adapter.extra.keys())[:1]:
+            raise CheckpointError(f"{file}: the model's adapter has tensor {name!r}, the file none" if name in own
+                                  else f"{file}: tensor {adapter.extra[name][0]!r} has no place in the model's adapter")
         for name, dst in own.items():
-            src = adapter.visual[name]
+            src_name, src = adapter.extra[name]
             if src.shape != dst.shape:
-                raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(src.shape)}, the model needs "
+                theirs = src_name if src_name == name else f"{src_name} (our {name})"
+                raise CheckpointError(f"{file}: tensor {theirs!r} has shape {tuple(src.shape)}, the model needs "
                                       f"{tuple(dst.shape)}")
             dst.copy_(src)
     return adapter.config
@@ -754,6 +1011,8 @@ def save_checkpoint(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = 
     config.json (LlamaForCausalLM's) and model.safetensors with HF's names and permuted q/k rows, in
     the weights' dtype: load_checkpoint and transformers both read it. Each file is written to a
     temporary name and renamed into place; existing ones are replaced only with overwrite=True.
+    The parameters an adapter adds are left out; the norms a V2 adapter trains are the model's own, and
+    are written as they are.
     """
     folder = Path(path)
     existing = [folder / n for n in ("config.json", "model.safetensors") if (folder / n).exists()]
@@ -762,11 +1021,12 @@ def save_checkpoint(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = 
     c = model.config
     ours_to_hf = {v: k for k, v in _HF_TOP.items()}
     ours_to_hf.update({f"{v}.weight": f"{k}.weight" for k, v in _HF_LAYER.items()})
-    adapter = {id(p) for p in adapter_state_dict(model).values()}
+    adapter = {id(p) for p in fresh_adapter_parameters(model).values()}
     tensors = {}
     for name, p in model.named_parameters():  # a tied output weight is listed once, as tok_embeddings
         if id(p) in adapter:
             continue
+        name = base_name(name)  # a V2-wrapped linear's weight
         layer, _, rest = name.removeprefix("layers.").partition(".")
         hf = ours_to_hf[name] if not name.startswith("layers.") else f"model.layers.{layer}.{ours_to_hf[rest]}"
         t = p.detach().to("cpu")

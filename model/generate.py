@@ -5,9 +5,14 @@
     python -m model.generate --checkpoint CKPT_DIR --instruction "..." --device cpu   # CPU (fp32)
     python -m model.generate --checkpoint llama-7b/ --adapter llama_adapter_len10_layer30_release.pth \\
         --gate-act tanh --instruction "..."            # the official v1 release: gate_act must be chosen
+    python -m model.generate --checkpoint llama-7b/ --adapter 7fa55208..._BIAS-7B.pth --image cat.jpg \\
+        --clip clip-vit-large-patch14/ --instruction "Describe the image."        # the official V2 release
+    python -m model.generate --checkpoint llama-7b/ --adapter runs/chat/adapter.safetensors --template chat \\
+        --instruction "..."                            # a V2 adapter trained on conversations (--template chat)
 
-The instruction goes through the Alpaca template (model/prompt.py), BOS first, as the adapter was
-trained; the answer is streamed, then tokens/s is printed (and peak memory on a GPU). A user error (a
+The instruction goes through the adapter's template (--template: alpaca, or the official V2 chat model's;
+model/prompt.py), BOS first, as the adapter was trained; the answer is streamed, then tokens/s is printed (and
+peak memory on a GPU). V1 and V2 adapters generate alike: every adapted layer runs the fused op. A user error (a
 missing or unusable checkpoint, adapter, tokenizer or image, a flag out of range, --device cuda without
 a GPU) prints one line and exits non-zero (2 for a flag, 1 for a file); the tokenizer and the prompt's
 length are checked before the weights load.
@@ -35,7 +40,7 @@ from .adapter import AdapterConfig
 from .checkpoint import CheckpointError
 from .cli import check_cuda_device, cli_message, parse_dataclass
 from .llama import LLaMA
-from .prompt import alpaca_prompt
+from .prompt import TEMPLATES, format_prompt
 
 PROG = "python -m model.generate"
 
@@ -99,6 +104,7 @@ def _prompt_lists(prompts: Sequence[Sequence[int]] | torch.Tensor, prompt_mask: 
 def stream(model: LLaMA, prompts: Sequence[Sequence[int]] | torch.Tensor, *, max_new_tokens: int,
            prompt_mask: torch.Tensor | None = None, temperature: float = 0.0, top_p: float = 1.0,
            stop_ids: Iterable[int] = (), pad_id: int = 0, visual: torch.Tensor | None = None,
+           image_features: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
            generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) each step, until every row has yielded a stop id or
     max_new_tokens steps. Rows that have stopped keep yielding tokens; ignore them (generate() does).
@@ -109,7 +115,8 @@ def stream(model: LLaMA, prompts: Sequence[Sequence[int]] | torch.Tensor, *, max
         temperature / top_p: 0 is greedy; else sampling from the top-p nucleus.
         stop_ids: tokens that end a row (the tokenizer's stop_ids).
         pad_id: the token put at pad positions (any valid id: pads are masked).
-        visual: (batch, dim) visual token for the adapter prompts (multi-modal).
+        visual: (batch, dim) or (batch, n, dim) visual tokens for the adapter (multi-modal); or image_features
+            (its projector's input) with image_mask (batch,) bool, False for rows without an image (LLaMA.forward).
     """
     rows = _prompt_lists(prompts, prompt_mask)
     check_sampling(temperature, top_p)
@@ -129,7 +136,8 @@ def stream(model: LLaMA, prompts: Sequence[Sequence[int]] | torch.Tensor, *, max
 
     model.setup_cache(len(rows), total)
     try:
-        logits = model(tokens, input_pos=0, left_pad=left_pad, visual=visual, logits_at=-1)  # prefill: (B, vocab)
+        logits = model(tokens, input_pos=0, left_pad=left_pad, visual=visual, image_features=image_features,
+                       image_mask=image_mask, logits_at=-1)  # prefill: (B, vocab)
         for step in range(max_new_tokens):
             next_tokens = sample(logits, temperature=temperature, top_p=top_p, generator=generator)  # (B,)
             yield next_tokens
@@ -167,10 +175,13 @@ class Args:
     """Generation from the command line; every field is a --flag (underscores as dashes)."""
 
     checkpoint: Path = field(metadata={"help": "Meta or Hugging Face checkpoint folder"})
-    instruction: str = field(metadata={"help": "the instruction (Alpaca template)"})
+    instruction: str = field(metadata={"help": "the instruction (in the --template)"})
     input: str = field(default="", metadata={"help": "optional input / context for the instruction"})
     adapter: Path | None = field(default=None, metadata={
-        "help": "adapter: ours (.safetensors), the official v1 .pth, or a PEFT adaption-prompt folder"})
+        "help": "adapter: ours (.safetensors, V1 or V2), the official v1 or V2 release's .pth, a PEFT adaption-prompt "
+                "folder, or litgpt's lit_model.pth.adapter(_v2)"})
+    template: str = field(default="alpaca", metadata={
+        "help": "the prompt template the adapter was trained with (model/prompt.py)", "choices": TEMPLATES})
     gate_act: str | None = field(default=None, metadata={
         "help": "required for the official v1 release, whose gate is ambiguous", "choices": ("tanh", "identity")})
     tokenizer: Path | None = field(default=None, metadata={
@@ -222,24 +233,20 @@ def check_image_args(args: Args, adapter: AdapterConfig | None) -> None:
         error(f"--image {args.image} does not exist")
 
 
-def image_visual_token(model: LLaMA, image: Path, clip: Path, dtype: torch.dtype) -> torch.Tensor:
-    """The visual token (1, dim) of an image through the model's multi-modal adapter (CLIP, then its projector)."""
+def image_features(model: LLaMA, image: Path, clip: Path, dtype: torch.dtype) -> torch.Tensor:
+    """The CLIP features of an image that the model's multi-modal adapter reads: (1, visual_dim), or (1, tokens,
+    visual_dim) for the official V2 release's projector."""
     from .visual import CLIPImageEncoder
 
     device = model.tok_embeddings.weight.device
     try:
-        encoder = CLIPImageEncoder(clip, layers=model.adapter.clip_layers, device=device, dtype=dtype)
+        encoder = CLIPImageEncoder.for_adapter(clip, model.adapter, device=device, dtype=dtype)
     except ValueError as e:  # an incomplete CLIP checkpoint, or fewer layers than the adapter's
         raise SystemExit(f"{PROG}: error: --clip: {e}") from None
-    if encoder.feature_dim != model.adapter.visual_dim:
-        raise SystemExit(f"{PROG}: error: --clip {clip} gives {encoder.feature_dim} features per image, the adapter "
-                         f"was trained on {model.adapter.visual_dim}: not the CLIP model it was trained with")
     try:
-        features = encoder.encode_files([image])
+        return encoder.encode_files([image])
     except ValueError as e:  # not an image
         raise SystemExit(f"{PROG}: error: --image: {e}") from None
-    with torch.no_grad():
-        return model.visual_proj(features)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -266,7 +273,7 @@ def run(args: Args) -> None:
     config = load_config(args.checkpoint, allow_external_files=args.allow_external_files)
     tokenizer = Tokenizer(args.tokenizer or args.checkpoint)
     tokenizer.check_vocab(config.vocab_size)
-    prompt = tokenizer.encode(alpaca_prompt(args.instruction, args.input), bos=True, eos=False)
+    prompt = tokenizer.encode(format_prompt(args.template, args.instruction, args.input), bos=True, eos=False)
     if len(prompt) + args.max_new_tokens > config.max_seq_len:
         raise SystemExit(f"{PROG}: error: the prompt has {len(prompt)} tokens; with --max-new-tokens "
                          f"{args.max_new_tokens} that exceeds the model's context of {config.max_seq_len} tokens")
@@ -276,7 +283,7 @@ def run(args: Args) -> None:
                             allow_external_files=args.allow_external_files).eval()
     if args.adapter:
         load_adapter(model, args.adapter, gate_act=args.gate_act)
-    visual = image_visual_token(model, args.image, args.clip, dtype) if args.image is not None else None
+    features = image_features(model, args.image, args.clip, dtype) if args.image is not None else None
     print(f"loaded {args.checkpoint} ({model.config.n_layers} layers, dim {model.config.dim}"
           f"{', adapter ' + str(args.adapter) if args.adapter else ''}) in {time.perf_counter() - t0:.1f} s",
           file=sys.stderr)
@@ -286,7 +293,8 @@ def run(args: Args) -> None:
     printed = ""
     t0 = time.perf_counter()
     for next_tokens in stream(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, stop_ids=tokenizer.stop_ids, generator=generator, visual=visual):
+                              top_p=args.top_p, stop_ids=tokenizer.stop_ids, generator=generator,
+                              image_features=features):
         token = int(next_tokens[0])
         if token in tokenizer.stop_ids:
             break

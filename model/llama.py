@@ -13,8 +13,13 @@ loads by name and a Hugging Face one after renaming (model/checkpoint.py).
   rotate-half form; the loader undoes that, so both give the same model.
 - GQA: n_kv_heads key/value heads, query head h reads kv head h // (n_heads // n_kv_heads).
 - Attention.attend is the one override point: here plain causal attention through
-  torch's scaled_dot_product_attention; model/adapter.py overrides it in the adapted layers
-  with the zero-init attention op.
+  torch's scaled_dot_product_attention. This file knows nothing of adapters: an adapter is a layer on
+  top of it (model/adapter.py, which imports this file and never the reverse), passed as
+  LLaMA(config, adapter) and plugged in through the three hooks of the AdapterHooks protocol below:
+  each layer's attention (a subclass that overrides attend with the zero-init attention op, or the
+  plain one), what sits outside the attention (LLaMA-Adapter V2's bias and scale on the linears,
+  which it wraps as modules that call them, and its trainable norms; a multi-modal projector), and the
+  per-sample visual input of a forward.
 - Attention implementation, for benchmarks against the official code's formulation:
   `set_attention_impl(model, "eager")` makes every layer's attend compute as the official
   LLaMA-Adapter code does: plain layers through eager_attention (materialised scores, mask,
@@ -24,9 +29,10 @@ loads by name and a Hugging Face one after renaming (model/checkpoint.py).
 
 Forward: `model(tokens, *, input_pos=None, left_pad=None, positions=None, visual=None, image_features=None,
 image_mask=None, logits_at=None)`, tokens (batch, seqlen) int64 -> logits (batch, seqlen, vocab_size).
-- visual: (batch, dim) tokens added to the adapter's prompts (model/adapter.py); image_features:
-  (batch, visual_dim) CLIP features a multi-modal adapter's projector makes into them (model/visual.py),
-  with image_mask (batch,) bool False for rows without an image (they get no visual token).
+- visual, image_features, image_mask: the multi-modal adapter's per-sample input, handed to the adapter
+  (AdapterHooks.visual_input: model/adapter.py checks them): visual tokens (batch, dim) or (batch, n, dim),
+  or CLIP features (batch, visual_dim) its projector makes into them (model/visual.py), with image_mask
+  (batch,) bool False for rows without an image (they get no visual input).
 - logits_at: the output layer (dim x vocab, and the fp32 loss after it) only where logits are used.
   An int t gives (batch, vocab_size), every row's position t (-1: the last, what generation needs);
   a 1-D integer tensor of flat indices into the batch * seqlen positions (row-major) gives
@@ -60,16 +66,13 @@ import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import zero_init_attention
-
-if TYPE_CHECKING:
-    from .adapter import AdapterConfig
 
 
 class ConfigValueError(ValueError):
@@ -217,8 +220,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised in fp32, cast to x's dtype, times the weight; the dtype of x out (also with an fp32 weight
+        and a bf16 x: an adapter that trains the norm keeps its weight in fp32)."""
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return ((x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight).type_as(x)
 
 
 def rope_frequencies(config: LLaMAConfig, device: torch.device | str | None = None) -> torch.Tensor:
@@ -284,7 +289,8 @@ class AttentionContext:
 
     input_pos: int  # cache slot of the first query token
     leftpad_k: torch.Tensor | None  # (B,) int32: pad tokens at the start of each row, None when there are none
-    visual: torch.Tensor | None = None  # (B, dim) visual token for the adapter prompts
+    visual: torch.Tensor | None = None  # the adapter's visual input (AdapterHooks.visual_input), per row
+    visual_mask: torch.Tensor | None = None  # (rows,) bool: rows that have a visual input; None: all of them
     mask: torch.Tensor | None = None  # SDPA boolean mask (T, S) or (B, 1, T, S), True = visible
     is_causal: bool = False  # SDPA's own causal mask (T == S, no padding)
     cu_seqlens: torch.Tensor | None = None  # packed sequences: (num_seqs + 1,) int32 offsets into the one row
@@ -427,61 +433,53 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class LLaMA(nn.Module):
-    """LLaMA, optionally with an adapter (AdapterConfig) in its top adapter_layers layers."""
+class AdapterHooks(Protocol):
+    """What LLaMA(config, adapter) asks of an adapter (model/adapter.py's AdapterConfig): the override points.
 
-    def __init__(self, config: LLaMAConfig, adapter: AdapterConfig | None = None) -> None:
+    attention(config, layer) -> the attention module of block `layer` (Attention itself, or a subclass that
+        overrides attend), built in place of the plain one.
+    attach(model): called once the base is built: adds what sits outside the attention (modules that wrap
+        the frozen linears, trainable norms, a projector) and sets model.first_adapted, the lowest layer the
+        adapter changes (the layers below it run without autograd when nothing there is trained).
+    visual_input(model, visual, image_features, image_mask, rows, what) -> (visual, mask): the per-sample
+        visual input of a forward, checked (rows: its batch or number of packed sequences, named `what`),
+        as AttentionContext.visual and .visual_mask.
+    """
+
+    def attention(self, config: LLaMAConfig, layer: int) -> Attention: ...
+
+    def attach(self, model: LLaMA) -> None: ...
+
+    def visual_input(self, model: LLaMA, visual: torch.Tensor | None, image_features: torch.Tensor | None,
+                     image_mask: torch.Tensor | None, rows: int,
+                     what: str) -> tuple[torch.Tensor | None, torch.Tensor | None]: ...
+
+
+class LLaMA(nn.Module):
+    """LLaMA, optionally with an adapter (model/adapter.py's AdapterConfig) plugged in through AdapterHooks."""
+
+    def __init__(self, config: LLaMAConfig, adapter: AdapterHooks | None = None) -> None:
         super().__init__()
         self.config, self.adapter = config, adapter
-        self.first_adapted = config.n_layers  # index of the first adapted layer
-        if adapter is not None:
-            from .adapter import AdapterAttention  # adapter.py builds on this file's Attention
-
-            if adapter.adapter_layers > config.n_layers:
-                raise ValueError(f"adapter_layers ({adapter.adapter_layers}) exceeds the model's n_layers "
-                                 f"({config.n_layers})")
-            self.first_adapted = config.n_layers - adapter.adapter_layers
+        self.first_adapted = config.n_layers  # the lowest layer an adapter changes (its attach sets it)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(
-            Block(config, Attention(config) if i < self.first_adapted else AdapterAttention(config, adapter))
+            Block(config, Attention(config) if adapter is None else adapter.attention(config, i))
             for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.visual_proj = None  # multi-modal adapters: CLIP features -> the visual token (model/visual.py)
-        if adapter is not None and adapter.visual_dim:
-            from .visual import VisualProjector
-
-            self.visual_proj = VisualProjector(adapter.visual_dim, adapter.visual_hidden, config.dim)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-
-    def _visual_tokens(self, features: torch.Tensor, mask: torch.Tensor | None, visual: torch.Tensor | None,
-                       rows: int, what: str) -> torch.Tensor:
-        """The visual tokens (rows, dim) of image features (rows, visual_dim); zero where mask (rows,) is False."""
-        if self.visual_proj is None:
-            raise ValueError("image_features need a multi-modal adapter (AdapterConfig(visual_dim=...)); this model "
-                             + ("has no adapter" if self.adapter is None else "has a text-only one"))
-        if visual is not None:
-            raise ValueError("give visual (the tokens) or image_features (made into tokens), not both")
-        want = (rows, self.adapter.visual_dim)
-        if not isinstance(features, torch.Tensor) or not features.is_floating_point() or features.shape != want:
-            got = f"{features.dtype} {tuple(features.shape)}" if isinstance(features, torch.Tensor) else type(features)
-            raise ValueError(f"image_features must be floating-point ({what}={rows}, visual_dim={want[1]}), got {got}")
-        tokens = self.visual_proj(features)
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (rows,):
-                got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask)
-                raise ValueError(f"image_mask must be a bool tensor ({what}={rows},), got {got}")
-            tokens = tokens * mask.unsqueeze(1)  # rows without an image: no visual token
-        return tokens
+        if adapter is not None:
+            adapter.attach(self)
 
     def setup_cache(self, batch_size: int, max_seq_len: int, *, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None) -> None:
-        """Give every layer a KV cache of max_seq_len slots (dtype and device of the weights by default)."""
+        """Give every layer a KV cache of max_seq_len slots (dtype and device of the embedding by default)."""
         if max_seq_len <= 0 or batch_size <= 0:
             raise ValueError(f"setup_cache needs a positive batch_size and max_seq_len, got {batch_size}, "
                              f"{max_seq_len}")
-        w = self.layers[0].attention.wk.weight
+        w = self.tok_embeddings.weight  # the activations' dtype (linears may be wrapped or quantized)
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, max_seq_len, self.config.n_kv_heads, self.config.head_dim,
                                                dtype=dtype or w.dtype, device=device or w.device)
@@ -514,14 +512,12 @@ class LLaMA(nn.Module):
         elif max_seqlen is not None:
             raise ValueError("max_seqlen goes with cu_seqlens (packed sequences)")
         rows, what = (cu_seqlens.shape[0] - 1, "num_seqs") if cu_seqlens is not None else (B, "batch")
-        if image_features is not None:
-            visual = self._visual_tokens(image_features, image_mask, visual, rows, what)
-        elif image_mask is not None:
-            raise ValueError("image_mask goes with image_features")
-        if visual is not None and self.adapter is None:
-            raise ValueError("visual is added to the adapter prompts, but this model has no adapter")
-        if visual is not None and visual.shape != (rows, self.config.dim):
-            raise ValueError(f"visual must be ({what}={rows}, dim={self.config.dim}), got {tuple(visual.shape)}")
+        visual_mask = None
+        if visual is not None or image_features is not None or image_mask is not None:
+            if self.adapter is None:
+                raise ValueError("visual, image_features and image_mask are the adapter's input, but this model has "
+                                 "no adapter")
+            visual, visual_mask = self.adapter.visual_input(self, visual, image_features, image_mask, rows, what)
 
         leftpad_k = None if left_pad is None else torch.tensor(left_pad, dtype=torch.int32, device=tokens.device)
         if positions is None and cu_seqlens is not None:  # restart at 0 in each sequence
@@ -536,8 +532,8 @@ class LLaMA(nn.Module):
         rope = rope_cos_sin(positions.expand(B, T), self.config)
         mask, is_causal = (None, False) if cu_seqlens is not None else attention_mask(T, seqlen_k, leftpad_k,
                                                                                       tokens.device)
-        ctx = AttentionContext(input_pos=input_pos, leftpad_k=leftpad_k, visual=visual, mask=mask,
-                               is_causal=is_causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        ctx = AttentionContext(input_pos=input_pos, leftpad_k=leftpad_k, visual=visual, visual_mask=visual_mask,
+                               mask=mask, is_causal=is_causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
         x = self.tok_embeddings(tokens)  # (B, T, dim)
         # Below the first adapted layer nothing is trained: no autograd graph, no saved activations.

@@ -1,11 +1,23 @@
-"""The Alpaca prompt templates, as the official LLaMA-Adapter fine-tuning script uses them.
+"""Prompt templates: the Alpaca template, as the official LLaMA-Adapter fine-tuning scripts (v1 and the V2
+multi-modal one) use it, and the official V2 chat model's conversation template.
 
-One place for training (train/data.py) and generation (model/generate.py): the model must be
-asked in exactly the format it was trained on. There is no newline after "### Response:";
-the response follows it directly.
+One place for training (train/data.py) and generation (model/generate.py): the model must be asked in exactly the
+format it was trained on.
+
+- "alpaca": there is no newline after "### Response:"; the response follows it directly. The official V2
+  multi-modal code (llama_adapter_v2_multimodal7b/data/dataset.py) uses it for every kind of its data: instruction
+  records; image-text pairs, as the instruction CAPTION_INSTRUCTION with the caption as the response; and LLaVA-style
+  image conversations, as their first exchange (the human turn the instruction, the reply the response).
+- "chat": llama_adapter_v2_chat65b's conversation template (conversation.py's "v1", conv_v1_2), without the
+  example exchange its demo puts first: the system line, then "###Human: ...###Assistant: ...###" turns, the open
+  turn "###Assistant:". A conversation is learned turn by turn: each reply with the exchanges before it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+
+TEMPLATES = ("alpaca", "chat")
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -17,6 +29,11 @@ PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:"
 )
+CAPTION_INSTRUCTION = "Generate caption of this image"  # the official V2 code's image-text pairs (PretrainDataset)
+CHAT_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+               "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+CHAT_SEP = "###"
+CHAT_ROLES = ("Human", "Assistant")
 
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:
@@ -24,3 +41,24 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
     if input and input.strip():
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def chat_prompt(message: str, history: Sequence[tuple[str, str]] = ()) -> str:
+    """The official V2 chat template up to the assistant's open turn: the system line, the earlier (human,
+    assistant) exchanges, then the human's message; the reply follows "Assistant:" directly."""
+    human, assistant = CHAT_ROLES
+    text = CHAT_SYSTEM + CHAT_SEP
+    for question, answer in history:
+        text += f"{human}: {question}{CHAT_SEP}{assistant}: {answer}{CHAT_SEP}"
+    return text + f"{human}: {message}{CHAT_SEP}{assistant}:"
+
+
+def format_prompt(template: str, instruction: str, input: str = "", history: Sequence[tuple[str, str]] = ()) -> str:
+    """The prompt in a template of TEMPLATES; with "chat" an input is added to the message on a new line."""
+    if template == "alpaca":
+        if history:
+            raise ValueError("the alpaca template has no earlier turns (history); use template='chat'")
+        return alpaca_prompt(instruction, input)
+    if template == "chat":
+        return chat_prompt(f"{instruction}\n{input}" if input and input.strip() else instruction, history)
+    raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")

@@ -25,6 +25,10 @@ I_p is added to every prompt P_l of every adapted layer, so the prompt keys and 
   generation extracts the same features the adapter was trained on.
 - The encoder is frozen: training computes every image's features once before the first step
   (train/finetune.py --clip), and only the projector and the adapter are trained.
+- LLaMA-Adapter V2 (model/adapter.py): the projector may make several tokens per image (visual_len), which with
+  early fusion are the prompts of the first layers instead of being added to the adaption prompts.
+  QueryProjector is the official V2 release's projection (learned queries through ViT blocks over every CLIP
+  token, CLIPImageEncoder(tokens=True)), built to import that release; train.finetune trains the MLP one.
 """
 
 from __future__ import annotations
@@ -39,20 +43,72 @@ import torch.nn.functional as F
 
 
 class VisualProjector(nn.Module):
-    """The learned projection of the concatenated CLIP features to one visual token: fc2(gelu(fc1(x)))."""
+    """The learned projection of the concatenated CLIP features to visual tokens: fc2(gelu(fc1(x))), fc2 giving
+    `tokens` tokens of width dim (one, the paper's V1; several for V2's early fusion)."""
 
-    def __init__(self, in_dim: int, hidden: int, dim: int) -> None:
+    def __init__(self, in_dim: int, hidden: int, dim: int, tokens: int = 1) -> None:
         super().__init__()
+        self.tokens, self.dim = tokens, dim
         self.fc1 = nn.Linear(in_dim, hidden, dtype=torch.float32)
-        self.fc2 = nn.Linear(hidden, dim, dtype=torch.float32)
+        self.fc2 = nn.Linear(hidden, dim * tokens, dtype=torch.float32)
 
     def reset_parameters(self) -> None:
         self.fc1.reset_parameters()
         self.fc2.reset_parameters()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(rows, in_dim) features -> (rows, dim) visual tokens, fp32."""
-        return self.fc2(F.gelu(self.fc1(features.to(self.fc1.weight.dtype))))
+        """(rows, in_dim) features -> (rows, dim) visual tokens for one token, (rows, tokens, dim) for several; fp32."""
+        out = self.fc2(F.gelu(self.fc1(features.to(self.fc1.weight.dtype))))
+        return out if self.tokens == 1 else out.view(-1, self.tokens, self.dim)
+
+
+class _ViTBlock(nn.Module):
+    """A pre-norm ViT block as timm 0.3's vision_transformer.Block (LayerNorm eps 1e-5, qkv with bias, 4x GELU MLP),
+    whose names (norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2) the official V2 release's files use."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.Module()
+        self.attn.qkv, self.attn.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.attn.qkv(self.norm1(x)).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, C / heads)
+        x = x + self.attn.proj(y.transpose(1, 2).reshape(B, N, C))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class QueryProjector(nn.Module):
+    """The official LLaMA-Adapter V2 release's visual projection (llama_adapter_v2_multimodal7b, BIAS-7B), built to
+    import it: CLIP's tokens (rows, n, clip_dim) -> clip_proj, LayerNorm -> [visual_query (queries, width); them]
+    -> depth ViT blocks -> the first `queries` -> proj, LayerNorm -> (rows, queries, dim) visual tokens, fp32."""
+
+    def __init__(self, clip_dim: int, width: int, depth: int, heads: int, queries: int, dim: int) -> None:
+        super().__init__()
+        self.clip_proj, self.clip_proj_norm = nn.Linear(clip_dim, width), nn.LayerNorm(width)
+        self.visual_query = nn.Parameter(torch.empty(queries, width))
+        self.blocks = nn.ModuleList(_ViTBlock(width, heads) for _ in range(depth))
+        self.proj, self.proj_norm = nn.Linear(width, dim), nn.LayerNorm(dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.LayerNorm)):
+                m.reset_parameters()
+        nn.init.normal_(self.visual_query)  # the official code's nn.Embedding
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(rows, n, clip_dim) CLIP tokens -> (rows, queries, dim)."""
+        x = self.clip_proj_norm(self.clip_proj(tokens.to(self.clip_proj.weight.dtype)))
+        x = torch.cat([self.visual_query.expand(len(x), -1, -1), x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj_norm(self.proj(x[:, :len(self.visual_query)]))
 
 
 def default_clip_layers(depth: int) -> tuple[int, ...]:
@@ -83,11 +139,15 @@ class CLIPImageEncoder:
         layers: the layers whose global features are concatenated, in this order; None: default_clip_layers.
         device, dtype: where the encoder runs and in which dtype on a GPU (bf16 is fine; on a CPU it runs in
             fp32); features come out fp32.
+        tokens: instead, every token of the last layer through CLIP's post_layernorm and its visual projection,
+            (n_tokens, projection_dim) per image: what the official V2 release's projector reads (QueryProjector;
+            OpenAI CLIP's ln_post on all tokens, then @ proj). Needs the projection's weights (a whole CLIP model,
+            or CLIPVisionModelWithProjection); layers is then the last one.
     """
 
     def __init__(self, path: str | os.PathLike, *, layers: Sequence[int] | None = None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        from transformers import CLIPImageProcessor, CLIPVisionModel
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, tokens: bool = False) -> None:
+        from transformers import CLIPImageProcessor, CLIPVisionModel, CLIPVisionModelWithProjection
         from transformers.utils import logging as hf_logging
 
         folder = Path(path)
@@ -103,7 +163,8 @@ class CLIPImageEncoder:
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            self.model, info = CLIPVisionModel.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+            kind = CLIPVisionModelWithProjection if tokens else CLIPVisionModel
+            self.model, info = kind.from_pretrained(folder, local_files_only=True, output_loading_info=True)
         finally:
             hf_logging.set_verbosity(verbosity)
         if info.get("missing_keys") or info.get("mismatched_keys"):
@@ -113,17 +174,40 @@ class CLIPImageEncoder:
         self.model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self.processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
         self.depth = self.model.config.num_hidden_layers
-        self.layers = _normalise_layers(default_clip_layers(self.depth) if layers is None else layers, self.depth)
-        self.feature_dim = len(self.layers) * self.model.config.hidden_size
+        self.tokens = tokens
+        if tokens:
+            self.layers = _normalise_layers((self.depth,) if layers is None else layers, self.depth)
+            if self.layers != (self.depth,):
+                raise ValueError(f"tokens=True reads the last layer ({self.depth}), got layers {tuple(layers)}")
+            self.feature_dim = self.model.config.projection_dim
+        else:
+            self.layers = _normalise_layers(default_clip_layers(self.depth) if layers is None else layers, self.depth)
+            self.feature_dim = len(self.layers) * self.model.config.hidden_size
+
+    @classmethod
+    def for_adapter(cls, path: str | os.PathLike, adapter, *, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> CLIPImageEncoder:
+        """The encoder of the features a multi-modal AdapterConfig was trained on (its clip_layers, or CLIP's tokens
+        for the "query" projector); ValueError when path's CLIP gives features of another width."""
+        tokens = adapter.projector == "query"
+        encoder = cls(path, layers=None if tokens else adapter.clip_layers, device=device, dtype=dtype, tokens=tokens)
+        if encoder.feature_dim != adapter.visual_dim:
+            raise ValueError(f"{path} gives {encoder.feature_dim} features per image{' token' if tokens else ''}, the "
+                             f"adapter was trained on {adapter.visual_dim}: not the CLIP model it was trained with")
+        return encoder
 
     @torch.no_grad()
     def encode(self, images: Sequence) -> torch.Tensor:
-        """PIL images (any mode; converted to RGB) -> (len(images), feature_dim) fp32 features."""
+        """PIL images (any mode; converted to RGB) -> (len(images), feature_dim) fp32 features, or (len(images),
+        n_tokens, feature_dim) with tokens=True."""
         if not len(images):
             raise ValueError("images must hold at least one image")
         pixels = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
-        out = self.model(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True)
         vision = getattr(self.model, "vision_model", self.model)  # transformers 4 nests it, 5 does not
+        if self.tokens:
+            last = vision(pixel_values=pixels.to(self.device, self.dtype)).last_hidden_state  # before post_layernorm
+            return self.model.visual_projection(vision.post_layernorm(last)).float()
+        out = self.model(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True)
         # hidden_states[0] is the embeddings' output, hidden_states[m] block m's; CLS through post_layernorm
         cls = torch.cat([out.hidden_states[m][:, 0] for m in self.layers], dim=0)  # (M * B, width)
         cls = vision.post_layernorm(cls).float()

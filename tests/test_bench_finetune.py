@@ -143,16 +143,21 @@ def test_smoke_run_checks_times_and_writes_rows(benchmark, tmp_path, capsys):
     assert int(idx[("data", "all", shape, "examples")]) == 24
     assert idx[("data", "all", shape, "source")].startswith("synthetic Alpaca-like lengths")
     assert int(idx[("all", "all", shape, "trained_params")]) == 4 * 64 + 2  # K x dim prompts + one gate per head
+    # V2: + a bias and an output scale of the 7 linears (wq wk wv wo w2: 64; w1 w3: 192) of both layers, 5 norms
+    assert int(idx[("all-v2", "all", shape, "trained_params")]) == 4 * 64 + 2 + 2 * 2 * (5 * 64 + 2 * 192) + 5 * 64
+    assert float(idx[("v2_packed", "vs_v1", shape, "real_tokens_per_s_ratio")]) > 0
+    assert "LLaMA-Adapter V2 (v2_packed) at" in out
     mean_len = float(idx[("data", "all", shape, "mean_tokens")])
     for prov in bf.PROVIDERS:
         assert 0 <= float(idx[(prov, "check", shape, "max_err_over_tol")]) <= 1
-        assert idx[(prov, "check", shape, "checked")].split() == list(bf.CHECKED)
+        checked = bf.CHECKED_V2 if prov == "v2_packed" else bf.CHECKED
+        assert idx[(prov, "check", shape, "checked")].split() == list(checked)
         key = lambda metric: (prov, "step", shape, metric)  # noqa: B023
         med, p20, p80 = (float(idx[key(m)]) for m in ("step_median", "step_p20", "step_p80"))
         assert 0 < p20 <= med <= p80
         assert int(idx[key("timed_steps")]) == 2
         processed, real = float(idx[key("processed_tokens_per_s")]), float(idx[key("real_tokens_per_s")])
-        if prov == "ours_packed":
+        if prov in ("ours_packed", "v2_packed"):
             assert real == pytest.approx(processed)  # no padding
             assert int(idx[key("timed_real_tokens")]) == int(idx[key("timed_processed_tokens")])
             assert "varlen" in idx[(prov, "all", shape, "attention")]
@@ -160,7 +165,7 @@ def test_smoke_run_checks_times_and_writes_rows(benchmark, tmp_path, capsys):
             assert real == pytest.approx(processed * mean_len / 64)  # the fill ratio of rows padded to 64
             assert int(idx[key("timed_processed_tokens")]) == 2 * 2 * 64  # 2 steps of 2 rows of 64
             assert idx[(prov, "all", shape, "batching")] == "padded, 2 x 64 tokens per micro-batch"
-        processed_epoch = 52_002 * (mean_len if prov == "ours_packed" else 64)
+        processed_epoch = 52_002 * (mean_len if prov in ("ours_packed", "v2_packed") else 64)
         assert float(idx[key("projected_hours")]) == pytest.approx(5 * processed_epoch / processed / 3600, rel=1e-6)
         assert (key("peak_mem") in idx) == ON_CUDA
     assert "zero_init_attention_ref" in idx[("eager_padded512", "all", shape, "attention")]

@@ -660,3 +660,61 @@ def test_file_level_errors_say_what_the_file_must_be(tmp_path):
         load_records(path)
     assert "pass on_bad_record='skip' to skip them" in str(info.value)  # Python callers read the argument
     assert "pass --on-bad-record skip to skip them" in cli_message(info.value)  # command-line users the flag
+
+
+@pytest.mark.parametrize("make", [lambda d, k: PackedLoader(d, 120, micro_batches_per_step=3, seed=1, kinds=k),
+                                  lambda d, k: PaddedLoader(d, 3, pad_to=60, micro_batches_per_step=2, seed=1,
+                                                            kinds=k)], ids=["packed", "padded"])
+def test_kinds_keep_each_micro_batch_to_one_kind(make):
+    """Joint training's loaders: every micro-batch of one kind (its batch["kind"]), every example once, and each
+    step's targets counted per kind; without kinds the plan is the one of before."""
+    data, _, _ = random_dataset(5, max_len=60)
+    kinds = np.random.default_rng(0).integers(0, 2, len(data))
+    loader, seen = make(data, kinds), Counter()
+    for step in loader.iter_epoch(1):
+        per_kind = Counter()
+        for batch in step.batches:
+            ids = batch["example_ids"].numpy()
+            assert set(kinds[ids].tolist()) == {batch["kind"]}
+            per_kind[batch["kind"]] += batch["num_targets"]
+            seen.update(ids.tolist())
+        assert step.kind_targets == dict(per_kind) and sum(per_kind.values()) == step.num_targets
+    assert seen == Counter(range(len(data)))
+    assert [p.tolist() for p in make(data, None).plan(1)] != [p.tolist() for p in loader.plan(1)]
+    with pytest.raises(ValueError, match=r"kinds must hold one int >= 0 per example"):
+        make(data, kinds[:-1])
+
+
+def test_caption_and_conversation_records(tokenizer):
+    """LLaMA-Adapter V2's data: image-text pairs as the official code's caption instruction; conversations as their
+    first exchange (alpaca, the official multi-modal code) or one example per reply (chat, the official chat
+    model's template); bad ones named."""
+    from model.prompt import CAPTION_INSTRUCTION, chat_prompt
+
+    chat = {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."},
+                              {"from": "user", "value": "And you?"}, {"from": "assistant", "value": "Fine."}],
+            "image": "a.png"}
+    objects = [{"image": "cat.png", "caption": "A cat on a mat."}, chat, {"instruction": "Add 1 and 2.", "output": "3"}]
+    records, report = parse_records(objects)
+    assert records[0] == Record(CAPTION_INSTRUCTION, "", "A cat on a mat.", 0, "cat.png")
+    assert records[0].prompt == alpaca_prompt("Generate caption of this image")
+    assert records[1] == Record("Hi?", "", "Hello.", 1, "a.png") and len(records) == 3
+    records, report = parse_records(objects, template="chat")
+    assert [r.output for r in records] == ["A cat on a mat.", "Hello.", "Fine.", "3"]
+    assert "4 examples" in report.summary()
+    assert records[2].prompt == chat_prompt("And you?", [("Hi?", "Hello.")]) == (
+        "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the human's questions.###Human: Hi?###Assistant: Hello.###Human: And you?"
+        "###Assistant:")
+    data, _ = tokenize_records(records, tokenizer, max_seq_len=512)
+    assert data.source_index.tolist() == [0, 1, 1, 2]
+    bad = [{"caption": "no image"}, {"conversations": [{"from": "gpt", "value": "x"}]},
+           {"conversations": [{"from": "human", "value": "q"}]}, {"instruction": "i", "output": "o", "caption": "c"}]
+    with pytest.raises(DataError) as e:
+        parse_records(bad)
+    assert [str(p) for p in e.value.problems] == [
+        "record 0: field 'image' is missing: a caption record is an image-text pair",
+        "record 1: field 'conversations' turn 0 is from 'gpt'; turns alternate, human first (from: human / user)",
+        "record 2: field 'conversations' has no reply: a human turn needs an assistant turn",
+        "record 3: has both 'instruction' and 'caption': a record is an instruction, an image caption or a "
+        "conversation"]

@@ -166,6 +166,25 @@ def test_command_line_streams_the_answer(checkpoint_dir, capsys):
     assert f"{len(answer)} tokens in " in captured.err and "tokens/s" in captured.err
 
 
+def test_command_line_with_a_v2_adapter_and_the_chat_template(checkpoint_dir, tmp_path, capsys):
+    """A V2 adapter file generates like a V1 one (the model is built from its metadata); --template chat asks in the
+    official V2 chat model's template."""
+    from model import AdapterConfig
+    from model.prompt import chat_prompt
+
+    model = load_checkpoint(checkpoint_dir, adapter=AdapterConfig(adapter_len=4, adapter_layers=1, version=2))
+    set_adapter_(model, seed=6)
+    with torch.no_grad():
+        model.layers[0].feed_forward.w2.bias.normal_(generator=torch.Generator().manual_seed(7))
+    path = save_adapter(model, tmp_path / "v2.safetensors")
+    main(["--checkpoint", str(checkpoint_dir), "--adapter", str(path), "--template", "chat", "--instruction",
+          "Tell me about alpacas.", "--max-new-tokens", "5", "--temperature", "0"])
+    tokenizer = Tokenizer(checkpoint_dir)
+    tokens = tokenizer.encode(chat_prompt("Tell me about alpacas."), bos=True)
+    answer = generate(model.eval(), [tokens], max_new_tokens=5, stop_ids=tokenizer.stop_ids)[0]
+    assert answer and capsys.readouterr().out == tokenizer.decode(answer) + "\n"
+
+
 def test_command_line_errors(checkpoint_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(checkpoint_dir)])  # --instruction is required

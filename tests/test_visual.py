@@ -23,6 +23,7 @@ from model import (
     LLaMA,
     LLaMAConfig,
     Tokenizer,
+    adapter_groups,
     adapter_layers,
     adapter_state_dict,
     alpaca_prompt,
@@ -30,6 +31,7 @@ from model import (
     load_checkpoint,
     mark_only_adapter_as_trainable,
     read_adapter_config,
+    reset_adapter,
     save_adapter,
     save_checkpoint,
     set_attention_impl,
@@ -175,9 +177,9 @@ def test_encoder_bad_input(clip, images, tmp_path):
 # The model
 
 
-def mm_model(visual_dim: int = 2 * WIDTH, *, seed: int = 0) -> LLaMA:
+def mm_model(visual_dim: int = 2 * WIDTH, *, seed: int = 0, **adapter_fields) -> LLaMA:
     adapter = AdapterConfig(adapter_len=4, adapter_layers=1, visual_dim=visual_dim, visual_hidden=16,
-                            clip_layers=(2, 4))
+                            clip_layers=(2, 4), **adapter_fields)
     torch.manual_seed(seed)
     config = LLaMAConfig(name="tiny-mm", dim=64, n_layers=2, n_heads=2, vocab_size=120, multiple_of=32,
                          max_seq_len=128)
@@ -298,17 +300,19 @@ def test_adapter_file_round_trip_with_the_projector(tmp_path):
         load_adapter(fresh, tmp_path / "text.safetensors")
 
 
-def test_the_adapter_learns_to_read_the_image(clip, images):
-    """Colour questions whose answer only the image tells: trained (the eager formulation, for speed), the model
-    answers each colour right, and a swapped image swaps the answer."""
+V2_EARLY = dict(version=2, fusion="early", visual_len=2)
+
+
+@pytest.mark.parametrize("kind", [{}, V2_EARLY], ids=["v1", "v2-early-fusion"])
+def test_the_adapter_learns_to_read_the_image(kind, clip, images):
+    """Colour questions whose answer only the image tells: trained from a fresh adapter (the eager formulation, for
+    speed), the model answers each colour right, and a swapped image swaps the answer. V2 with early fusion learns it
+    through the first layer's visual prompts alone: with its visual gate closed, every colour gets one answer."""
     encoder = CLIPImageEncoder(clip, layers=(2, 4))
     names = list(COLOURS)
     features = encoder.encode_files([images[n] for n in names])
-    model = mm_model()
+    model = reset_adapter(mm_model(**kind))  # gates 0, biases 0, scales 1, as fine-tuning starts
     set_attention_impl(model, "eager")
-    with torch.no_grad():
-        for m in adapter_layers(model).values():  # gates 0, as fine-tuning starts
-            m.gate.zero_()
     mark_only_adapter_as_trainable(model)
     # the question is the same tokens for every colour; each answer is one token id of its own
     question = torch.tensor([[1, 5, 6, 7, 8, 9]]).expand(3, 6)
@@ -324,6 +328,9 @@ def test_the_adapter_learns_to_read_the_image(clip, images):
         assert model(question, image_features=features, logits_at=-1).argmax(-1).tolist() == answers.tolist()
         swapped = model(question, image_features=features[[2, 0, 1]], logits_at=-1).argmax(-1)
         assert swapped.tolist() == answers[[2, 0, 1]].tolist()
+        if kind:
+            model.layers[0].attention.visual_gate.zero_()
+            assert len(set(model(question, image_features=features, logits_at=-1).argmax(-1).tolist())) == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -375,6 +382,52 @@ def test_finetune_with_images_trains_the_projector_and_resumes_exactly(checkpoin
     plain = run(ft_config(checkpoint, text, tmp_path / "plain", None, clip_layers=None))
     key = next(k for k in plain.adapter if k.endswith("adapter_prompt"))
     assert not torch.equal(plain.adapter[key], whole.adapter[key])
+
+
+def test_joint_training_routes_each_kind_to_its_own_parameters(checkpoint, clip, images, tmp_path):
+    """V2 with early fusion and --joint-training, on image records (captions among them) and text records: each
+    micro-batch holds one kind; an image micro-batch's gradients reach the projector and the early gate only, a text
+    micro-batch's everything else; a group with no example in a step is not updated; both groups train."""
+    from train.finetune import JointTraining
+
+    model = reset_adapter(mm_model(**V2_EARLY))
+    mark_only_adapter_as_trainable(model)
+    joint = JointTraining(model)
+    state, groups = adapter_state_dict(model), adapter_groups(model)
+    visual, language = ([state[n] for n in groups[g]] for g in ("visual", "language"))
+    assert {n for n in adapter_groups(model)["visual"] if not n.startswith("visual_proj.")} == {
+        "layers.0.attention.visual_gate"}
+    tokens = torch.randint(0, 120, (1, 9), generator=torch.Generator().manual_seed(0))
+    features = torch.randn(1, 2 * WIDTH, generator=torch.Generator().manual_seed(1))
+    step = type("Step", (), {"kind_targets": {0: 5, 1: 8}})()
+    for kind, reached, untouched in ((1, visual, language), (0, language, visual)):
+        model.zero_grad(set_to_none=True)
+        assert joint.route({"kind": kind}, step) == step.kind_targets[kind]
+        model(tokens, image_features=features, image_mask=torch.tensor([kind == 1])).square().mean().backward()
+        assert any(p.grad.abs().max() > 0 for p in reached), kind
+        assert all(not p.grad.any() for p in untouched), kind
+    joint.drop_absent(type("Step", (), {"kind_targets": {1: 8}})())
+    assert all(p.grad is None for p in language) and all(p.grad is not None for p in visual)
+    joint.close()
+
+    data = images["red"].parent / "joint.json"
+    records = mm_records(images, images["red"].parent)
+    records += [{"image": records[1]["image"], "caption": "green"}]  # an image-text pair: "Generate caption ..."
+    data.write_text(json.dumps(records))
+    result = run(ft_config(checkpoint, data, tmp_path / "joint", clip, adapter_version=2, joint_training=True,
+                           eval_size=0, epochs=1, token_budget=64))
+    fresh = adapter_state_dict(reset_adapter(load_checkpoint(checkpoint, adapter=result.model.adapter)))
+    moved = {k for k, t in result.adapter.items() if not torch.equal(t, fresh[k])}
+    assert {"visual_proj.fc1.weight", "layers.0.attention.visual_gate", "layers.1.attention.gate",
+            "layers.0.feed_forward.w1.bias", "norm.weight"} <= moved
+    text_only = tmp_path / "text.json"
+    text_only.write_text(json.dumps(records[-3:-1]))
+    with pytest.raises(ValueError, match="--fusion, --visual-len, --visual-layers and --joint-training go with --clip"):
+        ft_config(checkpoint, text_only, tmp_path / "t", None, clip_layers=None, joint_training=True)
+    data.write_text(json.dumps(records[:6]))
+    with pytest.raises(UsageError, match="--joint-training .* are all image records"):
+        run(ft_config(checkpoint, data, tmp_path / "images", clip, adapter_version=2, joint_training=True,
+                      eval_size=0))
 
 
 def test_finetune_image_errors(checkpoint, clip, images, tmp_path):

@@ -17,16 +17,23 @@
         optimizer.step()
     (Under DDP, which averages gradients over ranks, multiply by world_size as well.)
 
-Records (Alpaca format)
-    {"instruction": non-empty string, "input": string (optional, may be empty), "output": non-empty string}
-    as a JSON list, or as JSON Lines (one object per line; blank lines ignored). Other keys are ignored,
-    but for "image" (multi-modal data, model/visual.py): the example's image file, a non-empty string, or
-    null / absent for a text-only example; Record.image keeps it as written (train/finetune.py --clip
-    resolves it and encodes the images).
-    Bad records are reported by index (0-based, in file order; JSONL adds the line number) and field.
+Records, as a JSON list, or as JSON Lines (one object per line; blank lines ignored), of three kinds:
+    Alpaca: {"instruction": non-empty string, "input": string (optional, may be empty), "output": non-empty string}
+    image-text pairs (LLaMA-Adapter V2's captioning data): {"image": file, "caption": non-empty string}, trained
+        as the instruction model/prompt.py's CAPTION_INSTRUCTION ("Generate caption of this image", the official
+        V2 code's) with the caption as the response
+    conversations (ShareGPT / LLaVA style): {"conversations": [{"from": "human", "value": ...}, {"from": "gpt",
+        "value": ...}, ...]} ("user" / "assistant" too), human first, the turns alternating, optionally with an
+        "image": in the "alpaca" template its first exchange is the example (the official V2 multi-modal code's
+        rule); in the "chat" template (model/prompt.py) every reply is an example, with the exchanges before it
+Other keys are ignored, but for "image" (multi-modal data, model/visual.py): the example's image file, a
+non-empty string, or null / absent for a text-only example; Record.image keeps it as written
+(train/finetune.py --clip resolves it and encodes the images).
+Bad records are reported by index (0-based, in file order; JSONL adds the line number) and field.
 
 Tokenization (the official LLaMA-Adapter script's, one boundary detail aside)
-    prompt = alpaca_prompt(instruction, input)     (model/prompt.py: nothing after "### Response:")
+    prompt = format_prompt(template, instruction, input, history)   (model/prompt.py; alpaca: nothing after
+                                                                      "### Response:")
     tokens = encode(prompt, bos=True, eos=False) + encode(output, bos=False, eos=True)
     Prompt and output are encoded separately and concatenated. The official script encodes
     prompt + output as one string and masks its first len(encode(prompt)) positions; but a
@@ -95,7 +102,7 @@ import numpy as np
 import torch
 
 from model.cli import remedy_text
-from model.prompt import alpaca_prompt
+from model.prompt import CAPTION_INSTRUCTION, TEMPLATES, format_prompt
 
 log = logging.getLogger(__name__)
 
@@ -124,17 +131,20 @@ class TokenizerLike(Protocol):
 
 @dataclass(frozen=True)
 class Record:
-    """One Alpaca example. index: its 0-based position in the source file (None if built by hand)."""
+    """One example. index: the 0-based position of its record in the source file (None if built by hand); a
+    conversation gives one example per reply in the chat template, all with its index."""
 
     instruction: str
     input: str
     output: str
     index: int | None = None
     image: str | None = None  # multi-modal data: the example's image file, as the record gives it
+    template: str = "alpaca"  # model/prompt.py's TEMPLATES
+    history: tuple[tuple[str, str], ...] = ()  # chat: the (human, assistant) exchanges before this one
 
     @property
     def prompt(self) -> str:
-        return alpaca_prompt(self.instruction, self.input)
+        return format_prompt(self.template, self.instruction, self.input, self.history)
 
 
 @dataclass(frozen=True)
@@ -172,6 +182,7 @@ class LoadReport:
     num_records: int
     problems: list[RecordProblem] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
+    num_examples: int = 0  # the records' examples (a conversation in the chat template gives one per reply)
 
     @property
     def num_loaded(self) -> int:
@@ -179,6 +190,8 @@ class LoadReport:
 
     def summary(self) -> str:
         text = f"{self.source} ({self.format}): {self.num_loaded} of {self.num_records} records loaded"
+        if self.num_examples != self.num_loaded:
+            text += f" ({self.num_examples} examples)"
         if self.skipped:
             text += f"; skipped {len(self.skipped)} bad record(s):\n" + _listing(self.problems)
         return text
@@ -206,10 +219,58 @@ def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
-def _check_record(obj: object, index: int, line: int | None) -> tuple[Record | None, list[RecordProblem]]:
+_HUMAN, _ASSISTANT = ("human", "user"), ("gpt", "assistant", "chatgpt", "bard")
+
+
+def _check_conversation(obj: dict, index: int, line: int | None) -> tuple[list[tuple[str, str]], list[RecordProblem]]:
+    """The (human, assistant) exchanges of a conversations record, or what is wrong with it."""
+    turns = obj["conversations"]
+    if not isinstance(turns, list) or not turns:
+        return [], [RecordProblem(index, "conversations", "must be a non-empty list of turns", line)]
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or \
+                not isinstance(turn.get("value"), str) or not turn["value"].strip():
+            return [], [RecordProblem(index, "conversations", f"turn {i} must be an object with a 'from' string and a "
+                                                              "non-empty 'value' string", line)]
+        want = _HUMAN if i % 2 == 0 else _ASSISTANT
+        if turn["from"].lower() not in want:
+            return [], [RecordProblem(index, "conversations", f"turn {i} is from {turn['from']!r}; turns alternate, "
+                                                              f"human first (from: {' / '.join(want)})", line)]
+    if len(turns) < 2:
+        return [], [RecordProblem(index, "conversations", "has no reply: a human turn needs an assistant turn", line)]
+    return [(turns[i]["value"], turns[i + 1]["value"]) for i in range(0, len(turns) - 1, 2)], []
+
+
+def _check_record(obj: object, index: int, line: int | None,
+                  template: str = "alpaca") -> tuple[list[Record], list[RecordProblem]]:
+    """The examples of one record (one, or one per reply of a conversation in the chat template), or its problems."""
     if not isinstance(obj, dict):
-        return None, [RecordProblem(index, None, f"is a JSON {_json_type(obj)}, not an object", line)]
+        return [], [RecordProblem(index, None, f"is a JSON {_json_type(obj)}, not an object", line)]
     problems, values = [], {}
+    image = obj.get("image")
+    if image is not None and (not isinstance(image, str) or not image.strip()):
+        what = "is empty" if isinstance(image, str) else f"is a JSON {_json_type(image)}, not a string"
+        problems.append(RecordProblem(index, "image", f"{what} (a file name, or null / absent for no image)", line))
+    kinds = [k for k in ("instruction", "caption", "conversations") if k in obj]
+    if len(kinds) > 1:
+        return [], problems + [RecordProblem(index, None, f"has both {kinds[0]!r} and {kinds[1]!r}: a record is an "
+                                                          "instruction, an image caption or a conversation", line)]
+    if kinds == ["conversations"]:
+        exchanges, more = _check_conversation(obj, index, line)
+        if problems or more:
+            return [], problems + more
+        if template == "alpaca":  # the official V2 multi-modal code: the first exchange
+            exchanges = exchanges[:1]
+        return [Record(q, "", a, index, image, template, tuple(exchanges[:i])) for i, (q, a) in
+                enumerate(exchanges)], []
+    if kinds == ["caption"]:
+        caption = obj["caption"]
+        if not isinstance(caption, str) or not caption.strip():
+            what = "is empty" if isinstance(caption, str) else f"is a JSON {_json_type(caption)}, not a string"
+            problems.append(RecordProblem(index, "caption", what, line))
+        if image is None:
+            problems.append(RecordProblem(index, "image", "is missing: a caption record is an image-text pair", line))
+        return ([], problems) if problems else ([Record(CAPTION_INSTRUCTION, "", caption, index, image, template)], [])
     for name in ("instruction", "input", "output"):
         required = name != "input"
         if name not in obj:
@@ -222,13 +283,9 @@ def _check_record(obj: object, index: int, line: int | None) -> tuple[Record | N
             problems.append(RecordProblem(index, name, "is empty", line))
         else:
             values[name] = obj[name]
-    image = obj.get("image")
-    if image is not None and (not isinstance(image, str) or not image.strip()):
-        what = "is empty" if isinstance(image, str) else f"is a JSON {_json_type(image)}, not a string"
-        problems.append(RecordProblem(index, "image", f"{what} (a file name, or null / absent for no image)", line))
     if problems:
-        return None, problems
-    return Record(values["instruction"], values["input"], values["output"], index, image), []
+        return [], problems
+    return [Record(values["instruction"], values["input"], values["output"], index, image, template)], []
 
 
 class _InvalidJSON(str):
@@ -236,18 +293,19 @@ class _InvalidJSON(str):
 
 
 def _collect(items: Sequence[tuple[int, int | None, object]], on_bad_record: str, source: str,
-             fmt: str) -> tuple[list[Record], LoadReport]:
+             fmt: str, template: str) -> tuple[list[Record], LoadReport]:
     records, report = [], LoadReport(source, fmt, len(items))
     for index, line, obj in items:
         if isinstance(obj, _InvalidJSON):
-            record, problems = None, [RecordProblem(index, None, f"is not valid JSON: {obj}", line)]
+            examples, problems = [], [RecordProblem(index, None, f"is not valid JSON: {obj}", line)]
         else:
-            record, problems = _check_record(obj, index, line)
+            examples, problems = _check_record(obj, index, line, template)
         if problems:
             report.problems.extend(problems)
             report.skipped.append(index)
         else:
-            records.append(record)
+            records.extend(examples)
+    report.num_examples = len(records)
     if report.skipped and on_bad_record == "error":
         raise DataError(f"{source}: {len(report.skipped)} bad record(s) of {len(items)}:\n"
                         f"{_listing(report.problems)}\n"
@@ -262,12 +320,13 @@ def _collect(items: Sequence[tuple[int, int | None, object]], on_bad_record: str
 
 
 def parse_records(objects: Sequence[object], *, on_bad_record: Literal["error", "skip"] = "error",
-                  source: str = "records") -> tuple[list[Record], LoadReport]:
+                  source: str = "records", template: str = "alpaca") -> tuple[list[Record], LoadReport]:
     """Records from already parsed objects (e.g. a JSON list), checked as load_records checks them."""
     _check_choice("on_bad_record", on_bad_record, ("error", "skip"))
+    _check_choice("template", template, TEMPLATES)
     if isinstance(objects, (str, bytes, dict)) or not isinstance(objects, Sequence):
         raise TypeError(f"objects must be a sequence of records (dicts), got {type(objects).__name__}")
-    return _collect([(i, None, obj) for i, obj in enumerate(objects)], on_bad_record, source, "objects")
+    return _collect([(i, None, obj) for i, obj in enumerate(objects)], on_bad_record, source, "objects", template)
 
 
 def _detect_format(path: Path, text: str) -> str:
@@ -297,8 +356,9 @@ def _read_text(path: Path) -> str:
 
 
 def load_records(path: str | Path, *, on_bad_record: Literal["error", "skip"] = "error",
-                 format: Literal["auto", "json", "jsonl"] = "auto") -> tuple[list[Record], LoadReport]:
-    """Load Alpaca records from a JSON list or a JSONL file.
+                 format: Literal["auto", "json", "jsonl"] = "auto",
+                 template: str = "alpaca") -> tuple[list[Record], LoadReport]:
+    """Load records (Alpaca, image-text pairs, conversations: the module docstring) from a JSON list or a JSONL file.
 
     Arguments:
         path: the file, UTF-8. format "auto": JSONL if it is named *.jsonl or *.ndjson, else JSON if its first
@@ -306,12 +366,15 @@ def load_records(path: str | Path, *, on_bad_record: Literal["error", "skip"] = 
             error: one record is a list of one, or a line of a .jsonl file), else JSONL.
         on_bad_record: "error" raises a DataError that lists every bad record (index, line for JSONL,
             field, what is wrong); "skip" leaves them out, logs a warning and lists them in the report.
+        template: the prompt template of the examples (model/prompt.py's TEMPLATES: "alpaca" or "chat").
     Returns:
-        (records, report): the good records in file order, each with its index; the LoadReport.
+        (records, report): the examples of the good records in file order, each with its record's index; the
+        LoadReport.
     Raises DataError for a file that is not a JSON list or JSONL, or that has no usable record.
     """
     _check_choice("on_bad_record", on_bad_record, ("error", "skip"))
     _check_choice("format", format, ("auto", "json", "jsonl"))
+    _check_choice("template", template, TEMPLATES)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -339,7 +402,7 @@ def load_records(path: str | Path, *, on_bad_record: Literal["error", "skip"] = 
             except json.JSONDecodeError as e:
                 obj = _InvalidJSON(f"{e.msg} at column {e.colno}")
             items.append((len(items), lineno, obj))
-    return _collect(items, on_bad_record, str(path), fmt)
+    return _collect(items, on_bad_record, str(path), fmt, template)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -573,17 +636,24 @@ class Step:
     num_tokens: int  # computed, padding included
     num_real_tokens: int
     num_targets: int
+    kind_targets: dict[int, int] | None = None  # with kinds: the step's targets per kind (all ranks)
 
 
 class _Loader:
     """The plan of an epoch, its steps, their share for this rank, resuming; subclasses collate."""
 
     def __init__(self, data: TokenizedDataset, *, micro_batches_per_step: int | None, shuffle: bool, seed: int,
-                 rank: int, world_size: int):
+                 rank: int, world_size: int, kinds: Sequence[int] | None = None):
         if not isinstance(data, TokenizedDataset):
             raise TypeError(f"data must be a TokenizedDataset, got {type(data).__name__}")
         if not len(data):
             raise ValueError("data has no examples")
+        if kinds is not None:
+            kinds = np.asarray(kinds)
+            if kinds.shape != (len(data),) or kinds.dtype.kind not in "iu" or (kinds < 0).any():
+                raise ValueError(f"kinds must hold one int >= 0 per example ({len(data)}), got {kinds.dtype} "
+                                 f"{kinds.shape}")
+        self.kinds = kinds
         _check_int("world_size", world_size, 1)
         _check_int("rank", rank, 0)
         if rank >= world_size:
@@ -639,7 +709,15 @@ class _Loader:
             if w > 1:  # every rank runs m // w passes, also in a short last step
                 mine += [self._filler() for _ in range(m // w - len(mine))]
             counts = np.array([self._counts(ids) for ids in micro]).sum(0)
-            yield Step(epoch, index, mine, *(int(c) for c in counts))
+            kind_targets = None
+            if self.kinds is not None:  # each micro-batch holds one kind
+                for batch in mine:
+                    batch["kind"] = int(self.kinds[batch["example_ids"][0]]) if len(batch["example_ids"]) else -1
+                kind_targets = {}
+                for ids in micro:
+                    kind = int(self.kinds[ids[0]])
+                    kind_targets[kind] = kind_targets.get(kind, 0) + int(self.data.num_targets[ids].sum())
+            yield Step(epoch, index, mine, *(int(c) for c in counts), kind_targets=kind_targets)
 
     def _counts(self, ids: np.ndarray) -> tuple[int, int, int, int]:
         """(examples, computed tokens, real tokens, targets) of a micro-batch."""
@@ -663,7 +741,9 @@ class PackedLoader(_Loader):
     """Whole examples packed into micro-batches of at most token_budget tokens, without padding.
 
     Packing: best fit (each example goes to the open micro-batch it fills the most, or a new one)
-    over the epoch's shuffled order; micro-batches come in the order they were opened.
+    over the epoch's shuffled order; micro-batches come in the order they were opened. With kinds (an int
+    per example: joint training's text and image records), each micro-batch holds examples of one kind,
+    its batch["kind"], and each step counts its targets per kind (Step.kind_targets).
 
     Arguments:
         data: a TokenizedDataset; every example must fit the budget (tokenize with
@@ -673,12 +753,14 @@ class PackedLoader(_Loader):
             world_size); a multiple of world_size. Global budget: micro_batches_per_step * token_budget.
         shuffle, seed: the order of each epoch is a permutation seeded by (seed, epoch).
         rank, world_size: this process's share of each step (see the module docstring).
+        kinds: None, or an int per example; micro-batches then hold one kind each (joint training).
     """
 
     def __init__(self, data: TokenizedDataset, token_budget: int, *, micro_batches_per_step: int | None = None,
-                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 kinds: Sequence[int] | None = None):
         super().__init__(data, micro_batches_per_step=micro_batches_per_step, shuffle=shuffle, seed=seed,
-                         rank=rank, world_size=world_size)
+                         rank=rank, world_size=world_size, kinds=kinds)
         _check_int("token_budget", token_budget, 1)
         self._check_longest_fits("token_budget", token_budget, "tokenize with max_seq_len <= token_budget, or "
                                  "raise token_budget")
@@ -688,8 +770,9 @@ class PackedLoader(_Loader):
         lengths, budget = self.data.lengths, self.token_budget
         shortest = int(lengths.min())
         bins: list[list[int]] = []
-        room: list[tuple[int, int]] = []  # (free tokens, bin) of the bins that can still take an example, sorted
+        rooms: dict[int, list[tuple[int, int]]] = {}  # per kind: (free tokens, bin) of the bins with room, sorted
         for i in order.tolist():
+            room = rooms.setdefault(0 if self.kinds is None else int(self.kinds[i]), [])
             size = int(lengths[i])
             j = bisect_left(room, (size, -1))  # the tightest bin with room for it
             if j == len(room):
@@ -742,15 +825,16 @@ class PaddedLoader(_Loader):
         data: a TokenizedDataset; with an int pad_to, every example must fit it.
         batch_size: examples per micro-batch (the last one of an epoch may have fewer).
         pad_to: the row length (512, the official script's), or "longest": the batch's longest example.
-        micro_batches_per_step, shuffle, seed, rank, world_size: as for PackedLoader. The global batch
+        micro_batches_per_step, shuffle, seed, rank, world_size, kinds: as for PackedLoader (with kinds, a
+            micro-batch holds batch_size examples of one kind, in the order they fill up). The global batch
             size is micro_batches_per_step * batch_size.
     """
 
     def __init__(self, data: TokenizedDataset, batch_size: int, *, pad_to: int | Literal["longest"] = 512,
                  micro_batches_per_step: int | None = None, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, kinds: Sequence[int] | None = None):
         super().__init__(data, micro_batches_per_step=micro_batches_per_step, shuffle=shuffle, seed=seed,
-                         rank=rank, world_size=world_size)
+                         rank=rank, world_size=world_size, kinds=kinds)
         _check_int("batch_size", batch_size, 1)
         if pad_to != "longest":
             _check_int("pad_to", pad_to, 1)
@@ -758,7 +842,15 @@ class PaddedLoader(_Loader):
         self.batch_size, self.pad_to = batch_size, pad_to
 
     def _plan(self, order: np.ndarray) -> list[np.ndarray]:
-        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.kinds is None:
+            return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches, filling = [], {}  # with kinds: batch_size examples of one kind, in the order they fill up
+        for i in order.tolist():
+            batch = filling.setdefault(int(self.kinds[i]), [])
+            batch.append(i)
+            if len(batch) == self.batch_size:
+                batches.append(filling.pop(int(self.kinds[i])))
+        return batches + list(filling.values())
 
     def _row_length(self, lengths: np.ndarray) -> int:
         return int(lengths.max()) if self.pad_to == "longest" else self.pad_to

@@ -15,10 +15,21 @@ several processes (DDP / FSDP2).
     python -m train.finetune --checkpoint llama-7b/ --data alpaca_data.json --out runs/alpaca-7b --resume
     # multi-modal: records with an "image" file, a local CLIP model (model/visual.py)
     python -m train.finetune --checkpoint llama-7b/ --data sqa.json --out runs/sqa-7b --clip clip-vit-large-patch14/
+    # LLaMA-Adapter V2: biases, scales and norms trained too (the official code's 31 layers of prompts, its blr)
+    python -m train.finetune --checkpoint llama-7b/ --data alpaca_data.json --out runs/v2-7b --adapter-version 2 \\
+        --adapter-layers 31 --blr 1e-3 --weight-decay 0.05
+    # V2, multi-modal: early fusion, and the paper's joint training on image-text pairs mixed with instructions
+    python -m train.finetune --checkpoint llama-7b/ --data captions_and_alpaca.json --out runs/v2-mm \\
+        --adapter-version 2 --adapter-layers 31 --clip clip-vit-large-patch14/ --joint-training
 
 The model: load_checkpoint (Meta or HF) with a fresh adapter (prompts N(0, 1), gates 0: the model
 starts as the base) in its top --adapter-layers layers; the base is frozen and cast to --dtype
 (bf16 on a GPU, fp32 on a CPU; fp16 uses loss scaling, torch.amp.GradScaler), the adapter stays fp32.
+--adapter-version 2 (LLaMA-Adapter V2, model/adapter.py) also trains a bias (zero-init) and a scale (one-init) of
+every linear layer of every layer, y = s * (W x + b) (--v2-scale output, the paper's and litgpt's) or
+y = W (s * x) + b (--v2-scale input, the official V2 code's), the output layer's too with --v2-output-layer
+(litgpt's), and every norm (fp32): the fresh model is still the base, bit for bit; the backward then reaches
+every layer. --template chat formats the examples in the official V2 chat model's template (model/prompt.py).
 Data: train/data.py (Alpaca JSON / JSONL, bad records reported by index, loss on response tokens only),
 a seeded held-out split (--eval-size) whose loss is computed after every epoch.
 
@@ -30,6 +41,13 @@ each sequence of a batch then carries its image's features, and the model's proj
 token added to its prompts. Records without an image get no visual token. A missing or unreadable image, one over
 Pillow's pixel limit (a decompression bomb), or one that leads outside --image-root ("..", an absolute path, a
 link; allowed by --allow-external-files) stops the run before anything is written, naming its record.
+With V2 the image goes in by early fusion (--fusion early, its default): the projector makes --visual-len (10)
+tokens, the prompts of the first --visual-layers (1) layers with their own zero-init gates, apart from the
+adaption prompts of the top layers (--fusion prompts adds them to those instead, as V1 and the official V2
+release do). --joint-training (the V2 paper's joint training with disjoint parameters): image records (image-text
+pairs {"image", "caption"} among them) train the projector and the early gates, text records the rest; each
+micro-batch holds one kind, its loss is divided by its kind's targets in the step, and a group none of whose
+records is in a step is not updated in it (JointTraining; with DDP, not with --fsdp).
 
 Batches (train/data.py's module docstring has the details)
 - Packed (the default): whole examples in micro-batches of at most --token-budget tokens, no padding;
@@ -118,6 +136,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -137,6 +156,8 @@ from model import (
     CheckpointError,
     LLaMA,
     Tokenizer,
+    adapter_groups,
+    adapter_state_dict,
     cast_base,
     load_checkpoint,
     load_config,
@@ -144,14 +165,16 @@ from model import (
     save_adapter,
     write_atomic,
 )
-from model.adapter import GATE_ACTS, GATES
+from model.adapter import FUSIONS, GATE_ACTS, GATES, SCALES, VERSIONS
 from model.checkpoint import ADAPTER_FORMAT
 from model.cli import build_parser, check_cuda_device, cli_message, parse_dataclass
+from model.prompt import TEMPLATES
 from train.data import (
     IGNORE_INDEX,
     DataError,
     PackedLoader,
     PaddedLoader,
+    Step,
     TokenizedDataset,
     load_records,
     split_eval,
@@ -221,6 +244,17 @@ class FinetuneConfig:
     gate: str = field(default="head", metadata={"help": "one gate per head or per layer", "choices": GATES})
     gate_act: str = field(default="tanh", metadata={"help": "tanh(gate) (the paper's) or the raw gate",
                                                     "choices": GATE_ACTS})
+    adapter_version: int = field(default=1, metadata={
+        "help": "1: LLaMA-Adapter; 2: LLaMA-Adapter V2, which also trains a bias and a scale of every linear layer "
+                "and the norms (and fuses images early with --clip)", "choices": VERSIONS})
+    v2_scale: str = field(default="output", metadata={
+        "help": "V2: where the scale sits: output, y = s * (W x + b) (the paper's, litgpt's), or input, "
+                "y = W (s * x) + b (the official V2 code's)", "choices": SCALES})
+    v2_output_layer: bool = field(default=False, metadata={
+        "help": "V2: a bias and a scale on the output layer too (litgpt's adapter_v2 does; the official code not)"})
+    template: str = field(default="alpaca", metadata={
+        "help": "prompt template (model/prompt.py): alpaca, or chat (the official V2 chat model's: conversation "
+                "records give one example per reply)", "choices": TEMPLATES})
     # multi-modal (model/visual.py)
     clip: Path | None = field(default=None, metadata={
         "help": "multi-modal: a local CLIP model folder; the records' \"image\" files are encoded by it (frozen) and a "
@@ -231,6 +265,19 @@ class FinetuneConfig:
     visual_hidden: int = field(default=128, metadata={"help": "multi-modal: the projector MLP's hidden width"})
     image_root: Path | None = field(default=None, metadata={
         "help": "multi-modal: the folder relative image paths start from (default: the data file's folder)"})
+    fusion: str | None = field(default=None, metadata={
+        "help": "multi-modal: early (the visual tokens are the prompts of the first --visual-layers layers, apart "
+                "from the adaption prompts: V2's early fusion) or prompts (added to every adapted layer's prompts: "
+                "V1's, and the official V2 release's); default early with --adapter-version 2, else prompts",
+        "choices": FUSIONS})
+    visual_len: int | None = field(default=None, metadata={
+        "help": "multi-modal: visual tokens per image (default 1; with early fusion 10, the official V2 release's "
+                "number of visual queries; with prompts fusion 1 or --adapter-len)"})
+    visual_layers: int = field(default=1, metadata={
+        "help": "multi-modal, early fusion: the first layers whose prompts are the visual tokens (the paper: 1)"})
+    joint_training: bool = field(default=False, metadata={
+        "help": "multi-modal: the paper's joint training with disjoint parameters: image records train the projector "
+                "and the early gates, text records the adaption prompts, gates, biases, scales and norms"})
     allow_external_files: bool = field(default=False, metadata={
         "help": "read images that lead outside --image-root (\"..\", absolute paths, links) and checkpoint shards "
                 "that its shard index names outside --checkpoint; refused by default"})
@@ -284,12 +331,24 @@ class FinetuneConfig:
                 setattr(self, name, Path(getattr(self, name)))
         for name, minimum in (("adapter_len", 1), ("adapter_layers", 1), ("visual_hidden", 1), ("max_seq_len", 2),
                               ("token_budget", 1), ("batch_size", 1), ("epochs", 1), ("seed", 0), ("save_every", 0),
-                              ("stop_after_steps", 0)):
+                              ("stop_after_steps", 0), ("visual_layers", 1), ("adapter_version", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{_flag(name)} must be an integer >= {minimum}, got {value!r}")
         if self.clip is None and (self.clip_layers is not None or self.image_root is not None):
             raise ValueError("--clip-layers and --image-root go with --clip (multi-modal fine-tuning)")
+        if self.clip is None and (self.fusion is not None or self.visual_len is not None or self.visual_layers != 1
+                                  or self.joint_training):
+            raise ValueError("--fusion, --visual-len, --visual-layers and --joint-training go with --clip (multi-modal "
+                             "fine-tuning)")
+        if self.visual_len is not None and (isinstance(self.visual_len, bool) or not isinstance(self.visual_len, int)
+                                            or self.visual_len < 1):
+            raise ValueError(f"--visual-len must be an integer >= 1, got {self.visual_len!r}")
+        if self.adapter_version == 1 and (self.v2_scale != "output" or self.v2_output_layer):
+            raise ValueError("--v2-scale and --v2-output-layer go with --adapter-version 2")
+        if self.joint_training and self.fsdp:
+            raise ValueError("--joint-training routes each micro-batch's gradients to one group of parameters, which "
+                             "FSDP's sharded gradients do not allow: use DDP (leave out --fsdp)")
         if self.clip_layers is not None:
             self.clip_layers = tuple(self.clip_layers)
         if self.micro_batches_per_step is not None and self.micro_batches_per_step < 1:
@@ -319,7 +378,8 @@ class FinetuneConfig:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for name, choices in (("gate", GATES), ("gate_act", GATE_ACTS), ("on_bad_record", ("error", "skip")),
-                              ("dtype", ("auto", *DTYPES))):
+                              ("dtype", ("auto", *DTYPES)), ("adapter_version", VERSIONS), ("v2_scale", SCALES),
+                              ("template", TEMPLATES), ("fusion", (None, *FUSIONS))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
@@ -435,6 +495,74 @@ def build_model(config: FinetuneConfig, adapter: AdapterConfig, dtype: torch.dty
                            allow_external_files=config.allow_external_files).state_dict() if d.main else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model, model
+
+
+def adapter_fields(config: FinetuneConfig) -> dict[str, Any]:
+    """The AdapterConfig fields the flags give, the multi-modal defaults resolved (--fusion: early for V2, else
+    prompts; --visual-len: 10 with early fusion, else 1); visual_dim and clip_layers come from the CLIP model."""
+    fields: dict[str, Any] = dict(adapter_len=config.adapter_len, adapter_layers=config.adapter_layers,
+                                  gate=config.gate, gate_act=config.gate_act, version=config.adapter_version)
+    if config.adapter_version == 2:
+        fields.update(scale=config.v2_scale, output_bias_scale=config.v2_output_layer)
+    if config.clip is not None:
+        fusion = config.fusion or ("early" if config.adapter_version == 2 else "prompts")
+        fields.update(visual_hidden=config.visual_hidden, fusion=fusion, visual_layers=config.visual_layers,
+                      visual_len=config.visual_len or (10 if fusion == "early" else 1))
+    return fields
+
+
+def describe_adapter(adapter: AdapterConfig, dim: int) -> str:
+    """One line: what the adapter trains."""
+    text = f"LLaMA-Adapter{' V2' if adapter.version == 2 else ''}: top {adapter.adapter_layers} layers x " \
+           f"{adapter.adapter_len} prompts, gate per {adapter.gate} ({adapter.gate_act})"
+    if adapter.version == 2:
+        scale = "y = s * (W x + b)" if adapter.scale == "output" else "y = W (s * x) + b"
+        output = ", the output layer too" if adapter.output_bias_scale else ""
+        text += f"; bias and scale of every linear ({scale}){output}, the norms"
+    if adapter.visual_dim:
+        where = f"the prompts of the first {adapter.visual_layers} layer(s) (early fusion)" if adapter.early_fusion \
+            else "added to every adapted layer's prompts"
+        text += (f"; a {adapter.visual_dim} -> {adapter.visual_hidden} -> {adapter.visual_len} x {dim} projector of "
+                 f"the image features: {where}")
+    return text
+
+
+class JointTraining:
+    """LLaMA-Adapter V2's joint training with disjoint parameters (arXiv 2304.15010, sec. 4.2): image records train the
+    "visual" group of model.adapter_groups (the projector, the early-fusion gates), text records the "language" group
+    (the adaption prompts and their gates, V2's biases, scales and norms).
+
+    The loaders keep each micro-batch to one kind (kinds: 0 text, 1 image). route() divides a micro-batch's loss by
+    its kind's targets in the step, and gradient hooks on the parameters zero the other group's share before it is
+    accumulated (so DDP reduces each group's own gradients); drop_absent() leaves a group whose kind has no target in
+    a step without a gradient, so that AdamW does not move it (no momentum step, no decay) in that step."""
+
+    GROUPS = ("language", "visual")  # by kind
+
+    def __init__(self, model: LLaMA) -> None:
+        state = adapter_state_dict(model)
+        self.params = [[state[name] for name in adapter_groups(model)[group]] for group in self.GROUPS]
+        self.active = -1
+        self.handles = [p.register_hook(lambda grad, kind=kind: grad if self.active == kind else torch.zeros_like(grad))
+                        for kind, params in enumerate(self.params) for p in params]
+
+    def size(self, kind: int) -> int:
+        return sum(p.numel() for p in self.params[kind])
+
+    def route(self, batch: dict, step: Step) -> int:
+        """Make the micro-batch's backward reach its kind's group only; returns its loss's divisor."""
+        self.active = batch["kind"]
+        return step.kind_targets.get(batch["kind"]) or 1  # a filler (kind -1): no target, no gradient
+
+    def drop_absent(self, step: Step) -> None:
+        for kind, params in enumerate(self.params):
+            if not step.kind_targets.get(kind):
+                for p in params:
+                    p.grad = None
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def adapter_tensors(model: LLaMA) -> dict[str, torch.Tensor]:
@@ -832,7 +960,7 @@ def load_data(config: FinetuneConfig, max_seq_len: int, say: Callable[[str], Non
     tokenizer = Tokenizer(config.tokenizer or config.checkpoint)
     if vocab_size is not None:
         tokenizer.check_vocab(vocab_size)
-    records, load_report = load_records(config.data, on_bad_record=config.on_bad_record)
+    records, load_report = load_records(config.data, on_bad_record=config.on_bad_record, template=config.template)
     data, tok_report = tokenize_records(records, tokenizer, max_seq_len=max_seq_len)
     say(f"data: {load_report.summary()}")
     say(f"      {tok_report.summary()}")
@@ -849,8 +977,10 @@ def load_data(config: FinetuneConfig, max_seq_len: int, say: Callable[[str], Non
     return train, held_out, images
 
 
-def _loader(config: FinetuneConfig, data: TokenizedDataset, mbs: int, d: Dist, *, shuffle: bool):
-    common = dict(micro_batches_per_step=mbs, shuffle=shuffle, seed=config.seed, rank=d.rank, world_size=d.world_size)
+def _loader(config: FinetuneConfig, data: TokenizedDataset, mbs: int, d: Dist, *, shuffle: bool,
+            kinds: np.ndarray | None = None):
+    common = dict(micro_batches_per_step=mbs, shuffle=shuffle, seed=config.seed, rank=d.rank, world_size=d.world_size,
+                  kinds=kinds)
     if config.padded:
         return PaddedLoader(data, config.batch_size, pad_to=config.pad_to, **common)
     return PackedLoader(data, config.token_budget, **common)
@@ -894,9 +1024,15 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
                          "micro-batch holds whole examples")
     if config.padded and config.pad_to != "longest" and max_seq_len > config.pad_to:
         raise UsageError(f"--max-seq-len {max_seq_len} exceeds --pad-to {config.pad_to}")
+    fields = adapter_fields(config)
+    try:  # with a stand-in for the image features' width, known once CLIP has run
+        AdapterConfig(**fields, **(dict(visual_dim=1, clip_layers=(1,)) if config.clip else {})).check(model_config)
+    except ValueError as e:
+        raise UsageError(f"--adapter-layers / --adapter-len / --visual-layers / --visual-len: {e}") from None
     dtype = _resolve_dtype(config, d.device)
     resolved = _json_config(replace(
-        config, micro_batches_per_step=mbs, dtype=str(dtype).removeprefix("torch."),
+        config, micro_batches_per_step=mbs, dtype=str(dtype).removeprefix("torch."), fusion=fields.get("fusion"),
+        visual_len=fields.get("visual_len"),
         **{k: getattr(config, k).resolve() for k in ("checkpoint", "data", "tokenizer", "clip", "image_root")
            if getattr(config, k) is not None}))
     deleted = d.on_main(lambda: check_outputs(config))
@@ -911,28 +1047,34 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
     image_features, visual = None, {}
     if config.clip is not None:
         image_features, clip_layers = encode_images(config, images, dtype, d, say)
-        visual = dict(visual_dim=image_features.features.shape[1], visual_hidden=config.visual_hidden,
-                      clip_layers=clip_layers)
+        visual = dict(visual_dim=image_features.features.shape[1], clip_layers=clip_layers)
+    train_rows = image_features.rows(train_data) if image_features is not None else None
+    kinds = None
+    if config.joint_training:  # 0: text records, 1: image records
+        kinds = (train_rows >= 0).numpy().astype(np.int64)
+        if kinds.all() or not kinds.any():
+            raise UsageError(f"--joint-training trains the visual side on image records and the rest on text records; "
+                             f"the training examples of {config.data} are all {'image' if kinds.all() else 'text'} "
+                             "records")
 
     # -- the model
     torch.manual_seed(config.seed)
-    adapter_config = AdapterConfig(adapter_len=config.adapter_len, adapter_layers=config.adapter_layers,
-                                   gate=config.gate, gate_act=config.gate_act, **visual)
+    adapter_config = AdapterConfig(**fields, **visual)
     model, trained = build_model(config, adapter_config, dtype, d)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     c = model_config
     say(f"model: {config.checkpoint} ({c.n_layers} layers, dim {c.dim}, {c.n_heads} heads, {n_all / 1e6:.1f}M "
         f"parameters; base frozen in {str(dtype).removeprefix('torch.')})")
-    projector = (f", a {adapter_config.visual_dim} -> {adapter_config.visual_hidden} -> {c.dim} projector of the "
-                 "image features" if config.clip is not None else "")
-    say(f"adapter: top {config.adapter_layers} layers x {config.adapter_len} prompts, gate per {config.gate} "
-        f"({config.gate_act}){projector}: {n_trained:,} trained parameters (fp32)")
+    say(f"adapter: {describe_adapter(adapter_config, c.dim)}: {n_trained:,} trained parameters (fp32)")
+    joint = JointTraining(model) if kinds is not None else None
+    if joint is not None:
+        say(f"joint training: {int(kinds.sum())} image examples train the visual group ({joint.size(1):,} "
+            f"parameters), {int((1 - kinds).sum())} text examples the language group ({joint.size(0):,})")
 
     # -- batches, schedule, optimizer
-    loader = _loader(config, train_data, mbs, d, shuffle=True)
+    loader = _loader(config, train_data, mbs, d, shuffle=True, kinds=kinds)
     eval_loader = _loader(config, eval_data, d.world_size, d, shuffle=False) if eval_data is not None else None
-    train_rows = image_features.rows(train_data) if image_features is not None else None
     steps_per_epoch = [loader.num_steps(e) for e in range(config.epochs)]
     total_steps = sum(steps_per_epoch)
     if config.padded:
@@ -1064,9 +1206,13 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
                         else nullcontext()
                     with sync:
                         micro = batch_loss_sum(trained, batch, d.device)
-                        # the step's mean over all its targets; DDP / FSDP average over the ranks, hence x world_size
-                        scaler.scale(micro * (d.world_size / step.num_targets)).backward()
+                        # the step's mean over all its targets (joint training: of the micro-batch's kind); DDP /
+                        # FSDP average over the ranks, hence x world_size
+                        targets = step.num_targets if joint is None else joint.route(batch, step)
+                        scaler.scale(micro * (d.world_size / targets)).backward()
                     loss_sum += micro.detach()
+                if joint is not None:
+                    joint.drop_absent(step)
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad or float("inf"))
                 grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -1132,6 +1278,8 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
         bar.close()
         if log is not None:
             log.close()
+        if joint is not None:
+            joint.close()
 
     if d.main:
         rate = f" ({tokens_done / seconds_done:,.0f} real tokens/s)" if seconds_done else ""

@@ -250,26 +250,28 @@ def evaluate(args: EvalArgs) -> dict:
         load_adapter(model, args.adapter)
     encoder = None
     if multimodal:
-        encoder = CLIPImageEncoder(args.clip, layers=adapter.clip_layers, device=args.device, dtype=dtype)
-        if encoder.feature_dim != adapter.visual_dim:
-            raise ScienceQAError(f"--clip {args.clip} gives {encoder.feature_dim} features per image, the adapter was "
-                                 f"trained on {adapter.visual_dim}: not the CLIP model it was trained with")
+        try:
+            encoder = CLIPImageEncoder.for_adapter(args.clip, adapter, device=args.device, dtype=dtype)
+        except ValueError as e:
+            raise ScienceQAError(f"--clip {e}") from None
     tokenizer = Tokenizer(args.tokenizer or args.checkpoint)
     root = args.data.parent
     predictions = []
     for start in range(0, len(records), args.batch_size):
         batch = records[start:start + args.batch_size]
         prompts = [tokenizer.encode(alpaca_prompt(r["instruction"], r["input"]), bos=True, eos=False) for r in batch]
-        visual = None
-        if encoder is not None:  # rows without an image get no visual token
-            visual = torch.zeros(len(batch), model.config.dim, device=args.device)
+        images = {}
+        if encoder is not None:  # rows without an image get no visual input (image_mask)
             rows = [i for i, r in enumerate(batch) if r.get("image")]
             if rows:
                 features = encoder.encode_files([root / batch[i]["image"] for i in rows])
-                with torch.no_grad():
-                    visual[rows] = model.visual_proj(features)
+                mask = torch.zeros(len(batch), dtype=torch.bool, device=args.device)
+                mask[rows] = True
+                all_rows = features.new_zeros(len(batch), *features.shape[1:])
+                all_rows[rows] = features
+                images = dict(image_features=all_rows, image_mask=mask)
         answers = generate(model, prompts, max_new_tokens=args.max_new_tokens, stop_ids=tokenizer.stop_ids,
-                           visual=visual, pad_id=tokenizer.eos_id)
+                           pad_id=tokenizer.eos_id, **images)
         for r, ids in zip(batch, answers, strict=True):
             text = tokenizer.decode(ids)
             predicted = parse_answer(text, r["n_choices"])

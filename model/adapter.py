@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from kernels import zero_init_attention, zero_init_attention_ref
 
-from .llama import Attention, AttentionContext, LLaMA, LLaMAConfig, check_packed_impl, packed_attention
+from .llama import Attention, AttentionContext, LLaMA, LLaMAConfig, check_packed_impl, compute_dtype, packed_attention
 
 GATES = ("head", "layer")
 GATE_ACTS = ("tanh", "identity")
@@ -111,7 +111,7 @@ class AdapterAttention(Attention):
         prompt = self.adapter_prompt.unsqueeze(0)  # (1, K, dim)
         if visual is not None:
             prompt = prompt + visual.unsqueeze(1).to(prompt.dtype)  # (B, K, dim)
-        prompt = prompt.to(self.wk.weight.dtype)
+        prompt = prompt.to(compute_dtype(self.wk))
         shape = (prompt.shape[0], prompt.shape[1], self.n_kv_heads, self.head_dim)
         return self.wk(prompt).view(shape), self.wv(prompt).view(shape)
 

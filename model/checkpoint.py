@@ -15,7 +15,9 @@ Base models, load_checkpoint(folder), the format detected from the folder:
   the inverse permutation gives Meta's interleaved layout. rope_theta, Llama-3.1's "llama3"
   rope scaling, GQA and tied embeddings are read from config.json (transformers 4 and 5 keys).
 The model is built on the meta device and each tensor is copied to its device and dtype as it is
-read, one at a time: no fp32 copy of a bf16 model ever exists. .pth/.bin files load with
+read, one at a time: no fp32 copy of a bf16 model ever exists. With quantize="nf4" or "int8" each linear
+weight is quantized as soon as it is read (model/quantize.py): loading peaks at the quantized model plus
+about one tensor. .pth/.bin files load with
 torch.load(weights_only=True, mmap=True): checkpoints are data, never code. A missing,
 unexpected, duplicated or mis-shaped tensor raises CheckpointError naming the file and the tensor;
 every config value is checked (type, range, finiteness: LLaMAConfig's own checks) and a bad one
@@ -75,6 +77,7 @@ from safetensors.torch import save as safetensors_bytes
 from .adapter import AdapterConfig, adapter_layers, adapter_state_dict
 from .cli import remedy_text
 from .llama import ConfigValueError, LLaMA, LLaMAConfig
+from .quantize import check_quantize, quantized_linear, quantized_names
 
 logger = logging.getLogger(__name__)
 
@@ -397,7 +400,8 @@ def load_config(path: str | os.PathLike, *, allow_external_files: bool = False) 
 
 def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = None,
                     dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-                    allow_external_files: bool = False) -> LLaMA:
+                    allow_external_files: bool = False, quantize: str | None = None,
+                    quantize_output: bool = False) -> LLaMA:
     """A LLaMA with the weights of a Meta or HF checkpoint folder, and a fresh adapter if one is configured.
 
     Arguments:
@@ -407,15 +411,20 @@ def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = 
         device: where the weights go, one tensor at a time.
         allow_external_files: read shards that a Hugging Face shard index names outside the folder (an absolute
             path or one through ".."); refused by default. Shards that are links (the HF cache's) are read.
+        quantize: "nf4" or "int8" (model/quantize.py): the base's linear weights are quantized as they are read,
+            one at a time, on device; dtype is then the dtype they compute in. None: as they are.
+        quantize_output: quantize the output layer too (unless it is tied to the embedding).
     Returns:
         the model; every tensor of the checkpoint loaded, or a CheckpointError naming the file and tensor.
     """
+    check_quantize(quantize)
     config, items = _read(path, allow_external_files)
     with torch.device("meta"):
         model = LLaMA(config, adapter)
     device = torch.device(device)
     adapter_ids = {id(p) for p in adapter_state_dict(model).values()}
     params = {name: p for name, p in model.named_parameters() if id(p) not in adapter_ids}
+    quantized = quantized_names(model, quantize_output) if quantize else set()
     size = f"{config.n_layers} layers, dim {config.dim}, {config.n_heads} heads ({config.n_kv_heads} kv)"
     loaded: set[str] = set()
     for file, src, name, tensor in items:
@@ -430,8 +439,14 @@ def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = 
                                   f"needs a floating-point {tuple(params[name].shape)}")
         dtype = dtype or tensor.dtype
         module_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(module_name), leaf,
-                nn.Parameter(tensor.to(device=device, dtype=dtype, copy=True)))
+        if name in quantized:  # the full-precision copy lives only until it is quantized
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent), child, quantized_linear(
+                tensor.to(device=device, dtype=dtype, copy=True), quantize, compute_dtype=dtype))
+        else:
+            setattr(model.get_submodule(module_name), leaf,
+                    nn.Parameter(tensor.to(device=device, dtype=dtype, copy=True)))
+        del tensor
         loaded.add(name)
     missing = [n for n in params if n not in loaded]
     if missing:

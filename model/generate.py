@@ -5,6 +5,8 @@
     python -m model.generate --checkpoint CKPT_DIR --instruction "..." --device cpu   # CPU (fp32)
     python -m model.generate --checkpoint llama-7b/ --adapter llama_adapter_len10_layer30_release.pth \\
         --gate-act tanh --instruction "..."            # the official v1 release: gate_act must be chosen
+    python -m model.generate --checkpoint llama-70b/ --adapter adapter.safetensors --quantize nf4 \\
+        --instruction "..."                            # a base stored in NF4 (bitsandbytes): 70B in ~35 GiB
 
 The instruction goes through the Alpaca template (model/prompt.py), BOS first, as the adapter was
 trained; the answer is streamed, then tokens/s is printed (and peak memory on a GPU). A user error (a
@@ -36,6 +38,7 @@ from .checkpoint import CheckpointError
 from .cli import check_cuda_device, cli_message, parse_dataclass
 from .llama import LLaMA
 from .prompt import alpaca_prompt
+from .quantize import QUANTIZE_MODES, check_quantize
 
 PROG = "python -m model.generate"
 
@@ -188,8 +191,15 @@ class Args:
                                                  "choices": ("auto", "bfloat16", "float16", "float32")})
     allow_external_files: bool = field(default=False, metadata={
         "help": "read checkpoint shards that its shard index names outside --checkpoint (refused by default)"})
+    quantize: str | None = field(default=None, metadata={
+        "help": "the base's linear weights in nf4 or int8 (bitsandbytes, model/quantize.py); --dtype computes",
+        "choices": QUANTIZE_MODES})
+    quantize_output: bool = field(default=False, metadata={"help": "with --quantize: the output layer too"})
 
     def __post_init__(self) -> None:
+        check_quantize(self.quantize, argument="--quantize")
+        if self.quantize_output and self.quantize is None:
+            raise ValueError("--quantize-output goes with --quantize nf4|int8")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be an integer >= 1, got {self.max_new_tokens!r}")
@@ -273,7 +283,8 @@ def run(args: Args) -> None:
     adapter = read_adapter_config(args.adapter, gate_act=args.gate_act) if args.adapter else None
     check_image_args(args, adapter)
     model = load_checkpoint(args.checkpoint, adapter=adapter, dtype=dtype, device=args.device,
-                            allow_external_files=args.allow_external_files).eval()
+                            allow_external_files=args.allow_external_files, quantize=args.quantize,
+                            quantize_output=args.quantize_output).eval()
     if args.adapter:
         load_adapter(model, args.adapter, gate_act=args.gate_act)
     visual = image_visual_token(model, args.image, args.clip, dtype) if args.image is not None else None

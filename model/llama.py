@@ -72,6 +72,12 @@ if TYPE_CHECKING:
     from .adapter import AdapterConfig
 
 
+def compute_dtype(linear: nn.Module) -> torch.dtype:
+    """The dtype a linear layer takes and gives: its weight's, or, for a quantized one (model/quantize.py: packed
+    integer weights), the dtype it dequantizes to."""
+    return getattr(linear, "compute_dtype", None) or linear.weight.dtype
+
+
 class ConfigValueError(ValueError):
     """A LLaMAConfig (or RopeScaling) value of the wrong type or out of its range; .field names the field
     ("rope_scaling.factor" for a RopeScaling one), so that a checkpoint reader can name its file's key."""
@@ -481,10 +487,10 @@ class LLaMA(nn.Module):
         if max_seq_len <= 0 or batch_size <= 0:
             raise ValueError(f"setup_cache needs a positive batch_size and max_seq_len, got {batch_size}, "
                              f"{max_seq_len}")
-        w = self.layers[0].attention.wk.weight
+        wk = self.layers[0].attention.wk
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, max_seq_len, self.config.n_kv_heads, self.config.head_dim,
-                                               dtype=dtype or w.dtype, device=device or w.device)
+                                               dtype=dtype or compute_dtype(wk), device=device or wk.weight.device)
 
     def clear_cache(self) -> None:
         for layer in self.layers:

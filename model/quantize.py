@@ -27,7 +27,7 @@ tensor (and bitsandbytes' temporaries for it), never the whole model.
 
 Limits: a quantized base is frozen. Its weights hold packed integers (torch refuses requires_grad on them): they
 cannot be trained, cast with cast_base, or sharded by FSDP2 (train.finetune refuses --quantize with --fsdp; one GPU
-holds a 70B base in nf4: 34 GiB of weights). On a CPU, bitsandbytes (>= 0.48) runs both modes through its CPU
+holds a 70B base in nf4: 34 GiB of weights). On a CPU, bitsandbytes (>= 0.50) runs both modes through its CPU
 backend; its AVX512-BF16 repacking for inference (another layout, whose matmul has no backward) is switched off here,
 so that a layer computes the same in training and in inference.
 """
@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 
 QUANTIZE_MODES = ("nf4", "int8")
-INSTALL = "pip install 'bitsandbytes>=0.48'"  # or the project's "quantize" extra
+INSTALL = "pip install 'bitsandbytes>=0.50'"  # or the project's "quantize" extra
 NF4_BLOCKSIZE = 64  # weights per absmax (QLoRA's)
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (bitsandbytes' and transformers' default)
 QUANTIZED_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
@@ -81,6 +81,20 @@ def check_quantize(mode: str | None, *, argument: str = "quantize") -> None:
     except ImportError as e:  # missing, or a build that does not load here
         raise ValueError(f"{argument} {mode} needs bitsandbytes, which cannot be imported ({e}): {INSTALL}") \
             from None
+
+
+def check_cpu_nf4(config, device: torch.device | str) -> str | None:
+    """Why bitsandbytes cannot hold this model's linears in NF4 on device, or None. Its CPU kernel (0.50) dequantizes
+    a weight whose in_features is not a multiple of the block size (64) wrongly (the quantization itself is right):
+    LLaMA's widths (4096, 11008, 14336, 28672, ...) are multiples of 64, a few tiny test shapes are not."""
+    if torch.device(device).type != "cpu":
+        return None
+    odd = [f"{name} {value}" for name, value in (("dim", config.dim), ("hidden_dim", config.hidden_dim))
+           if value % NF4_BLOCKSIZE]
+    if not odd:
+        return None
+    return (f"{' and '.join(odd)} not a multiple of {NF4_BLOCKSIZE}: bitsandbytes' CPU kernel dequantizes such NF4 "
+            "weights wrongly; quantize on a GPU, or use int8")
 
 
 def quantized_names(model: nn.Module, quantize_output: bool = False) -> set[str]:

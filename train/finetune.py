@@ -136,6 +136,7 @@ from model import (
     CheckpointError,
     LLaMA,
     Tokenizer,
+    adapter_state_dict,
     cast_base,
     load_checkpoint,
     load_config,
@@ -460,7 +461,8 @@ def build_model(config: FinetuneConfig, adapter: AdapterConfig, dtype: torch.dty
 def adapter_tensors(model: LLaMA) -> dict[str, torch.Tensor]:
     """The adapter as full fp32 CPU tensors on every rank (gathered from the shards under FSDP: call on all ranks)."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
-    return {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
+    names = adapter_state_dict(model).keys()  # not the quantization state a quantized base adds to the state dict
+    return {k: v.detach().to("cpu", torch.float32) for k, v in state.items() if k in names}
 
 
 @dataclass

@@ -79,7 +79,7 @@ from safetensors.torch import save as safetensors_bytes
 from .adapter import AdapterConfig, adapter_layers, adapter_state_dict
 from .cli import remedy_text
 from .llama import ConfigValueError, LLaMA, LLaMAConfig
-from .quantize import check_cpu_nf4, check_quantize, quantized_linear, quantized_names
+from .quantize import check_cpu_nf4, check_quantize, quantized_linear, quantized_names, trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -462,6 +462,8 @@ def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = 
             parent, _, child = module_name.rpartition(".")
             setattr(model.get_submodule(parent), child, quantized_linear(
                 tensor.to(device=device, dtype=dtype, copy=True), quantize, compute_dtype=dtype))
+            if device.type == "cpu":
+                trim_heap()
         else:
             setattr(model.get_submodule(module_name), leaf,
                     nn.Parameter(tensor.to(device=device, dtype=dtype, copy=True)))

@@ -23,7 +23,9 @@ compute_dtype(layer) (model/llama.py) is the dtype it takes and gives, not layer
 Loading (load_checkpoint(..., quantize=), model/checkpoint.py): each weight is quantized on its device as soon as
 it is read, and its full-precision copy is freed before the next one is read, shard by shard and tensor by tensor
 (Meta, Hugging Face and sharded checkpoints alike): the peak memory of loading is the quantized model plus about one
-tensor (and bitsandbytes' temporaries for it), never the whole model.
+tensor (and bitsandbytes' temporaries for it), never the whole model. On a CPU the C heap is trimmed after each
+quantized tensor (trim_heap). Measured here on a 7B-shaped checkpoint (Llama-2-7B's shapes, 12.6 GiB of bf16 in 33
+safetensors shards): see the README (Fine-tuning on small memory).
 
 Limits: a quantized base is frozen. Its weights hold packed integers (torch refuses requires_grad on them): they
 cannot be trained, cast with cast_base, or sharded by FSDP2 (train.finetune refuses --quantize with --fsdp; one GPU
@@ -34,6 +36,7 @@ so that a layer computes the same in training and in inference.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Iterator
 
@@ -127,6 +130,41 @@ def quantized_linear(weight: torch.Tensor, mode: str, *, compute_dtype: torch.dt
     else:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
     return layer
+
+
+def quantize_model(model: nn.Module, mode: str, *, quantize_output: bool = False) -> nn.Module:
+    """Quantize the base linears of a LLaMA already in memory, in place, one layer at a time (each full-precision
+    weight goes as its quantized layer replaces it, unless something else holds it); their dtype becomes the compute
+    dtype. load_checkpoint(..., quantize=) quantizes while reading instead, never holding the full-precision model."""
+    check_quantize(mode)
+    device = model.tok_embeddings.weight.device
+    why = check_cpu_nf4(model.config, device) if mode == "nf4" else None
+    if why:
+        raise ValueError(f"quantize='nf4' on the CPU: {why}")
+    for name in sorted(quantized_names(model, quantize_output)):
+        path = name.removesuffix(".weight")
+        parent, _, child = path.rpartition(".")
+        weight = model.get_submodule(path).weight.detach()
+        setattr(model.get_submodule(parent), child, quantized_linear(weight, mode, compute_dtype=weight.dtype))
+    return model
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc's malloc_trim; nothing elsewhere). Quantizing on a CPU
+    frees a full-precision weight and its temporaries after each layer while the small quantized tensors stay, and
+    glibc keeps the gaps between them: measured on a 7B-shaped checkpoint, trimming after each layer saves about
+    0.03 GiB of resident memory per layer."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (AttributeError, OSError):  # not glibc
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -37,6 +37,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from model.quantize import nf4_blocksize
 from train.loss import default_chunk_rows
 
 
@@ -130,7 +131,7 @@ class MemoryPlan:
     def weights(self) -> int:
         c, b = self.config, self.act_bytes
         if self.base == "nf4":
-            per_layer = sum(nf4_bytes(r * k) for r, k in self._linears())
+            per_layer = sum(nf4_bytes(r * k, nf4_blocksize(k)) for r, k in self._linears())
         elif self.base == "int8":
             per_layer = sum(int8_bytes(r, k) for r, k in self._linears())
         else:

@@ -5,7 +5,8 @@
 
 Modes (QUANTIZE_MODES), both bitsandbytes' own layers (pip install bitsandbytes, or the "quantize" extra):
 - "nf4": QLoRA's format (arXiv 2305.14314), bitsandbytes.nn.Linear4bit: 4-bit NormalFloat in blocks of 64
-  weights, each block's absmax stored in 8 bits (double quantization: blocks of 256 absmaxes share an fp32 scale).
+  weights, each block's absmax stored in 8 bits (double quantization: blocks of 256 absmaxes share an fp32 scale);
+  blocks of 32 in a layer whose in_features is a multiple of 32 but not of 64 (nf4_blocksize: no LLaMA's).
   4.127 bits per weight: Llama-2-7B's linears take 3.1 GiB instead of 12.1 GiB in bf16. The matmul dequantizes the
   weight to the compute dtype (the base's --dtype) each time; its backward keeps the packed weight and dequantizes
   it again, so no full-precision copy of a weight outlives its matmul.
@@ -45,7 +46,7 @@ import torch.nn as nn
 
 QUANTIZE_MODES = ("nf4", "int8")
 INSTALL = "pip install 'bitsandbytes>=0.50'"  # or the project's "quantize" extra
-NF4_BLOCKSIZE = 64  # weights per absmax (QLoRA's)
+NF4_BLOCKSIZE = 64  # weights per absmax (QLoRA's); 32 for a layer whose in_features is not a multiple of 64
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (bitsandbytes' and transformers' default)
 QUANTIZED_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
                      "feed_forward.w2", "feed_forward.w3")
@@ -86,18 +87,23 @@ def check_quantize(mode: str | None, *, argument: str = "quantize") -> None:
             from None
 
 
+def nf4_blocksize(in_features: int) -> int:
+    """Weights per absmax: QLoRA's 64, or 32 where in_features is a multiple of 32 but not of 64. bitsandbytes' CPU
+    kernel (0.50) dequantizes a weight whose rows are not whole blocks wrongly (its quantization is right); LLaMA's
+    widths (4096, 11008, 14336, 28672, ...) are multiples of 64, some tiny models' (the demo's 352) only of 32."""
+    return 32 if in_features % NF4_BLOCKSIZE and in_features % 32 == 0 else NF4_BLOCKSIZE
+
+
 def check_cpu_nf4(config, device: torch.device | str) -> str | None:
-    """Why bitsandbytes cannot hold this model's linears in NF4 on device, or None. Its CPU kernel (0.50) dequantizes
-    a weight whose in_features is not a multiple of the block size (64) wrongly (the quantization itself is right):
-    LLaMA's widths (4096, 11008, 14336, 28672, ...) are multiples of 64, a few tiny test shapes are not."""
+    """Why bitsandbytes cannot hold this model's linears in NF4 on device, or None: on a CPU, a layer whose
+    in_features is not a multiple of 32 (nf4_blocksize)."""
     if torch.device(device).type != "cpu":
         return None
-    odd = [f"{name} {value}" for name, value in (("dim", config.dim), ("hidden_dim", config.hidden_dim))
-           if value % NF4_BLOCKSIZE]
+    odd = [f"{name} {value}" for name, value in (("dim", config.dim), ("hidden_dim", config.hidden_dim)) if value % 32]
     if not odd:
         return None
-    return (f"{' and '.join(odd)} not a multiple of {NF4_BLOCKSIZE}: bitsandbytes' CPU kernel dequantizes such NF4 "
-            "weights wrongly; quantize on a GPU, or use int8")
+    return (f"{' and '.join(odd)} not a multiple of 32: bitsandbytes' CPU kernel dequantizes such NF4 weights "
+            "wrongly; quantize on a GPU, or use int8")
 
 
 def quantized_names(model: nn.Module, quantize_output: bool = False) -> set[str]:
@@ -120,8 +126,9 @@ def quantized_linear(weight: torch.Tensor, mode: str, *, compute_dtype: torch.dt
         layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
                                   compress_statistics=True, quant_type="nf4", device="meta")
         layer.support_avx512bf16_for_cpu = False  # see the module docstring: one layout for training and inference
-        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=NF4_BLOCKSIZE, compress_statistics=True,
-                                         quant_type="nf4", module=layer)._quantize(weight.device)
+        packed = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=nf4_blocksize(in_features),
+                                   compress_statistics=True, quant_type="nf4", module=layer)
+        layer.weight = packed._quantize(weight.device)
     elif mode == "int8":
         layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False,
                                     threshold=INT8_THRESHOLD, device="meta")

@@ -91,6 +91,21 @@ def test_nf4_is_qlora_format_and_its_logits_err_by_nf4_alone(checkpoint):
     assert _rel(_logits(nf4), _logits(base)) > 0.01  # it is quantized: the test has teeth
 
 
+def test_nf4_width_multiple_of_32_only_takes_blocks_of_32(tmp_path):
+    """tests/model_utils.py's tiny model (and the demo's) has a SwiGLU width of 352 = 11 x 32: its w2 gets blocks of
+    32, whose NF4 rounding errs as blocks of 64 do elsewhere (bitsandbytes' CPU kernel would get blocks of 64
+    wrong)."""
+    save_checkpoint(tiny_model(), tmp_path)
+    nf4 = load_checkpoint(tmp_path, quantize="nf4").eval()
+    base = load_checkpoint(tmp_path).eval()
+    w2 = nf4.layers[0].feed_forward.w2
+    assert w2.weight.quant_state.blocksize == 32 and nf4.layers[0].feed_forward.w1.weight.quant_state.blocksize == 64
+    rounded = _dequantized(load_checkpoint(tmp_path).eval(), nf4)
+    torch.testing.assert_close(_logits(nf4), _logits(rounded), rtol=1e-5, atol=1e-5)
+    err = _rel(rounded.layers[0].feed_forward.w2.weight.double(), base.layers[0].feed_forward.w2.weight.double())
+    assert 0.07 < err < 0.11
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_weights_and_logits(checkpoint, dtype):
     base = load_checkpoint(checkpoint, dtype=dtype).eval()
@@ -155,9 +170,9 @@ def test_quantize_errors_come_before_anything_loads(tmp_path, monkeypatch):
     def no_bitsandbytes():
         raise ModuleNotFoundError("No module named 'bitsandbytes'")
 
-    odd = tmp_path / "odd"  # SwiGLU width 352: bitsandbytes' CPU kernel would dequantize its w2 wrongly
-    save_checkpoint(tiny_model(), odd)
-    with pytest.raises(CheckpointError, match="on the CPU: hidden_dim 352 not a multiple of 64"):
+    odd = tmp_path / "odd"  # SwiGLU width 336: bitsandbytes' CPU kernel would dequantize its w2 wrongly
+    save_checkpoint(randomize_(LLaMA(dataclasses.replace(tiny_config(), hidden_dim=336))), odd)
+    with pytest.raises(CheckpointError, match="on the CPU: hidden_dim 336 not a multiple of 32"):
         load_checkpoint(odd, quantize="nf4")
     assert quantize.check_cpu_nf4(tiny_config(), "cuda") is None
 

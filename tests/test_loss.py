@@ -98,6 +98,7 @@ def test_model_head_false_gives_the_final_norm_output():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_liger_fused_linear_cross_entropy_on_cuda():
     pytest.importorskip("liger_kernel")
     hidden, output, targets = _case(4096, 256, 32000, torch.bfloat16)

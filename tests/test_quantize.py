@@ -19,9 +19,12 @@ from model import (
     LLaMAConfig,
     adapter_state_dict,
     load_checkpoint,
+    mark_only_adapter_as_trainable,
     save_checkpoint,
 )
 from model.llama import compute_dtype
+
+pytest.importorskip("bitsandbytes")  # a dev dependency; a GPU machine has it only when its wheel is carried
 
 TOKENS = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
 LINEARS = [f"layers.{i}.{name}" for i in range(2) for name in quantize.QUANTIZED_LINEARS]
@@ -179,3 +182,35 @@ def test_quantize_errors_come_before_anything_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(quantize, "_bnb", no_bitsandbytes)
     with pytest.raises(ValueError, match=r"quantize nf4 needs bitsandbytes.*pip install 'bitsandbytes>=0\.50'"):
         load_checkpoint(missing, quantize="nf4")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_quantized_base_trains_through_the_fused_op_on_cuda(checkpoint, mode, triton_kernels_only):
+    """On a GPU: bitsandbytes' CUDA kernels under the adapter, the fused op compiled, activation checkpointing."""
+    from train.data import PackedLoader, TokenizedDataset
+    from train.finetune import batch_loss_sum
+
+    adapter = AdapterConfig(adapter_len=4, adapter_layers=2)
+    model = load_checkpoint(checkpoint, adapter=adapter, dtype=torch.bfloat16, device="cuda", quantize=mode)
+    rounded = _dequantized(load_checkpoint(checkpoint, adapter=adapter, dtype=torch.bfloat16, device="cuda"), model)
+    for m in (model, rounded):
+        with torch.no_grad():
+            for layer in m.layers:
+                layer.attention.gate.fill_(0.5)
+        mark_only_adapter_as_trainable(m)
+    model.activation_checkpointing = True
+    lengths = torch.tensor([20, 31, 13])
+    data = TokenizedDataset(torch.randint(0, VOCAB, (int(lengths.sum()),)), torch.cat([torch.zeros(1, dtype=torch.long),
+                            lengths.cumsum(0)]), lengths // 2, torch.arange(3), pad_id=0)
+    batch = PackedLoader(data, 128, shuffle=False).collate([0, 1, 2])
+    losses = []
+    for m in (model, rounded):
+        loss = batch_loss_sum(m, batch, torch.device("cuda"))
+        loss.backward()
+        losses.append(loss.item())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_state_dict(m).values())
+    assert triton_kernels_only.backward > 0
+    if mode == "nf4":  # training, int8 multiplies int8 activations on CUDA: no exact reference
+        assert losses[0] == pytest.approx(losses[1], rel=2e-2)

@@ -6,7 +6,7 @@
     python -m model.generate --checkpoint llama-7b/ --adapter llama_adapter_len10_layer30_release.pth \\
         --gate-act tanh --instruction "..."            # the official v1 release: gate_act must be chosen
     python -m model.generate --checkpoint llama-70b/ --adapter adapter.safetensors --quantize nf4 \\
-        --instruction "..."                            # a base stored in NF4 (bitsandbytes): 70B in ~35 GiB
+        --instruction "..."                            # a base stored in NF4 (bitsandbytes): 70B in 34 GiB
 
 The instruction goes through the Alpaca template (model/prompt.py), BOS first, as the adapter was
 trained; the answer is streamed, then tokens/s is printed (and peak memory on a GPU). A user error (a

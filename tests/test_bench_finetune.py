@@ -186,7 +186,7 @@ def test_smoke_run_checks_times_and_writes_rows(benchmark, tmp_path, capsys):
 def _packed_rows_as_one_sequence(model):
     """Packed batches through plain causal attention: each sequence sees the ones before it (no cu_seqlens)."""
     forward = model.forward
-    model.forward = lambda tokens, logits_at=None, **packing: forward(tokens, logits_at=logits_at)
+    model.forward = lambda tokens, logits_at=None, head=True, **packing: forward(tokens, logits_at=logits_at, head=head)
     try:
         yield
     finally:

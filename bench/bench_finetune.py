@@ -42,6 +42,14 @@ Example lengths (--data absent): an APPROXIMATION of Alpaca-52K with the Alpaca 
 about 156 tokens). With --data alpaca_data.json --tokenizer tokenizer.model the real examples are tokenized as
 train/finetune.py does, truncated to --pad-to tokens, and their real lengths (and tokens) are used instead.
 
+Memory rows (--memory yes): ours_packed per model shape (--memory-models: Llama-2-7B, 13B, 70B), frozen base
+(--bases: bf16, int8, nf4; model/quantize.py, built one module at a time by common.random_llama) and activation
+checkpointing off / on, on packed micro-batches of --memory-tokens (16384 and 512) tokens: peak memory (CUDA's max
+allocated; on a CPU bench/memory.py's TensorMemory) and real tokens/s, next to bench/memory.py's prediction. A row
+predicted beyond the GPU's memory is not run, one that runs out of memory is a "skipped" row; each step's loss must be
+finite (no fp32 oracle of a 70B fits anywhere; tests/test_quantize.py checks the quantized layers). --memory-plan yes
+prints the predictions alone: no model is built, no GPU is needed.
+
 Examples:
     # one GPU: LLaMA-7B and 13B shapes, rows appended to bench/results/finetune.csv, bar chart + summary beside it
     python -m bench.bench_finetune
@@ -49,6 +57,9 @@ Examples:
     python -m bench.bench_finetune --data alpaca_data.json --tokenizer llama/tokenizer.model   # real lengths
     # CPU (or anywhere): the tiny smoke configuration, written to a temporary folder or --out
     python -m bench.bench_finetune --smoke --out /tmp/bench-finetune
+    # memory: the predictions for 7B/13B/70B anywhere; the measured rows on a GPU, one model shape per call
+    python -m bench.bench_finetune --memory-plan yes
+    python -m bench.bench_finetune --memory yes --memory-models llama2-70b --bases nf4
 On a CPU the numbers mean nothing for the GPU: the run only shows that the benchmark works and that every
 provider computes the right answer. Several GPUs: the benchmark uses the current device (CUDA_VISIBLE_DEVICES).
 """

@@ -232,12 +232,14 @@ def _rank(rank: int, world_size: int, port: int, cfg: FinetuneConfig, result_dir
                result_dir / f"rank{rank}.pt")
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_processes_equal_one_on_the_same_global_batch(checkpoint, tmp_path, fsdp):
-    """gloo, 2 processes, each with its share of every step's 2 micro-batches = 1 process with 2 per step."""
+@pytest.mark.parametrize("fsdp, quantize", [(False, None), (True, None), (False, "nf4")],
+                         ids=["ddp", "fsdp2", "ddp-nf4"])
+def test_two_processes_equal_one_on_the_same_global_batch(checkpoint, tmp_path, fsdp, quantize):
+    """gloo, 2 processes, each with its share of every step's 2 micro-batches = 1 process with 2 per step (a base
+    in nf4 too: DDP broadcasts its packed weights as they are)."""
     data = data_file(tmp_path, 8)
-    single = run(config(checkpoint, data, tmp_path / "single", micro_batches_per_step=2))
-    cfg = config(checkpoint, data, tmp_path / "two", micro_batches_per_step=2, fsdp=fsdp)
+    single = run(config(checkpoint, data, tmp_path / "single", micro_batches_per_step=2, quantize=quantize))
+    cfg = config(checkpoint, data, tmp_path / "two", micro_batches_per_step=2, fsdp=fsdp, quantize=quantize)
     mp.spawn(_rank, args=(2, _free_port(), cfg, tmp_path), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert single.steps == 4

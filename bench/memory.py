@@ -2,22 +2,23 @@
 any device by counting tensor storage (TensorMemory).
 
 MemoryPlan(config, base="nf4", tokens=16384, ...) adds up, in bytes, what one training step holds at its peak:
-- weights: every parameter and buffer of the base in its dtype; a quantized linear in bitsandbytes' layout (nf4: two
-  weights per byte, one 8-bit absmax per 64 weights, one fp32 absmax per 256 of those, a 256-entry fp32 code; int8:
-  one byte per weight and one fp32 absmax per row); the adapter in fp32;
+- weights: every parameter of the base in its dtype; a quantized linear in bitsandbytes' layout (nf4: two weights per
+  byte, one 8-bit absmax per 64 weights (model/quantize.py's nf4_blocksize), one fp32 absmax per 256 of those, the
+  fp32 codes; int8: one byte per weight and one fp32 absmax per row); the adapter in fp32;
 - trainer: the adapter's gradients and AdamW's two moments (fp32);
 - activations: what autograd keeps for the backward, per adapted block (nothing below the first adapted block, where
   the forward runs without gradients), from what each operation saves: the fp32 input of each RMSNorm and its
   reciprocal root, q, k, v (the rotary outputs) and the prompt keys / values that the fused op saves, its fp32 token
-  output and two fp32 log-sum-exps per head and token, and SwiGLU's three (tokens x hidden) inputs. The first adapted
-  block's attention norm keeps nothing (its input has no gradient). With activation checkpointing each block keeps
-  its input only, and the backward recomputes one block at a time (one block's activations more, at its peak);
-- loss: the final norm's fp32 input and output at the targets, and train/loss.py's chunked loss: one chunk's logits,
-  their fp32 copy and log-probabilities at a time (plain: the whole (targets x vocab) of them);
-- backward: the largest set of gradients that exist together while one block's backward runs (the gradient of the
-  residual stream, of SwiGLU's inputs, and of q, k, v with the op's fp32 scratch).
+  output and two fp32 log-sum-exps per head and token, and SwiGLU's three (tokens x hidden) inputs; bitsandbytes'
+  int8 layers keep their inputs too. The first adapted block's attention norm keeps nothing (its input has no
+  gradient). With activation checkpointing each block keeps its input only;
+- loss: the final norm's fp32 input, root and output at the targets (plain: the fp32 log-probabilities of every
+  target too);
+- transient: the most that exists for a moment on top of that: the loss's backward (train/loss.py's chunk, or all
+  targets), or one block's backward (SwiGLU's gradients; with checkpointing after recomputing the block's
+  activations).
 It is a sum over shapes and dtypes, checked (tests/test_memory.py) against TensorMemory on small random models on
-the CPU: within 15% of the process's measured peak of tensor storage.
+the CPU: within 15% of the process's measured peak of tensor storage (measured: 1-4%, int8 with checkpointing 9%).
 
 TensorMemory counts every tensor storage that torch allocates while it is active (a TorchDispatchMode: each
 operation's outputs, inside autograd's backward and torch.utils.checkpoint's recomputation too), and its release

@@ -207,11 +207,14 @@ for stage in "$@"; do
     finetune-13b)
       timeout 570 "$PY" -m bench.bench_finetune --models llama-13b --out "$WORK" ;;
     memory)
-      timeout 570 "$PY" -m bench.bench_finetune --memory yes --memory-models llama2-7b --out "$WORK" ;;
+      timeout 570 "$PY" -m bench.bench_finetune --memory yes --memory-models llama2-7b --warmup-steps 1 --steps 3 \
+        --out "$WORK" ;;
     memory-13b)
-      timeout 570 "$PY" -m bench.bench_finetune --memory yes --memory-models llama2-13b --out "$WORK" ;;
+      timeout 570 "$PY" -m bench.bench_finetune --memory yes --memory-models llama2-13b --warmup-steps 1 --steps 3 \
+        --out "$WORK" ;;
     memory-70b)
-      timeout 570 "$PY" -m bench.bench_finetune --memory yes --memory-models llama2-70b --bases nf4 --out "$WORK" ;;
+      timeout 570 "$PY" -m bench.bench_finetune --memory yes --memory-models llama2-70b --bases nf4 --warmup-steps 1 \
+        --steps 3 --out "$WORK" ;;
     decode)
       timeout 400 "$PY" -m bench.bench_decode --models llama-7b --out "$WORK" &&
         timeout 170 "$PY" -m bench.bench_decode --models llama-7b --batch-sizes 16 --ragged yes --out "$WORK" ;;

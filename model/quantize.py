@@ -121,6 +121,15 @@ def quantized_linear(weight: torch.Tensor, mode: str, *, compute_dtype: torch.dt
     weight's own storage is not kept: once the caller drops it, only the quantized copy remains. compute_dtype: the
     dtype the layer takes and gives (the base's activations)."""
     bnb = _bnb()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # bitsandbytes builds (and caches, for the process) its NF4 code table in
+    try:  # the default dtype: under a bf16 default its 16 levels would be rounded to bf16 from then on
+        return _quantized_linear(bnb, weight, mode, compute_dtype)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _quantized_linear(bnb, weight: torch.Tensor, mode: str, compute_dtype: torch.dtype) -> nn.Linear:
     out_features, in_features = weight.shape
     if mode == "nf4":
         layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,

@@ -94,6 +94,22 @@ def test_nf4_is_qlora_format_and_its_logits_err_by_nf4_alone(checkpoint):
     assert _rel(_logits(nf4), _logits(base)) > 0.01  # it is quantized: the test has teeth
 
 
+def test_quantizing_under_a_bf16_default_dtype_keeps_nf4s_code_in_fp32(monkeypatch):
+    """bitsandbytes makes and caches its NF4 code table in torch's default dtype, once per process: quantized_linear
+    makes it in fp32 whatever the caller's default (bench's random_llama builds under a bf16 default)."""
+    from bitsandbytes.backends import utils
+
+    monkeypatch.setattr(utils, "_code_4bit_cache", {})
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        quantize.quantized_linear(torch.randn(64, 64), "nf4", compute_dtype=torch.bfloat16)
+        assert torch.get_default_dtype() == torch.bfloat16
+    finally:
+        torch.set_default_dtype(previous)
+    assert [code.dtype for code in utils._code_4bit_cache.values()] == [torch.float32]
+
+
 def test_nf4_width_multiple_of_32_only_takes_blocks_of_32(tmp_path):
     """tests/model_utils.py's tiny model (and the demo's) has a SwiGLU width of 352 = 11 x 32: its w2 gets blocks of
     32, whose NF4 rounding errs as blocks of 64 do elsewhere (bitsandbytes' CPU kernel would get blocks of 64

@@ -94,20 +94,32 @@ def test_nf4_is_qlora_format_and_its_logits_err_by_nf4_alone(checkpoint):
     assert _rel(_logits(nf4), _logits(base)) > 0.01  # it is quantized: the test has teeth
 
 
-def test_quantizing_under_a_bf16_default_dtype_keeps_nf4s_code_in_fp32(monkeypatch):
-    """bitsandbytes makes and caches its NF4 code table in torch's default dtype, once per process: quantized_linear
-    makes it in fp32 whatever the caller's default (bench's random_llama builds under a bf16 default)."""
-    from bitsandbytes.backends import utils
-
-    monkeypatch.setattr(utils, "_code_4bit_cache", {})
-    previous = torch.get_default_dtype()
+_PACK = """
+import sys, torch
+from model.quantize import quantized_linear
+g = torch.Generator().manual_seed(0)
+if sys.argv[1] == "bf16-first":  # a first quantization under a bf16 default dtype, as bench's random_llama does
     torch.set_default_dtype(torch.bfloat16)
-    try:
-        quantize.quantized_linear(torch.randn(64, 64), "nf4", compute_dtype=torch.bfloat16)
-        assert torch.get_default_dtype() == torch.bfloat16
-    finally:
-        torch.set_default_dtype(previous)
-    assert [code.dtype for code in utils._code_4bit_cache.values()] == [torch.float32]
+    quantized_linear(torch.randn(64, 64), "nf4", compute_dtype=torch.bfloat16)
+    torch.set_default_dtype(torch.float32)
+layer = quantized_linear(torch.randn(64, 128, generator=g), "nf4", compute_dtype=torch.float32)
+print(layer.weight.data.flatten().tolist())
+"""
+
+
+def test_a_bf16_default_dtype_does_not_change_later_nf4_quantization():
+    """bitsandbytes makes its NF4 code table in torch's default dtype and keeps it for the process: quantized_linear
+    makes it under fp32, so that a first quantization under a bf16 default (bench's random_llama) leaves every later
+    one as it would be. Fresh processes: the table is made once per process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    runs = [subprocess.Popen([sys.executable, "-c", _PACK, order], cwd=root, stdout=subprocess.PIPE, text=True,
+                             stderr=subprocess.DEVNULL) for order in ("fresh", "bf16-first")]
+    packed = [run.communicate(timeout=120)[0] for run in runs]
+    assert packed[0] and packed[0] == packed[1]
 
 
 def test_nf4_width_multiple_of_32_only_takes_blocks_of_32(tmp_path):

@@ -25,7 +25,13 @@ setup(
     extras_require={
         # transformers: the tests compare our LLaMA against LlamaForCausalLM;
         # peft: they compare our import of a PEFT adaption-prompt adapter against PEFT's own logits.
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.45", "peft>=0.13", "ruff>=0.5"],
+        # bitsandbytes: the quantized base's tests (model/quantize.py), on the CPU too.
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.45", "peft>=0.13", "ruff>=0.5",
+                "bitsandbytes>=0.50,<0.52"],
+        # --quantize nf4|int8 (model/quantize.py): bitsandbytes' NF4 and LLM.int8 layers, CUDA or CPU
+        "quantize": ["bitsandbytes>=0.50,<0.52"],
+        # the loss's fused linear + cross-entropy kernel on CUDA (train/loss.py); a chunked torch path elsewhere
+        "liger": ["liger-kernel>=0.6,<0.9"],
         # the multi-modal adapter's CLIP image encoder (model/visual.py); Pillow comes with matplotlib
         "vision": ["transformers>=4.45", "pillow"],
         # xformers has no CPU use and pins torch builds: GPU benchmark machines only.

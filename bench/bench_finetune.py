@@ -47,6 +47,14 @@ Example lengths (--data absent): an APPROXIMATION of Alpaca-52K with the Alpaca 
 about 156 tokens). With --data alpaca_data.json --tokenizer tokenizer.model the real examples are tokenized as
 train/finetune.py does, truncated to --pad-to tokens, and their real lengths (and tokens) are used instead.
 
+Memory rows (--memory yes): ours_packed per model shape (--memory-models: Llama-2-7B, 13B, 70B), frozen base
+(--bases: bf16, int8, nf4; model/quantize.py, built one module at a time by common.random_llama) and activation
+checkpointing off / on, on packed micro-batches of --memory-tokens (16384 and 512) tokens: peak memory (CUDA's max
+allocated; on a CPU bench/memory.py's TensorMemory) and real tokens/s, next to bench/memory.py's prediction. A row
+predicted beyond the GPU's memory is not run, one that runs out of memory is a "skipped" row; each step's loss must be
+finite (no fp32 oracle of a 70B fits anywhere; tests/test_quantize.py checks the quantized layers). --memory-plan yes
+prints the predictions alone: no model is built, no GPU is needed.
+
 Examples:
     # one GPU: LLaMA-7B and 13B shapes, rows appended to bench/results/finetune.csv, bar chart + summary beside it
     python -m bench.bench_finetune
@@ -54,6 +62,9 @@ Examples:
     python -m bench.bench_finetune --data alpaca_data.json --tokenizer llama/tokenizer.model   # real lengths
     # CPU (or anywhere): the tiny smoke configuration, written to a temporary folder or --out
     python -m bench.bench_finetune --smoke --out /tmp/bench-finetune
+    # memory: the predictions for 7B/13B/70B anywhere; the measured rows on a GPU, one model shape per call
+    python -m bench.bench_finetune --memory-plan yes
+    python -m bench.bench_finetune --memory yes --memory-models llama2-70b --bases nf4
 On a CPU the numbers mean nothing for the GPU: the run only shows that the benchmark works and that every
 provider computes the right answer. Several GPUs: the benchmark uses the current device (CUDA_VISIBLE_DEVICES).
 """
@@ -62,11 +73,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,7 +129,9 @@ from bench.common import (  # noqa: E402
     reset_peak_memory,
     unique_path,
     unpatched,
+    yes_no,
 )
+from bench.memory import BASES, MemoryPlan, TensorMemory, model_tensors  # noqa: E402
 from model import AdapterConfig, LLaMA, Tokenizer, adapter_layers, adapter_state_dict  # noqa: E402
 from train.data import PackedLoader, PaddedLoader, Step, TokenizedDataset, load_records, tokenize_records  # noqa: E402
 from train.finetune import batch_loss_sum, param_groups  # noqa: E402
@@ -293,6 +307,21 @@ class FinetuneBenchConfig:
     check_examples: int = field(default=4, metadata=opt(
         "examples of the correctness check's step", argparse_type(positive_int), "N"))
     seed: int = field(default=0, metadata=opt("seed of the weights, the data and its order", argparse_type(int), "N"))
+    memory: bool = field(default=False, metadata=opt(
+        "yes: the memory rows instead of the providers: ours_packed's peak memory and tokens/s per model shape "
+        "(--memory-models), base (--bases) and activation checkpointing off / on, on packed micro-batches of "
+        "--memory-tokens tokens, each next to bench/memory.py's prediction", argparse_type(yes_no), "yes|no"))
+    memory_plan: bool = field(default=False, metadata=opt(
+        "yes: print only the predicted memory of those rows (bench/memory.py: from the tensors' shapes and dtypes; "
+        "builds no model, needs no GPU)", argparse_type(yes_no), "yes|no"))
+    memory_models: tuple[str, ...] = field(default=("llama2-7b", "llama2-13b", "llama2-70b"), metadata=opt(
+        "memory rows: model shapes", list_of(model_name, "model"), "NAME,..."))
+    bases: tuple[str, ...] = field(default=("bf16", "int8", "nf4"), metadata=opt(
+        "memory rows: the frozen base in bf16, or quantized (int8, nf4; bitsandbytes, bf16 compute)",
+        list_of(str, "base"), "B,B,..."))
+    memory_tokens: tuple[int, ...] = field(default=(16384, 512), metadata=opt(
+        "memory rows: tokens per packed micro-batch (512: one Alpaca-length example at a time)",
+        list_of(positive_int, "token count"), "N,N,..."))
     out: str | None = field(default=None, metadata=opt(
         "folder for finetune.csv, the plot and the summary (default: bench/results/ for a full CUDA run, else a "
         "temporary folder; CPU and smoke runs never write into bench/results/)", str, "DIR"))
@@ -300,7 +329,8 @@ class FinetuneBenchConfig:
 
 # --smoke, and the default on a CPU: tiny enough for Triton's interpreter (2 layers, dim 64, the top one adapted)
 SMOKE = dict(models=("smoke",), token_budget=128, batch_size=2, pad_to=64, adapter_len=4, adapter_layers=1,
-             examples=24, length_scale=0.1, warmup_steps=1, steps=2, check_examples=2)
+             examples=24, length_scale=0.1, warmup_steps=1, steps=2, check_examples=2, memory_models=("smoke",),
+             memory_tokens=(128,))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,15 +349,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_config(args: argparse.Namespace, *, smoke: bool, providers: Mapping[str, Provider]) -> FinetuneBenchConfig:
     base = FinetuneBenchConfig(providers=tuple(providers))
-    cfg = config_from_args(args, dataclasses.replace(base, **SMOKE) if smoke else base)
+    if smoke and args.memory_plan in (True,):  # the plan builds nothing: the real shapes, not the smoke model
+        smoke_fields = {k: v for k, v in SMOKE.items() if k not in (
+            "memory_models", "memory_tokens", "adapter_len", "adapter_layers")}
+        cfg = config_from_args(args, dataclasses.replace(base, **smoke_fields))
+    else:
+        cfg = config_from_args(args, dataclasses.replace(base, **SMOKE) if smoke else base)
     check_choices("providers", cfg.providers, providers, "provider")
+    check_choices("bases", cfg.bases, BASES, "base")
     if (cfg.data is None) != (cfg.tokenizer is None):
         raise ConfigError("tokenizer" if cfg.data else "data", "--data and --tokenizer go together (the real "
                           "examples are tokenized to measure their lengths)")
     if cfg.token_budget < cfg.pad_to:
         raise ConfigError("token_budget", f"{cfg.token_budget} is below --pad-to {cfg.pad_to}: a packed micro-batch "
                           "must hold the longest example")
-    for name in cfg.models:
+    for name in cfg.memory_models if cfg.memory or cfg.memory_plan else cfg.models:
         n_layers = model_config(name).n_layers
         if cfg.adapter_layers > n_layers:
             raise ConfigError("adapter_layers", f"{cfg.adapter_layers} exceeds the {n_layers} layers of {name}")
@@ -815,12 +851,144 @@ def write_summary(result: RunResult, text: str) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------------------------------
+# Memory rows: bases x activation checkpointing, measured next to the plan (bench/memory.py)
+# --------------------------------------------------------------------------------------------------
+PACKED = PROVIDERS["ours_packed"]
+GPUS = {"A100-80GB": 80e9, "H200": 141e9}  # for the plan's "fits" columns (bytes)
+
+
+def memory_cases(cfg: FinetuneBenchConfig) -> Iterator[tuple[str, str, bool, int]]:
+    """(model, base, checkpointing, tokens) of every memory row, in order."""
+    for name in cfg.memory_models:
+        for base in cfg.bases:
+            for checkpointing in (False, True):
+                for tokens in cfg.memory_tokens:
+                    yield name, base, checkpointing, tokens
+
+
+def memory_shape(name: str, base: str, checkpointing: bool, tokens: int, cfg: FinetuneBenchConfig) -> str:
+    """The CSV's shape column of a memory row, e.g. llama2-7b-K10-L30-nf4-ckpt-16384tok."""
+    return f"{name}-K{cfg.adapter_len}-L{cfg.adapter_layers}-{base}-{'ckpt' if checkpointing else 'nockpt'}-{tokens}tok"
+
+
+def memory_plan(name: str, base: str, checkpointing: bool, tokens: int, cfg: FinetuneBenchConfig, device: str,
+                targets: int | None = None) -> MemoryPlan:
+    """The prediction for a memory row (targets: the response tokens, by default the data's share of them)."""
+    share = 0.55  # Alpaca-like data: the response's share of an example's tokens (AlpacaLengths: 85 of 156)
+    return MemoryPlan(model_config(name), base=base, tokens=tokens, targets=targets or round(share * tokens),
+                      adapter_len=cfg.adapter_len, adapter_layers=cfg.adapter_layers, checkpointing=checkpointing,
+                      device=device)
+
+
+def print_memory_plan(cfg: FinetuneBenchConfig, env: BenchEnv, out_dir: Path, *,
+                      log: Callable[[str], None] = print) -> list[Row]:
+    """--memory-plan: the predicted peak of every memory row, its parts, and whether it fits an A100-80GB / H200."""
+    rows, lines = [], []
+    for name, base, checkpointing, tokens in memory_cases(cfg):
+        plan = memory_plan(name, base, checkpointing, tokens, cfg, "cuda")
+        parts = plan.parts()
+        shape = memory_shape(name, base, checkpointing, tokens, cfg)
+        rows += [Row(WHAT, "plan", "memory", shape, f"predicted_{k}", v / 2**20, "MiB") for k, v in parts.items()]
+        lines.append([name, base, "yes" if checkpointing else "no", f"{tokens:,}",
+                      *(parts[k] for k in ("weights", "activations", "loss", "transient", "total")),
+                      *("yes" if parts["total"] <= limit else "no" for limit in GPUS.values())])
+    append_rows(out_dir / f"{WHAT}.csv", rows, env)
+    unit, scale = ("GiB", 2**30) if max(line[8] for line in lines) >= 2**30 else ("MiB", 2**20)
+    lines = [[f"{v / scale:.2f}" if isinstance(v, int) else v for v in line] for line in lines]
+    log(f"Predicted peak memory of a fine-tuning step ({unit}; bench/memory.py, from the tensors' shapes and dtypes): "
+        f"adapter K {cfg.adapter_len} in the top {cfg.adapter_layers} layers, AdamW, packed micro-batches, "
+        "bf16 compute; not measured on a GPU yet")
+    log(format_table(["model", "base", "checkpointing", "tokens", "weights", "activations", "loss", "transient",
+                      "total", *(f"fits {g}" for g in GPUS)], lines))
+    log(f"CSV rows appended to {out_dir / f'{WHAT}.csv'}")
+    return rows
+
+
+def run_memory(cfg: FinetuneBenchConfig, env: BenchEnv, out_dir: Path, *,
+               log: Callable[[str], None] = print) -> list[list[str]]:
+    """--memory: ours_packed's steps per memory row: peak memory (CUDA's max allocated; on a CPU the tensor storage
+    that bench/memory.py's TensorMemory counts) and tokens/s, next to the prediction. A row the prediction puts
+    beyond the GPU's memory, or one that runs out of it, is a row saying so. These rows are not checked against an
+    oracle (an fp32 copy of a 70B base fits nowhere): each step's loss must be finite, and the quantized layers are
+    bitsandbytes' own (tests/test_quantize.py checks them against the dequantized base)."""
+    device = env.device
+    capacity = torch.cuda.get_device_properties(device).total_memory if env.is_cuda else None
+    csv_path = out_dir / f"{WHAT}.csv"
+    log(f"bench_finetune --memory | {env.describe()}")
+    if not env.is_cuda:
+        log(CPU_NOTICE)
+    lines: list[list[str]] = []
+    model, built = None, None
+    for name, base, checkpointing, tokens in memory_cases(cfg):
+        shape = memory_shape(name, base, checkpointing, tokens, cfg)
+        predicted = memory_plan(name, base, checkpointing, tokens, cfg, device.type).total()
+        line = [name, base, "yes" if checkpointing else "no", f"{tokens:,}"]
+        rows = [Row(WHAT, PACKED.name, "memory", shape, "predicted_peak", predicted / 2**20, "MiB")]
+        reason = None
+        if capacity is not None and predicted > capacity:
+            reason = f"does not fit: predicted {predicted / 2**30:.1f} GiB > {capacity / 2**30:.1f} GiB"
+        else:
+            try:
+                if built != (name, base):
+                    model = None
+                    free_device_memory(device, collect=True)
+                    adapter = AdapterConfig(adapter_len=cfg.adapter_len, adapter_layers=cfg.adapter_layers)
+                    model = random_llama(name, adapter, dtype=DTYPE, device=device, seed=cfg.seed,
+                                         quantize=base if base in ("int8", "nf4") else None)
+                    built = (name, base)
+                m, peak = _memory_step(model, checkpointing, tokens, cfg, env)
+            except Exception as exc:  # out of memory; anything else is a bug
+                if not is_oom(exc):
+                    raise
+                reason = "out of memory: " + describe_exception(exc)
+                del exc
+                model, built = None, None
+                free_device_memory(device, collect=True)
+        if reason is not None:
+            append_rows(csv_path, [*rows, Row(WHAT, PACKED.name, "memory", shape, "skipped", reason, "")], env)
+            lines.append([*line, reason, "-", None, predicted])
+            log(f"   {shape}: SKIP {reason}")
+            continue
+        rows += [Row(WHAT, PACKED.name, "memory", shape, metric, value, unit) for metric, value, unit in (
+            ("peak_mem", peak / 2**20, "MiB"), ("real_tokens_per_s", m.real_tokens_per_s, "tokens/s"),
+            ("step_median", m.step.median_ms, "ms"), ("final_loss", m.final_loss, ""))]
+        append_rows(csv_path, rows, env)
+        lines.append([*line, f"{m.real_tokens_per_s:,.0f}", f"{m.step.median_ms:.1f}", peak, predicted])
+        log(f"   {shape}: {m.real_tokens_per_s:,.0f} real tok/s, peak {peak / 2**20:,.1f} MiB (predicted "
+            f"{predicted / 2**20:,.1f}, {peak / predicted:.2f} of it)")
+    unit, scale = ("GiB", 2**30) if max((line[-1] for line in lines), default=0) >= 2**30 else ("MiB", 2**20)
+    measured = f"peak {unit}" if env.is_cuda else f"peak tensor {unit} (TensorMemory)"
+    log(format_table(["model", "base", "checkpointing", "tokens", "real tok/s", "step ms", measured,
+                      f"predicted {unit}"],
+                     [[*line[:-2], *("-" if v is None else f"{v / scale:,.2f}" for v in line[-2:])] for line in lines]))
+    log(f"CSV rows appended to {csv_path}")
+    return lines
+
+
+def _memory_step(model: LLaMA, checkpointing: bool, tokens: int, cfg: FinetuneBenchConfig,
+                 env: BenchEnv) -> tuple[Measurement, float]:
+    """time_provider's steps of ours_packed on micro-batches of tokens tokens; (the measurement, peak bytes)."""
+    model.activation_checkpointing = checkpointing
+    data = synthetic_dataset(cfg.examples, model.config.vocab_size, seed=cfg.seed, scale=cfg.length_scale,
+                             max_len=min(cfg.pad_to, tokens))
+    with nullcontext() if env.is_cuda else TensorMemory(existing=model_tensors(model)) as mem:
+        m = time_provider(model, data, PACKED, dataclasses.replace(cfg, token_budget=tokens), env.device,
+                          model.config.name)
+    if not math.isfinite(m.final_loss):
+        raise CorrectnessError(f"{model.config.name}: the loss of the last memory step is {m.final_loss}")
+    return m, m.peak_mib * 2**20 if env.is_cuda else mem.peak
+
+
 def main(argv: Sequence[str] | None = None, *, providers: Mapping[str, Provider] | None = None) -> int:
     providers = PROVIDERS if providers is None else providers
     parser = build_parser()
     args = parser.parse_args(argv)
 
     def run_on_data(cfg: FinetuneBenchConfig, env: BenchEnv, out_dir: Path) -> None:
+        if cfg.memory_plan or cfg.memory:
+            (print_memory_plan if cfg.memory_plan else run_memory)(cfg, env, out_dir)
+            return
         real = None
         if cfg.data:
             try:

@@ -651,11 +651,15 @@ def model_name(text: str) -> str:
     return text
 
 
-def random_llama(name: str, adapter, *, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LLaMA:
+def random_llama(name: str, adapter, *, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                 quantize: str | None = None) -> LLaMA:
     """A randomly initialised LLaMA of preset name with an adapter (AdapterConfig), made for benchmarks:
 
     - the base is built directly in dtype on device (no fp32 copy of a 7B model) with torch's default init,
       and frozen; the adapter is fp32 (prompts N(0, 1));
+    - quantize ("nf4" or "int8", model/quantize.py): the model is built on the meta device and made one module at a
+      time, each base linear quantized as soon as its weight is drawn (dtype is then the compute dtype), so that
+      building a 70B in nf4 never holds more than one bf16 layer;
     - the gates are spread over [-1.5, 1.5] in every adapted layer (as after some training) instead of 0: with
       zero gates the prompts get no gradient and the prompt part adds nothing, so the correctness checks
       would not see it."""
@@ -668,8 +672,10 @@ def random_llama(name: str, adapter, *, dtype: torch.dtype, device: torch.device
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device("meta" if quantize else device):
             model = LLaMA(config, adapter)
+        if quantize:
+            _materialize_quantized(model, quantize, dtype, device)
     finally:
         torch.set_default_dtype(previous)
     with torch.no_grad():
@@ -677,6 +683,35 @@ def random_llama(name: str, adapter, *, dtype: torch.dtype, device: torch.device
             m.gate.copy_(torch.linspace(-1.5, 1.5, m.gate.numel()))
     mark_only_adapter_as_trainable(model)
     return model
+
+
+def _materialize_quantized(model: LLaMA, mode: str, dtype: torch.dtype, device: torch.device) -> None:
+    """Give a model built on the meta device its weights on device, one module at a time, with torch's default init
+    (RMSNorm weights 1, a fresh adapter), the base linears quantized to mode as they are drawn."""
+    from model.quantize import check_cpu_nf4, check_quantize, quantized_linear, quantized_names
+
+    check_quantize(mode)
+    why = check_cpu_nf4(model.config, device) if mode == "nf4" else None
+    if why:
+        raise ConfigError("bases", f"nf4 on the CPU: {why}")
+    linears = {n.removesuffix(".weight") for n in quantized_names(model)}
+    for name, module in list(model.named_modules()):
+        if name in linears:
+            weight = torch.empty(module.weight.shape, dtype=dtype, device=device)
+            torch.nn.init.kaiming_uniform_(weight, a=5 ** 0.5)  # nn.Linear's own init
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, quantized_linear(weight, mode, compute_dtype=dtype))
+            del weight
+        elif any(p.is_meta for p in module.parameters(recurse=False)):
+            module.to_empty(device=device, recurse=False)
+            reset = getattr(module, "reset_adapter", None) or getattr(module, "reset_parameters", None)
+            if reset is not None:
+                reset()
+            else:  # RMSNorm
+                with torch.no_grad():
+                    module.weight.fill_(1.0)
+    if model.config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
 
 
 def unpatched(model: LLaMA) -> AbstractContextManager:

@@ -7,7 +7,10 @@
 #   bash bench/gpu_session.sh --plan quick      # here: the steps, their timeouts and the total (runs nothing)
 #   bash bench/gpu_session.sh --fetch-wheels    # here: pytest-xdist into .whl/ (ignored by git), to compile the
 #                                               #   kernel tests in 8 processes there; optional, but without it
-#                                               #   the kernel tests may not all finish inside their timeout
+#                                               #   the kernel tests may not all finish inside their timeout;
+#                                               #   and bitsandbytes (43 MB: --quantize, the memory stages'
+#                                               #   int8/nf4 rows and their tests) and liger-kernel (the fused
+#                                               #   loss on CUDA), which the device machine does not have
 #   device run: bash bench/gpu_session.sh quick    (carry: [".whl"], timeout_s: 560)
 #
 # The quick plan, each step under its own timeout, its results copied to $OUT as soon as it ends (a call killed
@@ -34,6 +37,10 @@
 #   bash bench/gpu_session.sh finetune         # fine-tuning steps, LLaMA-7B shape: ours_packed, ours_padded512,
 #                                              #   eager_padded512
 #   bash bench/gpu_session.sh finetune-13b     # the same for LLaMA-13B ("skipped: out of memory" rows if not)
+#   bash bench/gpu_session.sh memory           # bench_finetune --memory, Llama-2-7B shape: peak memory and tokens/s
+#                                              #   of bf16 / int8 / nf4 bases x activation checkpointing, packed
+#                                              #   16k- and 512-token micro-batches, next to the predictions
+#   bash bench/gpu_session.sh memory-13b memory-70b   # the same for 13B and 70B (rows that do not fit say so)
 #   bash bench/gpu_session.sh decode           # KV-cache generation, LLaMA-7B shape, batch 1 and 16, fused/eager;
 #                                              #   then batch 16 of uneven prompts (left-padded, --ragged)
 #   bash bench/gpu_session.sh tune             # block-size sweep of the fwd, dkdv and dq kernels (bf16, head dim 128,
@@ -45,7 +52,7 @@
 # most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES="tests attention attention-rest report finetune finetune-13b decode tune"
+STAGES="tests attention attention-rest report finetune finetune-13b memory memory-13b memory-70b decode tune"
 PY=${PYTHON:-python3}  # the device machine's python3 holds torch
 export PYTHONUNBUFFERED=1
 
@@ -91,10 +98,7 @@ run_quick() {
   local out=${OUT:-runs/gpu-session/quick-out} work=runs/gpu-session/quick
   mkdir -p "$out" "$work"
   unset TRITON_INTERPRET
-  if compgen -G ".whl/*.whl" >/dev/null; then  # carried wheels (pytest-xdist): installed apart, no network
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
-      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  fi
+  install_wheels
   local xdist=()
   "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
   local status=0 rc
@@ -140,10 +144,19 @@ run_quick() {
   return $status
 }
 
-fetch_wheels() {  # here, with internet: pytest-xdist and execnet for the device's Python 3.12, into .whl/
+fetch_wheels() {  # here, with internet: for the device's Python 3.12, into .whl/ (installed with --no-deps: the
+  # device's torch stays): pytest-xdist and execnet; bitsandbytes and liger-kernel (setup.py's ranges)
   mkdir -p .whl
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux2014_x86_64 -d .whl "pytest-xdist>=3.5" "execnet>=2.1"
+    --platform manylinux2014_x86_64 --platform manylinux_2_24_x86_64 -d .whl "pytest-xdist>=3.5" "execnet>=2.1" \
+    "bitsandbytes>=0.50,<0.52" "liger-kernel>=0.6,<0.9"
+}
+
+install_wheels() {  # carried wheels: installed apart, no network, the device's torch untouched
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
 }
 
 case "${1:-}" in
@@ -174,6 +187,7 @@ done
 WORK=runs/gpu-session
 mkdir -p "$WORK"
 unset TRITON_INTERPRET
+install_wheels
 env_line | tee "$WORK/env.txt"
 status=0
 for stage in "$@"; do
@@ -192,6 +206,15 @@ for stage in "$@"; do
       timeout 570 "$PY" -m bench.bench_finetune --models llama-7b --out "$WORK" ;;
     finetune-13b)
       timeout 570 "$PY" -m bench.bench_finetune --models llama-13b --out "$WORK" ;;
+    memory)
+      timeout 570 "$PY" -m bench.bench_finetune --memory yes --memory-models llama2-7b --warmup-steps 1 --steps 3 \
+        --out "$WORK" ;;
+    memory-13b)
+      timeout 570 "$PY" -m bench.bench_finetune --memory yes --memory-models llama2-13b --warmup-steps 1 --steps 3 \
+        --out "$WORK" ;;
+    memory-70b)
+      timeout 570 "$PY" -m bench.bench_finetune --memory yes --memory-models llama2-70b --bases nf4 --warmup-steps 1 \
+        --steps 3 --out "$WORK" ;;
     decode)
       timeout 400 "$PY" -m bench.bench_decode --models llama-7b --out "$WORK" &&
         timeout 170 "$PY" -m bench.bench_decode --models llama-7b --batch-sizes 16 --ragged yes --out "$WORK" ;;

@@ -15,7 +15,10 @@ Base models, load_checkpoint(folder), the format detected from the folder:
   the inverse permutation gives Meta's interleaved layout. rope_theta, Llama-3.1's "llama3"
   rope scaling, GQA and tied embeddings are read from config.json (transformers 4 and 5 keys).
 The model is built on the meta device and each tensor is copied to its device and dtype as it is
-read, one at a time: no fp32 copy of a bf16 model ever exists. .pth/.bin files load with
+read, one at a time: no fp32 copy of a bf16 model ever exists. Files are memory-mapped per tensor, so that the
+pages of the tensors already read leave the resident memory. With quantize="nf4" or "int8" each linear
+weight is quantized as soon as it is read (model/quantize.py): loading peaks at the quantized model plus
+about one tensor. .pth/.bin files load with
 torch.load(weights_only=True, mmap=True): checkpoints are data, never code. A missing,
 unexpected, duplicated or mis-shaped tensor raises CheckpointError naming the file and the tensor;
 every config value is checked (type, range, finiteness: LLaMAConfig's own checks) and a bad one
@@ -92,6 +95,7 @@ import logging
 import os
 import re
 import uuid
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +116,7 @@ from .adapter import (
 )
 from .cli import remedy_text
 from .llama import ConfigValueError, LLaMA, LLaMAConfig
+from .quantize import check_cpu_nf4, check_quantize, quantized_linear, quantized_names, trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -298,12 +303,15 @@ def _read_meta(folder: Path) -> tuple[LLaMAConfig, Iterator[Item]]:
         raise CheckpointError(f"{shards[0]}: tensor 'tok_embeddings.weight' is missing or not 2-D")
     vocab = emb.shape[0] * len(shards) if emb.shape[1] == params.get("dim") else emb.shape[0]
     config = _meta_config(params, params_file, vocab)
+    names = list(states[0])
+    if all(zipfile.is_zipfile(s) for s in shards):  # memory-mapped: each tensor is mapped again when it is read
+        states = None
 
     def items() -> Iterator[Item]:
-        for name in states[0]:
+        for name in names:
             if name in _META_SKIP:
                 continue
-            pieces = [state[name] for state in states]
+            pieces = [state[name] for state in states] if states else [_torch_load(s)[name] for s in shards]
             kind = name.split(".")[-2] if "." in name else name
             if kind == "tok_embeddings":
                 split = 0 if pieces[0].shape[-1] == config.dim else 1
@@ -395,14 +403,25 @@ def _read_hf(folder: Path, allow_external_files: bool) -> tuple[LLaMAConfig, Ite
 
 
 def _file_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of one weights file, one at a time (safetensors read lazily, .bin memory-mapped)."""
+    """The tensors of one weights file, one at a time. The file is memory-mapped anew for each tensor, and the mapping
+    goes with the tensor: the pages read stay resident only as long as the tensor they hold (a mapping of the whole
+    file would keep every page read in the process's resident memory until the file is done)."""
     if file.suffix == ".bin":
-        yield from _torch_load(file).items()
+        state = _torch_load(file)
+        if not zipfile.is_zipfile(file):  # torch's legacy format is read whole, not mapped
+            yield from state.items()
+            return
+        names, state = list(state), None
+        for name in names:
+            yield name, _torch_load(file)[name]
         return
     try:
         with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+            names = list(f.keys())
+        for name in names:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                tensor = f.get_tensor(name)
+            yield name, tensor
     except SafetensorError as e:
         raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from e
 
@@ -437,7 +456,8 @@ def load_config(path: str | os.PathLike, *, allow_external_files: bool = False) 
 
 def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = None,
                     dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-                    allow_external_files: bool = False) -> LLaMA:
+                    allow_external_files: bool = False, quantize: str | None = None,
+                    quantize_output: bool = False) -> LLaMA:
     """A LLaMA with the weights of a Meta or HF checkpoint folder, and a fresh adapter if one is configured.
 
     Arguments:
@@ -447,10 +467,17 @@ def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = 
         device: where the weights go, one tensor at a time.
         allow_external_files: read shards that a Hugging Face shard index names outside the folder (an absolute
             path or one through ".."); refused by default. Shards that are links (the HF cache's) are read.
+        quantize: "nf4" or "int8" (model/quantize.py): the base's linear weights are quantized as they are read,
+            one at a time, on device; dtype is then the dtype they compute in. None: as they are.
+        quantize_output: quantize the output layer too (unless it is tied to the embedding).
     Returns:
         the model; every tensor of the checkpoint loaded, or a CheckpointError naming the file and tensor.
     """
+    check_quantize(quantize)
     config, items = _read(path, allow_external_files)
+    cpu_nf4 = check_cpu_nf4(config, device) if quantize == "nf4" else None
+    if cpu_nf4:
+        raise CheckpointError(f"{path}: quantize='nf4' on the CPU: {cpu_nf4}")
     with torch.device("meta"):
         model = LLaMA(config, adapter)
     device = torch.device(device)
@@ -458,6 +485,7 @@ def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = 
     trained = {id(p) for p in adapter_state_dict(model).values()} - fresh  # V2's norms: loaded, and kept in fp32
     # by the checkpoint's names (a V2-wrapped linear's weight: layers.N.attention.wq.linear.weight -> ...wq.weight)
     params = {base_name(name): (name, p) for name, p in model.named_parameters() if id(p) not in fresh}
+    quantized = quantized_names(model, quantize_output) if quantize else set()  # checkpoint names
     size = f"{config.n_layers} layers, dim {config.dim}, {config.n_heads} heads ({config.n_kv_heads} kv)"
     loaded: set[str] = set()
     for file, src, name, tensor in items:
@@ -473,8 +501,16 @@ def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = 
                                   f"needs a floating-point {tuple(param.shape)}")
         dtype = dtype or tensor.dtype
         module_name, _, leaf = own_name.rpartition(".")
-        setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor.to(
-            device=device, dtype=torch.float32 if id(param) in trained else dtype, copy=True)))
+        if name in quantized:  # the full-precision copy lives only until it is quantized
+            parent, _, child = module_name.rpartition(".")  # the linear itself (inside a V2 wrapper: its .linear)
+            setattr(model.get_submodule(parent), child, quantized_linear(
+                tensor.to(device=device, dtype=dtype, copy=True), quantize, compute_dtype=dtype))
+            if device.type == "cpu":
+                trim_heap()
+        else:
+            setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor.to(
+                device=device, dtype=torch.float32 if id(param) in trained else dtype, copy=True)))
+        del tensor
         loaded.add(name)
     missing = [n for n in params if n not in loaded]
     if missing:

@@ -9,6 +9,8 @@
         --clip clip-vit-large-patch14/ --instruction "Describe the image."        # the official V2 release
     python -m model.generate --checkpoint llama-7b/ --adapter runs/chat/adapter.safetensors --template chat \\
         --instruction "..."                            # a V2 adapter trained on conversations (--template chat)
+    python -m model.generate --checkpoint llama-70b/ --adapter adapter.safetensors --quantize nf4 \\
+        --instruction "..."                            # a base stored in NF4 (bitsandbytes): 70B in 34 GiB
 
 The instruction goes through the adapter's template (--template: alpaca, or the official V2 chat model's;
 model/prompt.py), BOS first, as the adapter was trained; the answer is streamed, then tokens/s is printed (and
@@ -41,6 +43,7 @@ from .checkpoint import CheckpointError
 from .cli import check_cuda_device, cli_message, parse_dataclass
 from .llama import LLaMA
 from .prompt import TEMPLATES, format_prompt
+from .quantize import QUANTIZE_MODES, check_quantize
 
 PROG = "python -m model.generate"
 
@@ -199,8 +202,15 @@ class Args:
                                                  "choices": ("auto", "bfloat16", "float16", "float32")})
     allow_external_files: bool = field(default=False, metadata={
         "help": "read checkpoint shards that its shard index names outside --checkpoint (refused by default)"})
+    quantize: str | None = field(default=None, metadata={
+        "help": "the base's linear weights in nf4 or int8 (bitsandbytes, model/quantize.py); --dtype computes",
+        "choices": QUANTIZE_MODES})
+    quantize_output: bool = field(default=False, metadata={"help": "with --quantize: the output layer too"})
 
     def __post_init__(self) -> None:
+        check_quantize(self.quantize, argument="--quantize")
+        if self.quantize_output and self.quantize is None:
+            raise ValueError("--quantize-output goes with --quantize nf4|int8")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be an integer >= 1, got {self.max_new_tokens!r}")
@@ -280,7 +290,8 @@ def run(args: Args) -> None:
     adapter = read_adapter_config(args.adapter, gate_act=args.gate_act) if args.adapter else None
     check_image_args(args, adapter)
     model = load_checkpoint(args.checkpoint, adapter=adapter, dtype=dtype, device=args.device,
-                            allow_external_files=args.allow_external_files).eval()
+                            allow_external_files=args.allow_external_files, quantize=args.quantize,
+                            quantize_output=args.quantize_output).eval()
     if args.adapter:
         load_adapter(model, args.adapter, gate_act=args.gate_act)
     features = image_features(model, args.image, args.clip, dtype) if args.image is not None else None

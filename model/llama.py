@@ -55,6 +55,9 @@ image_mask=None, logits_at=None)`, tokens (batch, seqlen) int64 -> logits (batch
   cost T x T). RoPE positions restart at 0 in each
   sequence (derived from cu_seqlens unless positions are given). No KV cache, no left_pad.
 
+Activation checkpointing (model.activation_checkpointing = True): the blocks that run with gradients keep only their
+input and recompute the rest in the backward; below the first adapted layer nothing keeps activations anyway.
+
 Limits: head_dim == dim // n_heads (all LLaMA models); no dropout, no biases.
 Token ids are range-checked on the CPU only: on a GPU the check would cost a sync per decode step
 (there the embedding kernel asserts).
@@ -71,8 +74,15 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from kernels import zero_init_attention
+
+
+def compute_dtype(linear: nn.Module) -> torch.dtype:
+    """The dtype a linear layer takes and gives: its weight's, or, for a quantized one (model/quantize.py: packed
+    integer weights), the dtype it dequantizes to."""
+    return getattr(linear, "compute_dtype", None) or linear.weight.dtype
 
 
 class ConfigValueError(ValueError):
@@ -456,7 +466,12 @@ class AdapterHooks(Protocol):
 
 
 class LLaMA(nn.Module):
-    """LLaMA, optionally with an adapter (model/adapter.py's AdapterConfig) plugged in through AdapterHooks."""
+    """LLaMA, optionally with an adapter (model/adapter.py's AdapterConfig) plugged in through AdapterHooks.
+
+    activation_checkpointing (set per model, default False): each block that runs with gradients (the adapted ones)
+    keeps only its input and recomputes the rest in the backward (torch.utils.checkpoint, non-reentrant)."""
+
+    activation_checkpointing: bool = False
 
     def __init__(self, config: LLaMAConfig, adapter: AdapterHooks | None = None) -> None:
         super().__init__()
@@ -492,8 +507,9 @@ class LLaMA(nn.Module):
                 positions: torch.Tensor | None = None, visual: torch.Tensor | None = None,
                 image_features: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                logits_at: int | torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab_size), or only at logits_at; see the module docstring."""
+                logits_at: int | torch.Tensor | None = None, head: bool = True) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab_size), or only at logits_at; see the module docstring. head=False:
+        the final norm's output (..., dim) instead, for a loss that applies the output layer itself (train/loss.py)."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
             got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must be an integer tensor (batch, seqlen), got {got}")
@@ -541,14 +557,21 @@ class LLaMA(nn.Module):
             p.requires_grad for m in (self.tok_embeddings, *self.layers[:self.first_adapted]) for p in m.parameters())
         with torch.no_grad() if frozen_below else nullcontext():
             for layer in self.layers[:self.first_adapted]:
-                x = layer(x, rope, ctx)
+                x = self._block(layer, x, rope, ctx)
         for layer in self.layers[self.first_adapted:]:
-            x = layer(x, rope, ctx)
+            x = self._block(layer, x, rope, ctx)
         if isinstance(logits_at, int):
             x = x[:, logits_at]  # (B, dim)
         elif logits_at is not None:
             x = x.flatten(0, 1).index_select(0, logits_at)  # (N, dim)
-        return self.output(self.norm(x))  # (B, T, vocab), (B, vocab) or (N, vocab)
+        x = self.norm(x)
+        return self.output(x) if head else x  # (B, T, vocab), (B, vocab) or (N, vocab); (..., dim) without head
+
+    def _block(self, layer: Block, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               ctx: AttentionContext) -> torch.Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():  # a block the backward passes through
+            return checkpoint(layer, x, rope, ctx, use_reentrant=False)
+        return layer(x, rope, ctx)
 
     @staticmethod
     def _check_logits_at(logits_at: int | torch.Tensor | None, batch: int, seqlen: int, device: torch.device) -> None:

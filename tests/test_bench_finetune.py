@@ -191,7 +191,7 @@ def test_smoke_run_checks_times_and_writes_rows(benchmark, tmp_path, capsys):
 def _packed_rows_as_one_sequence(model):
     """Packed batches through plain causal attention: each sequence sees the ones before it (no cu_seqlens)."""
     forward = model.forward
-    model.forward = lambda tokens, logits_at=None, **packing: forward(tokens, logits_at=logits_at)
+    model.forward = lambda tokens, logits_at=None, head=True, **packing: forward(tokens, logits_at=logits_at, head=head)
     try:
         yield
     finally:
@@ -320,7 +320,30 @@ def test_epoch_projection_counts_padding():
     assert bf.epoch_tokens(bf.PROVIDERS["eager_padded512"], 160.0, cfg) == (52_002 * 160.0, 52_002 * 512)
 
 
+def test_memory_plan_and_smoke_memory_rows(tmp_path, capsys):
+    """--memory-plan predicts the real shapes without building anything; --memory measures the smoke model's rows on
+    a CPU (TensorMemory) next to the prediction."""
+    assert bf.main(["--memory-plan", "yes", "--out", str(tmp_path / "plan")]) == 0
+    out = capsys.readouterr().out
+    assert "| llama2-70b | nf4  | yes           | 16,384 | 33.88   |" in out, out
+    idx = _index(common.read_rows(tmp_path / "plan" / "finetune.csv"))
+    total = float(idx[("plan", "memory", "llama2-7b-K10-L30-nf4-nockpt-512tok", "predicted_total")])
+    assert 5 * 1024 < total < 6 * 1024  # MiB: Llama-2-7B in nf4 on 512-token micro-batches, under 8 GB
+    assert len([k for k in idx if k[3] == "predicted_total"]) == 3 * 3 * 2 * 2
+
+    argv = ["--smoke", "--memory", "yes", "--bases", "nf4", "--memory-tokens", "96", "--steps", "1",
+            "--warmup-steps", "1", "--out", str(tmp_path / "rows")]
+    assert bf.main(argv) == 0
+    idx = _index(common.read_rows(tmp_path / "rows" / "finetune.csv"))
+    for checkpointing in ("nockpt", "ckpt"):
+        shape = f"smoke-K4-L1-nf4-{checkpointing}-96tok"
+        peak, predicted = (float(idx[("ours_packed", "memory", shape, m)]) for m in ("peak_mem", "predicted_peak"))
+        assert predicted == pytest.approx(peak, rel=0.15) and float(idx[("ours_packed", "memory", shape,
+                                                                         "real_tokens_per_s")]) > 0
+
+
 @pytest.mark.parametrize("argv, flag", [
+    (["--bases", "fp8"], "--bases"),
     (["--models", "llama-9b"], "--models"),
     (["--providers", "ours_packed,nope"], "--providers"),
     (["--token-budget", "0"], "--token-budget"),

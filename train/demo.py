@@ -3,6 +3,7 @@
     python -m train.demo             # CPU: a few minutes on 2 cores; a GPU is used when there is one
     python -m train.demo --smoke     # a seconds-long version of every stage (the test suite runs it)
     python -m train.demo --device cpu --out runs/demo2
+    python -m train.demo --quantize nf4   # the same with the base in NF4 (bitsandbytes): fine-tuned and answering
 
 The base is NOT a real LLaMA: there is none to download. It is a tiny LLaMA-shaped model (the
 same code as LLaMA-7B: RMSNorm, RoPE, SwiGLU, the adapter's layers) that this script pre-trains itself:
@@ -54,6 +55,7 @@ from model import (
 )
 from model.cli import parse_dataclass
 from model.generate import generate
+from model.quantize import QUANTIZE_MODES
 from train.data import PaddedLoader, TokenizedDataset, load_records
 from train.finetune import FinetuneConfig, batch_loss_sum, load_data, lr_factor, run
 
@@ -97,6 +99,9 @@ class DemoConfig:
     smoke: bool = field(default=False, metadata={"help": "a seconds-long version of every stage"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
     seed: int = field(default=0, metadata={"help": "seed of everything"})
+    quantize: str | None = field(default=None, metadata={
+        "help": "fine-tune and answer with the base's linear weights in nf4 or int8 (bitsandbytes, model/quantize.py)",
+        "choices": QUANTIZE_MODES})
     threads: int = field(default=1, metadata={
         "help": "CPU threads of torch (0: torch's default). The demo's matrices are tiny: on 2 idle cores 2 threads "
                 "are ~1.4x faster than 1, on 2 cores that other processes also use they were 30x slower"})
@@ -303,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ft = FinetuneConfig(checkpoint=base, data=data, out=config.out, adapter_len=10,
                             adapter_layers=recipe.adapter_layers, token_budget=recipe.token_budget,
                             epochs=recipe.epochs, blr=recipe.blr, eval_size=recipe.eval_size, seed=config.seed,
-                            device=str(device))
+                            device=str(device), quantize=config.quantize)
         print(f"\nLLaMA-Adapter: fine-tuning an adapter on {data.name} with the base frozen "
               f"(python -m train.finetune {' '.join(_flags(ft))})")
         run(ft)
@@ -312,9 +317,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     tokenizer = Tokenizer(base)
     adapter_file = config.out / "adapter.safetensors"
-    tuned = load_checkpoint(base, adapter=read_adapter_config(adapter_file), device=device).eval()
+    tuned = load_checkpoint(base, adapter=read_adapter_config(adapter_file), device=device,
+                            quantize=config.quantize).eval()
     load_adapter(tuned, adapter_file)
-    plain = load_checkpoint(base, device=device).eval()
+    plain = load_checkpoint(base, device=device, quantize=config.quantize).eval()
     held_out = [records[int(i)] for i in eval_data.source_index]
     trained_on = [records[int(i)] for i in train_data.source_index]
     tuned_eval = answer(tuned, tokenizer, held_out, recipe.max_new_tokens)

@@ -139,7 +139,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors import safe_open
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -169,6 +168,7 @@ from model.adapter import FUSIONS, GATE_ACTS, GATES, SCALES, VERSIONS
 from model.checkpoint import ADAPTER_FORMAT
 from model.cli import build_parser, check_cuda_device, cli_message, parse_dataclass
 from model.prompt import TEMPLATES
+from model.quantize import QUANTIZE_MODES, check_quantize, logical_numel
 from train.data import (
     IGNORE_INDEX,
     DataError,
@@ -180,6 +180,7 @@ from train.data import (
     split_eval,
     tokenize_records,
 )
+from train.loss import linear_cross_entropy
 
 PROG = "python -m train.finetune"
 ADAPTER_FILE = "adapter.safetensors"
@@ -195,7 +196,7 @@ LOG_COLUMNS = ("step", "epoch", "split", "loss", "lr", "grad_norm", "examples", 
                "tokens_per_s", "step_s", "elapsed_s", "memory_gib")
 # settings a resumed run may change: they do not change the result
 RESUMABLE_CHANGES = ("out", "resume", "overwrite", "save_every", "stop_after_steps", "device", "tensorboard", "fsdp",
-                     "allow_external_files")
+                     "allow_external_files", "activation_checkpointing")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -317,6 +318,15 @@ class FinetuneConfig:
         "choices": ("auto", *DTYPES)})
     fsdp: bool = field(default=False, metadata={"help": "shard the model with FSDP2 (torchrun, for a base too large "
                                                         "for one GPU) instead of DDP"})
+    # memory (model/quantize.py, model/llama.py, train/loss.py)
+    quantize: str | None = field(default=None, metadata={
+        "help": "store the frozen base's linear weights in nf4 (QLoRA's, with double quantization) or int8 "
+                "(LLM.int8) through bitsandbytes, dequantized per matmul; --dtype is then the compute dtype",
+        "choices": QUANTIZE_MODES})
+    quantize_output: bool = field(default=False, metadata={"help": "with --quantize: the output layer too"})
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each adapted block's activations in the backward instead of keeping them (long sequences, "
+                "large --token-budget)"})
     # outputs
     save_every: int = field(default=0, metadata={"help": "also write train_state.pt every N steps (0: per epoch)"})
     stop_after_steps: int = field(default=0, metadata={
@@ -382,6 +392,13 @@ class FinetuneConfig:
                               ("template", TEMPLATES), ("fusion", (None, *FUSIONS))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        check_quantize(self.quantize, argument="--quantize")
+        if self.quantize_output and self.quantize is None:
+            raise ValueError("--quantize-output goes with --quantize nf4|int8")
+        if self.quantize is not None and self.fsdp:
+            raise ValueError(f"--quantize {self.quantize} with --fsdp: FSDP2 cannot shard bitsandbytes' packed "
+                             "weights; a quantized base fits one GPU (70B in nf4: 34 GiB), so run without --fsdp "
+                             "(DDP)")
 
 
 def _flag(name: str) -> str:
@@ -472,8 +489,10 @@ def build_model(config: FinetuneConfig, adapter: AdapterConfig, dtype: torch.dty
     """(model, the module to train through): the plain model, the same under DDP, or the FSDP2-sharded model."""
     if not config.fsdp:
         model = load_checkpoint(config.checkpoint, adapter=adapter, dtype=dtype, device=d.device,
-                                allow_external_files=config.allow_external_files)
+                                allow_external_files=config.allow_external_files, quantize=config.quantize,
+                                quantize_output=config.quantize_output)
         mark_only_adapter_as_trainable(model)
+        model.activation_checkpointing = config.activation_checkpointing
         if d.world_size == 1:
             return model, model
         # the base has requires_grad False: DDP registers (and all-reduces) the adapter's parameters only
@@ -494,6 +513,7 @@ def build_model(config: FinetuneConfig, adapter: AdapterConfig, dtype: torch.dty
     full = load_checkpoint(config.checkpoint, adapter=adapter, dtype=dtype,
                            allow_external_files=config.allow_external_files).state_dict() if d.main else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    model.activation_checkpointing = config.activation_checkpointing
     return model, model
 
 
@@ -568,7 +588,8 @@ class JointTraining:
 def adapter_tensors(model: LLaMA) -> dict[str, torch.Tensor]:
     """The adapter as full fp32 CPU tensors on every rank (gathered from the shards under FSDP: call on all ranks)."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
-    return {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
+    names = adapter_state_dict(model).keys()  # not the quantization state a quantized base adds to the state dict
+    return {k: v.detach().to("cpu", torch.float32) for k, v in state.items() if k in names}
 
 
 @dataclass
@@ -652,13 +673,15 @@ def encode_images(config: FinetuneConfig, images: dict[int, str], dtype: torch.d
     return ImageFeatures(features, row_of_record), encoder.layers
 
 
-def batch_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+def batch_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device, *,
+                   loss_impl: str = "auto") -> torch.Tensor:
     """The summed cross-entropy (fp32) of a micro-batch's targets. Labels are already shifted (train/data.py).
 
-    Logits are computed at the target positions only (the response, about half of an Alpaca example's
-    tokens): the output layer and the fp32 (positions x vocab) tensors of the loss shrink by as much.
+    The output layer runs at the target positions only (the response, about half of an Alpaca example's
+    tokens), and there in chunks or fused (train/loss.py: no (targets x vocab) fp32 tensor exists).
     The positions are found on the CPU, where the loaders make the labels, so there is no device sync.
-    Multi-modal batches carry image_features and image_mask (ImageFeatures.attach)."""
+    Multi-modal batches carry image_features and image_mask (ImageFeatures.attach). loss_impl: train/loss.py's
+    impl ("full": the plain formulation with the logits of every target, for comparison)."""
     labels = batch["labels"].flatten()
     at = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # flat indices of the targets
     targets = labels.index_select(0, at).to(device, non_blocking=True)
@@ -666,12 +689,13 @@ def batch_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device) ->
     tokens = batch["tokens"].to(device, non_blocking=True)
     images = {k: batch[k] for k in ("image_features", "image_mask") if k in batch}
     if "cu_seqlens" in batch:  # packed: one row, attention within each sequence, positions restarting
-        logits = model(tokens, positions=batch["positions"].to(device, non_blocking=True),
+        hidden = model(tokens, positions=batch["positions"].to(device, non_blocking=True),
                        cu_seqlens=batch["cu_seqlens"].to(device, non_blocking=True), max_seqlen=batch["max_seqlen"],
-                       logits_at=at, **images)
+                       logits_at=at, head=False, **images)
     else:  # right-padded rows: causal attention never reaches the padding of a real token
-        logits = model(tokens, logits_at=at, **images)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")  # (N, vocab): no IGNORE_INDEX left
+        hidden = model(tokens, logits_at=at, head=False, **images)
+    output = getattr(model, "module", model).output  # DDP wraps the model
+    return linear_cross_entropy(hidden, output, targets, impl=loss_impl)  # (N, dim): no IGNORE_INDEX left
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -1062,10 +1086,14 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
     adapter_config = AdapterConfig(**fields, **visual)
     model, trained = build_model(config, adapter_config, dtype, d)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
+    n_all = sum(logical_numel(p) for p in model.parameters())
     c = model_config
+    frozen = str(dtype).removeprefix("torch.")
+    if config.quantize:
+        frozen = f"{config.quantize}{' (output layer too)' if config.quantize_output else ''}, computing in {frozen}"
+    memory = "; activation checkpointing" if config.activation_checkpointing else ""
     say(f"model: {config.checkpoint} ({c.n_layers} layers, dim {c.dim}, {c.n_heads} heads, {n_all / 1e6:.1f}M "
-        f"parameters; base frozen in {str(dtype).removeprefix('torch.')})")
+        f"parameters; base frozen in {frozen}{memory})")
     say(f"adapter: {describe_adapter(adapter_config, c.dim)}: {n_trained:,} trained parameters (fp32)")
     joint = JointTraining(model) if kinds is not None else None
     if joint is not None:

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from model.quantize import QUANTIZE_MODES, check_quantize
+
 PROG = "python -m train.scienceqa"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 ANSWER_RE = re.compile(r"The answer is \(?([A-Z])\)?")
@@ -194,8 +196,15 @@ class EvalArgs:
     dtype: str = field(default="auto", metadata={"help": "auto: bf16 on a GPU, fp32 on the CPU",
                                                  "choices": ("auto", "bfloat16", "float16", "float32")})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --out"})
+    quantize: str | None = field(default=None, metadata={
+        "help": "the base's linear weights in nf4 or int8 (bitsandbytes, model/quantize.py); --dtype computes",
+        "choices": QUANTIZE_MODES})
+    quantize_output: bool = field(default=False, metadata={"help": "with --quantize: the output layer too"})
 
     def __post_init__(self) -> None:
+        check_quantize(self.quantize, argument="--quantize")
+        if self.quantize_output and self.quantize is None:
+            raise ValueError("--quantize-output goes with --quantize nf4|int8")
         for name, minimum in (("batch_size", 1), ("max_new_tokens", 1), ("limit", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -245,7 +254,8 @@ def evaluate(args: EvalArgs) -> dict:
         raise ScienceQAError("--clip goes with a multi-modal --adapter (this one reads no images)")
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     dtype = dtypes.get(args.dtype, torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    model = load_checkpoint(args.checkpoint, adapter=adapter, dtype=dtype, device=args.device).eval()
+    model = load_checkpoint(args.checkpoint, adapter=adapter, dtype=dtype, device=args.device, quantize=args.quantize,
+                            quantize_output=args.quantize_output).eval()
     if args.adapter:
         load_adapter(model, args.adapter)
     encoder = None

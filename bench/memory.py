@@ -1,0 +1,228 @@
+"""Memory of LLaMA-Adapter fine-tuning: predicted from the tensors' shapes and dtypes (MemoryPlan), and measured on
+any device by counting tensor storage (TensorMemory).
+
+MemoryPlan(config, base="nf4", tokens=16384, ...) adds up, in bytes, what one training step holds at its peak:
+- weights: every parameter of the base in its dtype; a quantized linear in bitsandbytes' layout (nf4: two weights per
+  byte, one 8-bit absmax per 64 weights (model/quantize.py's nf4_blocksize), one fp32 absmax per 256 of those, the
+  fp32 codes; int8: one byte per weight and one fp32 absmax per row); the adapter in fp32;
+- trainer: the adapter's gradients and AdamW's two moments (fp32);
+- activations: what autograd keeps for the backward, per adapted block (nothing below the first adapted block, where
+  the forward runs without gradients), from what each operation saves: the fp32 input of each RMSNorm and its
+  reciprocal root, q, k, v (the rotary outputs) and the prompt keys / values that the fused op saves, its fp32 token
+  output and two fp32 log-sum-exps per head and token, and SwiGLU's three (tokens x hidden) inputs; bitsandbytes'
+  int8 layers keep their inputs too. The first adapted block's attention norm keeps nothing (its input has no
+  gradient). With activation checkpointing each block keeps its input only;
+- loss: the final norm's fp32 input, root and output at the targets (plain: the fp32 log-probabilities of every
+  target too);
+- transient: the most that exists for a moment on top of that: the loss's backward (train/loss.py's chunk, or all
+  targets), or one block's backward (SwiGLU's gradients; with checkpointing after recomputing the block's
+  activations).
+It is a sum over shapes and dtypes, checked (tests/test_memory.py) against TensorMemory on small random models on
+the CPU: within 15% of the process's measured peak of tensor storage (measured there: the total within 4%, int8
+with checkpointing 8%; the step's part, all but the weights, within 7%, int8 with checkpointing 12%).
+
+TensorMemory counts every tensor storage that torch allocates while it is active (a TorchDispatchMode: each
+operation's outputs, inside autograd's backward and torch.utils.checkpoint's recomputation too), and its release
+(a weakref finalizer on the storage), plus what was alive when it started if given: torch.cuda.max_memory_allocated
+for any device, where the CPU has no allocator statistics. It does not see memory that bypasses torch (numpy,
+Triton's interpreter, a library's own buffers).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from model.quantize import nf4_blocksize
+from train.loss import default_chunk_rows
+
+
+class TensorMemory(TorchDispatchMode):
+    """Live and peak bytes of tensor storage on one device type while active:
+
+        with TensorMemory(existing=model.parameters()) as mem:
+            step()
+        mem.peak  # bytes: the existing tensors plus the most that the step's allocations held at once
+
+    existing: tensors alive before (each storage counted once, for as long as it lives)."""
+
+    def __init__(self, device: str = "cpu", existing: Iterable[torch.Tensor] = ()) -> None:
+        super().__init__()
+        self.device = device
+        self.live: dict[int, int] = {}  # id(storage) -> bytes
+        self.current = self.peak = 0
+        for t in existing:
+            self._track(t)
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key)
+
+    def _track(self, t: torch.Tensor) -> None:
+        if t.device.type != self.device:
+            return
+        storage = t.untyped_storage()  # one Python object per storage, alive as long as the storage
+        key = id(storage)
+        if key in self.live:
+            return
+        self.live[key] = storage.nbytes()
+        self.current += self.live[key]
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+BASES = ("bf16", "int8", "nf4", "fp32")
+_BYTES = {"bf16": 2, "fp32": 4}
+
+
+def nf4_bytes(numel: int, blocksize: int = 64) -> int:
+    """bitsandbytes' NF4 with double quantization: packed data, 8-bit absmax per block, fp32 absmax per 256 of
+    those, the 256-entry fp32 code of the absmaxes, its fp32 offset, and the 16-entry fp32 NF4 code."""
+    blocks = math.ceil(numel / blocksize)
+    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 + 4 * 16
+
+
+def int8_bytes(rows: int, cols: int) -> int:
+    """bitsandbytes' LLM.int8 weight: int8 rows and one fp32 absmax per row."""
+    return rows * cols + 4 * rows
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Predicted bytes of one fine-tuning step's peak (see the module docstring). config: a LLaMAConfig."""
+
+    config: object
+    base: str = "bf16"  # "bf16", "fp32" (the base's dtype), "int8" or "nf4" (bf16 compute)
+    tokens: int = 16384  # one packed micro-batch
+    targets: int | None = None  # tokens with a loss (default: all)
+    adapter_len: int = 10
+    adapter_layers: int = 30
+    checkpointing: bool = False
+    chunked_loss: bool = True
+    chunk_rows: int | None = None  # train/loss.py's default when None
+    device: str = "cuda"  # bitsandbytes' int8 layers keep their inputs on a CPU even where no gradient needs them
+
+    def __post_init__(self) -> None:
+        if self.base not in BASES:
+            raise ValueError(f"base must be one of {', '.join(BASES)}, got {self.base!r}")
+
+    @property
+    def act_bytes(self) -> int:
+        """Bytes per element of the activations (the compute dtype: bf16 for the quantized bases)."""
+        return 4 if self.base == "fp32" else 2
+
+    def _linears(self) -> list[tuple[int, int]]:
+        """(out, in) of one block's linear layers: wq, wk, wv, wo, w1, w2, w3."""
+        c = self.config
+        q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        return [(q, c.dim), (kv, c.dim), (kv, c.dim), (c.dim, q), (c.hidden_dim, c.dim), (c.dim, c.hidden_dim),
+                (c.hidden_dim, c.dim)]
+
+    def weights(self) -> int:
+        c, b = self.config, self.act_bytes
+        if self.base == "nf4":
+            per_layer = sum(nf4_bytes(r * k, nf4_blocksize(k)) for r, k in self._linears())
+        elif self.base == "int8":
+            per_layer = sum(int8_bytes(r, k) for r, k in self._linears())
+        else:
+            per_layer = b * sum(r * k for r, k in self._linears())
+        per_layer += 2 * c.dim * b  # the two norms
+        embeddings = c.vocab_size * c.dim * b * (1 if c.tie_embeddings else 2)
+        return c.n_layers * per_layer + embeddings + c.dim * b + self.adapter_params() * 4
+
+    def adapter_params(self) -> int:
+        c = self.config
+        return self.adapter_layers * (self.adapter_len * c.dim + c.n_heads)
+
+    def trainer(self) -> int:
+        """The adapter's gradients and AdamW's two moments, fp32."""
+        return 3 * 4 * self.adapter_params()
+
+    def block_activations(self, first: bool) -> int:
+        """What one adapted block keeps for the backward (first: the lowest adapted block, whose input has no
+        gradient)."""
+        c, b, T = self.config, self.act_bytes, self.tokens
+        q = c.n_heads * c.head_dim
+        norm = T * c.dim * 4 + T * 4  # fp32 input, reciprocal root
+        qkv = T * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim * b
+        prompt = 2 * self.adapter_len * c.n_kv_heads * c.head_dim * b
+        op = T * q * 4 + 2 * c.n_heads * T * 4  # fp32 token output, lse_w and lse_p
+        swiglu = 3 * T * c.hidden_dim * b
+        return (0 if first else norm) + qkv + prompt + op + norm + swiglu + self._int8_inputs(first)
+
+    def _int8_inputs(self, first: bool) -> int:
+        """bitsandbytes' int8 matmuls keep their input (the norms' outputs, wo's and w2's) as an attribute of their
+        autograd context, out of reach of activation checkpointing; on a CPU even where no gradient needs it."""
+        if self.base != "int8":
+            return 0
+        c, b, T = self.config, self.act_bytes, self.tokens
+        attention_input = 0 if first and self.device != "cpu" else T * c.dim * b
+        return attention_input + T * (c.n_heads * c.head_dim + c.dim + c.hidden_dim) * b
+
+    def activations(self) -> int:
+        """What the adapted blocks keep for the backward, at the end of the forward."""
+        c, T = self.config, self.tokens
+        shared = 2 * T * (c.head_dim // 2) * 4 + T * 8  # RoPE's cos and sin (fp32), the positions
+        if self.checkpointing:  # each block keeps its input only (and int8's inputs, see _int8_inputs)
+            return shared + self.adapter_layers * T * c.dim * self.act_bytes + self._int8_inputs(first=True) + (
+                self.adapter_layers - 1) * self._int8_inputs(first=False)
+        return shared + self.block_activations(first=True) + (self.adapter_layers - 1) * self.block_activations(False)
+
+    def _loss_rows(self) -> int:
+        c, n = self.config, self.targets or self.tokens
+        if not self.chunked_loss:
+            return n
+        return min(n, self.chunk_rows or default_chunk_rows(n, c.vocab_size, c.dim))
+
+    def head(self) -> int:
+        """What the final norm and the loss keep: the norm's fp32 input and root and its output at the targets, the
+        target indices and ids; plain, the fp32 log-probabilities of every target too."""
+        c, n = self.config, self.targets or self.tokens
+        kept = n * c.dim * 4 + n * 4 + n * c.dim * self.act_bytes + 2 * n * 8
+        return kept + (0 if self.chunked_loss else n * c.vocab_size * 4)
+
+    def transient(self) -> int:
+        """The most that exists for a moment on top of what is kept: the loss's backward (the gradient of the
+        negative log-likelihood and of the log-softmax, fp32, and for a chunk its recomputed log-probabilities), or
+        one block's backward (SwiGLU's: the gradient of its product and of its two inputs; or the attention's: q, k,
+        v's and the op's fp32 dq), after recomputing that block's activations with checkpointing."""
+        c, b, T = self.config, self.act_bytes, self.tokens
+        loss = (3 if self.chunked_loss else 2) * self._loss_rows() * c.vocab_size * 4
+        swiglu = 3 * T * c.hidden_dim * b
+        attention = T * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim * b + T * c.n_heads * c.head_dim * 4
+        block = max(swiglu, attention) + (self.block_activations(first=False) if self.checkpointing else 0)
+        return max(loss, block)
+
+    def total(self) -> int:
+        return self.weights() + self.trainer() + self.activations() + self.head() + self.transient()
+
+    def parts(self) -> dict[str, int]:
+        """weights, trainer, activations, loss (head and transient: the larger of the loss's and a block's
+        backward), total."""
+        return {"weights": self.weights(), "trainer": self.trainer(), "activations": self.activations(),
+                "loss": self.head(), "transient": self.transient(), "total": self.total()}
+
+
+def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every tensor a model holds: parameters, buffers, and the quantization state of its bitsandbytes layers."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:  # nf4: absmax (8-bit), the NF4 code, and the absmaxes' own state
+            tensors += [state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code]
+        scb = getattr(getattr(module, "weight", None), "SCB", None)
+        if scb is not None:  # int8: the rows' absmax
+            tensors.append(scb)
+    return [t for t in tensors if isinstance(t, torch.Tensor)]

@@ -688,15 +688,17 @@ def random_llama(name: str, adapter, *, dtype: torch.dtype, device: torch.device
 def _materialize_quantized(model: LLaMA, mode: str, dtype: torch.dtype, device: torch.device) -> None:
     """Give a model built on the meta device its weights on device, one module at a time, with torch's default init
     (RMSNorm weights 1, a fresh adapter), the base linears quantized to mode as they are drawn."""
+    from model.adapter import base_name
     from model.quantize import check_cpu_nf4, check_quantize, quantized_linear, quantized_names
 
     check_quantize(mode)
     why = check_cpu_nf4(model.config, device) if mode == "nf4" else None
     if why:
         raise ConfigError("bases", f"nf4 on the CPU: {why}")
-    linears = {n.removesuffix(".weight") for n in quantized_names(model)}
+    linears = {n.removesuffix(".weight") for n in quantized_names(model)}  # the base's names
     for name, module in list(model.named_modules()):
-        if name in linears:
+        # a V2-wrapped linear is its wrapper's .linear (adapter.base_name: its base name is the wrapper's)
+        if isinstance(module, torch.nn.Linear) and base_name(f"{name}.weight").removesuffix(".weight") in linears:
             weight = torch.empty(module.weight.shape, dtype=dtype, device=device)
             torch.nn.init.kaiming_uniform_(weight, a=5 ** 0.5)  # nn.Linear's own init
             parent, _, child = name.rpartition(".")

@@ -257,7 +257,8 @@ class BiasScaleLinear(nn.Module):
     y = scale * (linear(x) + bias) (scale_at="output") or y = linear(scale * x) + bias ("input").
 
     It calls the module it wraps (an nn.Linear, or a quantized replacement), whatever its weight's type, and
-    computes the scale and bias in the dtype of the activations; the parameters stay fp32."""
+    computes the scale and bias in the dtype of the activations; the parameters stay fp32. in_features and
+    out_features are the wrapped layer's, as an nn.Linear's (the chunked loss reads them from the output layer)."""
 
     def __init__(self, linear: nn.Module, scale_at: str = "output") -> None:
         super().__init__()
@@ -275,6 +276,14 @@ class BiasScaleLinear(nn.Module):
         """Fresh: bias 0, scale 1 (the wrapped linear unchanged, bit for bit)."""
         self.bias.zero_()
         self.scale.fill_(1.0)
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale_at == "input":

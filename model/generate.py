@@ -41,7 +41,7 @@ import torch
 from .adapter import AdapterConfig
 from .checkpoint import CheckpointError
 from .cli import check_cuda_device, cli_message, parse_dataclass
-from .llama import LLaMA
+from .llama import LLaMA, check_window
 from .prompt import TEMPLATES, format_prompt
 from .quantize import QUANTIZE_MODES, check_quantize
 
@@ -130,6 +130,9 @@ def stream(model: LLaMA, prompts: Sequence[Sequence[int]] | torch.Tensor, *, max
     if total > model.config.max_seq_len:
         raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
                          f"model's max_seq_len ({model.config.max_seq_len})")
+    # the last forward attends over total - 1 tokens (the last one is never fed back): refused before any step
+    check_window(model.config, total - 1, f"the longest prompt ({longest} tokens) with max_new_tokens "
+                                          f"{max_new_tokens}: a span")
     device = model.tok_embeddings.weight.device
     left_pad = [longest - len(r) for r in rows]
     padded = [[pad_id] * p + r for p, r in zip(left_pad, rows, strict=True)]

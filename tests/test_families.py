@@ -247,3 +247,18 @@ def test_peft_adaption_prompt_trained_on_mistral_loads(tmp_path):
     model = load_checkpoint(tmp_path / "base", adapter=adapter)
     load_adapter(model, tmp_path / "peft")
     torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_finetune_refuses_examples_beyond_the_window(tmp_path):
+    """train.finetune checks --max-seq-len against the window before anything is read or written."""
+    from train.finetune import FinetuneConfig, UsageError, run
+
+    hf_family_model("mistral", gqa=True).save_pretrained(tmp_path / "mistral")
+    (tmp_path / "data.json").write_text(json.dumps([{"instruction": "Hi.", "input": "", "output": "Hello."}]))
+    config = FinetuneConfig(checkpoint=tmp_path / "mistral", data=tmp_path / "data.json", out=tmp_path / "out",
+                            adapter_layers=1, max_seq_len=WINDOW + 1, token_budget=64, device="cpu",
+                            tensorboard=False)
+    with pytest.raises(UsageError, match=rf"--max-seq-len {WINDOW + 1}: an example of {WINDOW + 1} tokens is longer "
+                                         rf"than this mistral model's sliding_window \({WINDOW}\)"):
+        run(config)
+    assert not (tmp_path / "out").exists()

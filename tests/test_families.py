@@ -181,6 +181,11 @@ def test_sliding_window_is_exact_within_and_refused_beyond(tmp_path):
     with pytest.raises(ValueError, match=rf"max_new_tokens 4: a span of {WINDOW + 1} tokens is longer"):
         generate(model, [x[0, :WINDOW - 2].tolist()], max_new_tokens=4)  # with the KV cache: refused up front
     generate(model, [x[0, :WINDOW - 2].tolist()], max_new_tokens=3)  # the last token is never fed back: fits
+    with torch.no_grad(), pytest.raises(ValueError, match=message):  # a decode step past the window
+        model.setup_cache(1, WINDOW + 1)
+        model(x[:, :WINDOW], input_pos=0)
+        model(x[:, WINDOW:], input_pos=WINDOW)
+    model.clear_cache()
     with torch.no_grad():  # left padding does not count: the real tokens fit
         padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x[:, :WINDOW]], dim=1)
         torch.testing.assert_close(model(padded, left_pad=[3])[:, 3:], logits(hf, x[:, :WINDOW]), atol=1e-4,
@@ -196,8 +201,15 @@ def test_qwen2_sliding_window_fields(tmp_path, changes, window):
     hf = hf_family_model("qwen2", gqa=False, **changes)
     hf.save_pretrained(tmp_path)
     assert load_config(tmp_path).sliding_window == window
-    if window:  # within the window: transformers' own logits
-        torch.testing.assert_close(logits(load_checkpoint(tmp_path)), logits(hf), atol=1e-4, rtol=1e-4)
+    if window:  # within the window: transformers' own logits, also after our save (every layer then slides)
+        from transformers import Qwen2ForCausalLM
+
+        model = load_checkpoint(tmp_path)
+        torch.testing.assert_close(logits(model), logits(hf), atol=1e-4, rtol=1e-4)
+        save_checkpoint(model, tmp_path / "ours")
+        assert load_config(tmp_path / "ours").sliding_window == window
+        torch.testing.assert_close(logits(Qwen2ForCausalLM.from_pretrained(tmp_path / "ours")), logits(hf),
+                                   atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("changes, message", [

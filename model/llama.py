@@ -243,6 +243,17 @@ PRESETS: dict[str, dict] = {
                         rope_scaling=RopeScaling(), **_LLAMA3_ROPE),
     "llama3.1-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, max_seq_len=131072,
                          rope_scaling=RopeScaling(), **{**_LLAMA3_ROPE, "multiple_of": 4096}),
+    # Llama-3.2: tied embeddings, RoPE scaling by 32
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, max_seq_len=131072,
+                        tie_embeddings=True, rope_scaling=RopeScaling(factor=32.0), **_LLAMA3_ROPE),
+    # the other families (config.json's values): Mistral-7B v0.1 (sliding window 4096) and v0.3 (none, vocab
+    # 32768, rope theta 1e6); Qwen2.5-0.5B (q/k/v biases, tied embeddings)
+    "mistral-7b": dict(family="mistral", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                       norm_eps=1e-5, max_seq_len=32768, sliding_window=4096),
+    "mistral-7b-v0.3": dict(family="mistral", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                            vocab_size=32768, norm_eps=1e-5, rope_theta=1e6, max_seq_len=32768),
+    "qwen2.5-0.5b": dict(family="qwen2", dim=896, n_layers=24, n_heads=14, n_kv_heads=2, hidden_dim=4864,
+                         vocab_size=151936, rope_theta=1e6, max_seq_len=32768, tie_embeddings=True),
     # tiny models for tests and the demo (head_dim 32)
     "tiny": dict(dim=128, n_layers=4, n_heads=4, vocab_size=1024, multiple_of=32, norm_eps=1e-5, max_seq_len=512),
     "tiny-gqa": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1024, multiple_of=32, norm_eps=1e-5,

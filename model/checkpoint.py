@@ -14,6 +14,10 @@ Base models, load_checkpoint(folder), the format detected from the folder:
   rotate-half RoPE (convert_llama_weights_to_hf.py: view(h, hs/2, 2, dim).transpose(1, 2));
   the inverse permutation gives Meta's interleaved layout. rope_theta, Llama-3.1's "llama3"
   rope scaling, GQA and tied embeddings are read from config.json (transformers 4 and 5 keys).
+  model_type "llama", "mistral" or "qwen2" (LLaMAConfig.family): Mistral's sliding_window (null in v0.2+),
+  Qwen2's q/k/v biases (q_proj.bias, k_proj.bias permuted as their weights' rows, and un-permuted alike) and its
+  use_sliding_window (false in the releases; true: the window of its sliding layers, see _hf_sliding_window).
+  With tie_word_embeddings the file needs no lm_head.weight (one there is ignored).
 The model is built on the meta device and each tensor is copied to its device and dtype as it is
 read, one at a time: no fp32 copy of a bf16 model ever exists. Files are memory-mapped per tensor, so that the
 pages of the tensors already read leave the resident memory. With quantize="nf4" or "int8" each linear
@@ -24,7 +28,8 @@ unexpected, duplicated or mis-shaped tensor raises CheckpointError naming the fi
 every config value is checked (type, range, finiteness: LLaMAConfig's own checks) and a bad one
 raises CheckpointError naming the file and its key.
 save_checkpoint(model, folder) writes a base model in the Hugging Face format (config.json and
-model.safetensors, q/k rows permuted back to HF's layout), which both load_checkpoint and transformers read.
+model.safetensors, q/k rows permuted back to HF's layout), which both load_checkpoint and transformers read, as
+its family's class (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM).
 Every file this module writes goes through write_atomic: a temporary name in the same folder, renamed
 into place, and never over an existing file unless asked (overwrite=True).
 With a V2 adapter the linears are wrapped (model/adapter.py's BiasScaleLinear): their weights, e.g.
@@ -1069,9 +1074,10 @@ def permute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def save_checkpoint(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write the base model (the adapter left out) as a Hugging Face checkpoint folder; returns the folder.
 
-    config.json (LlamaForCausalLM's) and model.safetensors with HF's names and permuted q/k rows, in
-    the weights' dtype: load_checkpoint and transformers both read it. Each file is written to a
-    temporary name and renamed into place; existing ones are replaced only with overwrite=True.
+    config.json (its family's: LlamaForCausalLM's, MistralForCausalLM's or Qwen2ForCausalLM's; a sliding window
+    in every layer) and model.safetensors with HF's names and permuted q/k rows (and Qwen2's q/k biases), in
+    the weights' dtype, no lm_head.weight when tied: load_checkpoint and transformers both read it. Each file is
+    written to a temporary name and renamed into place; existing ones are replaced only with overwrite=True.
     The parameters an adapter adds are left out; the norms a V2 adapter trains are the model's own, and
     are written as they are.
     """

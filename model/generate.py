@@ -290,6 +290,11 @@ def run(args: Args) -> None:
     if len(prompt) + args.max_new_tokens > config.max_seq_len:
         raise SystemExit(f"{PROG}: error: the prompt has {len(prompt)} tokens; with --max-new-tokens "
                          f"{args.max_new_tokens} that exceeds the model's context of {config.max_seq_len} tokens")
+    try:  # a sliding-window model (Mistral v0.1): as stream() checks it, before the weights load
+        check_window(config, len(prompt) + args.max_new_tokens - 1,
+                     f"the prompt ({len(prompt)} tokens) with --max-new-tokens {args.max_new_tokens}: a span")
+    except ValueError as e:
+        raise SystemExit(f"{PROG}: error: {e}") from None
     adapter = read_adapter_config(args.adapter, gate_act=args.gate_act) if args.adapter else None
     check_image_args(args, adapter)
     model = load_checkpoint(args.checkpoint, adapter=adapter, dtype=dtype, device=args.device,

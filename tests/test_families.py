@@ -274,3 +274,20 @@ def test_finetune_refuses_examples_beyond_the_window(tmp_path):
                                          rf"than this mistral model's sliding_window \({WINDOW}\)"):
         run(config)
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_command_refuses_a_span_beyond_the_window(tmp_path, capsys):
+    """model.generate checks the prompt and --max-new-tokens against the window before the weights load."""
+    import tokenizers
+
+    from model.generate import main
+
+    hf_family_model("mistral", gqa=True).save_pretrained(tmp_path)
+    words = ["<unk>", "<s>", "</s>", "Tell", "me", "about", "alpacas."]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(SystemExit, match=r"model.generate: error: the prompt \((\d+) tokens\) with --max-new-tokens "
+                                         rf"\d+: a span of \d+ tokens is longer than this mistral model's "
+                                         rf"sliding_window \({WINDOW}\)"):
+        main(["--checkpoint", str(tmp_path), "--instruction", "Tell me about alpacas.", "--max-new-tokens", "30"])

@@ -102,7 +102,7 @@ def test_save_checkpoint_round_trip_keeps_the_family(checkpoint, tmp_path):
 
 
 @pytest.mark.gpu_leg
-@pytest.mark.parametrize("name", ["mistral", "qwen2"])
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_adapter_kv_cache_and_training_through_the_fused_op(name, tmp_path, device, triton_kernels_only):
     """GQA: the adapter changes the logits; KV-cached (and left-padded) generation equals full recompute; a
     gradient step trains the adapter."""

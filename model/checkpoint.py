@@ -14,6 +14,10 @@ Base models, load_checkpoint(folder), the format detected from the folder:
   rotate-half RoPE (convert_llama_weights_to_hf.py: view(h, hs/2, 2, dim).transpose(1, 2));
   the inverse permutation gives Meta's interleaved layout. rope_theta, Llama-3.1's "llama3"
   rope scaling, GQA and tied embeddings are read from config.json (transformers 4 and 5 keys).
+  model_type "llama", "mistral" or "qwen2" (LLaMAConfig.family): Mistral's sliding_window (null in v0.2+),
+  Qwen2's q/k/v biases (q_proj.bias, k_proj.bias permuted as their weights' rows, and un-permuted alike) and its
+  use_sliding_window (false in the releases; true: the window of its sliding layers, see _hf_sliding_window).
+  With tie_word_embeddings the file needs no lm_head.weight (one there is ignored).
 The model is built on the meta device and each tensor is copied to its device and dtype as it is
 read, one at a time: no fp32 copy of a bf16 model ever exists. Files are memory-mapped per tensor, so that the
 pages of the tensors already read leave the resident memory. With quantize="nf4" or "int8" each linear
@@ -24,7 +28,8 @@ unexpected, duplicated or mis-shaped tensor raises CheckpointError naming the fi
 every config value is checked (type, range, finiteness: LLaMAConfig's own checks) and a bad one
 raises CheckpointError naming the file and its key.
 save_checkpoint(model, folder) writes a base model in the Hugging Face format (config.json and
-model.safetensors, q/k rows permuted back to HF's layout), which both load_checkpoint and transformers read.
+model.safetensors, q/k rows permuted back to HF's layout), which both load_checkpoint and transformers read, as
+its family's class (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM).
 Every file this module writes goes through write_atomic: a temporary name in the same folder, renamed
 into place, and never over an existing file unless asked (overwrite=True).
 With a V2 adapter the linears are wrapped (model/adapter.py's BiasScaleLinear): their weights, e.g.
@@ -115,7 +120,7 @@ from .adapter import (
     reset_adapter,
 )
 from .cli import remedy_text
-from .llama import ConfigValueError, LLaMA, LLaMAConfig
+from .llama import FAMILIES, ConfigValueError, LLaMA, LLaMAConfig
 from .quantize import check_cpu_nf4, check_quantize, quantized_linear, quantized_names, trim_heap
 
 logger = logging.getLogger(__name__)
@@ -233,7 +238,8 @@ def _hf_config(cfg: dict, file: Path) -> LLaMAConfig:
         if not ok:
             raise CheckpointError(f"{file}: {key}={cfg.get(key)!r} is not supported (LLaMA needs {want})")
 
-    check("model_type", cfg.get("model_type", "llama") == "llama", "'llama'")
+    family = cfg.get("model_type", "llama")
+    check("model_type", family in FAMILIES, " or ".join(map(repr, FAMILIES)))
     check("hidden_act", cfg.get("hidden_act", "silu") == "silu", "'silu'")
     check("attention_bias", cfg.get("attention_bias") in (None, False), "false")
     check("mlp_bias", cfg.get("mlp_bias") in (None, False), "false")
@@ -264,11 +270,33 @@ def _hf_config(cfg: dict, file: Path) -> LLaMAConfig:
                 high_freq_factor=scaling["high_freq_factor"],
                 original_max_seq_len=scaling["original_max_position_embeddings"]),
             max_seq_len=cfg.get("max_position_embeddings", 2048),
-            tie_embeddings=cfg.get("tie_word_embeddings", False))
+            tie_embeddings=cfg.get("tie_word_embeddings", False), family=family,
+            sliding_window=_hf_sliding_window(cfg, family, file))
     except KeyError as e:
         raise CheckpointError(f"{file}: missing {e.args[0]!r}") from e
     check("head_dim", cfg.get("head_dim") in (None, config.head_dim), "hidden_size / num_attention_heads")
     return config
+
+
+def _hf_sliding_window(cfg: dict, family: str, file: Path) -> int | None:
+    """The window of a config.json that has one in effect: Mistral's sliding_window (null in v0.2+); Qwen2's only
+    with use_sliding_window (false in its releases) and in some layer (those from max_window_layers on, or named
+    "sliding_attention" in layer_types; we then take it for every layer: the same model up to the window's
+    length). A llama has none (the key is ignored)."""
+    if family == "llama":
+        return None
+    if family == "qwen2":
+        use = cfg.get("use_sliding_window", False)
+        if not isinstance(use, bool):
+            raise CheckpointError(f"{file}: 'use_sliding_window' must be true or false, got {use!r}")
+        layer_types = cfg.get("layer_types")
+        if isinstance(layer_types, list):
+            sliding = "sliding_attention" in layer_types
+        else:
+            sliding = cfg.get("max_window_layers", cfg.get("num_hidden_layers")) != cfg.get("num_hidden_layers")
+        if not (use and sliding):
+            return None
+    return cfg.get("sliding_window")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -334,7 +362,8 @@ _HF_LAYER = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.
              "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
              "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
              "post_attention_layernorm": "ffn_norm"}
-_HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _HF_SKIP_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
@@ -344,14 +373,14 @@ def _hf_name(name: str) -> str:
         return _HF_TOP[name]
     m = _HF_LAYER_RE.fullmatch(name)
     if m and m.group(2) in _HF_LAYER:
-        return f"layers.{m.group(1)}.{_HF_LAYER[m.group(2)]}.weight"
+        return f"layers.{m.group(1)}.{_HF_LAYER[m.group(2)]}.{m.group(3)}"
     return name
 
 
 def unpermute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo HF's rotate-half permutation of q_proj / k_proj rows: (n_heads * hs, dim) -> Meta's interleaved rows."""
-    rows, cols = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+    """Undo HF's rotate-half permutation of q_proj / k_proj rows: (n_heads * hs, dim) -> Meta's interleaved rows;
+    a bias (n_heads * hs,) (Qwen2's) likewise."""
+    return w.view(n_heads, 2, w.shape[0] // n_heads // 2, -1).transpose(1, 2).reshape(w.shape)
 
 
 def _hf_files(folder: Path, allow_external_files: bool) -> list[Path]:
@@ -384,8 +413,10 @@ def _hf_files(folder: Path, allow_external_files: bool) -> list[Path]:
 def _read_hf(folder: Path, allow_external_files: bool) -> tuple[LLaMAConfig, Iterator[Item]]:
     config = _hf_config(_read_json(folder / "config.json"), folder / "config.json")
     files = _hf_files(folder, allow_external_files)
-    q_shape = (config.n_heads * config.head_dim, config.dim)
-    k_shape = (config.n_kv_heads * config.head_dim, config.dim)
+    q_rows, k_rows = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    permuted = {"attention.wq.weight": ((q_rows, config.dim), config.n_heads), "attention.wq.bias": ((q_rows,),
+                config.n_heads), "attention.wk.weight": ((k_rows, config.dim), config.n_kv_heads),
+                "attention.wk.bias": ((k_rows,), config.n_kv_heads)}
 
     def items() -> Iterator[Item]:
         for file in files:
@@ -393,10 +424,9 @@ def _read_hf(folder: Path, allow_external_files: bool) -> tuple[LLaMAConfig, Ite
                 if _HF_SKIP_RE.fullmatch(src) or (src == "lm_head.weight" and config.tie_embeddings):
                     continue
                 name = _hf_name(src)
-                if name.endswith("attention.wq.weight") and t.shape == q_shape:
-                    t = unpermute_hf(t, config.n_heads)
-                elif name.endswith("attention.wk.weight") and t.shape == k_shape:
-                    t = unpermute_hf(t, config.n_kv_heads)
+                shape, heads = permuted.get(name.split(".", 2)[-1], (None, 0))
+                if t.shape == shape:  # a mis-shaped tensor is reported as it is
+                    t = unpermute_hf(t, heads)
                 yield file, src, name, t
 
     return config, items()
@@ -503,8 +533,9 @@ def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = 
         module_name, _, leaf = own_name.rpartition(".")
         if name in quantized:  # the full-precision copy lives only until it is quantized
             parent, _, child = module_name.rpartition(".")  # the linear itself (inside a V2 wrapper: its .linear)
-            setattr(model.get_submodule(parent), child, quantized_linear(
-                tensor.to(device=device, dtype=dtype, copy=True), quantize, compute_dtype=dtype))
+            setattr(model.get_submodule(parent), child, quantized_linear(  # its bias (Qwen2's), read or to come, goes
+                tensor.to(device=device, dtype=dtype, copy=True), quantize, compute_dtype=dtype,  # along
+                bias=model.get_submodule(module_name).bias))
             if device.type == "cpu":
                 trim_heap()
         else:
@@ -1036,17 +1067,17 @@ def save_adapter(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = Fal
 
 
 def permute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF's rotate-half permutation of q_proj / k_proj rows (the inverse of unpermute_hf)."""
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    """HF's rotate-half permutation of q_proj / k_proj rows, or of their biases (the inverse of unpermute_hf)."""
+    return w.view(n_heads, w.shape[0] // n_heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
 
 def save_checkpoint(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write the base model (the adapter left out) as a Hugging Face checkpoint folder; returns the folder.
 
-    config.json (LlamaForCausalLM's) and model.safetensors with HF's names and permuted q/k rows, in
-    the weights' dtype: load_checkpoint and transformers both read it. Each file is written to a
-    temporary name and renamed into place; existing ones are replaced only with overwrite=True.
+    config.json (its family's: LlamaForCausalLM's, MistralForCausalLM's or Qwen2ForCausalLM's; a sliding window
+    in every layer) and model.safetensors with HF's names and permuted q/k rows (and Qwen2's q/k biases), in
+    the weights' dtype, no lm_head.weight when tied: load_checkpoint and transformers both read it. Each file is
+    written to a temporary name and renamed into place; existing ones are replaced only with overwrite=True.
     The parameters an adapter adds are left out; the norms a V2 adapter trains are the model's own, and
     are written as they are.
     """
@@ -1056,7 +1087,7 @@ def save_checkpoint(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = 
         raise FileExistsError(f"{existing[0]} exists; pass overwrite=True to replace the checkpoint in {folder}")
     c = model.config
     ours_to_hf = {v: k for k, v in _HF_TOP.items()}
-    ours_to_hf.update({f"{v}.weight": f"{k}.weight" for k, v in _HF_LAYER.items()})
+    ours_to_hf.update({f"{v}.{kind}": f"{k}.{kind}" for k, v in _HF_LAYER.items() for kind in ("weight", "bias")})
     adapter = {id(p) for p in fresh_adapter_parameters(model).values()}
     tensors = {}
     for name, p in model.named_parameters():  # a tied output weight is listed once, as tok_embeddings
@@ -1066,11 +1097,11 @@ def save_checkpoint(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = 
         layer, _, rest = name.removeprefix("layers.").partition(".")
         hf = ours_to_hf[name] if not name.startswith("layers.") else f"model.layers.{layer}.{ours_to_hf[rest]}"
         t = p.detach().to("cpu")
-        if rest in ("attention.wq.weight", "attention.wk.weight"):
-            t = permute_hf(t, c.n_heads if rest == "attention.wq.weight" else c.n_kv_heads)
+        if rest.startswith(("attention.wq.", "attention.wk.")):  # weights and (Qwen2's) biases
+            t = permute_hf(t, c.n_heads if rest.startswith("attention.wq.") else c.n_kv_heads)
         tensors[hf] = t.contiguous()
     dtype = next(iter(tensors.values())).dtype
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+    config = {"architectures": [_HF_ARCHITECTURES[c.family]], "model_type": c.family, "hidden_act": "silu",
               "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
               "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "vocab_size": c.vocab_size,
               "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "max_position_embeddings": c.max_seq_len,
@@ -1080,6 +1111,10 @@ def save_checkpoint(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = 
                   "low_freq_factor": c.rope_scaling.low_freq_factor,
                   "high_freq_factor": c.rope_scaling.high_freq_factor,
                   "original_max_position_embeddings": c.rope_scaling.original_max_seq_len}}
+    if c.family != "llama":  # a window in every layer (Qwen2's: from layer max_window_layers = 0 on)
+        config["sliding_window"] = c.sliding_window
+    if c.family == "qwen2":
+        config.update(use_sliding_window=c.sliding_window is not None, max_window_layers=0)
     write_atomic(folder / "model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}),
                  overwrite=overwrite)
     write_atomic(folder / "config.json", (json.dumps(config, indent=2) + "\n").encode(), overwrite=overwrite)

@@ -41,7 +41,7 @@ import torch
 from .adapter import AdapterConfig
 from .checkpoint import CheckpointError
 from .cli import check_cuda_device, cli_message, parse_dataclass
-from .llama import LLaMA
+from .llama import LLaMA, check_window
 from .prompt import TEMPLATES, format_prompt
 from .quantize import QUANTIZE_MODES, check_quantize
 
@@ -130,6 +130,9 @@ def stream(model: LLaMA, prompts: Sequence[Sequence[int]] | torch.Tensor, *, max
     if total > model.config.max_seq_len:
         raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
                          f"model's max_seq_len ({model.config.max_seq_len})")
+    # the last forward attends over total - 1 tokens (the last one is never fed back): refused before any step
+    check_window(model.config, total - 1, f"the longest prompt ({longest} tokens) with max_new_tokens "
+                                          f"{max_new_tokens}: a span")
     device = model.tok_embeddings.weight.device
     left_pad = [longest - len(r) for r in rows]
     padded = [[pad_id] * p + r for p, r in zip(left_pad, rows, strict=True)]
@@ -287,6 +290,11 @@ def run(args: Args) -> None:
     if len(prompt) + args.max_new_tokens > config.max_seq_len:
         raise SystemExit(f"{PROG}: error: the prompt has {len(prompt)} tokens; with --max-new-tokens "
                          f"{args.max_new_tokens} that exceeds the model's context of {config.max_seq_len} tokens")
+    try:  # a sliding-window model (Mistral v0.1): as stream() checks it, before the weights load
+        check_window(config, len(prompt) + args.max_new_tokens - 1,
+                     f"the prompt ({len(prompt)} tokens) with --max-new-tokens {args.max_new_tokens}: a span")
+    except ValueError as e:
+        raise SystemExit(f"{PROG}: error: {e}") from None
     adapter = read_adapter_config(args.adapter, gate_act=args.gate_act) if args.adapter else None
     check_image_args(args, adapter)
     model = load_checkpoint(args.checkpoint, adapter=adapter, dtype=dtype, device=args.device,

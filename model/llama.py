@@ -58,7 +58,13 @@ image_mask=None, logits_at=None)`, tokens (batch, seqlen) int64 -> logits (batch
 Activation checkpointing (model.activation_checkpointing = True): the blocks that run with gradients keep only their
 input and recompute the rest in the backward; below the first adapted layer nothing keeps activations anyway.
 
-Limits: head_dim == dim // n_heads (all LLaMA models); no dropout, no biases.
+Families (LLaMAConfig.family, the Hugging Face model_type, FAMILIES): "llama" (1, 2, 3, 3.1, 3.2 with tie_embeddings),
+"mistral" (a llama with sliding_window: query i sees keys j with i - j < window; null in v0.2+), "qwen2" (Qwen2 and
+Qwen2.5: biases on wq, wk, wv, qkv_bias; tied embeddings in the small ones; a sliding window only with its
+use_sliding_window). A sliding window is exact up to its length and longer sequences are refused (check_window: in
+the forward, so in training, scoring and generation with the KV cache alike): the op has no window.
+
+Limits: head_dim == dim // n_heads (all LLaMA models); no dropout; biases on wq, wk, wv only (Qwen2's).
 Token ids are range-checked on the CPU only: on a GPU the check would cost a sync per decode step
 (there the embedding kernel asserts).
 """
@@ -126,6 +132,11 @@ class RopeScaling:
         _check_int("RopeScaling", "rope_scaling.original_max_seq_len", self.original_max_seq_len)
 
 
+# The LLaMA-architecture families (Hugging Face model_type) that LLaMA computes exactly: Mistral is a llama with a
+# sliding window, Qwen2 (and Qwen2.5) one with biases on q, k and v
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
 @dataclass
 class LLaMAConfig:
     """Shapes of a LLaMA model. hidden_dim (SwiGLU width) and n_kv_heads are derived when left unset.
@@ -145,13 +156,32 @@ class LLaMAConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     max_seq_len: int = 2048  # the context the model was trained for; generate() stays within it
-    tie_embeddings: bool = False  # output shares tok_embeddings' weight (some Llama-3.2 models)
+    tie_embeddings: bool = False  # output shares tok_embeddings' weight (Llama-3.2 1B/3B, the small Qwen2)
+    family: str = "llama"  # the Hugging Face model_type it is read from and written as (FAMILIES)
+    qkv_bias: bool | None = None  # biases on wq, wk, wv (Qwen2's); None: the family's
+    sliding_window: int | None = None  # Mistral's (and Qwen2's use_sliding_window): longer sequences are refused
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
             raise ConfigValueError("name", f"LLaMAConfig.name must be a string, got {self.name!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if self.family not in FAMILIES:
+            raise ConfigValueError("family", f"LLaMAConfig.family must be one of {', '.join(FAMILIES)}, got "
+                                             f"{self.family!r}")
+        if self.qkv_bias is None:
+            self.qkv_bias = self.family == "qwen2"
+        for name in ("tie_embeddings", "qkv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigValueError(name, f"LLaMAConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.qkv_bias != (self.family == "qwen2"):
+            raise ConfigValueError("qkv_bias", f"LLaMAConfig.qkv_bias={self.qkv_bias} does not fit family "
+                                               f"{self.family!r}: qwen2 has biases on q, k, v, llama and mistral none")
+        if self.sliding_window is not None:
+            _check_int("LLaMAConfig", "sliding_window", self.sliding_window)
+            if self.family == "llama":
+                raise ConfigValueError("sliding_window", "LLaMAConfig.sliding_window is mistral's and qwen2's; a "
+                                                         "llama attends over its whole context")
         _check_int("LLaMAConfig", "multiple_of", self.multiple_of)
         if self.ffn_dim_multiplier is not None:
             self.ffn_dim_multiplier = _check_real("LLaMAConfig", "ffn_dim_multiplier", self.ffn_dim_multiplier)
@@ -179,9 +209,6 @@ class LLaMAConfig:
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ConfigValueError("rope_scaling", "LLaMAConfig.rope_scaling must be None, a RopeScaling or its "
                                                    f"fields as a dict, got {self.rope_scaling!r}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ConfigValueError("tie_embeddings", "LLaMAConfig.tie_embeddings must be True or False, got "
-                                                     f"{self.tie_embeddings!r}")
 
     @property
     def head_dim(self) -> int:
@@ -216,6 +243,17 @@ PRESETS: dict[str, dict] = {
                         rope_scaling=RopeScaling(), **_LLAMA3_ROPE),
     "llama3.1-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, max_seq_len=131072,
                          rope_scaling=RopeScaling(), **{**_LLAMA3_ROPE, "multiple_of": 4096}),
+    # Llama-3.2: tied embeddings, RoPE scaling by 32
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, max_seq_len=131072,
+                        tie_embeddings=True, rope_scaling=RopeScaling(factor=32.0), **_LLAMA3_ROPE),
+    # the other families (config.json's values): Mistral-7B v0.1 (sliding window 4096) and v0.3 (none, vocab
+    # 32768, rope theta 1e6); Qwen2.5-0.5B (q/k/v biases, tied embeddings)
+    "mistral-7b": dict(family="mistral", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                       norm_eps=1e-5, max_seq_len=32768, sliding_window=4096),
+    "mistral-7b-v0.3": dict(family="mistral", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                            vocab_size=32768, norm_eps=1e-5, rope_theta=1e6, max_seq_len=32768),
+    "qwen2.5-0.5b": dict(family="qwen2", dim=896, n_layers=24, n_heads=14, n_kv_heads=2, hidden_dim=4864,
+                         vocab_size=151936, rope_theta=1e6, max_seq_len=32768, tie_embeddings=True),
     # tiny models for tests and the demo (head_dim 32)
     "tiny": dict(dim=128, n_layers=4, n_heads=4, vocab_size=1024, multiple_of=32, norm_eps=1e-5, max_seq_len=512),
     "tiny-gqa": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1024, multiple_of=32, norm_eps=1e-5,
@@ -355,6 +393,16 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return torch.matmul(probs, v).transpose(1, 2)  # (B, T, nh, hs)
 
 
+def check_window(config: LLaMAConfig, length: int, what: str = "a sequence") -> None:
+    """ValueError if length tokens do not fit config.sliding_window. Within the window a sliding-window model
+    (Mistral's: query i sees keys j with i - j < window) attends over every earlier token, as here; a longer
+    sequence would need the window in the op (not supported), so it is refused."""
+    if config.sliding_window is not None and length > config.sliding_window:
+        raise ValueError(f"{what} of {length} tokens is longer than this {config.family} model's sliding_window "
+                         f"({config.sliding_window}): attention beyond the window is not supported (sequences up to "
+                         "the window are exact); shorten it")
+
+
 def check_packed_impl(impl: str) -> None:
     if impl != "fused":
         raise ValueError(f"packed sequences (cu_seqlens) need attention impl 'fused'; this model's is {impl!r}, "
@@ -388,9 +436,9 @@ class Attention(nn.Module):
     def __init__(self, config: LLaMAConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
@@ -527,6 +575,8 @@ class LLaMA(nn.Module):
             max_seqlen = self._check_packed(tokens, cu_seqlens, max_seqlen, input_pos, left_pad, cached)
         elif max_seqlen is not None:
             raise ValueError("max_seqlen goes with cu_seqlens (packed sequences)")
+        # the longest span from a row's first real key to its last query
+        check_window(self.config, max_seqlen if cu_seqlens is not None else seqlen_k - min(left_pad or [0]))
         rows, what = (cu_seqlens.shape[0] - 1, "num_seqs") if cu_seqlens is not None else (B, "batch")
         visual_mask = None
         if visual is not None or image_features is not None or image_mask is not None:

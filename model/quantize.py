@@ -115,18 +115,22 @@ def quantized_names(model: nn.Module, quantize_output: bool = False) -> set[str]
     return names
 
 
-def quantized_linear(weight: torch.Tensor, mode: str, *, compute_dtype: torch.dtype) -> nn.Linear:
-    """A bitsandbytes linear layer (no bias) holding weight (out_features, in_features) quantized on its device.
+def quantized_linear(weight: torch.Tensor, mode: str, *, compute_dtype: torch.dtype,
+                     bias: nn.Parameter | None = None) -> nn.Linear:
+    """A bitsandbytes linear layer holding weight (out_features, in_features) quantized on its device.
 
     weight's own storage is not kept: once the caller drops it, only the quantized copy remains. compute_dtype: the
-    dtype the layer takes and gives (the base's activations)."""
+    dtype the layer takes and gives (the base's activations). bias: the linear's own (Qwen2's q, k, v), kept as it is
+    (bitsandbytes adds it in the compute dtype); None: none."""
     bnb = _bnb()
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)  # bitsandbytes builds (and caches, for the process) its NF4 code table in
     try:  # the default dtype: under a bf16 default its 16 levels would be rounded to bf16 from then on
-        return _quantized_linear(bnb, weight, mode, compute_dtype)
+        layer = _quantized_linear(bnb, weight, mode, compute_dtype)
     finally:
         torch.set_default_dtype(previous)
+    layer.bias = bias
+    return layer
 
 
 def _quantized_linear(bnb, weight: torch.Tensor, mode: str, compute_dtype: torch.dtype) -> nn.Linear:
@@ -160,8 +164,10 @@ def quantize_model(model: nn.Module, mode: str, *, quantize_output: bool = False
     for name in sorted(quantized_names(model, quantize_output)):
         path = name.removesuffix(".weight")
         parent, _, child = path.rpartition(".")
-        weight = model.get_submodule(path).weight.detach()
-        setattr(model.get_submodule(parent), child, quantized_linear(weight, mode, compute_dtype=weight.dtype))
+        linear = model.get_submodule(path)
+        weight = linear.weight.detach()
+        setattr(model.get_submodule(parent), child, quantized_linear(weight, mode, compute_dtype=weight.dtype,
+                                                                     bias=linear.bias))
     return model
 
 

@@ -13,7 +13,9 @@
   the names are Llama-3.1's, whose ids agree with Llama-3's for every token used here). Special-token
   text inside a prompt is encoded as plain text, as Meta's encode does by default.
 - encode(text, bos=True, eos=False) as the official LLaMA-Adapter code calls it; decode drops
-  special tokens. stop_ids: EOS, and Llama-3's <|eot_id|> / <|eom_id|> when the vocabulary has them.
+  special tokens. A tokenizer without BOS (Qwen2's: tokenizer_config.json's bos_token null) has bos_id None, and
+  encode's bos=True then adds nothing. stop_ids: EOS, and Llama-3's <|eot_id|> / <|eom_id|> when the vocabulary
+  has them.
 A file that is not a tokenizer of its kind raises CheckpointError naming it; check_vocab refuses a tokenizer
 whose ids do not all fit a model's embedding.
 """
@@ -64,7 +66,8 @@ class Tokenizer:
             except Exception as e:  # the tokenizers package raises a bare Exception for a bad file
                 raise CheckpointError(f"{path}: not a tokenizers tokenizer.json ({e})") from None
             special = self._special_tokens(path.parent / "tokenizer_config.json")
-            self.bos_id = self._token_id(special.get("bos_token"), _BOS_NAMES, "BOS")
+            no_bos = "bos_token" in special and special["bos_token"] is None  # bos_token: null (Qwen2's)
+            self.bos_id = None if no_bos else self._token_id(special.get("bos_token"), _BOS_NAMES, "BOS")
             self.eos_id = self._token_id(special.get("eos_token"), _EOS_NAMES, "EOS")
             self.pad_id = self._hf.token_to_id(special["pad_token"]) if special.get("pad_token") else None
             self.vocab_size = self._hf.get_vocab_size()
@@ -81,7 +84,8 @@ class Tokenizer:
                 self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
             except (RuntimeError, OSError) as e:
                 raise CheckpointError(f"{path}: not a sentencepiece model ({e})") from e
-            self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+            self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+            self.eos_id = self._sp.eos_id()
             self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
             self.vocab_size = self._sp.vocab_size()
             extra = []
@@ -117,7 +121,8 @@ class Tokenizer:
             value = value.get("content") if isinstance(value, dict) else value
             if value is not None and not isinstance(value, str):
                 raise CheckpointError(f"{config_file}: {key!r} must be a token (a string), got {value!r}")
-            tokens[key] = value
+            if key in config:  # a null one says there is none
+                tokens[key] = value
         return tokens
 
     def _token_id(self, configured: str | None, names: tuple[str, ...], what: str) -> int:
@@ -140,7 +145,7 @@ class Tokenizer:
             ids = self._hf.encode(text, add_special_tokens=False).ids
         else:  # special-token text is plain text (disallowed_special=()), as in Meta's encode
             ids = [i for piece in _pieces(text) for i in self._tt.encode(piece, disallowed_special=())]
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+        return [self.bos_id] * (bos and self.bos_id is not None) + ids + [self.eos_id] * eos
 
     def decode(self, ids: list[int]) -> str:
         ids = [int(i) for i in ids]

@@ -36,7 +36,9 @@ def base_of(model: LLaMA) -> LLaMA:
 
 @pytest.mark.parametrize("name, params", [("llama-7b", 6_738_415_616), ("llama-13b", 13_015_864_320),
                                           ("llama2-70b", 68_976_648_192), ("llama3-8b", 8_030_261_248),
-                                          ("llama3.1-70b", 70_553_706_496)])
+                                          ("llama3.1-70b", 70_553_706_496), ("llama3.2-1b", 1_235_814_400),
+                                          ("mistral-7b", 7_241_732_096), ("mistral-7b-v0.3", 7_248_023_552),
+                                          ("qwen2.5-0.5b", 494_032_768)])
 def test_presets_have_the_published_sizes(name, params):
     with torch.device("meta"):
         model = LLaMA(LLaMAConfig.from_name(name))

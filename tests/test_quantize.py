@@ -242,3 +242,19 @@ def test_quantized_base_trains_through_the_fused_op_on_cuda(checkpoint, mode, tr
     assert triton_kernels_only.backward > 0
     if mode == "nf4":  # training, int8 multiplies int8 activations on CUDA: no exact reference
         assert losses[0] == pytest.approx(losses[1], rel=2e-2)
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_linears_with_biases_keep_them(tmp_path, mode):
+    """Qwen2's q/k/v biases (read before their weights: safetensors sorts the names) stay with the quantized linear,
+    loaded or quantized in memory, and the logits are the base's with the quantized weights."""
+    torch.manual_seed(0)
+    qwen2 = randomize_(LLaMA(dataclasses.replace(config(), family="qwen2", qkv_bias=True)))
+    save_checkpoint(qwen2, tmp_path)
+    quantized = load_checkpoint(tmp_path, quantize=mode).train()  # int8 trains with dequantized weights
+    for name in (f"layers.{i}.attention.{linear}.bias" for i in range(2) for linear in ("wq", "wk", "wv")):
+        assert torch.equal(quantized.get_parameter(name), qwen2.get_parameter(name)), name
+    rounded = _dequantized(load_checkpoint(tmp_path).train(), quantized)
+    torch.testing.assert_close(_logits(quantized), _logits(rounded), rtol=1e-5, atol=1e-5)
+    in_memory = quantize.quantize_model(load_checkpoint(tmp_path), mode).train()
+    torch.testing.assert_close(_logits(in_memory), _logits(quantized), rtol=0, atol=0)

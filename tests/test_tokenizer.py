@@ -10,7 +10,7 @@ import pytest
 import sentencepiece
 import tokenizers
 
-from model import Tokenizer
+from model import CheckpointError, Tokenizer
 
 TEXT = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
@@ -75,6 +75,30 @@ def test_tokenizer_json_round_trip(hf_tokenizer):
         assert ids.count(0) == 1 and ids[0] == 0  # one BOS, ours
         assert tok.decode(ids) == text
     assert tok.encode("llamas", bos=False, eos=True)[-1] == 1
+
+
+def test_tokenizer_without_bos(tmp_path):
+    """Qwen2's tokenizer has no BOS (tokenizer_config.json: bos_token null): bos_id None, encode(bos=True) adds
+    nothing, and the data's tokenization works with it."""
+    from train.data import Record, tokenize_records
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train_from_iterator(TEXT, tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_end|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "<|im_end|>"}))
+    qwen = Tokenizer(tmp_path)
+    assert (qwen.bos_id, qwen.eos_id) == (None, 1)
+    assert qwen.encode("llamas", bos=True, eos=True) == qwen.encode("llamas", bos=False) + [1]
+    record = Record("Name a llama.", "", "Lama.")
+    data, _ = tokenize_records([record], qwen, max_seq_len=256)
+    assert data.tokens[:int(data.prompt_lens[0])].tolist() == qwen.encode(record.prompt, bos=False)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))  # absent: looked up
+    with pytest.raises(CheckpointError, match=r"no BOS token \(<\|begin_of_text\|> or <s>\) in the vocabulary"):
+        Tokenizer(tmp_path)
 
 
 MERGES = [b"he", b" t", b" the", b"in", b"ing", b"ll", b"am", b"as"]  # each the join of two lower ranks

@@ -115,7 +115,7 @@ _SHOWN = 10  # how many problems or indices a message lists before "... and N mo
 class TokenizerLike(Protocol):
     """What the data needs of a tokenizer: the interface of model.Tokenizer."""
 
-    bos_id: int
+    bos_id: int | None  # None: no BOS (Qwen2's tokenizer); encode(bos=True) then adds none
     eos_id: int
     pad_id: int | None  # -1 or None when the tokenizer has no pad token
     vocab_size: int
@@ -533,8 +533,9 @@ def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *,
     """
     _check_int("max_seq_len", max_seq_len, 2)
     for attr in ("bos_id", "eos_id", "vocab_size"):
-        if not isinstance(getattr(tokenizer, attr, None), (int, np.integer)):
-            raise TypeError(f"tokenizer.{attr} must be an int, got {getattr(tokenizer, attr, None)!r}")
+        value = getattr(tokenizer, attr, None)
+        if not isinstance(value, (int, np.integer)) and not (attr == "bos_id" and value is None):  # no BOS: Qwen2
+            raise TypeError(f"tokenizer.{attr} must be an int{' or None' * (attr == 'bos_id')}, got {value!r}")
     pad_id = tokenizer.pad_id
     if pad_id is None or not 0 <= pad_id < tokenizer.vocab_size:
         pad_id = tokenizer.eos_id  # no pad token: any valid id does, padding is never attended to

@@ -167,6 +167,7 @@ from model import (
 from model.adapter import FUSIONS, GATE_ACTS, GATES, SCALES, VERSIONS
 from model.checkpoint import ADAPTER_FORMAT
 from model.cli import build_parser, check_cuda_device, cli_message, parse_dataclass
+from model.llama import check_window
 from model.prompt import TEMPLATES
 from model.quantize import QUANTIZE_MODES, check_quantize, logical_numel
 from train.data import (
@@ -1048,6 +1049,10 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
                          "micro-batch holds whole examples")
     if config.padded and config.pad_to != "longest" and max_seq_len > config.pad_to:
         raise UsageError(f"--max-seq-len {max_seq_len} exceeds --pad-to {config.pad_to}")
+    try:  # a sliding-window model (Mistral's) trains on examples within its window
+        check_window(model_config, max_seq_len, f"--max-seq-len {max_seq_len}: an example")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     fields = adapter_fields(config)
     try:  # with a stand-in for the image features' width, known once CLIP has run
         AdapterConfig(**fields, **(dict(visual_dim=1, clip_layers=(1,)) if config.clip else {})).check(model_config)

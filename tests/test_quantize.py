@@ -117,9 +117,11 @@ def test_a_bf16_default_dtype_does_not_change_later_nf4_quantization():
 
     root = Path(__file__).resolve().parent.parent
     runs = [subprocess.Popen([sys.executable, "-c", _PACK, order], cwd=root, stdout=subprocess.PIPE, text=True,
-                             stderr=subprocess.DEVNULL) for order in ("fresh", "bf16-first")]
-    packed = [run.communicate(timeout=120)[0] for run in runs]
-    assert packed[0] and packed[0] == packed[1]
+                             stderr=subprocess.PIPE) for order in ("fresh", "bf16-first")]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    for run, (out, err) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0 and out, f"the subprocess failed (exit {run.returncode}):\n{err[-2000:]}"
+    assert outputs[0][0] == outputs[1][0]
 
 
 def test_nf4_width_multiple_of_32_only_takes_blocks_of_32(tmp_path):

@@ -47,7 +47,8 @@ Adapters, load_adapter(model, path), the format detected by the file's keys:
    adapter_query.weight (adapter_layers * adapter_len, dim), the prompts of the top layers from
    the lowest up, and layers.N.attention.gate (1, n_heads, 1, 1) for every layer N (only the
    top adapter_layers are used; the others are ignored). gate="head". adapter_len is not in
-   the file: the model's (load_adapter) or 10, the release's (read_adapter_config).
+   the file: the model's (load_adapter) or 10, the release's (read_adapter_config). Files of the official code
+   before its per-head gates hold a gate of shape (1,) per layer: imported with gate="layer".
    Its gate is ambiguous: the official training code (alpaca_finetuning_v1) scales the prompt
    attention by tanh(gate), the official inference code (llama/model.py) by the raw gate.
    The same weights give different models under the two, so the import takes gate_act
@@ -631,13 +632,20 @@ def _parse_official(file: Path, tensors: dict, gate_act: str | None, adapter_len
     if n_adapted > n_layers or missing:
         raise CheckpointError(f"{file}: adapter_query.weight holds {n_adapted} layers of {adapter_len} prompts, but "
                               f"the gates of the top {n_adapted} layers are missing: {missing[:3] or 'all'}")
+    # a gate per head (1, n_heads, 1, 1), or the code's earlier one per layer (1,): one form in all the top layers
+    per_layer = bool(top) and gates[top[0]]["gate"][1].shape == (1,)
     for n in top:
         name, g = gates[n]["gate"]
-        if g.dim() != 4 or g.shape[0] != 1 or g.shape[2:] != (1, 1):
-            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(g.shape)}, expected (1, n_heads, 1, 1)")
+        if per_layer and g.shape != (1,):
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(g.shape)}, expected (1,) as "
+                                  f"{gates[top[0]]['gate'][0]!r} (a gate per layer)")
+        if not per_layer and (g.dim() != 4 or g.shape[0] != 1 or g.shape[2:] != (1, 1)):
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(g.shape)}, expected (1, n_heads, 1, 1) "
+                                  "(a gate per head) or (1,) (a gate per layer)")
     logger.warning("%s: official LLaMA-Adapter v1 adapter loaded with gate_act=%r (its training code uses tanh, its "
                    "inference code the raw gate)", file, gate_act)
-    config = AdapterConfig(adapter_len=adapter_len, adapter_layers=n_adapted, gate="head", gate_act=gate_act)
+    config = AdapterConfig(adapter_len=adapter_len, adapter_layers=n_adapted, gate="layer" if per_layer else "head",
+                           gate_act=gate_act)
     prompts = [(f"adapter_query.weight[{i * adapter_len}:{(i + 1) * adapter_len}]", p)
                for i, p in enumerate(query.split(adapter_len))]
     return _AdapterFile("official LLaMA-Adapter v1", file, config, None, n_layers, prompts,

@@ -385,6 +385,50 @@ def test_official_v1_import_equals_our_format(tmp_path, gate_act, caplog):
         load_adapter(two_layers, path, gate_act=gate_act)
 
 
+def test_official_v1_per_layer_gates_load_as_gate_layer(tmp_path):
+    """Files of the official code before its per-head gates: a gate of shape (1,) per layer; imported as gate="layer",
+    the logits those of a model whose per-layer gates were set by hand."""
+    adapter = AdapterConfig(adapter_len=4, adapter_layers=2, gate="layer", gate_act="tanh")
+    want = tiny_model(adapter, seed=5)
+    gates = {1: 0.8, 0: -0.6}
+    g = torch.Generator().manual_seed(3)
+    state = {"adapter_query.weight": torch.randn(8, 128, generator=g)}  # layers 0 then 1, bottom up
+    with torch.no_grad():
+        for n in (0, 1):
+            want.layers[n].attention.adapter_prompt.copy_(state["adapter_query.weight"][4 * n:4 * (n + 1)])
+            want.layers[n].attention.gate.fill_(gates[n])
+            state[f"layers.{n}.attention.gate"] = torch.tensor([gates[n]])
+    torch.save(state, tmp_path / "per_layer.pth")
+
+    assert read_adapter_config(tmp_path / "per_layer.pth", gate_act="tanh", adapter_len=4) == adapter
+    imported = copy_base(want, LLaMA(want.config, adapter)).eval()
+    load_adapter(imported, tmp_path / "per_layer.pth", gate_act="tanh")
+    torch.testing.assert_close(logits(imported), logits(want), atol=0, rtol=0)
+    assert (logits(want) - logits(copy_base(want, LLaMA(want.config)).eval())).abs().max() > 1e-2
+
+    state["layers.0.attention.gate"] = torch.zeros(1, 4, 1, 1)  # the two forms mixed
+    torch.save(state, tmp_path / "mixed.pth")
+    with pytest.raises(CheckpointError, match=r"mixed\.pth: tensor 'layers\.1\.attention\.gate' has shape \(1,\), "
+                                              r"expected \(1, n_heads, 1, 1\)"):
+        read_adapter_config(tmp_path / "mixed.pth", gate_act="tanh", adapter_len=4)
+
+
+def test_litgpt_adapter_v1_file_loads(tmp_path):
+    """litgpt's lit_model.pth.adapter as its save_adapter_checkpoint writes it ({"model": ...} of adapter_filter's
+    names, gating_factor (1, 1, n_head, 1)): a gate per head, its raw value (identity); the same logits as the model
+    it was written from."""
+    adapter = AdapterConfig(adapter_len=4, adapter_layers=1, gate="head", gate_act="identity")
+    want = tiny_model(adapter, seed=9)
+    attn = want.layers[1].attention
+    lit = {"transformer.h.1.attn.adapter_wte.weight": attn.adapter_prompt.detach().clone(),
+           "transformer.h.1.attn.gating_factor": attn.gate.detach().view(1, 1, -1, 1).clone()}
+    torch.save({"model": lit}, tmp_path / "lit_model.pth.adapter")
+    assert read_adapter_config(tmp_path / "lit_model.pth.adapter") == adapter
+    imported = copy_base(want, LLaMA(want.config, adapter)).eval()
+    load_adapter(imported, tmp_path / "lit_model.pth.adapter")
+    torch.testing.assert_close(logits(imported), logits(want), atol=0, rtol=0)
+
+
 def test_peft_adaption_prompt_import(tmp_path):
     """A real PEFT adaption-prompt adapter: our import gives PEFT's own logits, and our format's after a round trip."""
     peft = pytest.importorskip("peft")

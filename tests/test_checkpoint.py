@@ -467,6 +467,53 @@ def test_peft_adaption_prompt_import(tmp_path):
                                                                                gate_act="identity")), weights)
 
 
+def test_save_adapter_peft_format_loads_in_peft(tmp_path):
+    """save_adapter(format="peft"): a folder PEFT's own PeftModel.from_pretrained loads onto the HF base, giving our
+    logits (a trained-looking adapter: nonzero per-layer gates in two layers of a GQA model); load_adapter reads it
+    back exactly; adapters PEFT cannot express are refused before anything is written; never over a folder by
+    accident."""
+    peft = pytest.importorskip("peft")
+    config = tiny_config(gqa=True)
+    hf_model(config, seed=12).save_pretrained(tmp_path / "base")
+    adapter = AdapterConfig(adapter_len=4, adapter_layers=2, gate="layer", gate_act="identity")
+    model = load_checkpoint(tmp_path / "base", adapter=adapter).eval()
+    set_adapter_(model, seed=3, gate_scale=1.0)
+    assert all(abs(float(m.attention.gate.detach())) > 0.1 for m in model.layers)
+    folder = save_adapter(model, tmp_path / "out" / "peft", format="peft", base_model_name_or_path="tiny/base")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    written = json.loads((folder / "adapter_config.json").read_text())
+    assert {k: written[k] for k in ("peft_type", "adapter_len", "adapter_layers", "target_modules", "task_type",
+                                    "base_model_name_or_path")} == {
+        "peft_type": "ADAPTION_PROMPT", "adapter_len": 4, "adapter_layers": 2, "target_modules": "self_attn",
+        "task_type": "CAUSAL_LM", "base_model_name_or_path": "tiny/base"}
+
+    theirs = peft.PeftModel.from_pretrained(hf_model(config, seed=12), folder).eval()
+    torch.testing.assert_close(logits(theirs), logits(model), atol=1e-4, rtol=1e-4)
+    base = logits(hf_model(config, seed=12))
+    assert (logits(theirs) - base).abs().max() > 1e-2  # PEFT did load the adapter
+    again = load_checkpoint(tmp_path / "base", adapter=read_adapter_config(folder))
+    load_adapter(again, folder)
+    torch.testing.assert_close(logits(again), logits(model), atol=0, rtol=0)
+
+    with pytest.raises(FileExistsError, match=r"peft exists; pass overwrite=True"):
+        save_adapter(model, folder, format="peft")
+    (folder / "README.md").write_text("mine")
+    with torch.no_grad():
+        model.layers[1].attention.gate.fill_(0.25)
+    save_adapter(model, folder, format="peft", overwrite=True)
+    assert (folder / "README.md").read_text() == "mine"  # the user's other files stay
+    assert float(next(v for k, v in peft.utils.load_peft_weights(str(folder)).items() if "1.self_attn.adaption_gate"
+                      in k)) == 0.25
+    for bad in (dict(gate="head"), dict(gate="layer", gate_act="tanh"),
+                dict(gate="layer", gate_act="identity", version=2)):
+        key = next(k for k in ("version", "gate_act", "gate") if k in bad and bad[k] != getattr(adapter, k))
+        other = tiny_model(AdapterConfig(adapter_len=4, adapter_layers=1, **bad))
+        with pytest.raises(ValueError, match=rf"not written in PEFT's format: the adapter has {key}="):
+            save_adapter(other, tmp_path / "refused", format="peft")
+        assert not (tmp_path / "refused").exists()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary left
+
+
 def test_peft_format_file_checks(tmp_path):
     """PEFT's layout written by hand: wrong layers and a lying adapter_config.json are named."""
     model = tiny_model(AdapterConfig(adapter_len=4, adapter_layers=1, gate="layer", gate_act="identity"))

@@ -1163,18 +1163,23 @@ def save_checkpoint(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = 
         if rest in ("attention.wq.weight", "attention.wk.weight"):
             t = permute_hf(t, c.n_heads if rest == "attention.wq.weight" else c.n_kv_heads)
         tensors[hf] = t.contiguous()
-    dtype = next(iter(tensors.values())).dtype
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-              "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
-              "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "vocab_size": c.vocab_size,
-              "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "max_position_embeddings": c.max_seq_len,
-              "tie_word_embeddings": c.tie_embeddings, "torch_dtype": str(dtype).removeprefix("torch."),
-              "rope_scaling": None if c.rope_scaling is None else {
-                  "rope_type": "llama3", "factor": c.rope_scaling.factor,
-                  "low_freq_factor": c.rope_scaling.low_freq_factor,
-                  "high_freq_factor": c.rope_scaling.high_freq_factor,
-                  "original_max_position_embeddings": c.rope_scaling.original_max_seq_len}}
+    config = hf_config_dict(c, next(iter(tensors.values())).dtype)
     write_atomic(folder / "model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}),
                  overwrite=overwrite)
     write_atomic(folder / "config.json", (json.dumps(config, indent=2) + "\n").encode(), overwrite=overwrite)
     return folder
+
+
+def hf_config_dict(c: LLaMAConfig, dtype: torch.dtype) -> dict:
+    """The config.json of LlamaForCausalLM for this config (what save_checkpoint writes; transformers.LlamaConfig(**it)
+    builds the same model)."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
+            "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "vocab_size": c.vocab_size,
+            "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "max_position_embeddings": c.max_seq_len,
+            "tie_word_embeddings": c.tie_embeddings, "torch_dtype": str(dtype).removeprefix("torch."),
+            "rope_scaling": None if c.rope_scaling is None else {
+                "rope_type": "llama3", "factor": c.rope_scaling.factor,
+                "low_freq_factor": c.rope_scaling.low_freq_factor,
+                "high_freq_factor": c.rope_scaling.high_freq_factor,
+                "original_max_position_embeddings": c.rope_scaling.original_max_seq_len}}

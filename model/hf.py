@@ -34,9 +34,11 @@ Limits (each refused with a ValueError naming it, never computed otherwise):
 - model_type "llama" or "mistral" (PEFT's adaption prompt serves those and gpt2, whose attention is not in the
   registry); transformers >= 5 (its AttentionInterface and AttentionMaskInterface), PEFT's AdaptedAttention (checked
   with peft 0.21).
-- padding: none, or left padding (attention_mask rows of 0s then 1s, as batched generation uses: the op's leftpad_k);
-  right padding or holes in the mask are refused (pad on the left: tokenizer.padding_side = "left"). The outputs at
-  the pad positions themselves differ from sdpa's (they see the prompt alone); the others are equal.
+- padding: left padding (the op's leftpad_k; batched generation's), and right padding without a KV cache
+  (training's: a causal query never sees the keys after it, so no mask is needed); holes in the attention_mask, and
+  right padding with a KV cache, are refused. The outputs at the pad positions themselves differ from SDPA's (they
+  are never used: causal attention never reaches them from a real token, and a loss ignores them); the real
+  tokens' are equal.
 - packed sequences (position_ids restarting inside a row, without a mask) are refused.
 - sliding windows (Mistral's sliding_window): exact while every sequence (with its cache) fits in the window; a
   longer one is refused.
@@ -91,10 +93,10 @@ def fused_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
             raise ValueError(f"{FUSED}: expected a (batch, keys) = {(batch, seqlen_k)} padding mask, got "
                              f"{tuple(attention_mask.shape)}: a custom 4-D mask is not supported")
         mask = attention_mask.bool()
-        if first and not bool((mask[:, 1:] >= mask[:, :-1]).all()):
-            raise ValueError(f"{FUSED}: the attention_mask has padding on the right or holes; only left padding is "
-                             "supported (tokenizer.padding_side = 'left')")
-        leftpad = (~mask).sum(1, dtype=torch.int32)
+        if first:
+            _check_padding(mask, cached=seqlen_q != seqlen_k)
+        # left padding: the op's leftpad_k; right padding needs no mask: a causal query never sees a key after it
+        leftpad = mask.int().argmax(1).to(torch.int32)  # the first real key of each row (0 for a row of padding)
     elif first and position_ids is not None and seqlen_q > 1 and bool((position_ids.diff(dim=-1) != 1).any()):
         raise ValueError(f"{FUSED}: position_ids restart inside a row (packed sequences); not supported")
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, T, h, hd) views
@@ -109,6 +111,22 @@ def fused_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     out = zero_init_attention(q, k, v, pk, pv, gate, causal=True, softmax_scale=scaling, gate_act="identity",
                               leftpad_k=leftpad)
     return out, None
+
+
+def _check_padding(mask: torch.Tensor, cached: bool) -> None:
+    """ValueError unless every row of the (batch, keys) mask holds its real tokens in one run: padding on the left
+    and, without a KV cache, on the right."""
+    keys = mask.shape[1]
+    count = mask.sum(1)
+    first = mask.int().argmax(1)
+    last = keys - 1 - mask.flip(1).int().argmax(1)
+    if not bool(((count == 0) | (last - first + 1 == count)).all()):
+        raise ValueError(f"{FUSED}: the attention_mask has holes (padding between real tokens; generation after "
+                         "right padding makes them: pad on the left, tokenizer.padding_side = 'left'); only padding "
+                         "on the left or right is supported")
+    if cached and bool(((count > 0) & (last < keys - 1)).any()):
+        raise ValueError(f"{FUSED}: padding on the right with a KV cache (generation); pad on the left "
+                         "(tokenizer.padding_side = 'left')")
 
 
 def _adapted_attention_class():
@@ -137,7 +155,12 @@ def _fused_class() -> type:
 
 
 def _register() -> None:
+    import transformers
     from transformers import AttentionInterface
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise ValueError(f"model: use_fused_attention needs transformers >= 5 (its attention and mask registries), "
+                         f"found {transformers.__version__}")
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
     AttentionInterface.register(FUSED, fused_attention)

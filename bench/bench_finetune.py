@@ -146,7 +146,7 @@ from model import (  # noqa: E402
     Tokenizer,
     adapter_state_dict,
     remove_fused_attention,
-    use_fused_attention,  # noqa: E402
+    use_fused_attention,
 )
 from model.checkpoint import hf_config_dict  # noqa: E402
 from train.data import (  # noqa: E402
@@ -297,7 +297,6 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
 # per family: the baseline (its error sets the check's tolerance) and the oracle (run in fp32, padded to the longest)
 BASELINES = {"ours": PROVIDERS["eager_padded512"], "hf": PROVIDERS["hf_peft"]}
 ORACLES = {"ours": Provider("oracle", "eager", "longest"), "hf": Provider("hf_oracle", None, "longest", family="hf")}
-BASELINE, ORACLE = BASELINES["ours"], ORACLES["ours"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -703,8 +702,13 @@ def random_peft_llama(name: str, cfg: FinetuneBenchConfig, device: torch.device)
     torch.manual_seed(cfg.seed)
     hf_config = LlamaConfig(**hf_config_dict(config, DTYPE))
     hf_config._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = LlamaForCausalLM(hf_config).to(DTYPE)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPE)  # built in bf16 on the device: no fp32 copy of a 7B model
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(hf_config)
+    finally:
+        torch.set_default_dtype(previous)
     model = peft.get_peft_model(model, peft.AdaptionPromptConfig(
         adapter_len=cfg.adapter_len, adapter_layers=cfg.adapter_layers, task_type="CAUSAL_LM"))
     gates = [p for n, p in model.named_parameters() if n.endswith(".adaption_gate")]

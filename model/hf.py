@@ -40,8 +40,8 @@ Limits (each refused with a ValueError naming it, never computed otherwise):
   are never used: causal attention never reaches them from a real token, and a loss ignores them); the real
   tokens' are equal.
 - packed sequences (position_ids restarting inside a row, without a mask) are refused.
-- sliding windows (Mistral's sliding_window): exact while every sequence (with its cache) fits in the window; a
-  longer one is refused.
+- sliding windows (Mistral's sliding_window): a forward over more keys than the window is refused (a prompt longer
+  than it); generation past it is exact (transformers' sliding cache hands over the window's keys only).
 - attention dropout (config.attention_dropout > 0 in training) is refused; output_attentions is not available.
 - head dims of the op: 32, 64, 80, 96, 128 (kernels.zero_init_attention's checks).
 On a CPU the op runs its Triton kernels under TRITON_INTERPRET=1 (slow; how the tests check it), or the eager
@@ -72,7 +72,7 @@ def fused_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
         query: (batch, nheads, seqlen_q, headdim), RoPE applied; key, value: (batch, nheads_kv, seqlen_k, headdim),
             the KV cache included.
         attention_mask: None (no padding) or (batch, seqlen_k) bool, True for real tokens (flash-attention's
-            convention, as registered): left padding only.
+            convention, as registered): left padding, or right padding without a KV cache.
         scaling: the softmax scale; dropout: must be 0; sliding_window: Mistral's, checked against seqlen_k.
         adaption_prompt: (1, adapter_len, hidden) and adaption_gate (1,): PEFT's, passed by FusedAdaptedAttention;
             None in layers without a prompt.

@@ -127,13 +127,17 @@ def test_left_padding_and_kv_cache_generation(device, triton_kernels_only):
         model.generate(input_ids=tokens, attention_mask=mask.flip(1), max_new_tokens=2, do_sample=False)
 
 
-def test_refused_rather_than_computed_otherwise():
+def test_mistral_sliding_window_and_what_is_refused():
+    """Mistral's sliding window: a prompt longer than it is refused; generation past it is PEFT's (transformers'
+    sliding cache keeps the window's keys). Then what the drop-in refuses rather than computing something else."""
     long = torch.randint(0, VOCAB, (1, 9))
-    mistral = use_fused_attention(peft_model("mistral", sliding_window=8))
+    mistral = peft_model("mistral", sliding_window=8)
+    with torch.no_grad():
+        want = mistral.generate(input_ids=long[:, :6], max_new_tokens=5, do_sample=False)  # 11 tokens > 8
+        use_fused_attention(mistral)
+        assert torch.equal(mistral.generate(input_ids=long[:, :6], max_new_tokens=5, do_sample=False), want)
     with pytest.raises(ValueError, match=r"9 keys exceed the model's sliding_window \(8\)"), torch.no_grad():
         mistral(long)
-    with torch.no_grad():
-        mistral(long[:, :8])  # within the window: fine
 
     dropout = use_fused_attention(peft_model("llama", attention_dropout=0.1)).train()
     with pytest.raises(ValueError, match=r"attention dropout \(0\.1\) is not supported"):

@@ -39,7 +39,9 @@ Limits (each refused with a ValueError naming it, never computed otherwise):
   right padding with a KV cache, are refused. The outputs at the pad positions themselves differ from SDPA's (they
   are never used: causal attention never reaches them from a real token, and a loss ignores them); the real
   tokens' are equal.
-- packed sequences (position_ids restarting inside a row, without a mask) are refused.
+- packed sequences (position_ids restarting inside a row, without a mask) are refused, and so is a static
+  (pre-allocated) KV cache (cache_implementation="static": more keys than tokens); the default dynamic cache works.
+  These checks cost a device synchronisation or two per forward (in the first layer only).
 - sliding windows (Mistral's sliding_window): a forward over more keys than the window is refused (a prompt longer
   than it); generation past it is exact (transformers' sliding cache hands over the window's keys only).
 - attention dropout (config.attention_dropout > 0 in training) is refused; output_attentions is not available.
@@ -91,14 +93,19 @@ def fused_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape != (batch, seqlen_k):
             raise ValueError(f"{FUSED}: expected a (batch, keys) = {(batch, seqlen_k)} padding mask, got "
-                             f"{tuple(attention_mask.shape)}: a custom 4-D mask is not supported")
+                             f"{tuple(attention_mask.shape)}: a custom 4-D mask, or a static (pre-allocated) KV cache "
+                             "(more keys than tokens), is not supported; use the default dynamic cache")
         mask = attention_mask.bool()
         if first:
             _check_padding(mask, cached=seqlen_q != seqlen_k)
         # left padding: the op's leftpad_k; right padding needs no mask: a causal query never sees a key after it
         leftpad = mask.int().argmax(1).to(torch.int32)  # the first real key of each row (0 for a row of padding)
-    elif first and position_ids is not None and seqlen_q > 1 and bool((position_ids.diff(dim=-1) != 1).any()):
-        raise ValueError(f"{FUSED}: position_ids restart inside a row (packed sequences); not supported")
+    elif first and position_ids is not None:
+        if seqlen_q > 1 and bool((position_ids.diff(dim=-1) != 1).any()):
+            raise ValueError(f"{FUSED}: position_ids restart inside a row (packed sequences); not supported")
+        if bool((position_ids[:, -1] + 1 < seqlen_k).any()):  # keys the tokens have not filled
+            raise ValueError(f"{FUSED}: {seqlen_k} keys for tokens up to position {int(position_ids[:, -1].max())}: a "
+                             "static (pre-allocated) KV cache is not supported; use the default dynamic cache")
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, T, h, hd) views
     if adaption_prompt is None:  # a layer without a prompt: plain causal attention, through the same op
         pk = pv = k.new_empty(1, 0, n_kv, head_dim)

@@ -142,8 +142,11 @@ def test_mistral_sliding_window_and_what_is_refused():
     dropout = use_fused_attention(peft_model("llama", attention_dropout=0.1)).train()
     with pytest.raises(ValueError, match=r"attention dropout \(0\.1\) is not supported"):
         dropout(long)
+    llama = use_fused_attention(peft_model("llama"))
     with pytest.raises(ValueError, match=r"position_ids restart inside a row \(packed sequences\)"), torch.no_grad():
-        use_fused_attention(peft_model("llama"))(long, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]]))
+        llama(long, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]]))
+    with pytest.raises(ValueError, match=r"static \(pre-allocated\) KV cache is not supported"), torch.no_grad():
+        llama.generate(input_ids=long, max_new_tokens=2, do_sample=False, cache_implementation="static")
 
     from transformers import GPT2Config, GPT2LMHeadModel
 

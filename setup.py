@@ -32,6 +32,9 @@ setup(
         "quantize": ["bitsandbytes>=0.50,<0.52"],
         # the loss's fused linear + cross-entropy kernel on CUDA (train/loss.py); a chunked torch path elsewhere
         "liger": ["liger-kernel>=0.6,<0.9"],
+        # model/hf.py (use_fused_attention): transformers' attention registry (5.x) and PEFT's adaption prompt, as
+        # checked (transformers 5.24, peft 0.21)
+        "hf": ["transformers>=5.0,<6", "peft>=0.21,<0.22"],
         # the multi-modal adapter's CLIP image encoder (model/visual.py); Pillow comes with matplotlib
         "vision": ["transformers>=4.45", "pillow"],
         # xformers has no CPU use and pins torch builds: GPU benchmark machines only.

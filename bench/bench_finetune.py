@@ -21,6 +21,11 @@ Providers (--providers), each checked before it is timed:
     eager_padded512  the official code's formulation (model.set_attention_impl(model, "eager")): adapted layers
                      through kernels.zero_init_attention_ref, plain layers through eager_attention (materialised
                      scores, mask, fp32 softmax), padded like ours_padded512
+    hf_peft          a PEFT user's code: transformers' LlamaForCausalLM of the same shape (SDPA attention) with PEFT's
+                     adaption prompt (one raw gate per layer; its prompts and gates in the base's bf16, as PEFT makes
+                     them), padded like ours_padded512, the loss on all logits (transformers computes them all)
+    hf_peft_fused    the same model after model.hf.use_fused_attention: every layer's attention, the prompt
+                     included, through kernels.zero_init_attention (the drop-in's speed for that user)
 
 Correctness, before any timing: on the same examples (--check-examples), one step's loss and every adapter
 gradient of each provider are compared with an oracle: the eager model in fp32 (its bf16 weights cast up,
@@ -30,6 +35,9 @@ each divided by the oracle's max |x| first), flash-attn's bar: twice the error o
 its own oracle and baseline, and its biases', scales' and norms' gradients are checked too (v2_grads). A provider
 outside it stops the run (exit status 1) before anything of it is timed. The adapter's gates are spread over [-1.5, 1.5]
 (common.random_llama): with zero gates the prompts would get no gradient and the check would not see them.
+The hf_ providers have their own oracle (PEFT's model in fp32, padded to the longest example) and baseline (hf_peft's
+own step in bf16); their gates are spread over [-1.5, 1.5] across the layers. Without transformers and peft installed
+they get "skipped" rows.
 
 Timing: --warmup-steps steps first (Triton compilation, AdamW state), then --steps steps, each on the next
 micro-batch of a shuffled epoch, timed alone (synchronised). Reported per provider (CSV rows, one per metric):
@@ -78,7 +86,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,8 +140,24 @@ from bench.common import (  # noqa: E402
     yes_no,
 )
 from bench.memory import BASES, MemoryPlan, TensorMemory, model_tensors  # noqa: E402
-from model import AdapterConfig, LLaMA, Tokenizer, adapter_layers, adapter_state_dict  # noqa: E402
-from train.data import PackedLoader, PaddedLoader, Step, TokenizedDataset, load_records, tokenize_records  # noqa: E402
+from model import (  # noqa: E402
+    AdapterConfig,
+    LLaMA,
+    Tokenizer,
+    adapter_state_dict,
+    remove_fused_attention,
+    use_fused_attention,
+)
+from model.checkpoint import hf_config_dict  # noqa: E402
+from train.data import (  # noqa: E402
+    IGNORE_INDEX,
+    PackedLoader,
+    PaddedLoader,
+    Step,
+    TokenizedDataset,
+    load_records,
+    tokenize_records,
+)
 from train.finetune import batch_loss_sum, param_groups  # noqa: E402
 
 WHAT = "finetune"
@@ -240,15 +264,26 @@ class DataStats:
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Provider:
-    """One way to train: the model's attention implementation and the batch layout. patch wraps everything
+    """One way to train: the model, its attention implementation and the batch layout. patch wraps everything
     the provider runs (its check and its timed steps) for anything else it changes (tests inject wrong
     providers through it)."""
 
     name: str
-    impl: str  # "fused" or "eager" (model.set_attention_impl)
-    layout: str  # "packed" (PackedLoader) or "padded" (PaddedLoader, --pad-to)
+    impl: str | None  # "fused" or "eager" (model.set_attention_impl); None: the hf_ models' own
+    layout: str  # "packed" (PackedLoader), "padded" (PaddedLoader, --pad-to) or "longest" (the oracles)
     patch: Callable[[LLaMA], AbstractContextManager] = unpatched
     version: int = 1  # the adapter: 1 (LLaMA-Adapter) or 2 (LLaMA-Adapter V2)
+    family: str = "ours"  # "ours" (model/'s LLaMA) or "hf" (transformers' LlamaForCausalLM with PEFT's adapter)
+
+
+@contextmanager
+def hf_fused(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """A transformers model (PEFT's) through the fused op while inside (model.hf)."""
+    use_fused_attention(model)
+    try:
+        yield model
+    finally:
+        remove_fused_attention(model)
 
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
@@ -256,9 +291,12 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("ours_padded512", "fused", "padded"),
     Provider("eager_padded512", "eager", "padded"),
     Provider("v2_packed", "fused", "packed", version=2),
+    Provider("hf_peft", None, "padded", family="hf"),
+    Provider("hf_peft_fused", None, "padded", hf_fused, family="hf"),
 )}
-BASELINE = Provider("eager_padded512", "eager", "padded")  # the official formulation: the check's tolerance
-ORACLE = Provider("oracle", "eager", "padded")  # run in fp32, padded to the longest example
+# per family: the baseline (its error sets the check's tolerance) and the oracle (run in fp32, padded to the longest)
+BASELINES = {"ours": PROVIDERS["eager_padded512"], "hf": PROVIDERS["hf_peft"]}
+ORACLES = {"ours": Provider("oracle", "eager", "longest"), "hf": Provider("hf_oracle", None, "longest", family="hf")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,23 +418,51 @@ CHECKED = ("loss", "prompt_grads", "gate_grads")
 CHECKED_V2 = (*CHECKED, "v2_grads")  # V2: its biases', scales' and norms' gradients, all of them in one vector
 
 
-def step_results(model: LLaMA, batch: dict, provider: Provider, device: torch.device) -> dict[str, torch.Tensor | None]:
+def provider_context(model: torch.nn.Module, provider: Provider) -> ExitStack:
+    """What the provider changes while it runs: our model's attention implementation, and its patch."""
+    stack = ExitStack()
+    if provider.impl is not None:
+        stack.enter_context(attention_impl(model, provider.impl))
+    stack.enter_context(provider.patch(model))
+    return stack
+
+
+def hf_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+    """batch_loss_sum for a transformers model, as its user computes it: the logits of every position (right-padded
+    rows, no attention mask: causal attention never reaches the padding of a real token), fp32 cross-entropy summed
+    over the targets (labels already shifted)."""
+    labels = batch["labels"].flatten()
+    at = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    logits = model(input_ids=batch["tokens"].to(device, non_blocking=True)).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1)[at.to(device)].float(),
+                                             labels[at].to(device, non_blocking=True), reduction="sum")
+
+
+def loss_sum(model: torch.nn.Module, batch: dict, device: torch.device, provider: Provider) -> torch.Tensor:
+    return (hf_loss_sum if provider.family == "hf" else batch_loss_sum)(model, batch, device)
+
+
+_PROMPTS, _GATES = (".adapter_prompt", ".adaption_prompt"), (".attention.gate", ".adaption_gate")  # ours, PEFT's
+
+
+def step_results(model: torch.nn.Module, batch: dict, provider: Provider,
+                 device: torch.device) -> dict[str, torch.Tensor | None]:
     """The loss (mean over the batch's targets) and the adapter's gradients of one training step's
     forward/backward with the provider's attention: {"loss", "prompt_grads" (all adapted layers stacked),
     "gate_grads"} and, for V2, "v2_grads" (every bias, scale and norm, concatenated), fp32; a gradient that did
     not arrive in every layer is None."""
     model.zero_grad(set_to_none=True)
-    with attention_impl(model, provider.impl), provider.patch(model):
-        loss = batch_loss_sum(model, batch, device) / batch["num_targets"]
+    with provider_context(model, provider):
+        loss = loss_sum(model, batch, device, provider) / batch["num_targets"]
         loss.backward()
-    layers = list(adapter_layers(model).values())
+    params = dict(model.named_parameters())
 
-    def stacked(name: str) -> torch.Tensor | None:
-        grads = [getattr(m, name).grad for m in layers]
+    def stacked(suffixes: tuple[str, ...]) -> torch.Tensor | None:
+        grads = [p.grad for n, p in params.items() if n.endswith(suffixes)]
         return None if any(g is None for g in grads) else torch.stack(grads).float()
 
-    result = {"loss": loss.detach().float(), "prompt_grads": stacked("adapter_prompt"), "gate_grads": stacked("gate")}
-    if model.adapter.version == 2:
+    result = {"loss": loss.detach().float(), "prompt_grads": stacked(_PROMPTS), "gate_grads": stacked(_GATES)}
+    if getattr(model, "adapter", None) is not None and model.adapter.version == 2:
         grads = [p.grad for n, p in adapter_state_dict(model).items() if not n.endswith(("adapter_prompt", "gate"))]
         result["v2_grads"] = None if any(g is None for g in grads) else torch.cat([g.flatten() for g in grads]).float()
     model.zero_grad(set_to_none=True)
@@ -416,7 +482,7 @@ def check_ids(data: TokenizedDataset, count: int, token_budget: int) -> list[int
 
 def check_batch(provider: Provider, data: TokenizedDataset, ids: list[int], cfg: FinetuneBenchConfig) -> dict:
     """The check's examples in the provider's layout (the oracle's: padded to the longest)."""
-    if provider is ORACLE:
+    if provider.layout == "longest":  # an oracle
         return PaddedLoader(data, len(ids), pad_to="longest", shuffle=False).collate(ids)
     if provider.layout == "packed":
         return PackedLoader(data, cfg.token_budget, shuffle=False).collate(ids)
@@ -427,18 +493,33 @@ def check_batch(provider: Provider, data: TokenizedDataset, ids: list[int], cfg:
 BASELINE_BOUND = 0.25
 
 
-def expected_step(model: LLaMA, data: TokenizedDataset, ids: list[int], cfg: FinetuneBenchConfig,
-                  device: torch.device) -> tuple[Expected, dict[str, torch.Tensor | None]]:
-    """The oracle (the eager model in fp32, padded to the longest) and the tolerances from the baseline (the
-    eager model in bf16 on eager_padded512's layout); returns (expected, the baseline's results)."""
-    with base_upcast(model, torch.float32), exact_fp32_matmuls():
-        oracle = step_results(model, check_batch(ORACLE, data, ids, cfg), ORACLE, device)
-    baseline = step_results(model, check_batch(BASELINE, data, ids, cfg), BASELINE, device)
+@contextmanager
+def hf_upcast(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """A transformers model (PEFT's prompts and gates included) in fp32 while inside, cast back after (exact)."""
+    low = next(model.parameters()).dtype
+    model.float()
+    try:
+        yield model
+    finally:
+        model.to(low)
+        free_device_memory(next(model.parameters()).device)
+
+
+def expected_step(model: torch.nn.Module, data: TokenizedDataset, ids: list[int], cfg: FinetuneBenchConfig,
+                  device: torch.device, family: str = "ours") -> tuple[Expected, dict[str, torch.Tensor | None]]:
+    """The oracle (the eager model in fp32, padded to the longest; hf: PEFT's model in fp32) and the tolerances from
+    the baseline (the eager model in bf16 on eager_padded512's layout; hf: hf_peft's step); returns (expected, the
+    baseline's results)."""
+    oracle_provider, baseline_provider = ORACLES[family], BASELINES[family]
+    with (hf_upcast(model) if family == "hf" else base_upcast(model, torch.float32)), exact_fp32_matmuls():
+        oracle = step_results(model, check_batch(oracle_provider, data, ids, cfg), oracle_provider, device)
+    baseline = step_results(model, check_batch(baseline_provider, data, ids, cfg), baseline_provider, device)
     if any(v is None for v in (*oracle.values(), *baseline.values())):
         raise CorrectnessError("the eager model computes no gradient for some adapter parameter: nothing to check")
+    what = "PEFT's model" if family == "hf" else "the eager model"
     expected = Expected.from_runs(oracle, baseline, "bf16",
-                                  oracle_desc="eager model in fp32, padded to the longest example",
-                                  baseline_desc="the eager model in bf16 (eager_padded512)", normalize=True)
+                                  oracle_desc=f"{what} in fp32, padded to the longest example",
+                                  baseline_desc=f"{what} in bf16 ({baseline_provider.name})", normalize=True)
     for name, err in expected.baseline_err.items():
         if not err <= BASELINE_BOUND:
             raise CorrectnessError(f"the eager model in bf16 errs by {err:.3e} (relative to the max) on {name} against "
@@ -454,18 +535,18 @@ def steps_forever(loader: PackedLoader | PaddedLoader) -> Iterator[Step]:
         epoch += 1
 
 
-def train_step(model: LLaMA, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], step: Step,
-               device: torch.device) -> float:
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], step: Step,
+               device: torch.device, provider: Provider) -> float:
     """One optimizer step as train/finetune.py's loop takes it on one process (bf16: no loss scaling)."""
-    loss_sum = torch.zeros((), device=device)
+    total = torch.zeros((), device=device)
     for batch in step.batches:
-        micro = batch_loss_sum(model, batch, device)
+        micro = loss_sum(model, batch, device, provider)
         (micro / step.num_targets).backward()
-        loss_sum += micro.detach()
+        total += micro.detach()
     torch.nn.utils.clip_grad_norm_(params, CLIP_GRAD)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss_sum) / step.num_targets  # a sync, as the loop's loss logging
+    return float(total) / step.num_targets  # a sync, as the loop's loss logging
 
 
 @dataclass
@@ -496,29 +577,30 @@ def epoch_tokens(provider: Provider, mean_len: float, cfg: FinetuneBenchConfig) 
     return real, (real if provider.layout == "packed" else ALPACA_EXAMPLES * cfg.pad_to)
 
 
-def time_provider(model: LLaMA, data: TokenizedDataset, provider: Provider, cfg: FinetuneBenchConfig,
+def time_provider(model: torch.nn.Module, data: TokenizedDataset, provider: Provider, cfg: FinetuneBenchConfig,
                   device: torch.device, model_name: str) -> Measurement:
     """Warm up, then time cfg.steps steps of a fresh AdamW on the adapter; the adapter is restored after."""
     if provider.layout == "packed":
         loader = PackedLoader(data, cfg.token_budget, seed=cfg.seed)
     else:
         loader = PaddedLoader(data, cfg.batch_size, pad_to=cfg.pad_to, seed=cfg.seed)
-    saved = {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}
-    params = [p for p in model.parameters() if p.requires_grad]
+    trained = {k: p for k, p in model.named_parameters() if p.requires_grad}  # the adapter
+    saved = {k: v.detach().clone() for k, v in trained.items()}
+    params = list(trained.values())
     optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS)
     steps = steps_forever(loader)
     times, rates, real, processed = [], [], 0, 0
     try:
-        with attention_impl(model, provider.impl), provider.patch(model):
+        with provider_context(model, provider):
             for _ in range(cfg.warmup_steps):
-                train_step(model, optimizer, params, next(steps), device)
+                train_step(model, optimizer, params, next(steps), device, provider)
             reset_peak_memory(device)
             for _ in range(cfg.steps):
                 step = next(steps)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
-                loss = train_step(model, optimizer, params, step, device)
+                loss = train_step(model, optimizer, params, step, device, provider)
                 seconds = time.perf_counter() - start
                 times.append(seconds * 1e3)
                 rates.append(step.num_tokens / seconds)
@@ -527,7 +609,7 @@ def time_provider(model: LLaMA, data: TokenizedDataset, provider: Provider, cfg:
     finally:
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for k, p in adapter_state_dict(model).items():
+            for k, p in trained.items():
                 p.copy_(saved[k])
         del optimizer
     rate = float(np.median(rates))
@@ -540,6 +622,10 @@ def time_provider(model: LLaMA, data: TokenizedDataset, provider: Provider, cfg:
 
 def attention_backends(provider: Provider, config, device: torch.device, cfg: FinetuneBenchConfig) -> str:
     """What computes the attention of each kind of layer for this provider, on this device."""
+    if provider.family == "hf":
+        if provider.name == "hf_peft":
+            return "transformers' SDPA attention, then PEFT's prompt attention (eager, materialised scores)"
+        return f"every layer: kernels.zero_init_attention ({op_backend(device)}), through model.hf.use_fused_attention"
     if provider.impl == "eager":
         return ("adapted layers: kernels.zero_init_attention_ref; plain layers: eager_attention (both materialise "
                 "the scores, fp32 softmax)")
@@ -603,26 +689,76 @@ def _data_for(cfg: FinetuneBenchConfig, vocab_size: int, real: tuple[TokenizedDa
     return data, f"synthetic Alpaca-like lengths (an approximation{scaled})"
 
 
+def random_peft_llama(name: str, cfg: FinetuneBenchConfig, device: torch.device) -> torch.nn.Module:
+    """transformers' LlamaForCausalLM of preset name (random, bf16, on device, SDPA attention) with PEFT's adaption
+    prompt (cfg.adapter_len prompts in the top cfg.adapter_layers layers), the gates spread over [-1.5, 1.5] across
+    the layers (PEFT's are per layer; with zero gates the check would not see the prompts)."""
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = model_config(name)
+    if cfg.adapter_layers > config.n_layers:
+        raise ConfigError("adapter_layers", f"{cfg.adapter_layers} exceeds the {config.n_layers} layers of {name}")
+    torch.manual_seed(cfg.seed)
+    hf_config = LlamaConfig(**hf_config_dict(config, DTYPE))
+    hf_config._attn_implementation = "sdpa"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPE)  # built in bf16 on the device: no fp32 copy of a 7B model
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(hf_config)
+    finally:
+        torch.set_default_dtype(previous)
+    model = peft.get_peft_model(model, peft.AdaptionPromptConfig(
+        adapter_len=cfg.adapter_len, adapter_layers=cfg.adapter_layers, task_type="CAUSAL_LM"))
+    gates = [p for n, p in model.named_parameters() if n.endswith(".adaption_gate")]
+    with torch.no_grad():
+        for g, value in zip(gates, torch.linspace(-1.5, 1.5, len(gates)), strict=True):
+            g.fill_(float(value))
+    return model
+
+
+def hf_missing() -> str | None:
+    """Why the hf_ providers cannot run here (transformers or peft missing), or None."""
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        return f"needs transformers and peft (pip install -e '.[dev]'): {e}"
+    return None
+
+
 def run_version(name: str, version: int, active: list[Provider], data: TokenizedDataset, cfg: FinetuneBenchConfig,
-                result: RunResult, write: Callable[[list[Row]], None], log: Callable[[str], None]) -> None:
-    """Build the model of preset name with a V1 or V2 adapter, check, then time, each of its providers; rows go out
-    as they come ("skipped" rows for what runs out of memory). V2's model rows carry the provider "all-v2"."""
+                result: RunResult, write: Callable[[list[Row]], None], log: Callable[[str], None],
+                family: str = "ours") -> None:
+    """Build the model of preset name with a V1 or V2 adapter (family "hf": transformers' with PEFT's), check, then
+    time, each of its providers; rows go out as they come ("skipped" rows for what runs out of memory, or cannot
+    run here). V2's model rows carry the provider "all-v2", the hf_ model's "all-hf"."""
     device, shape, config = result.env.device, shape_of(name, cfg), model_config(name)
-    everyone = "all" if version == 1 else "all-v2"
+    everyone = "all-hf" if family == "hf" else "all" if version == 1 else "all-v2"
+    label = " (transformers + PEFT)" if family == "hf" else " (V2)" if version == 2 else ""
+    missing = hf_missing() if family == "hf" else None
+    if missing:
+        log(f"   SKIP {name}{label}: {missing}")
+        write([Row(WHAT, p.name, "all", shape, "skipped", missing, "") for p in active])
+        result.skipped += [(name, p.name, missing) for p in active]
+        return
     model = None
     try:
-        model = random_llama(name, AdapterConfig(adapter_len=cfg.adapter_len, adapter_layers=cfg.adapter_layers,
-                                                 version=version), dtype=DTYPE, device=device, seed=cfg.seed)
+        if family == "hf":
+            model = random_peft_llama(name, cfg, device)
+        else:
+            model = random_llama(name, AdapterConfig(adapter_len=cfg.adapter_len, adapter_layers=cfg.adapter_layers,
+                                                     version=version), dtype=DTYPE, device=device, seed=cfg.seed)
         weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log(f"   model{' (V2)' if version == 2 else ''}: {weights / 1024:.1f} GiB of weights, {trained:,} trained "
-            "parameters")
+        log(f"   model{label}: {weights / 1024:.1f} GiB of weights, {trained:,} trained parameters")
         write([Row(WHAT, everyone, "all", shape, "weights_mem", weights, "MiB"),
                Row(WHAT, everyone, "all", shape, "trained_params", trained, "parameters")])
         ids = check_ids(data, cfg.check_examples, cfg.token_budget)
-        expected, baseline = expected_step(model, data, ids, cfg, device)
-        log(f"   check: one step on {len(ids)} examples ({int(data.lengths[ids].sum())} tokens) against the "
-            "eager model in fp32")
+        expected, baseline = expected_step(model, data, ids, cfg, device, family)
+        log(f"   check: one step on {len(ids)} examples ({int(data.lengths[ids].sum())} tokens) against "
+            f"{expected.oracle_desc}")
     except Exception as exc:  # out of memory building the model or computing the oracle; anything else is a bug
         if not is_oom(exc):
             raise
@@ -630,7 +766,7 @@ def run_version(name: str, version: int, active: list[Provider], data: Tokenized
         del exc
         model = None
         free_device_memory(device, collect=True)
-        log(f"   SKIP {name}{' (V2)' if version == 2 else ''}: {reason}")
+        log(f"   SKIP {name}{label}: {reason}")
         write([Row(WHAT, p.name, "all", shape, "skipped", reason, "") for p in active])
         result.skipped += [(name, p.name, reason) for p in active]
         return
@@ -638,8 +774,8 @@ def run_version(name: str, version: int, active: list[Provider], data: Tokenized
     for prov in active:
         prov_started = time.perf_counter()
         try:
-            got = baseline if prov == BASELINE else step_results(model, check_batch(prov, data, ids, cfg), prov,
-                                                                 device)
+            got = baseline if prov == BASELINES[family] else step_results(
+                model, check_batch(prov, data, ids, cfg), prov, device)
             ratios = check_results(prov.name, shape, got, expected)
             result.checks[(name, prov.name)] = ratios
             m = time_provider(model, data, prov, cfg, device, name)
@@ -700,8 +836,10 @@ def run(cfg: FinetuneBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Ma
             ("p50_tokens", stats.p50, "tokens"), ("p90_tokens", stats.p90, "tokens"),
             ("longest", stats.longest, "tokens"), ("share_at_pad_to", stats.at_max, ""))])
         active = [providers[p] for p in cfg.providers]
-        for version in sorted({p.version for p in active}):  # one model at a time: V1's, then V2's
-            run_version(name, version, [p for p in active if p.version == version], data, cfg, result, write, log)
+        for family, version in sorted({(p.family, p.version) for p in active}, key=lambda fv: (fv[0] != "ours", fv)):
+            # one model at a time: V1's, V2's, then transformers' with PEFT's adapter
+            run_version(name, version, [p for p in active if (p.family, p.version) == (family, version)], data, cfg,
+                        result, write, log, family)
         log(f"   ({time.perf_counter() - started:.1f} s)")
         v1, v2 = result.get(name, "ours_packed"), result.get(name, "v2_packed")
         if v1 and v2:

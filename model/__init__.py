@@ -7,6 +7,8 @@ on the fused zero-init attention op.
     from model import set_attention_impl
     set_attention_impl(model, "eager")   # the official code's attention formulation (benchmarks); default "fused"
     from model import CLIPImageEncoder   # multi-modal adapters: CLIP features of images (model/visual.py)
+    from model import use_fused_attention   # a transformers Llama / Mistral with PEFT's adaption prompt, through
+    use_fused_attention(peft_model)         # the fused op (model/hf.py); remove_fused_attention(peft_model) undoes it
 """
 
 from .adapter import (
@@ -31,6 +33,7 @@ from .checkpoint import (
     save_checkpoint,
     write_atomic,
 )
+from .hf import remove_fused_attention, use_fused_attention
 from .llama import ATTENTION_IMPLS, PRESETS, LLaMA, LLaMAConfig, RopeScaling, set_attention_impl
 from .prompt import alpaca_prompt
 from .tokenizer import Tokenizer
@@ -40,6 +43,7 @@ __all__ = [
     "ATTENTION_IMPLS", "PRESETS", "AdapterAttention", "AdapterConfig", "BiasScaleLinear", "CLIPImageEncoder",
     "CheckpointError", "LLaMA", "LLaMAConfig", "RopeScaling", "Tokenizer", "VisualProjector", "adapter_groups",
     "adapter_layers", "adapter_state_dict", "alpaca_prompt", "cast_base", "checkpoint_format", "load_adapter",
-    "load_checkpoint", "load_config", "mark_only_adapter_as_trainable", "read_adapter_config", "reset_adapter",
-    "save_adapter", "save_checkpoint", "set_attention_impl", "write_atomic",
+    "load_checkpoint", "load_config", "mark_only_adapter_as_trainable", "read_adapter_config",
+    "remove_fused_attention", "reset_adapter", "save_adapter", "save_checkpoint", "set_attention_impl",
+    "use_fused_attention", "write_atomic",
 ]

@@ -271,19 +271,19 @@ class BiasScaleLinear(nn.Module):
         self.scale = nn.Parameter(torch.empty(width, dtype=torch.float32, device=device))
         self.reset_adapter()
 
-    @torch.no_grad()
-    def reset_adapter(self) -> None:
-        """Fresh: bias 0, scale 1 (the wrapped linear unchanged, bit for bit)."""
-        self.bias.zero_()
-        self.scale.fill_(1.0)
-
     @property
-    def in_features(self) -> int:
+    def in_features(self) -> int:  # the wrapped linear's: the wrapper stands in for it (train/loss.py reads them)
         return self.linear.in_features
 
     @property
     def out_features(self) -> int:
         return self.linear.out_features
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """Fresh: bias 0, scale 1 (the wrapped linear unchanged, bit for bit)."""
+        self.bias.zero_()
+        self.scale.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale_at == "input":

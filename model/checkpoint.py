@@ -1,4 +1,4 @@
-"""Checkpoints: Meta's and Hugging Face's LLaMA weights in; adapters in (three formats) and out.
+"""Checkpoints: Meta's and Hugging Face's LLaMA weights in; adapters in (five formats) and out (ours, PEFT's).
 
 Base models, load_checkpoint(folder), the format detected from the folder:
 - Meta: params.json + consolidated.NN.pth, one file per model-parallel rank, merged here:
@@ -52,7 +52,8 @@ Adapters, load_adapter(model, path), the format detected by the file's keys:
    adapter_query.weight (adapter_layers * adapter_len, dim), the prompts of the top layers from
    the lowest up, and layers.N.attention.gate (1, n_heads, 1, 1) for every layer N (only the
    top adapter_layers are used; the others are ignored). gate="head". adapter_len is not in
-   the file: the model's (load_adapter) or 10, the release's (read_adapter_config).
+   the file: the model's (load_adapter) or 10, the release's (read_adapter_config). Files of the official code
+   before its per-head gates hold a gate of shape (1,) per layer: imported with gate="layer".
    Its gate is ambiguous: the official training code (alpaca_finetuning_v1) scales the prompt
    attention by tanh(gate), the official inference code (llama/model.py) by the raw gate.
    The same weights give different models under the two, so the import takes gate_act
@@ -88,6 +89,9 @@ Adapters, load_adapter(model, path), the format detected by the file's keys:
    projections, as in the paper and litgpt before its QKV layout change (PR #1013): litgpt's code since
    then (v0.5.13 checked) takes them from other rows of its qkv output, so its own logits differ; the import
    says so in a warning.
+Out: save_adapter(model, path) writes format 1; save_adapter(model, folder, format="peft") writes format 3 (a folder
+PEFT's PeftModel.from_pretrained loads onto the transformers model of the same base), for the adapters PEFT can
+express (gate="layer", gate_act="identity", V1, text only; others are refused before anything is written).
 A mismatch (another model size, missing or unexpected tensors, another gate mode or gate_act), bad
 metadata, or a tensor that is not floating point or holds NaN / Inf raises CheckpointError naming the
 file and the tensor or setting; save_adapter never writes a file that load_adapter would refuse.
@@ -127,6 +131,7 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_FORMAT = "llama-adapter-triton"
 ADAPTER_FORMAT_VERSION = "1"
+ADAPTER_FORMATS = (ADAPTER_FORMAT, "peft")  # what save_adapter writes
 
 
 class CheckpointError(ValueError):
@@ -577,6 +582,7 @@ class _AdapterFile:
 _OURS_RE = re.compile(r"layers\.(\d+)\.attention\.(adapter_prompt|gate)")
 _OFFICIAL_GATE_RE = re.compile(r"layers\.(\d+)\.attention\.(gate)")
 _PEFT_RE = re.compile(r"(?:.*\.)?layers\.(\d+)\.self_attn\.adaption_(prompt|gate)")
+_PEFT_NAME = "base_model.model.model.layers.{}.self_attn.adaption_{}"  # as PEFT saves them; _PEFT_RE reads them
 
 
 def _by_layer(file: Path, tensors: dict[str, torch.Tensor], pattern: re.Pattern, kinds: tuple[str, str]):
@@ -662,13 +668,20 @@ def _parse_official(file: Path, tensors: dict, gate_act: str | None, adapter_len
     if n_adapted > n_layers or missing:
         raise CheckpointError(f"{file}: adapter_query.weight holds {n_adapted} layers of {adapter_len} prompts, but "
                               f"the gates of the top {n_adapted} layers are missing: {missing[:3] or 'all'}")
+    # a gate per head (1, n_heads, 1, 1), or the code's earlier one per layer (1,): one form in all the top layers
+    per_layer = bool(top) and gates[top[0]]["gate"][1].shape == (1,)
     for n in top:
         name, g = gates[n]["gate"]
-        if g.dim() != 4 or g.shape[0] != 1 or g.shape[2:] != (1, 1):
-            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(g.shape)}, expected (1, n_heads, 1, 1)")
+        if per_layer and g.shape != (1,):
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(g.shape)}, expected (1,) as "
+                                  f"{gates[top[0]]['gate'][0]!r} (a gate per layer)")
+        if not per_layer and (g.dim() != 4 or g.shape[0] != 1 or g.shape[2:] != (1, 1)):
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(g.shape)}, expected (1, n_heads, 1, 1) "
+                                  "(a gate per head) or (1,) (a gate per layer)")
     logger.warning("%s: official LLaMA-Adapter v1 adapter loaded with gate_act=%r (its training code uses tanh, its "
                    "inference code the raw gate)", file, gate_act)
-    config = AdapterConfig(adapter_len=adapter_len, adapter_layers=n_adapted, gate="head", gate_act=gate_act)
+    config = AdapterConfig(adapter_len=adapter_len, adapter_layers=n_adapted, gate="layer" if per_layer else "head",
+                           gate_act=gate_act)
     prompts = [(f"adapter_query.weight[{i * adapter_len}:{(i + 1) * adapter_len}]", p)
                for i, p in enumerate(query.split(adapter_len))]
     return _AdapterFile("official LLaMA-Adapter v1", file, config, None, n_layers, prompts,
@@ -1033,27 +1046,35 @@ def write_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = Fals
 
 
 def save_adapter(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = False,
-                 state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the adapter alone (our safetensors format, see the module docstring); returns the path.
+                 state: dict[str, torch.Tensor] | None = None, format: str = ADAPTER_FORMAT,
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapter alone; returns the path.
 
-    Written to a temporary file beside path, then renamed into place, so an interrupted run leaves
-    no half-written adapter. An existing file is replaced only with overwrite=True. state: the
-    adapter's tensors to write instead of the model's own parameters (e.g. gathered from FSDP
-    shards), with exactly adapter_state_dict(model)'s names and shapes.
+    format: "llama-adapter-triton" (ours, the default: a safetensors file, see the module docstring) or "peft" (a
+    folder PEFT's PeftModel.from_pretrained(hf_model, path) loads, see save_peft_adapter; base_model_name_or_path
+    goes into its adapter_config.json). Written to a temporary file (folder) beside path, then renamed into place, so
+    an interrupted run leaves no half-written adapter. An existing file (folder) is replaced only with
+    overwrite=True. state: the adapter's tensors to write instead of the model's own parameters (e.g. gathered from
+    FSDP shards), with exactly adapter_state_dict(model)'s names and shapes.
     """
     if model.adapter is None:
         raise ValueError("the model has no adapter to save")
+    if format not in ADAPTER_FORMATS:
+        raise ValueError(f"format must be one of {ADAPTER_FORMATS}, got {format!r}")
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give save_adapter a file name")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     own = adapter_state_dict(model)
     if state is None:
         state = own
     elif state.keys() != own.keys() or any(tuple(state[k].shape) != tuple(own[k].shape) for k in own):
         raise ValueError(f"state must hold the adapter's tensors {sorted(own)[:2]}... with their shapes, got "
                          f"{ {k: tuple(v.shape) for k, v in list(state.items())[:2]} }...")
+    if format == "peft":
+        return save_peft_adapter(model, path, overwrite=overwrite, state=state,
+                                 base_model_name_or_path=base_model_name_or_path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give save_adapter a file name")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     c = model.config
     metadata = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION,
                 "adapter_config": json.dumps(model.adapter.to_dict()),
@@ -1064,6 +1085,79 @@ def save_adapter(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = Fal
         if not torch.isfinite(t).all():
             raise ValueError(f"{path}: not written: tensor {name!r} {_tensor_problem(t)}")
     return write_atomic(path, safetensors_bytes(tensors, metadata=metadata), overwrite=overwrite)
+
+
+def peft_export_problem(adapter: AdapterConfig) -> str | None:
+    """Why PEFT's adaption prompt cannot express this adapter (a sentence naming the setting), or None when it can.
+    PEFT has one raw gate per layer (gate="layer", gate_act="identity"), no V2 and no visual projector; its adapted
+    layers are the top adapter_layers ones, as ours."""
+    for key, want in (("gate", "layer"), ("gate_act", "identity"), ("version", 1), ("visual_dim", 0)):
+        if getattr(adapter, key) != want:
+            return (f"the adapter has {key}={getattr(adapter, key)!r}; PEFT's adaption prompt has {key}={want!r} only "
+                    "(one raw gate per layer, no V2, no visual projector)")
+    return None
+
+
+def save_peft_adapter(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = False,
+                      state: dict[str, torch.Tensor] | None = None,
+                      base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapter as a PEFT adaption-prompt folder: adapter_config.json and adapter_model.safetensors, which
+    PeftModel.from_pretrained(LlamaForCausalLM of the same base, path) loads (and load_adapter reads back).
+
+    The inverse of the PEFT import (module docstring, format 3): layers.N.attention.adapter_prompt (K, dim) becomes
+    base_model.model.model.layers.N.self_attn.adaption_prompt (1, K, dim), the gate (1,) ...adaption_gate, fp32, with
+    PEFT's config (peft_type ADAPTION_PROMPT, adapter_len, adapter_layers, target_modules "self_attn", task_type
+    CAUSAL_LM, base_model_name_or_path). Adapters PEFT cannot express (peft_export_problem) are refused before
+    anything is written. The folder is written under a temporary name beside path and renamed into place; an
+    existing folder is refused unless overwrite=True, which replaces those two files in it (one by one, each
+    atomically) and leaves its other files alone. state: as save_adapter's."""
+    if model.adapter is None:
+        raise ValueError("the model has no adapter to save")
+    problem = peft_export_problem(model.adapter)
+    if problem:
+        raise ValueError(f"{path}: not written in PEFT's format: {problem}")
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file; the PEFT format is a folder")
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise FileExistsError(f"{folder} exists; pass overwrite=True to replace its adapter_config.json and "
+                              "adapter_model.safetensors")
+    state = adapter_state_dict(model) if state is None else state
+    tensors = {}
+    for n in range(model.config.n_layers):
+        if f"layers.{n}.attention.adapter_prompt" not in state:
+            continue
+        for ours, theirs in (("adapter_prompt", "prompt"), ("gate", "gate")):
+            t = state[f"layers.{n}.attention.{ours}"].detach().to("cpu", torch.float32)
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{folder}: not written: tensor 'layers.{n}.attention.{ours}' {_tensor_problem(t)}")
+            tensors[_PEFT_NAME.format(n, theirs)] = (t[None] if ours == "adapter_prompt" else t).contiguous()
+    config = {"adapter_layers": model.adapter.adapter_layers, "adapter_len": model.adapter.adapter_len,
+              "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+              "peft_type": "ADAPTION_PROMPT", "revision": None, "target_modules": "self_attn",
+              "task_type": "CAUSAL_LM"}
+    files = {"adapter_model.safetensors": safetensors_bytes(tensors, metadata={"format": "pt",
+                                                                                 "written_by": ADAPTER_FORMAT}),
+             "adapter_config.json": (json.dumps(config, indent=2) + "\n").encode()}
+    if folder.exists():  # (empty, or overwrite=True)
+        for name, data in files.items():
+            write_atomic(folder / name, data, overwrite=True)
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.mkdir()
+        for name, data in files.items():
+            write_atomic(tmp / name, data)
+        os.rename(tmp, folder)  # fails if a folder appeared at path meanwhile: nothing is replaced
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(folder)) from e
+    finally:
+        if tmp.exists():
+            for f in tmp.iterdir():
+                f.unlink()
+            tmp.rmdir()
+    return folder
 
 
 def permute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -1100,7 +1194,16 @@ def save_checkpoint(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = 
         if rest.startswith(("attention.wq.", "attention.wk.")):  # weights and (Qwen2's) biases
             t = permute_hf(t, c.n_heads if rest.startswith("attention.wq.") else c.n_kv_heads)
         tensors[hf] = t.contiguous()
-    dtype = next(iter(tensors.values())).dtype
+    config = hf_config_dict(c, next(iter(tensors.values())).dtype)
+    write_atomic(folder / "model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}),
+                 overwrite=overwrite)
+    write_atomic(folder / "config.json", (json.dumps(config, indent=2) + "\n").encode(), overwrite=overwrite)
+    return folder
+
+
+def hf_config_dict(c: LLaMAConfig, dtype: torch.dtype) -> dict:
+    """The config.json of the family's transformers class for this config (what save_checkpoint writes;
+    the family's config class, e.g. transformers.LlamaConfig(**it), builds the same model)."""
     config = {"architectures": [_HF_ARCHITECTURES[c.family]], "model_type": c.family, "hidden_act": "silu",
               "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
               "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "vocab_size": c.vocab_size,
@@ -1115,7 +1218,4 @@ def save_checkpoint(model: LLaMA, path: str | os.PathLike, *, overwrite: bool = 
         config["sliding_window"] = c.sliding_window
     if c.family == "qwen2":
         config.update(use_sliding_window=c.sliding_window is not None, max_window_layers=0)
-    write_atomic(folder / "model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}),
-                 overwrite=overwrite)
-    write_atomic(folder / "config.json", (json.dumps(config, indent=2) + "\n").encode(), overwrite=overwrite)
-    return folder
+    return config

@@ -146,6 +146,7 @@ def test_smoke_run_checks_times_and_writes_rows(benchmark, tmp_path, capsys):
     # V2: + a bias and an output scale of the 7 linears (wq wk wv wo w2: 64; w1 w3: 192) of both layers, 5 norms
     assert int(idx[("all-v2", "all", shape, "trained_params")]) == 4 * 64 + 2 + 2 * 2 * (5 * 64 + 2 * 192) + 5 * 64
     assert float(idx[("v2_packed", "vs_v1", shape, "real_tokens_per_s_ratio")]) > 0
+    assert int(idx[("all-hf", "all", shape, "trained_params")]) == 4 * 64 + 1  # PEFT: K x dim prompts + a gate
     assert "LLaMA-Adapter V2 (v2_packed) at" in out
     mean_len = float(idx[("data", "all", shape, "mean_tokens")])
     for prov in bf.PROVIDERS:
@@ -170,6 +171,8 @@ def test_smoke_run_checks_times_and_writes_rows(benchmark, tmp_path, capsys):
         assert (key("peak_mem") in idx) == ON_CUDA
     assert "zero_init_attention_ref" in idx[("eager_padded512", "all", shape, "attention")]
     assert "SDPA" in idx[("ours_padded512", "all", shape, "attention")]
+    assert "PEFT's prompt attention" in idx[("hf_peft", "all", shape, "attention")]
+    assert "use_fused_attention" in idx[("hf_peft_fused", "all", shape, "attention")]
     targets = [r["metric"] for r in rows if r["mode"] == "target"]
     assert targets == (["ours_packed / eager_padded512 real tokens/s >= 3"] if ON_CUDA else [])  # no 7B: no hours
     assert len({(r["gpu_name"], r["date"], r["git_commit"]) for r in rows}) == 1  # one run, one stamp
@@ -224,12 +227,25 @@ def _frozen_prompts(model):
             m.adapter_prompt.requires_grad_(True)
 
 
+@contextlib.contextmanager
+def _hf_fused_tanh(model):
+    """The drop-in with the paper's tanh(gate) where PEFT multiplies by the raw gate."""
+    import model.hf as hf
+
+    op = hf.zero_init_attention
+    with bf.hf_fused(model), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hf, "zero_init_attention", lambda *a, **k: op(*a, **{**k, "gate_act": "tanh"}))
+        yield
+
+
 WRONG = {
     "leaky_packed": (bf.Provider("leaky_packed", "fused", "packed", _packed_rows_as_one_sequence),
                      ["prompt_grads: max abs error", "gate_grads: max abs error"]),
     "raw_gate": (bf.Provider("raw_gate", "fused", "padded", _raw_gate), ["gate_grads: max abs error"]),
     "frozen_prompts": (bf.Provider("frozen_prompts", "fused", "padded", _frozen_prompts),
                        ["prompt_grads: not computed"]),
+    "hf_tanh_gate": (bf.Provider("hf_tanh_gate", None, "padded", _hf_fused_tanh, family="hf"),
+                     ["gate_grads: max abs error"]),
 }
 
 
@@ -247,6 +263,17 @@ def test_wrong_provider_fails_loudly_and_is_not_timed(wrong, tmp_path, capsys):
     assert any(r["provider"] == "eager_padded512" and r["metric"] == "step_median" for r in rows)
     assert not any(r["provider"] == wrong for r in rows)  # nothing recorded for a wrong answer
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_hf_providers_are_skipped_without_transformers_and_peft(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bf, "hf_missing", lambda: "needs transformers and peft (pip install -e '.[dev]'): test")
+    assert bf.main(["--smoke", "--out", str(tmp_path), "--providers", "hf_peft,hf_peft_fused"]) == 0
+    rows = common.read_rows(tmp_path / "finetune.csv")
+    skipped = {r["provider"]: r["value"] for r in rows if r["metric"] == "skipped"}
+    assert set(skipped) == {"hf_peft", "hf_peft_fused"} and all("needs transformers and peft" in v
+                                                                for v in skipped.values())
+    assert not any(r["metric"] == "step_median" for r in rows)
+    assert "SKIP smoke (transformers + PEFT): needs transformers and peft" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------------

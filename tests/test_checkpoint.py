@@ -385,6 +385,50 @@ def test_official_v1_import_equals_our_format(tmp_path, gate_act, caplog):
         load_adapter(two_layers, path, gate_act=gate_act)
 
 
+def test_official_v1_per_layer_gates_load_as_gate_layer(tmp_path):
+    """Files of the official code before its per-head gates: a gate of shape (1,) per layer; imported as gate="layer",
+    the logits those of a model whose per-layer gates were set by hand."""
+    adapter = AdapterConfig(adapter_len=4, adapter_layers=2, gate="layer", gate_act="tanh")
+    want = tiny_model(adapter, seed=5)
+    gates = {1: 0.8, 0: -0.6}
+    g = torch.Generator().manual_seed(3)
+    state = {"adapter_query.weight": torch.randn(8, 128, generator=g)}  # layers 0 then 1, bottom up
+    with torch.no_grad():
+        for n in (0, 1):
+            want.layers[n].attention.adapter_prompt.copy_(state["adapter_query.weight"][4 * n:4 * (n + 1)])
+            want.layers[n].attention.gate.fill_(gates[n])
+            state[f"layers.{n}.attention.gate"] = torch.tensor([gates[n]])
+    torch.save(state, tmp_path / "per_layer.pth")
+
+    assert read_adapter_config(tmp_path / "per_layer.pth", gate_act="tanh", adapter_len=4) == adapter
+    imported = copy_base(want, LLaMA(want.config, adapter)).eval()
+    load_adapter(imported, tmp_path / "per_layer.pth", gate_act="tanh")
+    torch.testing.assert_close(logits(imported), logits(want), atol=0, rtol=0)
+    assert (logits(want) - logits(copy_base(want, LLaMA(want.config)).eval())).abs().max() > 1e-2
+
+    state["layers.0.attention.gate"] = torch.zeros(1, 4, 1, 1)  # the two forms mixed
+    torch.save(state, tmp_path / "mixed.pth")
+    with pytest.raises(CheckpointError, match=r"mixed\.pth: tensor 'layers\.1\.attention\.gate' has shape \(1,\), "
+                                              r"expected \(1, n_heads, 1, 1\)"):
+        read_adapter_config(tmp_path / "mixed.pth", gate_act="tanh", adapter_len=4)
+
+
+def test_litgpt_adapter_v1_file_loads(tmp_path):
+    """litgpt's lit_model.pth.adapter as its save_adapter_checkpoint writes it ({"model": ...} of adapter_filter's
+    names, gating_factor (1, 1, n_head, 1)): a gate per head, its raw value (identity); the same logits as the model
+    it was written from."""
+    adapter = AdapterConfig(adapter_len=4, adapter_layers=1, gate="head", gate_act="identity")
+    want = tiny_model(adapter, seed=9)
+    attn = want.layers[1].attention
+    lit = {"transformer.h.1.attn.adapter_wte.weight": attn.adapter_prompt.detach().clone(),
+           "transformer.h.1.attn.gating_factor": attn.gate.detach().view(1, 1, -1, 1).clone()}
+    torch.save({"model": lit}, tmp_path / "lit_model.pth.adapter")
+    assert read_adapter_config(tmp_path / "lit_model.pth.adapter") == adapter
+    imported = copy_base(want, LLaMA(want.config, adapter)).eval()
+    load_adapter(imported, tmp_path / "lit_model.pth.adapter")
+    torch.testing.assert_close(logits(imported), logits(want), atol=0, rtol=0)
+
+
 def test_peft_adaption_prompt_import(tmp_path):
     """A real PEFT adaption-prompt adapter: our import gives PEFT's own logits, and our format's after a round trip."""
     peft = pytest.importorskip("peft")
@@ -421,6 +465,53 @@ def test_peft_adaption_prompt_import(tmp_path):
                                               r"'.*layers\.1\.self_attn\.adaption_gate'\)"):
         load_adapter(load_checkpoint(tmp_path / "base", adapter=AdapterConfig(adapter_len=4, adapter_layers=1,
                                                                                gate_act="identity")), weights)
+
+
+def test_save_adapter_peft_format_loads_in_peft(tmp_path):
+    """save_adapter(format="peft"): a folder PEFT's own PeftModel.from_pretrained loads onto the HF base, giving our
+    logits (a trained-looking adapter: nonzero per-layer gates in two layers of a GQA model); load_adapter reads it
+    back exactly; adapters PEFT cannot express are refused before anything is written; never over a folder by
+    accident."""
+    peft = pytest.importorskip("peft")
+    config = tiny_config(gqa=True)
+    hf_model(config, seed=12).save_pretrained(tmp_path / "base")
+    adapter = AdapterConfig(adapter_len=4, adapter_layers=2, gate="layer", gate_act="identity")
+    model = load_checkpoint(tmp_path / "base", adapter=adapter).eval()
+    set_adapter_(model, seed=3, gate_scale=1.0)
+    assert all(abs(float(m.attention.gate.detach())) > 0.1 for m in model.layers)
+    folder = save_adapter(model, tmp_path / "out" / "peft", format="peft", base_model_name_or_path="tiny/base")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    written = json.loads((folder / "adapter_config.json").read_text())
+    assert {k: written[k] for k in ("peft_type", "adapter_len", "adapter_layers", "target_modules", "task_type",
+                                    "base_model_name_or_path")} == {
+        "peft_type": "ADAPTION_PROMPT", "adapter_len": 4, "adapter_layers": 2, "target_modules": "self_attn",
+        "task_type": "CAUSAL_LM", "base_model_name_or_path": "tiny/base"}
+
+    theirs = peft.PeftModel.from_pretrained(hf_model(config, seed=12), folder).eval()
+    torch.testing.assert_close(logits(theirs), logits(model), atol=1e-4, rtol=1e-4)
+    base = logits(hf_model(config, seed=12))
+    assert (logits(theirs) - base).abs().max() > 1e-2  # PEFT did load the adapter
+    again = load_checkpoint(tmp_path / "base", adapter=read_adapter_config(folder))
+    load_adapter(again, folder)
+    torch.testing.assert_close(logits(again), logits(model), atol=0, rtol=0)
+
+    with pytest.raises(FileExistsError, match=r"peft exists; pass overwrite=True"):
+        save_adapter(model, folder, format="peft")
+    (folder / "README.md").write_text("mine")
+    with torch.no_grad():
+        model.layers[1].attention.gate.fill_(0.25)
+    save_adapter(model, folder, format="peft", overwrite=True)
+    assert (folder / "README.md").read_text() == "mine"  # the user's other files stay
+    assert float(next(v for k, v in peft.utils.load_peft_weights(str(folder)).items() if "1.self_attn.adaption_gate"
+                      in k)) == 0.25
+    for bad in (dict(gate="head"), dict(gate="layer", gate_act="tanh"),
+                dict(gate="layer", gate_act="identity", version=2)):
+        key = next(k for k in ("version", "gate_act", "gate") if k in bad and bad[k] != getattr(adapter, k))
+        other = tiny_model(AdapterConfig(adapter_len=4, adapter_layers=1, **bad))
+        with pytest.raises(ValueError, match=rf"not written in PEFT's format: the adapter has {key}="):
+            save_adapter(other, tmp_path / "refused", format="peft")
+        assert not (tmp_path / "refused").exists()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary left
 
 
 def test_peft_format_file_checks(tmp_path):

@@ -593,6 +593,51 @@ def test_overwrite_and_resume_touch_only_the_runs_own_files(checkpoint, tmp_path
     assert (other / "log.csv").read_text() == "epoch,accuracy\n1,0.5\n"
 
 
+def test_export_peft_writes_the_final_adapter_as_a_peft_folder(checkpoint, tmp_path, capsys):
+    """--export peft: OUT/adapter-peft holds the final adapter in PEFT's format (PEFT loads it; the same tensors as
+    adapter.safetensors); an earlier run's folder is refused without --overwrite and replaced with it, another
+    tool's never; adapters PEFT cannot express are refused before anything is written."""
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaForCausalLM
+
+    from model import load_adapter, load_checkpoint
+
+    data = data_file(tmp_path, 2)
+    out = tmp_path / "out"
+    cfg = config(checkpoint, data, out, gate="layer", gate_act="identity", export="peft")
+    run(cfg)
+    folder = out / "adapter-peft"
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    ours = load_checkpoint(checkpoint, adapter=read_adapter_config(out / "adapter.safetensors"))
+    exported = load_checkpoint(checkpoint, adapter=read_adapter_config(folder))
+    load_adapter(ours, out / "adapter.safetensors")
+    load_adapter(exported, folder)
+    for (name, a), b in zip(adapter_state_dict(ours).items(), adapter_state_dict(exported).values(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    theirs = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(checkpoint), folder)
+    assert float(next(p for n, p in theirs.named_parameters() if "adaption_gate" in n).detach()) == float(
+        ours.layers[1].attention.gate.detach())
+
+    with pytest.raises(FileExistsError, match=r"holds the results of an earlier run \(.*adapter-peft"):
+        run(cfg)
+    run(replace(cfg, overwrite=True, stop_after_steps=1))  # deleted, and not written by a stopped run
+    assert not folder.exists()
+    folder.mkdir()
+    (folder / "README.md").write_text("another tool's")
+    with pytest.raises(FileExistsError, match=r"adapter-peft \(holds \['README\.md'\], not only"):
+        run(replace(cfg, overwrite=True))
+    assert (folder / "README.md").read_text() == "another tool's"
+
+    fresh = tmp_path / "fresh"
+    for flags, message in ((["--export", "peft"], "--export peft: the adapter has gate='head'"),
+                           (["--export", "peft", "--gate", "layer"], "--export peft: the adapter has gate_act='tanh'"),
+                           (["--export", "lora"], "argument --export: invalid choice")):
+        with pytest.raises(SystemExit) as e:
+            main(["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(fresh), *flags])
+        assert e.value.code == 2 and message in capsys.readouterr().err, flags
+    assert not fresh.exists()
+
+
 def test_a_full_disk_keeps_the_last_saved_state_and_resume_goes_on(checkpoint, tmp_path, capsys, monkeypatch):
     """An OSError writing a file is one line naming it and what is intact; --resume then ends as an uninterrupted
     run would."""

@@ -67,6 +67,9 @@ every 5 epochs, as the paper's 2 of 5), then cosine decay to --min-lr; gradients
 Outputs (only rank 0 writes; every file goes to a temporary name and is renamed into place)
     OUT/adapter-epoch{N}.safetensors   the adapter after epoch N (save_adapter's format; load_adapter reads it)
     OUT/adapter.safetensors            the final adapter
+    OUT/adapter-peft/                  with --export peft: the final adapter as PEFT's adaption prompt
+                                       (adapter_config.json, adapter_model.safetensors): PeftModel.from_pretrained
+                                       (LlamaForCausalLM of the base, OUT/adapter-peft) loads it
     OUT/train_state.pt                 resumable state: adapter, optimizer, scheduler, grad scaler, RNG,
                                        position (epoch, step) and config; after every epoch, every
                                        --save-every steps and at --stop-after-steps
@@ -77,7 +80,8 @@ Outputs (only rank 0 writes; every file goes to a temporary name and is renamed 
     OUT/tensorboard/                   the same scalars, when the tensorboard package is installed
 The run knows its own files by their content, not only their names: adapters by this project's metadata,
 train_state.pt by its format entry, log.csv by its header, loss.png by its PNG Software entry, tensorboard/ by
-holding only event files named *.llama-adapter-triton. An OUT holding any of them is refused unless --resume (go
+holding only event files named *.llama-adapter-triton, adapter-peft/ by holding only its two files, marked in the
+safetensors metadata. An OUT holding any of them is refused unless --resume (go
 on with that run) or --overwrite (delete them first, the event files one by one); a file or folder of one of those
 names that the run did not write (another tool's log.csv or tensorboard/, a file of an older version) is never
 deleted or written over: the run is refused, naming it and why. Temporary .NAME.XXXXXXXX.tmp files of a killed run
@@ -165,7 +169,7 @@ from model import (
     write_atomic,
 )
 from model.adapter import FUSIONS, GATE_ACTS, GATES, SCALES, VERSIONS
-from model.checkpoint import ADAPTER_FORMAT
+from model.checkpoint import ADAPTER_FORMAT, peft_export_problem
 from model.cli import build_parser, check_cuda_device, cli_message, parse_dataclass
 from model.llama import check_window
 from model.prompt import TEMPLATES
@@ -186,6 +190,8 @@ from train.loss import linear_cross_entropy
 PROG = "python -m train.finetune"
 ADAPTER_FILE = "adapter.safetensors"
 EPOCH_ADAPTER = "adapter-epoch{}.safetensors"  # N = 1, 2, ...: the adapter after epoch N
+PEFT_DIR = "adapter-peft"  # --export peft: the final adapter as a PEFT adaption-prompt folder
+EXPORTS = ("peft",)
 STATE_FILE = "train_state.pt"
 LOG_FILE = "log.csv"
 PLOT_FILE = "loss.png"
@@ -197,7 +203,7 @@ LOG_COLUMNS = ("step", "epoch", "split", "loss", "lr", "grad_norm", "examples", 
                "tokens_per_s", "step_s", "elapsed_s", "memory_gib")
 # settings a resumed run may change: they do not change the result
 RESUMABLE_CHANGES = ("out", "resume", "overwrite", "save_every", "stop_after_steps", "device", "tensorboard", "fsdp",
-                     "allow_external_files", "activation_checkpointing")
+                     "allow_external_files", "activation_checkpointing", "export")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -335,6 +341,10 @@ class FinetuneConfig:
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its train_state.pt"})
     overwrite: bool = field(default=False, metadata={"help": "delete the results of an earlier run in --out first"})
     tensorboard: bool = field(default=True, metadata={"help": "TensorBoard events in OUT/tensorboard (if installed)"})
+    export: str | None = field(default=None, metadata={
+        "help": f"also write the final adapter in another format: peft, the folder OUT/{PEFT_DIR} that PEFT's "
+                "PeftModel.from_pretrained loads (needs --gate layer --gate-act identity, V1, no --clip)",
+        "choices": EXPORTS})
 
     def __post_init__(self) -> None:
         for name in ("checkpoint", "data", "out", "tokenizer", "clip", "image_root"):
@@ -394,6 +404,14 @@ class FinetuneConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         check_quantize(self.quantize, argument="--quantize")
+        if self.export not in (None, *EXPORTS):
+            raise ValueError(f"--export must be one of {', '.join(EXPORTS)}, got {self.export!r}")
+        if self.export == "peft":
+            problem = "PEFT's adaption prompt has no visual projector (--clip)" if self.clip is not None else \
+                peft_export_problem(AdapterConfig(gate=self.gate, gate_act=self.gate_act, version=self.adapter_version))
+            if problem:
+                raise ValueError(f"--export peft: {problem}; train with --gate layer --gate-act identity "
+                                 "--adapter-version 1 and no --clip")
         if self.quantize_output and self.quantize is None:
             raise ValueError("--quantize-output goes with --quantize nf4|int8")
         if self.quantize is not None and self.fsdp:
@@ -735,7 +753,8 @@ def evaluate(model: torch.nn.Module, loader: PackedLoader | PaddedLoader, d: Dis
 # Outputs
 
 
-_TEMP_RE = re.compile(r"\.(adapter(-epoch\d+)?\.safetensors|train_state\.pt|log\.csv|loss\.png)\.[0-9a-f]{8}\.tmp")
+_TEMP_RE = re.compile(r"\.(adapter(-epoch\d+)?\.safetensors|adapter-peft|train_state\.pt|log\.csv|loss\.png)\."
+                      r"[0-9a-f]{8}\.tmp")
 
 
 def _own_file(path: Path) -> str | None:
@@ -748,6 +767,15 @@ def _own_file(path: Path) -> str | None:
             other = [p.name for p in path.iterdir() if not (p.is_file() and p.name.startswith("events.out.tfevents.")
                                                             and p.name.endswith(TB_SUFFIX))]
             return f"holds {other[0]!r}, not an event file of train.finetune's (*{TB_SUFFIX})" if other else None
+        if path.name == PEFT_DIR:  # --export peft: the two files save_adapter(format="peft") writes, nothing else
+            if not path.is_dir():
+                return "not a folder"
+            names = sorted(p.name for p in path.iterdir())
+            if names != ["adapter_config.json", "adapter_model.safetensors"]:
+                return f"holds {names}, not only the adapter_config.json and adapter_model.safetensors it writes"
+            with safe_open(path / "adapter_model.safetensors", framework="pt") as f:
+                return None if (f.metadata() or {}).get("written_by") == ADAPTER_FORMAT else \
+                    "not a PEFT adapter written by train.finetune"
         if not path.is_file():
             return "not a file"
         if path.name == STATE_FILE:
@@ -772,7 +800,7 @@ def earlier_outputs(out: Path) -> tuple[list[Path], list[str], list[Path]]:
     "name (why not)" for those that are not ours; temporary .NAME.*.tmp files a killed run left)."""
     if not out.is_dir():
         return [], [], []
-    named = [out / n for n in (ADAPTER_FILE, STATE_FILE, LOG_FILE, PLOT_FILE, TB_DIR) if (out / n).exists()]
+    named = [out / n for n in (ADAPTER_FILE, STATE_FILE, LOG_FILE, PLOT_FILE, TB_DIR, PEFT_DIR) if (out / n).exists()]
     named += sorted(out.glob(EPOCH_ADAPTER.format("*")))
     ours, foreign = [], []
     for path in named:
@@ -1170,7 +1198,7 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
             "steps done)")
     if d.main and deleted:  # --overwrite: an earlier run's files; --resume, --overwrite: a killed run's temporaries
         for path in deleted:
-            if path.is_dir():  # tensorboard/, holding our event files only
+            if path.is_dir():  # tensorboard/ (our event files only), adapter-peft/ (our two files only), a temporary
                 for events in path.iterdir():
                     events.unlink()
             path.rmdir() if path.is_dir() else path.unlink()
@@ -1302,6 +1330,9 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
             written = [config.out / STATE_FILE, config.out / LOG_FILE]
             if not stopped:
                 written.insert(0, save_adapter(model, config.out / ADAPTER_FILE, overwrite=True, state=adapter))
+            if not stopped and config.export == "peft":  # an earlier run's folder was deleted or refused at the start
+                written.insert(1, save_adapter(model, config.out / PEFT_DIR, overwrite=True, state=adapter,
+                                               format="peft", base_model_name_or_path=str(config.checkpoint)))
             written.append(plot_losses(config.out / LOG_FILE, config.out / PLOT_FILE))
             if log.tb is not None:
                 written.append(config.out / TB_DIR)

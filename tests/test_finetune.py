@@ -78,10 +78,21 @@ def test_lr_schedule_and_weight_decay_groups():
     model = LLaMA(LLaMAConfig(dim=64, n_layers=2, n_heads=2, vocab_size=16, multiple_of=32),
                   AdapterConfig(adapter_len=4, adapter_layers=2))
     mark_only_adapter_as_trainable(model)
-    decay, no_decay = param_groups(model, 0.02)
+    prompts = {id(m.attention.adapter_prompt) for m in model.layers}
+    gates = {id(m.attention.gate) for m in model.layers}
+    decay, no_decay = param_groups(model, 0.02)  # the official scripts': the gates decayed with the prompts
     assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
-    assert {id(p) for p in decay["params"]} == {id(m.attention.adapter_prompt) for m in model.layers}
-    assert {id(p) for p in no_decay["params"]} == {id(m.attention.gate) for m in model.layers}
+    assert {id(p) for p in decay["params"]} == prompts | gates and no_decay["params"] == []
+    decay, no_decay = param_groups(model, 0.02, decay_gates=False)
+    assert {id(p) for p in decay["params"]} == prompts and {id(p) for p in no_decay["params"]} == gates
+    v2 = LLaMA(LLaMAConfig(dim=64, n_layers=2, n_heads=2, vocab_size=16, multiple_of=32),
+               AdapterConfig(adapter_len=4, adapter_layers=1, version=2))
+    mark_only_adapter_as_trainable(v2)
+    decay, no_decay = param_groups(v2, 0.05)  # V2: biases, scales and norms never decayed
+    names = {id(p): n for n, p in v2.named_parameters()}
+    assert sorted(names[id(p)] for p in decay["params"]) == ["layers.1.attention.adapter_prompt",
+                                                             "layers.1.attention.gate"]
+    assert all(names[id(p)].endswith(("bias", "scale", "weight")) for p in no_decay["params"])
 
 
 def test_packed_and_padded_batches_give_the_same_loss_and_gradients(checkpoint, tmp_path):

@@ -60,9 +60,11 @@ Batches (train/data.py's module docstring has the details)
 Learning rate: --lr, or by default --blr x effective batch / 256 (the paper's rule, blr 9e-3), where
 the effective batch is the number of EXAMPLES per optimizer step: batch_size x micro_batches_per_step
 when padded; when packed, where it varies from step to step, the train examples divided by the
-steps of the first epoch (the mean). AdamW, betas (0.9, 0.95), weight decay 0.02 on the parameters of
-2 or more dims only (the prompts, not the gates), linear warmup over --warmup-epochs (default 2 of
-every 5 epochs, as the paper's 2 of 5), then cosine decay to --min-lr; gradients clipped to --clip-grad.
+steps of the first epoch (the mean). AdamW, betas (0.9, 0.95), weight decay 0.02 on the prompts, the projector's
+weights and the gates (the official scripts decay every parameter of more than one dimension, their (1, H, 1, 1)
+gates included; --no-decay-gates leaves ours, (H,) or (1,), out), none on biases, V2's scales and norms; linear warmup
+over --warmup-epochs (default 2 of every 5 epochs, as the paper's 2 of 5), then cosine decay to --min-lr; gradients
+clipped to --clip-grad.
 
 Outputs (only rank 0 writes; every file goes to a temporary name and is renamed into place)
     OUT/adapter-epoch{N}.safetensors   the adapter after epoch N (save_adapter's format; load_adapter reads it)
@@ -305,7 +307,12 @@ class FinetuneConfig:
     min_lr: float = field(default=0.0, metadata={"help": "learning rate at the end of the cosine decay"})
     warmup_epochs: float | None = field(default=None, metadata={
         "help": "linear warmup, in epochs (default: 0.4 x --epochs, the paper's 2 of 5)"})
-    weight_decay: float = field(default=0.02, metadata={"help": "AdamW weight decay of the prompts (not the gates)"})
+    weight_decay: float = field(default=0.02, metadata={
+        "help": "AdamW weight decay of the prompts, the projector's weights and (--decay-gates) the gates; biases, "
+                "scales and norms are not decayed"})
+    decay_gates: bool = field(default=True, metadata={
+        "help": "decay the gates too, as the official scripts do (they decay every parameter of more than one "
+                "dimension, their (1, H, 1, 1) gates included); --no-decay-gates leaves them out"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     clip_grad: float = field(default=1.0, metadata={"help": "clip the gradient norm to this; 0: no clipping"})
@@ -698,11 +705,17 @@ def batch_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device, *,
     return linear_cross_entropy(hidden, output, targets, impl=loss_impl)  # (N, dim): no IGNORE_INDEX left
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on the trained parameters of 2 or more dims (prompts, the projector's weights),
-    none on the gates (and the projector's biases)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+def param_groups(model: torch.nn.Module, weight_decay: float, *, decay_gates: bool = True) -> list[dict]:
+    """AdamW groups [decay, no decay]: weight decay on the trained parameters of 2 or more dims (prompts, the
+    projector's weights) and, with decay_gates, on the gates (gate, visual_gate: (nheads,) or (1,) here); none on
+    the biases, V2's scales and the norms. decay_gates=True is the official scripts' rule (timm's
+    param_groups_weight_decay in alpaca_finetuning_v1, misc.add_weight_decay in V2: every parameter of more than
+    one dimension, their gates being (1, H, 1, 1))."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            gate = name.rsplit(".", 1)[-1] in ("gate", "visual_gate")
+            (decay if p.dim() >= 2 or (decay_gates and gate) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -1120,7 +1133,7 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
     warmup_epochs = 0.4 * config.epochs if config.warmup_epochs is None else config.warmup_epochs
     warmup_steps = round(warmup_epochs / config.epochs * total_steps)
     min_ratio = min(1.0, config.min_lr / lr)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr,
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, decay_gates=config.decay_gates), lr=lr,
                                   betas=(config.beta1, config.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup_steps, total_steps, min_ratio))

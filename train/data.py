@@ -31,18 +31,20 @@ non-empty string, or null / absent for a text-only example; Record.image keeps i
 (train/finetune.py --clip resolves it and encodes the images).
 Bad records are reported by index (0-based, in file order; JSONL adds the line number) and field.
 
-Tokenization (the official LLaMA-Adapter script's, one boundary detail aside)
+Tokenization (the official LLaMA-Adapter script's, alpaca_finetuning_v1/finetuning.py, to the token)
     prompt = format_prompt(template, instruction, input, history)   (model/prompt.py; alpaca: nothing after
                                                                       "### Response:")
-    tokens = encode(prompt, bos=True, eos=False) + encode(output, bos=False, eos=True)
-    Prompt and output are encoded separately and concatenated. The official script encodes
-    prompt + output as one string and masks its first len(encode(prompt)) positions; but a
-    tokenizer may merge characters across that boundary, and then the mask is off by a token and
-    the model trains on a prompt that differs from the one generation gives it (generation encodes
-    the prompt alone). Separate encoding keeps both exact: tokens[:n_prompt] is the generation
-    prompt, and the response tokens are encode(output), which decode() turns back into the output.
-    (With sentencepiece the response starts with its own dummy-prefix piece "▁", as if the template
-    ended with a space; decode() drops that space again.)
+    tokens = encode(prompt + output, bos=True, eos=True)             one string, as the official script
+    n_prompt = len(encode(prompt, bos=True, eos=False))              its first n_prompt tokens are masked
+    So the response's first token is the one the whole string gives (with sentencepiece "Yes" after
+    "### Response:" is "Yes", not the "▁Yes" that encoding the response alone would give). Where a tokenizer
+    merges characters across the boundary, encode(prompt) is not a prefix of the example's tokens: the mask is
+    still by count, as in the official script (the first target may then be a token that began in the prompt);
+    such examples are counted in TokenizeReport.boundary_merged and the summary names them. Generation
+    (model/generate.py) encodes the prompt alone, as the official demo does.
+    Special-token strings in the text ("</s>", "<|eot_id|>") are text, never control tokens (model/tokenizer.py):
+    a record cannot end its example early or inject a turn.
+    Chat-template data (messages records): model/chat.py, below.
 
 Labels: the shift is done here, in the data
     labels[t] is the target of position t, i.e. the next token of the SAME sequence:
@@ -496,6 +498,7 @@ class TokenizeReport:
     tokens_truncated: int = 0  # tokens cut from them: all response tokens (EOS included), i.e. targets lost
     dropped: list[int] = field(default_factory=list)  # prompt alone >= max_seq_len: no target left
     tokens_dropped: int = 0  # all tokens of the dropped examples
+    boundary_merged: list[int] = field(default_factory=list)  # encode(prompt) not a prefix of encode(prompt + output)
 
     def summary(self) -> str:
         text = (f"{self.num_examples} examples, {self.num_tokens} tokens, {self.num_targets} targets "
@@ -506,6 +509,10 @@ class TokenizeReport:
         if self.dropped:
             text += (f"; dropped {len(self.dropped)} example(s) whose prompt alone has >= {self.max_seq_len} "
                      f"tokens ({self.tokens_dropped} tokens; records {_first(self.dropped)})")
+        if self.boundary_merged:
+            text += (f"; {len(self.boundary_merged)} example(s) whose prompt's tokens are not a prefix of the "
+                     "example's (masked by count, as the official script does; records "
+                     f"{_first(self.boundary_merged)})")
         return text
 
 
@@ -521,7 +528,8 @@ def _check_int(name: str, value: object, minimum: int) -> None:
 
 def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *,
                      max_seq_len: int = 512) -> tuple[TokenizedDataset, TokenizeReport]:
-    """Tokenize records: BOS + prompt + output + EOS, prompt and output encoded separately.
+    """Tokenize records as the official script does: encode(prompt + output, bos, eos), the first
+    len(encode(prompt, bos)) tokens masked (the module docstring).
 
     Arguments:
         records: from load_records or parse_records (or Record(...) built by hand).
@@ -544,19 +552,22 @@ def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *,
         if not isinstance(record, Record):
             raise TypeError(f"records[{position}] must be a Record, got {type(record).__name__}")
         source = position if record.index is None else record.index
-        prompt = tokenizer.encode(record.prompt, bos=True, eos=False)
-        response = tokenizer.encode(record.output, bos=False, eos=True)
-        length = len(prompt) + len(response)
-        report.longest = max(report.longest, length)
-        if len(prompt) >= max_seq_len:
+        prompt = record.prompt  # the official script: encode(prompt + output), its first len(encode(prompt)) masked
+        tokens = tokenizer.encode(prompt + record.output, bos=True, eos=True)
+        prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
+        n_prompt = len(prompt_ids)
+        if tokens[:n_prompt] != prompt_ids:
+            report.boundary_merged.append(source)
+        report.longest = max(report.longest, len(tokens))
+        if n_prompt >= min(len(tokens), max_seq_len):
             report.dropped.append(source)
-            report.tokens_dropped += length
+            report.tokens_dropped += len(tokens)
             continue
-        if length > max_seq_len:
+        if len(tokens) > max_seq_len:
             report.truncated.append(source)
-            report.tokens_truncated += length - max_seq_len
-        examples.append((prompt + response)[:max_seq_len])
-        prompt_lens.append(len(prompt))
+            report.tokens_truncated += len(tokens) - max_seq_len
+        examples.append(tokens[:max_seq_len])
+        prompt_lens.append(n_prompt)
         index.append(source)
     data = TokenizedDataset.from_examples(examples, prompt_lens, pad_id=pad_id, source_index=index)
     report.num_examples, report.num_tokens = len(data), len(data.tokens)

@@ -152,3 +152,80 @@ def test_rendering_equals_transformers(chat_folder):
         assert template.render(messages, add_generation_prompt=generation_prompt) == hf.apply_chat_template(
             [{"role": r, "content": c} for r, c in messages], chat_template=source, tokenize=False,
             add_generation_prompt=generation_prompt)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chat data (train/data.py): messages records through the model's chat template
+
+
+def as_messages(conversation) -> list[dict]:
+    return [{"role": r, "content": c} for r, c in conversation]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_messages_records_train_on_every_assistant_turn(tmp_path, chat_folder, suffix):
+    from train.data import IGNORE_INDEX, Record, load_records, tokenize_records
+
+    objects = [{"messages": as_messages(CONVERSATION)},
+               {"instruction": "What is the capital of Peru?", "output": "Lima."},
+               {"conversations": [{"from": "human", "value": "And of Chile?"}, {"from": "gpt", "value": "Santiago."}]}]
+    path = tmp_path / f"chat{suffix}"
+    path.write_text(json.dumps(objects) if suffix == ".json" else "\n".join(map(json.dumps, objects)))
+    template, tok = ChatTemplate.find(chat_folder), Tokenizer(chat_folder)
+    records, _ = load_records(path)  # the default template: Alpaca records as today, messages in the chat template
+    assert records[0].messages == tuple(CONVERSATION) and records[1] == Record(
+        "What is the capital of Peru?", "", "Lima.", 1)
+    data, report = tokenize_records(records, tok, max_seq_len=512, chat_template=template)
+    tokens, labels = (t.tolist() for t in data[0])
+    assert tokens == hf_ids(chat_folder, CONVERSATION)  # apply_chat_template's ids
+    _, targets = encode_chat(template, tok, CONVERSATION)
+    assert labels == [tokens[t + 1] if targets[t + 1] else IGNORE_INDEX for t in range(len(tokens) - 1)] + \
+        [IGNORE_INDEX]
+    assert sum(targets) == int(data.num_targets[0]) > len(tok.encode("Santiago.", bos=False)) + 1  # both turns
+    # --template model: every record in the chat template (an instruction as the user's message, ShareGPT too)
+    records, _ = load_records(path, template="model")
+    assert records[1].messages == (("user", "What is the capital of Peru?"), ("assistant", "Lima."))
+    assert records[2].messages == (("user", "And of Chile?"), ("assistant", "Santiago."))
+    data, _ = tokenize_records(records, tok, max_seq_len=512, chat_template=template)
+    assert data[1][0].tolist() == hf_ids(chat_folder, records[1].messages)
+    # truncation keeps the first turn's targets only
+    cut = int(data.offsets[1]) - 3
+    short, report = tokenize_records(records[:1], tok, max_seq_len=cut, chat_template=template)
+    assert report.truncated == [0] and int(short.num_targets[0]) == sum(targets[1:cut])
+
+
+def test_bad_messages_records_are_named(tmp_path, chat_folder):
+    from train.data import DataError, load_records, parse_records, tokenize_records
+
+    bad = [{"messages": []},
+           {"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
+           {"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}]},
+           {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]},
+           {"messages": [{"role": "user", "content": "q"}]},
+           {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
+           {"messages": [{"role": "user", "content": "q"}], "instruction": "i"}]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(map(json.dumps, bad)))
+    with pytest.raises(DataError) as e:
+        load_records(path)
+    assert [str(p) for p in e.value.problems] == [
+        "record 0 (line 1): field 'messages' must be a non-empty list of messages",
+        "record 1 (line 2): field 'messages' message 1 must be an object with a 'role' (system, user, assistant) and "
+        "a non-empty 'content' string",
+        "record 2 (line 3): field 'messages' message 1 is a system message: only the first message may be",
+        "record 3 (line 4): field 'messages' must start with a user message (after an optional system message)",
+        "record 4 (line 5): field 'messages' has no assistant message: nothing to learn",
+        "record 5 (line 6): field 'messages' message 1 must be an object with a 'role' (system, user, assistant) and "
+        "a non-empty 'content' string",
+        "record 6 (line 7): has both 'instruction' and 'messages': a record is an instruction, an image caption or a "
+        "conversation"]
+    records, _ = parse_records([{"messages": as_messages(CONVERSATION[1:3])},
+                                {"messages": [{"role": "user", "content": "Stop.</s>"},
+                                              {"role": "assistant", "content": "<|eot_id|>"}]}])
+    tok = Tokenizer(chat_folder)
+    with pytest.raises(DataError, match=r"record 1: field 'messages' message 0 \(user\): its content holds the "
+                                        r"tokenizer's special token '</s>'"):
+        tokenize_records(records, tok, chat_template=ChatTemplate.find(chat_folder))
+    with pytest.raises(DataError, match=r"record 0 is a conversation \(messages\) for the model's chat template, and "
+                                        r"no chat_template was given"):
+        tokenize_records(records, tok)

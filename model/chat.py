@@ -9,7 +9,8 @@
 Where the template comes from (ChatTemplate.find / from_file): a folder's chat_template.jinja (transformers' newer
 save format), else its tokenizer_config.json's "chat_template": a string, or a list of {"name", "template"} of
 which "default" is taken (as transformers does); the config's bos_token / eos_token (strings or {"content": ...})
-are the template's variables. A file given on its own may be a .jinja file or such a tokenizer_config.json.
+are the template's variables (where it names none, the tokenizer's BOS / EOS: ChatTemplate.for_tokenizer). A file
+given on its own may be a .jinja file or such a tokenizer_config.json.
 
 Rendering, as transformers' apply_chat_template renders: jinja2's ImmutableSandboxedEnvironment (a template from
 the Hub is untrusted code) with trim_blocks and lstrip_blocks and the loopcontrols extension; the variables
@@ -37,7 +38,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -52,6 +53,8 @@ class ChatTokenizer(Protocol):
     """What encode_chat needs of a tokenizer: model.Tokenizer's encode with special=True, its special_tokens."""
 
     special_tokens: frozenset[str]
+    bos_token: str
+    eos_token: str
 
     def encode(self, text: str, *, bos: bool, eos: bool = False, special: bool = False) -> list[int]: ...
 
@@ -158,6 +161,12 @@ class ChatTemplate:
             raise CheckpointError(f"{self.origin}: the chat template is not valid jinja2 (line {e.lineno}: "
                                   f"{e.message})") from None
 
+    def for_tokenizer(self, tokenizer: ChatTokenizer) -> ChatTemplate:
+        """This template with the tokenizer's BOS / EOS strings where its file named none (a .jinja file alone, a
+        sentencepiece checkpoint without tokenizer_config.json), as transformers takes the tokenizer's."""
+        return replace(self, bos_token=self.bos_token or tokenizer.bos_token,
+                       eos_token=self.eos_token or tokenizer.eos_token)
+
     def render(self, messages: Sequence[tuple[str, str]], *, add_generation_prompt: bool = False) -> str:
         """The conversation's text; messages: (role, content) pairs, role one of ROLES. ValueError for a
         conversation the template refuses (its raise_exception), naming the template."""
@@ -192,6 +201,7 @@ def encode_chat(template: ChatTemplate, tokenizer: ChatTokenizer,
     True at the tokens of every assistant turn (the module docstring). ValueError as check_messages, or when the
     template does not render the conversation's beginning as the beginning of the whole."""
     check_messages(messages, tokenizer.special_tokens)
+    template = template.for_tokenizer(tokenizer)
     text = template.render(messages)
     ids = tokenizer.encode(text, bos=False, special=True)
     targets = [False] * len(ids)

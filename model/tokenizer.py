@@ -101,6 +101,7 @@ class Tokenizer:
             self.special_tokens = frozenset(self._sp.id_to_piece(i) for i in range(self.vocab_size)
                                             if self._sp.is_control(i) or self._sp.is_unknown(i))
         self.stop_ids = frozenset([self.eos_id, *(i for i in extra if i is not None)])
+        self.bos_token, self.eos_token = (self._token(i) for i in (self.bos_id, self.eos_id))  # their strings
 
     @staticmethod
     def find(path: str | os.PathLike) -> Path:
@@ -141,6 +142,13 @@ class Tokenizer:
             if token_id is not None:
                 return token_id
         raise CheckpointError(f"{self.path}: no {what} token ({configured or ' or '.join(names)}) in the vocabulary")
+
+    def _token(self, token_id: int) -> str:
+        if self._sp is not None:
+            return self._sp.id_to_piece(token_id)
+        if self._hf is not None:
+            return self._hf.id_to_token(token_id)
+        return self._tt.decode_single_token_bytes(token_id).decode("utf-8")
 
     def check_vocab(self, vocab_size: int) -> None:
         """CheckpointError unless every id of this tokenizer is below vocab_size (the model's embedding rows)."""

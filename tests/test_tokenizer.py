@@ -91,7 +91,7 @@ def test_special_token_strings_in_text_are_text(kind, sp_model, hf_tokenizer, ti
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
     assert tok.decode(ids) == INJECTED
     bos, eos = ("<s>", "</s>") if kind == "sentencepiece" else ("<|begin_of_text|>", "<|end_of_text|>")
-    assert {bos, eos} <= tok.special_tokens
+    assert {bos, eos} <= tok.special_tokens and (tok.bos_token, tok.eos_token) == (bos, eos)
     rendered = f"{bos}Hi there{eos}{bos} again{eos}"  # what a chat template writes
     ids = tok.encode(rendered, bos=False, special=True)
     assert [i for i in ids if i in control] == [tok.bos_id, tok.eos_id] * 2

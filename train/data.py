@@ -433,7 +433,8 @@ def load_records(path: str | Path, *, on_bad_record: Literal["error", "skip"] = 
             error: one record is a list of one, or a line of a .jsonl file), else JSONL.
         on_bad_record: "error" raises a DataError that lists every bad record (index, line for JSONL,
             field, what is wrong); "skip" leaves them out, logs a warning and lists them in the report.
-        template: the prompt template of the examples (model/prompt.py's TEMPLATES: "alpaca" or "chat").
+        template: the prompt template of the examples (model/prompt.py's TEMPLATES: "alpaca", "chat", or "model",
+            the checkpoint's chat template, which messages records always use).
     Returns:
         (records, report): the examples of the good records in file order, each with its record's index; the
         LoadReport.

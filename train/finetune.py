@@ -167,6 +167,7 @@ from model import (
     write_atomic,
 )
 from model.adapter import FUSIONS, GATE_ACTS, GATES, SCALES, VERSIONS
+from model.chat import ChatTemplate
 from model.checkpoint import ADAPTER_FORMAT
 from model.cli import build_parser, check_cuda_device, cli_message, parse_dataclass
 from model.prompt import TEMPLATES
@@ -256,8 +257,12 @@ class FinetuneConfig:
     v2_output_layer: bool = field(default=False, metadata={
         "help": "V2: a bias and a scale on the output layer too (litgpt's adapter_v2 does; the official code not)"})
     template: str = field(default="alpaca", metadata={
-        "help": "prompt template (model/prompt.py): alpaca, or chat (the official V2 chat model's: conversation "
-                "records give one example per reply)", "choices": TEMPLATES})
+        "help": "prompt template (model/prompt.py): alpaca, chat (the official V2 chat model's: conversation "
+                "records give one example per reply), or model (the checkpoint's chat template for every record); "
+                "messages records always use the checkpoint's chat template", "choices": TEMPLATES})
+    chat_template: Path | None = field(default=None, metadata={
+        "help": "the chat template of messages records (and --template model): a .jinja file or a "
+                "tokenizer_config.json (default: the tokenizer folder's chat_template.jinja or tokenizer_config.json)"})
     # multi-modal (model/visual.py)
     clip: Path | None = field(default=None, metadata={
         "help": "multi-modal: a local CLIP model folder; the records' \"image\" files are encoded by it (frozen) and a "
@@ -998,7 +1003,17 @@ def load_data(config: FinetuneConfig, max_seq_len: int, say: Callable[[str], Non
     if vocab_size is not None:
         tokenizer.check_vocab(vocab_size)
     records, load_report = load_records(config.data, on_bad_record=config.on_bad_record, template=config.template)
-    data, tok_report = tokenize_records(records, tokenizer, max_seq_len=max_seq_len)
+    chat_template = ChatTemplate.from_file(config.chat_template) if config.chat_template is not None else \
+        ChatTemplate.find(tokenizer.path)
+    chats = [r.index for r in records if r.messages]
+    if chats and chat_template is None:
+        raise UsageError(f"{config.data}: record {chats[0]} (and {len(chats) - 1} more) is a conversation for the "
+                         f"model's chat template, and {tokenizer.path.parent} has none (no chat_template.jinja, no "
+                         "\"chat_template\" in tokenizer_config.json): pass --chat-template FILE (a .jinja file or a "
+                         "tokenizer_config.json)")
+    if chats:
+        say(f"chat template: {chat_template.origin}")
+    data, tok_report = tokenize_records(records, tokenizer, max_seq_len=max_seq_len, chat_template=chat_template)
     say(f"data: {load_report.summary()}")
     say(f"      {tok_report.summary()}")
     used = set(data.source_index.tolist())

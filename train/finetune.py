@@ -30,8 +30,10 @@ every linear layer of every layer, y = s * (W x + b) (--v2-scale output, the pap
 y = W (s * x) + b (--v2-scale input, the official V2 code's), the output layer's too with --v2-output-layer
 (litgpt's), and every norm (fp32): the fresh model is still the base, bit for bit; the backward then reaches
 every layer. --template chat formats the examples in the official V2 chat model's template (model/prompt.py).
-Data: train/data.py (Alpaca JSON / JSONL, bad records reported by index, loss on response tokens only),
-a seeded held-out split (--eval-size) whose loss is computed after every epoch.
+Data: train/data.py (Alpaca JSON / JSONL, bad records reported by index, loss on response tokens only; messages
+records in the checkpoint's own chat template, model/chat.py, or --chat-template's, the loss on every assistant turn;
+--template model puts every record in it), a seeded held-out split (--eval-size) whose loss is computed after every
+epoch.
 
 Multi-modal (--clip): each record may name an "image" (relative to --image-root, by default the data file's
 folder). The frozen CLIP encoder computes every image's features once, before the first step (with several

@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from .adapter import AdapterConfig
+from .chat import ChatTemplate, check_messages
 from .checkpoint import CheckpointError
 from .cli import check_cuda_device, cli_message, parse_dataclass
 from .llama import LLaMA
@@ -316,7 +317,7 @@ def run(args: Args) -> None:
         try:
             prompt = chat.prompt(message) if message is not None else None
         except ValueError as e:
-            raise SystemExit(f"{PROG}: error: --instruction: {e}") from None
+            raise SystemExit(f"{PROG}: error: --chat: {e}") from None
     else:
         prompt = tokenizer.encode(format_prompt(args.template, args.instruction, args.input), bos=True, eos=False)
     if prompt is not None:
@@ -357,8 +358,6 @@ class Chat:
     next assistant turn."""
 
     def __init__(self, tokenizer, template_file: Path | None, system: str | None):
-        from .chat import ChatTemplate
-
         template = ChatTemplate.from_file(template_file) if template_file is not None else \
             ChatTemplate.find(tokenizer.path)
         if template is None:
@@ -371,8 +370,6 @@ class Chat:
     def prompt(self, message: str) -> list[int]:
         """The ids of the conversation so far with the user's message and the assistant's turn opened; ValueError
         for a message holding a special-token string (model/chat.py) or one the template refuses."""
-        from .chat import check_messages
-
         messages = [*self.messages, ("user", message)]
         check_messages(messages, self.tokenizer.special_tokens)
         text = self.template.render(messages, add_generation_prompt=True)

@@ -632,6 +632,7 @@ def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *, max
     if pad_id is None or not 0 <= pad_id < tokenizer.vocab_size:
         pad_id = tokenizer.eos_id  # no pad token: any valid id does, padding is never attended to
     examples, prompt_lens, index, masks, problems = [], [], [], [], []
+    chat = any(isinstance(r, Record) and r.messages for r in records)
     report = TokenizeReport(max_seq_len, len(records), 0, 0, 0, 0)
     for position, record in enumerate(records):
         if not isinstance(record, Record):
@@ -666,11 +667,11 @@ def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *, max
         examples.append(tokens[:max_seq_len])
         prompt_lens.append(n_prompt)
         index.append(source)
-        masks.append(targets[:max_seq_len] if targets is not None else [True] * min(len(tokens), max_seq_len))
+        if chat:  # per-token targets: every assistant turn; an Alpaca example's from its prompt on (prompt_lens)
+            masks.append(targets[:max_seq_len] if targets is not None else [True] * min(len(tokens), max_seq_len))
     if problems:
         raise DataError(f"{len(problems)} conversation(s) that the chat template or the tokenizer cannot take:\n"
                         f"{_listing(problems)}", problems)
-    chat = any(r.messages for r in records)
     data = TokenizedDataset.from_examples(examples, prompt_lens, pad_id=pad_id, source_index=index,
                                           targets=masks if chat else None)
     report.num_examples, report.num_tokens = len(data), len(data.tokens)

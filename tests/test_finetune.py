@@ -218,6 +218,20 @@ def test_resume_equals_an_uninterrupted_run(checkpoint, tmp_path):
                                                                       for r in log_rows(tmp_path / "whole")]
 
 
+def test_a_state_from_before_decay_gates_resumes_without_it(checkpoint, tmp_path):
+    """A train state written before --decay-gates existed ran without decaying the gates: resuming it with the new
+    default is refused, naming the flag; with --no-decay-gates it resumes."""
+    data, out = data_file(tmp_path, 2), tmp_path / "out"
+    run(config(checkpoint, data, out, decay_gates=False, stop_after_steps=1))
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    old = json.loads(state["config"])
+    del old["decay_gates"]
+    torch.save({**state, "config": json.dumps(old)}, out / "train_state.pt")
+    with pytest.raises(UsageError, match=r"--resume: these settings differ .*: --decay-gates False -> True\."):
+        run(config(checkpoint, data, out, resume=True))
+    assert run(config(checkpoint, data, out, resume=True, decay_gates=False)).steps == 2
+
+
 def test_fp16_loss_scaling_resumes_exactly(checkpoint, tmp_path, monkeypatch):
     """fp16 base with GradScaler: the adapter stays fp32, the scaler's state is saved and resumed with the rest.
 

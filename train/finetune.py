@@ -202,6 +202,8 @@ LOG_COLUMNS = ("step", "epoch", "split", "loss", "lr", "grad_norm", "examples", 
 # settings a resumed run may change: they do not change the result
 RESUMABLE_CHANGES = ("out", "resume", "overwrite", "save_every", "stop_after_steps", "device", "tensorboard", "fsdp",
                      "allow_external_files", "activation_checkpointing")
+# settings that a state written before they existed ran with (the gates were not decayed before --decay-gates)
+UNRECORDED_SETTINGS = {"decay_gates": False}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -878,6 +880,7 @@ def load_state(config: FinetuneConfig, resolved: dict, inputs: dict[str, dict],
         saved = json.loads(state["config"])
     except ValueError as e:
         raise CheckpointError(f"{path}: its 'config' is not JSON ({e})") from None
+    saved = {**UNRECORDED_SETTINGS, **saved}
     changed = [f"{_flag(k)} {saved.get(k)!r} -> {v!r}" for k, v in resolved.items()
                if k not in RESUMABLE_CHANGES and saved.get(k) != v]
     if changed:

@@ -12,8 +12,8 @@
   <|end_of_text|> 128001, <|eom_id|> 128008, <|eot_id|> 128009 with the 128000-token vocabulary;
   the names are Llama-3.1's, whose ids agree with Llama-3's for every token used here). Special-token
   text inside a prompt is encoded as plain text, as Meta's encode does by default.
-- encode(text, bos=True, eos=False) as the official LLaMA-Adapter code calls it. stop_ids: EOS, and Llama-3's
-  <|eot_id|> / <|eom_id|> when the vocabulary has them.
+- encode(text, bos=True, eos=False) as the official LLaMA-Adapter code calls it; decode drops
+  special tokens. stop_ids: EOS, and Llama-3's <|eot_id|> / <|eom_id|> when the vocabulary has them.
 - Special-token strings in text, one rule for every kind of file: encode(text) reads "</s>", "<|eot_id|>" and the
   like as plain text, never as control tokens (as the official code's sentencepiece encode and Meta's Llama-3
   encode do), so a data record or a prompt cannot end an example early or inject a turn; control tokens come only
@@ -143,7 +143,10 @@ class Tokenizer:
                 return token_id
         raise CheckpointError(f"{self.path}: no {what} token ({configured or ' or '.join(names)}) in the vocabulary")
 
-    def _token(self, token_id: int) -> str:
+    def _token(self, token_id: int | None) -> str:
+        """The string of a special token; "" for none (a tokenizer without BOS)."""
+        if token_id is None:
+            return ""
         if self._sp is not None:
             return self._sp.id_to_piece(token_id)
         if self._hf is not None:
@@ -172,9 +175,10 @@ class Tokenizer:
         elif self._hf is not None:
             self._hf.encode_special_tokens = not special
             ids = self._hf.encode(text, add_special_tokens=False).ids
+        elif special:  # a chat template's rendering: its special-token strings are control tokens
+            ids = [i for piece in _pieces(text) for i in self._tt.encode(piece, allowed_special="all")]
         else:  # special-token text is plain text (disallowed_special=()), as in Meta's encode
-            allowed = {"allowed_special": "all"} if special else {"disallowed_special": ()}
-            ids = [i for piece in _pieces(text) for i in self._tt.encode(piece, **allowed)]
+            ids = [i for piece in _pieces(text) for i in self._tt.encode(piece, disallowed_special=())]
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def _special_pattern(self) -> str:

@@ -14,17 +14,18 @@
   text inside a prompt is encoded as plain text, as Meta's encode does by default.
 - encode(text, bos=True, eos=False) as the official LLaMA-Adapter code calls it; decode drops
   special tokens. stop_ids: EOS, and Llama-3's <|eot_id|> / <|eom_id|> when the vocabulary has them.
-- Special-token strings in text, one rule for every kind of file: encode(text) reads "</s>", "<|eot_id|>" and the
-  like as plain text, never as control tokens (as the official code's sentencepiece encode and Meta's Llama-3
-  encode do), so a data record or a prompt cannot end an example early or inject a turn; control tokens come only
-  from bos / eos. encode(text, special=True) is for a chat template's own rendering (model/chat.py): there each
-  special-token string of the tokenizer (special_tokens) becomes its control id, as transformers'
-  apply_chat_template tokenizes (sentencepiece: the text between them encoded piece by piece, each with its
-  dummy prefix, as the slow LlamaTokenizer and Meta's Llama-2 chat code do). decode(ids) drops control tokens
-  (BOS, EOS, a template's markers) and gives back every other token as text: what encode(text) read comes back
-  whole, "</s>" included.
 A file that is not a tokenizer of its kind raises CheckpointError naming it; check_vocab refuses a tokenizer
 whose ids do not all fit a model's embedding.
+
+Special-token strings in text, one rule for every kind of file: encode(text) reads "</s>", "<|eot_id|>" and the
+like as plain text, never as control tokens (as the official code's sentencepiece encode and Meta's Llama-3
+encode do), so a data record or a prompt cannot end an example early or inject a turn; control tokens come only
+from bos / eos. encode(text, special=True) is for a chat template's own rendering (model/chat.py): there each
+special-token string of the tokenizer (special_tokens) becomes its control id, as transformers'
+apply_chat_template tokenizes (sentencepiece: the text between them encoded piece by piece, each with its
+dummy prefix, as the slow LlamaTokenizer and Meta's Llama-2 chat code do). decode(ids) drops control tokens
+(BOS, EOS, a template's markers) and gives back every other token as text: what encode(text) read comes back
+whole, "</s>" included.
 """
 
 from __future__ import annotations

@@ -202,9 +202,9 @@ LOG_COLUMNS = ("step", "epoch", "split", "loss", "lr", "grad_norm", "examples", 
 # settings a resumed run may change: they do not change the result
 RESUMABLE_CHANGES = ("out", "resume", "overwrite", "save_every", "stop_after_steps", "device", "tensorboard", "fsdp",
                      "allow_external_files", "activation_checkpointing")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # settings that a state written before they existed ran with (the gates were not decayed before --decay-gates)
 UNRECORDED_SETTINGS = {"decay_gates": False}
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class UsageError(ValueError):

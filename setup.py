@@ -18,6 +18,7 @@ setup(
         "sentencepiece>=0.2",
         "tokenizers>=0.19",
         "tiktoken>=0.6",  # Meta's Llama-3 tokenizer.model
+        "jinja2>=3.1.6,<4",  # chat templates (model/chat.py); 3.1.6 closes known sandbox escapes
         "safetensors>=0.4",
         "tqdm>=4.66",
         "matplotlib>=3.7",

@@ -11,10 +11,19 @@
         --instruction "..."                            # a V2 adapter trained on conversations (--template chat)
     python -m model.generate --checkpoint llama-70b/ --adapter adapter.safetensors --quantize nf4 \\
         --instruction "..."                            # a base stored in NF4 (bitsandbytes): 70B in 34 GiB
+    python -m model.generate --checkpoint Llama-2-7b-chat-hf/ --chat --system "Be brief."   # a conversation, a line
+                                                       # per turn, in the checkpoint's own chat template
+    python -m model.generate --checkpoint Meta-Llama-3-8B-Instruct/ --adapter runs/chat/adapter.safetensors \\
+        --chat --instruction "..."                     # one answer, in the chat template (train.finetune's messages)
 
 The instruction goes through the adapter's template (--template: alpaca, or the official V2 chat model's;
 model/prompt.py), BOS first, as the adapter was trained; the answer is streamed, then tokens/s is printed (and
-peak memory on a GPU). V1 and V2 adapters generate alike: every adapted layer runs the fused op. A user error (a
+peak memory on a GPU). --chat (or --template model) uses the checkpoint's own chat template instead (model/chat.py:
+the tokenizer folder's chat_template.jinja or tokenizer_config.json's chat_template, or --chat-template FILE),
+rendered as transformers renders it with the assistant's turn opened, its special tokens as control tokens; with
+--instruction one answer, without it a conversation read from stdin, a line per user turn, each answer kept in the
+conversation; a message holding a special-token string ("</s>") is refused (said on stderr, the next line read).
+V1 and V2 adapters generate alike: every adapted layer runs the fused op. A user error (a
 missing or unusable checkpoint, adapter, tokenizer or image, a flag out of range, --device cuda without
 a GPU) prints one line and exits non-zero (2 for a flag, 1 for a file); the tokenizer and the prompt's
 length are checked before the weights load.
@@ -39,10 +48,11 @@ from pathlib import Path
 import torch
 
 from .adapter import AdapterConfig
+from .chat import ChatTemplate, check_messages
 from .checkpoint import CheckpointError
 from .cli import check_cuda_device, cli_message, parse_dataclass
-from .llama import LLaMA, check_window
-from .prompt import TEMPLATES, format_prompt
+from .llama import LLaMA, LLaMAConfig, check_window
+from .prompt import CHAT_TEMPLATE, TEMPLATES, format_prompt
 from .quantize import QUANTIZE_MODES, check_quantize
 
 PROG = "python -m model.generate"
@@ -181,8 +191,17 @@ class Args:
     """Generation from the command line; every field is a --flag (underscores as dashes)."""
 
     checkpoint: Path = field(metadata={"help": "Meta or Hugging Face checkpoint folder"})
-    instruction: str = field(metadata={"help": "the instruction (in the --template)"})
+    instruction: str | None = field(default=None, metadata={
+        "help": "the instruction (in the --template); with --chat the user's message (without it, --chat reads a "
+                "conversation from the terminal)"})
     input: str = field(default="", metadata={"help": "optional input / context for the instruction"})
+    chat: bool = field(default=False, metadata={
+        "help": "chat in the checkpoint's own chat template (its tokenizer_config.json's chat_template, or "
+                "--chat-template): one answer to --instruction, or without it a conversation, a line per turn"})
+    system: str | None = field(default=None, metadata={"help": "--chat: a system message first"})
+    chat_template: Path | None = field(default=None, metadata={
+        "help": "--chat: a .jinja file or a tokenizer_config.json whose chat template to use instead of the "
+                "tokenizer folder's"})
     adapter: Path | None = field(default=None, metadata={
         "help": "adapter: ours (.safetensors, V1 or V2), the official v1 or V2 release's .pth, a PEFT adaption-prompt "
                 "folder, or litgpt's lit_model.pth.adapter(_v2)"})
@@ -211,6 +230,14 @@ class Args:
     quantize_output: bool = field(default=False, metadata={"help": "with --quantize: the output layer too"})
 
     def __post_init__(self) -> None:
+        self.chat = self.chat or self.template == CHAT_TEMPLATE  # the checkpoint's chat template is --chat's
+        if self.instruction is None and not self.chat:
+            raise ValueError("--instruction is required (or --chat, for a conversation read from the terminal)")
+        for flag, value in (("--system", self.system), ("--chat-template", self.chat_template)):
+            if value is not None and not self.chat:
+                raise ValueError(f"{flag} goes with --chat")
+        if self.chat and self.image is not None:
+            raise ValueError("--chat is text-only: --image goes without it")
         check_quantize(self.quantize, argument="--quantize")
         if self.quantize_output and self.quantize is None:
             raise ValueError("--quantize-output goes with --quantize nf4|int8")
@@ -274,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run(args: Args) -> None:
-    """Generate the answer to args.instruction, streamed to stdout; tokens/s to stderr."""
+    """Generate the answer to args.instruction (or chat: args.chat), streamed to stdout; tokens/s to stderr."""
     from .checkpoint import load_adapter, load_checkpoint, load_config, read_adapter_config
     from .tokenizer import Tokenizer
 
@@ -286,15 +313,18 @@ def run(args: Args) -> None:
     config = load_config(args.checkpoint, allow_external_files=args.allow_external_files)
     tokenizer = Tokenizer(args.tokenizer or args.checkpoint)
     tokenizer.check_vocab(config.vocab_size)
-    prompt = tokenizer.encode(format_prompt(args.template, args.instruction, args.input), bos=True, eos=False)
-    if len(prompt) + args.max_new_tokens > config.max_seq_len:
-        raise SystemExit(f"{PROG}: error: the prompt has {len(prompt)} tokens; with --max-new-tokens "
-                         f"{args.max_new_tokens} that exceeds the model's context of {config.max_seq_len} tokens")
-    try:  # a sliding-window model (Mistral v0.1): as stream() checks it, before the weights load
-        check_window(config, len(prompt) + args.max_new_tokens - 1,
-                     f"the prompt ({len(prompt)} tokens) with --max-new-tokens {args.max_new_tokens}: a span")
-    except ValueError as e:
-        raise SystemExit(f"{PROG}: error: {e}") from None
+    message = None if args.instruction is None else \
+        f"{args.instruction}\n{args.input}" if args.input.strip() else args.instruction
+    if args.chat:
+        chat = Chat(tokenizer, args.chat_template, args.system)
+        try:
+            prompt = chat.prompt(message) if message is not None else None
+        except ValueError as e:
+            raise SystemExit(f"{PROG}: error: --chat: {e}") from None
+    else:
+        prompt = tokenizer.encode(format_prompt(args.template, args.instruction, args.input), bos=True, eos=False)
+    if prompt is not None:
+        check_prompt_length(len(prompt), args.max_new_tokens, config)
     adapter = read_adapter_config(args.adapter, gate_act=args.gate_act) if args.adapter else None
     check_image_args(args, adapter)
     model = load_checkpoint(args.checkpoint, adapter=adapter, dtype=dtype, device=args.device,
@@ -308,6 +338,63 @@ def run(args: Args) -> None:
           file=sys.stderr)
 
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    if prompt is not None:  # one answer
+        answer_streamed(model, tokenizer, prompt, args, generator, features)
+        return
+    print("chat: one line per turn; an empty line or the end of the input (Ctrl-D) ends it", file=sys.stderr)
+    for line in sys.stdin:  # the conversation, a line per user turn
+        message = line.rstrip("\n")
+        if not message.strip():
+            break
+        try:
+            prompt = chat.prompt(message)
+        except ValueError as e:  # a special-token string in the message: say so, and read the next line
+            print(f"{PROG}: {e}", file=sys.stderr)
+            continue
+        check_prompt_length(len(prompt), args.max_new_tokens, config)  # the conversation is full
+        answer = answer_streamed(model, tokenizer, prompt, args, generator, features)
+        chat.messages += [("user", message), ("assistant", tokenizer.decode(answer))]
+
+
+class Chat:
+    """A conversation in the checkpoint's chat template (model/chat.py): the messages so far, and the prompt of the
+    next assistant turn."""
+
+    def __init__(self, tokenizer, template_file: Path | None, system: str | None):
+        template = ChatTemplate.from_file(template_file) if template_file is not None else \
+            ChatTemplate.find(tokenizer.path)
+        if template is None:
+            raise SystemExit(f"{PROG}: error: --chat: {tokenizer.path.parent} has no chat template (no "
+                             "chat_template.jinja, no \"chat_template\" in tokenizer_config.json); pass "
+                             "--chat-template FILE, or use --template alpaca|chat")
+        self.template, self.tokenizer = template.for_tokenizer(tokenizer), tokenizer
+        self.messages: list[tuple[str, str]] = [("system", system)] if system else []
+
+    def prompt(self, message: str) -> list[int]:
+        """The ids of the conversation so far with the user's message and the assistant's turn opened; ValueError
+        for a message holding a special-token string (model/chat.py) or one the template refuses."""
+        messages = [*self.messages, ("user", message)]
+        check_messages(messages, self.tokenizer.special_tokens)
+        text = self.template.render(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, bos=False, special=True)
+
+
+def check_prompt_length(length: int, max_new_tokens: int, config: LLaMAConfig) -> None:
+    """A one-line exit, before the weights load, for a prompt plus max_new_tokens beyond the model's context or its
+    sliding window (Mistral v0.1: as stream() checks it)."""
+    if length + max_new_tokens > config.max_seq_len:
+        raise SystemExit(f"{PROG}: error: the prompt has {length} tokens; with --max-new-tokens "
+                         f"{max_new_tokens} that exceeds the model's context of {config.max_seq_len} tokens")
+    try:
+        check_window(config, length + max_new_tokens - 1,
+                     f"the prompt ({length} tokens) with --max-new-tokens {max_new_tokens}: a span")
+    except ValueError as e:
+        raise SystemExit(f"{PROG}: error: {e}") from None
+
+
+def answer_streamed(model: LLaMA, tokenizer, prompt: list[int], args: Args, generator: torch.Generator,
+                    features: torch.Tensor | None) -> list[int]:
+    """The answer's tokens (without its stop token), streamed to stdout as they come; tokens/s to stderr."""
     answer: list[int] = []
     printed = ""
     t0 = time.perf_counter()
@@ -328,6 +415,7 @@ def run(args: Args) -> None:
     if args.device.startswith("cuda"):
         line += f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
     print(line, file=sys.stderr)
+    return answer
 
 
 if __name__ == "__main__":

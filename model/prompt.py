@@ -8,6 +8,9 @@ format it was trained on.
   multi-modal code (llama_adapter_v2_multimodal7b/data/dataset.py) uses it for every kind of its data: instruction
   records; image-text pairs, as the instruction CAPTION_INSTRUCTION with the caption as the response; and LLaVA-style
   image conversations, as their first exchange (the human turn the instruction, the reply the response).
+- "model": the checkpoint's own chat template (tokenizer_config.json's chat_template), rendered by model/chat.py
+  from messages; train/data.py turns every record into messages for it (an instruction: the user's message, the
+  input on a new line, and the reply), and messages records always use it.
 - "chat": llama_adapter_v2_chat65b's conversation template (conversation.py's "v1", conv_v1_2), without the
   example exchange its demo puts first: the system line, then "###Human: ...###Assistant: ...###" turns, the open
   turn "###Assistant:". A conversation is learned turn by turn: each reply with the exchanges before it.
@@ -17,7 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-TEMPLATES = ("alpaca", "chat")
+CHAT_TEMPLATE = "model"  # the checkpoint's own chat template (model/chat.py), for messages
+TEMPLATES = ("alpaca", "chat", CHAT_TEMPLATE)
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -61,4 +65,7 @@ def format_prompt(template: str, instruction: str, input: str = "", history: Seq
         return alpaca_prompt(instruction, input)
     if template == "chat":
         return chat_prompt(f"{instruction}\n{input}" if input and input.strip() else instruction, history)
+    if template == CHAT_TEMPLATE:
+        raise ValueError(f"the {CHAT_TEMPLATE!r} template is the checkpoint's chat template: it renders messages "
+                         "(model/chat.py), not a prompt string")
     raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")

@@ -18,6 +18,16 @@
   has them.
 A file that is not a tokenizer of its kind raises CheckpointError naming it; check_vocab refuses a tokenizer
 whose ids do not all fit a model's embedding.
+
+Special-token strings in text, one rule for every kind of file: encode(text) reads "</s>", "<|eot_id|>" and the
+like as plain text, never as control tokens (as the official code's sentencepiece encode and Meta's Llama-3
+encode do), so a data record or a prompt cannot end an example early or inject a turn; control tokens come only
+from bos / eos. encode(text, special=True) is for a chat template's own rendering (model/chat.py): there each
+special-token string of the tokenizer (special_tokens) becomes its control id, as transformers'
+apply_chat_template tokenizes (sentencepiece: the text between them encoded piece by piece, each with its
+dummy prefix, as the slow LlamaTokenizer and Meta's Llama-2 chat code do). decode(ids) drops control tokens
+(BOS, EOS, a template's markers) and gives back every other token as text: what encode(text) read comes back
+whole, "</s>" included.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import base64
 import binascii
 import json
 import os
+import re
 from pathlib import Path
 
 import sentencepiece
@@ -72,6 +83,8 @@ class Tokenizer:
             self.pad_id = self._hf.token_to_id(special["pad_token"]) if special.get("pad_token") else None
             self.vocab_size = self._hf.get_vocab_size()
             extra = [self._hf.token_to_id(t) for t in _EXTRA_STOP_NAMES]
+            self.special_tokens = frozenset(t.content for t in self._hf.get_added_tokens_decoder().values()
+                                            if t.special)
         elif _is_tiktoken(path):
             self._tt = _llama3_tiktoken(path)
             self.bos_id, self.eos_id = (self._tt.encode_single_token(t) for t in _LLAMA3_SPECIAL[:2])
@@ -79,6 +92,7 @@ class Tokenizer:
             self.vocab_size = self._tt.n_vocab
             extra = [self._tt.encode_single_token(t) for t in _EXTRA_STOP_NAMES]
             self._special_ids = frozenset(self._tt.encode_single_token(t) for t in _LLAMA3_SPECIAL)
+            self.special_tokens = frozenset(_LLAMA3_SPECIAL)
         else:
             try:
                 self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
@@ -89,7 +103,10 @@ class Tokenizer:
             self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
             self.vocab_size = self._sp.vocab_size()
             extra = []
+            self.special_tokens = frozenset(self._sp.id_to_piece(i) for i in range(self.vocab_size)
+                                            if self._sp.is_control(i) or self._sp.is_unknown(i))
         self.stop_ids = frozenset([self.eos_id, *(i for i in extra if i is not None)])
+        self.bos_token, self.eos_token = (self._token(i) for i in (self.bos_id, self.eos_id))  # their strings
 
     @staticmethod
     def find(path: str | os.PathLike) -> Path:
@@ -132,20 +149,47 @@ class Tokenizer:
                 return token_id
         raise CheckpointError(f"{self.path}: no {what} token ({configured or ' or '.join(names)}) in the vocabulary")
 
+    def _token(self, token_id: int | None) -> str:
+        """The string of a special token; "" for none (a tokenizer without BOS)."""
+        if token_id is None:
+            return ""
+        if self._sp is not None:
+            return self._sp.id_to_piece(token_id)
+        if self._hf is not None:
+            return self._hf.id_to_token(token_id)
+        return self._tt.decode_single_token_bytes(token_id).decode("utf-8")
+
     def check_vocab(self, vocab_size: int) -> None:
         """CheckpointError unless every id of this tokenizer is below vocab_size (the model's embedding rows)."""
         if self.vocab_size > vocab_size:
             raise CheckpointError(f"{self.path}: the tokenizer has {self.vocab_size} tokens, more than the model's "
                                   f"{vocab_size}: not the model's tokenizer")
 
-    def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, *, bos: bool = True, eos: bool = False, special: bool = False) -> list[int]:
+        """Token ids of text, BOS first / EOS last when asked. special-token strings in text are plain text, unless
+        special=True (a chat template's rendering): then each of special_tokens is its control id."""
         if self._sp is not None:
-            ids = self._sp.encode(text)
+            if not special or not self.special_tokens:
+                ids = self._sp.encode(text)
+            else:  # the special-token strings as their ids, the text between them piece by piece
+                ids = []
+                for piece in re.split(self._special_pattern(), text):
+                    if piece in self.special_tokens:
+                        ids.append(self._sp.piece_to_id(piece))
+                    elif piece:
+                        ids += self._sp.encode(piece)
         elif self._hf is not None:
+            self._hf.encode_special_tokens = not special
             ids = self._hf.encode(text, add_special_tokens=False).ids
+        elif special:  # a chat template's rendering: its special-token strings are control tokens
+            ids = [i for piece in _pieces(text) for i in self._tt.encode(piece, allowed_special="all")]
         else:  # special-token text is plain text (disallowed_special=()), as in Meta's encode
             ids = [i for piece in _pieces(text) for i in self._tt.encode(piece, disallowed_special=())]
         return [self.bos_id] * (bos and self.bos_id is not None) + ids + [self.eos_id] * eos
+
+    def _special_pattern(self) -> str:
+        """A regex that splits text at the special-token strings (longest first), keeping them."""
+        return "(" + "|".join(map(re.escape, sorted(self.special_tokens, key=len, reverse=True))) + ")"
 
     def decode(self, ids: list[int]) -> str:
         ids = [int(i) for i in ids]

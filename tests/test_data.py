@@ -146,12 +146,45 @@ def test_template_and_label_mask(tokenizer, instruction, input, output):
     assert tokens[0] == tokenizer.bos_id
     assert tokenizer.decode(tokens[1:n_prompt]) == prompt_text
     assert tokens[:n_prompt] == tokenizer.encode(prompt_text, bos=True, eos=False)
-    # the rest is the output and EOS; the targets are exactly those tokens
+    # the official script's ids: prompt + output encoded as one string; the rest is the output and EOS
+    assert tokens == tokenizer.encode(prompt_text + output, bos=True, eos=True)
     assert tokens[-1] == tokenizer.eos_id and tokenizer.decode(tokens[n_prompt:-1]) == output
     assert labels == expected_labels(tokens, n_prompt)
     targets = [t for t in labels if t != IGNORE_INDEX]
     assert targets == tokens[n_prompt:] and targets[-1] == tokenizer.eos_id
     assert report.num_targets == len(targets) == int(data.num_targets[0]) and not report.truncated
+
+
+SEED_TASKS = [  # real-looking Alpaca records (the self-instruct seed tasks' style)
+    ("Is the following sentence grammatically correct?", "She don't like apples.", "No. It should be \"She "
+     "doesn't like apples.\""),
+    ("Give three tips for staying healthy.", "", "1. Eat a balanced diet.\n2. Exercise regularly.\n3. Sleep well."),
+    ("Classify the sentiment of the review.", "The river view was vivid and the piano noble.", "Positive"),
+    ("Answer the question.", "Can a zebra swim?", "Yes, zebras can swim short distances."),
+    ("Write a haiku about the ocean.", "", "\nWaves fold into foam\nthe tide keeps its slow promise\nstone "
+     "remembers salt"),  # a response that starts with a newline: ":\n" is one piece, across the boundary
+]
+
+
+def test_official_tokenization_recipe(tokenizer):
+    """The official script's rule, alpaca_finetuning_v1/finetuning.py: tokens = encode(prompt + output, bos, eos),
+    its first len(encode(prompt, bos)) masked: by count, also where the prompt's tokens are not a prefix."""
+    records = [Record(*task, index=i) for i, task in enumerate(SEED_TASKS)]
+    data, report = tokenize_records(records, tokenizer, max_seq_len=512)
+    for i, r in enumerate(records):
+        tokens, labels = (t.tolist() for t in data[i])
+        example = tokenizer.encode(r.prompt + r.output, bos=True, eos=True)
+        n_prompt = len(tokenizer.encode(r.prompt, bos=True, eos=False))
+        assert tokens == example and int(data.prompt_lens[i]) == n_prompt
+        assert labels == [example[t + 1] if t >= n_prompt - 1 and t + 1 < len(example) else IGNORE_INDEX
+                          for t in range(len(example))]
+    # the response's first token is the whole string's ("Yes" glued to "Response:"), not encode(output)'s "▁Yes"
+    tokens, _ = data[3]
+    assert tokens[int(data.prompt_lens[3])] != tokenizer.encode(SEED_TASKS[3][2], bos=False, eos=False)[0]
+    # the edge: encode(prompt) is not a prefix (":" and "\n" merge); masked by count all the same, and reported
+    assert tokenizer.encode(records[4].prompt + "\n", bos=True, eos=False)[:int(data.prompt_lens[4])] != \
+        tokenizer.encode(records[4].prompt, bos=True, eos=False)
+    assert report.boundary_merged == [4] and "1 example(s) whose prompt's tokens are not a prefix" in report.summary()
 
 
 def test_labels_on_random_examples():
@@ -164,7 +197,7 @@ def test_labels_on_random_examples():
 
 def test_truncation_is_counted_and_reported(tokenizer, records, caplog):
     prompt_lens = [len(tokenizer.encode(r.prompt, bos=True, eos=False)) for r in records]
-    full = [p + len(tokenizer.encode(r.output, bos=False, eos=True)) for p, r in zip(prompt_lens, records, strict=True)]
+    full = [len(tokenizer.encode(r.prompt + r.output, bos=True, eos=True)) for r in records]
     max_seq_len = int(np.percentile(prompt_lens, 60))  # some prompts alone fill it, some outputs are cut
     with caplog.at_level(logging.WARNING, logger="train.data"):
         data, report = tokenize_records(records, tokenizer, max_seq_len=max_seq_len)
@@ -181,8 +214,7 @@ def test_truncation_is_counted_and_reported(tokenizer, records, caplog):
     assert report.num_targets == int((data.labels != IGNORE_INDEX).sum())
     for j, i in enumerate(data.source_index.tolist()):
         tokens, labels = data[j]
-        expected = (tokenizer.encode(records[i].prompt, bos=True, eos=False)
-                    + tokenizer.encode(records[i].output, bos=False, eos=True))[:max_seq_len]
+        expected = tokenizer.encode(records[i].prompt + records[i].output, bos=True, eos=True)[:max_seq_len]
         assert tokens.tolist() == expected
         assert labels.tolist() == expected_labels(expected, prompt_lens[i])
     assert f"truncated {len(truncated)} example(s)" in caplog.text and f"dropped {len(dropped)}" in caplog.text

@@ -33,7 +33,16 @@ from model import (
 )
 from train.data import IGNORE_INDEX, PackedLoader, PaddedLoader, load_records, tokenize_records
 from train.demo import DEMO_DATA, train_tokenizer
-from train.finetune import FinetuneConfig, UsageError, batch_loss_sum, lr_factor, main, param_groups, run
+from train.finetune import (
+    FinetuneConfig,
+    UsageError,
+    batch_loss_sum,
+    load_data,
+    lr_factor,
+    main,
+    param_groups,
+    run,
+)
 
 RECORDS = json.loads(DEMO_DATA.read_text())
 VOCAB = 300  # examples of 33-56 tokens: one 64-row block of the kernels each
@@ -78,10 +87,48 @@ def test_lr_schedule_and_weight_decay_groups():
     model = LLaMA(LLaMAConfig(dim=64, n_layers=2, n_heads=2, vocab_size=16, multiple_of=32),
                   AdapterConfig(adapter_len=4, adapter_layers=2))
     mark_only_adapter_as_trainable(model)
-    decay, no_decay = param_groups(model, 0.02)
+    prompts = {id(m.attention.adapter_prompt) for m in model.layers}
+    gates = {id(m.attention.gate) for m in model.layers}
+    decay, no_decay = param_groups(model, 0.02)  # the official scripts': the gates decayed with the prompts
     assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
-    assert {id(p) for p in decay["params"]} == {id(m.attention.adapter_prompt) for m in model.layers}
-    assert {id(p) for p in no_decay["params"]} == {id(m.attention.gate) for m in model.layers}
+    assert {id(p) for p in decay["params"]} == prompts | gates and no_decay["params"] == []
+    decay, no_decay = param_groups(model, 0.02, decay_gates=False)
+    assert {id(p) for p in decay["params"]} == prompts and {id(p) for p in no_decay["params"]} == gates
+    v2 = LLaMA(LLaMAConfig(dim=64, n_layers=2, n_heads=2, vocab_size=16, multiple_of=32),
+               AdapterConfig(adapter_len=4, adapter_layers=1, version=2))
+    mark_only_adapter_as_trainable(v2)
+    decay, no_decay = param_groups(v2, 0.05)  # V2: biases, scales and norms never decayed
+    names = {id(p): n for n, p in v2.named_parameters()}
+    assert sorted(names[id(p)] for p in decay["params"]) == ["layers.1.attention.adapter_prompt",
+                                                             "layers.1.attention.gate"]
+    assert all(names[id(p)].endswith(("bias", "scale", "weight")) for p in no_decay["params"])
+
+
+def test_messages_data_in_the_chat_template(checkpoint, tmp_path):
+    """Messages records go through the checkpoint's chat template (--chat-template when it has none): the
+    sentencepiece tokenizer.model reads the template's <s> / </s> as control tokens; every reply is a target."""
+    from test_chat import LLAMA2_CHAT
+
+    from model.chat import ChatTemplate, encode_chat
+
+    r = RECORDS[:3]
+    messages = [("user", r[0]["instruction"]), ("assistant", r[0]["output"]), ("user", r[1]["instruction"]),
+                ("assistant", r[1]["output"])]
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": a, "content": b} for a, b in messages]}) + "\n"
+                    + json.dumps(r[2]) + "\n")
+    cfg = config(checkpoint, data, tmp_path / "out", max_seq_len=128)
+    with pytest.raises(UsageError, match=r"record 0 \(and 0 more\) is a conversation for the model's chat template, "
+                                         r"and .* has none .*: pass --chat-template FILE"):
+        load_data(cfg, 128, say=lambda _: None)
+    (tmp_path / "llama2.jinja").write_text(LLAMA2_CHAT)
+    train, _, _ = load_data(replace(cfg, chat_template=tmp_path / "llama2.jinja"), 128, say=lambda _: None)
+    template, tok = ChatTemplate.from_file(tmp_path / "llama2.jinja"), Tokenizer(checkpoint)
+    ids, targets = encode_chat(template, tok, messages)
+    assert train[0][0].tolist() == ids and ids.count(tok.bos_id) == 2 and ids.count(tok.eos_id) == 2
+    assert int(train.num_targets[0]) == sum(targets) and train.targets[:len(ids)].tolist() == targets
+    alpaca = alpaca_prompt(r[2]["instruction"], r[2]["input"]) + r[2]["output"]
+    assert train[1][0].tolist() == tok.encode(alpaca, bos=True, eos=True)  # the Alpaca record: the official rule
 
 
 def test_packed_and_padded_batches_give_the_same_loss_and_gradients(checkpoint, tmp_path):
@@ -169,6 +216,20 @@ def test_resume_equals_an_uninterrupted_run(checkpoint, tmp_path):
         keep = ("step", "epoch", "split", "loss", "lr", "grad_norm", "examples", "tokens")
         assert [{k: r[k] for k in keep} for r in log_rows(out)] == [{k: r[k] for k in keep}
                                                                       for r in log_rows(tmp_path / "whole")]
+
+
+def test_a_state_from_before_decay_gates_resumes_without_it(checkpoint, tmp_path):
+    """A train state written before --decay-gates existed ran without decaying the gates: resuming it with the new
+    default is refused, naming the flag; with --no-decay-gates it resumes."""
+    data, out = data_file(tmp_path, 2), tmp_path / "out"
+    run(config(checkpoint, data, out, decay_gates=False, stop_after_steps=1))
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    old = json.loads(state["config"])
+    del old["decay_gates"]
+    torch.save({**state, "config": json.dumps(old)}, out / "train_state.pt")
+    with pytest.raises(UsageError, match=r"--resume: these settings differ .*: --decay-gates False -> True\."):
+        run(config(checkpoint, data, out, resume=True))
+    assert run(config(checkpoint, data, out, resume=True, decay_gates=False)).steps == 2
 
 
 def test_fp16_loss_scaling_resumes_exactly(checkpoint, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import json
 
 import pytest
 import sentencepiece
@@ -185,10 +186,58 @@ def test_command_line_with_a_v2_adapter_and_the_chat_template(checkpoint_dir, tm
     assert answer and capsys.readouterr().out == tokenizer.decode(answer) + "\n"
 
 
+def test_command_line_chat_in_the_checkpoints_template(checkpoint_dir, tmp_path, capsys, monkeypatch):
+    """--chat: the tokenizer folder's chat template (tokenizer_config.json's chat_template), one answer to
+    --instruction, or a conversation read from stdin whose earlier turns go into every later prompt."""
+    import shutil
+    import sys
+
+    from test_chat import LLAMA2_CHAT
+
+    from model.chat import ChatTemplate
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    shutil.copy(checkpoint_dir / "tokenizer.model", folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA2_CHAT}))
+    tokenizer = Tokenizer(folder)
+    template = ChatTemplate.find(folder).for_tokenizer(tokenizer)
+    model = load_checkpoint(checkpoint_dir, adapter=read_adapter_config(checkpoint_dir / "adapter.safetensors"))
+    load_adapter(model, checkpoint_dir / "adapter.safetensors")
+
+    def reply(messages) -> list[int]:
+        ids = tokenizer.encode(template.render(messages, add_generation_prompt=True), bos=False, special=True)
+        assert ids[:2] == [tokenizer.bos_id, *tokenizer.encode("[INST]", bos=False)[:1]]
+        return generate(model, [ids], max_new_tokens=4, stop_ids=tokenizer.stop_ids)[0]
+
+    flags = ["--checkpoint", str(checkpoint_dir), "--tokenizer", str(folder), "--adapter",
+             str(checkpoint_dir / "adapter.safetensors"), "--chat", "--max-new-tokens", "4", "--temperature", "0"]
+    main([*flags, "--system", "Be brief.", "--instruction", "Tell me about alpacas."])
+    first = reply([("system", "Be brief."), ("user", "Tell me about alpacas.")])
+    assert capsys.readouterr().out == tokenizer.decode(first) + "\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Tell me about alpacas.\nStop </s> now\nAnd llamas?\n\nunread\n"))
+    main(flags)
+    captured = capsys.readouterr()
+    first = reply([("user", "Tell me about alpacas.")])
+    second = reply([("user", "Tell me about alpacas."), ("assistant", tokenizer.decode(first)),
+                    ("user", "And llamas?")])
+    assert captured.out == tokenizer.decode(first) + "\n" + tokenizer.decode(second) + "\n"
+    assert "message 2 (user): its content holds the tokenizer's special token '</s>'" in captured.err
+    with pytest.raises(SystemExit, match=r"--chat: .* has no chat template .* pass --chat-template FILE"):
+        main([*flags[:2], "--chat", "--instruction", "hi"])
+    (tmp_path / "t.jinja").write_text(LLAMA2_CHAT)  # --chat-template: a .jinja file
+    main([*flags[:2], "--chat", "--chat-template", str(tmp_path / "t.jinja"), "--instruction", "Tell me about alpacas.",
+          "--max-new-tokens", "4", "--temperature", "0"])
+    assert capsys.readouterr().out == tokenizer.decode(reply([("user", "Tell me about alpacas.")])) + "\n"
+
+
 def test_command_line_errors(checkpoint_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(checkpoint_dir)])  # --instruction is required
-    assert "--instruction" in capsys.readouterr().err
+    assert "--instruction is required (or --chat" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(checkpoint_dir), "--instruction", "hi", "--system", "s"])
+    assert "--system goes with --chat" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(checkpoint_dir), "--instruction", "hi", "--dtype", "float8"])
     assert "invalid choice: 'float8'" in capsys.readouterr().err

@@ -25,28 +25,42 @@ Records, as a JSON list, or as JSON Lines (one object per line; blank lines igno
     conversations (ShareGPT / LLaVA style): {"conversations": [{"from": "human", "value": ...}, {"from": "gpt",
         "value": ...}, ...]} ("user" / "assistant" too), human first, the turns alternating, optionally with an
         "image": in the "alpaca" template its first exchange is the example (the official V2 multi-modal code's
-        rule); in the "chat" template (model/prompt.py) every reply is an example, with the exchanges before it
+        rule); in the "chat" template (model/prompt.py) every reply is an example, with the exchanges before it;
+        in the "model" template it is a messages record (below; "system" turns too)
+    messages (OpenAI style): {"messages": [{"role": "system" | "user" | "assistant", "content": non-empty string},
+        ...]}, an optional system message first, then a user message, any number of turns, at least one assistant
+        message: one example in the model's own chat template (model/chat.py: tokenizer_config.json's
+        chat_template, rendered as transformers does), the loss on every assistant turn (its content and the
+        template's end of turn), whatever the template; with template "model" every record is one (an instruction:
+        the user's message, its input on a new line, and the assistant's reply)
 Other keys are ignored, but for "image" (multi-modal data, model/visual.py): the example's image file, a
 non-empty string, or null / absent for a text-only example; Record.image keeps it as written
 (train/finetune.py --clip resolves it and encodes the images).
 Bad records are reported by index (0-based, in file order; JSONL adds the line number) and field.
 
-Tokenization (the official LLaMA-Adapter script's, one boundary detail aside)
+Tokenization (the official LLaMA-Adapter script's, alpaca_finetuning_v1/finetuning.py, to the token)
     prompt = format_prompt(template, instruction, input, history)   (model/prompt.py; alpaca: nothing after
                                                                       "### Response:")
-    tokens = encode(prompt, bos=True, eos=False) + encode(output, bos=False, eos=True)
-    Prompt and output are encoded separately and concatenated. The official script encodes
-    prompt + output as one string and masks its first len(encode(prompt)) positions; but a
-    tokenizer may merge characters across that boundary, and then the mask is off by a token and
-    the model trains on a prompt that differs from the one generation gives it (generation encodes
-    the prompt alone). Separate encoding keeps both exact: tokens[:n_prompt] is the generation
-    prompt, and the response tokens are encode(output), which decode() turns back into the output.
-    (With sentencepiece the response starts with its own dummy-prefix piece "▁", as if the template
-    ended with a space; decode() drops that space again.)
+    tokens = encode(prompt + output, bos=True, eos=True)             one string, as the official script
+    n_prompt = len(encode(prompt, bos=True, eos=False))              its first n_prompt tokens are masked
+    So the response's first token is the one the whole string gives (with sentencepiece "Yes" after
+    "### Response:" is "Yes", not the "▁Yes" that encoding the response alone would give). Where a tokenizer
+    merges characters across the boundary, encode(prompt) is not a prefix of the example's tokens: the mask is
+    still by count, as in the official script (the first target may then be a token that began in the prompt);
+    such examples are counted in TokenizeReport.boundary_merged and the summary names them. Generation
+    (model/generate.py) encodes the prompt alone, as the official demo does.
+    Special-token strings in the text ("</s>", "<|eot_id|>") are text, never control tokens (model/tokenizer.py):
+    a record cannot end its example early or inject a turn.
+    Messages examples: tokens = encode_chat(chat_template, tokenizer, messages) (model/chat.py): the ids of
+    transformers' apply_chat_template(messages, tokenize=True), BOS and EOS as the template writes them; the
+    targets are every assistant turn's tokens (TokenizedDataset.targets), the rest masked; prompt_lens counts the
+    tokens before the first target. A message holding a special-token string of the tokenizer is refused
+    (DataError naming the record): the template's text is read with its special tokens.
 
 Labels: the shift is done here, in the data
     labels[t] is the target of position t, i.e. the next token of the SAME sequence:
-        labels[t] = tokens[t + 1]   for n_prompt - 1 <= t <= len - 2   (predicts the response and EOS)
+        labels[t] = tokens[t + 1]   for n_prompt - 1 <= t <= len - 2   (predicts the response and EOS; messages
+                                    examples: only where tokens[t + 1] belongs to an assistant turn)
         labels[t] = IGNORE_INDEX    elsewhere: in the prompt, at the last token of each sequence
                                     (nothing of its own follows it), and on padding.
     The loss is cross_entropy(logits, labels, ignore_index=IGNORE_INDEX) with NO further shift
@@ -101,8 +115,9 @@ from typing import Literal, Protocol, TypedDict
 import numpy as np
 import torch
 
+from model.chat import ROLES, ChatTemplate, encode_chat
 from model.cli import remedy_text
-from model.prompt import CAPTION_INSTRUCTION, TEMPLATES, format_prompt
+from model.prompt import CAPTION_INSTRUCTION, CHAT_TEMPLATE, TEMPLATES, format_prompt
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +156,13 @@ class Record:
     image: str | None = None  # multi-modal data: the example's image file, as the record gives it
     template: str = "alpaca"  # model/prompt.py's TEMPLATES
     history: tuple[tuple[str, str], ...] = ()  # chat: the (human, assistant) exchanges before this one
+    messages: tuple[tuple[str, str], ...] = ()  # a conversation for the model's chat template: (role, content)
 
     @property
     def prompt(self) -> str:
+        if self.messages:
+            raise ValueError("a messages example has no prompt string: the model's chat template renders it "
+                             "(model/chat.py)")
         return format_prompt(self.template, self.instruction, self.input, self.history)
 
 
@@ -241,6 +260,40 @@ def _check_conversation(obj: dict, index: int, line: int | None) -> tuple[list[t
     return [(turns[i]["value"], turns[i + 1]["value"]) for i in range(0, len(turns) - 1, 2)], []
 
 
+_SHAREGPT_ROLES = {**dict.fromkeys(_HUMAN, "user"), **dict.fromkeys(_ASSISTANT, "assistant"), "system": "system"}
+
+
+def _check_messages(obj: dict, name: str, index: int, line: int | None) -> tuple[list[tuple[str, str]],
+                                                                                 list[RecordProblem]]:
+    """The (role, content) messages of a "messages" record (OpenAI style), or of a "conversations" record
+    (ShareGPT: from / value, human and gpt as user and assistant) under the model's chat template; or what is wrong."""
+    turns = obj[name]
+    keys = ("role", "content") if name == "messages" else ("from", "value")
+
+    def problem(message: str) -> tuple[list, list[RecordProblem]]:
+        return [], [RecordProblem(index, name, message, line)]
+
+    if not isinstance(turns, list) or not turns:
+        return problem("must be a non-empty list of messages")
+    messages = []
+    for i, turn in enumerate(turns):
+        role = turn.get(keys[0]) if isinstance(turn, dict) else None
+        role = _SHAREGPT_ROLES.get(role.lower()) if name != "messages" and isinstance(role, str) else role
+        if role not in ROLES or not isinstance(turn.get(keys[1]), str) or not turn[keys[1]].strip():
+            return problem(f"message {i} must be an object with a {keys[0]!r} ("
+                           f"{', '.join(ROLES if name == 'messages' else _SHAREGPT_ROLES)}) and a non-empty "
+                           f"{keys[1]!r} string")
+        if role == "system" and i > 0:
+            return problem(f"message {i} is a system message: only the first message may be")
+        messages.append((role, turn[keys[1]]))
+    first = 1 if messages[0][0] == "system" else 0
+    if first == len(messages) or messages[first][0] != "user":
+        return problem("must start with a user message (after an optional system message)")
+    if not any(role == "assistant" for role, _ in messages):
+        return problem("has no assistant message: nothing to learn")
+    return messages, []
+
+
 def _check_record(obj: object, index: int, line: int | None,
                   template: str = "alpaca") -> tuple[list[Record], list[RecordProblem]]:
     """The examples of one record (one, or one per reply of a conversation in the chat template), or its problems."""
@@ -251,10 +304,15 @@ def _check_record(obj: object, index: int, line: int | None,
     if image is not None and (not isinstance(image, str) or not image.strip()):
         what = "is empty" if isinstance(image, str) else f"is a JSON {_json_type(image)}, not a string"
         problems.append(RecordProblem(index, "image", f"{what} (a file name, or null / absent for no image)", line))
-    kinds = [k for k in ("instruction", "caption", "conversations") if k in obj]
+    kinds = [k for k in ("instruction", "caption", "conversations", "messages") if k in obj]
     if len(kinds) > 1:
         return [], problems + [RecordProblem(index, None, f"has both {kinds[0]!r} and {kinds[1]!r}: a record is an "
                                                           "instruction, an image caption or a conversation", line)]
+    if kinds == ["messages"] or (kinds == ["conversations"] and template == CHAT_TEMPLATE):
+        messages, more = _check_messages(obj, kinds[0], index, line)
+        if problems or more:
+            return [], problems + more
+        return [Record("", "", "", index, image, CHAT_TEMPLATE, messages=tuple(messages))], []
     if kinds == ["conversations"]:
         exchanges, more = _check_conversation(obj, index, line)
         if problems or more:
@@ -270,7 +328,7 @@ def _check_record(obj: object, index: int, line: int | None,
             problems.append(RecordProblem(index, "caption", what, line))
         if image is None:
             problems.append(RecordProblem(index, "image", "is missing: a caption record is an image-text pair", line))
-        return ([], problems) if problems else ([Record(CAPTION_INSTRUCTION, "", caption, index, image, template)], [])
+        return ([], problems) if problems else ([_record(CAPTION_INSTRUCTION, "", caption, index, image, template)], [])
     for name in ("instruction", "input", "output"):
         required = name != "input"
         if name not in obj:
@@ -285,7 +343,16 @@ def _check_record(obj: object, index: int, line: int | None,
             values[name] = obj[name]
     if problems:
         return [], problems
-    return [Record(values["instruction"], values["input"], values["output"], index, image, template)], []
+    return [_record(values["instruction"], values["input"], values["output"], index, image, template)], []
+
+
+def _record(instruction: str, input: str, output: str, index: int, image: str | None, template: str) -> Record:
+    """An instruction example; in the model's chat template, a user message (the instruction, and the input on a
+    new line) and the assistant's reply."""
+    if template != CHAT_TEMPLATE:
+        return Record(instruction, input, output, index, image, template)
+    user = f"{instruction}\n{input}" if input.strip() else instruction
+    return Record(instruction, input, output, index, image, template, messages=(("user", user), ("assistant", output)))
 
 
 class _InvalidJSON(str):
@@ -366,7 +433,8 @@ def load_records(path: str | Path, *, on_bad_record: Literal["error", "skip"] = 
             error: one record is a list of one, or a line of a .jsonl file), else JSONL.
         on_bad_record: "error" raises a DataError that lists every bad record (index, line for JSONL,
             field, what is wrong); "skip" leaves them out, logs a warning and lists them in the report.
-        template: the prompt template of the examples (model/prompt.py's TEMPLATES: "alpaca" or "chat").
+        template: the prompt template of the examples (model/prompt.py's TEMPLATES: "alpaca", "chat", or "model",
+            the checkpoint's chat template, which messages records always use).
     Returns:
         (records, report): the examples of the good records in file order, each with its record's index; the
         LoadReport.
@@ -415,14 +483,16 @@ class TokenizedDataset:
     Attributes:
         tokens, labels: (total_tokens,) int64, the examples one after the other.
         offsets: (num_examples + 1,) int64; example i is tokens[offsets[i]:offsets[i + 1]].
-        prompt_lens: (num_examples,) int64, BOS included; source_index: (num_examples,) int64, the
-            record index of each example (DataErrors and reports name it).
+        prompt_lens: (num_examples,) int64, BOS included: the tokens before the first target; source_index:
+            (num_examples,) int64, the record index of each example (DataErrors and reports name it).
+        targets: None (every token after the prompt is a target), or (total_tokens,) bool, True at the tokens that
+            are targets (chat-template examples: every assistant turn, several runs in one example).
         lengths, num_targets: numpy int64 arrays, tokens and targets of each example.
         pad_id: the id padding and filler batches use (any valid id: padding is never attended to).
     """
 
     def __init__(self, tokens: torch.Tensor, offsets: torch.Tensor, prompt_lens: torch.Tensor,
-                 source_index: torch.Tensor, pad_id: int):
+                 source_index: torch.Tensor, pad_id: int, targets: torch.Tensor | None = None):
         for name, t, dim in (("tokens", tokens, 1), ("offsets", offsets, 1), ("prompt_lens", prompt_lens, 1),
                              ("source_index", source_index, 1)):
             if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != dim:
@@ -439,28 +509,39 @@ class TokenizedDataset:
                              f"(length {int(lengths[i])}): every example needs a target")
         if len(tokens) and int(tokens.min()) < 0:
             raise ValueError("tokens must be non-negative ids")
+        if targets is not None and (not isinstance(targets, torch.Tensor) or targets.dtype != torch.bool
+                                    or targets.shape != tokens.shape):
+            got = f"{getattr(targets, 'dtype', type(targets).__name__)} {tuple(getattr(targets, 'shape', ()))}"
+            raise TypeError(f"targets must be a bool tensor of the shape of tokens {tuple(tokens.shape)}, got {got}")
         self.tokens, self.offsets, self.prompt_lens, self.source_index = tokens, offsets, prompt_lens, source_index
-        self.pad_id = int(pad_id)
+        self.pad_id, self.targets = int(pad_id), targets
         self.lengths = lengths.numpy()
-        self.num_targets = (lengths - prompt_lens).numpy()  # positions n_prompt - 1 ... length - 2
-        # labels[t] = tokens[t + 1] where the position t lies in [n_prompt - 1, length - 2] of its example
+        # labels[t] = tokens[t + 1] where the position t lies in [n_prompt - 1, length - 2] of its example (and, with
+        # targets, where tokens[t + 1] is a target)
         example = torch.repeat_interleave(torch.arange(n), lengths)
         local = torch.arange(len(tokens)) - offsets[:-1][example]
         has_target = (local >= prompt_lens[example] - 1) & (local <= lengths[example] - 2)
+        if targets is not None:
+            has_target &= targets.roll(-1)
+        self.num_targets = torch.bincount(example[has_target], minlength=n).numpy()
         self.labels = torch.where(has_target, tokens.roll(-1), IGNORE_INDEX)
 
     @classmethod
     def from_examples(cls, examples: Sequence[Sequence[int]], prompt_lens: Sequence[int], *, pad_id: int,
-                      source_index: Sequence[int] | None = None) -> TokenizedDataset:
-        """From token lists (BOS + prompt + response + EOS) and their prompt lengths (BOS included)."""
-        if len(prompt_lens) != len(examples):
-            raise ValueError(f"prompt_lens has {len(prompt_lens)} entries for {len(examples)} examples")
+                      source_index: Sequence[int] | None = None,
+                      targets: Sequence[Sequence[bool]] | None = None) -> TokenizedDataset:
+        """From token lists (BOS + prompt + response + EOS) and their prompt lengths (BOS included); targets: None,
+        or a list of bools per example (True at its target tokens)."""
+        if len(prompt_lens) != len(examples) or (targets is not None and len(targets) != len(examples)):
+            raise ValueError(f"prompt_lens ({len(prompt_lens)}) and targets must have an entry per example "
+                             f"({len(examples)})")
         lengths = torch.tensor([len(e) for e in examples], dtype=torch.int64)
         tokens = torch.tensor([t for e in examples for t in e], dtype=torch.int64)
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
         index = range(len(examples)) if source_index is None else source_index
+        mask = None if targets is None else torch.tensor([t for e in targets for t in e], dtype=torch.bool)
         return cls(tokens, offsets, torch.tensor(list(prompt_lens), dtype=torch.int64),
-                   torch.tensor(list(index), dtype=torch.int64), pad_id)
+                   torch.tensor(list(index), dtype=torch.int64), pad_id, mask)
 
     def __len__(self) -> int:
         return len(self.prompt_lens)
@@ -475,11 +556,13 @@ class TokenizedDataset:
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
             raise IndexError(f"indices must lie in [0, {len(self)}), got {int(idx.min())} .. {int(idx.max())}")
-        parts = [self.tokens[self.offsets[i]:self.offsets[i + 1]] for i in idx.tolist()]
-        tokens = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        spans = [slice(self.offsets[i], self.offsets[i + 1]) for i in idx.tolist()]
+        tokens = torch.cat([self.tokens[s] for s in spans]) if spans else torch.zeros(0, dtype=torch.int64)
+        targets = None if self.targets is None else \
+            torch.cat([self.targets[s] for s in spans]) if spans else torch.zeros(0, dtype=torch.bool)
         lengths = torch.as_tensor(self.lengths)[idx]
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-        return TokenizedDataset(tokens, offsets, self.prompt_lens[idx], self.source_index[idx], self.pad_id)
+        return TokenizedDataset(tokens, offsets, self.prompt_lens[idx], self.source_index[idx], self.pad_id, targets)
 
 
 @dataclass
@@ -496,6 +579,7 @@ class TokenizeReport:
     tokens_truncated: int = 0  # tokens cut from them: all response tokens (EOS included), i.e. targets lost
     dropped: list[int] = field(default_factory=list)  # prompt alone >= max_seq_len: no target left
     tokens_dropped: int = 0  # all tokens of the dropped examples
+    boundary_merged: list[int] = field(default_factory=list)  # encode(prompt) not a prefix of encode(prompt + output)
 
     def summary(self) -> str:
         text = (f"{self.num_examples} examples, {self.num_tokens} tokens, {self.num_targets} targets "
@@ -506,6 +590,10 @@ class TokenizeReport:
         if self.dropped:
             text += (f"; dropped {len(self.dropped)} example(s) whose prompt alone has >= {self.max_seq_len} "
                      f"tokens ({self.tokens_dropped} tokens; records {_first(self.dropped)})")
+        if self.boundary_merged:
+            text += (f"; {len(self.boundary_merged)} example(s) whose prompt's tokens are not a prefix of the "
+                     "example's (masked by count, as the official script does; records "
+                     f"{_first(self.boundary_merged)})")
         return text
 
 
@@ -519,17 +607,22 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *,
-                     max_seq_len: int = 512) -> tuple[TokenizedDataset, TokenizeReport]:
-    """Tokenize records: BOS + prompt + output + EOS, prompt and output encoded separately.
+def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *, max_seq_len: int = 512,
+                     chat_template: ChatTemplate | None = None) -> tuple[TokenizedDataset, TokenizeReport]:
+    """Tokenize records as the official script does: encode(prompt + output, bos, eos), the first
+    len(encode(prompt, bos)) tokens masked (the module docstring); messages examples through the chat template.
 
     Arguments:
         records: from load_records or parse_records (or Record(...) built by hand).
-        tokenizer: anything with encode(text, bos, eos), bos_id, eos_id, pad_id, vocab_size.
+        tokenizer: anything with encode(text, bos, eos), bos_id, eos_id, pad_id, vocab_size (messages examples:
+            model.Tokenizer, whose encode takes special=True, and its special_tokens).
         max_seq_len: longer examples are truncated, and examples whose prompt alone fills it are
             dropped; both are counted in the report and logged as a warning.
+        chat_template: the model's chat template (model.chat.ChatTemplate), needed by messages examples.
     Returns:
         (dataset, report).
+    Raises DataError listing the messages examples the chat template or the tokenizer cannot take (a special-token
+    string in a message, a conversation the template refuses), naming each record.
     """
     _check_int("max_seq_len", max_seq_len, 2)
     for attr in ("bos_id", "eos_id", "vocab_size"):
@@ -539,27 +632,49 @@ def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *,
     pad_id = tokenizer.pad_id
     if pad_id is None or not 0 <= pad_id < tokenizer.vocab_size:
         pad_id = tokenizer.eos_id  # no pad token: any valid id does, padding is never attended to
-    examples, prompt_lens, index = [], [], []
+    examples, prompt_lens, index, masks, problems = [], [], [], [], []
+    chat = any(isinstance(r, Record) and r.messages for r in records)
     report = TokenizeReport(max_seq_len, len(records), 0, 0, 0, 0)
     for position, record in enumerate(records):
         if not isinstance(record, Record):
             raise TypeError(f"records[{position}] must be a Record, got {type(record).__name__}")
         source = position if record.index is None else record.index
-        prompt = tokenizer.encode(record.prompt, bos=True, eos=False)
-        response = tokenizer.encode(record.output, bos=False, eos=True)
-        length = len(prompt) + len(response)
-        report.longest = max(report.longest, length)
-        if len(prompt) >= max_seq_len:
+        if record.messages:
+            if chat_template is None:
+                raise DataError(f"record {source} is a conversation (messages) for the model's chat template, and "
+                                "no chat_template was given (model.chat.ChatTemplate.find(checkpoint folder))")
+            try:
+                tokens, targets = encode_chat(chat_template, tokenizer, record.messages)
+            except ValueError as e:
+                problems.append(RecordProblem(source, "messages", str(e)))
+                continue
+            targets[0] = False  # nothing predicts the first token
+            n_prompt = targets.index(True) if True in targets else len(tokens)
+        else:  # the official script: encode(prompt + output), its first len(encode(prompt)) tokens masked
+            prompt = record.prompt
+            tokens = tokenizer.encode(prompt + record.output, bos=True, eos=True)
+            prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
+            n_prompt, targets = len(prompt_ids), None
+            if tokens[:n_prompt] != prompt_ids:
+                report.boundary_merged.append(source)
+        report.longest = max(report.longest, len(tokens))
+        if n_prompt >= min(len(tokens), max_seq_len):
             report.dropped.append(source)
-            report.tokens_dropped += length
+            report.tokens_dropped += len(tokens)
             continue
-        if length > max_seq_len:
+        if len(tokens) > max_seq_len:
             report.truncated.append(source)
-            report.tokens_truncated += length - max_seq_len
-        examples.append((prompt + response)[:max_seq_len])
-        prompt_lens.append(len(prompt))
+            report.tokens_truncated += len(tokens) - max_seq_len
+        examples.append(tokens[:max_seq_len])
+        prompt_lens.append(n_prompt)
         index.append(source)
-    data = TokenizedDataset.from_examples(examples, prompt_lens, pad_id=pad_id, source_index=index)
+        if chat:  # per-token targets: every assistant turn; an Alpaca example's from its prompt on (prompt_lens)
+            masks.append(targets[:max_seq_len] if targets is not None else [True] * min(len(tokens), max_seq_len))
+    if problems:
+        raise DataError(f"{len(problems)} conversation(s) that the chat template or the tokenizer cannot take:\n"
+                        f"{_listing(problems)}", problems)
+    data = TokenizedDataset.from_examples(examples, prompt_lens, pad_id=pad_id, source_index=index,
+                                          targets=masks if chat else None)
     report.num_examples, report.num_tokens = len(data), len(data.tokens)
     report.num_targets = int(data.num_targets.sum())
     if report.truncated or report.dropped:

@@ -30,8 +30,10 @@ every linear layer of every layer, y = s * (W x + b) (--v2-scale output, the pap
 y = W (s * x) + b (--v2-scale input, the official V2 code's), the output layer's too with --v2-output-layer
 (litgpt's), and every norm (fp32): the fresh model is still the base, bit for bit; the backward then reaches
 every layer. --template chat formats the examples in the official V2 chat model's template (model/prompt.py).
-Data: train/data.py (Alpaca JSON / JSONL, bad records reported by index, loss on response tokens only),
-a seeded held-out split (--eval-size) whose loss is computed after every epoch.
+Data: train/data.py (Alpaca JSON / JSONL, bad records reported by index, loss on response tokens only; messages
+records in the checkpoint's own chat template, model/chat.py, or --chat-template's, the loss on every assistant turn;
+--template model puts every record in it), a seeded held-out split (--eval-size) whose loss is computed after every
+epoch.
 
 Multi-modal (--clip): each record may name an "image" (relative to --image-root, by default the data file's
 folder). The frozen CLIP encoder computes every image's features once, before the first step (with several
@@ -60,9 +62,11 @@ Batches (train/data.py's module docstring has the details)
 Learning rate: --lr, or by default --blr x effective batch / 256 (the paper's rule, blr 9e-3), where
 the effective batch is the number of EXAMPLES per optimizer step: batch_size x micro_batches_per_step
 when padded; when packed, where it varies from step to step, the train examples divided by the
-steps of the first epoch (the mean). AdamW, betas (0.9, 0.95), weight decay 0.02 on the parameters of
-2 or more dims only (the prompts, not the gates), linear warmup over --warmup-epochs (default 2 of
-every 5 epochs, as the paper's 2 of 5), then cosine decay to --min-lr; gradients clipped to --clip-grad.
+steps of the first epoch (the mean). AdamW, betas (0.9, 0.95), weight decay 0.02 on the prompts, the projector's
+weights and the gates (the official scripts decay every parameter of more than one dimension, their (1, H, 1, 1)
+gates included; --no-decay-gates leaves ours, (H,) or (1,), out), none on biases, V2's scales and norms; linear warmup
+over --warmup-epochs (default 2 of every 5 epochs, as the paper's 2 of 5), then cosine decay to --min-lr; gradients
+clipped to --clip-grad.
 
 Outputs (only rank 0 writes; every file goes to a temporary name and is renamed into place)
     OUT/adapter-epoch{N}.safetensors   the adapter after epoch N (save_adapter's format; load_adapter reads it)
@@ -169,6 +173,7 @@ from model import (
     write_atomic,
 )
 from model.adapter import FUSIONS, GATE_ACTS, GATES, SCALES, VERSIONS
+from model.chat import ChatTemplate
 from model.checkpoint import ADAPTER_FORMAT, peft_export_problem
 from model.cli import build_parser, check_cuda_device, cli_message, parse_dataclass
 from model.llama import check_window
@@ -205,6 +210,8 @@ LOG_COLUMNS = ("step", "epoch", "split", "loss", "lr", "grad_norm", "examples", 
 RESUMABLE_CHANGES = ("out", "resume", "overwrite", "save_every", "stop_after_steps", "device", "tensorboard", "fsdp",
                      "allow_external_files", "activation_checkpointing", "export")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# settings that a state written before they existed ran with (the gates were not decayed before --decay-gates)
+UNRECORDED_SETTINGS = {"decay_gates": False}
 
 
 class UsageError(ValueError):
@@ -261,8 +268,12 @@ class FinetuneConfig:
     v2_output_layer: bool = field(default=False, metadata={
         "help": "V2: a bias and a scale on the output layer too (litgpt's adapter_v2 does; the official code not)"})
     template: str = field(default="alpaca", metadata={
-        "help": "prompt template (model/prompt.py): alpaca, or chat (the official V2 chat model's: conversation "
-                "records give one example per reply)", "choices": TEMPLATES})
+        "help": "prompt template (model/prompt.py): alpaca, chat (the official V2 chat model's: conversation "
+                "records give one example per reply), or model (the checkpoint's chat template for every record); "
+                "messages records always use the checkpoint's chat template", "choices": TEMPLATES})
+    chat_template: Path | None = field(default=None, metadata={
+        "help": "the chat template of messages records (and --template model): a .jinja file or a "
+                "tokenizer_config.json (default: the tokenizer folder's chat_template.jinja or tokenizer_config.json)"})
     # multi-modal (model/visual.py)
     clip: Path | None = field(default=None, metadata={
         "help": "multi-modal: a local CLIP model folder; the records' \"image\" files are encoded by it (frozen) and a "
@@ -312,7 +323,12 @@ class FinetuneConfig:
     min_lr: float = field(default=0.0, metadata={"help": "learning rate at the end of the cosine decay"})
     warmup_epochs: float | None = field(default=None, metadata={
         "help": "linear warmup, in epochs (default: 0.4 x --epochs, the paper's 2 of 5)"})
-    weight_decay: float = field(default=0.02, metadata={"help": "AdamW weight decay of the prompts (not the gates)"})
+    weight_decay: float = field(default=0.02, metadata={
+        "help": "AdamW weight decay of the prompts, the projector's weights and (--decay-gates) the gates; biases, "
+                "scales and norms are not decayed"})
+    decay_gates: bool = field(default=True, metadata={
+        "help": "decay the gates too, as the official scripts do (they decay every parameter of more than one "
+                "dimension, their (1, H, 1, 1) gates included); --no-decay-gates leaves them out"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     clip_grad: float = field(default=1.0, metadata={"help": "clip the gradient norm to this; 0: no clipping"})
@@ -717,11 +733,17 @@ def batch_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device, *,
     return linear_cross_entropy(hidden, output, targets, impl=loss_impl)  # (N, dim): no IGNORE_INDEX left
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on the trained parameters of 2 or more dims (prompts, the projector's weights),
-    none on the gates (and the projector's biases)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+def param_groups(model: torch.nn.Module, weight_decay: float, *, decay_gates: bool = True) -> list[dict]:
+    """AdamW groups [decay, no decay]: weight decay on the trained parameters of 2 or more dims (prompts, the
+    projector's weights) and, with decay_gates, on the gates (gate, visual_gate: (nheads,) or (1,) here); none on
+    the biases, V2's scales and the norms. decay_gates=True is the official scripts' rule (timm's
+    param_groups_weight_decay in alpaca_finetuning_v1, misc.add_weight_decay in V2: every parameter of more than
+    one dimension, their gates being (1, H, 1, 1))."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            gate = name.rsplit(".", 1)[-1] in ("gate", "visual_gate")
+            (decay if p.dim() >= 2 or (decay_gates and gate) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -887,6 +909,7 @@ def load_state(config: FinetuneConfig, resolved: dict, inputs: dict[str, dict],
         saved = json.loads(state["config"])
     except ValueError as e:
         raise CheckpointError(f"{path}: its 'config' is not JSON ({e})") from None
+    saved = {**UNRECORDED_SETTINGS, **saved}
     changed = [f"{_flag(k)} {saved.get(k)!r} -> {v!r}" for k, v in resolved.items()
                if k not in RESUMABLE_CHANGES and saved.get(k) != v]
     if changed:
@@ -1014,7 +1037,17 @@ def load_data(config: FinetuneConfig, max_seq_len: int, say: Callable[[str], Non
     if vocab_size is not None:
         tokenizer.check_vocab(vocab_size)
     records, load_report = load_records(config.data, on_bad_record=config.on_bad_record, template=config.template)
-    data, tok_report = tokenize_records(records, tokenizer, max_seq_len=max_seq_len)
+    chat_template = ChatTemplate.from_file(config.chat_template) if config.chat_template is not None else \
+        ChatTemplate.find(tokenizer.path)
+    chats = [r.index for r in records if r.messages]
+    if chats and chat_template is None:
+        raise UsageError(f"{config.data}: record {chats[0]} (and {len(chats) - 1} more) is a conversation for the "
+                         f"model's chat template, and {tokenizer.path.parent} has none (no chat_template.jinja, no "
+                         "\"chat_template\" in tokenizer_config.json): pass --chat-template FILE (a .jinja file or a "
+                         "tokenizer_config.json)")
+    if chats:
+        say(f"chat template: {chat_template.origin}")
+    data, tok_report = tokenize_records(records, tokenizer, max_seq_len=max_seq_len, chat_template=chat_template)
     say(f"data: {load_report.summary()}")
     say(f"      {tok_report.summary()}")
     used = set(data.source_index.tolist())
@@ -1153,7 +1186,7 @@ def _run(config: FinetuneConfig, d: Dist, started: float) -> RunResult:
     warmup_epochs = 0.4 * config.epochs if config.warmup_epochs is None else config.warmup_epochs
     warmup_steps = round(warmup_epochs / config.epochs * total_steps)
     min_ratio = min(1.0, config.min_lr / lr)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr,
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, decay_gates=config.decay_gates), lr=lr,
                                   betas=(config.beta1, config.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup_steps, total_steps, min_ratio))

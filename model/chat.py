@@ -44,7 +44,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, read_json
 
 ROLES = ("system", "user", "assistant")
 
@@ -124,15 +124,7 @@ class ChatTemplate:
 
     @staticmethod
     def _config(path: Path) -> dict:
-        if not path.is_file():
-            return {}
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot be read as JSON ({e})") from None
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
-        return config
+        return read_json(path) if path.is_file() else {}
 
     @cached_property
     def _compiled(self):

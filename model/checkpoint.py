@@ -163,9 +163,10 @@ def _read_tensor_file(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return _torch_load(file, unwrap=True), {}
 
 
-def _read_json(file: Path) -> dict:
+def read_json(file: Path) -> dict:
+    """A JSON object file (config.json, tokenizer_config.json, ...), or a CheckpointError naming the file."""
     try:
-        value = json.loads(file.read_text())
+        value = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{file}: cannot be read as JSON ({e})") from e
     if not isinstance(value, dict):
@@ -323,7 +324,7 @@ def _meta_shards(folder: Path) -> list[Path]:
 
 def _read_meta(folder: Path) -> tuple[LLaMAConfig, Iterator[Item]]:
     params_file = folder / "params.json"
-    params = _read_json(params_file)
+    params = read_json(params_file)
     shards = _meta_shards(folder)
     states = [_torch_load(s) for s in shards]  # memory-mapped: nothing is read yet
     for shard, state in zip(shards[1:], states[1:], strict=True):
@@ -393,7 +394,7 @@ def _hf_files(folder: Path, allow_external_files: bool) -> list[Path]:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = folder / index_name
         if index.exists():
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: has no 'weight_map' (tensor name -> shard file)")
             for name in set(weight_map.values()):
@@ -416,7 +417,7 @@ def _hf_files(folder: Path, allow_external_files: bool) -> list[Path]:
 
 
 def _read_hf(folder: Path, allow_external_files: bool) -> tuple[LLaMAConfig, Iterator[Item]]:
-    config = _hf_config(_read_json(folder / "config.json"), folder / "config.json")
+    config = _hf_config(read_json(folder / "config.json"), folder / "config.json")
     files = _hf_files(folder, allow_external_files)
     q_rows, k_rows = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
     permuted = {"attention.wq.weight": ((q_rows, config.dim), config.n_heads), "attention.wq.bias": ((q_rows,),
@@ -925,7 +926,7 @@ def _read_adapter(path: str | os.PathLike, gate_act: str | None, adapter_len: in
         adapter = _parse_official(path, tensors, gate_act, adapter_len)
     elif any(_PEFT_RE.fullmatch(name) for name in tensors):
         if config_file.exists():
-            peft_config = _read_json(config_file)
+            peft_config = read_json(config_file)
         adapter = _parse_peft(path, tensors, peft_config)
     elif any(name.startswith(("transformer.h.", "transformer.ln_f.", "lm_head.")) for name in tensors):
         adapter = _parse_litgpt(path, tensors)

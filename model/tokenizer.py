@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import re
 from pathlib import Path
@@ -43,7 +42,7 @@ import sentencepiece
 import tiktoken
 import tokenizers
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, read_json
 
 _BOS_NAMES = ("<|begin_of_text|>", "<s>")
 _EOS_NAMES = ("<|end_of_text|>", "</s>")
@@ -126,12 +125,7 @@ class Tokenizer:
     def _special_tokens(config_file: Path) -> dict[str, str]:
         if not config_file.is_file():
             return {}
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{config_file}: cannot be read as JSON ({e})") from None
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+        config = read_json(config_file)
         tokens = {}
         for key in ("bos_token", "eos_token", "pad_token"):
             value = config.get(key)

@@ -83,3 +83,17 @@ def hf_model(config: LLaMAConfig, seed: int = 0):
 
     torch.manual_seed(seed)
     return randomize_(LlamaForCausalLM(hf_config(config)), seed).eval()
+
+
+def peft_adaption_prompt(hf, *, adapter_len: int = 4, adapter_layers: int = 1, gate: float = 0.7):
+    """PEFT's adaption prompt (its own get_peft_model) on a transformers model, every gate set to `gate`: PEFT's zero
+    init would hide the prompts from a comparison."""
+    import peft
+
+    model = peft.get_peft_model(hf, peft.AdaptionPromptConfig(adapter_len=adapter_len, adapter_layers=adapter_layers,
+                                                              task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("adaption_gate"):
+                p.fill_(gate)
+    return model

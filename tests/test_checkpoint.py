@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from model_utils import VOCAB, copy_base, hf_model, set_adapter_, tiny_config, tiny_model
+from model_utils import VOCAB, copy_base, hf_model, peft_adaption_prompt, set_adapter_, tiny_config, tiny_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -431,16 +431,11 @@ def test_litgpt_adapter_v1_file_loads(tmp_path):
 
 def test_peft_adaption_prompt_import(tmp_path):
     """A real PEFT adaption-prompt adapter: our import gives PEFT's own logits, and our format's after a round trip."""
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     config = tiny_config(gqa=True)
     hf = hf_model(config, seed=11)
     hf.save_pretrained(tmp_path / "base")
-    peft_model = peft.get_peft_model(hf, peft.AdaptionPromptConfig(adapter_len=4, adapter_layers=1,
-                                                                   task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "adaption_gate" in name:
-                p.fill_(0.7)
+    peft_model = peft_adaption_prompt(hf)
     expected = logits(peft_model.eval())
     assert (expected - logits(hf_model(config, seed=11))).abs().max() > 1e-2  # the adapter does something
     peft_model.save_pretrained(tmp_path / "peft")

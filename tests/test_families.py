@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from model_utils import VOCAB, randomize_, set_adapter_
+from model_utils import VOCAB, peft_adaption_prompt, randomize_, set_adapter_
 from safetensors import safe_open
 
 from model import (
@@ -243,15 +243,10 @@ def test_config_fields_are_checked():
 
 def test_peft_adaption_prompt_trained_on_mistral_loads(tmp_path):
     """PEFT's adaption prompt on MistralForCausalLM (GQA), its gates opened: our import gives PEFT's logits."""
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     hf = hf_family_model("mistral", gqa=True, seed=11)
     hf.save_pretrained(tmp_path / "base")
-    peft_model = peft.get_peft_model(hf, peft.AdaptionPromptConfig(adapter_len=4, adapter_layers=1,
-                                                                   task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "adaption_gate" in n:
-                p.fill_(0.7)
+    peft_model = peft_adaption_prompt(hf)
     expected = logits(peft_model.eval())
     assert (expected - logits(hf_family_model("mistral", gqa=True, seed=11))).abs().max() > 1e-2
     peft_model.save_pretrained(tmp_path / "peft")

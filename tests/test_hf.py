@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_utils import VOCAB, randomize_, tiny_config
+from model_utils import VOCAB, peft_adaption_prompt, randomize_, tiny_config
 
 from model.hf import FUSED, remove_fused_attention, use_fused_attention
 
@@ -26,13 +26,7 @@ def peft_model(model_type: str, seed: int = 0, **config_kwargs):
                           num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, vocab_size=VOCAB,
                           max_position_embeddings=c.max_seq_len, **config_kwargs)
     torch.manual_seed(seed)
-    model = peft.get_peft_model(randomize_(model_class(config), seed).eval(), peft.AdaptionPromptConfig(
-        adapter_len=4, adapter_layers=1, task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adaption_gate" in name:
-                p.fill_(0.7)
-    return model
+    return peft_adaption_prompt(randomize_(model_class(config), seed).eval())
 
 
 def logits_and_grads(model, tokens, **kwargs):

@@ -187,6 +187,25 @@ def test_official_tokenization_recipe(tokenizer):
     assert report.boundary_merged == [4] and "1 example(s) whose prompt's tokens are not a prefix" in report.summary()
 
 
+def test_litgpt_tokenization(tokenizer):
+    """tokenization="litgpt" (litgpt's SFTDataset): encode(prompt, bos) + encode(output, bos=False, eos=True), the
+    prompt's tokens masked; the response's first token is encode(output)'s ("▁Yes"); an unknown rule is refused."""
+    records = [Record(*task, index=i) for i, task in enumerate(SEED_TASKS)]
+    data, report = tokenize_records(records, tokenizer, max_seq_len=512, tokenization="litgpt")
+    for i, r in enumerate(records):
+        tokens, labels = (t.tolist() for t in data[i])
+        prompt = tokenizer.encode(r.prompt, bos=True, eos=False)
+        example = prompt + tokenizer.encode(r.output, bos=False, eos=True)
+        assert tokens == example and int(data.prompt_lens[i]) == len(prompt)
+        assert labels == [example[t + 1] if t >= len(prompt) - 1 and t + 1 < len(example) else IGNORE_INDEX
+                          for t in range(len(example))]
+    assert report.boundary_merged == []
+    official, _ = tokenize_records(records, tokenizer, max_seq_len=512)
+    assert data[3][0].tolist() != official[3][0].tolist()  # "▁Yes" here, "Yes" glued to "Response:" there
+    with pytest.raises(ValueError, match="tokenization must be one of 'official', 'litgpt', got 'hf'"):
+        tokenize_records(records, tokenizer, tokenization="hf")
+
+
 def test_labels_on_random_examples():
     data, examples, prompt_lens = random_dataset(seed=3)
     for i, (example, n_prompt) in enumerate(zip(examples, prompt_lens, strict=True)):

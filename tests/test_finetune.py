@@ -218,18 +218,20 @@ def test_resume_equals_an_uninterrupted_run(checkpoint, tmp_path):
                                                                       for r in log_rows(tmp_path / "whole")]
 
 
-def test_a_state_from_before_decay_gates_resumes_without_it(checkpoint, tmp_path):
-    """A train state written before --decay-gates existed ran without decaying the gates: resuming it with the new
-    default is refused, naming the flag; with --no-decay-gates it resumes."""
+def test_a_state_from_before_decay_gates_and_tokenization_resumes_without_them(checkpoint, tmp_path):
+    """A train state written before --decay-gates and --tokenization existed ran without decaying the gates and with
+    the response encoded on its own: resuming it with the new defaults is refused, naming both flags; with
+    --no-decay-gates --tokenization litgpt it resumes."""
     data, out = data_file(tmp_path, 2), tmp_path / "out"
-    run(config(checkpoint, data, out, decay_gates=False, stop_after_steps=1))
+    run(config(checkpoint, data, out, decay_gates=False, tokenization="litgpt", stop_after_steps=1))
     state = torch.load(out / "train_state.pt", weights_only=True)
     old = json.loads(state["config"])
-    del old["decay_gates"]
+    del old["decay_gates"], old["tokenization"]
     torch.save({**state, "config": json.dumps(old)}, out / "train_state.pt")
-    with pytest.raises(UsageError, match=r"--resume: these settings differ .*: --decay-gates False -> True\."):
+    with pytest.raises(UsageError, match=r"--resume: these settings differ .*: --tokenization 'litgpt' -> 'official'; "
+                                         r"--decay-gates False -> True\."):
         run(config(checkpoint, data, out, resume=True))
-    assert run(config(checkpoint, data, out, resume=True, decay_gates=False)).steps == 2
+    assert run(config(checkpoint, data, out, resume=True, decay_gates=False, tokenization="litgpt")).steps == 2
 
 
 def test_fp16_loss_scaling_resumes_exactly(checkpoint, tmp_path, monkeypatch):

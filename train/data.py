@@ -49,6 +49,10 @@ Tokenization (the official LLaMA-Adapter script's, alpaca_finetuning_v1/finetuni
     still by count, as in the official script (the first target may then be a token that began in the prompt);
     such examples are counted in TokenizeReport.boundary_merged and the summary names them. Generation
     (model/generate.py) encodes the prompt alone, as the official demo does.
+    tokenization="litgpt" (train.finetune --tokenization litgpt) is litgpt's rule instead (its SFTDataset):
+    tokens = encode(prompt, bos=True) + encode(output, bos=False, eos=True), the response encoded on its own
+    ("▁Yes"), so that the prompt's tokens are always a prefix; it is also what this project did before it
+    followed the official script.
     Special-token strings in the text ("</s>", "<|eot_id|>") are text, never control tokens (model/tokenizer.py):
     a record cannot end its example early or inject a turn.
     Messages examples: tokens = encode_chat(chat_template, tokenizer, messages) (model/chat.py): the ids of
@@ -607,8 +611,12 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+TOKENIZATIONS = ("official", "litgpt")
+
+
 def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *, max_seq_len: int = 512,
-                     chat_template: ChatTemplate | None = None) -> tuple[TokenizedDataset, TokenizeReport]:
+                     chat_template: ChatTemplate | None = None,
+                     tokenization: str = "official") -> tuple[TokenizedDataset, TokenizeReport]:
     """Tokenize records as the official script does: encode(prompt + output, bos, eos), the first
     len(encode(prompt, bos)) tokens masked (the module docstring); messages examples through the chat template.
 
@@ -619,12 +627,14 @@ def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *, max
         max_seq_len: longer examples are truncated, and examples whose prompt alone fills it are
             dropped; both are counted in the report and logged as a warning.
         chat_template: the model's chat template (model.chat.ChatTemplate), needed by messages examples.
+        tokenization: "official" (above) or "litgpt": encode(prompt, bos) + encode(output, bos=False, eos=True).
     Returns:
         (dataset, report).
     Raises DataError listing the messages examples the chat template or the tokenizer cannot take (a special-token
     string in a message, a conversation the template refuses), naming each record.
     """
     _check_int("max_seq_len", max_seq_len, 2)
+    _check_choice("tokenization", tokenization, TOKENIZATIONS)
     for attr in ("bos_id", "eos_id", "vocab_size"):
         value = getattr(tokenizer, attr, None)
         if not isinstance(value, (int, np.integer)) and not (attr == "bos_id" and value is None):  # no BOS: Qwen2
@@ -650,6 +660,10 @@ def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *, max
                 continue
             targets[0] = False  # nothing predicts the first token
             n_prompt = targets.index(True) if True in targets else len(tokens)
+        elif tokenization == "litgpt":  # the response encoded on its own
+            prompt_ids = tokenizer.encode(record.prompt, bos=True, eos=False)
+            tokens = prompt_ids + tokenizer.encode(record.output, bos=False, eos=True)
+            n_prompt, targets = len(prompt_ids), None
         else:  # the official script: encode(prompt + output), its first len(encode(prompt)) tokens masked
             prompt = record.prompt
             tokens = tokenizer.encode(prompt + record.output, bos=True, eos=True)

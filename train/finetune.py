@@ -181,6 +181,7 @@ from model.prompt import TEMPLATES
 from model.quantize import QUANTIZE_MODES, check_quantize, logical_numel
 from train.data import (
     IGNORE_INDEX,
+    TOKENIZATIONS,
     DataError,
     PackedLoader,
     PaddedLoader,
@@ -210,8 +211,9 @@ LOG_COLUMNS = ("step", "epoch", "split", "loss", "lr", "grad_norm", "examples", 
 RESUMABLE_CHANGES = ("out", "resume", "overwrite", "save_every", "stop_after_steps", "device", "tensorboard", "fsdp",
                      "allow_external_files", "activation_checkpointing", "export")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# settings that a state written before they existed ran with (the gates were not decayed before --decay-gates)
-UNRECORDED_SETTINGS = {"decay_gates": False}
+# settings that a state written before they existed ran with (the gates were not decayed before --decay-gates, the
+# response was encoded on its own before --tokenization)
+UNRECORDED_SETTINGS = {"decay_gates": False, "tokenization": "litgpt"}
 
 
 class UsageError(ValueError):
@@ -274,6 +276,10 @@ class FinetuneConfig:
     chat_template: Path | None = field(default=None, metadata={
         "help": "the chat template of messages records (and --template model): a .jinja file or a "
                 "tokenizer_config.json (default: the tokenizer folder's chat_template.jinja or tokenizer_config.json)"})
+    tokenization: str = field(default="official", metadata={
+        "help": "official: encode(prompt + response), the prompt's tokens masked (the official script's); litgpt: "
+                "the response encoded on its own after the prompt (litgpt's, and this project's before)",
+        "choices": TOKENIZATIONS})
     # multi-modal (model/visual.py)
     clip: Path | None = field(default=None, metadata={
         "help": "multi-modal: a local CLIP model folder; the records' \"image\" files are encoded by it (frozen) and a "
@@ -416,7 +422,7 @@ class FinetuneConfig:
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for name, choices in (("gate", GATES), ("gate_act", GATE_ACTS), ("on_bad_record", ("error", "skip")),
                               ("dtype", ("auto", *DTYPES)), ("adapter_version", VERSIONS), ("v2_scale", SCALES),
-                              ("template", TEMPLATES), ("fusion", (None, *FUSIONS))):
+                              ("template", TEMPLATES), ("fusion", (None, *FUSIONS)), ("tokenization", TOKENIZATIONS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         check_quantize(self.quantize, argument="--quantize")
@@ -1047,7 +1053,8 @@ def load_data(config: FinetuneConfig, max_seq_len: int, say: Callable[[str], Non
                          "tokenizer_config.json)")
     if chats:
         say(f"chat template: {chat_template.origin}")
-    data, tok_report = tokenize_records(records, tokenizer, max_seq_len=max_seq_len, chat_template=chat_template)
+    data, tok_report = tokenize_records(records, tokenizer, max_seq_len=max_seq_len, chat_template=chat_template,
+                                        tokenization=config.tokenization)
     say(f"data: {load_report.summary()}")
     say(f"      {tok_report.summary()}")
     used = set(data.source_index.tolist())

@@ -1,9 +1,10 @@
 """Chat templates: a checkpoint's own prompt format, for chat data (train/data.py) and `model.generate --chat`.
 
-    from model.chat import ChatTemplate, encode_chat
+    from model.chat import ChatTemplate, encode_chat, encode_chat_prompt
     template = ChatTemplate.find("Llama-2-7b-chat-hf/")          # its tokenizer_config.json's chat_template
     messages = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "And?")]
     text = template.render(messages, add_generation_prompt=True)  # the prompt of the next assistant turn
+    prompt = encode_chat_prompt(template, tokenizer, messages)     # its ids: generation's prompt
     ids, targets = encode_chat(template, tokenizer, messages[:3])   # training: targets True on the assistant turns
 
 Where the template comes from (ChatTemplate.find / from_file): a folder's chat_template.jinja (transformers' newer
@@ -35,12 +36,12 @@ data are text, never control tokens (model/tokenizer.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -126,29 +127,12 @@ class ChatTemplate:
     def _config(path: Path) -> dict:
         return read_json(path) if path.is_file() else {}
 
-    @cached_property
+    @property
     def _compiled(self):
         import jinja2
-        from jinja2.ext import Extension, loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        class Generation(Extension):  # {% generation %} ... {% endgeneration %}: the content, as it is
-            tags = {"generation"}
-
-            def parse(self, parser):
-                lineno = next(parser.stream).lineno
-                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-                return jinja2.nodes.Scope(body).set_lineno(lineno)
-
-        def raise_exception(message: str):
-            raise jinja2.exceptions.TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
-        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
-            json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-        env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
         try:
-            return env.from_string(self.source)
+            return _compile(self.source)
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise CheckpointError(f"{self.origin}: the chat template is not valid jinja2 (line {e.lineno}: "
                                   f"{e.message})") from None
@@ -172,6 +156,33 @@ class ChatTemplate:
             raise ValueError(f"the chat template of {self.origin} refuses this conversation: {e}") from None
 
 
+@functools.cache
+def _compile(source: str):
+    """The compiled template of source, in the environment transformers renders chat templates in; compiled once per
+    source (a template is rendered for every record: encode_chat renders each conversation several times, and
+    for_tokenizer makes new ChatTemplate objects of the same source)."""
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):  # {% generation %} ... {% endgeneration %}: the content, as it is
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    def raise_exception(message: str):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
+        json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
+    return env.from_string(source)
+
+
 def check_messages(messages: Sequence[tuple[str, str]], special_tokens: frozenset[str] = frozenset()) -> None:
     """ValueError naming the message: a role not in ROLES, content not a string, or content holding one of
     special_tokens (the module docstring)."""
@@ -185,6 +196,16 @@ def check_messages(messages: Sequence[tuple[str, str]], special_tokens: frozense
             raise ValueError(f"message {i} ({role}): its content holds the tokenizer's special token {found[0]!r}; "
                              "special-token strings in data are text, but a chat template's text is tokenized with "
                              "its special tokens, so it would become a control token")
+
+
+def encode_chat_prompt(template: ChatTemplate, tokenizer: ChatTokenizer,
+                       messages: Sequence[tuple[str, str]]) -> list[int]:
+    """The ids of a conversation with the assistant's turn opened, the prompt a reply is generated from (model.generate
+    --chat), tokenized as encode_chat tokenizes. ValueError as check_messages, or for a conversation the template
+    refuses."""
+    check_messages(messages, tokenizer.special_tokens)
+    text = template.for_tokenizer(tokenizer).render(messages, add_generation_prompt=True)
+    return tokenizer.encode(text, bos=False, special=True)
 
 
 def encode_chat(template: ChatTemplate, tokenizer: ChatTokenizer,

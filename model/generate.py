@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from .adapter import AdapterConfig
-from .chat import ChatTemplate, check_messages
+from .chat import ChatTemplate, encode_chat_prompt
 from .checkpoint import CheckpointError
 from .cli import check_cuda_device, cli_message, parse_dataclass
 from .llama import LLaMA, LLaMAConfig, check_window
@@ -367,16 +367,13 @@ class Chat:
             raise SystemExit(f"{PROG}: error: --chat: {tokenizer.path.parent} has no chat template (no "
                              "chat_template.jinja, no \"chat_template\" in tokenizer_config.json); pass "
                              "--chat-template FILE, or use --template alpaca|chat")
-        self.template, self.tokenizer = template.for_tokenizer(tokenizer), tokenizer
+        self.template, self.tokenizer = template, tokenizer
         self.messages: list[tuple[str, str]] = [("system", system)] if system else []
 
     def prompt(self, message: str) -> list[int]:
         """The ids of the conversation so far with the user's message and the assistant's turn opened; ValueError
         for a message holding a special-token string (model/chat.py) or one the template refuses."""
-        messages = [*self.messages, ("user", message)]
-        check_messages(messages, self.tokenizer.special_tokens)
-        text = self.template.render(messages, add_generation_prompt=True)
-        return self.tokenizer.encode(text, bos=False, special=True)
+        return encode_chat_prompt(self.template, self.tokenizer, [*self.messages, ("user", message)])
 
 
 def check_prompt_length(length: int, max_new_tokens: int, config: LLaMAConfig) -> None:

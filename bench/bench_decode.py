@@ -76,14 +76,13 @@ from bench.common import (  # noqa: E402
     check_choices,
     check_results,
     config_from_args,
-    describe_exception,
     exact_fp32_matmuls,
     format_table,
     free_device_memory,
-    is_oom,
     list_of,
     model_config,
     model_name,
+    oom_reason,
     op_backend,
     opt,
     peak_memory_since_reset,
@@ -374,9 +373,7 @@ def run(cfg: DecodeBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapp
             left_pad = check_left_pad(cfg.check_batch, cfg.prompt_len)
             expected = expected_logits(model, prompts, continuation, left_pad)
         except Exception as exc:  # out of memory building the model or computing the oracle; anything else is a bug
-            if not is_oom(exc):
-                raise
-            reason = "out of memory: " + describe_exception(exc)
+            reason = oom_reason(exc)
             del exc
             model = None
             free_device_memory(device, collect=True)
@@ -399,9 +396,7 @@ def run(cfg: DecodeBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapp
                 try:
                     m = time_provider(model, prov, batch, cfg, device, name)
                 except Exception as exc:  # out of memory; anything else is a bug
-                    if not is_oom(exc):
-                        raise
-                    reason = "out of memory: " + describe_exception(exc)
+                    reason = oom_reason(exc)
                     del exc
                     model.clear_cache()
                     free_device_memory(device, collect=True)

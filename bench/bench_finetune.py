@@ -118,14 +118,13 @@ from bench.common import (  # noqa: E402
     check_choices,
     check_results,
     config_from_args,
-    describe_exception,
     exact_fp32_matmuls,
     format_table,
     free_device_memory,
-    is_oom,
     list_of,
     model_config,
     model_name,
+    oom_reason,
     op_backend,
     opt,
     peak_memory_since_reset,
@@ -760,9 +759,7 @@ def run_version(name: str, version: int, active: list[Provider], data: Tokenized
         log(f"   check: one step on {len(ids)} examples ({int(data.lengths[ids].sum())} tokens) against "
             f"{expected.oracle_desc}")
     except Exception as exc:  # out of memory building the model or computing the oracle; anything else is a bug
-        if not is_oom(exc):
-            raise
-        reason = "out of memory: " + describe_exception(exc)
+        reason = oom_reason(exc)
         del exc
         model = None
         free_device_memory(device, collect=True)
@@ -780,9 +777,7 @@ def run_version(name: str, version: int, active: list[Provider], data: Tokenized
             result.checks[(name, prov.name)] = ratios
             m = time_provider(model, data, prov, cfg, device, name)
         except Exception as exc:  # out of memory; anything else is a bug
-            if not is_oom(exc):
-                raise
-            reason = "out of memory: " + describe_exception(exc)
+            reason = oom_reason(exc)
             del exc
             model.zero_grad(set_to_none=True)
             free_device_memory(device, collect=True)
@@ -1077,9 +1072,7 @@ def run_memory(cfg: FinetuneBenchConfig, env: BenchEnv, out_dir: Path, *,
                     built = (name, base)
                 m, peak = _memory_step(model, checkpointing, tokens, cfg, env)
             except Exception as exc:  # out of memory; anything else is a bug
-                if not is_oom(exc):
-                    raise
-                reason = "out of memory: " + describe_exception(exc)
+                reason = oom_reason(exc)
                 del exc
                 model, built = None, None
                 free_device_memory(device, collect=True)

@@ -217,6 +217,14 @@ def free_device_memory(device: torch.device, *, collect: bool = False) -> None:
         torch.cuda.empty_cache()
 
 
+def oom_reason(exc: BaseException) -> str:
+    """'out of memory: <the error in one line>' for an out-of-memory error; any other exception is re-raised (a bug).
+    The caller then drops exc and what it held, and frees the device's memory."""
+    if not is_oom(exc):
+        raise exc
+    return "out of memory: " + describe_exception(exc)
+
+
 def describe_exception(exc: BaseException, limit: int = 300) -> str:
     """One line naming the exception: 'OutOfMemoryError: CUDA out of memory. Tried to ...'."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]

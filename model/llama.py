@@ -85,12 +85,6 @@ from torch.utils.checkpoint import checkpoint
 from kernels import zero_init_attention
 
 
-def compute_dtype(linear: nn.Module) -> torch.dtype:
-    """The dtype a linear layer takes and gives: its weight's, or, for a quantized one (model/quantize.py: packed
-    integer weights), the dtype it dequantizes to."""
-    return getattr(linear, "compute_dtype", None) or linear.weight.dtype
-
-
 class ConfigValueError(ValueError):
     """A LLaMAConfig (or RopeScaling) value of the wrong type or out of its range; .field names the field
     ("rope_scaling.factor" for a RopeScaling one), so that a checkpoint reader can name its file's key."""

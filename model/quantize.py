@@ -19,7 +19,7 @@ Which weights: every layer's attention (wq, wk, wv, wo) and MLP (w1, w2, w3) lin
 quantize_output=True (not when it is tied to the embedding). The embedding and the norms stay in the base dtype; the
 adapter (prompts, gates, projector) stays fp32 and trains as before, and the fused op is unchanged: it only sees
 the activations. A quantized layer is still an nn.Linear (a subclass), called as before, but its weight is packed:
-compute_dtype(layer) (model/llama.py) is the dtype it takes and gives, not layer.weight.dtype.
+layer_compute_dtype(layer) is the dtype it takes and gives, not layer.weight.dtype.
 
 Loading (load_checkpoint(..., quantize=), model/checkpoint.py): each weight is quantized on its device as soon as
 it is read, and its full-precision copy is freed before the next one is read, shard by shard and tensor by tensor
@@ -145,11 +145,17 @@ def _quantized_linear(bnb, weight: torch.Tensor, mode: str, compute_dtype: torch
     elif mode == "int8":
         layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False,
                                     threshold=INT8_THRESHOLD, device="meta")
-        layer.compute_dtype = compute_dtype  # Linear8bitLt gives its input's dtype; model/llama.py reads this
+        layer.compute_dtype = compute_dtype  # Linear8bitLt gives its input's dtype; layer_compute_dtype reads this
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)._quantize(weight.device)
     else:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
     return layer
+
+
+def layer_compute_dtype(linear: nn.Module) -> torch.dtype:
+    """The dtype a linear layer takes and gives: its weight's, or, for a quantized one (packed integer weights), the
+    dtype it dequantizes to."""
+    return getattr(linear, "compute_dtype", None) or linear.weight.dtype
 
 
 def quantize_model(model: nn.Module, mode: str, *, quantize_output: bool = False) -> nn.Module:

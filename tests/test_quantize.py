@@ -22,7 +22,6 @@ from model import (
     mark_only_adapter_as_trainable,
     save_checkpoint,
 )
-from model.llama import compute_dtype
 
 pytest.importorskip("bitsandbytes")  # a dev dependency; a GPU machine has it only when its wheel is carried
 
@@ -76,7 +75,7 @@ def test_nf4_is_qlora_format_and_its_logits_err_by_nf4_alone(checkpoint):
     for layer in layers.values():
         state = layer.weight.quant_state
         assert (state.quant_type, state.blocksize, state.nested, state.state2.blocksize) == ("nf4", 64, True, 256)
-        assert layer.weight.dtype == torch.uint8 and compute_dtype(layer) == torch.float32
+        assert layer.weight.dtype == torch.uint8 and quantize.layer_compute_dtype(layer) == torch.float32
     # 4.127 bits per weight, as bench/memory.py's plan counts them; the embedding, norms and output layer as they were
     linears = {f"{n}.weight" for n in LINEARS}
     kept = {name: p for name, p in base.named_parameters() if name not in linears}
@@ -145,7 +144,7 @@ def test_int8_weights_and_logits(checkpoint, dtype):
     int8 = load_checkpoint(checkpoint, dtype=dtype, quantize="int8")
     assert quantize.quantize_mode(int8) == "int8"
     for _, layer in quantize.quantized_layers(int8):
-        assert layer.weight.dtype == torch.int8 and compute_dtype(layer) == dtype
+        assert layer.weight.dtype == torch.int8 and quantize.layer_compute_dtype(layer) == dtype
     # training (bitsandbytes dequantizes the weight per matmul): the base with int8's rounding of its weights
     rounded = _dequantized(load_checkpoint(checkpoint, dtype=dtype).train(), int8)
     tol = 1e-5 if dtype == torch.float32 else 1e-2

@@ -52,7 +52,7 @@ from .chat import ChatTemplate, encode_chat_prompt
 from .checkpoint import CheckpointError
 from .cli import check_cuda_device, cli_message, parse_dataclass
 from .llama import LLaMA, LLaMAConfig, check_window
-from .prompt import CHAT_TEMPLATE, TEMPLATES, format_prompt
+from .prompt import CHAT_TEMPLATE, TEMPLATES, format_prompt, user_message
 from .quantize import QUANTIZE_MODES, check_quantize
 
 PROG = "python -m model.generate"
@@ -313,8 +313,7 @@ def run(args: Args) -> None:
     config = load_config(args.checkpoint, allow_external_files=args.allow_external_files)
     tokenizer = Tokenizer(args.tokenizer or args.checkpoint)
     tokenizer.check_vocab(config.vocab_size)
-    message = None if args.instruction is None else \
-        f"{args.instruction}\n{args.input}" if args.input.strip() else args.instruction
+    message = None if args.instruction is None else user_message(args.instruction, args.input)
     if args.chat:
         chat = Chat(tokenizer, args.chat_template, args.system)
         try:

@@ -47,6 +47,11 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
+def user_message(instruction: str, input: str = "") -> str:
+    """An instruction as one message of a chat: the instruction, and its input (if not blank) on a new line."""
+    return f"{instruction}\n{input}" if input and input.strip() else instruction
+
+
 def chat_prompt(message: str, history: Sequence[tuple[str, str]] = ()) -> str:
     """The official V2 chat template up to the assistant's open turn: the system line, the earlier (human,
     assistant) exchanges, then the human's message; the reply follows "Assistant:" directly."""
@@ -64,7 +69,7 @@ def format_prompt(template: str, instruction: str, input: str = "", history: Seq
             raise ValueError("the alpaca template has no earlier turns (history); use template='chat'")
         return alpaca_prompt(instruction, input)
     if template == "chat":
-        return chat_prompt(f"{instruction}\n{input}" if input and input.strip() else instruction, history)
+        return chat_prompt(user_message(instruction, input), history)
     if template == CHAT_TEMPLATE:
         raise ValueError(f"the {CHAT_TEMPLATE!r} template is the checkpoint's chat template: it renders messages "
                          "(model/chat.py), not a prompt string")

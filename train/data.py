@@ -121,7 +121,7 @@ import torch
 
 from model.chat import ROLES, ChatTemplate, encode_chat
 from model.cli import remedy_text
-from model.prompt import CAPTION_INSTRUCTION, CHAT_TEMPLATE, TEMPLATES, format_prompt
+from model.prompt import CAPTION_INSTRUCTION, CHAT_TEMPLATE, TEMPLATES, format_prompt, user_message
 
 log = logging.getLogger(__name__)
 
@@ -355,8 +355,8 @@ def _record(instruction: str, input: str, output: str, index: int, image: str | 
     new line) and the assistant's reply."""
     if template != CHAT_TEMPLATE:
         return Record(instruction, input, output, index, image, template)
-    user = f"{instruction}\n{input}" if input.strip() else instruction
-    return Record(instruction, input, output, index, image, template, messages=(("user", user), ("assistant", output)))
+    return Record(instruction, input, output, index, image, template,
+                  messages=(("user", user_message(instruction, input)), ("assistant", output)))
 
 
 class _InvalidJSON(str):

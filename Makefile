@@ -2,21 +2,26 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# Every package of the test environment at the version the suite passed with (torch's pin included).
+CONSTRAINTS := constraints.txt
 # The CPU build of torch on a CPU machine; on a GPU machine the same pin takes PyPI's CUDA build.
-TORCH_VERSION ?= 2.13.0
+TORCH_VERSION ?= $(shell sed -n 's/^torch==//p' $(CONSTRAINTS))
 PYTEST_ARGS ?=
+LATEST := .venv-latest
 
-.PHONY: install test lint bench demo clean
+.PHONY: install test test-latest lint bench demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch goes in first, pinned, so that nothing pulls a multi-GB CUDA build onto a CPU machine.
-# With a CPU torch, triton and numpy are pinned to versions whose interpreter runs the tests.
-$(VENV)/.installed: setup.py constraints-cpu.txt | $(BIN)/python
+# torch goes in first, pinned, so that nothing pulls a multi-GB CUDA build onto a CPU machine; then the rest at
+# the pinned versions. A CUDA torch brings its own triton, so its pin is left out there.
+$(VENV)/.installed: setup.py $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]" \
-	    $$($(BIN)/python -c "import torch; print('-c constraints-cpu.txt' if torch.version.cuda is None else '')")
+	$(BIN)/python -c "import torch; cuda = torch.version.cuda is not None; \
+	    print(*[l for l in open('$(CONSTRAINTS)').read().splitlines() \
+	            if not l.startswith(('torch==', 'triton==' if cuda else '#'))], sep='\n')" > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install --quiet -e ".[dev]" -c $(VENV)/constraints.txt
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,14 +29,24 @@ install: $(VENV)/.installed
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# Not in CI: the newest releases of everything but torch (kept at the pinned CPU build) in .venv-latest, the
+# versions that moved from constraints.txt, then the suite on them.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST)/bin/python tests/pins.py $(CONSTRAINTS)
+	$(LATEST)/bin/python -m pytest -q $(PYTEST_ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 
 bench: install
-	$(BIN)/python -m bench.bench_attention
+	$(BIN)/llama-adapter bench attention
 
 demo: install
-	$(BIN)/python -m train.demo
+	$(BIN)/llama-adapter demo
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .benchmarks
+	rm -rf $(VENV) $(LATEST) build dist *.egg-info .pytest_cache .ruff_cache .benchmarks

@@ -30,15 +30,15 @@ gets a "skipped" row with the reason.
 
 Examples:
     # one GPU: the full sweep; rows appended to bench/results/attention.csv, plot + summary beside it
-    python -m bench.bench_attention
+    llama-adapter bench attention
     # one GPU, narrowed: the H100 targets' configuration only
-    python -m bench.bench_attention --dtypes bf16 --headdims 128 --seqlens 512,1024,2048,4096 --modes full
+    llama-adapter bench attention --dtypes bf16 --headdims 128 --seqlens 512,1024,2048,4096 --modes full
     # a sweep in pieces (to fit shorter time limits), then one table, target check and plot from all their rows
-    python -m bench.bench_attention --dtypes bf16 --headdims 128
-    python -m bench.bench_attention --dtypes bf16 --headdims 64      # ... and fp16
-    python -m bench.bench_attention --report bench/results/attention.csv
+    llama-adapter bench attention --dtypes bf16 --headdims 128
+    llama-adapter bench attention --dtypes bf16 --headdims 64      # ... and fp16
+    llama-adapter bench attention --report bench/results/attention.csv
     # CPU (or anywhere): the tiny smoke configuration, written to a temporary folder or --out
-    python -m bench.bench_attention --smoke --out /tmp/bench-smoke
+    llama-adapter bench attention --smoke --out /tmp/bench-smoke
 On a CPU the numbers mean nothing for the GPU: the run only shows that the benchmark works and that every
 provider computes the right answer. Several GPUs: the benchmark uses the current device (CUDA_VISIBLE_DEVICES).
 """
@@ -60,15 +60,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):  # run as a file (python bench/bench_attention.py): import from this checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 if not torch.cuda.is_available():
     # as in tests/conftest.py: without a GPU the Triton kernels run under Triton's interpreter; it must be
     # set before `kernels` is first imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import kernels  # noqa: E402
-from bench.common import (  # noqa: E402
+from llama_adapter_triton.bench.common import (  # noqa: E402
     CPU_NOTICE,
     DTYPES,
     BenchEnv,
@@ -104,6 +101,8 @@ from bench.common import (  # noqa: E402
     time_fn,
     unique_path,
 )
+from llama_adapter_triton.kernels.reference import zero_init_attention_ref  # noqa: E402
+from llama_adapter_triton.kernels.zero_init_attn import zero_init_attention  # noqa: E402
 
 WHAT = "attention"
 MODES = ("fwd", "bwd", "full")
@@ -267,7 +266,7 @@ def reference_outputs(x: Inputs, dtype: torch.dtype, *, adapter: bool, need_grad
                 parts = [q[bs, :, hs], k[bs, :, kvs], v[bs, :, kvs], pk[pbs, :, kvs], pv[pbs, :, kvs], gate[gs]]
                 parts = [t.detach().requires_grad_(need_grad) for t in parts]
                 with torch.set_grad_enabled(need_grad):
-                    o = kernels.zero_init_attention_ref(*parts, causal=True, gate_act=c.gate_act)
+                    o = zero_init_attention_ref(*parts, causal=True, gate_act=c.gate_act)
                 out[bs, :, hs] = o.detach()
                 if need_grad:
                     got = torch.autograd.grad(o, parts[:n_grads], dout[bs, :, hs])
@@ -342,14 +341,14 @@ class Provider:
 
 def _build_fused(x: Inputs, *, deterministic: bool = True) -> tuple[Forward, dict[str, str]]:
     act = x.case.gate_act
-    fwd = lambda: kernels.zero_init_attention(x.q, x.k, x.v, x.prompt_k, x.prompt_v, x.gate, causal=True,
+    fwd = lambda: zero_init_attention(x.q, x.k, x.v, x.prompt_k, x.prompt_v, x.gate, causal=True,
                                               gate_act=act, deterministic=deterministic)
     return fwd, {"op_backend": op_backend(x.device), "deterministic": str(deterministic)}
 
 
 def _build_eager(x: Inputs) -> tuple[Forward, dict[str, str]]:
     act = x.case.gate_act
-    fwd = lambda: kernels.zero_init_attention_ref(x.q, x.k, x.v, x.prompt_k, x.prompt_v, x.gate, causal=True,
+    fwd = lambda: zero_init_attention_ref(x.q, x.k, x.v, x.prompt_k, x.prompt_v, x.gate, causal=True,
                                                   gate_act=act)
     return fwd, {}
 
@@ -646,7 +645,7 @@ SMOKE = dict(seqlens=(64, 128), headdims=(32,), dtypes=("bf16",), shapes=("tiny"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.bench_attention",
+        prog="llama-adapter bench attention",
         description="Benchmark zero-init attention: the fused op against the eager reference and the peers.",
         epilog="Lists are comma-separated. Without a GPU the run is the smoke configuration and its numbers "
                "mean nothing for the GPU.")

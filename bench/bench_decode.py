@@ -29,11 +29,11 @@ from the first token to the last), decode step median / p20 / p80 (ms per step, 
 
 Examples:
     # one GPU: rows appended to bench/results/decode.csv, bar chart + summary beside it
-    python -m bench.bench_decode
-    python -m bench.bench_decode --batch-sizes 1,4,16,64 --new-tokens 256
-    python -m bench.bench_decode --batch-sizes 16 --ragged yes        # uneven prompts, left-padded
+    llama-adapter bench decode
+    llama-adapter bench decode --batch-sizes 1,4,16,64 --new-tokens 256
+    llama-adapter bench decode --batch-sizes 16 --ragged yes        # uneven prompts, left-padded
     # CPU (or anywhere): the tiny smoke configuration, written to a temporary folder or --out
-    python -m bench.bench_decode --smoke --out /tmp/bench-decode
+    llama-adapter bench decode --smoke --out /tmp/bench-decode
 On a CPU the numbers mean nothing for the GPU: the run only shows that the benchmark works and that every
 provider computes the right answer.
 """
@@ -52,15 +52,13 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a file (python bench/bench_decode.py): import from this checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 if not torch.cuda.is_available():
     # as in tests/conftest.py: without a GPU the Triton kernels run under Triton's interpreter; it must be
     # set before `kernels` is first imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.bench_attention import sdpa_backend  # noqa: E402
-from bench.common import (  # noqa: E402
+from llama_adapter_triton.bench.bench_attention import sdpa_backend  # noqa: E402
+from llama_adapter_triton.bench.common import (  # noqa: E402
     CPU_NOTICE,
     BenchEnv,
     ConfigError,
@@ -95,8 +93,9 @@ from bench.common import (  # noqa: E402
     unpatched,
     yes_no,
 )
-from model import AdapterConfig, LLaMA  # noqa: E402
-from model.generate import stream  # noqa: E402
+from llama_adapter_triton.model.adapter import AdapterConfig  # noqa: E402
+from llama_adapter_triton.model.generate import stream  # noqa: E402
+from llama_adapter_triton.model.llama import LLaMA  # noqa: E402
 
 WHAT = "decode"
 DTYPE = torch.bfloat16  # the base; the adapter is fp32
@@ -156,7 +155,7 @@ SMOKE = dict(models=("smoke",), batch_sizes=(1, 2), prompt_len=8, new_tokens=4, 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.bench_decode",
+        prog="llama-adapter bench decode",
         description="Benchmark LLaMA-Adapter generation with the KV cache: the fused op against the eager reference.",
         epilog="Lists are comma-separated. Without a GPU the run is the smoke configuration and its numbers mean "
                "nothing for the GPU.")

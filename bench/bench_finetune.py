@@ -65,14 +65,14 @@ prints the predictions alone: no model is built, no GPU is needed.
 
 Examples:
     # one GPU: LLaMA-7B and 13B shapes, rows appended to bench/results/finetune.csv, bar chart + summary beside it
-    python -m bench.bench_finetune
-    python -m bench.bench_finetune --models llama-7b --token-budget 16384       # a larger packed micro-batch
-    python -m bench.bench_finetune --data alpaca_data.json --tokenizer llama/tokenizer.model   # real lengths
+    llama-adapter bench finetune
+    llama-adapter bench finetune --models llama-7b --token-budget 16384       # a larger packed micro-batch
+    llama-adapter bench finetune --data alpaca_data.json --tokenizer llama/tokenizer.model   # real lengths
     # CPU (or anywhere): the tiny smoke configuration, written to a temporary folder or --out
-    python -m bench.bench_finetune --smoke --out /tmp/bench-finetune
+    llama-adapter bench finetune --smoke --out /tmp/bench-finetune
     # memory: the predictions for 7B/13B/70B anywhere; the measured rows on a GPU, one model shape per call
-    python -m bench.bench_finetune --memory-plan yes
-    python -m bench.bench_finetune --memory yes --memory-models llama2-70b --bases nf4
+    llama-adapter bench finetune --memory-plan yes
+    llama-adapter bench finetune --memory yes --memory-models llama2-70b --bases nf4
 On a CPU the numbers mean nothing for the GPU: the run only shows that the benchmark works and that every
 provider computes the right answer. Several GPUs: the benchmark uses the current device (CUDA_VISIBLE_DEVICES).
 """
@@ -93,15 +93,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-if __package__ in (None, ""):  # run as a file (python bench/bench_finetune.py): import from this checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 if not torch.cuda.is_available():
     # as in tests/conftest.py: without a GPU the Triton kernels run under Triton's interpreter; it must be
     # set before `kernels` is first imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.bench_attention import sdpa_backend  # noqa: E402
-from bench.common import (  # noqa: E402
+from llama_adapter_triton.bench.bench_attention import sdpa_backend  # noqa: E402
+from llama_adapter_triton.bench.common import (  # noqa: E402
     CPU_NOTICE,
     BenchEnv,
     ConfigError,
@@ -138,17 +136,13 @@ from bench.common import (  # noqa: E402
     unpatched,
     yes_no,
 )
-from bench.memory import BASES, MemoryPlan, TensorMemory, model_tensors  # noqa: E402
-from model import (  # noqa: E402
-    AdapterConfig,
-    LLaMA,
-    Tokenizer,
-    adapter_state_dict,
-    remove_fused_attention,
-    use_fused_attention,
-)
-from model.checkpoint import hf_config_dict  # noqa: E402
-from train.data import (  # noqa: E402
+from llama_adapter_triton.bench.memory import BASES, MemoryPlan, TensorMemory, model_tensors  # noqa: E402
+from llama_adapter_triton.model.adapter import AdapterConfig, adapter_state_dict  # noqa: E402
+from llama_adapter_triton.model.checkpoint import hf_config_dict  # noqa: E402
+from llama_adapter_triton.model.hf import remove_fused_attention, use_fused_attention  # noqa: E402
+from llama_adapter_triton.model.llama import LLaMA  # noqa: E402
+from llama_adapter_triton.model.tokenizer import Tokenizer  # noqa: E402
+from llama_adapter_triton.train.data import (  # noqa: E402
     IGNORE_INDEX,
     PackedLoader,
     PaddedLoader,
@@ -157,7 +151,7 @@ from train.data import (  # noqa: E402
     load_records,
     tokenize_records,
 )
-from train.finetune import batch_loss_sum, param_groups  # noqa: E402
+from llama_adapter_triton.train.finetune import batch_loss_sum, param_groups  # noqa: E402
 
 WHAT = "finetune"
 DTYPE = torch.bfloat16  # the frozen base; the adapter is fp32
@@ -372,7 +366,7 @@ SMOKE = dict(models=("smoke",), token_budget=128, batch_size=2, pad_to=64, adapt
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.bench_finetune",
+        prog="llama-adapter bench finetune",
         description="Benchmark LLaMA-Adapter fine-tuning steps: our stack (fused op, packing) against the official "
                     "setup (padded to 512, eager attention).",
         epilog="Lists are comma-separated. Without a GPU the run is the smoke configuration and its numbers mean "

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from model import LLaMA
+    from llama_adapter_triton.model.llama import LLaMA
 
 CSV_COLUMNS = ("what", "provider", "mode", "shape", "metric", "value", "unit", "gpu_name", "date", "git_commit")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -644,7 +644,7 @@ SMOKE_MODEL = dict(dim=64, n_layers=2, n_heads=2, vocab_size=512, multiple_of=32
 
 def model_config(name: str):
     """The LLaMAConfig of a model/ preset (llama-7b, llama-13b, llama2-13b, ...) or of "smoke"."""
-    from model import PRESETS, LLaMAConfig
+    from llama_adapter_triton.model.llama import PRESETS, LLaMAConfig
 
     if name == "smoke":
         return LLaMAConfig(name="smoke", **SMOKE_MODEL)
@@ -671,7 +671,8 @@ def random_llama(name: str, adapter, *, dtype: torch.dtype, device: torch.device
     - the gates are spread over [-1.5, 1.5] in every adapted layer (as after some training) instead of 0: with
       zero gates the prompts get no gradient and the prompt part adds nothing, so the correctness checks
       would not see it."""
-    from model import LLaMA, adapter_layers, mark_only_adapter_as_trainable
+    from llama_adapter_triton.model.adapter import adapter_layers, mark_only_adapter_as_trainable
+    from llama_adapter_triton.model.llama import LLaMA
 
     config = model_config(name)
     if adapter.adapter_layers > config.n_layers:
@@ -696,8 +697,8 @@ def random_llama(name: str, adapter, *, dtype: torch.dtype, device: torch.device
 def _materialize_quantized(model: LLaMA, mode: str, dtype: torch.dtype, device: torch.device) -> None:
     """Give a model built on the meta device its weights on device, one module at a time, with torch's default init
     (RMSNorm weights 1, a fresh adapter), the base linears quantized to mode as they are drawn."""
-    from model.adapter import base_name
-    from model.quantize import check_cpu_nf4, check_quantize, quantized_linear, quantized_names
+    from llama_adapter_triton.model.adapter import base_name
+    from llama_adapter_triton.model.quantize import check_cpu_nf4, check_quantize, quantized_linear, quantized_names
 
     check_quantize(mode)
     why = check_cpu_nf4(model.config, device) if mode == "nf4" else None
@@ -733,7 +734,7 @@ def unpatched(model: LLaMA) -> AbstractContextManager:
 def base_upcast(model: LLaMA, dtype: torch.dtype = torch.float32) -> Iterator[LLaMA]:
     """The model's base weights in dtype while inside (for an oracle), cast back after. bf16/fp16 -> fp32 ->
     bf16/fp16 is exact, so the model leaves as it came. Costs the base's size in dtype, once."""
-    from model import cast_base
+    from llama_adapter_triton.model.adapter import cast_base
 
     low = model.tok_embeddings.weight.dtype
     cast_base(model, dtype)
@@ -747,7 +748,7 @@ def base_upcast(model: LLaMA, dtype: torch.dtype = torch.float32) -> Iterator[LL
 @contextmanager
 def attention_impl(model: LLaMA, impl: str) -> Iterator[LLaMA]:
     """model computing its attention with impl ("fused" or "eager", model.set_attention_impl) while inside."""
-    from model import set_attention_impl
+    from llama_adapter_triton.model.llama import set_attention_impl
 
     before = set_attention_impl(model, impl)
     try:

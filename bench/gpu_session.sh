@@ -54,6 +54,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGES="tests attention attention-rest report finetune finetune-13b memory memory-13b memory-70b decode tune"
 PY=${PYTHON:-python3}  # the device machine's python3 holds torch
+# The device machine gets this working tree, not an install: the package is the repository's root, imported as
+# llama_adapter_triton through a link to it in a folder on PYTHONPATH (this checkout, whatever else is installed).
+PKG_LINKS=$(mktemp -d)
+ln -s "$PWD" "$PKG_LINKS/llama_adapter_triton"
+export PYTHONPATH=$PKG_LINKS${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 
 # ---- the quick plan: name, timeout (s), what it does --------------------------------------------------------
@@ -123,19 +128,19 @@ run_quick() {
     --ignore tests/test_zero_init_attention.py
   cp "$work/gpu-tests.log" "$out/quick-3-gpu-tests.log"
   tail -3 "$work/gpu-tests.log"
-  quick attention "$PY" -m bench.bench_attention --dtypes bf16 --headdims 128 --shapes 7b --seqlens 1024,2048,4096 \
+  quick attention "$PY" -m llama_adapter_triton.bench.bench_attention --dtypes bf16 --headdims 128 --shapes 7b --seqlens 1024,2048,4096 \
     --tokens 16384 --modes full --providers fused,fused_atomic,sdpa_causal,sdpa_causal_flash,sdpa2,eager \
     --out "$work/attention"
   cp "$work/attention.log" "$work/attention/" 2>/dev/null
   tar -czf "$out/quick-4-attention.tar.gz" -C "$work" attention
   tail -25 "$work/attention.log"
-  quick finetune "$PY" -m bench.bench_finetune --models llama-7b --providers ours_packed,eager_padded512 \
+  quick finetune "$PY" -m llama_adapter_triton.bench.bench_finetune --models llama-7b --providers ours_packed,eager_padded512 \
     --warmup-steps 2 --steps 4 --out "$work/finetune"
   cp "$work/finetune.log" "$work/finetune/" 2>/dev/null
   tar -czf "$out/quick-5-finetune.tar.gz" -C "$work" finetune
   tail -15 "$work/finetune.log"
   if command -v compute-sanitizer >/dev/null; then
-    quick sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m bench.kernel_launches
+    quick sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m llama_adapter_triton.bench.kernel_launches
   else
     echo "compute-sanitizer is not on this machine: step skipped" >"$work/sanitizer.log"
   fi
@@ -196,30 +201,30 @@ for stage in "$@"; do
     tests)
       "$PY" -m pytest -q -ra --durations=20 --junitxml="$WORK/junit.xml" ;;
     attention)
-      "$PY" -m bench.bench_attention --dtypes bf16 --headdims 128 --shapes 7b --out "$WORK" ;;
+      "$PY" -m llama_adapter_triton.bench.bench_attention --dtypes bf16 --headdims 128 --shapes 7b --out "$WORK" ;;
     attention-rest)
-      "$PY" -m bench.bench_attention --dtypes bf16,fp16 --headdims 64,128 --shapes gqa --out "$WORK" &&
-        "$PY" -m bench.bench_attention --dtypes fp16 --headdims 64,128 --shapes 7b --out "$WORK" ;;
+      "$PY" -m llama_adapter_triton.bench.bench_attention --dtypes bf16,fp16 --headdims 64,128 --shapes gqa --out "$WORK" &&
+        "$PY" -m llama_adapter_triton.bench.bench_attention --dtypes fp16 --headdims 64,128 --shapes 7b --out "$WORK" ;;
     report)
-      "$PY" -m bench.bench_attention --report "$WORK/attention.csv" --out "$WORK" ;;
+      "$PY" -m llama_adapter_triton.bench.bench_attention --report "$WORK/attention.csv" --out "$WORK" ;;
     finetune)
-      timeout 570 "$PY" -m bench.bench_finetune --models llama-7b --out "$WORK" ;;
+      timeout 570 "$PY" -m llama_adapter_triton.bench.bench_finetune --models llama-7b --out "$WORK" ;;
     finetune-13b)
-      timeout 570 "$PY" -m bench.bench_finetune --models llama-13b --out "$WORK" ;;
+      timeout 570 "$PY" -m llama_adapter_triton.bench.bench_finetune --models llama-13b --out "$WORK" ;;
     memory)
-      timeout 570 "$PY" -m bench.bench_finetune --memory yes --memory-models llama2-7b --warmup-steps 1 --steps 3 \
+      timeout 570 "$PY" -m llama_adapter_triton.bench.bench_finetune --memory yes --memory-models llama2-7b --warmup-steps 1 --steps 3 \
         --out "$WORK" ;;
     memory-13b)
-      timeout 570 "$PY" -m bench.bench_finetune --memory yes --memory-models llama2-13b --warmup-steps 1 --steps 3 \
+      timeout 570 "$PY" -m llama_adapter_triton.bench.bench_finetune --memory yes --memory-models llama2-13b --warmup-steps 1 --steps 3 \
         --out "$WORK" ;;
     memory-70b)
-      timeout 570 "$PY" -m bench.bench_finetune --memory yes --memory-models llama2-70b --bases nf4 --warmup-steps 1 \
+      timeout 570 "$PY" -m llama_adapter_triton.bench.bench_finetune --memory yes --memory-models llama2-70b --bases nf4 --warmup-steps 1 \
         --steps 3 --out "$WORK" ;;
     decode)
-      timeout 400 "$PY" -m bench.bench_decode --models llama-7b --out "$WORK" &&
-        timeout 170 "$PY" -m bench.bench_decode --models llama-7b --batch-sizes 16 --ragged yes --out "$WORK" ;;
+      timeout 400 "$PY" -m llama_adapter_triton.bench.bench_decode --models llama-7b --out "$WORK" &&
+        timeout 170 "$PY" -m llama_adapter_triton.bench.bench_decode --models llama-7b --batch-sizes 16 --ragged yes --out "$WORK" ;;
     tune)
-      timeout 570 "$PY" -m bench.tune_blocks --time-budget 480 --out "$WORK" ;;
+      timeout 570 "$PY" -m llama_adapter_triton.bench.tune_blocks --time-budget 480 --out "$WORK" ;;
   esac 2>&1 | tee "$WORK/$stage.log"
   rc=${PIPESTATUS[0]}
   echo "=== gpu_session.sh $stage: exit $rc"

@@ -1,7 +1,7 @@
 """One small forward and backward through every kernel of the fused op: what compute-sanitizer watches.
 
-    python -m bench.kernel_launches                                   # on the GPU (or interpreted on a CPU)
-    compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m bench.kernel_launches
+    llama-adapter bench kernel-launches                                   # on the GPU (or interpreted on a CPU)
+    compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m llama_adapter_triton.bench.kernel_launches
 
 Dense with a shared prompt (deterministic and atomic dq), packed sequences of uneven lengths with one prompt
 each, and a left-padded decode step: the forward, the backward's preprocess, dK/dV, dQ and prompt-gradient
@@ -11,15 +11,17 @@ that every result is finite.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from collections.abc import Sequence
 
 import torch
 
 if not torch.cuda.is_available():  # as in tests/conftest.py: the kernels run under Triton's interpreter
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels import zero_init_attention  # noqa: E402
+from llama_adapter_triton.kernels.zero_init_attn import zero_init_attention  # noqa: E402
 
 
 def launches(device: str, dtype: torch.dtype) -> list[str]:
@@ -52,7 +54,9 @@ def launches(device: str, dtype: torch.dtype) -> list[str]:
     return done
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llama-adapter bench kernel-launches", description=__doc__.split("\n\n")[0])
+    parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for what in launches(device, torch.bfloat16):
         print(f"ok: {what} ({device})")

@@ -39,8 +39,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from model.quantize import nf4_blocksize
-from train.loss import default_chunk_rows
+from llama_adapter_triton.model.quantize import nf4_blocksize
+from llama_adapter_triton.train.loss import default_chunk_rows
 
 
 class TensorMemory(TorchDispatchMode):

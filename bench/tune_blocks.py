@@ -6,13 +6,13 @@ never been timed on a GPU; this tool times the alternatives and suggests changes
     # cleanly in any case):
     # LLaMA-7B attention (32 heads, 32 kv heads), head dim 128, bf16, causal, 10 prompt keys shared by the batch,
     # batch x seqlen = 16384 tokens, seqlens 512..4096, the fwd, dkdv and dq kernels
-    python -m bench.tune_blocks --out runs/tune
+    llama-adapter bench tune-blocks --out runs/tune
     # the GQA shape (32 query heads, 8 kv heads): a second call, since every kernel compiles anew for it
-    python -m bench.tune_blocks --shapes gqa --out runs/tune
+    llama-adapter bench tune-blocks --shapes gqa --out runs/tune
     # time chosen blocks only (replacing a kernel's curated list), e.g. to re-check a suggestion elsewhere
-    python -m bench.tune_blocks --kernels dq --candidates "dq=128,64,8,3 dq=64,64,4,3"
+    llama-adapter bench tune-blocks --kernels dq --candidates "dq=128,64,8,3 dq=64,64,4,3"
     # CPU (or anywhere): the smoke configuration under Triton's interpreter (tiny shape, 2 candidates per kernel)
-    python -m bench.tune_blocks --smoke --out /tmp/tune-smoke
+    llama-adapter bench tune-blocks --smoke --out /tmp/tune-smoke
 
 How it sweeps: one kernel at a time (fwd, dkdv, dq), the others keeping _blocks' choice, through
 kernels.zero_init_attn.override_blocks (as kernels.compile_check overrides them). The fwd kernel is timed by
@@ -63,16 +63,14 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a file (python bench/tune_blocks.py): import from this checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 if not torch.cuda.is_available():
     # as in tests/conftest.py: without a GPU the Triton kernels run under Triton's interpreter; it must be
     # set before `kernels` is first imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import kernels.zero_init_attn as zia  # noqa: E402
-from bench import bench_attention as ba  # noqa: E402
-from bench.common import (  # noqa: E402
+import llama_adapter_triton.kernels.zero_init_attn as zia  # noqa: E402
+from llama_adapter_triton.bench import bench_attention as ba  # noqa: E402
+from llama_adapter_triton.bench.common import (  # noqa: E402
     CPU_NOTICE,
     BenchEnv,
     ConfigError,
@@ -291,7 +289,7 @@ SMOKE = dict(seqlens=(64, 128), headdims=(32,), dtypes=("bf16",), shapes=("tiny"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.tune_blocks",
+        prog="llama-adapter bench tune-blocks",
         description="Time other block sizes for the fused op's Triton kernels and suggest changes to _blocks.",
         epilog="Lists are comma-separated. Without a GPU the run is the smoke configuration under Triton's "
                "interpreter and its times mean nothing for the GPU.")

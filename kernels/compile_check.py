@@ -1,8 +1,8 @@
 """Compile the op's Triton kernels for a GPU, on a machine without one.
 
-    python -m kernels.compile_check                 # every variant, for sm_90 (H100 / H200)
-    python -m kernels.compile_check --arch 80 --quick
-    python -m kernels.compile_check --blocks dkdv=64,64,4,3 --scenario "bf16 d128"   # try other blocks
+    llama-adapter compile-check                 # every variant, for sm_90 (H100 / H200)
+    llama-adapter compile-check --arch 80 --quick
+    llama-adapter compile-check --blocks dkdv=64,64,4,3 --scenario "bf16 d128"   # try other blocks
 
 The host launchers (_fwd, _bwd) run on small CPU tensors with the kernels swapped for recorders,
 so what is compiled is exactly what a GPU run launches: the same constexprs, block sizes, warps
@@ -161,7 +161,7 @@ def ptxas_usage(compiled, arch: int) -> tuple[int, int]:
 def run(arch: int, scenarios: list[Scenario], out=sys.stdout, blocks: dict | None = None) -> list[str]:
     """Compile every launch of every scenario; returns the failures (empty when all is well).
     blocks overrides the launchers' block sizes, e.g. {"dkdv": (64, 64, 4, 3)}."""
-    import kernels.zero_init_attn as zia
+    import llama_adapter_triton.kernels.zero_init_attn as zia
 
     if zia.INTERPRET:
         raise RuntimeError("kernels.compile_check needs TRITON_INTERPRET unset: the interpreter compiles nothing")
@@ -208,7 +208,7 @@ def _compile_all(zia, arch, scenarios, out, max_shared) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="llama-adapter compile-check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90,
                         help="compute capability x10: 90 (H100/H200), 80 (A100), 86/89 (RTX 30xx/40xx, L4, A10)")
     parser.add_argument("--quick", action="store_true", help="a covering subset of the scenarios")
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.arch not in MAX_SHARED:
         parser.error(f"--arch must be one of {sorted(MAX_SHARED)}, got {args.arch}")
-    import kernels.zero_init_attn as zia
+    import llama_adapter_triton.kernels.zero_init_attn as zia
 
     blocks = {}
     for item in args.blocks:

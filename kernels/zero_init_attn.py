@@ -56,7 +56,7 @@ operand the GPU rounds to 16 bits before a matrix product is rounded there too, 
 the CPU suite measures the GPU's error); the eager reference (kernels/reference.py) otherwise.
 
 Caution:
-  - Block sizes are chosen per dtype and the chip's shared memory (python -m kernels.compile_check: no register
+  - Block sizes are chosen per dtype and the chip's shared memory (llama-adapter compile-check: no register
     spills in bf16/fp16 on sm_90, a few dozen bytes in dK/dV on sm_80/86, more in fp32/fp64), but not yet
     autotuned against GPU timings.
     Under the interpreter, large 64 x 64 blocks run by default (speed); ZIA_INTERPRET_BLOCKS=gpu (read at
@@ -707,7 +707,7 @@ def _blocks(dtype: torch.dtype, head_dim_pad: int, seqlen_q: int, prompt_len: in
 
     Under the interpreter large blocks are fastest (unless INTERPRET_BLOCKS is "gpu"). On the GPU these are
     choices that compile within the chip's shared memory, without register spills in bf16/fp16 on sm_90,
-    checked for sm_80, sm_86, sm_89 and sm_90 by python -m kernels.compile_check; they still await autotuning
+    checked for sm_80, sm_86, sm_89 and sm_90 by llama-adapter compile-check; they still await autotuning
     against measured times.
     """
     # prompts longer than one chunk loop over chunks

@@ -74,7 +74,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from kernels import zero_init_attention, zero_init_attention_ref
+from llama_adapter_triton.kernels.reference import zero_init_attention_ref
+from llama_adapter_triton.kernels.zero_init_attn import zero_init_attention
 
 from .llama import Attention, AttentionContext, LLaMA, LLaMAConfig, check_packed_impl, packed_attention
 from .visual import QueryProjector, VisualProjector

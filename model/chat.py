@@ -1,6 +1,6 @@
 """Chat templates: a checkpoint's own prompt format, for chat data (train/data.py) and `model.generate --chat`.
 
-    from model.chat import ChatTemplate, encode_chat, encode_chat_prompt
+    from llama_adapter_triton.model.chat import ChatTemplate, encode_chat, encode_chat_prompt
     template = ChatTemplate.find("Llama-2-7b-chat-hf/")          # its tokenizer_config.json's chat_template
     messages = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "And?")]
     text = template.render(messages, add_generation_prompt=True)  # the prompt of the next assistant turn

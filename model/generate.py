@@ -1,19 +1,19 @@
 """Generation with a KV cache: prefill, then one token per step; greedy or temperature / top-p sampling.
 
-    python -m model.generate --checkpoint CKPT_DIR --adapter adapter.safetensors \\
+    llama-adapter generate --checkpoint CKPT_DIR --adapter adapter.safetensors \\
         --instruction "Tell me about alpacas." [--input "..."]                           # one GPU (bf16)
-    python -m model.generate --checkpoint CKPT_DIR --instruction "..." --device cpu   # CPU (fp32)
-    python -m model.generate --checkpoint llama-7b/ --adapter llama_adapter_len10_layer30_release.pth \\
+    llama-adapter generate --checkpoint CKPT_DIR --instruction "..." --device cpu   # CPU (fp32)
+    llama-adapter generate --checkpoint llama-7b/ --adapter llama_adapter_len10_layer30_release.pth \\
         --gate-act tanh --instruction "..."            # the official v1 release: gate_act must be chosen
-    python -m model.generate --checkpoint llama-7b/ --adapter 7fa55208..._BIAS-7B.pth --image cat.jpg \\
+    llama-adapter generate --checkpoint llama-7b/ --adapter 7fa55208..._BIAS-7B.pth --image cat.jpg \\
         --clip clip-vit-large-patch14/ --instruction "Describe the image."        # the official V2 release
-    python -m model.generate --checkpoint llama-7b/ --adapter runs/chat/adapter.safetensors --template chat \\
+    llama-adapter generate --checkpoint llama-7b/ --adapter runs/chat/adapter.safetensors --template chat \\
         --instruction "..."                            # a V2 adapter trained on conversations (--template chat)
-    python -m model.generate --checkpoint llama-70b/ --adapter adapter.safetensors --quantize nf4 \\
+    llama-adapter generate --checkpoint llama-70b/ --adapter adapter.safetensors --quantize nf4 \\
         --instruction "..."                            # a base stored in NF4 (bitsandbytes): 70B in 34 GiB
-    python -m model.generate --checkpoint Llama-2-7b-chat-hf/ --chat --system "Be brief."   # a conversation, a line
+    llama-adapter generate --checkpoint Llama-2-7b-chat-hf/ --chat --system "Be brief."   # a conversation, a line
                                                        # per turn, in the checkpoint's own chat template
-    python -m model.generate --checkpoint Meta-Llama-3-8B-Instruct/ --adapter runs/chat/adapter.safetensors \\
+    llama-adapter generate --checkpoint Meta-Llama-3-8B-Instruct/ --adapter runs/chat/adapter.safetensors \\
         --chat --instruction "..."                     # one answer, in the chat template (train.finetune's messages)
 
 The instruction goes through the adapter's template (--template: alpaca, or the official V2 chat model's;
@@ -55,7 +55,7 @@ from .llama import LLaMA, LLaMAConfig, check_window
 from .prompt import CHAT_TEMPLATE, TEMPLATES, format_prompt, user_message
 from .quantize import QUANTIZE_MODES, check_quantize
 
-PROG = "python -m model.generate"
+PROG = "llama-adapter generate"
 
 
 def check_sampling(temperature: float, top_p: float, *, names: tuple[str, str] = ("temperature", "top_p")) -> None:

@@ -4,7 +4,7 @@ kernels.zero_init_attention, with PEFT's logits and gradients.
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    from model.hf import use_fused_attention, remove_fused_attention
+    from llama_adapter_triton.model.hf import use_fused_attention, remove_fused_attention
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "adapter-folder")
     use_fused_attention(model)      # training, model(...), model.generate(...): as before, through the fused op
@@ -55,7 +55,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from kernels import zero_init_attention
+from llama_adapter_triton.kernels.zero_init_attn import zero_init_attention
 
 FUSED = "llama_adapter_fused"  # the name registered with transformers' AttentionInterface
 MODEL_TYPES = ("llama", "mistral")

@@ -82,7 +82,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels import zero_init_attention
+from llama_adapter_triton.kernels.zero_init_attn import zero_init_attention
 
 
 class ConfigValueError(ValueError):

@@ -1,7 +1,7 @@
 """A quantized frozen base: the linear weights in NF4 (QLoRA) or int8 (LLM.int8), through bitsandbytes.
 
     model = load_checkpoint("llama-7b/", adapter=AdapterConfig(), dtype=torch.bfloat16, device="cuda",
-                            quantize="nf4")      # or: python -m train.finetune ... --quantize nf4
+                            quantize="nf4")      # or: llama-adapter finetune ... --quantize nf4
 
 Modes (QUANTIZE_MODES), both bitsandbytes' own layers (pip install bitsandbytes, or the "quantize" extra):
 - "nf4": QLoRA's format (arXiv 2305.14314), bitsandbytes.nn.Linear4bit: 4-bit NormalFloat in blocks of 64

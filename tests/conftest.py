@@ -36,7 +36,7 @@ class KernelLaunches:
 
 @pytest.fixture
 def triton_kernels_only(monkeypatch) -> KernelLaunches:
-    import kernels.zero_init_attn as zia
+    import llama_adapter_triton.kernels.zero_init_attn as zia
 
     def no_fallback(*args, **kwargs):
         raise AssertionError("zero_init_attention ran its eager fallback, not the Triton kernels: these tests must "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from model import AdapterConfig, LLaMA, LLaMAConfig, adapter_layers
+from llama_adapter_triton import AdapterConfig, LLaMA, LLaMAConfig, adapter_layers
 
 VOCAB = 96
 

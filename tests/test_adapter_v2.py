@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from model_utils import VOCAB, randomize_, tiny_config
 
-from model import (
+from llama_adapter_triton import (
     AdapterConfig,
     CheckpointError,
     LLaMA,
@@ -27,7 +27,7 @@ from model import (
     save_adapter,
     save_checkpoint,
 )
-from model.adapter import base_name
+from llama_adapter_triton.model.adapter import base_name
 
 V2 = AdapterConfig(adapter_len=4, adapter_layers=1, version=2)
 

@@ -14,9 +14,9 @@ import re
 import pytest
 import torch
 
-import kernels
-from bench import bench_attention as ba
-from bench import common
+from llama_adapter_triton import zero_init_attention_ref
+from llama_adapter_triton.bench import bench_attention as ba
+from llama_adapter_triton.bench import common
 
 ON_CUDA = torch.cuda.is_available()
 ADAPTER_TENSORS = ["out", "dq", "dk", "dv", "dprompt_k", "dprompt_v", "dgate"]
@@ -234,7 +234,7 @@ class _ScaleGrad(torch.autograd.Function):
 def _ref(x, **kw):
     args = dict(q=x.q, k=x.k, v=x.v, prompt_k=x.prompt_k, prompt_v=x.prompt_v, gate=x.gate)
     args.update(kw)
-    return kernels.zero_init_attention_ref(**args, causal=True)
+    return zero_init_attention_ref(**args, causal=True)
 
 
 WRONG = {
@@ -338,7 +338,7 @@ def test_chunked_reference_equals_one_call(adapter):
     leaves = [t.detach().double().requires_grad_() for t in x.leaves()]
     if not adapter:
         leaves[3] = leaves[4] = torch.zeros(1, 0, 2, 16, dtype=torch.float64)
-    out = kernels.zero_init_attention_ref(*leaves, causal=True)
+    out = zero_init_attention_ref(*leaves, causal=True)
     wrt = leaves if adapter else leaves[:3]
     grads = torch.autograd.grad(out, wrt, x.dout.double())
     names = ADAPTER_TENSORS if adapter else ADAPTER_TENSORS[:4]

@@ -9,10 +9,10 @@ import contextlib
 import pytest
 import torch
 
-from bench import bench_decode as bd
-from bench import common
-from model import adapter_layers
-from model.llama import KVCache
+from llama_adapter_triton import adapter_layers
+from llama_adapter_triton.bench import bench_decode as bd
+from llama_adapter_triton.bench import common
+from llama_adapter_triton.model.llama import KVCache
 
 ON_CUDA = torch.cuda.is_available()
 
@@ -96,7 +96,7 @@ def _raw_gate(model):
 @contextlib.contextmanager
 def _one_pad_key_seen(model):
     """Left padding off by one in the adapted layers: each padded row attends to its last pad key."""
-    import model.adapter as adapter
+    import llama_adapter_triton.model.adapter as adapter
 
     op = adapter.zero_init_attention
 

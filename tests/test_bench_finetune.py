@@ -19,9 +19,7 @@ import pytest
 import torch
 from model_utils import VOCAB, tiny_model
 
-from bench import bench_finetune as bf
-from bench import common
-from model import (
+from llama_adapter_triton import (
     AdapterConfig,
     Tokenizer,
     adapter_layers,
@@ -30,9 +28,11 @@ from model import (
     mark_only_adapter_as_trainable,
     set_attention_impl,
 )
-from model.llama import eager_attention
-from train.data import load_records, tokenize_records
-from train.demo import DEMO_DATA, train_tokenizer
+from llama_adapter_triton.bench import bench_finetune as bf
+from llama_adapter_triton.bench import common
+from llama_adapter_triton.model.llama import eager_attention
+from llama_adapter_triton.train.data import load_records, tokenize_records
+from llama_adapter_triton.train.demo import DEMO_DATA, train_tokenizer
 
 ON_CUDA = torch.cuda.is_available()
 
@@ -230,7 +230,7 @@ def _frozen_prompts(model):
 @contextlib.contextmanager
 def _hf_fused_tanh(model):
     """The drop-in with the paper's tanh(gate) where PEFT multiplies by the raw gate."""
-    import model.hf as hf
+    import llama_adapter_triton.model.hf as hf
 
     op = hf.zero_init_attention
     with bf.hf_fused(model), pytest.MonkeyPatch.context() as mp:

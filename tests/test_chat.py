@@ -8,8 +8,8 @@ import json
 import pytest
 import tokenizers
 
-from model import CheckpointError, Tokenizer
-from model.chat import ChatTemplate, encode_chat
+from llama_adapter_triton import CheckpointError, Tokenizer
+from llama_adapter_triton.model.chat import ChatTemplate, encode_chat
 
 # the public templates, as their tokenizer_config.json files hold them
 LLAMA2_CHAT = (
@@ -168,7 +168,7 @@ def as_messages(conversation) -> list[dict]:
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
 def test_messages_records_train_on_every_assistant_turn(tmp_path, chat_folder, suffix):
-    from train.data import IGNORE_INDEX, Record, load_records, tokenize_records
+    from llama_adapter_triton.train.data import IGNORE_INDEX, Record, load_records, tokenize_records
 
     objects = [{"messages": as_messages(CONVERSATION)},
                {"instruction": "What is the capital of Peru?", "output": "Lima."},
@@ -199,7 +199,7 @@ def test_messages_records_train_on_every_assistant_turn(tmp_path, chat_folder, s
 
 
 def test_bad_messages_records_are_named(tmp_path, chat_folder):
-    from train.data import DataError, load_records, parse_records, tokenize_records
+    from llama_adapter_triton.train.data import DataError, load_records, parse_records, tokenize_records
 
     bad = [{"messages": []},
            {"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},

@@ -13,7 +13,7 @@ from model_utils import VOCAB, copy_base, hf_model, peft_adaption_prompt, set_ad
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import (
+from llama_adapter_triton import (
     AdapterConfig,
     CheckpointError,
     LLaMA,
@@ -25,7 +25,7 @@ from model import (
     save_adapter,
     save_checkpoint,
 )
-from model.checkpoint import permute_hf, unpermute_hf
+from llama_adapter_triton.model.checkpoint import permute_hf, unpermute_hf
 
 TOKENS = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
 CONFIGS = {"llama2": dict(), "llama3-gqa-tied": dict(gqa=True, llama3=True)}
@@ -657,7 +657,7 @@ def test_adapter_metadata_and_tensors_are_checked(tmp_path):
 
 def test_shards_named_outside_the_checkpoint_folder_are_refused(tmp_path):
     """A shard index may name only files in its folder (links there, as in the Hugging Face cache, are followed)."""
-    from model.cli import cli_message
+    from llama_adapter_triton.model.cli import cli_message
 
     model = tiny_model()
     save_checkpoint(model, tmp_path / "elsewhere")

@@ -11,13 +11,13 @@ import sys
 
 import pytest
 
-from kernels.compile_check import KERNELS
+from llama_adapter_triton.kernels.compile_check import KERNELS
 
 
 def compile_check(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-m", "kernels.compile_check", *args], capture_output=True, text=True,
-                          env=env, timeout=900)
+    return subprocess.run([sys.executable, "-m", "llama_adapter_triton.kernels.compile_check", *args],
+                          capture_output=True, text=True, env=env, timeout=900)
 
 
 @pytest.mark.slow

@@ -20,8 +20,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from model.prompt import alpaca_prompt
-from train.data import (
+from llama_adapter_triton.model.prompt import alpaca_prompt
+from llama_adapter_triton.train.data import (
     IGNORE_INDEX,
     DataError,
     PackedLoader,
@@ -218,7 +218,7 @@ def test_truncation_is_counted_and_reported(tokenizer, records, caplog):
     prompt_lens = [len(tokenizer.encode(r.prompt, bos=True, eos=False)) for r in records]
     full = [len(tokenizer.encode(r.prompt + r.output, bos=True, eos=True)) for r in records]
     max_seq_len = int(np.percentile(prompt_lens, 60))  # some prompts alone fill it, some outputs are cut
-    with caplog.at_level(logging.WARNING, logger="train.data"):
+    with caplog.at_level(logging.WARNING, logger="llama_adapter_triton.train.data"):
         data, report = tokenize_records(records, tokenizer, max_seq_len=max_seq_len)
     dropped = [i for i, p in enumerate(prompt_lens) if p >= max_seq_len]
     truncated = [i for i, (p, f) in enumerate(zip(prompt_lens, full, strict=True)) if p < max_seq_len < f]
@@ -240,7 +240,7 @@ def test_truncation_is_counted_and_reported(tokenizer, records, caplog):
 
 
 def test_no_warning_without_truncation(tokenizer, records, caplog):
-    with caplog.at_level(logging.WARNING, logger="train.data"):
+    with caplog.at_level(logging.WARNING, logger="llama_adapter_triton.train.data"):
         _, report = tokenize_records(records, tokenizer, max_seq_len=4096)
     assert not report.truncated and not report.dropped and not caplog.records
 
@@ -296,7 +296,7 @@ def test_invalid_jsonl_line_has_its_line_number(tmp_path, caplog):
     path.write_text(json.dumps(GOOD) + "\n\n" + '{"instruction": "x", "output": \n' + json.dumps(GOOD) + "\n")
     with pytest.raises(DataError, match=r"record 1 \(line 3\): is not valid JSON"):
         load_records(path)
-    with caplog.at_level(logging.WARNING, logger="train.data"):
+    with caplog.at_level(logging.WARNING, logger="llama_adapter_triton.train.data"):
         records, report = load_records(path, on_bad_record="skip")
     assert [r.index for r in records] == [0, 2] and report.skipped == [1]
     assert "skipped 1 bad record(s)" in caplog.text and "line 3" in caplog.text
@@ -682,7 +682,7 @@ def test_demo_dataset(tokenizer):
 def test_file_level_errors_say_what_the_file_must_be(tmp_path):
     """A dict at the top level was read as JSON Lines ("field 'instruction' is missing", "N bad records"); a file
     that is not UTF-8 raised a bare UnicodeDecodeError."""
-    from model.cli import cli_message
+    from llama_adapter_triton.model.cli import cli_message
 
     path = tmp_path / "data.json"
     path.write_text(json.dumps({"data": [GOOD, GOOD]}, indent=2))  # pretty-printed: many lines, none a record
@@ -740,7 +740,7 @@ def test_caption_and_conversation_records(tokenizer):
     """LLaMA-Adapter V2's data: image-text pairs as the official code's caption instruction; conversations as their
     first exchange (alpaca, the official multi-modal code) or one example per reply (chat, the official chat
     model's template); bad ones named."""
-    from model.prompt import CAPTION_INSTRUCTION, chat_prompt
+    from llama_adapter_triton.model.prompt import CAPTION_INSTRUCTION, chat_prompt
 
     chat = {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."},
                               {"from": "user", "value": "And you?"}, {"from": "assistant", "value": "Fine."}],

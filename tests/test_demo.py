@@ -8,8 +8,8 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from model import load_adapter, load_checkpoint, read_adapter_config
-from train.demo import DEMO_DATA, facts, main
+from llama_adapter_triton import load_adapter, load_checkpoint, read_adapter_config
+from llama_adapter_triton.train.demo import DEMO_DATA, facts, main
 
 
 def test_facts_state_what_the_demo_asks():

@@ -13,7 +13,7 @@ import torch
 from model_utils import VOCAB, peft_adaption_prompt, randomize_, set_adapter_
 from safetensors import safe_open
 
-from model import (
+from llama_adapter_triton import (
     AdapterConfig,
     CheckpointError,
     LLaMA,
@@ -26,7 +26,7 @@ from model import (
     read_adapter_config,
     save_checkpoint,
 )
-from model.generate import generate
+from llama_adapter_triton.model.generate import generate
 
 TOKENS = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
 WINDOW = 24  # Mistral's sliding window here: TOKENS fit in it
@@ -258,7 +258,7 @@ def test_peft_adaption_prompt_trained_on_mistral_loads(tmp_path):
 
 def test_finetune_refuses_examples_beyond_the_window(tmp_path):
     """train.finetune checks --max-seq-len against the window before anything is read or written."""
-    from train.finetune import FinetuneConfig, UsageError, run
+    from llama_adapter_triton.train.finetune import FinetuneConfig, UsageError, run
 
     hf_family_model("mistral", gqa=True).save_pretrained(tmp_path / "mistral")
     (tmp_path / "data.json").write_text(json.dumps([{"instruction": "Hi.", "input": "", "output": "Hello."}]))
@@ -275,14 +275,14 @@ def test_generate_command_refuses_a_span_beyond_the_window(tmp_path, capsys):
     """model.generate checks the prompt and --max-new-tokens against the window before the weights load."""
     import tokenizers
 
-    from model.generate import main
+    from llama_adapter_triton.model.generate import main
 
     hf_family_model("mistral", gqa=True).save_pretrained(tmp_path)
     words = ["<unk>", "<s>", "</s>", "Tell", "me", "about", "alpacas."]
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     tok.save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(SystemExit, match=r"model.generate: error: the prompt \((\d+) tokens\) with --max-new-tokens "
-                                         rf"\d+: a span of \d+ tokens is longer than this mistral model's "
-                                         rf"sliding_window \({WINDOW}\)"):
+    with pytest.raises(SystemExit, match=r"llama-adapter generate: error: the prompt \((\d+) tokens\) with "
+                                         rf"--max-new-tokens \d+: a span of \d+ tokens is longer than this mistral "
+                                         rf"model's sliding_window \({WINDOW}\)"):
         main(["--checkpoint", str(tmp_path), "--instruction", "Tell me about alpacas.", "--max-new-tokens", "30"])

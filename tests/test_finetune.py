@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from model_utils import randomize_, set_adapter_
 from safetensors.torch import load_file
 
-from model import (
+from llama_adapter_triton import (
     AdapterConfig,
     LLaMA,
     LLaMAConfig,
@@ -31,9 +31,9 @@ from model import (
     read_adapter_config,
     save_checkpoint,
 )
-from train.data import IGNORE_INDEX, PackedLoader, PaddedLoader, load_records, tokenize_records
-from train.demo import DEMO_DATA, train_tokenizer
-from train.finetune import (
+from llama_adapter_triton.train.data import IGNORE_INDEX, PackedLoader, PaddedLoader, load_records, tokenize_records
+from llama_adapter_triton.train.demo import DEMO_DATA, train_tokenizer
+from llama_adapter_triton.train.finetune import (
     FinetuneConfig,
     UsageError,
     batch_loss_sum,
@@ -109,7 +109,7 @@ def test_messages_data_in_the_chat_template(checkpoint, tmp_path):
     sentencepiece tokenizer.model reads the template's <s> / </s> as control tokens; every reply is a target."""
     from test_chat import LLAMA2_CHAT
 
-    from model.chat import ChatTemplate, encode_chat
+    from llama_adapter_triton.model.chat import ChatTemplate, encode_chat
 
     r = RECORDS[:3]
     messages = [("user", r[0]["instruction"]), ("assistant", r[0]["output"]), ("user", r[1]["instruction"]),
@@ -333,7 +333,7 @@ def test_cli_malformed_data_names_the_record_and_writes_nothing(checkpoint, tmp_
         main(["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--adapter-layers", "1"])
     assert e.value.code == 1
     err = capsys.readouterr().err
-    assert "python -m train.finetune: error:" in err and "record 3: field 'output' is missing" in err
+    assert "llama-adapter finetune: error:" in err and "record 3: field 'output' is missing" in err
     assert "pass --on-bad-record skip to skip them" in err and "Traceback" not in err
     assert not out.exists()
 
@@ -380,7 +380,7 @@ def test_cli_refuses_bad_values_before_loading_or_writing_anything(checkpoint, t
     vocabulary, an --out that cannot be written: one line each, and nothing loaded (the model) or written."""
     import tokenizers
 
-    import train.finetune as finetune
+    import llama_adapter_triton.train.finetune as finetune
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
@@ -416,9 +416,9 @@ def test_cli_refuses_bad_values_before_loading_or_writing_anything(checkpoint, t
         err = capsys.readouterr().err
         assert e.value.code == code and message in err.strip().splitlines()[-1], (flags, err)
         assert "Traceback" not in err and not out.exists(), flags
-    import model.quantize
+    from llama_adapter_triton.model import quantize
 
-    monkeypatch.setattr(model.quantize, "_bnb", lambda: __import__("no_such_module_bitsandbytes"))
+    monkeypatch.setattr(quantize, "_bnb", lambda: __import__("no_such_module_bitsandbytes"))
     with pytest.raises(SystemExit) as e:
         main([*base, "--out", str(out), "--quantize", "int8"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -467,7 +467,7 @@ class _Poison(torch.autograd.Function):
 def poison_step(monkeypatch, at_call: int, what: str) -> None:
     """train.finetune's batch_loss_sum, with its at_call-th call (1-based) made NaN: what="loss" (forward) or
     "grad" (backward only: the loss stays finite)."""
-    import train.finetune as finetune
+    import llama_adapter_triton.train.finetune as finetune
 
     clean, calls = finetune.batch_loss_sum, []
 
@@ -484,7 +484,7 @@ def poison_step(monkeypatch, at_call: int, what: str) -> None:
 def test_a_diverging_run_stops_and_keeps_the_last_saved_state(checkpoint, tmp_path, capsys, monkeypatch):
     """A NaN loss or gradient once gave 'train loss nan', exit 0 and an adapter of NaNs: now the run stops before
     applying that step, exits 1 naming it, and the state saved before it is the one in OUT."""
-    from train.finetune import TrainingDiverged
+    from llama_adapter_triton.train.finetune import TrainingDiverged
 
     data = data_file(tmp_path, 4)
     out = tmp_path / "grad"
@@ -496,7 +496,7 @@ def test_a_diverging_run_stops_and_keeps_the_last_saved_state(checkpoint, tmp_pa
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and "Traceback" not in err
     assert err.splitlines()[-1].startswith(
-        "python -m train.finetune: error: training diverged: at step 3 (epoch 1) the gradient norm is nan (the loss ")
+        "llama-adapter finetune: error: training diverged: at step 3 (epoch 1) the gradient norm is nan (the loss ")
     assert f"the last saved state, {out / 'train_state.pt'} of step 2, and the adapters written before it are " \
            "intact" in err
     state = torch.load(out / "train_state.pt", weights_only=True)
@@ -528,7 +528,7 @@ def test_a_diverging_run_stops_and_keeps_the_last_saved_state(checkpoint, tmp_pa
 
 def _rank_poisoned(rank: int, world_size: int, port: int, cfg: FinetuneConfig, result_dir: Path) -> None:
     """A torchrun-like rank whose gradients go NaN at its second micro-batch, on rank 1 only."""
-    from train.finetune import TrainingDiverged
+    from llama_adapter_triton.train.finetune import TrainingDiverged
 
     torchrun_env(rank, world_size, port)
     if rank == 1:
@@ -561,7 +561,7 @@ def test_a_diverging_rank_stops_every_rank(checkpoint, tmp_path, fsdp):
 def test_resume_refuses_changed_data_and_tokenizer(checkpoint, tmp_path, capsys):
     """Another data file of as many records was once trained on silently (fewer: "start_step=9 is past the end"):
     the train state keeps the data file's and the tokenizer's size and sha256, and a resume compares them."""
-    from model import CheckpointError
+    from llama_adapter_triton import CheckpointError
 
     data = tmp_path / "data.json"
     data.write_text(json.dumps(RECORDS[:6]))
@@ -604,7 +604,7 @@ def test_resume_refuses_changed_data_and_tokenizer(checkpoint, tmp_path, capsys)
 
 def save_adapter_file(checkpoint: Path, path: Path) -> bytes:
     """An adapter file of a model of the checkpoint's shape, as a run writes it; returns its bytes."""
-    from model import load_checkpoint, save_adapter
+    from llama_adapter_triton import load_checkpoint, save_adapter
 
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_adapter(load_checkpoint(checkpoint, adapter=AdapterConfig(adapter_len=4, adapter_layers=1)),
@@ -629,7 +629,7 @@ def test_overwrite_and_resume_touch_only_the_runs_own_files(checkpoint, tmp_path
 
     before = snapshot(out)
     for flag in ("resume", "overwrite"):
-        with pytest.raises(FileExistsError, match=r"holds files of the names python -m train.finetune writes that it "
+        with pytest.raises(FileExistsError, match=r"holds files of the names llama-adapter finetune writes that it "
                                                   r"did not write: tensorboard \(holds 'events\.out\.tfevents\.17\."
                                                   r"host\.other', not an event file of train\.finetune's "
                                                   r"\(\*\.llama-adapter-triton\)\)\. They are never deleted"):
@@ -663,7 +663,7 @@ def test_export_peft_writes_the_final_adapter_as_a_peft_folder(checkpoint, tmp_p
     peft = pytest.importorskip("peft")
     from transformers import LlamaForCausalLM
 
-    from model import load_adapter, load_checkpoint
+    from llama_adapter_triton import load_adapter, load_checkpoint
 
     data = data_file(tmp_path, 2)
     out = tmp_path / "out"
@@ -727,7 +727,7 @@ def test_a_full_disk_keeps_the_last_saved_state_and_resume_goes_on(checkpoint, t
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and "Traceback" not in err
     assert err.splitlines()[-1] == (
-        f"python -m train.finetune: error: cannot write {out / 'train_state.pt'}: No space left on device; the last "
+        f"llama-adapter finetune: error: cannot write {out / 'train_state.pt'}: No space left on device; the last "
         f"saved state, {out / 'train_state.pt'} of step 1, and the adapters written before it are intact: --resume "
         "goes on from there")
     assert torch.load(out / "train_state.pt", weights_only=True)["global_step"] == 1
@@ -745,7 +745,7 @@ def test_a_full_disk_keeps_the_last_saved_state_and_resume_goes_on(checkpoint, t
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(csv.DictWriter, "writerow", full_log)
-    from train.finetune import OutputError
+    from llama_adapter_triton.train.finetune import OutputError
 
     with pytest.raises(OutputError, match=rf"cannot write {tmp_path / 'fresh' / 'log.csv'}: No space left on device; "
                                           "no train state was saved yet: start again with --overwrite"):
@@ -760,7 +760,7 @@ def test_a_full_disk_keeps_the_last_saved_state_and_resume_goes_on(checkpoint, t
 def test_v2_learns_the_demo_task_and_trains_every_part(checkpoint, tmp_path, device, triton_kernels_only):
     """--adapter-version 2 on the demo's instructions, packed, through the fused op: the loss falls as V1's does, and
     the biases, scales and norms (every layer's) move with the prompts and gates."""
-    from model import load_checkpoint
+    from llama_adapter_triton import load_checkpoint
 
     data = data_file(tmp_path, 10)
     cfg = config(checkpoint, data, tmp_path / "out", epochs=3, lr=0.05, adapter_len=10, warmup_epochs=0.5,

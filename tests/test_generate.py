@@ -14,7 +14,7 @@ import tokenizers
 import torch
 from model_utils import VOCAB, hf_model, set_adapter_, tiny_config, tiny_model
 
-from model import (
+from llama_adapter_triton import (
     AdapterConfig,
     Tokenizer,
     alpaca_prompt,
@@ -23,7 +23,7 @@ from model import (
     read_adapter_config,
     save_adapter,
 )
-from model.generate import _prompt_lists, generate, main, sample, stream
+from llama_adapter_triton.model.generate import _prompt_lists, generate, main, sample, stream
 
 ADAPTER = AdapterConfig(adapter_len=4, adapter_layers=1)
 
@@ -170,8 +170,8 @@ def test_command_line_streams_the_answer(checkpoint_dir, capsys):
 def test_command_line_with_a_v2_adapter_and_the_chat_template(checkpoint_dir, tmp_path, capsys):
     """A V2 adapter file generates like a V1 one (the model is built from its metadata); --template chat asks in the
     official V2 chat model's template."""
-    from model import AdapterConfig
-    from model.prompt import chat_prompt
+    from llama_adapter_triton import AdapterConfig
+    from llama_adapter_triton.model.prompt import chat_prompt
 
     model = load_checkpoint(checkpoint_dir, adapter=AdapterConfig(adapter_len=4, adapter_layers=1, version=2))
     set_adapter_(model, seed=6)
@@ -194,7 +194,7 @@ def test_command_line_chat_in_the_checkpoints_template(checkpoint_dir, tmp_path,
 
     from test_chat import LLAMA2_CHAT
 
-    from model.chat import ChatTemplate
+    from llama_adapter_triton.model.chat import ChatTemplate
 
     folder = tmp_path / "tok"
     folder.mkdir()
@@ -269,7 +269,7 @@ def test_sampling_arguments_are_checked_and_the_top_token_always_kept():
 
 
 def test_command_line_user_errors_are_one_line(checkpoint_dir, tmp_path, capsys):
-    """Every user error: `python -m model.generate: error: ...` and a non-zero exit, never a traceback."""
+    """Every user error: `llama-adapter generate: error: ...` and a non-zero exit, never a traceback."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -308,5 +308,5 @@ def test_command_line_user_errors_are_one_line(checkpoint_dir, tmp_path, capsys)
         text = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")
         assert e.value.code == code or (code == 1 and isinstance(e.value.code, str)), flags
         last = text.strip().splitlines()[-1]  # after argparse's usage for a bad flag (exit 2)
-        assert last.startswith("python -m model.generate: error: ") and message in last, (flags, text)
+        assert last.startswith("llama-adapter generate: error: ") and message in last, (flags, text)
         assert "Traceback" not in text and (code == 2 or text.strip() == last), text

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import kernel_launches
+from llama_adapter_triton.bench import kernel_launches
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "gpu_session.sh"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from model_utils import VOCAB, peft_adaption_prompt, randomize_, tiny_config
 
-from model.hf import FUSED, remove_fused_attention, use_fused_attention
+from llama_adapter_triton.model.hf import FUSED, remove_fused_attention, use_fused_attention
 
 peft = pytest.importorskip("peft")
 TOKENS = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))

@@ -9,8 +9,7 @@ import pytest
 import torch
 from model_utils import VOCAB, copy_base, tiny_config, tiny_model
 
-from kernels import zero_init_attention_ref
-from model import (
+from llama_adapter_triton import (
     AdapterConfig,
     LLaMA,
     LLaMAConfig,
@@ -19,8 +18,9 @@ from model import (
     cast_base,
     mark_only_adapter_as_trainable,
     set_attention_impl,
+    zero_init_attention_ref,
 )
-from model.llama import rope_frequencies
+from llama_adapter_triton.model.llama import rope_frequencies
 
 ADAPTER = AdapterConfig(adapter_len=4, adapter_layers=1)
 
@@ -146,7 +146,7 @@ def test_bf16_base_with_fp32_adapter(monkeypatch):
     assert out.dtype == torch.bfloat16
     # flash-attn's bar: the error against fp32 is at most twice that of the eager op in bf16
     with torch.no_grad(), monkeypatch.context() as m:
-        m.setattr("model.adapter.zero_init_attention", zero_init_attention_ref)
+        m.setattr("llama_adapter_triton.model.adapter.zero_init_attention", zero_init_attention_ref)
         eager = model(x)
     error, eager_error = (out.float() - expected).abs().max(), (eager.float() - expected).abs().max()
     assert error <= 2 * eager_error + 1e-3 and eager_error < 0.2

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 from model_utils import VOCAB, tiny_model
 
-from bench.memory import TensorMemory
-from train.loss import default_chunk_rows, linear_cross_entropy
+from llama_adapter_triton.bench.memory import TensorMemory
+from llama_adapter_triton.train.loss import default_chunk_rows, linear_cross_entropy
 
 
 def _case(n: int, dim: int, vocab: int, dtype: torch.dtype, seed: int = 0):
@@ -51,7 +51,7 @@ def test_chunked_equals_the_plain_loss_and_gradients(n, dim, vocab, chunk_rows, 
 
 
 def test_chunked_through_a_quantized_output_layer_and_no_targets():
-    from model.quantize import quantized_linear
+    from llama_adapter_triton.model.quantize import quantized_linear
 
     hidden, output, targets = _case(24, 64, 300, torch.float32)
     quantized = quantized_linear(output.weight.detach().clone(), "nf4", compute_dtype=torch.float32)

@@ -10,9 +10,8 @@ import pytest
 import torch
 from model_utils import VOCAB, hf_model, randomize_, tiny_config, tiny_model
 
-import model.quantize as quantize
-from bench.memory import TensorMemory, model_tensors, nf4_bytes
-from model import (
+import llama_adapter_triton.model.quantize as quantize
+from llama_adapter_triton import (
     AdapterConfig,
     CheckpointError,
     LLaMA,
@@ -22,6 +21,7 @@ from model import (
     mark_only_adapter_as_trainable,
     save_checkpoint,
 )
+from llama_adapter_triton.bench.memory import TensorMemory, model_tensors, nf4_bytes
 
 pytest.importorskip("bitsandbytes")  # a dev dependency; a GPU machine has it only when its wheel is carried
 
@@ -95,7 +95,7 @@ def test_nf4_is_qlora_format_and_its_logits_err_by_nf4_alone(checkpoint):
 
 _PACK = """
 import sys, torch
-from model.quantize import quantized_linear
+from llama_adapter_triton.model.quantize import quantized_linear
 g = torch.Generator().manual_seed(0)
 if sys.argv[1] == "bf16-first":  # a first quantization under a bf16 default dtype, as bench's random_llama does
     torch.set_default_dtype(torch.bfloat16)
@@ -218,8 +218,8 @@ def test_quantize_errors_come_before_anything_loads(tmp_path, monkeypatch):
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_quantized_base_trains_through_the_fused_op_on_cuda(checkpoint, mode, triton_kernels_only):
     """On a GPU: bitsandbytes' CUDA kernels under the adapter, the fused op compiled, activation checkpointing."""
-    from train.data import PackedLoader, TokenizedDataset
-    from train.finetune import batch_loss_sum
+    from llama_adapter_triton.train.data import PackedLoader, TokenizedDataset
+    from llama_adapter_triton.train.finetune import batch_loss_sum
 
     adapter = AdapterConfig(adapter_len=4, adapter_layers=2)
     model = load_checkpoint(checkpoint, adapter=adapter, dtype=torch.bfloat16, device="cuda", quantize=mode)

@@ -12,9 +12,9 @@ from model_utils import set_adapter_
 from PIL import Image
 from test_visual import WIDTH, checkpoint, clip  # noqa: F401  (fixtures)
 
-from model import AdapterConfig, load_checkpoint, save_adapter
-from train.data import load_records
-from train.scienceqa import (
+from llama_adapter_triton import AdapterConfig, load_checkpoint, save_adapter
+from llama_adapter_triton.train.data import load_records
+from llama_adapter_triton.train.scienceqa import (
     EvalArgs,
     ScienceQAError,
     accuracy_table,

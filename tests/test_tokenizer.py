@@ -10,7 +10,7 @@ import pytest
 import sentencepiece
 import tokenizers
 
-from model import CheckpointError, Tokenizer
+from llama_adapter_triton import CheckpointError, Tokenizer
 
 TEXT = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
@@ -80,7 +80,7 @@ def test_tokenizer_json_round_trip(hf_tokenizer):
 def test_tokenizer_without_bos(tmp_path):
     """Qwen2's tokenizer has no BOS (tokenizer_config.json: bos_token null): bos_id None, encode(bos=True) adds
     nothing, and the data's tokenization works with it."""
-    from train.data import Record, tokenize_records
+    from llama_adapter_triton.train.data import Record, tokenize_records
 
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -134,7 +134,7 @@ def test_llama3_tiktoken_file(tiktoken_file):
 
 
 def test_tiktoken_pieces_cut_only_long_runs():
-    from model.tokenizer import _MAX_RUN, _pieces
+    from llama_adapter_triton.model.tokenizer import _MAX_RUN, _pieces
 
     assert _pieces("hello world") == ["hello world"] and _pieces("") == [""]
     text = "x " + " " * (_MAX_RUN + 10) + "yz"
@@ -162,7 +162,7 @@ def test_tokenizer_errors(tmp_path, sp_model):
 
 def test_garbage_tokenizer_files_are_refused_naming_the_file(tmp_path, sp_model):
     """A bad tokenizer.json once raised the tokenizers package's bare Exception; a one-line tiktoken file loaded."""
-    from model import CheckpointError
+    from llama_adapter_triton import CheckpointError
 
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": 42}')
     with pytest.raises(CheckpointError, match=r"tokenizer\.json: not a tokenizers tokenizer\.json \("):

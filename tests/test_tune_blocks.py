@@ -17,9 +17,9 @@ import pytest
 import torch
 from triton.runtime.errors import OutOfResources
 
-import kernels.zero_init_attn as zia
-from bench import common
-from bench import tune_blocks as tb
+import llama_adapter_triton.kernels.zero_init_attn as zia
+from llama_adapter_triton.bench import common
+from llama_adapter_triton.bench import tune_blocks as tb
 
 ON_CUDA = torch.cuda.is_available()
 CANDIDATE_METRICS = {"time_ms", "skipped", "failed"}  # exactly one of these per candidate and shape

@@ -17,7 +17,7 @@ from model_utils import randomize_, set_adapter_
 from PIL import Image
 from safetensors.torch import load_file
 
-from model import (
+from llama_adapter_triton import (
     AdapterConfig,
     CheckpointError,
     LLaMA,
@@ -36,11 +36,11 @@ from model import (
     save_checkpoint,
     set_attention_impl,
 )
-from model.generate import main as generate_main
-from model.visual import CLIPImageEncoder, default_clip_layers
-from train.data import DataError, PackedLoader, TokenizedDataset, load_records, tokenize_records
-from train.demo import train_tokenizer
-from train.finetune import FinetuneConfig, ImageFeatures, UsageError, run
+from llama_adapter_triton.model.generate import main as generate_main
+from llama_adapter_triton.model.visual import CLIPImageEncoder, default_clip_layers
+from llama_adapter_triton.train.data import DataError, PackedLoader, TokenizedDataset, load_records, tokenize_records
+from llama_adapter_triton.train.demo import train_tokenizer
+from llama_adapter_triton.train.finetune import FinetuneConfig, ImageFeatures, UsageError, run
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 QUESTION = "What colour is the picture?"
@@ -388,7 +388,7 @@ def test_joint_training_routes_each_kind_to_its_own_parameters(checkpoint, clip,
     """V2 with early fusion and --joint-training, on image records (captions among them) and text records: each
     micro-batch holds one kind; an image micro-batch's gradients reach the projector and the early gate only, a text
     micro-batch's everything else; a group with no example in a step is not updated; both groups train."""
-    from train.finetune import JointTraining
+    from llama_adapter_triton.train.finetune import JointTraining
 
     model = reset_adapter(mm_model(**V2_EARLY))
     mark_only_adapter_as_trainable(model)
@@ -489,7 +489,7 @@ def test_generate_with_an_image(checkpoint, clip, images, tmp_path, capsys):
         generate_main(common + ["--image", str(images[name]), "--clip", str(clip)])
         answers[name] = capsys.readouterr().out
     # the CLI's answer is the model's greedy answer with that image's visual token
-    from model.generate import generate
+    from llama_adapter_triton.model.generate import generate
 
     tokenizer = Tokenizer(checkpoint)
     encoder = CLIPImageEncoder(clip, layers=(2, 4))
@@ -507,7 +507,7 @@ def test_generate_with_an_image(checkpoint, clip, images, tmp_path, capsys):
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(SystemExit, match="--image: image .*text.png.* could not be read as an image"):
         generate_main(common + ["--image", str(tmp_path / "text.png"), "--clip", str(clip)])
-    with pytest.raises(SystemExit, match="python -m model.generate: error: --image .*nope.png does not exist"):
+    with pytest.raises(SystemExit, match="llama-adapter generate: error: --image .*nope.png does not exist"):
         generate_main(common + ["--image", str(tmp_path / "nope.png"), "--clip", str(clip)])
     text_only = save_adapter(load_checkpoint(checkpoint, adapter=AdapterConfig(adapter_len=4, adapter_layers=1)),
                              tmp_path / "text.safetensors")
@@ -602,7 +602,7 @@ def test_a_decompression_bomb_is_refused_naming_the_record_and_the_limit(checkpo
     """An image over Pillow's pixel limit once gave a traceback (or a warning, then the whole decode)."""
     from PIL import Image
 
-    from model.visual import ImageError, read_image
+    from llama_adapter_triton.model.visual import ImageError, read_image
 
     root = images["red"].parent
     data = tmp_path / "mm.json"

@@ -1,6 +1,6 @@
 """Alpaca instruction data for LLaMA-Adapter fine-tuning: loading, tokenization, packed and padded batches.
 
-    from train.data import load_records, tokenize_records, split_eval, PackedLoader, IGNORE_INDEX
+    from llama_adapter_triton.train.data import load_records, tokenize_records, split_eval, PackedLoader, IGNORE_INDEX
 
     records, load_report = load_records("alpaca_data.json", on_bad_record="skip")
     data, tok_report = tokenize_records(records, tokenizer, max_seq_len=512)
@@ -119,9 +119,9 @@ from typing import Literal, Protocol, TypedDict
 import numpy as np
 import torch
 
-from model.chat import ROLES, ChatTemplate, encode_chat
-from model.cli import remedy_text
-from model.prompt import CAPTION_INSTRUCTION, CHAT_TEMPLATE, TEMPLATES, format_prompt, user_message
+from llama_adapter_triton.model.chat import ROLES, ChatTemplate, encode_chat
+from llama_adapter_triton.model.cli import remedy_text
+from llama_adapter_triton.model.prompt import CAPTION_INSTRUCTION, CHAT_TEMPLATE, TEMPLATES, format_prompt, user_message
 
 log = logging.getLogger(__name__)
 

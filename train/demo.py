@@ -1,9 +1,9 @@
 """`make demo`: LLaMA-Adapter's whole job in a few minutes on a CPU (or a GPU), with nothing to download.
 
-    python -m train.demo             # CPU: a few minutes on 2 cores; a GPU is used when there is one
-    python -m train.demo --smoke     # a seconds-long version of every stage (the test suite runs it)
-    python -m train.demo --device cpu --out runs/demo2
-    python -m train.demo --quantize nf4   # the same with the base in NF4 (bitsandbytes): fine-tuned and answering
+    llama-adapter demo             # CPU: a few minutes on 2 cores; a GPU is used when there is one
+    llama-adapter demo --smoke     # a seconds-long version of every stage (the test suite runs it)
+    llama-adapter demo --device cpu --out runs/demo2
+    llama-adapter demo --quantize nf4   # the same with the base in NF4 (bitsandbytes): fine-tuned and answering
 
 The base is NOT a real LLaMA: there is none to download. It is a tiny LLaMA-shaped model (the
 same code as LLaMA-7B: RMSNorm, RoPE, SwiGLU, the adapter's layers) that this script pre-trains itself:
@@ -42,22 +42,21 @@ import sentencepiece
 import torch
 from tqdm import tqdm
 
-from model import (
-    LLaMA,
-    LLaMAConfig,
-    Tokenizer,
-    alpaca_prompt,
+from llama_adapter_triton.model.checkpoint import (
     load_adapter,
     load_checkpoint,
     read_adapter_config,
     save_checkpoint,
     write_atomic,
 )
-from model.cli import parse_dataclass
-from model.generate import generate
-from model.quantize import QUANTIZE_MODES
-from train.data import PaddedLoader, TokenizedDataset, load_records
-from train.finetune import FinetuneConfig, batch_loss_sum, load_data, lr_factor, run
+from llama_adapter_triton.model.cli import parse_dataclass
+from llama_adapter_triton.model.generate import generate
+from llama_adapter_triton.model.llama import LLaMA, LLaMAConfig
+from llama_adapter_triton.model.prompt import alpaca_prompt
+from llama_adapter_triton.model.quantize import QUANTIZE_MODES
+from llama_adapter_triton.model.tokenizer import Tokenizer
+from llama_adapter_triton.train.data import PaddedLoader, TokenizedDataset, load_records
+from llama_adapter_triton.train.finetune import FinetuneConfig, batch_loss_sum, load_data, lr_factor, run
 
 DEMO_DATA = Path(__file__).parent / "data" / "demo.json"
 RECIPE_FILE = "demo-base.json"
@@ -293,7 +292,7 @@ def _ask(r) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    config = parse_dataclass(DemoConfig, argv, prog="python -m train.demo", description=__doc__.split("\n\n")[0])
+    config = parse_dataclass(DemoConfig, argv, prog="llama-adapter demo", description=__doc__.split("\n\n")[0])
     recipe = SMOKE if config.smoke else Recipe()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -315,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                             epochs=recipe.epochs, blr=recipe.blr, eval_size=recipe.eval_size, seed=config.seed,
                             device=str(device), quantize=config.quantize, tokenization=DEMO_TOKENIZATION)
         print(f"\nLLaMA-Adapter: fine-tuning an adapter on {data.name} with the base frozen "
-              f"(python -m train.finetune {' '.join(_flags(ft))})")
+              f"(llama-adapter finetune {' '.join(_flags(ft))})")
         run(ft)
         train_data, eval_data, _ = load_data(ft, min(ft.max_seq_len, CONTEXT), say=lambda _: None)  # run()'s split
         records = load_records(data)[0]
@@ -345,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"train {right(tuned_train, trained_on)}/{len(trained_on)} with the adapter.")
     print(f"Wrote {config.out}/ (adapter.safetensors, log.csv, loss.png, train_state.pt, adapter-epoch*.safetensors) "
           f"in {time.perf_counter() - started:.0f} s. Try it:\n"
-          f"  python -m model.generate --checkpoint {base} --adapter {adapter_file} --temperature 0 "
+          f"  llama-adapter generate --checkpoint {base} --adapter {adapter_file} --temperature 0 "
           f"--max-new-tokens 8 --device {device.type} --instruction \"What is the capital of Peru?\"")
 
 

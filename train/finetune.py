@@ -1,25 +1,26 @@
 """LLaMA-Adapter fine-tuning (arXiv 2303.16199): a frozen LLaMA, a trained adapter, packed batches, resume,
 several processes (DDP / FSDP2).
 
-    # CPU (fp32), e.g. on the demo's small base (python -m train.demo writes runs/demo-base), ~1 minute:
-    python -m train.finetune --checkpoint runs/demo-base --data train/data/demo.json --out runs/ft-cpu \\
+    # CPU (fp32), e.g. on the demo's small base (llama-adapter demo writes runs/demo-base), ~1 minute:
+    llama-adapter finetune --checkpoint runs/demo-base --data train/data/demo.json --out runs/ft-cpu \\
         --adapter-layers 4 --token-budget 1024 --epochs 15 --blr 1.0 --eval-size 48
     # one GPU (bf16 base, fp32 adapter): LLaMA-7B on Alpaca-52K with the paper's settings
-    python -m train.finetune --checkpoint llama-7b/ --data alpaca_data.json --out runs/alpaca-7b
+    llama-adapter finetune --checkpoint llama-7b/ --data alpaca_data.json --out runs/alpaca-7b
     # several GPUs of one node, DDP (only the adapter's gradients are all-reduced):
-    torchrun --nproc_per_node 8 -m train.finetune --checkpoint llama-7b/ --data alpaca_data.json --out runs/alpaca-7b
+    torchrun --nproc_per_node 8 -m llama_adapter_triton.train.finetune --checkpoint llama-7b/ --data alpaca_data.json \\
+        --out runs/alpaca-7b
     # a base too large for one GPU: FSDP2 shards it (and the adapter) over the GPUs
-    torchrun --nproc_per_node 8 -m train.finetune --checkpoint llama-65b/ --data alpaca_data.json \\
-        --out runs/alpaca-65b --fsdp
+    torchrun --nproc_per_node 8 -m llama_adapter_triton.train.finetune --checkpoint llama-65b/ \\
+        --data alpaca_data.json --out runs/alpaca-65b --fsdp
     # go on with a run that stopped (killed, or --stop-after-steps): the same flags plus --resume
-    python -m train.finetune --checkpoint llama-7b/ --data alpaca_data.json --out runs/alpaca-7b --resume
+    llama-adapter finetune --checkpoint llama-7b/ --data alpaca_data.json --out runs/alpaca-7b --resume
     # multi-modal: records with an "image" file, a local CLIP model (model/visual.py)
-    python -m train.finetune --checkpoint llama-7b/ --data sqa.json --out runs/sqa-7b --clip clip-vit-large-patch14/
+    llama-adapter finetune --checkpoint llama-7b/ --data sqa.json --out runs/sqa-7b --clip clip-vit-large-patch14/
     # LLaMA-Adapter V2: biases, scales and norms trained too (the official code's 31 layers of prompts, its blr)
-    python -m train.finetune --checkpoint llama-7b/ --data alpaca_data.json --out runs/v2-7b --adapter-version 2 \\
+    llama-adapter finetune --checkpoint llama-7b/ --data alpaca_data.json --out runs/v2-7b --adapter-version 2 \\
         --adapter-layers 31 --blr 1e-3 --weight-decay 0.05
     # V2, multi-modal: early fusion, and the paper's joint training on image-text pairs mixed with instructions
-    python -m train.finetune --checkpoint llama-7b/ --data captions_and_alpaca.json --out runs/v2-mm \\
+    llama-adapter finetune --checkpoint llama-7b/ --data captions_and_alpaca.json --out runs/v2-mm \\
         --adapter-version 2 --adapter-layers 31 --clip clip-vit-large-patch14/ --joint-training
 
 The model: load_checkpoint (Meta or HF) with a fresh adapter (prompts N(0, 1), gates 0: the model
@@ -158,28 +159,34 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from model import (
+from llama_adapter_triton.model.adapter import (
+    FUSIONS,
+    GATE_ACTS,
+    GATES,
+    SCALES,
+    VERSIONS,
     AdapterConfig,
-    CheckpointError,
-    LLaMA,
-    Tokenizer,
     adapter_groups,
     adapter_state_dict,
     cast_base,
+    mark_only_adapter_as_trainable,
+)
+from llama_adapter_triton.model.chat import ChatTemplate
+from llama_adapter_triton.model.checkpoint import (
+    ADAPTER_FORMAT,
+    CheckpointError,
     load_checkpoint,
     load_config,
-    mark_only_adapter_as_trainable,
+    peft_export_problem,
     save_adapter,
     write_atomic,
 )
-from model.adapter import FUSIONS, GATE_ACTS, GATES, SCALES, VERSIONS
-from model.chat import ChatTemplate
-from model.checkpoint import ADAPTER_FORMAT, peft_export_problem
-from model.cli import build_parser, check_cuda_device, cli_message, parse_dataclass
-from model.llama import check_window
-from model.prompt import TEMPLATES
-from model.quantize import QUANTIZE_MODES, check_quantize, logical_numel
-from train.data import (
+from llama_adapter_triton.model.cli import build_parser, check_cuda_device, cli_message, parse_dataclass
+from llama_adapter_triton.model.llama import LLaMA, check_window
+from llama_adapter_triton.model.prompt import TEMPLATES
+from llama_adapter_triton.model.quantize import QUANTIZE_MODES, check_quantize, logical_numel
+from llama_adapter_triton.model.tokenizer import Tokenizer
+from llama_adapter_triton.train.data import (
     IGNORE_INDEX,
     TOKENIZATIONS,
     DataError,
@@ -191,9 +198,9 @@ from train.data import (
     split_eval,
     tokenize_records,
 )
-from train.loss import linear_cross_entropy
+from llama_adapter_triton.train.loss import linear_cross_entropy
 
-PROG = "python -m train.finetune"
+PROG = "llama-adapter finetune"
 ADAPTER_FILE = "adapter.safetensors"
 EPOCH_ADAPTER = "adapter-epoch{}.safetensors"  # N = 1, 2, ...: the adapter after epoch N
 PEFT_DIR = "adapter-peft"  # --export peft: the final adapter as a PEFT adaption-prompt folder
@@ -661,7 +668,7 @@ def encode_images(config: FinetuneConfig, images: dict[int, str], dtype: torch.d
     An image that leads outside --image-root ("..", an absolute path, a link) is refused unless
     --allow-external-files. With several processes each encodes every world_size-th image and all of them gather
     the whole table."""
-    from model.visual import CLIPImageEncoder, ImageError
+    from llama_adapter_triton.model.visual import CLIPImageEncoder, ImageError
 
     def listing(items: list[str]) -> str:
         return "; ".join(items[:5]) + (f"; ... and {len(items) - 5} more" if len(items) > 5 else "")

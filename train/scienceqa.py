@@ -1,16 +1,16 @@
 """ScienceQA (Lu et al., NeurIPS 2022), the paper's multi-modal benchmark: conversion to our records, and accuracy.
 
     # 1. records for train.finetune (and for evaluation), from the dataset's own files
-    python -m train.scienceqa convert --problems ScienceQA/data/scienceqa/problems.json \\
+    llama-adapter scienceqa convert --problems ScienceQA/data/scienceqa/problems.json \\
         --pid-splits ScienceQA/data/scienceqa/pid_splits.json --images ScienceQA/data/scienceqa/images \\
         --split train --out sqa/train.json
-    python -m train.scienceqa convert ... --split test --out sqa/test.json
+    llama-adapter scienceqa convert ... --split test --out sqa/test.json
     # 2. a multi-modal adapter (the image paths in the records are relative to sqa/, the default --image-root; they
     #    lead out of it, to the dataset's images/, which train.finetune reads only with --allow-external-files)
-    python -m train.finetune --checkpoint llama-7b/ --data sqa/train.json --out runs/sqa-7b --clip clip-vit-l-14/ \\
+    llama-adapter finetune --checkpoint llama-7b/ --data sqa/train.json --out runs/sqa-7b --clip clip-vit-l-14/ \\
         --allow-external-files
     # 3. accuracy on the test split, by the dataset's categories
-    python -m train.scienceqa evaluate --checkpoint llama-7b/ --adapter runs/sqa-7b/adapter.safetensors \\
+    llama-adapter scienceqa evaluate --checkpoint llama-7b/ --adapter runs/sqa-7b/adapter.safetensors \\
         --clip clip-vit-l-14/ --data sqa/test.json --out runs/sqa-7b/test-predictions.jsonl
 
 The dataset: problems.json maps a problem id to its question, choices (a list), answer (the index of the
@@ -42,9 +42,9 @@ from pathlib import Path
 
 import torch
 
-from model.quantize import QUANTIZE_MODES, check_quantize
+from llama_adapter_triton.model.quantize import QUANTIZE_MODES, check_quantize
 
-PROG = "python -m train.scienceqa"
+PROG = "llama-adapter scienceqa"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 ANSWER_RE = re.compile(r"The answer is \(?([A-Z])\)?")
 SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
@@ -97,7 +97,7 @@ def convert(problems_file: Path, split: str, images_dir: Path, out: Path, *, pid
             explain: bool = False, overwrite: bool = False) -> tuple[Path, int, int]:
     """Write the split's records to out (JSON); returns (out, number of records, how many have an image).
     The split comes from pid_splits.json when given, else from each problem's "split"."""
-    from model.checkpoint import write_atomic
+    from llama_adapter_triton.model.checkpoint import write_atomic
 
     problems = _read_json(problems_file)
     if not isinstance(problems, dict) or not problems:
@@ -215,7 +215,7 @@ class EvalArgs:
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.device != "cpu":
-            from model.cli import check_cuda_device
+            from llama_adapter_triton.model.cli import check_cuda_device
 
             check_cuda_device(self.device)
 
@@ -234,10 +234,11 @@ def _load_eval_records(file: Path) -> list[dict]:
 
 def evaluate(args: EvalArgs) -> dict:
     """Generate an answer for each record, score it; writes the predictions and the summary; returns the summary."""
-    from model import Tokenizer, alpaca_prompt, load_adapter, load_checkpoint, read_adapter_config
-    from model.checkpoint import write_atomic
-    from model.generate import generate
-    from model.visual import CLIPImageEncoder
+    from llama_adapter_triton.model.checkpoint import load_adapter, load_checkpoint, read_adapter_config, write_atomic
+    from llama_adapter_triton.model.generate import generate
+    from llama_adapter_triton.model.prompt import alpaca_prompt
+    from llama_adapter_triton.model.tokenizer import Tokenizer
+    from llama_adapter_triton.model.visual import CLIPImageEncoder
 
     summary_file = args.out.with_name(args.out.name + ".summary.json")
     for f in (args.out, summary_file):
@@ -310,8 +311,8 @@ def format_table(summary: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from model.checkpoint import CheckpointError
-    from model.cli import build_parser, cli_message
+    from llama_adapter_triton.model.checkpoint import CheckpointError
+    from llama_adapter_triton.model.cli import build_parser, cli_message
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,1 +1,0 @@
-"""Fine-tuning LLaMA-Adapter: Alpaca instruction data (train.data), the training loop, several GPUs."""

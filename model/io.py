@@ -5,7 +5,7 @@ readers and the atomic writer.
 - read_json: a JSON object file. torch_load: torch.load(weights_only=True, mmap=True): checkpoints are data, never
   code. read_tensor_file: every tensor of a safetensors or torch file (told apart by their first bytes).
 - write_atomic: a temporary name in the same folder, renamed into place, and never over an existing file unless
-  asked (overwrite=True). Every file this package writes goes through it.
+  asked (overwrite=True). The checkpoints and adapters this package writes go through it.
 """
 
 from __future__ import annotations

@@ -67,7 +67,8 @@ def read_adapter_config(path: str | os.PathLike, *, gate_act: str | None = None,
 
 
 def load_adapter(model: LLaMA, path: str | os.PathLike, *, gate_act: str | None = None) -> AdapterConfig:
-    """Load an adapter (ours, the official v1 release, or PEFT's; detected by its keys) into model's adapter.
+    """Load an adapter (any of FORMATS: ours, the official v1 or V2 release, PEFT's, litgpt's; detected by its keys)
+    into model's adapter.
 
     The model must have been built with the same AdapterConfig (read_adapter_config gives it);
     gate_act is required for the official v1 release. Returns the adapter's config.

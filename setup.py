@@ -6,7 +6,7 @@ from setuptools.command.build_py import build_py
 # __init__.py of their own, so that no folder of ours is a top-level package that could shadow another
 # distribution's (Hugging Face's `kernels`, which transformers imports) when the root is on sys.path.
 PACKAGE = "llama_adapter_triton"
-SUBPACKAGES = ["kernels", "model", "train", "bench"]
+SUBPACKAGES = ["kernels", "model", "model.adapters", "train", "bench"]
 
 
 class BuildPy(build_py):

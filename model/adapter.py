@@ -44,7 +44,7 @@ Joint training (train/finetune.py --joint-training) trains disjoint groups, adap
 (the projector and the early gates) on image records, "language" (the rest) on text records.
 
 The official V2 release's projector (projector="query": learned queries through a small ViT over all of CLIP's
-tokens, model/visual.py's QueryProjector) is built for importing the release (model/checkpoint.py); ours
+tokens, model/visual.py's QueryProjector) is built for importing the release (model/adapters/official_v2.py); ours
 (projector="mlp") is an MLP of the concatenated global features of several CLIP layers.
 
 AdapterConfig is the adapter LLaMA(config, adapter) takes: it implements model/llama.py's AdapterHooks

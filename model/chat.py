@@ -45,7 +45,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from .checkpoint import CheckpointError, read_json
+from .io import CheckpointError, read_json
 
 ROLES = ("system", "user", "assistant")
 

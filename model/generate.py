@@ -49,8 +49,8 @@ import torch
 
 from .adapter import AdapterConfig
 from .chat import ChatTemplate, encode_chat_prompt
-from .checkpoint import CheckpointError
 from .cli import check_cuda_device, cli_message, parse_dataclass
+from .io import CheckpointError
 from .llama import LLaMA, LLaMAConfig, check_window
 from .prompt import CHAT_TEMPLATE, TEMPLATES, format_prompt, user_message
 from .quantize import QUANTIZE_MODES, check_quantize
@@ -302,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run(args: Args) -> None:
     """Generate the answer to args.instruction (or chat: args.chat), streamed to stdout; tokens/s to stderr."""
-    from .checkpoint import load_adapter, load_checkpoint, load_config, read_adapter_config
+    from .adapters.formats import load_adapter, read_adapter_config
+    from .checkpoint import load_checkpoint, load_config
     from .tokenizer import Tokenizer
 
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -42,7 +42,7 @@ import sentencepiece
 import tiktoken
 import tokenizers
 
-from .checkpoint import CheckpointError, read_json
+from .io import CheckpointError, read_json
 
 _BOS_NAMES = ("<|begin_of_text|>", "<s>")
 _EOS_NAMES = ("<|end_of_text|>", "</s>")

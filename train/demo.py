@@ -42,15 +42,11 @@ import sentencepiece
 import torch
 from tqdm import tqdm
 
-from llama_adapter_triton.model.checkpoint import (
-    load_adapter,
-    load_checkpoint,
-    read_adapter_config,
-    save_checkpoint,
-    write_atomic,
-)
+from llama_adapter_triton.model.adapters.formats import load_adapter, read_adapter_config
+from llama_adapter_triton.model.checkpoint import load_checkpoint, save_checkpoint
 from llama_adapter_triton.model.cli import parse_dataclass
 from llama_adapter_triton.model.generate import generate
+from llama_adapter_triton.model.io import write_atomic
 from llama_adapter_triton.model.llama import LLaMA, LLaMAConfig
 from llama_adapter_triton.model.prompt import alpaca_prompt
 from llama_adapter_triton.model.quantize import QUANTIZE_MODES

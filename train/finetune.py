@@ -171,17 +171,13 @@ from llama_adapter_triton.model.adapter import (
     cast_base,
     mark_only_adapter_as_trainable,
 )
+from llama_adapter_triton.model.adapters.formats import save_adapter
+from llama_adapter_triton.model.adapters.ours import ADAPTER_FORMAT
+from llama_adapter_triton.model.adapters.peft import peft_export_problem
 from llama_adapter_triton.model.chat import ChatTemplate
-from llama_adapter_triton.model.checkpoint import (
-    ADAPTER_FORMAT,
-    CheckpointError,
-    load_checkpoint,
-    load_config,
-    peft_export_problem,
-    save_adapter,
-    write_atomic,
-)
+from llama_adapter_triton.model.checkpoint import load_checkpoint, load_config
 from llama_adapter_triton.model.cli import build_parser, check_cuda_device, cli_message, parse_dataclass
+from llama_adapter_triton.model.io import CheckpointError, write_atomic
 from llama_adapter_triton.model.llama import LLaMA, check_window
 from llama_adapter_triton.model.prompt import TEMPLATES
 from llama_adapter_triton.model.quantize import QUANTIZE_MODES, check_quantize, logical_numel

@@ -97,7 +97,7 @@ def convert(problems_file: Path, split: str, images_dir: Path, out: Path, *, pid
             explain: bool = False, overwrite: bool = False) -> tuple[Path, int, int]:
     """Write the split's records to out (JSON); returns (out, number of records, how many have an image).
     The split comes from pid_splits.json when given, else from each problem's "split"."""
-    from llama_adapter_triton.model.checkpoint import write_atomic
+    from llama_adapter_triton.model.io import write_atomic
 
     problems = _read_json(problems_file)
     if not isinstance(problems, dict) or not problems:
@@ -234,8 +234,10 @@ def _load_eval_records(file: Path) -> list[dict]:
 
 def evaluate(args: EvalArgs) -> dict:
     """Generate an answer for each record, score it; writes the predictions and the summary; returns the summary."""
-    from llama_adapter_triton.model.checkpoint import load_adapter, load_checkpoint, read_adapter_config, write_atomic
+    from llama_adapter_triton.model.adapters.formats import load_adapter, read_adapter_config
+    from llama_adapter_triton.model.checkpoint import load_checkpoint
     from llama_adapter_triton.model.generate import generate
+    from llama_adapter_triton.model.io import write_atomic
     from llama_adapter_triton.model.prompt import alpaca_prompt
     from llama_adapter_triton.model.tokenizer import Tokenizer
     from llama_adapter_triton.model.visual import CLIPImageEncoder
@@ -311,8 +313,8 @@ def format_table(summary: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from llama_adapter_triton.model.checkpoint import CheckpointError
     from llama_adapter_triton.model.cli import build_parser, cli_message
+    from llama_adapter_triton.model.io import CheckpointError
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -35,7 +35,8 @@ test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+	echo "torch==$(TORCH_VERSION)" > $(LATEST)/torch.txt
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]" -c $(LATEST)/torch.txt
 	$(LATEST)/bin/python tests/pins.py $(CONSTRAINTS)
 	$(LATEST)/bin/python -m pytest -q $(PYTEST_ARGS)
 

@@ -2,7 +2,7 @@
 several processes (DDP / FSDP2).
 
     # CPU (fp32), e.g. on the demo's small base (llama-adapter demo writes runs/demo-base), ~1 minute:
-    llama-adapter finetune --checkpoint runs/demo-base --data train/data/demo.json --out runs/ft-cpu \\
+    llama-adapter finetune --checkpoint runs/demo-base --data train/demo_data/demo.json --out runs/ft-cpu \\
         --adapter-layers 4 --token-budget 1024 --epochs 15 --blr 1.0 --eval-size 48
     # one GPU (bf16 base, fp32 adapter): LLaMA-7B on Alpaca-52K with the paper's settings
     llama-adapter finetune --checkpoint llama-7b/ --data alpaca_data.json --out runs/alpaca-7b

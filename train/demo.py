@@ -56,7 +56,8 @@ from llama_adapter_triton.model.prompt import alpaca_prompt
 from llama_adapter_triton.model.quantize import QUANTIZE_MODES
 from llama_adapter_triton.model.tokenizer import Tokenizer
 from llama_adapter_triton.train.data import PaddedLoader, TokenizedDataset, load_records
-from llama_adapter_triton.train.finetune import FinetuneConfig, batch_loss_sum, load_data, lr_factor, run
+from llama_adapter_triton.train.finetune import FinetuneConfig, batch_loss_sum, load_data, run
+from llama_adapter_triton.train.optim import lr_factor
 
 DEMO_DATA = Path(__file__).parent / "demo_data" / "demo.json"
 RECIPE_FILE = "demo-base.json"

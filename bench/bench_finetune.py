@@ -151,7 +151,8 @@ from llama_adapter_triton.train.data import (  # noqa: E402
     load_records,
     tokenize_records,
 )
-from llama_adapter_triton.train.finetune import batch_loss_sum, param_groups  # noqa: E402
+from llama_adapter_triton.train.finetune import batch_loss_sum  # noqa: E402
+from llama_adapter_triton.train.optim import param_groups  # noqa: E402
 
 WHAT = "finetune"
 DTYPE = torch.bfloat16  # the frozen base; the adapter is fp32

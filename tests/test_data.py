@@ -34,7 +34,7 @@ from llama_adapter_triton.train.data import (
     tokenize_records,
 )
 
-DEMO = Path(__file__).resolve().parent.parent / "train" / "data" / "demo.json"
+DEMO = Path(__file__).resolve().parent.parent / "train" / "demo_data" / "demo.json"
 WORDS = ["alpha", "brick", "cloud", "delta", "ember", "frost", "grain", "hinge", "ivory", "jolly", "kayak", "lemon",
          "maple", "noble", "ocean", "piano", "quilt", "river", "stone", "tiger", "umbra", "vivid", "whale", "xenon",
          "yield", "zebra", "a", "an", "of", "to", "is", "it"]

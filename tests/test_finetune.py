@@ -38,11 +38,10 @@ from llama_adapter_triton.train.finetune import (
     UsageError,
     batch_loss_sum,
     load_data,
-    lr_factor,
     main,
-    param_groups,
     run,
 )
+from llama_adapter_triton.train.optim import lr_factor, param_groups
 
 RECORDS = json.loads(DEMO_DATA.read_text())
 VOCAB = 300  # examples of 33-56 tokens: one 64-row block of the kernels each

@@ -13,7 +13,8 @@ import llama_adapter_triton.model.llama as llama
 from llama_adapter_triton import AdapterConfig, LLaMA, LLaMAConfig, cast_base, mark_only_adapter_as_trainable
 from llama_adapter_triton.bench.memory import MemoryPlan, TensorMemory, model_tensors
 from llama_adapter_triton.model.quantize import quantize_model
-from llama_adapter_triton.train.finetune import batch_loss_sum, param_groups
+from llama_adapter_triton.train.finetune import batch_loss_sum
+from llama_adapter_triton.train.optim import param_groups
 
 CONFIG = LLaMAConfig(name="mem", dim=64, n_layers=3, n_heads=2, vocab_size=1000, multiple_of=64, norm_eps=1e-5,
                      max_seq_len=256)

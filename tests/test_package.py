@@ -111,7 +111,7 @@ def test_wheel_holds_one_package_and_runs_outside_the_repo(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {PKG, f"{PKG}-0.1.0.dist-info"}, sorted(names)
     for expected in ["__init__.py", "__main__.py", "kernels/zero_init_attn.py", "kernels/reference.py",
-                     "model/llama.py", "train/finetune.py", "train/data/demo.json", "bench/bench_attention.py"]:
+                     "model/llama.py", "train/finetune.py", "train/demo_data/demo.json", "bench/bench_attention.py"]:
         assert f"{PKG}/{expected}" in names, expected
     assert not [n for n in names if n.startswith((f"{PKG}/tests/", f"{PKG}/setup.py", f"{PKG}/.ci"))], names
     entry_points = zipfile.ZipFile(wheel).read(f"{PKG}-0.1.0.dist-info/entry_points.txt").decode()

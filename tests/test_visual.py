@@ -40,7 +40,8 @@ from llama_adapter_triton.model.generate import main as generate_main
 from llama_adapter_triton.model.visual import CLIPImageEncoder, default_clip_layers
 from llama_adapter_triton.train.data import DataError, PackedLoader, TokenizedDataset, load_records, tokenize_records
 from llama_adapter_triton.train.demo import train_tokenizer
-from llama_adapter_triton.train.finetune import FinetuneConfig, ImageFeatures, UsageError, run
+from llama_adapter_triton.train.finetune import FinetuneConfig, UsageError, run
+from llama_adapter_triton.train.multimodal import ImageFeatures
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 QUESTION = "What colour is the picture?"
@@ -388,7 +389,7 @@ def test_joint_training_routes_each_kind_to_its_own_parameters(checkpoint, clip,
     """V2 with early fusion and --joint-training, on image records (captions among them) and text records: each
     micro-batch holds one kind; an image micro-batch's gradients reach the projector and the early gate only, a text
     micro-batch's everything else; a group with no example in a step is not updated; both groups train."""
-    from llama_adapter_triton.train.finetune import JointTraining
+    from llama_adapter_triton.train.multimodal import JointTraining
 
     model = reset_adapter(mm_model(**V2_EARLY))
     mark_only_adapter_as_trainable(model)

@@ -1,107 +1,23 @@
-"""Alpaca instruction data for LLaMA-Adapter fine-tuning: loading, tokenization, packed and padded batches.
-
-    from llama_adapter_triton.train.data import load_records, tokenize_records, split_eval, PackedLoader, IGNORE_INDEX
+"""Instruction data for LLaMA-Adapter fine-tuning: records, tokenization with shifted labels, packed and padded batches.
 
     records, load_report = load_records("alpaca_data.json", on_bad_record="skip")
     data, tok_report = tokenize_records(records, tokenizer, max_seq_len=512)
     train, val = split_eval(data, eval_size=0.02, seed=0)
-    loader = PackedLoader(train, token_budget=8192, micro_batches_per_step=4, seed=0,
-                          rank=rank, world_size=world_size)
-    for step in loader.iter_epoch(epoch, start_step=resume_step):
-        for batch in step.batches:                      # this rank's micro-batches of the step
-            logits = model(batch["tokens"], ...)        # varlen attention: cu_seqlens, positions
-            loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
-                                       ignore_index=IGNORE_INDEX, reduction="sum")
-            # (train.finetune.batch_loss_sum computes the logits at the targets only: logits_at)
-            (loss_sum / step.num_targets).backward()    # the step's mean over all of its targets
-        optimizer.step()
-    (Under DDP, which averages gradients over ranks, multiply by world_size as well.)
+    loader = PackedLoader(train, token_budget=8192, micro_batches_per_step=4, seed=0, rank=rank, world_size=world_size)
+    for step in loader.iter_epoch(epoch, start_step=resume_step):  # step.batches: this rank's micro-batches
 
-Records, as a JSON list, or as JSON Lines (one object per line; blank lines ignored), of three kinds:
-    Alpaca: {"instruction": non-empty string, "input": string (optional, may be empty), "output": non-empty string}
-    image-text pairs (LLaMA-Adapter V2's captioning data): {"image": file, "caption": non-empty string}, trained
-        as the instruction model/prompt.py's CAPTION_INSTRUCTION ("Generate caption of this image", the official
-        V2 code's) with the caption as the response
-    conversations (ShareGPT / LLaVA style): {"conversations": [{"from": "human", "value": ...}, {"from": "gpt",
-        "value": ...}, ...]} ("user" / "assistant" too), human first, the turns alternating, optionally with an
-        "image": in the "alpaca" template its first exchange is the example (the official V2 multi-modal code's
-        rule); in the "chat" template (model/prompt.py) every reply is an example, with the exchanges before it;
-        in the "model" template it is a messages record (below; "system" turns too)
-    messages (OpenAI style): {"messages": [{"role": "system" | "user" | "assistant", "content": non-empty string},
-        ...]}, an optional system message first, then a user message, any number of turns, at least one assistant
-        message: one example in the model's own chat template (model/chat.py: tokenizer_config.json's
-        chat_template, rendered as transformers does), the loss on every assistant turn (its content and the
-        template's end of turn), whatever the template; with template "model" every record is one (an instruction:
-        the user's message, its input on a new line, and the assistant's reply)
-Other keys are ignored, but for "image" (multi-modal data, model/visual.py): the example's image file, a
-non-empty string, or null / absent for a text-only example; Record.image keeps it as written
-(train/finetune.py --clip resolves it and encodes the images).
-Bad records are reported by index (0-based, in file order; JSONL adds the line number) and field.
-
-Tokenization (the official LLaMA-Adapter script's, alpaca_finetuning_v1/finetuning.py, to the token)
-    prompt = format_prompt(template, instruction, input, history)   (model/prompt.py; alpaca: nothing after
-                                                                      "### Response:")
-    tokens = encode(prompt + output, bos=True, eos=True)             one string, as the official script
-    n_prompt = len(encode(prompt, bos=True, eos=False))              its first n_prompt tokens are masked
-    So the response's first token is the one the whole string gives (with sentencepiece "Yes" after
-    "### Response:" is "Yes", not the "▁Yes" that encoding the response alone would give). Where a tokenizer
-    merges characters across the boundary, encode(prompt) is not a prefix of the example's tokens: the mask is
-    still by count, as in the official script (the first target may then be a token that began in the prompt);
-    such examples are counted in TokenizeReport.boundary_merged and the summary names them. Generation
-    (model/generate.py) encodes the prompt alone, as the official demo does.
-    tokenization="litgpt" (train.finetune --tokenization litgpt) is litgpt's rule instead (its SFTDataset):
-    tokens = encode(prompt, bos=True) + encode(output, bos=False, eos=True), the response encoded on its own
-    ("▁Yes"), so that the prompt's tokens are always a prefix; it is also what this project did before it
-    followed the official script.
-    Special-token strings in the text ("</s>", "<|eot_id|>") are text, never control tokens (model/tokenizer.py):
-    a record cannot end its example early or inject a turn.
-    Messages examples: tokens = encode_chat(chat_template, tokenizer, messages) (model/chat.py): the ids of
-    transformers' apply_chat_template(messages, tokenize=True), BOS and EOS as the template writes them; the
-    targets are every assistant turn's tokens (TokenizedDataset.targets), the rest masked; prompt_lens counts the
-    tokens before the first target. A message holding a special-token string of the tokenizer is refused
-    (DataError naming the record): the template's text is read with its special tokens.
-
-Labels: the shift is done here, in the data
-    labels[t] is the target of position t, i.e. the next token of the SAME sequence:
-        labels[t] = tokens[t + 1]   for n_prompt - 1 <= t <= len - 2   (predicts the response and EOS; messages
-                                    examples: only where tokens[t + 1] belongs to an assistant turn)
-        labels[t] = IGNORE_INDEX    elsewhere: in the prompt, at the last token of each sequence
-                                    (nothing of its own follows it), and on padding.
-    The loss is cross_entropy(logits, labels, ignore_index=IGNORE_INDEX) with NO further shift
-    (Hugging Face models shift inside; ours must not). The last token of each sequence being
-    ignored, a packed row never trains one sequence to predict the next sequence's first token.
-
-Truncation
-    An example longer than max_seq_len keeps its first max_seq_len tokens (the end of its response,
-    EOS included, is cut): counted in the TokenizeReport and logged. An example whose prompt alone
-    has max_seq_len tokens or more has no target left: it is dropped, and reported.
-
-Packed batches (PackedLoader): no compute on padding
-    Whole examples, best fit over a shuffled order, in micro-batches of at most token_budget tokens:
-    one row (1, T) with cu_seqlens. Attention must run per sequence (the varlen op with cu_seqlens
-    and max_seqlen): plain causal attention over the row would let a sequence see the ones before
-    it. Positions restart at 0 in each sequence, for RoPE.
-
-Padded batches (PaddedLoader): the official script's layout
-    (B, L), L = pad_to (512 by default) or the longest example of the batch; right padding, labels
-    IGNORE_INDEX on padding. No attention mask is needed: with right padding a real token at
-    position t attends causally to positions <= t only, and those are all real tokens.
-
-Steps, resuming, several processes
-    An epoch's plan, its list of micro-batches, depends only on the data, the budget (or batch size
-    and pad_to), shuffle, seed and epoch: never on rank, world size or where a run resumed. A step
-    is micro_batches_per_step consecutive micro-batches of the plan: the global batch. With
-    world_size W, rank r takes micro-batches r, r + W, r + 2W, ... of each step; the ranks' shares
-    are disjoint and their union is exactly the step a single process (W = 1, the same budget and
-    micro_batches_per_step, as gradient accumulation) sees: the same examples, the same
-    (token, target) pairs, the same step.num_targets to divide the loss by. So "the same global
-    batch" for packing means: the same micro-batches of <= token_budget tokens each, at most
-    micro_batches_per_step * token_budget tokens per step, whatever W divides them. Where an epoch's
-    last step has too few micro-batches for every rank to get its share, the ranks short of one
-    get filler micro-batches (one pad token, no target, batch["filler"] True) so that all ranks
-    run the same number of forward/backward passes; fillers add nothing to the loss or gradients.
-    iter_epoch(epoch, start_step=k) yields exactly the steps k, k + 1, ... that an uninterrupted
-    run yields: a run resumed from (epoch, k) sees the same batches.
+Records (JSON list or JSON Lines): Alpaca {instruction, input, output}, image-text pairs {image, caption},
+conversations {conversations: [...]} and messages {messages: [...]} (the model's chat template, model/chat.py); an
+optional "image" per record. Bad records are reported by index and field.
+Tokenization is the official script's: encode(prompt + output, bos, eos), its first len(encode(prompt, bos)) tokens
+masked ("litgpt": the response encoded on its own). Labels are shifted here: labels[t] = tokens[t + 1] on the
+targets, IGNORE_INDEX elsewhere (the prompt, each sequence's last token, padding); the loss shifts nothing more.
+Longer examples are truncated to max_seq_len, examples without a target left dropped; both reported.
+Packed: whole examples, best fit, in rows of at most token_budget tokens with cu_seqlens (attention per sequence,
+positions restarting). Padded: the official (B, 512) layout, right padding. An epoch's plan depends only on the
+data, the budget, seed and epoch: rank r of W takes micro-batches r, r + W, ... of each step (fillers where a step
+has too few), so W processes see exactly the step one process sees, and a resumed run the same batches.
+The full story (formats, the boundary merge, labels, steps and ranks): docs/ (notes-issue-20a.md for now).
 """
 
 from __future__ import annotations
@@ -614,6 +530,29 @@ def _check_int(name: str, value: object, minimum: int) -> None:
 TOKENIZATIONS = ("official", "litgpt")
 
 
+def _pad_id(tokenizer: TokenizerLike) -> int:
+    """The tokenizer's pad id, or EOS where it has none; its ids checked first."""
+    for attr in ("bos_id", "eos_id", "vocab_size"):
+        value = getattr(tokenizer, attr, None)
+        if not isinstance(value, (int, np.integer)) and not (attr == "bos_id" and value is None):  # no BOS: Qwen2
+            raise TypeError(f"tokenizer.{attr} must be an int{' or None' * (attr == 'bos_id')}, got {value!r}")
+    pad_id = tokenizer.pad_id
+    if pad_id is None or not 0 <= pad_id < tokenizer.vocab_size:
+        pad_id = tokenizer.eos_id  # no pad token: any valid id does, padding is never attended to
+    return pad_id
+
+
+def _encode_text(prompt: str, output: str, tokenizer: TokenizerLike, tokenization: str) -> tuple[list[int], int, bool]:
+    """(tokens, n_prompt, whether encode(prompt) is not a prefix of the tokens) of an instruction example."""
+    if tokenization == "litgpt":  # the response encoded on its own
+        prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
+        return prompt_ids + tokenizer.encode(output, bos=False, eos=True), len(prompt_ids), False
+    # the official script: encode(prompt + output), its first len(encode(prompt)) tokens masked
+    tokens = tokenizer.encode(prompt + output, bos=True, eos=True)
+    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
+    return tokens, len(prompt_ids), tokens[:len(prompt_ids)] != prompt_ids
+
+
 def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *, max_seq_len: int = 512,
                      chat_template: ChatTemplate | None = None,
                      tokenization: str = "official") -> tuple[TokenizedDataset, TokenizeReport]:
@@ -635,13 +574,7 @@ def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *, max
     """
     _check_int("max_seq_len", max_seq_len, 2)
     _check_choice("tokenization", tokenization, TOKENIZATIONS)
-    for attr in ("bos_id", "eos_id", "vocab_size"):
-        value = getattr(tokenizer, attr, None)
-        if not isinstance(value, (int, np.integer)) and not (attr == "bos_id" and value is None):  # no BOS: Qwen2
-            raise TypeError(f"tokenizer.{attr} must be an int{' or None' * (attr == 'bos_id')}, got {value!r}")
-    pad_id = tokenizer.pad_id
-    if pad_id is None or not 0 <= pad_id < tokenizer.vocab_size:
-        pad_id = tokenizer.eos_id  # no pad token: any valid id does, padding is never attended to
+    pad_id = _pad_id(tokenizer)
     examples, prompt_lens, index, masks, problems = [], [], [], [], []
     chat = any(isinstance(r, Record) and r.messages for r in records)
     report = TokenizeReport(max_seq_len, len(records), 0, 0, 0, 0)
@@ -660,16 +593,10 @@ def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *, max
                 continue
             targets[0] = False  # nothing predicts the first token
             n_prompt = targets.index(True) if True in targets else len(tokens)
-        elif tokenization == "litgpt":  # the response encoded on its own
-            prompt_ids = tokenizer.encode(record.prompt, bos=True, eos=False)
-            tokens = prompt_ids + tokenizer.encode(record.output, bos=False, eos=True)
-            n_prompt, targets = len(prompt_ids), None
-        else:  # the official script: encode(prompt + output), its first len(encode(prompt)) tokens masked
-            prompt = record.prompt
-            tokens = tokenizer.encode(prompt + record.output, bos=True, eos=True)
-            prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
-            n_prompt, targets = len(prompt_ids), None
-            if tokens[:n_prompt] != prompt_ids:
+        else:
+            tokens, n_prompt, merged = _encode_text(record.prompt, record.output, tokenizer, tokenization)
+            targets = None
+            if merged:
                 report.boundary_merged.append(source)
         report.longest = max(report.longest, len(tokens))
         if n_prompt >= min(len(tokens), max_seq_len):

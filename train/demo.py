@@ -8,15 +8,15 @@
 The base is NOT a real LLaMA: there is none to download. It is a tiny LLaMA-shaped model (the
 same code as LLaMA-7B: RMSNorm, RoPE, SwiGLU, the adapter's layers) that this script pre-trains itself:
 1. A tokenizer: sentencepiece (BPE, a small vocabulary) trained on the text of the facts below and of
-   train/data/demo.json.
+   train/demo_data/demo.json.
 2. The base: pre-trained briefly on plain-text facts, as statements and as questions with their
    answers, e.g. "The capital of France is Paris.", "Q: What is the opposite of hot? A: cold",
-   "3 plus 4 is 7.", "moon backwards is noom." (the tables behind train/data/demo.json,
-   train/data/make_demo.py), never the instruction template. Written as a
+   "3 plus 4 is 7.", "moon backwards is noom." (the tables behind train/demo_data/demo.json,
+   train/demo_data/make_demo.py), never the instruction template. Written as a
    Hugging Face checkpoint with its tokenizer to runs/demo-base/ and read back by load_checkpoint;
    a later run reuses it (it is rebuilt, the old one moved aside, when its recipe changes).
 3. LLaMA-Adapter: the base frozen, an adapter (prompts of 10 in the top layers, gates starting at 0)
-   fine-tuned on the instruction set train/data/demo.json by train.finetune (packed batches; a
+   fine-tuned on the instruction set train/demo_data/demo.json by train.finetune (packed batches; a
    held-out split). The base knows the facts; the adapter teaches it to follow instructions.
 4. Answers: the fine-tuned model answers held-out instructions (greedy), the base alone answers the
    same prompts for contrast, and exact-match accuracy is counted on the held-out and train splits.
@@ -52,9 +52,10 @@ from llama_adapter_triton.model.prompt import alpaca_prompt
 from llama_adapter_triton.model.quantize import QUANTIZE_MODES
 from llama_adapter_triton.model.tokenizer import Tokenizer
 from llama_adapter_triton.train.data import PaddedLoader, TokenizedDataset, load_records
-from llama_adapter_triton.train.finetune import FinetuneConfig, batch_loss_sum, load_data, lr_factor, run
+from llama_adapter_triton.train.finetune import FinetuneConfig, batch_loss_sum, load_data, run
+from llama_adapter_triton.train.optim import lr_factor
 
-DEMO_DATA = Path(__file__).parent / "data" / "demo.json"
+DEMO_DATA = Path(__file__).parent / "demo_data" / "demo.json"
 RECIPE_FILE = "demo-base.json"
 CONTEXT = 256  # the base's max_seq_len: longer than any demo example (at most ~60 tokens)
 # The response encoded on its own (litgpt's rule, train.finetune --tokenization litgpt), not glued to "### Response:"
@@ -121,8 +122,8 @@ class DemoConfig:
 
 
 def _tables():
-    """WORDS, ANTONYMS, CAPITALS of train/data/make_demo.py (the script that wrote demo.json)."""
-    spec = importlib.util.spec_from_file_location("make_demo", Path(__file__).parent / "data" / "make_demo.py")
+    """WORDS, ANTONYMS, CAPITALS of train/demo_data/make_demo.py (the script that wrote demo.json)."""
+    spec = importlib.util.spec_from_file_location("make_demo", Path(__file__).parent / "demo_data" / "make_demo.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.WORDS, module.ANTONYMS, module.CAPITALS

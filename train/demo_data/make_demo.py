@@ -1,9 +1,9 @@
 """Writes demo.json beside this file: the small instruction set `make demo` fine-tunes on.
 
-    python train/data/make_demo.py          # rewrites train/data/demo.json (seeded: the same file each time)
+    python train/demo_data/make_demo.py     # rewrites train/demo_data/demo.json (seeded: the same file each time)
 
 Short, regular tasks with checkable answers, each in a form without input (the question names the
-word) and a form with input (the word is the input); train/data/README.md lists them.
+word) and a form with input (the word is the input); train/demo_data/README.md lists them.
 """
 
 from __future__ import annotations

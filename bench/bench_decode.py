@@ -56,18 +56,17 @@ from llama_adapter_triton.bench.common import (
     yes_no,
 )
 from llama_adapter_triton.bench.harness import (
+    CPU_RUN,
     BenchResult,
-    bar_plot,
     bench_config,
     bench_main,
     bench_parser,
     check_rows,
     finish_run,
-    log_outputs,
     metric_rows,
     sdpa_backend,
     start_run,
-    write_summary,
+    text_report,
 )
 from llama_adapter_triton.model.adapter import AdapterConfig
 from llama_adapter_triton.model.generate import stream
@@ -388,27 +387,20 @@ def results_table(result: RunResult) -> str:
     cfg = result.config
     title = f"Generation with the KV cache: prompts of {cfg.prompt_len} tokens, {cfg.new_tokens} new tokens, greedy"
     if not result.env.is_cuda:
-        title += " - CPU smoke run: these numbers mean nothing for the GPU"
+        title += f" - {CPU_RUN}"
     header = ["model", "batch", "provider", "prefill ms", "decode ms/step [p20-p80]", "decode tok/s",
               "vs eager", "peak GiB"]
     return title + "\n" + format_table(header, lines)
 
 
 def report(result: RunResult, *, log: Callable[[str], None] = print) -> RunResult:
-    text = results_table(result)
-    log(text)
-    skipped = [f"{m} {p} b{b}: {why}" for m, p, b, why in result.skipped]
-    if skipped:
-        log("Skipped: " + "; ".join(skipped))
     groups: dict[str, dict[str, float]] = {}
     for m in result.measurements:
         groups.setdefault(f"{m.model} b{m.batch}", {})[m.provider] = m.decode_tokens_per_s
-    result.plot_path = bar_plot(result, groups, title="LLaMA-Adapter decode tokens/s (KV cache)",
-                                ylabel="decode tokens/s", stem=WHAT)
-    result.summary_path = write_summary(result, "Decode benchmark", ["```", text, "```", ""], stem=WHAT,
-                                        skipped=skipped)
-    log_outputs(result, log)
-    return result
+    return text_report(result, results_table(result), groups=groups, log=log,
+                       skipped=[f"{m} {p} b{b}: {why}" for m, p, b, why in result.skipped],
+                       title="LLaMA-Adapter decode tokens/s (KV cache)", ylabel="decode tokens/s",
+                       summary_title="Decode benchmark", stem=WHAT)
 
 
 def main(argv: Sequence[str] | None = None, *, providers: Mapping[str, Provider] | None = None) -> int:

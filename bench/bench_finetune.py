@@ -66,20 +66,19 @@ from llama_adapter_triton.bench.common import (
     yes_no,
 )
 from llama_adapter_triton.bench.harness import (
+    CPU_RUN,
     BenchResult,
-    bar_plot,
     bench_config,
     bench_main,
     bench_parser,
     check_rows,
     finish_run,
-    log_outputs,
     metric_rows,
     sdpa_backend,
     start_run,
     targets_text,
+    text_report,
     verdict,
-    write_summary,
 )
 from llama_adapter_triton.bench.memory import BASES, MemoryPlan, TensorMemory, model_tensors
 from llama_adapter_triton.model.adapter import AdapterConfig, adapter_state_dict
@@ -820,7 +819,7 @@ def results_table(result: RunResult) -> str:
     title = (f"Fine-tuning steps ({cfg.steps} timed after {cfg.warmup_steps} warm-up); projected: {cfg.epochs} "
              f"epochs of Alpaca-52K ({ALPACA_EXAMPLES:,} examples at the data's mean length) on this one GPU")
     if not result.env.is_cuda:
-        title += " - CPU smoke run: these numbers mean nothing for the GPU"
+        title += f" - {CPU_RUN}"
     header = ["model", "provider", "batching", "step ms [p20-p80]", "processed tok/s", "real tok/s",
               "real vs eager_padded512", "peak GiB", f"{cfg.epochs} epochs (h)"]
     return title + "\n" + format_table(header, lines)
@@ -850,21 +849,15 @@ def format_targets(result: RunResult) -> str:
 
 def report(result: RunResult, *, log: Callable[[str], None] = print) -> RunResult:
     """Print the table, the projection and the targets; write the bar chart and the summary."""
-    text = "\n\n".join([results_table(result), projection_text(result), format_targets(result)])
-    log(text)
-    skipped = [f"{m} {p}: {why}" for m, p, why in result.skipped]
-    if skipped:
-        log("Skipped: " + "; ".join(skipped))
     groups: dict[str, dict[str, float]] = {}
     for m in result.measurements:
         groups.setdefault(m.model, {})[m.provider] = m.real_tokens_per_s
-    result.plot_path = bar_plot(result, groups, title="LLaMA-Adapter fine-tuning: real tokens/s per provider",
-                                ylabel="real tokens/s", stem=WHAT)
-    result.summary_path = write_summary(
-        result, "Fine-tuning benchmark", ["```", text, "```", ""], stem=WHAT, skipped=skipped,
-        notes=[f"- data ({m}): {s.line()}" for m, s in result.data.items()])
-    log_outputs(result, log)
-    return result
+    text = "\n\n".join([results_table(result), projection_text(result), format_targets(result)])
+    return text_report(result, text, groups=groups, log=log,
+                       skipped=[f"{m} {p}: {why}" for m, p, why in result.skipped],
+                       title="LLaMA-Adapter fine-tuning: real tokens/s per provider", ylabel="real tokens/s",
+                       summary_title="Fine-tuning benchmark", stem=WHAT,
+                       notes=[f"- data ({m}): {s.line()}" for m, s in result.data.items()])
 
 
 # --------------------------------------------------------------------------------------------------

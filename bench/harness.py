@@ -1,8 +1,9 @@
 """The one harness every script in bench/ runs on; each script keeps its cases, providers, FLOP formula and checks.
 
 Import it before the kernels: without a GPU it sets TRITON_INTERPRET=1 (unless set), so that the Triton kernels run
-under Triton's interpreter, as tests/conftest.py does (a script's `from llama_adapter_triton.bench.harness import`
-sorts before its kernels/, model/ and train/ imports).
+under Triton's interpreter, as tests/conftest.py does. A script's `from llama_adapter_triton.bench.harness import`
+sorts before its kernels/, model/ and train/ imports as long as those are `from` imports too (isort puts a plain
+`import llama_adapter_triton.kernels...` first).
 
 - Command line: bench_parser makes one --flag per field of the script's config dataclass (common.opt) plus --smoke;
   bench_config applies the smoke configuration and the flags; bench_main runs it: bad arguments exit 2 naming the
@@ -10,7 +11,8 @@ sorts before its kernels/, model/ and train/ imports).
 - The run: BenchResult (rows appended to <what>.csv as they come, never rewritten), start_run and finish_run (the
   first and last lines), check_rows and metric_rows (the CSV rows: what, provider, mode, shape, metric, value, unit,
   gpu_name, date, git_commit). Every provider is checked against the oracle (common.Expected) before it is timed.
-- The report: write_summary (a markdown record beside the CSV), bar_plot, targets_text, log_outputs.
+- The report: text_report (printed, a bar chart, the summary record), write_summary (a markdown record beside the
+  CSV), stamped (a plot's title), targets_text, log_outputs.
 - sdpa_backend: the backend F.scaled_dot_product_attention picks (the attention, fine-tuning and decode rows say it).
 common.py holds the tools underneath: environment, timing, memory, the correctness bar, CSV rows, output places,
 plots, argument types and the random LLaMA models.
@@ -51,7 +53,7 @@ if not torch.cuda.is_available():
     # without a GPU the Triton kernels run under Triton's interpreter: set before `kernels` is first imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-CPU_PLOT_NOTICE = "CPU smoke run: these numbers mean nothing for the GPU"
+CPU_RUN = "CPU smoke run: these numbers mean nothing for the GPU"  # under a plot's or a table's title
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,16 +188,25 @@ def targets_text(head: str, checks: Sequence, env: BenchEnv, noun: str = "target
 def stamped(title: str, env: BenchEnv, sep: str = "\n") -> str:
     """A plot's title with the GPU, the date and the commit; on a CPU, the warning that the numbers mean nothing."""
     title = f"{title}{sep}{env.gpu_name} | {env.date} | {env.git_commit}"
-    return title if env.is_cuda else f"{title}\n{CPU_PLOT_NOTICE}"
+    return title if env.is_cuda else f"{title}\n{CPU_RUN}"
 
 
-def bar_plot(result: BenchResult, groups: Mapping[str, Mapping[str, float]], *, title: str, ylabel: str,
-             stem: str) -> Path | None:
-    """A PNG bar chart beside the CSV (common.plot_bars), named by date and commit; None when nothing was measured."""
-    if not groups:
-        return None
-    return plot_bars(groups, unique_path(result.out_dir, stem, ".png", result.env), ylabel=ylabel,
-                     title=stamped(title, result.env))
+def text_report(result: BenchResult, text: str, *, skipped: Sequence[str], groups: Mapping[str, Mapping[str, float]],
+                title: str, ylabel: str, summary_title: str, stem: str, notes: Sequence[str] | None = None,
+                log: Callable[[str], None] = print) -> BenchResult:
+    """The report of a benchmark whose results read as one text (tables, projections, targets): printed with what
+    was skipped, a bar chart of groups (common.plot_bars; none when nothing was measured) and the summary record,
+    both named by date and commit beside the CSV."""
+    log(text)
+    if skipped:
+        log("Skipped: " + "; ".join(skipped))
+    if groups:
+        result.plot_path = plot_bars(groups, unique_path(result.out_dir, stem, ".png", result.env), ylabel=ylabel,
+                                     title=stamped(title, result.env))
+    result.summary_path = write_summary(result, summary_title, ["```", text, "```", ""], stem=stem, notes=notes,
+                                        skipped=skipped)
+    log_outputs(result, log)
+    return result
 
 
 def write_summary(result: BenchResult, title: str, body: Sequence[str], *, stem: str, source: str | None = None,

@@ -2,45 +2,20 @@
 
     out_i = softmax_{j <= i}(s q_i.k_j) V  +  act(g_h) * softmax_p(s q_i.pk_p) PV
 
-Providers (--providers), each checked against an fp32 eager reference before it is timed:
-    fused        kernels.zero_init_attention (the Triton kernels; interpreted on a CPU)
-    fused_atomic the same with deterministic=False: dq summed with atomics in the dK/dV pass
-    eager        kernels.zero_init_attention_ref (the paper's code: materialised scores, fp32 softmax)
-    sdpa2        two F.scaled_dot_product_attention calls summed (litgpt / LLaMA-Adapter V2): causal on the
-                 tokens + non-causal on the prompts expanded over the batch, times act(gate) per head
-    xformers2    the same with two xformers.ops.memory_efficient_attention calls (when xformers imports)
-    flex2        the same with two FlexAttention calls (torch.compile'd on CUDA, eager on a CPU)
-    sdpa_causal  one causal SDPA call without any adapter: the floor the fused op is measured against
-    sdpa_causal_flash  the same with SDPA's flash backend forced (torch.nn.attention.sdpa_kernel)
-Modes (--modes): fwd (the training forward: inputs require grad), bwd (backward only: the forward runs
-outside the timed region, backward(retain_graph=True) is timed), full (forward + backward).
+Providers (PROVIDERS): fused, fused_atomic (deterministic=False), eager (kernels.zero_init_attention_ref), sdpa2 /
+xformers2 / flex2 (two attention calls summed, as litgpt and LLaMA-Adapter V2 do), sdpa_causal and sdpa_causal_flash
+(one causal call without adapter: the floor). Modes: fwd, bwd (backward alone), full. Metrics: time median/p20/p80,
+tflops by flash-attn's causal count (4*b*h*s*s*d/2 forward, x2.5 backward, x3.5 full; the same for every provider),
+gflop, prompt_gflop (4*b*h*s*K*d, reported apart), peak memory, the SDPA backend, the check. Check, before any
+timing: output and every gradient within flash-attn's bar of the eager reference in fp32 (fp64 for fp32 cases):
+twice the eager reference's own error in the case's dtype plus twice its rounding; a wrong provider stops the run
+(exit 1), one that cannot run a case gets a "skipped" row. The long form: docs/notes-issue-20c.md.
 
-Metrics, one CSV row each: time_median / time_p20 / time_p80 (ms, triton.testing.do_bench on CUDA),
-tflops (flash-attn's count: causal forward 4*b*h*s*s*d/2, backward 2.5x, full 3.5x; the same count for
-every provider, the floor included), gflop, prompt_gflop (the prompt part 4*b*h*s*K*d x the same mode
-factor, reported apart and never mixed into tflops), peak_mem (MiB, CUDA), the SDPA backend that runs,
-and the correctness check (max error / tolerance over the output and every gradient).
-
-Correctness, before any timing: per case, the eager reference runs in fp32 (fp64 for fp32 cases), in chunks of
-samples and heads so that it fits at any seqlen; every provider's output and gradients (q, k, v, prompts, gate;
-q, k, v for the floor) must lie within flash-attn's bar: twice the error of the eager reference run in the
-case's own dtype, plus twice the dtype's rounding at that magnitude. A provider outside it stops the run
-(exit status 1) before anything of it is timed; one that cannot run a case (out of memory, unsupported)
-gets a "skipped" row with the reason.
-
-Examples:
-    # one GPU: the full sweep; rows appended to bench/results/attention.csv, plot + summary beside it
-    llama-adapter bench attention
-    # one GPU, narrowed: the H100 targets' configuration only
+    llama-adapter bench attention                                    # one GPU: the sweep, bench/results/attention.csv
     llama-adapter bench attention --dtypes bf16 --headdims 128 --seqlens 512,1024,2048,4096 --modes full
-    # a sweep in pieces (to fit shorter time limits), then one table, target check and plot from all their rows
-    llama-adapter bench attention --dtypes bf16 --headdims 128
-    llama-adapter bench attention --dtypes bf16 --headdims 64      # ... and fp16
-    llama-adapter bench attention --report bench/results/attention.csv
-    # CPU (or anywhere): the tiny smoke configuration, written to a temporary folder or --out
-    llama-adapter bench attention --smoke --out /tmp/bench-smoke
-On a CPU the numbers mean nothing for the GPU: the run only shows that the benchmark works and that every
-provider computes the right answer. Several GPUs: the benchmark uses the current device (CUDA_VISIBLE_DEVICES).
+    llama-adapter bench attention --report bench/results/attention.csv   # table, targets, plot from a sweep's pieces
+    llama-adapter bench attention --smoke --out /tmp/bench-smoke     # CPU: the tiny smoke configuration
+On a CPU the numbers mean nothing for the GPU. Several GPUs: the benchmark uses the current device.
 """
 
 from __future__ import annotations
@@ -60,12 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    # as in tests/conftest.py: without a GPU the Triton kernels run under Triton's interpreter; it must be
-    # set before `kernels` is first imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from llama_adapter_triton.bench.common import (  # noqa: E402
+from llama_adapter_triton.bench.common import (
     CPU_NOTICE,
     DTYPES,
     BenchEnv,
@@ -75,14 +45,9 @@ from llama_adapter_triton.bench.common import (  # noqa: E402
     Panel,
     Row,
     Timing,
-    add_config_arguments,
-    append_rows,
     argparse_type,
-    bench_main,
-    check_choices,
     check_csv,
     check_results,
-    config_from_args,
     describe_exception,
     dtype_name,
     exact_fp32_matmuls,
@@ -101,8 +66,25 @@ from llama_adapter_triton.bench.common import (  # noqa: E402
     time_fn,
     unique_path,
 )
-from llama_adapter_triton.kernels.reference import zero_init_attention_ref  # noqa: E402
-from llama_adapter_triton.kernels.zero_init_attn import zero_init_attention  # noqa: E402
+from llama_adapter_triton.bench.harness import (
+    BenchResult,
+    bench_config,
+    bench_main,
+    bench_parser,
+    check_rows,
+    finish_run,
+    log_outputs,
+    metric_rows,
+    sdpa_backend,
+    sdpa_enabled_backends,
+    stamped,
+    start_run,
+    targets_text,
+    verdict,
+    write_summary,
+)
+from llama_adapter_triton.kernels.reference import zero_init_attention_ref
+from llama_adapter_triton.kernels.zero_init_attn import zero_init_attention
 
 WHAT = "attention"
 MODES = ("fwd", "bwd", "full")
@@ -351,32 +333,6 @@ def _build_eager(x: Inputs) -> tuple[Forward, dict[str, str]]:
     fwd = lambda: zero_init_attention_ref(x.q, x.k, x.v, x.prompt_k, x.prompt_v, x.gate, causal=True,
                                                   gate_act=act)
     return fwd, {}
-
-
-_SDP_NAMES = {}
-for _n in ("ERROR", "MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "OVERRIDEABLE"):
-    _b = getattr(torch.nn.attention.SDPBackend, _n, None)
-    if _b is not None:
-        _SDP_NAMES[int(_b.value)] = _n
-
-
-def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool, enable_gqa: bool) -> str:
-    """The backend F.scaled_dot_product_attention picks for these tensors (torch's own dispatcher choice)."""
-    choose = getattr(torch, "_fused_sdp_choice", None)
-    if choose is None:
-        return "unknown"
-    try:
-        idx = int(choose(q, k, v, None, 0.0, is_causal, scale=None, enable_gqa=enable_gqa))
-    except Exception as exc:  # private API: record why rather than fail the benchmark
-        return f"unknown ({describe_exception(exc, 120)})"
-    return _SDP_NAMES.get(idx, f"backend-{idx}")
-
-
-def sdpa_enabled_backends() -> str:
-    b = torch.backends.cuda
-    flags = {"flash": b.flash_sdp_enabled(), "mem_efficient": b.mem_efficient_sdp_enabled(),
-             "cudnn": b.cudnn_sdp_enabled(), "math": b.math_sdp_enabled()}
-    return " ".join(n for n, on in flags.items() if on) or "none"
 
 
 def _heads_first(x: Inputs):
@@ -644,29 +600,20 @@ SMOKE = dict(seqlens=(64, 128), headdims=(32,), dtypes=("bf16",), shapes=("tiny"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="llama-adapter bench attention",
-        description="Benchmark zero-init attention: the fused op against the eager reference and the peers.",
-        epilog="Lists are comma-separated. Without a GPU the run is the smoke configuration and its numbers "
-               "mean nothing for the GPU.")
-    parser.add_argument("--report", metavar="CSV", default=None,
-                        help="measure nothing: rebuild the ratio table, targets, plot and summary from the rows of "
-                             "one commit on one GPU in CSV (a sweep run in pieces); written beside CSV or to --out")
-    parser.add_argument("--report-commit", metavar="HASH", default=None,
-                        help="with --report: the commit whose rows to use (default: that of the last row)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"the tiny smoke configuration ({', '.join(f'{k}={v}' for k, v in SMOKE.items())}); "
-                             "implied without a GPU; other flags still narrow it")
-    add_config_arguments(parser, BenchConfig())
-    return parser
+    def report_flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--report", metavar="CSV", default=None,
+                            help="measure nothing: rebuild the ratio table, targets, plot and summary from the rows "
+                                 "of one commit on one GPU in CSV (a sweep run in pieces); written beside CSV or to "
+                                 "--out")
+        parser.add_argument("--report-commit", metavar="HASH", default=None,
+                            help="with --report: the commit whose rows to use (default: that of the last row)")
+
+    return bench_parser("llama-adapter bench attention", "Benchmark zero-init attention: the fused op against the "
+                        "eager reference and the peers.", BenchConfig(), SMOKE, extra=report_flags)
 
 
 def make_config(args: argparse.Namespace, *, smoke: bool, providers: Mapping[str, Provider]) -> BenchConfig:
-    base = dataclasses.replace(BenchConfig(providers=tuple(providers)), **SMOKE) if smoke else \
-        BenchConfig(providers=tuple(providers))
-    cfg = config_from_args(args, base)
-    check_choices("providers", cfg.providers, providers, "provider")
-    return cfg
+    return bench_config(args, BenchConfig(providers=tuple(providers)), SMOKE, is_smoke=smoke, providers=providers)
 
 
 def cases_of(cfg: BenchConfig) -> list[Case]:
@@ -696,22 +643,15 @@ class Measurement:
 
 
 @dataclass
-class RunResult:
-    """What a run measured (or what a report rebuilt from CSV rows): the material of every report."""
+class RunResult(BenchResult):
+    """What a run measured (or what a report rebuilt from CSV rows): the material of every report.
+    measurements: Measurement; skipped: (provider, mode, shape, reason); checks: (shape, provider) -> err / tol."""
 
-    env: BenchEnv
-    out_dir: Path
-    csv_path: Path | None
     cases: list[Case]
     providers: tuple[str, ...]
     modes: tuple[str, ...]
     config: BenchConfig | None = None  # None for a report rebuilt from rows
     source: str = "measured in this run"
-    plot_path: Path | None = None
-    summary_path: Path | None = None
-    measurements: list[Measurement] = field(default_factory=list)
-    skipped: list[tuple[str, str, str, str]] = field(default_factory=list)  # (provider, mode, shape, reason)
-    checks: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)  # (shape, provider) -> ratios
     targets: list[TargetCheck] = field(default_factory=list)
 
     def median(self, shape: str, provider: str, mode: str) -> float | None:
@@ -723,16 +663,15 @@ class RunResult:
 
 def _mode_rows(case: Case, provider: Provider, mode: str, timing: Timing, peak: float | None) -> list[Row]:
     flops = attention_flops(case.batch, case.seqlen, case.nheads, case.headdim, mode)
-    row = lambda metric, value, unit: Row(WHAT, provider.name, mode, case.shape, metric, value, unit)
-    rows = [row("time_median", timing.median_ms, "ms"), row("time_p20", timing.p20_ms, "ms"),
-            row("time_p80", timing.p80_ms, "ms"), row("tflops", flops / timing.median_ms / 1e9, "TFLOP/s"),
-            row("gflop", flops / 1e9, "GFLOP")]
+    metrics = [("time_median", timing.median_ms, "ms"), ("time_p20", timing.p20_ms, "ms"),
+               ("time_p80", timing.p80_ms, "ms"), ("tflops", flops / timing.median_ms / 1e9, "TFLOP/s"),
+               ("gflop", flops / 1e9, "GFLOP")]
     if provider.adapter:
         pf = prompt_flops(case.batch, case.seqlen, case.nheads, case.headdim, case.prompt_len, mode)
-        rows.append(row("prompt_gflop", pf / 1e9, "GFLOP"))
+        metrics.append(("prompt_gflop", pf / 1e9, "GFLOP"))
     if peak is not None:
-        rows.append(row("peak_mem", peak, "MiB"))
-    return rows
+        metrics.append(("peak_mem", peak, "MiB"))
+    return metric_rows(WHAT, provider.name, mode, case.shape, metrics)
 
 
 def run(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[str, Provider] | None = None,
@@ -745,13 +684,10 @@ def run(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[st
     cases = cases_of(cfg)
     result = RunResult(env=env, out_dir=out_dir, csv_path=out_dir / f"{WHAT}.csv", cases=cases,
                        providers=cfg.providers, modes=cfg.modes, config=cfg)
-    write = lambda rows: append_rows(result.csv_path, rows, env)
-
-    log(f"bench_attention | {env.describe()}")
-    if not env.is_cuda:
-        log(CPU_NOTICE)
+    write = result.write
     interp = os.environ.get("TRITON_INTERPRET", "0")
-    log(f"fused op: {'Triton on CUDA' if env.is_cuda else f'TRITON_INTERPRET={interp}'} | rows go to {result.csv_path}")
+    start_run("bench_attention", env, result.csv_path, log,
+              fused="Triton on CUDA" if env.is_cuda else f"TRITON_INTERPRET={interp}")
 
     active = []
     for name in cfg.providers:
@@ -802,10 +738,8 @@ def run(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[st
                 result.skipped += [(prov.name, m, case.shape, reason) for m in modes]
                 continue
             result.checks[(case.shape, prov.name)] = ratios
-            rows = skip_rows + [Row(WHAT, prov.name, "check", case.shape, "max_err_over_tol", max(ratios.values()),
-                                    "ratio"),
-                                Row(WHAT, prov.name, "check", case.shape, "checked", " ".join(ratios), "")]
-            rows += [Row(WHAT, prov.name, "all", case.shape, k, v, "") for k, v in info.items()]
+            rows = skip_rows + check_rows(WHAT, prov.name, case.shape, ratios)
+            rows += metric_rows(WHAT, prov.name, "all", case.shape, [(k, v, "") for k, v in info.items()])
             parts = [f"check ok (err/tol {max(ratios.values()):.2f})"]
             for mode in modes:
                 timed = None
@@ -843,10 +777,7 @@ def run(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[st
         free_device_memory(device, collect=env.is_cuda)
         log(f"    ({time.perf_counter() - started:.1f} s)")
 
-    log("")
-    report(result, log=log)
-    log(f"CSV rows appended to {result.csv_path}")
-    return result
+    return finish_run(result, report, log)
 
 
 def report(result: RunResult, *, log: Callable[[str], None] = print, stem: str = WHAT) -> RunResult:
@@ -858,9 +789,8 @@ def report(result: RunResult, *, log: Callable[[str], None] = print, stem: str =
     else:
         log("Targets (H100) are checked on GPU runs only. " + CPU_NOTICE)
     result.plot_path = write_plot(result, stem=stem)
-    result.summary_path = write_summary(result, stem=stem)
-    log(f"plot: {result.plot_path}" if result.plot_path else "plot: nothing measured, no plot")
-    log(f"summary: {result.summary_path}")
+    result.summary_path = summary(result, stem=stem)
+    log_outputs(result, log)
     return result
 
 
@@ -899,9 +829,8 @@ class TargetCheck:
     met: bool | None
 
     def line(self) -> str:
-        verdict = "not measured" if self.met is None else ("MET" if self.met else "NOT MET")
         shown = "-" if self.value is None else f"{self.value:.2f}"
-        return f"{verdict:<12} {self.target:<44} {self.shape:<34} {shown} (bound {self.bound})"
+        return f"{verdict(self.met):<12} {self.target:<44} {self.shape:<34} {shown} (bound {self.bound})"
 
 
 # Issue 5's targets, stated for an H100, bf16, causal, head dim 128, forward+backward.
@@ -935,10 +864,7 @@ def format_targets(checks: Sequence[TargetCheck], env: BenchEnv) -> str:
         return ("Targets: none of the measured configurations is a target configuration "
                 "(bf16, head dim 128, seqlen 512-4096, mode full).")
     head = "Targets (issue 5: H100, bf16, causal, head dim 128, forward+backward, seqlen 512-4096)"
-    if "H100" not in env.gpu_name:
-        head += f" - measured on {env.gpu_name}, not an H100: informative only"
-    met = sum(c.met is True for c in checks)
-    return "\n".join([head] + [c.line() for c in checks] + [f"{met} of {len(checks)} target checks met"])
+    return targets_text(head, checks, env, "target checks")
 
 
 def write_plot(result: RunResult, *, stem: str = WHAT) -> Path | None:
@@ -958,34 +884,19 @@ def write_plot(result: RunResult, *, stem: str = WHAT) -> Path | None:
             panels.append(Panel(f"{mode} | {family}", series))
     tokens = sorted({c.batch * c.seqlen for c in result.cases})
     shown = f"{tokens[0]} tokens/step" if len(tokens) == 1 else f"{tokens[0]}-{tokens[-1]} tokens/step"
-    title = (f"zero-init attention: TFLOP/s (causal count, prompt part not counted), {shown} | "
-             f"{result.env.gpu_name} | {result.env.date} | {result.env.git_commit}")
-    if not result.env.is_cuda:
-        title += "\nCPU smoke run: these numbers mean nothing for the GPU"
+    title = stamped(f"zero-init attention: TFLOP/s (causal count, prompt part not counted), {shown}", result.env,
+                    " | ")
     path = unique_path(result.out_dir, stem, ".png", result.env)
     return plot_panels(panels, path, xlabel="seqlen", ylabel="TFLOP/s", title=title, ncols=len(result.modes))
 
 
-def write_summary(result: RunResult, *, stem: str = WHAT) -> Path:
-    """A markdown record of the run (environment, configuration, ratio table, targets, skips), named by
-    date and commit beside the CSV: the material for bench/RESULTS.md."""
-    env, cfg = result.env, result.config
-    lines = [f"# Attention benchmark, {env.date}", "",
-             f"- GPU: {env.gpu_name}", f"- date: {env.date}", f"- commit: {env.git_commit}",
-             f"- source: {result.source}"]
-    if cfg is not None:
-        lines += [f"- torch {torch.__version__}", f"- configuration: {dataclasses.asdict(cfg)}"]
-    lines += [f"- rows: {result.csv_path}; plot: {result.plot_path.name if result.plot_path else 'none'}", ""]
-    if not env.is_cuda:
-        lines += [f"**{CPU_NOTICE}**", ""]
-    lines += ["## Time ratios", "", ratio_table(result), ""]
-    if env.is_cuda:
-        lines += ["## Targets", "", "```", format_targets(result.targets, env), "```", ""]
-    if result.skipped:
-        lines += ["## Skipped", ""] + [f"- {p} {m} {s}: {r}" for p, m, s, r in result.skipped] + [""]
-    path = unique_path(result.out_dir, stem, ".md", env)
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+def summary(result: RunResult, *, stem: str = WHAT) -> Path:
+    """The markdown record of the run (harness.write_summary): ratio table, targets (GPU runs), skips."""
+    body = ["## Time ratios", "", ratio_table(result), ""]
+    if result.env.is_cuda:
+        body += ["## Targets", "", "```", format_targets(result.targets, result.env), "```", ""]
+    return write_summary(result, "Attention benchmark", body, stem=stem, source=result.source,
+                         skipped=[f"{p} {m} {s}: {r}" for p, m, s, r in result.skipped])
 
 
 # --------------------------------------------------------------------------------------------------

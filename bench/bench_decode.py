@@ -1,39 +1,17 @@
 """Benchmark: generation with the KV cache (prefill, then one token per step) of LLaMA-Adapter (arXiv 2303.16199).
 
-A randomly initialised LLaMA-7B-shaped model (--models) with the adapter (K = 10 prompts in the top L = 30 layers),
-base in bf16, adapter in fp32, generates --new-tokens tokens (512) greedily after random prompts of --prompt-len
-tokens (128), for each batch size of --batch-sizes (1 and 16), through model/generate.py's stream(): a prefill
-forward that fills the KV cache (and the adapted layers' prompt keys/values), then one forward per token.
+A random LLaMA-7B-shaped model (--models), adapter K = 10 in the top L = 30 layers, base bf16, adapter fp32, generates
+--new-tokens (512) greedily after random --prompt-len (128) prompts per --batch-sizes (1, 16), through
+model/generate.py's stream(). Providers: fused (the model as it is: the fused op in the adapted layers, SDPA in the
+plain ones) and eager (the official code's formulation: materialised scores, fp32 softmax; the same KV cache).
+Check, before any timing: the cached path's logits (prefill, then --check-tokens - 1 decode steps, every other prompt
+left-padded) against a full recompute by the eager model in fp32, within flash-attn's bar (twice the bf16 recompute's
+error plus twice bf16's rounding). Metrics per (provider, batch): prefill_ms, prefill and decode tokens/s, decode step
+median/p20/p80, peak memory, the attention backends. The long form: docs/notes-issue-20c.md.
 
-Providers (--providers), each checked before it is timed:
-    fused   the model as it is: kernels.zero_init_attention in the adapted layers, SDPA in the plain ones
-    eager   the official code's formulation (model.set_attention_impl(model, "eager")): adapted layers through
-            kernels.zero_init_attention_ref, plain layers through eager_attention (materialised scores, mask,
-            fp32 softmax), with the same KV cache
-
-Correctness, before any timing: the cached path's logits (prefill, then --check-tokens - 1 decode steps fed a fixed
-random continuation) of each provider are compared with a full recompute of the whole sequence without a cache, by
-the eager model in fp32 (its bf16 weights cast up, exactly). Every other check prompt is a quarter shorter,
-left-padded as generate() pads a batch of uneven prompts, so that the check covers the padded path (leftpad_k) too.
-Tolerance (logits divided by the oracle's max |x| first), flash-attn's bar: twice the error of the same full
-recompute by the eager model in bf16, plus twice bf16's rounding. A provider outside it stops the run (exit
-status 1) before anything of it is timed.
-
-Timing: a --warmup-tokens generation first (Triton compilation), then one generation of --new-tokens tokens,
-synchronised after every token. --ragged yes draws each prompt's length from [prompt_len / 2, prompt_len] (batched
-generation of uneven prompts, left-padded; the shape gets "-ragged"). Reported per (provider, batch size), one CSV
-row per metric: prefill_ms (time to the first token: cache set-up, the prefill forward, the first greedy pick),
-prefill_tokens_per_s (real prompt tokens / prefill time), decode_tokens_per_s (batch x (new tokens - 1) / the time
-from the first token to the last), decode step median / p20 / p80 (ms per step, all rows together), peak memory
-(CUDA), the attention backends. Out of memory: a "skipped" row with the reason.
-
-Examples:
-    # one GPU: rows appended to bench/results/decode.csv, bar chart + summary beside it
-    llama-adapter bench decode
-    llama-adapter bench decode --batch-sizes 1,4,16,64 --new-tokens 256
-    llama-adapter bench decode --batch-sizes 16 --ragged yes        # uneven prompts, left-padded
-    # CPU (or anywhere): the tiny smoke configuration, written to a temporary folder or --out
-    llama-adapter bench decode --smoke --out /tmp/bench-decode
+    llama-adapter bench decode                                       # one GPU: rows to bench/results/decode.csv
+    llama-adapter bench decode --batch-sizes 16 --ragged yes         # uneven prompts, left-padded
+    llama-adapter bench decode --smoke --out /tmp/bench-decode       # CPU: the tiny smoke configuration
 On a CPU the numbers mean nothing for the GPU: the run only shows that the benchmark works and that every
 provider computes the right answer.
 """
@@ -41,8 +19,6 @@ provider computes the right answer.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -52,28 +28,16 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    # as in tests/conftest.py: without a GPU the Triton kernels run under Triton's interpreter; it must be
-    # set before `kernels` is first imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from llama_adapter_triton.bench.bench_attention import sdpa_backend  # noqa: E402
-from llama_adapter_triton.bench.common import (  # noqa: E402
-    CPU_NOTICE,
+from llama_adapter_triton.bench.common import (
     BenchEnv,
     ConfigError,
     Expected,
     Row,
     Timing,
-    add_config_arguments,
-    append_rows,
     argparse_type,
     attention_impl,
     base_upcast,
-    bench_main,
-    check_choices,
     check_results,
-    config_from_args,
     exact_fp32_matmuls,
     format_table,
     free_device_memory,
@@ -84,18 +48,29 @@ from llama_adapter_triton.bench.common import (  # noqa: E402
     op_backend,
     opt,
     peak_memory_since_reset,
-    plot_bars,
     positive_int,
     quantiles_ms,
     random_llama,
     reset_peak_memory,
-    unique_path,
     unpatched,
     yes_no,
 )
-from llama_adapter_triton.model.adapter import AdapterConfig  # noqa: E402
-from llama_adapter_triton.model.generate import stream  # noqa: E402
-from llama_adapter_triton.model.llama import LLaMA  # noqa: E402
+from llama_adapter_triton.bench.harness import (
+    CPU_RUN,
+    BenchResult,
+    bench_config,
+    bench_main,
+    bench_parser,
+    check_rows,
+    finish_run,
+    metric_rows,
+    sdpa_backend,
+    start_run,
+    text_report,
+)
+from llama_adapter_triton.model.adapter import AdapterConfig
+from llama_adapter_triton.model.generate import stream
+from llama_adapter_triton.model.llama import LLaMA
 
 WHAT = "decode"
 DTYPE = torch.bfloat16  # the base; the adapter is fp32
@@ -154,22 +129,12 @@ SMOKE = dict(models=("smoke",), batch_sizes=(1, 2), prompt_len=8, new_tokens=4, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="llama-adapter bench decode",
-        description="Benchmark LLaMA-Adapter generation with the KV cache: the fused op against the eager reference.",
-        epilog="Lists are comma-separated. Without a GPU the run is the smoke configuration and its numbers mean "
-               "nothing for the GPU.")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"the tiny smoke configuration ({', '.join(f'{k}={v}' for k, v in SMOKE.items())}); "
-                             "implied without a GPU; other flags still narrow it")
-    add_config_arguments(parser, DecodeBenchConfig())
-    return parser
+    return bench_parser("llama-adapter bench decode", "Benchmark LLaMA-Adapter generation with the KV cache: the fused "
+                        "op against the eager reference.", DecodeBenchConfig(), SMOKE)
 
 
 def make_config(args: argparse.Namespace, *, smoke: bool, providers: Mapping[str, Provider]) -> DecodeBenchConfig:
-    base = DecodeBenchConfig(providers=tuple(providers))
-    cfg = config_from_args(args, dataclasses.replace(base, **SMOKE) if smoke else base)
-    check_choices("providers", cfg.providers, providers, "provider")
+    cfg = bench_config(args, DecodeBenchConfig(providers=tuple(providers)), SMOKE, is_smoke=smoke, providers=providers)
     if cfg.new_tokens < 2:
         raise ConfigError("new_tokens", f"{cfg.new_tokens}: at least 2 (the first comes from the prefill)")
     if cfg.check_tokens < 2:
@@ -309,16 +274,9 @@ def attention_backends(provider: Provider, config, batch: int, cfg: DecodeBenchC
 # The run
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class RunResult:
-    env: BenchEnv
-    out_dir: Path
-    csv_path: Path
+class RunResult(BenchResult):
     config: DecodeBenchConfig
-    measurements: list[Measurement] = field(default_factory=list)
-    skipped: list[tuple[str, str, int | str, str]] = field(default_factory=list)  # (model, provider, batch, reason)
-    checks: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)  # (model, provider) -> ratios
-    plot_path: Path | None = None
-    summary_path: Path | None = None
+    # measurements: Measurement; skipped: (model, provider, batch, reason); checks: (model, provider) -> err / tol
 
     def get(self, model: str, provider: str, batch: int) -> Measurement | None:
         return next((m for m in self.measurements if (m.model, m.provider, m.batch) == (model, provider, batch)), None)
@@ -331,14 +289,12 @@ def shape_of(name: str, batch: int | str, cfg: DecodeBenchConfig) -> str:
 
 
 def _measurement_rows(m: Measurement, shape: str) -> list[Row]:
-    row = lambda metric, value, unit: Row(WHAT, m.provider, "generate", shape, metric, value, unit)  # noqa: E731
-    rows = [row("prefill_ms", m.prefill_ms, "ms"), row("prefill_tokens_per_s", m.prefill_tokens_per_s, "tokens/s"),
-            row("decode_tokens_per_s", m.decode_tokens_per_s, "tokens/s"),
-            row("decode_step_median", m.decode_step.median_ms, "ms"),
-            row("decode_step_p20", m.decode_step.p20_ms, "ms"), row("decode_step_p80", m.decode_step.p80_ms, "ms")]
-    if m.peak_mib is not None:
-        rows.append(row("peak_mem", m.peak_mib, "MiB"))
-    return rows
+    peak = [("peak_mem", m.peak_mib, "MiB")] if m.peak_mib is not None else []
+    return metric_rows(WHAT, m.provider, "generate", shape, [
+        ("prefill_ms", m.prefill_ms, "ms"), ("prefill_tokens_per_s", m.prefill_tokens_per_s, "tokens/s"),
+        ("decode_tokens_per_s", m.decode_tokens_per_s, "tokens/s"),
+        ("decode_step_median", m.decode_step.median_ms, "ms"), ("decode_step_p20", m.decode_step.p20_ms, "ms"),
+        ("decode_step_p80", m.decode_step.p80_ms, "ms"), *peak])
 
 
 def run(cfg: DecodeBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[str, Provider] | None = None,
@@ -349,11 +305,8 @@ def run(cfg: DecodeBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapp
     providers = PROVIDERS if providers is None else providers
     device = env.device
     result = RunResult(env, out_dir, out_dir / f"{WHAT}.csv", cfg)
-    write = lambda rows: append_rows(result.csv_path, rows, env)  # noqa: E731
-    log(f"bench_decode | {env.describe()}")
-    if not env.is_cuda:
-        log(CPU_NOTICE)
-    log(f"fused op: {op_backend(device)} | rows go to {result.csv_path}")
+    write = result.write
+    start_run("bench_decode", env, result.csv_path, log)
 
     for name in cfg.models:
         started = time.perf_counter()
@@ -386,8 +339,7 @@ def run(cfg: DecodeBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapp
             ratios = check_results(prov.name, check_shape, {"logits": cached_logits(model, prompts, continuation,
                                                                                      prov, left_pad)}, expected)
             result.checks[(name, prov.name)] = ratios
-            write([Row(WHAT, prov.name, "check", check_shape, "max_err_over_tol", max(ratios.values()), "ratio"),
-                   Row(WHAT, prov.name, "check", check_shape, "checked", " ".join(ratios), "")])
+            write(check_rows(WHAT, prov.name, check_shape, ratios))
             log(f"   {prov.name:<6} check ok (err/tol {max(ratios.values()):.2f})")
         for batch in cfg.batch_sizes:
             shape = shape_of(name, batch, cfg)
@@ -415,10 +367,7 @@ def run(cfg: DecodeBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapp
         free_device_memory(device, collect=True)
         log(f"   ({time.perf_counter() - started:.1f} s)")
 
-    log("")
-    report(result, log=log)
-    log(f"CSV rows appended to {result.csv_path}")
-    return result
+    return finish_run(result, report, log)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,42 +387,20 @@ def results_table(result: RunResult) -> str:
     cfg = result.config
     title = f"Generation with the KV cache: prompts of {cfg.prompt_len} tokens, {cfg.new_tokens} new tokens, greedy"
     if not result.env.is_cuda:
-        title += " - CPU smoke run: these numbers mean nothing for the GPU"
+        title += f" - {CPU_RUN}"
     header = ["model", "batch", "provider", "prefill ms", "decode ms/step [p20-p80]", "decode tok/s",
               "vs eager", "peak GiB"]
     return title + "\n" + format_table(header, lines)
 
 
 def report(result: RunResult, *, log: Callable[[str], None] = print) -> RunResult:
-    text = results_table(result)
-    log(text)
-    if result.skipped:
-        log("Skipped: " + "; ".join(f"{m} {p} b{b}: {why}" for m, p, b, why in result.skipped))
-    if result.measurements:
-        groups: dict[str, dict[str, float]] = {}
-        for m in result.measurements:
-            groups.setdefault(f"{m.model} b{m.batch}", {})[m.provider] = m.decode_tokens_per_s
-        env = result.env
-        title = f"LLaMA-Adapter decode tokens/s (KV cache)\n{env.gpu_name} | {env.date} | {env.git_commit}"
-        if not env.is_cuda:
-            title += "\nCPU smoke run: these numbers mean nothing for the GPU"
-        result.plot_path = plot_bars(groups, unique_path(result.out_dir, WHAT, ".png", env),
-                                     ylabel="decode tokens/s", title=title)
-    env = result.env
-    lines = [f"# Decode benchmark, {env.date}", "", f"- GPU: {env.gpu_name}", f"- date: {env.date}",
-             f"- commit: {env.git_commit}", f"- torch {torch.__version__}",
-             f"- configuration: {dataclasses.asdict(result.config)}",
-             f"- rows: {result.csv_path}; plot: {result.plot_path.name if result.plot_path else 'none'}", ""]
-    if not env.is_cuda:
-        lines += [f"**{CPU_NOTICE}**", ""]
-    lines += ["```", text, "```", ""]
-    if result.skipped:
-        lines += ["## Skipped", ""] + [f"- {m} {p} b{b}: {why}" for m, p, b, why in result.skipped] + [""]
-    result.summary_path = unique_path(result.out_dir, WHAT, ".md", env)
-    result.summary_path.write_text("\n".join(lines), encoding="utf-8")
-    log(f"plot: {result.plot_path}" if result.plot_path else "plot: nothing measured, no plot")
-    log(f"summary: {result.summary_path}")
-    return result
+    groups: dict[str, dict[str, float]] = {}
+    for m in result.measurements:
+        groups.setdefault(f"{m.model} b{m.batch}", {})[m.provider] = m.decode_tokens_per_s
+    return text_report(result, results_table(result), groups=groups, log=log,
+                       skipped=[f"{m} {p} b{b}: {why}" for m, p, b, why in result.skipped],
+                       title="LLaMA-Adapter decode tokens/s (KV cache)", ylabel="decode tokens/s",
+                       summary_title="Decode benchmark", stem=WHAT)
 
 
 def main(argv: Sequence[str] | None = None, *, providers: Mapping[str, Provider] | None = None) -> int:

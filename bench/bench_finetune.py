@@ -1,80 +1,21 @@
 """Benchmark: LLaMA-Adapter fine-tuning steps (arXiv 2303.16199), our stack against the official setup.
 
-Training steps of a randomly initialised LLaMA-7B-shaped model (13B too: --models) with the adapter (K = 10
-prompts in the top L = 30 layers), frozen base in bf16, adapter in fp32, on examples whose lengths are drawn
-like Alpaca's. One step is what train/finetune.py's loop does on one process (bf16 needs no loss scaling):
-batch_loss_sum (forward, output layer and fp32 cross-entropy at the response tokens only, for every provider:
-the official script's logits over all 512 padded positions are not reproduced, so its baseline here is a little
-faster than the script), backward of the step's mean loss,
-gradient clipping to 1.0, AdamW (betas 0.9/0.95, weight decay on the prompts: param_groups), zero_grad.
+Training steps (train/finetune.py's, one process, bf16 base, fp32 adapter K = 10 in the top L = 30 layers, AdamW,
+clipping) of a random LLaMA-7B/13B-shaped model (--models) on examples whose lengths are drawn like Alpaca's
+(AlpacaLengths; --data/--tokenizer: real ones). Providers: ours_packed (the fused op, packed varlen micro-batches of
+--token-budget tokens), ours_padded512 (--batch-size rows padded to --pad-to, the official script's), v2_packed
+(LLaMA-Adapter V2), eager_padded512 (the official code's formulation), hf_peft and hf_peft_fused (transformers + PEFT's
+adaption prompt; the second through model.hf.use_fused_attention). Check, before any timing: one step's loss and every
+adapter gradient against the eager model in fp32, within flash-attn's bar (twice the bf16 eager step's error plus
+twice bf16's rounding). Metrics: step time, processed and real tokens/s, peak memory, the projected hours of 5 epochs
+of Alpaca-52K next to the paper's 8 A100-hours, issue 5's targets. --memory / --memory-plan: the memory rows (peak
+memory per model, base and checkpointing, next to bench/memory.py's prediction). The long form: docs/notes-issue-20c.md.
 
-Providers (--providers), each checked before it is timed:
-    ours_packed      the fused op, packed micro-batches (train/data.py's PackedLoader) of at most --token-budget
-                     tokens (8192 by default) and no padding: every layer attends within each sequence through
-                     kernels.zero_init_attention's varlen mode
-    ours_padded512   the fused op in the adapted layers (SDPA in the plain ones), --batch-size examples (4, the
-                     official script's per GPU) padded to --pad-to tokens (512, the official script's)
-    v2_packed        LLaMA-Adapter V2 (model/adapter.py, version=2: a bias and an output scale around every linear
-                     of every layer, the norms trained too) on ours_packed's batches and fused op: its cost against
-                     V1's (tokens/s and peak memory: V2 trains parameters in every layer, so every layer keeps its
-                     activations for the backward, and each scale its input)
-    eager_padded512  the official code's formulation (model.set_attention_impl(model, "eager")): adapted layers
-                     through kernels.zero_init_attention_ref, plain layers through eager_attention (materialised
-                     scores, mask, fp32 softmax), padded like ours_padded512
-    hf_peft          a PEFT user's code: transformers' LlamaForCausalLM of the same shape (SDPA attention) with PEFT's
-                     adaption prompt (one raw gate per layer; its prompts and gates in the base's bf16, as PEFT makes
-                     them), padded like ours_padded512, the loss on all logits (transformers computes them all)
-    hf_peft_fused    the same model after model.hf.use_fused_attention: every layer's attention, the prompt
-                     included, through kernels.zero_init_attention (the drop-in's speed for that user)
-
-Correctness, before any timing: on the same examples (--check-examples), one step's loss and every adapter
-gradient of each provider are compared with an oracle: the eager model in fp32 (its bf16 weights cast up,
-exactly), padded to the longest example. Tolerance per result (loss, all prompt gradients, all gate gradients;
-each divided by the oracle's max |x| first), flash-attn's bar: twice the error of the eager model in bf16
-(eager_padded512's own step), plus twice bf16's rounding at that magnitude. V2's providers run on a V2 model, with
-its own oracle and baseline, and its biases', scales' and norms' gradients are checked too (v2_grads). A provider
-outside it stops the run (exit status 1) before anything of it is timed. The adapter's gates are spread over [-1.5, 1.5]
-(common.random_llama): with zero gates the prompts would get no gradient and the check would not see them.
-The hf_ providers have their own oracle (PEFT's model in fp32, padded to the longest example) and baseline (hf_peft's
-own step in bf16); their gates are spread over [-1.5, 1.5] across the layers. Without transformers and peft installed
-they get "skipped" rows.
-
-Timing: --warmup-steps steps first (Triton compilation, AdamW state), then --steps steps, each on the next
-micro-batch of a shuffled epoch, timed alone (synchronised). Reported per provider (CSV rows, one per metric):
-step time median / p20 / p80; processed tokens/s (the tokens the model ran on, padding included: the median over
-the timed steps of tokens / step time); real tokens/s (the real tokens of an epoch of this data divided by the
-epoch's projected time: a padded step costs the same whatever its rows hold, so this is processed tokens/s times
-the data's fill ratio, mean length / pad_to; for packing the two are equal); peak memory (CUDA); the attention
-backends that ran; the projected time of --epochs (5) epochs of Alpaca-52K (52,002 examples at this data's mean
-length) on this one GPU, next to the paper's 1 hour on 8 A100s (8 A100-hours). Then the targets (issue 5, on a
-GPU): ours_packed at least 3x eager_padded512's real tokens/s; 5 epochs of Alpaca-52K on a 7B model under 1 hour
-on one GPU. An out-of-memory provider or model gets a "skipped" row with the reason.
-
-Example lengths (--data absent): an APPROXIMATION of Alpaca-52K with the Alpaca template and the LLaMA tokenizer
-(nothing is downloaded, so it is not measured here; see AlpacaLengths for the numbers and their sources, mean
-about 156 tokens). With --data alpaca_data.json --tokenizer tokenizer.model the real examples are tokenized as
-train/finetune.py does, truncated to --pad-to tokens, and their real lengths (and tokens) are used instead.
-
-Memory rows (--memory yes): ours_packed per model shape (--memory-models: Llama-2-7B, 13B, 70B), frozen base
-(--bases: bf16, int8, nf4; model/quantize.py, built one module at a time by common.random_llama) and activation
-checkpointing off / on, on packed micro-batches of --memory-tokens (16384 and 512) tokens: peak memory (CUDA's max
-allocated; on a CPU bench/memory.py's TensorMemory) and real tokens/s, next to bench/memory.py's prediction. A row
-predicted beyond the GPU's memory is not run, one that runs out of memory is a "skipped" row; each step's loss must be
-finite (no fp32 oracle of a 70B fits anywhere; tests/test_quantize.py checks the quantized layers). --memory-plan yes
-prints the predictions alone: no model is built, no GPU is needed.
-
-Examples:
-    # one GPU: LLaMA-7B and 13B shapes, rows appended to bench/results/finetune.csv, bar chart + summary beside it
-    llama-adapter bench finetune
-    llama-adapter bench finetune --models llama-7b --token-budget 16384       # a larger packed micro-batch
+    llama-adapter bench finetune                                         # one GPU: rows to bench/results/finetune.csv
     llama-adapter bench finetune --data alpaca_data.json --tokenizer llama/tokenizer.model   # real lengths
-    # CPU (or anywhere): the tiny smoke configuration, written to a temporary folder or --out
-    llama-adapter bench finetune --smoke --out /tmp/bench-finetune
-    # memory: the predictions for 7B/13B/70B anywhere; the measured rows on a GPU, one model shape per call
-    llama-adapter bench finetune --memory-plan yes
     llama-adapter bench finetune --memory yes --memory-models llama2-70b --bases nf4
-On a CPU the numbers mean nothing for the GPU: the run only shows that the benchmark works and that every
-provider computes the right answer. Several GPUs: the benchmark uses the current device (CUDA_VISIBLE_DEVICES).
+    llama-adapter bench finetune --smoke --out /tmp/bench-finetune      # CPU: the tiny smoke configuration
+On a CPU the numbers mean nothing for the GPU. Several GPUs: the benchmark uses the current device.
 """
 
 from __future__ import annotations
@@ -82,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -93,13 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-if not torch.cuda.is_available():
-    # as in tests/conftest.py: without a GPU the Triton kernels run under Triton's interpreter; it must be
-    # set before `kernels` is first imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from llama_adapter_triton.bench.bench_attention import sdpa_backend  # noqa: E402
-from llama_adapter_triton.bench.common import (  # noqa: E402
+from llama_adapter_triton.bench.common import (
     CPU_NOTICE,
     BenchEnv,
     ConfigError,
@@ -107,15 +41,12 @@ from llama_adapter_triton.bench.common import (  # noqa: E402
     Expected,
     Row,
     Timing,
-    add_config_arguments,
     append_rows,
     argparse_type,
     attention_impl,
     base_upcast,
-    bench_main,
     check_choices,
     check_results,
-    config_from_args,
     exact_fp32_matmuls,
     format_table,
     free_device_memory,
@@ -126,23 +57,36 @@ from llama_adapter_triton.bench.common import (  # noqa: E402
     op_backend,
     opt,
     peak_memory_since_reset,
-    plot_bars,
     positive_float,
     positive_int,
     quantiles_ms,
     random_llama,
     reset_peak_memory,
-    unique_path,
     unpatched,
     yes_no,
 )
-from llama_adapter_triton.bench.memory import BASES, MemoryPlan, TensorMemory, model_tensors  # noqa: E402
-from llama_adapter_triton.model.adapter import AdapterConfig, adapter_state_dict  # noqa: E402
-from llama_adapter_triton.model.checkpoint import hf_config_dict  # noqa: E402
-from llama_adapter_triton.model.hf import remove_fused_attention, use_fused_attention  # noqa: E402
-from llama_adapter_triton.model.llama import LLaMA  # noqa: E402
-from llama_adapter_triton.model.tokenizer import Tokenizer  # noqa: E402
-from llama_adapter_triton.train.data import (  # noqa: E402
+from llama_adapter_triton.bench.harness import (
+    CPU_RUN,
+    BenchResult,
+    bench_config,
+    bench_main,
+    bench_parser,
+    check_rows,
+    finish_run,
+    metric_rows,
+    sdpa_backend,
+    start_run,
+    targets_text,
+    text_report,
+    verdict,
+)
+from llama_adapter_triton.bench.memory import BASES, MemoryPlan, TensorMemory, model_tensors
+from llama_adapter_triton.model.adapter import AdapterConfig, adapter_state_dict
+from llama_adapter_triton.model.checkpoint import hf_config_dict
+from llama_adapter_triton.model.hf import remove_fused_attention, use_fused_attention
+from llama_adapter_triton.model.llama import LLaMA
+from llama_adapter_triton.model.tokenizer import Tokenizer
+from llama_adapter_triton.train.data import (
     IGNORE_INDEX,
     PackedLoader,
     PaddedLoader,
@@ -151,8 +95,8 @@ from llama_adapter_triton.train.data import (  # noqa: E402
     load_records,
     tokenize_records,
 )
-from llama_adapter_triton.train.finetune import batch_loss_sum  # noqa: E402
-from llama_adapter_triton.train.optim import param_groups  # noqa: E402
+from llama_adapter_triton.train.finetune import batch_loss_sum
+from llama_adapter_triton.train.optim import param_groups
 
 WHAT = "finetune"
 DTYPE = torch.bfloat16  # the frozen base; the adapter is fp32
@@ -366,28 +310,18 @@ SMOKE = dict(models=("smoke",), token_budget=128, batch_size=2, pad_to=64, adapt
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="llama-adapter bench finetune",
-        description="Benchmark LLaMA-Adapter fine-tuning steps: our stack (fused op, packing) against the official "
-                    "setup (padded to 512, eager attention).",
-        epilog="Lists are comma-separated. Without a GPU the run is the smoke configuration and its numbers mean "
-               "nothing for the GPU.")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"the tiny smoke configuration ({', '.join(f'{k}={v}' for k, v in SMOKE.items())}); "
-                             "implied without a GPU; other flags still narrow it")
-    add_config_arguments(parser, FinetuneBenchConfig())
-    return parser
+    return bench_parser("llama-adapter bench finetune", "Benchmark LLaMA-Adapter fine-tuning steps: our stack (fused "
+                        "op, packing) against the official setup (padded to 512, eager attention).",
+                        FinetuneBenchConfig(), SMOKE)
 
 
 def make_config(args: argparse.Namespace, *, smoke: bool, providers: Mapping[str, Provider]) -> FinetuneBenchConfig:
-    base = FinetuneBenchConfig(providers=tuple(providers))
+    smoke_fields = SMOKE
     if smoke and args.memory_plan in (True,):  # the plan builds nothing: the real shapes, not the smoke model
         smoke_fields = {k: v for k, v in SMOKE.items() if k not in (
             "memory_models", "memory_tokens", "adapter_len", "adapter_layers")}
-        cfg = config_from_args(args, dataclasses.replace(base, **smoke_fields))
-    else:
-        cfg = config_from_args(args, dataclasses.replace(base, **SMOKE) if smoke else base)
-    check_choices("providers", cfg.providers, providers, "provider")
+    cfg = bench_config(args, FinetuneBenchConfig(providers=tuple(providers)), smoke_fields, is_smoke=smoke,
+                       providers=providers)
     check_choices("bases", cfg.bases, BASES, "base")
     if (cfg.data is None) != (cfg.tokenizer is None):
         raise ConfigError("tokenizer" if cfg.data else "data", "--data and --tokenizer go together (the real "
@@ -636,18 +570,11 @@ def attention_backends(provider: Provider, config, device: torch.device, cfg: Fi
 # The run
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class RunResult:
-    env: BenchEnv
-    out_dir: Path
-    csv_path: Path
+class RunResult(BenchResult):
     config: FinetuneBenchConfig
     data: dict[str, DataStats] = field(default_factory=dict)  # per model
-    measurements: list[Measurement] = field(default_factory=list)
-    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (model, provider, reason)
-    checks: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)  # (model, provider) -> ratios
     targets: list[TargetCheck] = field(default_factory=list)
-    plot_path: Path | None = None
-    summary_path: Path | None = None
+    # measurements: Measurement; skipped: (model, provider, reason); checks: (model, provider) -> err / tol
 
     def get(self, model: str, provider: str) -> Measurement | None:
         return next((m for m in self.measurements if m.model == model and m.provider == provider), None)
@@ -659,16 +586,13 @@ def shape_of(name: str, cfg: FinetuneBenchConfig) -> str:
 
 
 def _measurement_rows(m: Measurement, shape: str) -> list[Row]:
-    row = lambda metric, value, unit: Row(WHAT, m.provider, "step", shape, metric, value, unit)  # noqa: E731
-    rows = [row("step_median", m.step.median_ms, "ms"), row("step_p20", m.step.p20_ms, "ms"),
-            row("step_p80", m.step.p80_ms, "ms"), row("processed_tokens_per_s", m.processed_tokens_per_s, "tokens/s"),
-            row("real_tokens_per_s", m.real_tokens_per_s, "tokens/s"),
-            row("projected_hours", m.projected_hours, "h"), row("timed_steps", m.timed_steps, "steps"),
-            row("timed_real_tokens", m.timed_real_tokens, "tokens"),
-            row("timed_processed_tokens", m.timed_processed_tokens, "tokens"), row("final_loss", m.final_loss, "")]
-    if m.peak_mib is not None:
-        rows.append(row("peak_mem", m.peak_mib, "MiB"))
-    return rows
+    peak = [("peak_mem", m.peak_mib, "MiB")] if m.peak_mib is not None else []
+    return metric_rows(WHAT, m.provider, "step", shape, [
+        ("step_median", m.step.median_ms, "ms"), ("step_p20", m.step.p20_ms, "ms"), ("step_p80", m.step.p80_ms, "ms"),
+        ("processed_tokens_per_s", m.processed_tokens_per_s, "tokens/s"),
+        ("real_tokens_per_s", m.real_tokens_per_s, "tokens/s"), ("projected_hours", m.projected_hours, "h"),
+        ("timed_steps", m.timed_steps, "steps"), ("timed_real_tokens", m.timed_real_tokens, "tokens"),
+        ("timed_processed_tokens", m.timed_processed_tokens, "tokens"), ("final_loss", m.final_loss, ""), *peak])
 
 
 def _data_for(cfg: FinetuneBenchConfig, vocab_size: int, real: tuple[TokenizedDataset, int] | None
@@ -747,8 +671,8 @@ def run_version(name: str, version: int, active: list[Provider], data: Tokenized
         weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log(f"   model{label}: {weights / 1024:.1f} GiB of weights, {trained:,} trained parameters")
-        write([Row(WHAT, everyone, "all", shape, "weights_mem", weights, "MiB"),
-               Row(WHAT, everyone, "all", shape, "trained_params", trained, "parameters")])
+        write(metric_rows(WHAT, everyone, "all", shape, [("weights_mem", weights, "MiB"),
+                                                         ("trained_params", trained, "parameters")]))
         ids = check_ids(data, cfg.check_examples, cfg.token_budget)
         expected, baseline = expected_step(model, data, ids, cfg, device, family)
         log(f"   check: one step on {len(ids)} examples ({int(data.lengths[ids].sum())} tokens) against "
@@ -781,10 +705,10 @@ def run_version(name: str, version: int, active: list[Provider], data: Tokenized
             result.skipped.append((name, prov.name, reason))
             continue
         result.measurements.append(m)
-        write([Row(WHAT, prov.name, "check", shape, "max_err_over_tol", max(ratios.values()), "ratio"),
-               Row(WHAT, prov.name, "check", shape, "checked", " ".join(ratios), ""),
-               Row(WHAT, prov.name, "all", shape, "attention", attention_backends(prov, config, device, cfg), ""),
-               Row(WHAT, prov.name, "all", shape, "batching", m.batching, "")] + _measurement_rows(m, shape))
+        write(check_rows(WHAT, prov.name, shape, ratios)
+              + metric_rows(WHAT, prov.name, "all", shape, [
+                  ("attention", attention_backends(prov, config, device, cfg), ""), ("batching", m.batching, "")])
+              + _measurement_rows(m, shape))
         mem = f" | peak {m.peak_mib / 1024:.1f} GiB" if m.peak_mib is not None else ""
         log(f"   {prov.name:<16} check ok (err/tol {max(ratios.values()):.2f}) | step {m.step.median_ms:.1f} ms "
             f"[{m.step.p20_ms:.1f}-{m.step.p80_ms:.1f}] | {m.processed_tokens_per_s:,.0f} processed tok/s | "
@@ -802,13 +726,9 @@ def run(cfg: FinetuneBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Ma
     examples and the tokenizer's vocabulary size (real_dataset; read here when not given). Raises
     CorrectnessError as soon as a provider computes a wrong answer."""
     providers = PROVIDERS if providers is None else providers
-    device = env.device
     result = RunResult(env, out_dir, out_dir / f"{WHAT}.csv", cfg)
-    write = lambda rows: append_rows(result.csv_path, rows, env)  # noqa: E731
-    log(f"bench_finetune | {env.describe()}")
-    if not env.is_cuda:
-        log(CPU_NOTICE)
-    log(f"fused op: {op_backend(device)} | rows go to {result.csv_path}")
+    write = result.write
+    start_run("bench_finetune", env, result.csv_path, log)
     if cfg.data and real is None:
         real = real_dataset(cfg.data, cfg.tokenizer, max_len=cfg.pad_to)
 
@@ -821,10 +741,10 @@ def run(cfg: FinetuneBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Ma
         log(f"\n== {shape}: {config.n_layers} layers, dim {config.dim}, {config.n_heads} heads; adapter K "
             f"{cfg.adapter_len} in the top {cfg.adapter_layers} layers; base bf16, adapter fp32")
         log(f"   data: {stats.line()}")
-        write([Row(WHAT, "data", "all", shape, metric, value, unit) for metric, value, unit in (
+        write(metric_rows(WHAT, "data", "all", shape, (
             ("source", source, ""), ("examples", stats.examples, "examples"), ("mean_tokens", stats.mean, "tokens"),
             ("p50_tokens", stats.p50, "tokens"), ("p90_tokens", stats.p90, "tokens"),
-            ("longest", stats.longest, "tokens"), ("share_at_pad_to", stats.at_max, ""))])
+            ("longest", stats.longest, "tokens"), ("share_at_pad_to", stats.at_max, ""))))
         active = [providers[p] for p in cfg.providers]
         for family, version in sorted({(p.family, p.version) for p in active}, key=lambda fv: (fv[0] != "ours", fv)):
             # one model at a time: V1's, V2's, then transformers' with PEFT's adapter
@@ -841,10 +761,7 @@ def run(cfg: FinetuneBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Ma
     if env.is_cuda:  # a CPU smoke run's numbers say nothing about the targets
         result.targets = check_targets(result)
         write(target_rows(result))
-    log("")
-    report(result, log=log)
-    log(f"CSV rows appended to {result.csv_path}")
-    return result
+    return finish_run(result, report, log)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -859,9 +776,8 @@ class TargetCheck:
     met: bool | None
 
     def line(self) -> str:
-        verdict = "not measured" if self.met is None else ("MET" if self.met else "NOT MET")
         shown = "-" if self.value is None else f"{self.value:.2f}"
-        return f"{verdict:<12} {self.target:<58} {self.model:<12} {shown} (bound {self.bound:g})"
+        return f"{verdict(self.met):<12} {self.target:<58} {self.model:<12} {shown} (bound {self.bound:g})"
 
 
 def check_targets(result: RunResult) -> list[TargetCheck]:
@@ -884,9 +800,8 @@ def target_rows(result: RunResult) -> list[Row]:
     rows = []
     for c in result.targets:
         shape = shape_of(c.model, result.config)
-        verdict = "not measured" if c.met is None else ("MET" if c.met else "NOT MET")
-        rows.append(Row(WHAT, "all", "target", shape, c.target, verdict if c.value is None
-                        else f"{verdict} ({c.value:.3g}, bound {c.bound:g})", ""))
+        rows.append(Row(WHAT, "all", "target", shape, c.target, verdict(c.met) if c.value is None
+                        else f"{verdict(c.met)} ({c.value:.3g}, bound {c.bound:g})", ""))
     return rows
 
 
@@ -905,7 +820,7 @@ def results_table(result: RunResult) -> str:
     title = (f"Fine-tuning steps ({cfg.steps} timed after {cfg.warmup_steps} warm-up); projected: {cfg.epochs} "
              f"epochs of Alpaca-52K ({ALPACA_EXAMPLES:,} examples at the data's mean length) on this one GPU")
     if not result.env.is_cuda:
-        title += " - CPU smoke run: these numbers mean nothing for the GPU"
+        title += f" - {CPU_RUN}"
     header = ["model", "provider", "batching", "step ms [p20-p80]", "processed tok/s", "real tok/s",
               "real vs eager_padded512", "peak GiB", f"{cfg.epochs} epochs (h)"]
     return title + "\n" + format_table(header, lines)
@@ -930,53 +845,20 @@ def format_targets(result: RunResult) -> str:
     head = "Targets (issue 5: H100, bf16; fine-tuning)"
     if not result.env.is_cuda:
         return head + ": checked on GPU runs only. " + CPU_NOTICE
-    if "H100" not in result.env.gpu_name:
-        head += f" - measured on {result.env.gpu_name}, not an H100: informative only"
-    met = sum(c.met is True for c in result.targets)
-    return "\n".join([head] + [c.line() for c in result.targets] + [f"{met} of {len(result.targets)} targets met"])
+    return targets_text(head, result.targets, result.env)
 
 
 def report(result: RunResult, *, log: Callable[[str], None] = print) -> RunResult:
     """Print the table, the projection and the targets; write the bar chart and the summary."""
-    text = "\n\n".join([results_table(result), projection_text(result), format_targets(result)])
-    log(text)
-    if result.skipped:
-        log("Skipped: " + "; ".join(f"{m} {p}: {why}" for m, p, why in result.skipped))
-    result.plot_path = write_plot(result)
-    result.summary_path = write_summary(result, text)
-    log(f"plot: {result.plot_path}" if result.plot_path else "plot: nothing measured, no plot")
-    log(f"summary: {result.summary_path}")
-    return result
-
-
-def write_plot(result: RunResult) -> Path | None:
-    if not result.measurements:
-        return None
     groups: dict[str, dict[str, float]] = {}
     for m in result.measurements:
         groups.setdefault(m.model, {})[m.provider] = m.real_tokens_per_s
-    env = result.env
-    title = f"LLaMA-Adapter fine-tuning: real tokens/s per provider\n{env.gpu_name} | {env.date} | {env.git_commit}"
-    if not env.is_cuda:
-        title += "\nCPU smoke run: these numbers mean nothing for the GPU"
-    return plot_bars(groups, unique_path(result.out_dir, WHAT, ".png", env), ylabel="real tokens/s", title=title)
-
-
-def write_summary(result: RunResult, text: str) -> Path:
-    env = result.env
-    lines = [f"# Fine-tuning benchmark, {env.date}", "", f"- GPU: {env.gpu_name}", f"- date: {env.date}",
-             f"- commit: {env.git_commit}", f"- torch {torch.__version__}",
-             f"- configuration: {dataclasses.asdict(result.config)}",
-             f"- rows: {result.csv_path}; plot: {result.plot_path.name if result.plot_path else 'none'}", ""]
-    lines += [f"- data ({m}): {s.line()}" for m, s in result.data.items()] + [""]
-    if not env.is_cuda:
-        lines += [f"**{CPU_NOTICE}**", ""]
-    lines += ["```", text, "```", ""]
-    if result.skipped:
-        lines += ["## Skipped", ""] + [f"- {m} {p}: {why}" for m, p, why in result.skipped] + [""]
-    path = unique_path(result.out_dir, WHAT, ".md", env)
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    text = "\n\n".join([results_table(result), projection_text(result), format_targets(result)])
+    return text_report(result, text, groups=groups, log=log,
+                       skipped=[f"{m} {p}: {why}" for m, p, why in result.skipped],
+                       title="LLaMA-Adapter fine-tuning: real tokens/s per provider", ylabel="real tokens/s",
+                       summary_title="Fine-tuning benchmark", stem=WHAT,
+                       notes=[f"- data ({m}): {s.line()}" for m, s in result.data.items()])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1017,7 +899,8 @@ def print_memory_plan(cfg: FinetuneBenchConfig, env: BenchEnv, out_dir: Path, *,
         plan = memory_plan(name, base, checkpointing, tokens, cfg, "cuda")
         parts = plan.parts()
         shape = memory_shape(name, base, checkpointing, tokens, cfg)
-        rows += [Row(WHAT, "plan", "memory", shape, f"predicted_{k}", v / 2**20, "MiB") for k, v in parts.items()]
+        rows += metric_rows(WHAT, "plan", "memory", shape,
+                            [(f"predicted_{k}", v / 2**20, "MiB") for k, v in parts.items()])
         lines.append([name, base, "yes" if checkpointing else "no", f"{tokens:,}",
                       *(parts[k] for k in ("weights", "activations", "loss", "transient", "total")),
                       *("yes" if parts["total"] <= limit else "no" for limit in GPUS.values())])
@@ -1076,9 +959,9 @@ def run_memory(cfg: FinetuneBenchConfig, env: BenchEnv, out_dir: Path, *,
             lines.append([*line, reason, "-", None, predicted])
             log(f"   {shape}: SKIP {reason}")
             continue
-        rows += [Row(WHAT, PACKED.name, "memory", shape, metric, value, unit) for metric, value, unit in (
+        rows += metric_rows(WHAT, PACKED.name, "memory", shape, (
             ("peak_mem", peak / 2**20, "MiB"), ("real_tokens_per_s", m.real_tokens_per_s, "tokens/s"),
-            ("step_median", m.step.median_ms, "ms"), ("final_loss", m.final_loss, ""))]
+            ("step_median", m.step.median_ms, "ms"), ("final_loss", m.final_loss, "")))
         append_rows(csv_path, rows, env)
         lines.append([*line, f"{m.real_tokens_per_s:,.0f}", f"{m.step.median_ms:.1f}", peak, predicted])
         log(f"   {shape}: {m.real_tokens_per_s:,.0f} real tok/s, peak {peak / 2**20:,.1f} MiB (predicted "

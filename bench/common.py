@@ -1,26 +1,21 @@
-"""Helpers shared by the benchmarks: environment, timing, peak memory, correctness checks, CSV rows, plots,
-output places, command lines, and the random LLaMA models of the end-to-end benchmarks.
+"""The benchmarks' tools, under bench/harness.py: environment, timing, peak memory, correctness checks, CSV rows,
+output places, plots, argument types, and the random LLaMA models of the end-to-end benchmarks.
 
-Every benchmark in bench/ (attention, fine-tuning, decode) builds on these, so that all results land in one
-format:
+Every result lands in one format, one measurement per row, appended to a CSV (never rewritten):
 
     what, provider, mode, shape, metric, value, unit, gpu_name, date, git_commit
 
-one measurement per row, appended to a CSV (never rewritten), with the GPU's name, the run's start
-date (UTC) and the short commit hash ("-dirty" when tracked files outside bench/results/ differ).
-
-Rules these helpers enforce:
-- On CUDA, times come from triton.testing.do_bench (median and the 20th/80th percentiles, L2 cleared
-  before each repetition); on the CPU a perf_counter median/quantiles fallback: CPU numbers mean
-  nothing for the GPU and the runs there are smoke tests.
-- Only full GPU runs write into bench/results/ (the files kept in the repo); CPU and smoke runs go to
-  the folder given by --out, which must lie elsewhere, or to a fresh temporary folder.
-- An existing CSV only ever gets rows appended, and only when its header is ours; plots and summaries
-  get names carrying the date and the commit, so no earlier file is replaced.
-- Nothing is timed before it is checked: a provider's results must lie within flash-attn's bar of an
-  oracle computed in higher precision (Expected, check_results), else CorrectnessError stops the run.
+with the GPU's name, the run's start date (UTC) and the short commit hash ("-dirty" when tracked files outside
+bench/results/ differ). Rules these helpers enforce:
+- On CUDA, times come from triton.testing.do_bench (median and the 20th/80th percentiles, L2 cleared before each
+  repetition); on the CPU a perf_counter median/quantiles fallback: CPU numbers mean nothing for the GPU.
+- Only full GPU runs write into bench/results/ (the files kept in the repo); CPU and smoke runs go to the folder
+  given by --out, which must lie elsewhere, or to a fresh temporary folder.
+- An existing CSV only ever gets rows appended, and only when its header is ours; plots and summaries get names
+  carrying the date and the commit, so no earlier file is replaced.
+- Nothing is timed before it is checked: a provider's results must lie within flash-attn's bar of an oracle
+  computed in higher precision (Expected, check_results), else CorrectnessError stops the run.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -29,7 +24,6 @@ import dataclasses
 import gc
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -767,33 +761,3 @@ def exact_fp32_matmuls() -> Iterator[None]:
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
-
-def bench_main(parser: argparse.ArgumentParser, args: argparse.Namespace, what: str,
-               make_config: Callable[[bool], object], run: Callable[[object, BenchEnv, Path], object]) -> int:
-    """A benchmark's main, after parsing: the smoke configuration where there is no GPU, the output folder
-    and its CSV checked first, bad arguments as argparse errors naming them (exit 2), a failed correctness
-    check as exit status 1 with nothing of the wrong provider timed.
-
-    make_config(smoke) builds the run's configuration (ValueError: a bad argument);
-    run(config, env, out_dir) measures (ConfigError: a bad argument found once data is read)."""
-    env = bench_env()
-    smoke = args.smoke or not env.is_cuda
-    if not args.smoke and not env.is_cuda:
-        print("No CUDA device: running the smoke configuration (--smoke).")
-    try:
-        cfg = make_config(smoke)
-        out_dir = resolve_out_dir(cfg.out, env, smoke=smoke, name=what)
-        try:
-            check_csv(out_dir / f"{what}.csv")
-        except ValueError as exc:
-            raise ValueError(f"--out {out_dir}: {exc}") from None
-    except ValueError as exc:
-        parser.error(str(exc))
-    try:
-        run(cfg, env, out_dir)
-    except CorrectnessError as exc:
-        print(f"\nCORRECTNESS CHECK FAILED - the benchmark stops here.\n{exc}", file=sys.stderr)
-        return 1
-    except ConfigError as exc:
-        parser.error(str(exc))
-    return 0

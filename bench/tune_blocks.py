@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -63,14 +62,8 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    # as in tests/conftest.py: without a GPU the Triton kernels run under Triton's interpreter; it must be
-    # set before `kernels` is first imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import llama_adapter_triton.kernels.zero_init_attn as zia  # noqa: E402
-from llama_adapter_triton.bench import bench_attention as ba  # noqa: E402
-from llama_adapter_triton.bench.common import (  # noqa: E402
+from llama_adapter_triton.bench import bench_attention as ba
+from llama_adapter_triton.bench.common import (
     CPU_NOTICE,
     BenchEnv,
     ConfigError,
@@ -80,7 +73,6 @@ from llama_adapter_triton.bench.common import (  # noqa: E402
     add_config_arguments,
     append_rows,
     argparse_type,
-    bench_main,
     check_choices,
     config_from_args,
     describe_exception,
@@ -94,6 +86,8 @@ from llama_adapter_triton.bench.common import (  # noqa: E402
     positive_int,
     time_fn,
 )
+from llama_adapter_triton.bench.harness import bench_main, start_run
+from llama_adapter_triton.kernels import zero_init_attn as zia
 
 WHAT = "tune_blocks"
 KERNELS = ("fwd", "dkdv", "dq")
@@ -455,11 +449,8 @@ def run(cfg: TuneConfig, env: BenchEnv, out_dir: Path, *, log: Callable[[str], N
     result = TuneResult(env=env, out_dir=out_dir, csv_path=out_dir / f"{WHAT}.csv", config=cfg)
     write = lambda rows: append_rows(result.csv_path, rows, env)
 
-    log(f"tune_blocks | {env.describe()}")
-    if not env.is_cuda:
-        log(CPU_NOTICE)
     smem = f", {zia._shared_memory(device) // 1024} KB shared memory per block" if env.is_cuda else ""
-    log(f"fused op: {op_backend(device)}{smem} | rows go to {result.csv_path}")
+    start_run("tune_blocks", env, result.csv_path, log, fused=f"{op_backend(device)}{smem}")
     plan = make_plan(cfg, cases, device)
     log(f"plan: {plan.measurements} candidate measurements ({plan.per_kernel()}) over {len(cases)} shapes")
     if env.is_cuda:

@@ -79,7 +79,8 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from .reference import zero_init_attention_ref
+from llama_adapter_triton.kernels.checks import check_int, is_int
+from llama_adapter_triton.kernels.reference import zero_init_attention_ref
 
 # triton.jit decides at import time whether kernels are interpreted, so the switch is read once too.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -752,7 +753,7 @@ def check_blocks(kernel: str, blocks: tuple[int, ...]) -> tuple[int, ...]:
     if kernel not in BLOCK_FIELDS:
         raise ValueError(f"unknown kernel {kernel!r}: choose from {', '.join(BLOCK_FIELDS)}")
     fields = BLOCK_FIELDS[kernel]
-    if len(blocks) != len(fields) or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks):
+    if len(blocks) != len(fields) or not all(is_int(b) for b in blocks):
         raise ValueError(f"{kernel} takes {len(fields)} integers {','.join(fields)}, got {blocks!r}")
     for name, value in zip(fields, blocks, strict=True):
         power = value > 0 and value & (value - 1) == 0
@@ -1142,8 +1143,7 @@ def _check_varlen(q, k, prompt_k, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen
                          f"{_shape(cu_seqlens_q)} and {_shape(cu_seqlens_k)}")
     num_seqs = cu_seqlens_q.shape[0] - 1
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {m!r}")
+        check_int(name, m, 0, what="a non-negative int")
     if prompt_k.shape[0] not in (1, num_seqs):
         raise ValueError(f"prompt_k must have batch 1 (shared) or one prompt per sequence ({num_seqs}), "
                          f"got {_shape(prompt_k)}")

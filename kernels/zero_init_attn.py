@@ -71,21 +71,14 @@ Caution:
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-import os
-from collections.abc import Iterator, Mapping
 
 import torch
 
-from llama_adapter_triton.kernels.checks import check_int, is_int
+from llama_adapter_triton.kernels import block_sizes
+from llama_adapter_triton.kernels.block_sizes import INTERPRET  # read once, at import, as triton.jit does
+from llama_adapter_triton.kernels.checks import check_int
 from llama_adapter_triton.kernels.reference import zero_init_attention_ref
-
-# triton.jit decides at import time whether kernels are interpreted, so the switch is read once too.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Block sizes under the interpreter: "large" (64 x 64, fast) or "gpu" (what _blocks picks for an H100/H200).
-INTERPRET_BLOCKS = os.environ.get("ZIA_INTERPRET_BLOCKS", "large")
 
 try:
     import triton
@@ -694,113 +687,6 @@ def _prompt_strides(x: torch.Tensor) -> tuple[int, ...]:
     return (0 if x.shape[0] == 1 else x.stride(0), *x.stride()[1:])
 
 
-@functools.cache
-def _shared_memory(device: torch.device) -> int:
-    """Shared memory a block may use on this device (opt-in maximum), in bytes."""
-    if device.type != "cuda":
-        return 232448  # no GPU (the interpreter): what an H100 offers
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-
-
-def _blocks(dtype: torch.dtype, head_dim_pad: int, seqlen_q: int, prompt_len: int, shared_memory: int,
-            atomic_dq: bool = False) -> dict:
-    """Block sizes (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel (atomic_dq: the dK/dV pass also sums dq).
-
-    Under the interpreter large blocks are fastest (unless INTERPRET_BLOCKS is "gpu"). On the GPU these are
-    choices that compile within the chip's shared memory, without register spills in bf16/fp16 on sm_90,
-    checked for sm_80, sm_86, sm_89 and sm_90 by llama-adapter compile-check; they still await autotuning
-    against measured times.
-    """
-    # prompts longer than one chunk loop over chunks
-    block_p = min(32, max(16, triton.next_power_of_2(max(prompt_len, 1))))
-    if INTERPRET and INTERPRET_BLOCKS != "gpu":
-        if INTERPRET_BLOCKS != "large":
-            raise ValueError(f"ZIA_INTERPRET_BLOCKS must be 'large' or 'gpu', got {INTERPRET_BLOCKS!r}")
-        return dict(fwd=(64, 64, 4, 1), pre=(64, 4), dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1), BLOCK_P=block_p)
-    small_m = max(16, triton.next_power_of_2(seqlen_q))  # decode: one query row needs no 128-row block
-    if dtype.itemsize == 2:
-        fwd_m = min(128, small_m)
-        # dQ holds q, dout and its accumulator: 64 rows where shared memory is small (consumer GPUs)
-        dq_m = min(128 if shared_memory >= 128 * 1024 else 64, small_m)
-        fwd_warps = 8 if fwd_m == 128 and head_dim_pad == 128 else 4
-        # its dq tile needs 40 KB more shared memory with atomic_dq: 2 stages where there is little
-        dkdv_stages = 2 if atomic_dq and shared_memory < 128 * 1024 else 3
-        return dict(fwd=(fwd_m, 64, fwd_warps, 3), pre=(64, 4), dkdv=(32, 128, 8, dkdv_stages),
-                    dq=(dq_m, 32, 8 if dq_m >= 64 else 4, 3), BLOCK_P=block_p)
-    # fp32 (IEEE dots: no tensor cores) and fp64: smaller tiles, or the registers spill
-    fwd_m = min(64, small_m)
-    return dict(fwd=(fwd_m, 32, 8 if fwd_m == 64 else 4, 2), pre=(64, 4), dkdv=(32, 32, 8, 2),
-                dq=(min(32, small_m), 32, 8 if small_m >= 32 else 4, 2), BLOCK_P=block_p)
-
-
-def _reduce_block(size: int) -> int:
-    """Elements of one prompt's prompt_len x headdim that one program of the prompt-gradient sum takes: few on
-    the GPU (more programs, each a short stream), all of them under the interpreter (fewer, faster steps)."""
-    if INTERPRET and INTERPRET_BLOCKS != "gpu":
-        return min(8192, triton.next_power_of_2(size))
-    return 256
-
-
-
-# what _blocks chooses per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages), or (BLOCK_M, num_warps) for pre
-BLOCK_FIELDS = {"fwd": ("M", "N", "WARPS", "STAGES"), "pre": ("M", "WARPS"), "dkdv": ("M", "N", "WARPS", "STAGES"),
-                "dq": ("M", "N", "WARPS", "STAGES")}
-
-
-def check_blocks(kernel: str, blocks: tuple[int, ...]) -> tuple[int, ...]:
-    """blocks, if they are a launch the kernels can take; else ValueError saying why. Block sizes must be powers
-    of two of at least 16 (tl.arange, and tl.dot's smallest tile), warps a power of two up to 16, stages >= 1."""
-    if kernel not in BLOCK_FIELDS:
-        raise ValueError(f"unknown kernel {kernel!r}: choose from {', '.join(BLOCK_FIELDS)}")
-    fields = BLOCK_FIELDS[kernel]
-    if len(blocks) != len(fields) or not all(is_int(b) for b in blocks):
-        raise ValueError(f"{kernel} takes {len(fields)} integers {','.join(fields)}, got {blocks!r}")
-    for name, value in zip(fields, blocks, strict=True):
-        power = value > 0 and value & (value - 1) == 0
-        if name in ("M", "N") and not (power and value >= 16):
-            raise ValueError(f"{kernel}: BLOCK_{name} must be a power of two >= 16, got {value}")
-        if name == "WARPS" and not (power and value <= 16):
-            raise ValueError(f"{kernel}: num_warps must be a power of two up to 16, got {value}")
-        if name == "STAGES" and value < 1:
-            raise ValueError(f"{kernel}: num_stages must be >= 1, got {value}")
-    return tuple(blocks)
-
-
-def parse_blocks(text: str) -> tuple[str, tuple[int, ...]]:
-    """'fwd=128,64,8,3' -> ("fwd", (128, 64, 8, 3)): the command-line form of one kernel's blocks
-    (KERNEL=M,N,WARPS,STAGES for fwd, dkdv, dq; pre=M,WARPS). ValueError says what is wrong."""
-    kernel, sep, values = text.partition("=")
-    forms = "fwd|dkdv|dq=M,N,WARPS,STAGES or pre=M,WARPS"
-    try:
-        numbers = tuple(int(x) for x in values.split(","))
-    except ValueError:
-        numbers = ()
-    if not sep or kernel not in BLOCK_FIELDS or len(numbers) != len(BLOCK_FIELDS[kernel]):
-        raise ValueError(f"takes {forms}, got {text!r}")
-    return kernel, check_blocks(kernel, numbers)
-
-
-@contextlib.contextmanager
-def override_blocks(blocks: Mapping[str, tuple[int, ...]]) -> Iterator[None]:
-    """The launchers use these kernels' blocks instead of _blocks' choice while inside (the other kernels keep
-    it), e.g. {"dkdv": (64, 64, 4, 3)}: how kernels.compile_check and bench.tune_blocks try other blocks.
-    _blocks is restored on leaving, also after an exception; overrides nest."""
-    global _blocks
-    blocks = {kernel: check_blocks(kernel, tuple(b)) for kernel, b in blocks.items()}
-    chosen = _blocks
-
-    def overridden(*args) -> dict:
-        return {**chosen(*args), **blocks}
-
-    _blocks = overridden
-    try:
-        yield
-    finally:
-        _blocks = chosen
-
-
-
-
 def launch_grid(blocks: int, rows: int, what: str) -> tuple[int]:
     """The one-dimensional grid of a kernel that runs `blocks` programs for each of `rows` (batch x heads):
     (blocks * rows,), within CUDA's limit on the x axis (2**31 - 1); ValueError naming the sizes past it."""
@@ -847,7 +733,7 @@ def _fwd(q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_seqlens_q
     if out.numel() == 0:
         return out, o_w, lse_w, lse_p
     head_dim_pad = max(16, triton.next_power_of_2(headdim))
-    cfg = _blocks(q.dtype, head_dim_pad, seqlen_q, prompt_len, _shared_memory(q.device))
+    cfg = block_sizes.choose(q.dtype, head_dim_pad, seqlen_q, prompt_len, block_sizes.shared_memory(q.device))
     block_m, block_n, num_warps, num_stages = cfg["fwd"]
     pk, pv = prompt_k, prompt_v  # (batch or 1, prompt_len, nheads_kv, headdim); unread when prompt_len is 0
     grid = launch_grid(triton.cdiv(seqlen_q, block_m), batch * nheads, "the forward")
@@ -916,7 +802,8 @@ def _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, o_w, lse_w, lse_p, causal, so
     need_prompt_part = has_prompt and need_dprompt
     atomic_dq = not deterministic and need_dq and need_dkv  # dq rides on the dK/dV pass
     head_dim_pad = max(16, triton.next_power_of_2(headdim))
-    cfg = _blocks(q.dtype, head_dim_pad, seqlen_q, prompt_len, _shared_memory(q.device), atomic_dq)
+    cfg = block_sizes.choose(q.dtype, head_dim_pad, seqlen_q, prompt_len, block_sizes.shared_memory(q.device),
+                             atomic_dq)
     pk, pv = prompt_k, prompt_v
     qk_scale = softmax_scale * LOG2E
     totals = _totals(q, k, varlen)
@@ -966,7 +853,7 @@ def _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, o_w, lse_w, lse_p, causal, so
         )
         if need_prompt_part:
             size = prompt_len * headdim
-            block = _reduce_block(size)
+            block = block_sizes.reduce_block(size)
             grid = launch_grid(triton.cdiv(size, block), prompt_k.shape[0] * nheads_kv, "the prompt gradients")
             _zia_prompt_grad_kernel[grid](
                 dpk_part, dpv_part, dpk, dpv, blk_off, *dpk.stride(), *dpv.stride(),

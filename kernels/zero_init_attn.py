@@ -136,6 +136,31 @@ if HAS_TRITON:
         return q_start, k_start, seqlen_q, seqlen_k, ok
 
     @triton.jit
+    def _program(CU_Q, CU_K, LEFTPAD, nheads, groups, seqlen_q, seqlen_k, total_q, total_k, BLOCK: tl.constexpr,
+                 KEY_BLOCKS: tl.constexpr, VARLEN: tl.constexpr, HAS_LEFTPAD: tl.constexpr):
+        """Where this program works: (pid_blk, num_blk, b64, h64, hk64, q_start, k_start, seqlen_q, seqlen_k, ok).
+
+        The grid is one axis of (block, batch, head), the blocks of one (batch, head) neighbours: num_blk blocks
+        of BLOCK query rows (of BLOCK keys when KEY_BLOCKS: then nheads counts kv heads and groups is 1), counted
+        over seqlen_q / seqlen_k as passed (the longest sequence when packed). b64, h64, hk64: the batch, the
+        head and the kv head it reads (GQA / MQA), in int64 for the pointer offsets; then _seq_bounds' values.
+        The kernel returns at once when pid_blk * BLOCK is past its own sequence's length."""
+        pid = tl.program_id(0)
+        if KEY_BLOCKS:
+            num_blk = tl.cdiv(seqlen_k, BLOCK)
+        else:
+            num_blk = tl.cdiv(seqlen_q, BLOCK)
+        pid_blk = pid % num_blk
+        off_bh = pid // num_blk
+        off_b = off_bh // nheads
+        off_h = off_bh % nheads
+        off_hk = off_h // groups
+        q_start, k_start, seqlen_q, seqlen_k, ok = _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k,
+                                                               total_q, total_k, VARLEN, HAS_LEFTPAD)
+        return (pid_blk, num_blk, off_b.to(tl.int64), off_h.to(tl.int64), off_hk.to(tl.int64), q_start, k_start,
+                seqlen_q, seqlen_k, ok)
+
+    @triton.jit
     def _load_tile(base, rows, stride_row, offs_d, stride_d, row_limit, HEAD_DIM: tl.constexpr,
                    UPCAST: tl.constexpr, ACC: tl.constexpr):
         """A (rows, HEAD_DIM_PAD) tile; rows >= row_limit and padded columns read as 0."""
@@ -226,31 +251,23 @@ if HAS_TRITON:
         IS_CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, VARLEN: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
         SAVE_O_W: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):
-        # one axis: the query blocks of one (batch, head) are neighbours
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(seqlen_q, BLOCK_M)
-        pid_m = pid % num_m
-        off_bh = pid // num_m
-        off_b = off_bh // nheads
-        off_h = off_bh % nheads
-        off_hk = off_h // groups  # the kv head this query head reads (GQA / MQA)
         DTYPE: tl.constexpr = Q.dtype.element_ty
-        q_start, k_start, seqlen_q, seqlen_k, ok = _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k,
-                                                               total_q, total_k, VARLEN, HAS_LEFTPAD)
+        pid_m, _num_m, b64, h64, hk64, q_start, k_start, seqlen_q, seqlen_k, ok = _program(
+            CU_Q, CU_K, LEFTPAD, nheads, groups, seqlen_q, seqlen_k, total_q, total_k, BLOCK_M, False, VARLEN,
+            HAS_LEFTPAD)
         start_m = pid_m * BLOCK_M
         if start_m >= seqlen_q:  # packed sequences shorter than the longest one
             return
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
-        b64 = off_b.to(tl.int64)
 
         # load q: it stays in SRAM for both parts
-        Q_base = Q + b64 * stride_qb + off_h.to(tl.int64) * stride_qh + q_start * stride_qm
+        Q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
         q = _load_tile(Q_base, offs_m, stride_qm, offs_d, stride_qd, seqlen_q, HEAD_DIM, UPCAST, ACC)
 
         # prompt statistics first: row max m_p and sum l_p of exp2 over the prompt keys
         if HAS_PROMPT:
-            PK_base = PK + b64 * stride_pkb + off_hk.to(tl.int64) * stride_pkh
+            PK_base = PK + b64 * stride_pkb + hk64 * stride_pkh
             m_p = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
             l_p = tl.zeros([BLOCK_M], dtype=ACC)
             for start_p in range(0, prompt_len, BLOCK_P):
@@ -263,8 +280,8 @@ if HAS_TRITON:
 
         # token keys: online softmax. Blocks wholly visible to every row of this q block need no
         # mask; the blocks crossing the causal diagonal or the end of the keys do.
-        K_base = K + b64 * stride_kb + off_hk.to(tl.int64) * stride_kh + k_start * stride_kn
-        V_base = V + b64 * stride_vb + off_hk.to(tl.int64) * stride_vh + k_start * stride_vn
+        K_base = K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn
+        V_base = V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vn
         diag = seqlen_k - seqlen_q  # bottom-right alignment: row i sees keys j <= i + diag (< 0: left padding)
         if IS_CAUSAL:
             full_hi = (tl.maximum(tl.minimum(start_m + diag + 1, seqlen_k), 0) // BLOCK_N) * BLOCK_N
@@ -301,15 +318,15 @@ if HAS_TRITON:
         o_off = offs_m[:, None].to(tl.int64)
         o_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
         if SAVE_O_W:  # the token part alone (fp32), for the backward's Delta_w = dout . O_w
-            W_base = O_W + b64 * stride_wb + off_h.to(tl.int64) * stride_wh + q_start * stride_wm
+            W_base = O_W + b64 * stride_wb + h64 * stride_wh + q_start * stride_wm
             tl.store(W_base + o_off * stride_wm + offs_d[None, :] * stride_wd,
                      _cast_out(acc, O_W.dtype.element_ty, UPCAST), mask=o_mask)
 
         # prompt values, accumulated straight into the normalised output with weights
         # gamma * softmax_p: with gamma = 0 they add exactly zero
         if HAS_PROMPT:
-            gamma = tl.load(GAMMA + off_h)
-            PV_base = PV + b64 * stride_pvb + off_hk.to(tl.int64) * stride_pvh
+            gamma = tl.load(GAMMA + h64)
+            PV_base = PV + b64 * stride_pvb + hk64 * stride_pvh
             for start_p in range(0, prompt_len, BLOCK_P):
                 t, _pk, offs_p = _prompt_scores(q, PK_base, stride_pkn, stride_pkd, start_p, offs_d, prompt_len,
                                                 qk_scale, BLOCK_P, HEAD_DIM, UPCAST, DOT_PRECISION, ACC)
@@ -317,11 +334,11 @@ if HAS_TRITON:
                 pv = _load_tile(PV_base, offs_p, stride_pvn, offs_d, stride_pvd, prompt_len, HEAD_DIM, UPCAST, ACC)
                 acc = tl.dot(_operand(a, DTYPE, UPCAST), pv, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
 
-        L_off = b64 * stride_lb + off_h.to(tl.int64) * stride_lh + (q_start + offs_m) * stride_lm
+        L_off = b64 * stride_lb + h64 * stride_lh + (q_start + offs_m) * stride_lm
         tl.store(LSE_W + L_off, lse_w, mask=row_ok)
         if HAS_PROMPT:
             tl.store(LSE_P + L_off, lse_p, mask=row_ok)
-        O_base = OUT + b64 * stride_ob + off_h.to(tl.int64) * stride_oh + q_start * stride_om
+        O_base = OUT + b64 * stride_ob + h64 * stride_oh + q_start * stride_om
         tl.store(O_base + o_off * stride_om + offs_d[None, :] * stride_od, _cast_out(acc, OUT.dtype.element_ty, UPCAST),
                  mask=o_mask)
 
@@ -342,22 +359,13 @@ if HAS_TRITON:
         """Delta_w = dout . O_w (the forward's token part, saved apart in fp32: not out - gamma O_p, whose 16-bit
         rounding error, proportional to the prompt part, would swamp it) and Delta_p = dout . O_p =
         rowsum(A * (dout PV^T)) (A from lse_p, kept in fp32)."""
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(seqlen_q, BLOCK_M)
-        pid_m = pid % num_m
-        off_bh = pid // num_m
-        off_b = off_bh // nheads
-        off_h = off_bh % nheads
-        off_hk = off_h // groups
-        q_start, _k_start, seqlen_q, _seqlen_k, _ok = _seq_bounds(CU_Q, CU_K, CU_K, off_b, seqlen_q, seqlen_k,
-                                                                  total_q, total_k, VARLEN, False)
+        pid_m, _num_m, b64, h64, hk64, q_start, _k_start, seqlen_q, _seqlen_k, _ok = _program(
+            CU_Q, CU_K, CU_K, nheads, groups, seqlen_q, seqlen_k, total_q, total_k, BLOCK_M, False, VARLEN, False)
         start_m = pid_m * BLOCK_M
         if start_m >= seqlen_q:
             return
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
-        b64 = off_b.to(tl.int64)
-        h64 = off_h.to(tl.int64)
         o = _load_tile(O_W + b64 * stride_wb + h64 * stride_wh + q_start * stride_wm, offs_m, stride_wm, offs_d,
                        stride_wd, seqlen_q, HEAD_DIM, True, ACC)
         do = _load_tile(DOUT + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom, offs_m, stride_dom, offs_d,
@@ -369,8 +377,8 @@ if HAS_TRITON:
             q = _load_tile(Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm, offs_m, stride_qm, offs_d,
                            stride_qd, seqlen_q, HEAD_DIM, UPCAST, ACC)
             lse_p = tl.load(LSE_P + L_off, mask=row_ok, other=0.0)
-            PK_base = PK + b64 * stride_pkb + off_hk.to(tl.int64) * stride_pkh
-            PV_base = PV + b64 * stride_pvb + off_hk.to(tl.int64) * stride_pvh
+            PK_base = PK + b64 * stride_pkb + hk64 * stride_pkh
+            PV_base = PV + b64 * stride_pvb + hk64 * stride_pvh
             delta_p = tl.zeros([BLOCK_M], dtype=ACC)
             for start_p in range(0, prompt_len, BLOCK_P):
                 t, _pk, offs_p = _prompt_scores(q, PK_base, stride_pkn, stride_pkd, start_p, offs_d, prompt_len,
@@ -427,23 +435,17 @@ if HAS_TRITON:
         IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_LEFTPAD: tl.constexpr, ATOMIC_DQ: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        num_n = tl.cdiv(seqlen_k, BLOCK_N)
-        pid_n = pid % num_n
-        off_bh = pid // num_n
-        off_b = off_bh // nheads_kv
-        off_hk = off_bh % nheads_kv
         DTYPE: tl.constexpr = Q.dtype.element_ty
-        # with left padding the pad keys are never visited: their gradients stay the zeros DK / DV start as
-        q_start, k_start, seqlen_q, seqlen_k, _ok = _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k,
-                                                                total_q, total_k, VARLEN, HAS_LEFTPAD)
+        # one program per key block of a kv head. With left padding the pad keys are never visited: their
+        # gradients stay the zeros DK / DV start as
+        pid_n, _num_n, b64, hk64, _hk64, q_start, k_start, seqlen_q, seqlen_k, _ok = _program(
+            CU_Q, CU_K, LEFTPAD, nheads_kv, 1, seqlen_q, seqlen_k, total_q, total_k, BLOCK_N, True, VARLEN,
+            HAS_LEFTPAD)
         start_n = pid_n * BLOCK_N
         if start_n >= seqlen_k:
             return
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
-        b64 = off_b.to(tl.int64)
-        hk64 = off_hk.to(tl.int64)
         # k and v of this block stay in SRAM while every query that sees them streams past
         k = _load_tile(K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn, offs_n, stride_kn, offs_d,
                        stride_kd, seqlen_k, HEAD_DIM, UPCAST, ACC)
@@ -461,7 +463,7 @@ if HAS_TRITON:
             full_lo = 0
         # the query heads of this kv group, each summed in a fixed order
         for g in range(0, groups):
-            h64 = (off_hk * groups + g).to(tl.int64)
+            h64 = hk64 * groups + g
             Q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
             DO_base = DOUT + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
             DQA_base = DQ_ACC + b64 * stride_dqab + h64 * stride_dqah + q_start * stride_dqam
@@ -523,25 +525,16 @@ if HAS_TRITON:
         COMPUTE_DQ: tl.constexpr, ATOMIC_DQ: tl.constexpr, COMPUTE_DPROMPT: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(seqlen_q, BLOCK_M)
-        pid_m = pid % num_m
-        off_bh = pid // num_m
-        off_b = off_bh // nheads
-        off_h = off_bh % nheads
-        off_hk = off_h // groups
         DTYPE: tl.constexpr = Q.dtype.element_ty
-        q_start, k_start, seqlen_q, seqlen_k, _ok = _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k,
-                                                                total_q, total_k, VARLEN, HAS_LEFTPAD)
+        pid_m, num_m, b64, h64, hk64, q_start, k_start, seqlen_q, seqlen_k, _ok = _program(
+            CU_Q, CU_K, LEFTPAD, nheads, groups, seqlen_q, seqlen_k, total_q, total_k, BLOCK_M, False, VARLEN,
+            HAS_LEFTPAD)
         start_m = pid_m * BLOCK_M
         if start_m >= seqlen_q:
             return
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         row_ok = offs_m < seqlen_q
-        b64 = off_b.to(tl.int64)
-        h64 = off_h.to(tl.int64)
-        hk64 = off_hk.to(tl.int64)
         q = _load_tile(Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm, offs_m, stride_qm, offs_d,
                        stride_qd, seqlen_q, HEAD_DIM, UPCAST, ACC)
         do = _load_tile(DOUT + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom, offs_m, stride_dom, offs_d,
@@ -574,7 +567,7 @@ if HAS_TRITON:
 
         # prompt part: dT = gamma * A * (dout PV^T - Delta_p), A recomputed from lse_p
         if HAS_PROMPT:
-            gamma = tl.load(GAMMA + off_h)
+            gamma = tl.load(GAMMA + h64)
             lse_p = tl.load(LSE_P + L_off, mask=row_ok, other=0.0)
             delta_p = tl.load(DELTA_P + L_off, mask=row_ok, other=0.0)
             PK_base = PK + b64 * stride_pkb + hk64 * stride_pkh
@@ -582,7 +575,7 @@ if HAS_TRITON:
             # this block's partial prompt gradients: DPK_PART[h, j, p, d], contiguous, j this block's index among
             # the query blocks present (packed: BLK_OFF[b] + pid_m; never past num_parts, whatever CU_Q holds)
             if VARLEN:
-                part_j = tl.load(BLK_OFF + off_b) + pid_m
+                part_j = tl.load(BLK_OFF + b64) + pid_m
             else:
                 part_j = b64 * num_m + pid_m
             part_off = (h64 * num_parts + part_j) * prompt_len * HEAD_DIM

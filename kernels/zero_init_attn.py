@@ -1,72 +1,22 @@
 """Zero-init attention (LLaMA-Adapter, arXiv 2303.16199) as one fused Triton op, forward and backward.
 
-For query i of head h, with s the softmax scale, gamma_h = act(gate_h) and the token keys j that
-i may see (causal, bottom-right aligned):
+For query i of head h, with s the softmax scale, gamma_h = act(gate_h) and the token keys j that i may see (causal,
+bottom-right aligned):
 
     out_i = softmax_j(s q_i.k_j) V  +  gamma_h * softmax_p(s q_i.pk_p) PV
 
-The two softmaxes are separate: the prompt part has its own normaliser, so with gate = 0 the op
-is exactly causal attention (the paper's "zero-init attention"). Summing the two parts equals
-the paper's concatenated form (one score matrix [prompt | tokens], each slice softmaxed alone).
-
-Forward, one program per (query block, batch, head), nothing of size seqlen x seqlen anywhere:
-  1. load the q block once (it stays in SRAM);
-  2. prompt statistics: row max and sum over the prompt keys -> lse_p (prompt_len is small);
-  3. token keys: the usual online softmax (flash attention) -> acc, lse_w;
-  4. out = acc / l_w, then the prompt values are accumulated straight into it with weights
-     gamma * exp(s q.pk - lse_p): the prompt part needs no second accumulator.
-  lse_w and lse_p are kept (fp32, base-2 units: log2 of the sum of exp2 of scaled scores), and, when a backward
-  will follow, the token part O_w = acc / l_w in fp32, which the backward keeps instead of out.
-
-Backward (DESIGN.md), with O_p = softmax_p(.) PV recomputed from lse_p:
-  preprocess   Delta_w = dout . O_w, with O_w the token part that the forward saves for it in fp32 (FlashAttention
-               takes its 16-bit out instead; here out - gamma O_p would carry out's rounding error, proportional to
-               the prompt part, into Delta_w, and a 16-bit O_w still fails the tests' error bar on rows that see
-               few keys); Delta_p = dout . O_p = rowsum(A * (dout PV^T)) (A, the prompt probabilities, never
-               rounded to 16 bits: d gate is the sum of Delta_p)
-  dK/dV        one program per (key block, batch, kv head), looping over the query heads of
-               its group and the query blocks that see it: dv += P^T dout, dk += s dS^T q,
-               dS = P * (dout V^T - Delta_w). No atomics: deterministic.
-  dQ + prompt  one program per (query block, batch, head): dq += s dS K over the visible keys,
-               plus the prompt part dT = gamma A (dout PV^T - Delta_p): dq += s dT PK, and the
-               block's partial d pk = s dT^T q, d pv = gamma A^T dout, written per block;
-  reduce       one program per (prompt, kv head, chunk of prompt_len x headdim) sums those partials in a
-               fixed order (the sequences sharing the prompt, the query heads of the kv group, the query
-               blocks): deterministic.
-  d gamma      sum of Delta_p over batch and rows; d gate follows through autograd of act.
-  deterministic=False (flash-attn's option, FlashAttention-2's way): the dK/dV pass also adds s dS K to an
-  fp32 dq with atomics, and the dQ pass keeps only the prompt part: 5 block products instead of 7, but the
-  atomics' order, and so dq's last bits, vary from run to run.
-
-Memory kept for the backward: q, k, v, the prompt, lse_w, lse_p and O_w (fp32: total_q x nheads x headdim x 4
-bytes, where FlashAttention keeps its 16-bit output). Scratch memory of the backward, besides the gradients:
-  - the prompt partials, 2 x nheads x num_blocks x prompt_len x headdim x 4 bytes (8 for fp64), num_blocks the
-    query blocks present: batch x cdiv(seqlen_q, BLOCK_M) dense, at most cdiv(total_q, BLOCK_M) + num_seqs
-    packed (bounded by the tokens, never num_seqs x the longest sequence);
-  - with deterministic=False, an fp32 dq (total_q x nheads x headdim x 4 bytes);
-  - Delta_w and Delta_p, like lse.
-
-Launch grids are one-dimensional (blocks x batch x heads on the x axis, up to 2**31 - 1 programs): CUDA's
-65,535 limit on the other axes never binds, whatever the batch or the number of packed sequences.
-
-Backends: the compiled Triton kernels on CUDA tensors; the same kernels under Triton's
-interpreter when TRITON_INTERPRET=1 at import (how CI tests them on a CPU; bf16/fp16 are
-computed in fp32 inside the kernels there, since the interpreter's bf16 arithmetic is wrong, but every
-operand the GPU rounds to 16 bits before a matrix product is rounded there too, to nearest even, so that
-the CPU suite measures the GPU's error); the eager reference (kernels/reference.py) otherwise.
-
-Caution:
-  - Block sizes are chosen per dtype and the chip's shared memory (llama-adapter compile-check: no register
-    spills in bf16/fp16 on sm_90, a few dozen bytes in dK/dV on sm_80/86, more in fp32/fp64), but not yet
-    autotuned against GPU timings.
-    Under the interpreter, large 64 x 64 blocks run by default (speed); ZIA_INTERPRET_BLOCKS=gpu (read at
-    import, or INTERPRET_BLOCKS = "gpu") makes it use the GPU's block sizes instead.
-  - fp32 inputs use IEEE fp32 dots on the GPU (not TF32): exact, slower.
-  - Head dims: multiples of 8 from 16 to 128 (non-powers of two are padded by masking).
-  - cu_seqlens_* and leftpad_k are checked on the host for CPU tensors only (a check of CUDA tensors would
-    cost a device synchronisation per call; LLaMA.forward checks cu_seqlens once per batch). On a GPU the
-    kernels clamp every offset they read, so no value can make them read or write outside the tensors, and
-    a sequence (or left-padded row) whose own offsets are out of range gets NaN outputs.
+Two separate softmaxes, so with gate = 0 the op is exactly causal attention; their sum equals the paper's
+concatenated form. Forward: one program per (query block, batch, head): the prompt's statistics, the token keys'
+online softmax, then the prompt values added straight into the normalised output; lse_w, lse_p (base 2) and, for a
+backward, the token part O_w (fp32) are kept. Backward: preprocess (Delta_w, Delta_p), dK/dV per key block, dQ with
+the prompt's per-block partials, then their sum in a fixed order: deterministic (deterministic=False: dq with
+atomics in the dK/dV pass). Nothing of size seqlen x seqlen; one-dimensional grids (up to 2**31 - 1 programs).
+This file: the kernels, the host launchers, the torch.library ops, the checks and the public op (block sizes:
+kernels/block_sizes.py). Backends: compiled on CUDA tensors; the same kernels under TRITON_INTERPRET=1 (CI, on a
+CPU, 16-bit inputs in fp32 with the GPU's roundings); the eager reference (kernels/reference.py) otherwise.
+Limits: head dims multiples of 8 from 16 to 128; fp32 uses IEEE dots, not TF32; cu_seqlens / leftpad_k values are
+checked on CPU tensors only (on a GPU the kernels clamp every offset, and a sequence out of range gets NaN).
+The backward's math, the memory kept and the scratch: docs/ (notes-issue-20d.md until folded in).
 """
 
 from __future__ import annotations

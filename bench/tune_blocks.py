@@ -1,6 +1,6 @@
 """Block-size sweep for the fused op's Triton kernels: which (BLOCK_M, BLOCK_N, num_warps, num_stages) should
-kernels/zero_init_attn.py's _blocks choose? Its choices compile without spills (kernels.compile_check) but have
-never been timed on a GPU; this tool times the alternatives and suggests changes. It never changes _blocks.
+kernels/block_sizes.py's policy choose? Its choices compile without spills (kernels.compile_check) but have
+never been timed on a GPU; this tool times the alternatives and suggests changes. It never changes the policy.
 
     # one GPU, one call (about 3 minutes on an H100 by the estimate it prints first; --time-budget stops it
     # cleanly in any case):
@@ -15,7 +15,7 @@ never been timed on a GPU; this tool times the alternatives and suggests changes
     llama-adapter bench tune-blocks --smoke --out /tmp/tune-smoke
 
 How it sweeps: one kernel at a time (fwd, dkdv, dq), the others keeping _blocks' choice, through
-kernels.zero_init_attn.override_blocks (as kernels.compile_check overrides them). The fwd kernel is timed by
+kernels.block_sizes.override_blocks (as kernels.compile_check overrides them). The fwd kernel is timed by
 the op's forward; dkdv and dq by the op's backward (the forward outside the timed region, backward with
 retain_graph), since that is where they run. Each kernel has a curated candidate list (CANDIDATES) made for
 Hopper/Ampere 16-bit dots: the combinations that compile for sm_90 without register spills and within its shared
@@ -87,7 +87,7 @@ from llama_adapter_triton.bench.common import (
     time_fn,
 )
 from llama_adapter_triton.bench.harness import bench_main, start_run
-from llama_adapter_triton.kernels import zero_init_attn as zia
+from llama_adapter_triton.kernels import block_sizes
 
 WHAT = "tune_blocks"
 KERNELS = ("fwd", "dkdv", "dq")
@@ -149,11 +149,12 @@ class Candidate:
 
 
 def default_blocks(case: ba.Case, device: torch.device) -> dict:
-    """What _blocks chooses for a case on this device (the launchers' own call)."""
+    """What block_sizes.choose gives for a case on this device (the launchers' own call)."""
     import triton
 
     head_dim_pad = max(16, triton.next_power_of_2(case.headdim))
-    return zia._blocks(case.torch_dtype, head_dim_pad, case.seqlen, case.prompt_len, zia._shared_memory(device))
+    return block_sizes.choose(case.torch_dtype, head_dim_pad, case.seqlen, case.prompt_len,
+                              block_sizes.shared_memory(device))
 
 
 def candidates_for(kernel: str, case: ba.Case, device: torch.device, cfg: TuneConfig) -> tuple[Candidate, list]:
@@ -224,14 +225,14 @@ def _tune_dtype(text: str) -> str:
 
 
 def _candidate_list(text: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """'fwd=128,64,8,3 dq=64,32,4,3' (space- or ;-separated KERNEL=M,N,WARPS,STAGES, kernels.zero_init_attn's
+    """'fwd=128,64,8,3 dq=64,32,4,3' (space- or ;-separated KERNEL=M,N,WARPS,STAGES, kernels.block_sizes'
     parse_blocks form) -> (("fwd", (128, 64, 8, 3)), ("dq", (64, 32, 4, 3)))."""
     items = text.replace(";", " ").split()
     if not items:
         raise ValueError("expected KERNEL=M,N,WARPS,STAGES items separated by spaces")
     pairs = []
     for item in items:
-        kernel, blocks = zia.parse_blocks(item)
+        kernel, blocks = block_sizes.parse_blocks(item)
         if kernel not in KERNELS:
             raise ValueError(f"{item!r}: only {', '.join(KERNELS)} are swept")
         pairs.append((kernel, blocks))
@@ -449,7 +450,7 @@ def run(cfg: TuneConfig, env: BenchEnv, out_dir: Path, *, log: Callable[[str], N
     result = TuneResult(env=env, out_dir=out_dir, csv_path=out_dir / f"{WHAT}.csv", config=cfg)
     write = lambda rows: append_rows(result.csv_path, rows, env)
 
-    smem = f", {zia._shared_memory(device) // 1024} KB shared memory per block" if env.is_cuda else ""
+    smem = f", {block_sizes.shared_memory(device) // 1024} KB shared memory per block" if env.is_cuda else ""
     start_run("tune_blocks", env, result.csv_path, log, fused=f"{op_backend(device)}{smem}")
     plan = make_plan(cfg, cases, device)
     log(f"plan: {plan.measurements} candidate measurements ({plan.per_kernel()}) over {len(cases)} shapes")
@@ -528,7 +529,7 @@ def measure(cand: Candidate, is_default: bool, case: ba.Case, x: ba.Inputs, ref:
     fwd, _ = ba.PROVIDERS["fused"].build(x)
     timed = None
     try:
-        with zia.override_blocks({cand.kernel: cand.blocks}):
+        with block_sizes.override_blocks({cand.kernel: cand.blocks}):
             got = _results(fwd, x, backward=mode == "bwd")
             ratios = {name: deviation(t, ref[name], RTOL[case.dtype]) for name, t in got.items()}
             del got
@@ -602,7 +603,7 @@ def confirm(kernel: str, result: TuneResult, cfg: TuneConfig, device: torch.devi
             try:
                 for cand in (default, sug.candidate, sug.candidate, default):
                     check_budget()
-                    with zia.override_blocks({kernel: cand.blocks}):
+                    with block_sizes.override_blocks({kernel: cand.blocks}):
                         timed = ba.mode_closure(fwd, mode, x)
                         times[cand].append(time_fn(
                             timed, device, grad_to_none=x.leaves() if mode == "bwd" else (), warmup_ms=cfg.warmup_ms,
@@ -704,8 +705,8 @@ def kernel_table(result: TuneResult) -> str:
 def report(result: TuneResult, *, log: Callable[[str], None] = print) -> None:
     log(kernel_table(result))
     env = result.env
-    where = f"{env.gpu_name}, {zia._shared_memory(env.device) // 1024} KB shared memory per block" if env.is_cuda \
-        else "the CPU's interpreter"
+    where = (f"{env.gpu_name}, {block_sizes.shared_memory(env.device) // 1024} KB shared memory per block"
+             if env.is_cuda else "the CPU's interpreter")
     log(f"\nSuggested _blocks changes ({where}): a candidate faster than the default by more than {WIN:.0%} at "
         "most seqlens, confirmed by re-timing (speed-ups marked ? were not confirmed)")
     holding = [s for s in result.suggestions if s.holds]
@@ -717,7 +718,7 @@ def report(result: TuneResult, *, log: Callable[[str], None] = print) -> None:
     if not result.suggestions:
         log("  none: nothing to compare (no default and candidate timed together)")
     if holding:
-        log("  (kernels/zero_init_attn.py's _blocks is not changed by this tool: these await a person's decision)")
+        log("  (kernels/block_sizes.py's default_blocks is not changed by this tool: these await a person's decision)")
     if not env.is_cuda:
         log("  " + CPU_NOTICE)
     if result.stopped:

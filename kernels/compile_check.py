@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llama_adapter_triton.kernels import block_sizes
+
 # shared memory a block may use (opt-in maximum), by compute capability
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
@@ -166,14 +168,9 @@ def run(arch: int, scenarios: list[Scenario], out=sys.stdout, blocks: dict | Non
     if zia.INTERPRET:
         raise RuntimeError("kernels.compile_check needs TRITON_INTERPRET unset: the interpreter compiles nothing")
     max_shared = MAX_SHARED[arch]
-    device_shared = zia._shared_memory
     # the launchers choose blocks for the target chip's shared memory, as they would on it
-    zia._shared_memory = lambda device: max_shared
-    try:
-        with zia.override_blocks(blocks or {}):
-            return _compile_all(zia, arch, scenarios, out, max_shared)
-    finally:
-        zia._shared_memory = device_shared
+    with block_sizes.override_blocks(blocks or {}, shared_memory=max_shared):
+        return _compile_all(zia, arch, scenarios, out, max_shared)
 
 
 def _compile_all(zia, arch, scenarios, out, max_shared) -> list[str]:
@@ -218,12 +215,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.arch not in MAX_SHARED:
         parser.error(f"--arch must be one of {sorted(MAX_SHARED)}, got {args.arch}")
-    import llama_adapter_triton.kernels.zero_init_attn as zia
-
     blocks = {}
     for item in args.blocks:
         try:
-            name, numbers = zia.parse_blocks(item)
+            name, numbers = block_sizes.parse_blocks(item)
         except ValueError as exc:
             parser.error(f"--blocks {exc}")
         blocks[name] = numbers

@@ -1,90 +1,34 @@
 """Zero-init attention (LLaMA-Adapter, arXiv 2303.16199) as one fused Triton op, forward and backward.
 
-For query i of head h, with s the softmax scale, gamma_h = act(gate_h) and the token keys j that
-i may see (causal, bottom-right aligned):
+For query i of head h, with s the softmax scale, gamma_h = act(gate_h) and the token keys j that i may see (causal,
+bottom-right aligned):
 
     out_i = softmax_j(s q_i.k_j) V  +  gamma_h * softmax_p(s q_i.pk_p) PV
 
-The two softmaxes are separate: the prompt part has its own normaliser, so with gate = 0 the op
-is exactly causal attention (the paper's "zero-init attention"). Summing the two parts equals
-the paper's concatenated form (one score matrix [prompt | tokens], each slice softmaxed alone).
-
-Forward, one program per (query block, batch, head), nothing of size seqlen x seqlen anywhere:
-  1. load the q block once (it stays in SRAM);
-  2. prompt statistics: row max and sum over the prompt keys -> lse_p (prompt_len is small);
-  3. token keys: the usual online softmax (flash attention) -> acc, lse_w;
-  4. out = acc / l_w, then the prompt values are accumulated straight into it with weights
-     gamma * exp(s q.pk - lse_p): the prompt part needs no second accumulator.
-  lse_w and lse_p are kept (fp32, base-2 units: log2 of the sum of exp2 of scaled scores), and, when a backward
-  will follow, the token part O_w = acc / l_w in fp32, which the backward keeps instead of out.
-
-Backward (DESIGN.md), with O_p = softmax_p(.) PV recomputed from lse_p:
-  preprocess   Delta_w = dout . O_w, with O_w the token part that the forward saves for it in fp32 (FlashAttention
-               takes its 16-bit out instead; here out - gamma O_p would carry out's rounding error, proportional to
-               the prompt part, into Delta_w, and a 16-bit O_w still fails the tests' error bar on rows that see
-               few keys); Delta_p = dout . O_p = rowsum(A * (dout PV^T)) (A, the prompt probabilities, never
-               rounded to 16 bits: d gate is the sum of Delta_p)
-  dK/dV        one program per (key block, batch, kv head), looping over the query heads of
-               its group and the query blocks that see it: dv += P^T dout, dk += s dS^T q,
-               dS = P * (dout V^T - Delta_w). No atomics: deterministic.
-  dQ + prompt  one program per (query block, batch, head): dq += s dS K over the visible keys,
-               plus the prompt part dT = gamma A (dout PV^T - Delta_p): dq += s dT PK, and the
-               block's partial d pk = s dT^T q, d pv = gamma A^T dout, written per block;
-  reduce       one program per (prompt, kv head, chunk of prompt_len x headdim) sums those partials in a
-               fixed order (the sequences sharing the prompt, the query heads of the kv group, the query
-               blocks): deterministic.
-  d gamma      sum of Delta_p over batch and rows; d gate follows through autograd of act.
-  deterministic=False (flash-attn's option, FlashAttention-2's way): the dK/dV pass also adds s dS K to an
-  fp32 dq with atomics, and the dQ pass keeps only the prompt part: 5 block products instead of 7, but the
-  atomics' order, and so dq's last bits, vary from run to run.
-
-Memory kept for the backward: q, k, v, the prompt, lse_w, lse_p and O_w (fp32: total_q x nheads x headdim x 4
-bytes, where FlashAttention keeps its 16-bit output). Scratch memory of the backward, besides the gradients:
-  - the prompt partials, 2 x nheads x num_blocks x prompt_len x headdim x 4 bytes (8 for fp64), num_blocks the
-    query blocks present: batch x cdiv(seqlen_q, BLOCK_M) dense, at most cdiv(total_q, BLOCK_M) + num_seqs
-    packed (bounded by the tokens, never num_seqs x the longest sequence);
-  - with deterministic=False, an fp32 dq (total_q x nheads x headdim x 4 bytes);
-  - Delta_w and Delta_p, like lse.
-
-Launch grids are one-dimensional (blocks x batch x heads on the x axis, up to 2**31 - 1 programs): CUDA's
-65,535 limit on the other axes never binds, whatever the batch or the number of packed sequences.
-
-Backends: the compiled Triton kernels on CUDA tensors; the same kernels under Triton's
-interpreter when TRITON_INTERPRET=1 at import (how CI tests them on a CPU; bf16/fp16 are
-computed in fp32 inside the kernels there, since the interpreter's bf16 arithmetic is wrong, but every
-operand the GPU rounds to 16 bits before a matrix product is rounded there too, to nearest even, so that
-the CPU suite measures the GPU's error); the eager reference (kernels/reference.py) otherwise.
-
-Caution:
-  - Block sizes are chosen per dtype and the chip's shared memory (llama-adapter compile-check: no register
-    spills in bf16/fp16 on sm_90, a few dozen bytes in dK/dV on sm_80/86, more in fp32/fp64), but not yet
-    autotuned against GPU timings.
-    Under the interpreter, large 64 x 64 blocks run by default (speed); ZIA_INTERPRET_BLOCKS=gpu (read at
-    import, or INTERPRET_BLOCKS = "gpu") makes it use the GPU's block sizes instead.
-  - fp32 inputs use IEEE fp32 dots on the GPU (not TF32): exact, slower.
-  - Head dims: multiples of 8 from 16 to 128 (non-powers of two are padded by masking).
-  - cu_seqlens_* and leftpad_k are checked on the host for CPU tensors only (a check of CUDA tensors would
-    cost a device synchronisation per call; LLaMA.forward checks cu_seqlens once per batch). On a GPU the
-    kernels clamp every offset they read, so no value can make them read or write outside the tensors, and
-    a sequence (or left-padded row) whose own offsets are out of range gets NaN outputs.
+Two separate softmaxes, so with gate = 0 the op is exactly causal attention; their sum equals the paper's
+concatenated form. Forward: one program per (query block, batch, head): the prompt's statistics, the token keys'
+online softmax, then the prompt values added straight into the normalised output; lse_w, lse_p (base 2) and, for a
+backward, the token part O_w (fp32) are kept. Backward: preprocess (Delta_w, Delta_p), dK/dV per key block, dQ with
+the prompt's per-block partials, then their sum in a fixed order: deterministic (deterministic=False: dq with
+atomics in the dK/dV pass). Nothing of size seqlen x seqlen; one-dimensional grids (up to 2**31 - 1 programs).
+This file: the kernels, the host launchers, the torch.library ops, the checks and the public op (block sizes:
+kernels/block_sizes.py). Backends: compiled on CUDA tensors; the same kernels under TRITON_INTERPRET=1 (CI, on a
+CPU, 16-bit inputs in fp32 with the GPU's roundings); the eager reference (kernels/reference.py) otherwise.
+Limits: head dims multiples of 8 from 16 to 128; fp32 uses IEEE dots, not TF32; cu_seqlens / leftpad_k values are
+checked on CPU tensors only (on a GPU the kernels clamp every offset, and a sequence out of range gets NaN).
+The backward's math, the memory kept and the scratch: docs/ (notes-issue-20d.md until folded in).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-import os
-from collections.abc import Iterator, Mapping
 
 import torch
 
-from .reference import zero_init_attention_ref
-
-# triton.jit decides at import time whether kernels are interpreted, so the switch is read once too.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Block sizes under the interpreter: "large" (64 x 64, fast) or "gpu" (what _blocks picks for an H100/H200).
-INTERPRET_BLOCKS = os.environ.get("ZIA_INTERPRET_BLOCKS", "large")
+from llama_adapter_triton.kernels import block_sizes
+from llama_adapter_triton.kernels.block_sizes import INTERPRET  # read once, at import, as triton.jit does
+from llama_adapter_triton.kernels.checks import check_int
+from llama_adapter_triton.kernels.reference import zero_init_attention_ref
 
 try:
     import triton
@@ -140,6 +84,31 @@ if HAS_TRITON:
             else:
                 ok = True
         return q_start, k_start, seqlen_q, seqlen_k, ok
+
+    @triton.jit
+    def _program(CU_Q, CU_K, LEFTPAD, nheads, groups, seqlen_q, seqlen_k, total_q, total_k, BLOCK: tl.constexpr,
+                 KEY_BLOCKS: tl.constexpr, VARLEN: tl.constexpr, HAS_LEFTPAD: tl.constexpr):
+        """Where this program works: (pid_blk, num_blk, b64, h64, hk64, q_start, k_start, seqlen_q, seqlen_k, ok).
+
+        The grid is one axis of (block, batch, head), the blocks of one (batch, head) neighbours: num_blk blocks
+        of BLOCK query rows (of BLOCK keys when KEY_BLOCKS: then nheads counts kv heads and groups is 1), counted
+        over seqlen_q / seqlen_k as passed (the longest sequence when packed). b64, h64, hk64: the batch, the
+        head and the kv head it reads (GQA / MQA), in int64 for the pointer offsets; then _seq_bounds' values.
+        The kernel returns at once when pid_blk * BLOCK is past its own sequence's length."""
+        pid = tl.program_id(0)
+        if KEY_BLOCKS:
+            num_blk = tl.cdiv(seqlen_k, BLOCK)
+        else:
+            num_blk = tl.cdiv(seqlen_q, BLOCK)
+        pid_blk = pid % num_blk
+        off_bh = pid // num_blk
+        off_b = off_bh // nheads
+        off_h = off_bh % nheads
+        off_hk = off_h // groups
+        q_start, k_start, seqlen_q, seqlen_k, ok = _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k,
+                                                               total_q, total_k, VARLEN, HAS_LEFTPAD)
+        return (pid_blk, num_blk, off_b.to(tl.int64), off_h.to(tl.int64), off_hk.to(tl.int64), q_start, k_start,
+                seqlen_q, seqlen_k, ok)
 
     @triton.jit
     def _load_tile(base, rows, stride_row, offs_d, stride_d, row_limit, HEAD_DIM: tl.constexpr,
@@ -232,31 +201,23 @@ if HAS_TRITON:
         IS_CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, VARLEN: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
         SAVE_O_W: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):
-        # one axis: the query blocks of one (batch, head) are neighbours
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(seqlen_q, BLOCK_M)
-        pid_m = pid % num_m
-        off_bh = pid // num_m
-        off_b = off_bh // nheads
-        off_h = off_bh % nheads
-        off_hk = off_h // groups  # the kv head this query head reads (GQA / MQA)
         DTYPE: tl.constexpr = Q.dtype.element_ty
-        q_start, k_start, seqlen_q, seqlen_k, ok = _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k,
-                                                               total_q, total_k, VARLEN, HAS_LEFTPAD)
+        pid_m, _num_m, b64, h64, hk64, q_start, k_start, seqlen_q, seqlen_k, ok = _program(
+            CU_Q, CU_K, LEFTPAD, nheads, groups, seqlen_q, seqlen_k, total_q, total_k, BLOCK_M, False, VARLEN,
+            HAS_LEFTPAD)
         start_m = pid_m * BLOCK_M
         if start_m >= seqlen_q:  # packed sequences shorter than the longest one
             return
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
-        b64 = off_b.to(tl.int64)
 
         # load q: it stays in SRAM for both parts
-        Q_base = Q + b64 * stride_qb + off_h.to(tl.int64) * stride_qh + q_start * stride_qm
+        Q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
         q = _load_tile(Q_base, offs_m, stride_qm, offs_d, stride_qd, seqlen_q, HEAD_DIM, UPCAST, ACC)
 
         # prompt statistics first: row max m_p and sum l_p of exp2 over the prompt keys
         if HAS_PROMPT:
-            PK_base = PK + b64 * stride_pkb + off_hk.to(tl.int64) * stride_pkh
+            PK_base = PK + b64 * stride_pkb + hk64 * stride_pkh
             m_p = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
             l_p = tl.zeros([BLOCK_M], dtype=ACC)
             for start_p in range(0, prompt_len, BLOCK_P):
@@ -269,8 +230,8 @@ if HAS_TRITON:
 
         # token keys: online softmax. Blocks wholly visible to every row of this q block need no
         # mask; the blocks crossing the causal diagonal or the end of the keys do.
-        K_base = K + b64 * stride_kb + off_hk.to(tl.int64) * stride_kh + k_start * stride_kn
-        V_base = V + b64 * stride_vb + off_hk.to(tl.int64) * stride_vh + k_start * stride_vn
+        K_base = K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn
+        V_base = V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vn
         diag = seqlen_k - seqlen_q  # bottom-right alignment: row i sees keys j <= i + diag (< 0: left padding)
         if IS_CAUSAL:
             full_hi = (tl.maximum(tl.minimum(start_m + diag + 1, seqlen_k), 0) // BLOCK_N) * BLOCK_N
@@ -307,15 +268,15 @@ if HAS_TRITON:
         o_off = offs_m[:, None].to(tl.int64)
         o_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
         if SAVE_O_W:  # the token part alone (fp32), for the backward's Delta_w = dout . O_w
-            W_base = O_W + b64 * stride_wb + off_h.to(tl.int64) * stride_wh + q_start * stride_wm
+            W_base = O_W + b64 * stride_wb + h64 * stride_wh + q_start * stride_wm
             tl.store(W_base + o_off * stride_wm + offs_d[None, :] * stride_wd,
                      _cast_out(acc, O_W.dtype.element_ty, UPCAST), mask=o_mask)
 
         # prompt values, accumulated straight into the normalised output with weights
         # gamma * softmax_p: with gamma = 0 they add exactly zero
         if HAS_PROMPT:
-            gamma = tl.load(GAMMA + off_h)
-            PV_base = PV + b64 * stride_pvb + off_hk.to(tl.int64) * stride_pvh
+            gamma = tl.load(GAMMA + h64)
+            PV_base = PV + b64 * stride_pvb + hk64 * stride_pvh
             for start_p in range(0, prompt_len, BLOCK_P):
                 t, _pk, offs_p = _prompt_scores(q, PK_base, stride_pkn, stride_pkd, start_p, offs_d, prompt_len,
                                                 qk_scale, BLOCK_P, HEAD_DIM, UPCAST, DOT_PRECISION, ACC)
@@ -323,11 +284,11 @@ if HAS_TRITON:
                 pv = _load_tile(PV_base, offs_p, stride_pvn, offs_d, stride_pvd, prompt_len, HEAD_DIM, UPCAST, ACC)
                 acc = tl.dot(_operand(a, DTYPE, UPCAST), pv, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
 
-        L_off = b64 * stride_lb + off_h.to(tl.int64) * stride_lh + (q_start + offs_m) * stride_lm
+        L_off = b64 * stride_lb + h64 * stride_lh + (q_start + offs_m) * stride_lm
         tl.store(LSE_W + L_off, lse_w, mask=row_ok)
         if HAS_PROMPT:
             tl.store(LSE_P + L_off, lse_p, mask=row_ok)
-        O_base = OUT + b64 * stride_ob + off_h.to(tl.int64) * stride_oh + q_start * stride_om
+        O_base = OUT + b64 * stride_ob + h64 * stride_oh + q_start * stride_om
         tl.store(O_base + o_off * stride_om + offs_d[None, :] * stride_od, _cast_out(acc, OUT.dtype.element_ty, UPCAST),
                  mask=o_mask)
 
@@ -348,22 +309,13 @@ if HAS_TRITON:
         """Delta_w = dout . O_w (the forward's token part, saved apart in fp32: not out - gamma O_p, whose 16-bit
         rounding error, proportional to the prompt part, would swamp it) and Delta_p = dout . O_p =
         rowsum(A * (dout PV^T)) (A from lse_p, kept in fp32)."""
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(seqlen_q, BLOCK_M)
-        pid_m = pid % num_m
-        off_bh = pid // num_m
-        off_b = off_bh // nheads
-        off_h = off_bh % nheads
-        off_hk = off_h // groups
-        q_start, _k_start, seqlen_q, _seqlen_k, _ok = _seq_bounds(CU_Q, CU_K, CU_K, off_b, seqlen_q, seqlen_k,
-                                                                  total_q, total_k, VARLEN, False)
+        pid_m, _num_m, b64, h64, hk64, q_start, _k_start, seqlen_q, _seqlen_k, _ok = _program(
+            CU_Q, CU_K, CU_K, nheads, groups, seqlen_q, seqlen_k, total_q, total_k, BLOCK_M, False, VARLEN, False)
         start_m = pid_m * BLOCK_M
         if start_m >= seqlen_q:
             return
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
-        b64 = off_b.to(tl.int64)
-        h64 = off_h.to(tl.int64)
         o = _load_tile(O_W + b64 * stride_wb + h64 * stride_wh + q_start * stride_wm, offs_m, stride_wm, offs_d,
                        stride_wd, seqlen_q, HEAD_DIM, True, ACC)
         do = _load_tile(DOUT + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom, offs_m, stride_dom, offs_d,
@@ -375,8 +327,8 @@ if HAS_TRITON:
             q = _load_tile(Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm, offs_m, stride_qm, offs_d,
                            stride_qd, seqlen_q, HEAD_DIM, UPCAST, ACC)
             lse_p = tl.load(LSE_P + L_off, mask=row_ok, other=0.0)
-            PK_base = PK + b64 * stride_pkb + off_hk.to(tl.int64) * stride_pkh
-            PV_base = PV + b64 * stride_pvb + off_hk.to(tl.int64) * stride_pvh
+            PK_base = PK + b64 * stride_pkb + hk64 * stride_pkh
+            PV_base = PV + b64 * stride_pvb + hk64 * stride_pvh
             delta_p = tl.zeros([BLOCK_M], dtype=ACC)
             for start_p in range(0, prompt_len, BLOCK_P):
                 t, _pk, offs_p = _prompt_scores(q, PK_base, stride_pkn, stride_pkd, start_p, offs_d, prompt_len,
@@ -433,23 +385,17 @@ if HAS_TRITON:
         IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_LEFTPAD: tl.constexpr, ATOMIC_DQ: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        num_n = tl.cdiv(seqlen_k, BLOCK_N)
-        pid_n = pid % num_n
-        off_bh = pid // num_n
-        off_b = off_bh // nheads_kv
-        off_hk = off_bh % nheads_kv
         DTYPE: tl.constexpr = Q.dtype.element_ty
-        # with left padding the pad keys are never visited: their gradients stay the zeros DK / DV start as
-        q_start, k_start, seqlen_q, seqlen_k, _ok = _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k,
-                                                                total_q, total_k, VARLEN, HAS_LEFTPAD)
+        # one program per key block of a kv head. With left padding the pad keys are never visited: their
+        # gradients stay the zeros DK / DV start as
+        pid_n, _num_n, b64, hk64, _hk64, q_start, k_start, seqlen_q, seqlen_k, _ok = _program(
+            CU_Q, CU_K, LEFTPAD, nheads_kv, 1, seqlen_q, seqlen_k, total_q, total_k, BLOCK_N, True, VARLEN,
+            HAS_LEFTPAD)
         start_n = pid_n * BLOCK_N
         if start_n >= seqlen_k:
             return
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
-        b64 = off_b.to(tl.int64)
-        hk64 = off_hk.to(tl.int64)
         # k and v of this block stay in SRAM while every query that sees them streams past
         k = _load_tile(K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn, offs_n, stride_kn, offs_d,
                        stride_kd, seqlen_k, HEAD_DIM, UPCAST, ACC)
@@ -467,7 +413,7 @@ if HAS_TRITON:
             full_lo = 0
         # the query heads of this kv group, each summed in a fixed order
         for g in range(0, groups):
-            h64 = (off_hk * groups + g).to(tl.int64)
+            h64 = hk64 * groups + g
             Q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
             DO_base = DOUT + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
             DQA_base = DQ_ACC + b64 * stride_dqab + h64 * stride_dqah + q_start * stride_dqam
@@ -529,25 +475,16 @@ if HAS_TRITON:
         COMPUTE_DQ: tl.constexpr, ATOMIC_DQ: tl.constexpr, COMPUTE_DPROMPT: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(seqlen_q, BLOCK_M)
-        pid_m = pid % num_m
-        off_bh = pid // num_m
-        off_b = off_bh // nheads
-        off_h = off_bh % nheads
-        off_hk = off_h // groups
         DTYPE: tl.constexpr = Q.dtype.element_ty
-        q_start, k_start, seqlen_q, seqlen_k, _ok = _seq_bounds(CU_Q, CU_K, LEFTPAD, off_b, seqlen_q, seqlen_k,
-                                                                total_q, total_k, VARLEN, HAS_LEFTPAD)
+        pid_m, num_m, b64, h64, hk64, q_start, k_start, seqlen_q, seqlen_k, _ok = _program(
+            CU_Q, CU_K, LEFTPAD, nheads, groups, seqlen_q, seqlen_k, total_q, total_k, BLOCK_M, False, VARLEN,
+            HAS_LEFTPAD)
         start_m = pid_m * BLOCK_M
         if start_m >= seqlen_q:
             return
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         row_ok = offs_m < seqlen_q
-        b64 = off_b.to(tl.int64)
-        h64 = off_h.to(tl.int64)
-        hk64 = off_hk.to(tl.int64)
         q = _load_tile(Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm, offs_m, stride_qm, offs_d,
                        stride_qd, seqlen_q, HEAD_DIM, UPCAST, ACC)
         do = _load_tile(DOUT + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom, offs_m, stride_dom, offs_d,
@@ -580,7 +517,7 @@ if HAS_TRITON:
 
         # prompt part: dT = gamma * A * (dout PV^T - Delta_p), A recomputed from lse_p
         if HAS_PROMPT:
-            gamma = tl.load(GAMMA + off_h)
+            gamma = tl.load(GAMMA + h64)
             lse_p = tl.load(LSE_P + L_off, mask=row_ok, other=0.0)
             delta_p = tl.load(DELTA_P + L_off, mask=row_ok, other=0.0)
             PK_base = PK + b64 * stride_pkb + hk64 * stride_pkh
@@ -588,7 +525,7 @@ if HAS_TRITON:
             # this block's partial prompt gradients: DPK_PART[h, j, p, d], contiguous, j this block's index among
             # the query blocks present (packed: BLK_OFF[b] + pid_m; never past num_parts, whatever CU_Q holds)
             if VARLEN:
-                part_j = tl.load(BLK_OFF + off_b) + pid_m
+                part_j = tl.load(BLK_OFF + b64) + pid_m
             else:
                 part_j = b64 * num_m + pid_m
             part_off = (h64 * num_parts + part_j) * prompt_len * HEAD_DIM
@@ -693,113 +630,6 @@ def _prompt_strides(x: torch.Tensor) -> tuple[int, ...]:
     return (0 if x.shape[0] == 1 else x.stride(0), *x.stride()[1:])
 
 
-@functools.cache
-def _shared_memory(device: torch.device) -> int:
-    """Shared memory a block may use on this device (opt-in maximum), in bytes."""
-    if device.type != "cuda":
-        return 232448  # no GPU (the interpreter): what an H100 offers
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-
-
-def _blocks(dtype: torch.dtype, head_dim_pad: int, seqlen_q: int, prompt_len: int, shared_memory: int,
-            atomic_dq: bool = False) -> dict:
-    """Block sizes (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel (atomic_dq: the dK/dV pass also sums dq).
-
-    Under the interpreter large blocks are fastest (unless INTERPRET_BLOCKS is "gpu"). On the GPU these are
-    choices that compile within the chip's shared memory, without register spills in bf16/fp16 on sm_90,
-    checked for sm_80, sm_86, sm_89 and sm_90 by llama-adapter compile-check; they still await autotuning
-    against measured times.
-    """
-    # prompts longer than one chunk loop over chunks
-    block_p = min(32, max(16, triton.next_power_of_2(max(prompt_len, 1))))
-    if INTERPRET and INTERPRET_BLOCKS != "gpu":
-        if INTERPRET_BLOCKS != "large":
-            raise ValueError(f"ZIA_INTERPRET_BLOCKS must be 'large' or 'gpu', got {INTERPRET_BLOCKS!r}")
-        return dict(fwd=(64, 64, 4, 1), pre=(64, 4), dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1), BLOCK_P=block_p)
-    small_m = max(16, triton.next_power_of_2(seqlen_q))  # decode: one query row needs no 128-row block
-    if dtype.itemsize == 2:
-        fwd_m = min(128, small_m)
-        # dQ holds q, dout and its accumulator: 64 rows where shared memory is small (consumer GPUs)
-        dq_m = min(128 if shared_memory >= 128 * 1024 else 64, small_m)
-        fwd_warps = 8 if fwd_m == 128 and head_dim_pad == 128 else 4
-        # its dq tile needs 40 KB more shared memory with atomic_dq: 2 stages where there is little
-        dkdv_stages = 2 if atomic_dq and shared_memory < 128 * 1024 else 3
-        return dict(fwd=(fwd_m, 64, fwd_warps, 3), pre=(64, 4), dkdv=(32, 128, 8, dkdv_stages),
-                    dq=(dq_m, 32, 8 if dq_m >= 64 else 4, 3), BLOCK_P=block_p)
-    # fp32 (IEEE dots: no tensor cores) and fp64: smaller tiles, or the registers spill
-    fwd_m = min(64, small_m)
-    return dict(fwd=(fwd_m, 32, 8 if fwd_m == 64 else 4, 2), pre=(64, 4), dkdv=(32, 32, 8, 2),
-                dq=(min(32, small_m), 32, 8 if small_m >= 32 else 4, 2), BLOCK_P=block_p)
-
-
-def _reduce_block(size: int) -> int:
-    """Elements of one prompt's prompt_len x headdim that one program of the prompt-gradient sum takes: few on
-    the GPU (more programs, each a short stream), all of them under the interpreter (fewer, faster steps)."""
-    if INTERPRET and INTERPRET_BLOCKS != "gpu":
-        return min(8192, triton.next_power_of_2(size))
-    return 256
-
-
-
-# what _blocks chooses per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages), or (BLOCK_M, num_warps) for pre
-BLOCK_FIELDS = {"fwd": ("M", "N", "WARPS", "STAGES"), "pre": ("M", "WARPS"), "dkdv": ("M", "N", "WARPS", "STAGES"),
-                "dq": ("M", "N", "WARPS", "STAGES")}
-
-
-def check_blocks(kernel: str, blocks: tuple[int, ...]) -> tuple[int, ...]:
-    """blocks, if they are a launch the kernels can take; else ValueError saying why. Block sizes must be powers
-    of two of at least 16 (tl.arange, and tl.dot's smallest tile), warps a power of two up to 16, stages >= 1."""
-    if kernel not in BLOCK_FIELDS:
-        raise ValueError(f"unknown kernel {kernel!r}: choose from {', '.join(BLOCK_FIELDS)}")
-    fields = BLOCK_FIELDS[kernel]
-    if len(blocks) != len(fields) or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks):
-        raise ValueError(f"{kernel} takes {len(fields)} integers {','.join(fields)}, got {blocks!r}")
-    for name, value in zip(fields, blocks, strict=True):
-        power = value > 0 and value & (value - 1) == 0
-        if name in ("M", "N") and not (power and value >= 16):
-            raise ValueError(f"{kernel}: BLOCK_{name} must be a power of two >= 16, got {value}")
-        if name == "WARPS" and not (power and value <= 16):
-            raise ValueError(f"{kernel}: num_warps must be a power of two up to 16, got {value}")
-        if name == "STAGES" and value < 1:
-            raise ValueError(f"{kernel}: num_stages must be >= 1, got {value}")
-    return tuple(blocks)
-
-
-def parse_blocks(text: str) -> tuple[str, tuple[int, ...]]:
-    """'fwd=128,64,8,3' -> ("fwd", (128, 64, 8, 3)): the command-line form of one kernel's blocks
-    (KERNEL=M,N,WARPS,STAGES for fwd, dkdv, dq; pre=M,WARPS). ValueError says what is wrong."""
-    kernel, sep, values = text.partition("=")
-    forms = "fwd|dkdv|dq=M,N,WARPS,STAGES or pre=M,WARPS"
-    try:
-        numbers = tuple(int(x) for x in values.split(","))
-    except ValueError:
-        numbers = ()
-    if not sep or kernel not in BLOCK_FIELDS or len(numbers) != len(BLOCK_FIELDS[kernel]):
-        raise ValueError(f"takes {forms}, got {text!r}")
-    return kernel, check_blocks(kernel, numbers)
-
-
-@contextlib.contextmanager
-def override_blocks(blocks: Mapping[str, tuple[int, ...]]) -> Iterator[None]:
-    """The launchers use these kernels' blocks instead of _blocks' choice while inside (the other kernels keep
-    it), e.g. {"dkdv": (64, 64, 4, 3)}: how kernels.compile_check and bench.tune_blocks try other blocks.
-    _blocks is restored on leaving, also after an exception; overrides nest."""
-    global _blocks
-    blocks = {kernel: check_blocks(kernel, tuple(b)) for kernel, b in blocks.items()}
-    chosen = _blocks
-
-    def overridden(*args) -> dict:
-        return {**chosen(*args), **blocks}
-
-    _blocks = overridden
-    try:
-        yield
-    finally:
-        _blocks = chosen
-
-
-
-
 def launch_grid(blocks: int, rows: int, what: str) -> tuple[int]:
     """The one-dimensional grid of a kernel that runs `blocks` programs for each of `rows` (batch x heads):
     (blocks * rows,), within CUDA's limit on the x axis (2**31 - 1); ValueError naming the sizes past it."""
@@ -846,7 +676,7 @@ def _fwd(q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_seqlens_q
     if out.numel() == 0:
         return out, o_w, lse_w, lse_p
     head_dim_pad = max(16, triton.next_power_of_2(headdim))
-    cfg = _blocks(q.dtype, head_dim_pad, seqlen_q, prompt_len, _shared_memory(q.device))
+    cfg = block_sizes.choose(q.dtype, head_dim_pad, seqlen_q, prompt_len, block_sizes.shared_memory(q.device))
     block_m, block_n, num_warps, num_stages = cfg["fwd"]
     pk, pv = prompt_k, prompt_v  # (batch or 1, prompt_len, nheads_kv, headdim); unread when prompt_len is 0
     grid = launch_grid(triton.cdiv(seqlen_q, block_m), batch * nheads, "the forward")
@@ -915,7 +745,8 @@ def _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, o_w, lse_w, lse_p, causal, so
     need_prompt_part = has_prompt and need_dprompt
     atomic_dq = not deterministic and need_dq and need_dkv  # dq rides on the dK/dV pass
     head_dim_pad = max(16, triton.next_power_of_2(headdim))
-    cfg = _blocks(q.dtype, head_dim_pad, seqlen_q, prompt_len, _shared_memory(q.device), atomic_dq)
+    cfg = block_sizes.choose(q.dtype, head_dim_pad, seqlen_q, prompt_len, block_sizes.shared_memory(q.device),
+                             atomic_dq)
     pk, pv = prompt_k, prompt_v
     qk_scale = softmax_scale * LOG2E
     totals = _totals(q, k, varlen)
@@ -965,7 +796,7 @@ def _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, o_w, lse_w, lse_p, causal, so
         )
         if need_prompt_part:
             size = prompt_len * headdim
-            block = _reduce_block(size)
+            block = block_sizes.reduce_block(size)
             grid = launch_grid(triton.cdiv(size, block), prompt_k.shape[0] * nheads_kv, "the prompt gradients")
             _zia_prompt_grad_kernel[grid](
                 dpk_part, dpv_part, dpk, dpv, blk_off, *dpk.stride(), *dpv.stride(),
@@ -1142,8 +973,7 @@ def _check_varlen(q, k, prompt_k, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen
                          f"{_shape(cu_seqlens_q)} and {_shape(cu_seqlens_k)}")
     num_seqs = cu_seqlens_q.shape[0] - 1
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {m!r}")
+        check_int(name, m, 0, what="a non-negative int")
     if prompt_k.shape[0] not in (1, num_seqs):
         raise ValueError(f"prompt_k must have batch 1 (shared) or one prompt per sequence ({num_seqs}), "
                          f"got {_shape(prompt_k)}")

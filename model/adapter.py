@@ -74,6 +74,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from llama_adapter_triton.kernels.checks import check_int, is_int
 from llama_adapter_triton.kernels.reference import zero_init_attention_ref
 from llama_adapter_triton.kernels.zero_init_attn import zero_init_attention
 
@@ -89,12 +90,6 @@ PROJECTORS = ("mlp", "query")
 V2_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
               "feed_forward.w3")  # in every block
 _NORM_RE = re.compile(r"(layers\.\d+\.(attention|ffn)_norm|norm)\.weight")
-
-
-def _int_at_least(owner: str, name: str, value: object, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        what = "a positive int" if minimum == 1 else f"an int >= {minimum} (0: text only)"
-        raise ValueError(f"{owner}.{name} must be {what}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -125,11 +120,11 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         for name in ("adapter_len", "adapter_layers", "visual_hidden", "visual_len", "visual_layers", "visual_width",
                      "visual_depth", "visual_heads"):
-            _int_at_least("AdapterConfig", name, getattr(self, name))
-        _int_at_least("AdapterConfig", "visual_dim", self.visual_dim, 0)
+            check_int(f"AdapterConfig.{name}", getattr(self, name), 1, what="a positive int")
+        check_int("AdapterConfig.visual_dim", self.visual_dim, 0, what="an int >= 0 (0: text only)")
         layers = self.clip_layers
         if isinstance(layers, (str, bytes)) or not isinstance(layers, (tuple, list)) or any(
-                isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in layers):
+                not is_int(x) or x < 1 for x in layers):
             raise ValueError(f"AdapterConfig.clip_layers must be a sequence of layer numbers >= 1, got {layers!r}")
         object.__setattr__(self, "clip_layers", tuple(layers))  # JSON gives a list
         if bool(self.clip_layers) != bool(self.visual_dim and self.projector == "mlp"):

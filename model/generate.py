@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from llama_adapter_triton.kernels.checks import check_int
+
 from .adapter import AdapterConfig
 from .chat import ChatTemplate, encode_chat_prompt
 from .cli import check_cuda_device, cli_message, parse_dataclass
@@ -241,9 +243,7 @@ class Args:
         check_quantize(self.quantize, argument="--quantize")
         if self.quantize_output and self.quantize is None:
             raise ValueError("--quantize-output goes with --quantize nf4|int8")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or self.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        check_int("--max-new-tokens", self.max_new_tokens, 1, what="an integer >= 1")
         check_sampling(self.temperature, self.top_p, names=("--temperature", "--top-p"))
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")

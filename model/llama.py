@@ -71,6 +71,7 @@ Token ids are range-checked on the CPU only: on a GPU the check would cost a syn
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -82,6 +83,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from llama_adapter_triton.kernels.checks import check_int, is_int
 from llama_adapter_triton.kernels.zero_init_attn import zero_init_attention
 
 
@@ -95,9 +97,8 @@ class ConfigValueError(ValueError):
 
 
 def _check_int(owner: str, field: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigValueError(field, f"{owner}.{field.rpartition('.')[2]} must be an integer >= {minimum}, "
-                                      f"got {value!r}")
+    check_int(f"{owner}.{field.rpartition('.')[2]}", value, minimum, what=f"an integer >= {minimum}",
+              error=functools.partial(ConfigValueError, field))
 
 
 def _check_real(owner: str, field: str, value: object, minimum: float = 0.0) -> float:
@@ -621,7 +622,7 @@ class LLaMA(nn.Module):
     def _check_logits_at(logits_at: int | torch.Tensor | None, batch: int, seqlen: int, device: torch.device) -> None:
         if logits_at is None:
             return
-        if isinstance(logits_at, int) and not isinstance(logits_at, bool):
+        if is_int(logits_at):
             if not -seqlen <= logits_at < seqlen:
                 raise ValueError(f"logits_at={logits_at} is not a position of tokens of seqlen {seqlen}")
             return
@@ -663,10 +664,7 @@ class LLaMA(nn.Module):
         longest = int(lengths.max())
         if max_seqlen is None:
             return longest
-        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < longest:
-            raise ValueError(f"max_seqlen must be an int of at least the longest sequence ({longest}), got "
-                             f"{max_seqlen!r}")
-        return max_seqlen
+        return check_int("max_seqlen", max_seqlen, longest, what=f"an int of at least the longest sequence ({longest})")
 
     @staticmethod
     def _check_left_pad(left_pad: Sequence[int] | None, batch: int, seqlen_k: int) -> list[int] | None:

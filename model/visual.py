@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llama_adapter_triton.kernels.checks import is_int
+
 
 class VisualProjector(nn.Module):
     """The learned projection of the concatenated CLIP features to visual tokens: fc2(gelu(fc1(x))), fc2 giving
@@ -121,7 +123,7 @@ def _normalise_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
         raise ValueError(f"layers must be a non-empty sequence of layer numbers, got {layers!r}")
     out = []
     for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not (1 <= abs(layer) <= depth):
+        if not is_int(layer) or not (1 <= abs(layer) <= depth):
             raise ValueError(f"layers must be in 1..{depth} (or -{depth}..-1 from the top) for this {depth}-layer "
                              f"encoder, got {layer!r}")
         out.append(layer if layer > 0 else depth + 1 + layer)

@@ -2,7 +2,7 @@
 
 - The smoke configuration runs end to end under pytest-benchmark (Triton's interpreter on a CPU): every candidate
   checked against the default blocks' results, then timed; one CSV row per candidate, never in bench/results/.
-- kernels.zero_init_attn.override_blocks replaces one kernel's blocks and restores _blocks, exceptions included.
+- kernels.block_sizes.override_blocks replaces one kernel's blocks, and is gone on leaving, exceptions included.
 - A candidate whose kernel computes a wrong answer is reported, not timed, and makes the run exit 1; one that
   needs more shared memory than the GPU has is skipped; the time budget stops the sweep cleanly.
 - With controlled times, a candidate faster by more than 3% at most seqlens is confirmed and suggested.
@@ -20,6 +20,7 @@ from triton.runtime.errors import OutOfResources
 import llama_adapter_triton.kernels.zero_init_attn as zia
 from llama_adapter_triton.bench import common
 from llama_adapter_triton.bench import tune_blocks as tb
+from llama_adapter_triton.kernels import block_sizes
 
 ON_CUDA = torch.cuda.is_available()
 CANDIDATE_METRICS = {"time_ms", "skipped", "failed"}  # exactly one of these per candidate and shape
@@ -37,7 +38,7 @@ def _candidate_rows(path) -> list[dict[str, str]]:
 
 def _blocks_now(kernel: str) -> tuple[int, ...]:
     """What the launchers would use for kernel right now (under whatever override is active)."""
-    return tuple(zia._blocks(torch.bfloat16, 32, 64, 10, 232448)[kernel])
+    return tuple(block_sizes.choose(torch.bfloat16, 32, 64, 10, 232448)[kernel])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,33 +80,32 @@ def test_smoke_run_checks_times_and_writes_one_row_per_candidate(benchmark, tmp_
 # --------------------------------------------------------------------------------------------------
 # The override
 # --------------------------------------------------------------------------------------------------
-def test_override_replaces_one_kernel_and_restores_blocks_after_an_exception():
-    chosen = zia._blocks
-    before = chosen(torch.bfloat16, 32, 64, 10, 232448)
+def test_override_replaces_one_kernel_and_is_gone_after_an_exception():
+    before = block_sizes.choose(torch.bfloat16, 32, 64, 10, 232448)
     with pytest.raises(RuntimeError, match="inside"):
-        with zia.override_blocks({"dq": (16, 16, 2, 1)}):
+        with block_sizes.override_blocks({"dq": (16, 16, 2, 1)}):
             assert _blocks_now("dq") == (16, 16, 2, 1)
             assert _blocks_now("fwd") == tuple(before["fwd"]) and _blocks_now("dkdv") == tuple(before["dkdv"])
-            with zia.override_blocks({"fwd": (32, 16, 4, 2)}):  # nested: both apply
+            with block_sizes.override_blocks({"fwd": (32, 16, 4, 2)}):  # nested: both apply
                 assert _blocks_now("fwd") == (32, 16, 4, 2) and _blocks_now("dq") == (16, 16, 2, 1)
             assert _blocks_now("fwd") == tuple(before["fwd"])
             raise RuntimeError("inside")
-    assert zia._blocks is chosen
+    assert block_sizes.choose(torch.bfloat16, 32, 64, 10, 232448) == before and not block_sizes._OVERRIDES
     with pytest.raises(ValueError, match="BLOCK_N must be a power of two"):
-        with zia.override_blocks({"fwd": (64, 48, 4, 3)}):
+        with block_sizes.override_blocks({"fwd": (64, 48, 4, 3)}):
             pass
     with pytest.raises(ValueError, match="unknown kernel 'bwd'"):
-        with zia.override_blocks({"bwd": (64, 64, 4, 3)}):
+        with block_sizes.override_blocks({"bwd": (64, 64, 4, 3)}):
             pass
-    assert zia._blocks is chosen
+    assert block_sizes.choose(torch.bfloat16, 32, 64, 10, 232448) == before and not block_sizes._OVERRIDES
 
 
 def test_parse_blocks_is_compile_checks_form():
-    assert zia.parse_blocks("fwd=128,64,8,3") == ("fwd", (128, 64, 8, 3))
-    assert zia.parse_blocks("pre=64,4") == ("pre", (64, 4))
+    assert block_sizes.parse_blocks("fwd=128,64,8,3") == ("fwd", (128, 64, 8, 3))
+    assert block_sizes.parse_blocks("pre=64,4") == ("pre", (64, 4))
     for bad in ("fwd=1,2", "fwd", "dq=64,x,4,3", "dkdv=8,64,4,3", "dq=64,32,3,3", "dq=64,32,4,0", "bwd=64,64,4,3"):
         with pytest.raises(ValueError):
-            zia.parse_blocks(bad)
+            block_sizes.parse_blocks(bad)
 
 
 def test_curated_candidates_are_launchable_and_distinct():
@@ -113,11 +113,11 @@ def test_curated_candidates_are_launchable_and_distinct():
                           ("dq", tb.CANDIDATES["dq"])):
         assert len(set(lists)) == len(lists) and 8 <= len(lists) <= 20
         for blocks in lists:
-            zia.check_blocks(kernel, blocks)
+            block_sizes.check_blocks(kernel, blocks)
     for kernel, lists in tb.SMOKE_CANDIDATES.items():
         assert len(lists) == 2
         for blocks in lists:
-            zia.check_blocks(kernel, blocks)
+            block_sizes.check_blocks(kernel, blocks)
 
 
 # --------------------------------------------------------------------------------------------------

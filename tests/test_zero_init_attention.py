@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import llama_adapter_triton.kernels.zero_init_attn as zia
 from llama_adapter_triton import zero_init_attention, zero_init_attention_ref
+from llama_adapter_triton.kernels import block_sizes
 
 
 @pytest.fixture(autouse=True)
@@ -181,7 +182,7 @@ def test_low_precision_within_twice_torch_error(name, dtype, device):
 @pytest.fixture
 def gpu_blocks(monkeypatch):
     """Under the interpreter, the block sizes the launchers pick for an H100 / H200 instead of 64 x 64."""
-    monkeypatch.setattr(zia, "INTERPRET_BLOCKS", "gpu")
+    monkeypatch.setattr(block_sizes, "INTERPRET_BLOCKS", "gpu")
 
 
 RAGGED = {

@@ -16,7 +16,7 @@ kernels/block_sizes.py). Backends: compiled on CUDA tensors; the same kernels un
 CPU, 16-bit inputs in fp32 with the GPU's roundings); the eager reference (kernels/reference.py) otherwise.
 Limits: head dims multiples of 8 from 16 to 128; fp32 uses IEEE dots, not TF32; cu_seqlens / leftpad_k values are
 checked on CPU tensors only (on a GPU the kernels clamp every offset, and a sequence out of range gets NaN).
-The backward's math, the memory kept and the scratch: docs/ (notes-issue-20d.md until folded in).
+The backward's math, the memory kept and the scratch: docs/op.md.
 """
 
 from __future__ import annotations

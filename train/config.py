@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from llama_adapter_triton.kernels.checks import check_int
 from llama_adapter_triton.model.adapter import FUSIONS, GATE_ACTS, GATES, SCALES, VERSIONS, AdapterConfig
 from llama_adapter_triton.model.adapters.peft import peft_export_problem
 from llama_adapter_triton.model.checkpoint import load_config
@@ -198,9 +199,7 @@ class FinetuneConfig:
         for name, minimum in (("adapter_len", 1), ("adapter_layers", 1), ("visual_hidden", 1), ("max_seq_len", 2),
                               ("token_budget", 1), ("batch_size", 1), ("epochs", 1), ("seed", 0), ("save_every", 0),
                               ("stop_after_steps", 0), ("visual_layers", 1), ("adapter_version", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{cli_flag(name)} must be an integer >= {minimum}, got {value!r}")
+            check_int(cli_flag(name), getattr(self, name), minimum, what=f"an integer >= {minimum}")
 
     def _check_pairings(self) -> None:
         """Flags that go with another flag (multi-modal, V2), and the visual flags' values."""
@@ -210,9 +209,8 @@ class FinetuneConfig:
                                   or self.joint_training):
             raise ValueError("--fusion, --visual-len, --visual-layers and --joint-training go with --clip (multi-modal "
                              "fine-tuning)")
-        if self.visual_len is not None and (isinstance(self.visual_len, bool) or not isinstance(self.visual_len, int)
-                                            or self.visual_len < 1):
-            raise ValueError(f"--visual-len must be an integer >= 1, got {self.visual_len!r}")
+        if self.visual_len is not None:
+            check_int("--visual-len", self.visual_len, 1, what="an integer >= 1")
         if self.adapter_version == 1 and (self.v2_scale != "output" or self.v2_output_layer):
             raise ValueError("--v2-scale and --v2-output-layer go with --adapter-version 2")
         if self.joint_training and self.fsdp:

@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from llama_adapter_triton.kernels.checks import check_int
+
 LOSS_IMPLS = ("auto", "chunked", "liger", "full")
 
 
@@ -75,8 +77,8 @@ def linear_cross_entropy(hidden: torch.Tensor, output: nn.Module, targets: torch
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be (N, dim) and targets (N,), got {tuple(hidden.shape)} and "
                          f"{tuple(targets.shape)}")
-    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
-        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    if chunk_rows is not None:
+        check_int("chunk_rows", chunk_rows, 1, what="a positive int")
     if impl == "auto":
         impl = "liger" if liger_applies(hidden, output) else "chunked"
     if impl == "full" or hidden.shape[0] == 0:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from llama_adapter_triton.kernels.checks import check_int
 from llama_adapter_triton.model.quantize import QUANTIZE_MODES, check_quantize
 
 PROG = "llama-adapter scienceqa"
@@ -206,9 +207,7 @@ class EvalArgs:
         if self.quantize_output and self.quantize is None:
             raise ValueError("--quantize-output goes with --quantize nf4|int8")
         for name, minimum in (("batch_size", 1), ("max_new_tokens", 1), ("limit", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+            check_int(f"--{name.replace('_', '-')}", getattr(self, name), minimum, what=f"an integer >= {minimum}")
         for name in ("checkpoint", "data", "out", "adapter", "clip", "tokenizer"):
             if getattr(self, name) is not None:
                 setattr(self, name, Path(getattr(self, name)))

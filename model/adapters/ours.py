@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from llama_adapter_triton.kernels.checks import is_int
 from llama_adapter_triton.model.adapter import AdapterConfig, adapter_state_dict
 from llama_adapter_triton.model.adapters.common import PROMPT_OR_GATE_RE, AdapterFile, by_layer, tensor_problem
 from llama_adapter_triton.model.io import CheckpointError, write_atomic
@@ -54,7 +55,7 @@ def parse(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     model_dims = entry("model")
     for key in MODEL_DIMS:
         value = model_dims.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise CheckpointError(f"{file}: its metadata 'model' must give {key} as an integer >= 1, got {value!r}")
     # the names this config gives a model of these dims (a meta model: nothing is allocated)
     try:

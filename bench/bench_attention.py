@@ -9,7 +9,7 @@ tflops by flash-attn's causal count (4*b*h*s*s*d/2 forward, x2.5 backward, x3.5 
 gflop, prompt_gflop (4*b*h*s*K*d, reported apart), peak memory, the SDPA backend, the check. Check, before any
 timing: output and every gradient within flash-attn's bar of the eager reference in fp32 (fp64 for fp32 cases):
 twice the eager reference's own error in the case's dtype plus twice its rounding; a wrong provider stops the run
-(exit 1), one that cannot run a case gets a "skipped" row. The long form: docs/notes-issue-20c.md.
+(exit 1), one that cannot run a case gets a "skipped" row. The long form: docs/benchmarks.md.
 
     llama-adapter bench attention                                    # one GPU: the sweep, bench/results/attention.csv
     llama-adapter bench attention --dtypes bf16 --headdims 128 --seqlens 512,1024,2048,4096 --modes full

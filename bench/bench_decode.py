@@ -7,7 +7,7 @@ plain ones) and eager (the official code's formulation: materialised scores, fp3
 Check, before any timing: the cached path's logits (prefill, then --check-tokens - 1 decode steps, every other prompt
 left-padded) against a full recompute by the eager model in fp32, within flash-attn's bar (twice the bf16 recompute's
 error plus twice bf16's rounding). Metrics per (provider, batch): prefill_ms, prefill and decode tokens/s, decode step
-median/p20/p80, peak memory, the attention backends. The long form: docs/notes-issue-20c.md.
+median/p20/p80, peak memory, the attention backends. The long form: docs/benchmarks.md.
 
     llama-adapter bench decode                                       # one GPU: rows to bench/results/decode.csv
     llama-adapter bench decode --batch-sizes 16 --ragged yes         # uneven prompts, left-padded

@@ -9,7 +9,7 @@ adaption prompt; the second through model.hf.use_fused_attention). Check, before
 adapter gradient against the eager model in fp32, within flash-attn's bar (twice the bf16 eager step's error plus
 twice bf16's rounding). Metrics: step time, processed and real tokens/s, peak memory, the projected hours of 5 epochs
 of Alpaca-52K next to the paper's 8 A100-hours, issue 5's targets. --memory / --memory-plan: the memory rows (peak
-memory per model, base and checkpointing, next to bench/memory.py's prediction). The long form: docs/notes-issue-20c.md.
+memory per model, base and checkpointing, next to bench/memory.py's prediction). The long form: docs/benchmarks.md.
 
     llama-adapter bench finetune                                         # one GPU: rows to bench/results/finetune.csv
     llama-adapter bench finetune --data alpaca_data.json --tokenizer llama/tokenizer.model   # real lengths

@@ -2,30 +2,17 @@
 any device by counting tensor storage (TensorMemory).
 
 MemoryPlan(config, base="nf4", tokens=16384, ...) adds up, in bytes, what one training step holds at its peak:
-- weights: every parameter of the base in its dtype; a quantized linear in bitsandbytes' layout (nf4: two weights per
-  byte, one 8-bit absmax per 64 weights (model/quantize.py's nf4_blocksize), one fp32 absmax per 256 of those, the
-  fp32 codes; int8: one byte per weight and one fp32 absmax per row); the adapter in fp32;
-- trainer: the adapter's gradients and AdamW's two moments (fp32);
-- activations: what autograd keeps for the backward, per adapted block (nothing below the first adapted block, where
-  the forward runs without gradients), from what each operation saves: the fp32 input of each RMSNorm and its
-  reciprocal root, q, k, v (the rotary outputs) and the prompt keys / values that the fused op saves, its fp32 token
-  output and two fp32 log-sum-exps per head and token, and SwiGLU's three (tokens x hidden) inputs; bitsandbytes'
-  int8 layers keep their inputs too. The first adapted block's attention norm keeps nothing (its input has no
-  gradient). With activation checkpointing each block keeps its input only;
-- loss: the final norm's fp32 input, root and output at the targets (plain: the fp32 log-probabilities of every
-  target too);
-- transient: the most that exists for a moment on top of that: the loss's backward (train/loss.py's chunk, or all
-  targets), or one block's backward (SwiGLU's gradients; with checkpointing after recomputing the block's
-  activations).
-It is a sum over shapes and dtypes, checked (tests/test_memory.py) against TensorMemory on small random models on
-the CPU: within 15% of the process's measured peak of tensor storage (measured there: the total within 4%, int8
-with checkpointing 8%; the step's part, all but the weights, within 7%, int8 with checkpointing 12%).
+weights (the base in its dtype or in bitsandbytes' packed layout, the adapter in fp32), trainer (the adapter's
+gradients and AdamW's two moments), activations (what autograd keeps per adapted block, from what each operation
+saves; with activation checkpointing each block's input only), the loss's, and the transient (the most that exists
+for a moment on top of that: the loss's backward or one block's). It is a sum over shapes and dtypes, checked
+(tests/test_memory.py) against TensorMemory on small random models on the CPU: within 15% of the measured peak.
 
-TensorMemory counts every tensor storage that torch allocates while it is active (a TorchDispatchMode: each
-operation's outputs, inside autograd's backward and torch.utils.checkpoint's recomputation too), and its release
-(a weakref finalizer on the storage), plus what was alive when it started if given: torch.cuda.max_memory_allocated
-for any device, where the CPU has no allocator statistics. It does not see memory that bypasses torch (numpy,
-Triton's interpreter, a library's own buffers).
+TensorMemory counts every tensor storage that torch allocates while it is active (a TorchDispatchMode: inside
+autograd's backward and checkpoint's recomputation too) and its release (a weakref finalizer on the storage), plus
+what was alive when it started if given: torch.cuda.max_memory_allocated for any device. It does not see memory that
+bypasses torch (numpy, Triton's interpreter, a library's own buffers).
+What each term counts, and the measured errors: docs/benchmarks.md (Memory rows and the memory plan).
 """
 
 from __future__ import annotations

@@ -2,51 +2,19 @@
 kernels/block_sizes.py's policy choose? Its choices compile without spills (kernels.compile_check) but have
 never been timed on a GPU; this tool times the alternatives and suggests changes. It never changes the policy.
 
-    # one GPU, one call (about 3 minutes on an H100 by the estimate it prints first; --time-budget stops it
-    # cleanly in any case):
-    # LLaMA-7B attention (32 heads, 32 kv heads), head dim 128, bf16, causal, 10 prompt keys shared by the batch,
-    # batch x seqlen = 16384 tokens, seqlens 512..4096, the fwd, dkdv and dq kernels
-    llama-adapter bench tune-blocks --out runs/tune
-    # the GQA shape (32 query heads, 8 kv heads): a second call, since every kernel compiles anew for it
-    llama-adapter bench tune-blocks --shapes gqa --out runs/tune
-    # time chosen blocks only (replacing a kernel's curated list), e.g. to re-check a suggestion elsewhere
-    llama-adapter bench tune-blocks --kernels dq --candidates "dq=128,64,8,3 dq=64,64,4,3"
-    # CPU (or anywhere): the smoke configuration under Triton's interpreter (tiny shape, 2 candidates per kernel)
-    llama-adapter bench tune-blocks --smoke --out /tmp/tune-smoke
+    llama-adapter bench tune-blocks --out runs/tune                # one GPU, ~3 minutes: the LLaMA-7B shape
+    llama-adapter bench tune-blocks --shapes gqa --out runs/tune   # 32 query heads, 8 kv heads: a second call
+    llama-adapter bench tune-blocks --kernels dq --candidates "dq=128,64,8,3 dq=64,64,4,3"   # chosen blocks only
+    llama-adapter bench tune-blocks --smoke --out /tmp/tune-smoke  # CPU: under the interpreter, a tiny shape
 
-How it sweeps: one kernel at a time (fwd, dkdv, dq), the others keeping _blocks' choice, through
-kernels.block_sizes.override_blocks (as kernels.compile_check overrides them). The fwd kernel is timed by
-the op's forward; dkdv and dq by the op's backward (the forward outside the timed region, backward with
-retain_graph), since that is where they run. Each kernel has a curated candidate list (CANDIDATES) made for
-Hopper/Ampere 16-bit dots: the combinations that compile for sm_90 without register spills and within its shared
-memory (checked with kernels.compile_check's compiler on a CPU), _blocks' own choice always among them and timed
-first. BLOCK_P (the prompt chunk) stays as _blocks chooses. A candidate whose launch needs more shared memory than
-the GPU has (Triton raises OutOfResources: the A100 has 164 KB, the H100 227 KB) gets a "skipped: out of
-resources" row and the sweep goes on.
-
-Correctness before timing: each candidate's output (fwd) or all six gradients (dkdv, dq) are compared with the
-default blocks' results on the same inputs. Different blocks only reorder fp32 sums and round the softmax
-weights differently before the 16-bit dots, so they agree within a few units of the dtype's last place:
-every element must satisfy |got - default| <= RTOL * (|default| + rms of its row), with RTOL 2^-5 for bf16 and
-2^-8 for fp16 (8 units of each dtype's rounding) and the row's rms (over the head dimension) standing in for the
-size of what was summed. (Not yet calibrated on a GPU: the log prints every candidate's worst err/tol.) A
-candidate outside it computes a wrong answer (a kernel bug for those blocks): it is reported loudly, gets a
-"FAILED correctness" row and is not timed; the sweep goes on and exits with status 1 at the end. A candidate that
-crashes the GPU's context (an illegal memory access) fails the same way and stops the sweep: nothing can run after.
-
-Timing: triton.testing.do_bench (median, L2 cleared before each repetition) on CUDA; on a CPU the interpreter's
-times, which mean nothing. After a kernel's sweep, the candidate the sweep suggests is timed again against the
-default in the order default, candidate, candidate, default at every seqlen, and only these confirmed speed-ups
-decide: fresh measurements are free of the winner's curse (the best of many noisy medians is lucky), and the
-symmetric order cancels a slow drift of the GPU's clocks.
-
-Output: CSV rows appended to OUT/tune_blocks.csv (bench/common.py's format), one per (candidate, shape):
-    what=tune_blocks, provider="dq M128 N64 w8 s3" (" (default)" for _blocks' choice), mode=fwd|bwd (what was
-    timed), shape=b4-s4096-h32-kv32-d128-p10-bf16 (bench_attention's), metric time_ms | skipped | failed,
-plus confirm_time_ms rows (the mean of the two confirmation medians) and a "stopped" row if the sweep ended early
-(the time budget, or a crash). Printed: a table per kernel x shape (the default's time, the best candidate, its
-speed-up), then the suggested _blocks changes: a candidate faster than the default by more than 3% at most (more
-than half) of the seqlens, confirmed.
+One kernel at a time (fwd timed by the op's forward, dkdv and dq by its backward), the others keeping the policy's
+choice (kernels.block_sizes.override_blocks), over a curated list per kernel (CANDIDATES: what compiles for sm_90
+without spills, the policy's choice first). Each candidate is checked against the default blocks' results before it
+is timed, |got - default| <= RTOL * (|default| + its row's rms), RTOL 2^-5 for bf16 and 2^-8 for fp16: one outside it gets a
+"FAILED correctness" row and is not timed, and the sweep exits with status 1 at the end; one that needs more shared
+memory than the GPU has gets a "skipped" row. The best candidate is timed again against the default (default,
+candidate, candidate, default at every seqlen), and only these confirmed speed-ups, above 3% at more than half of the
+seqlens, are suggested. Rows go to OUT/tune_blocks.csv (bench/common.py's format). The details: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,69 +1,24 @@
 """LLaMA-Adapter (arXiv 2303.16199) and LLaMA-Adapter V2 (arXiv 2304.15010), as layers on top of model/llama.py.
 
-V1: each of the top adapter_layers layers l gets a prompt P_l (adapter_len, dim) and a gate g_l, one value per
-head (gate="head", the paper's) or one per layer (gate="layer", PEFT's). The prompt becomes extra keys and
-values through the layer's own frozen wk / wv, with no RoPE and no norm, and gets its own softmax, scaled by
-act(g):
+V1: each of the top adapter_layers layers l gets a prompt P_l (adapter_len, dim) and a gate g_l, one value per head
+(gate="head", the paper's) or per layer (gate="layer", PEFT's). The prompt goes through the layer's frozen wk / wv
+(no RoPE, no norm) and gets its own softmax, scaled by act(g):
 
     out_i = softmax_{j <= i}(s q_i . k_j) V  +  act(g_h) * softmax_p(s q_i . pk_p) PV,
     pk = wk(P_l), PV = wv(P_l), s = head_dim ** -0.5, act = tanh or identity (gate_act).
 
-The paper's code writes this as one score matrix over [prompt keys; token keys] with two separate softmaxes
-over its two slices: the same sum. kernels.zero_init_attention computes it in one pass, in training and in
-generation, for V1 and V2 alike. With g = 0 the layer is exactly the pre-trained one, and the gate still gets
-a gradient; so the gate starts at 0 and the prompt at N(0, 1) (as the official code's nn.Embedding, and PEFT):
-a zero prompt too would leave both gradients at zero for ever.
-
-V2 (version=2) keeps that attention and adds, in every layer:
-- bias and scale tuning of the frozen linears (wq, wk, wv, wo, w1, w2, w3): a learned bias b (zero-init) and
-  scale s (one-init) around each, where the scale sits per `scale`:
-      "output" (the default): y = s * (W x + b), s of the output's width: the paper's eq. (1) and litgpt's
-                 adapter_v2 (AdapterV2Linear);
-      "input":   y = W (s * x) + b, s of the input's width: the official V2 code
-                 (llama_adapter_v2_chat65b's forward_linear_with_scale_and_bias).
-  Both are exactly W x at b = 0, s = 1. The prompt keys and values go through the same wrapped wk / wv (as in
-  both). litgpt also wraps the output layer (its lm_head): output_bias_scale=True does that; the official
-  code and the paper leave it alone. The released multi-modal BIAS-7B has biases on wq, wo, w1, w2, w3 only and
-  no scales: imported, the others stay zero and one, which computes the same.
-- trainable norms: every RMSNorm weight (attention_norm, ffn_norm of each layer, and the final norm), in fp32.
-A fresh V2 adapter (zero biases, unit scales, zero gates) is the base model bit for bit. The wrappers
-(BiasScaleLinear) call the linear they wrap, whatever its weight's type (a quantized one included), then
-apply the scale and bias, computed in the activations' dtype; the base weights' names become
-layers.N.attention.wq.linear.weight (base_name gives the checkpoint's name back).
-
-Multi-modal (visual_dim > 0, model/visual.py): a projector makes visual_len visual tokens per image from its
-CLIP features; fusion says where they go:
-- "prompts" (V1, and the official V2 release's code): added to every prompt of every adapted layer (one token:
-  to each prompt row; visual_len == adapter_len tokens: position by position, as the official V2 release's 10
-  visual queries), so the prompt keys/values become per sample;
-- "early" (V2's early fusion, the paper's sec. 4.3): the visual tokens are the prompts of the first
-  visual_layers layers (their own zero-init gates, layers.N.attention.visual_gate), and the static adaption
-  prompts sit in the last adapter_layers layers: the two never meet in one layer. A row without an image
-  gets no visual prompt (its prompt values are zeroed: exactly the text-only model).
-Joint training (train/finetune.py --joint-training) trains disjoint groups, adapter_groups(model): "visual"
-(the projector and the early gates) on image records, "language" (the rest) on text records.
-
-The official V2 release's projector (projector="query": learned queries through a small ViT over all of CLIP's
-tokens, model/visual.py's QueryProjector) is built for importing the release (model/adapters/official_v2.py); ours
-(projector="mlp") is an MLP of the concatenated global features of several CLIP layers.
-
-AdapterConfig is the adapter LLaMA(config, adapter) takes: it implements model/llama.py's AdapterHooks
-(attention, attach, visual_input). Parameters, fp32 whatever the base dtype (cast to the activations' dtype
-where they are used; the raw gate goes to the op, which applies act in fp32), adapter_state_dict's names:
-    layers.N.attention.adapter_prompt  (adapter_len, dim)       adapted layers N >= n_layers - adapter_layers
-    layers.N.attention.gate            (n_heads,) or (1,)        adapted layers
-    layers.N.attention.visual_gate     (n_heads,) or (1,)        early fusion: layers N < visual_layers
-    layers.N.attention.wq.bias / .scale, ... wo, feed_forward.w1 / w2 / w3   V2, every layer
-    layers.N.attention_norm.weight, layers.N.ffn_norm.weight, norm.weight      V2, every layer
-    output.bias / .scale                                                       V2 with output_bias_scale
-    visual_proj.*                                                              multi-modal (model/visual.py)
-7B, V1 (30 layers of 10 prompts, a gate per head): 30 * (10 * 4096 + 32) = 1,229,760 parameters; V2 adds
-32 * (2 * 42,496 + 2 * 4096) + 4096 = 2,985,984 (biases and output scales of the seven linears, the norms):
-4,215,744 (input scales: 35,584 instead of 42,496 per layer, 3,994,560 in all).
-
-A left-padded batch (batched generation) goes through the op in one call: its leftpad_k masks each row's pad
-keys. With a KV cache the prompt keys/values are computed at input_pos 0 and reused until the cache is set up
-again. set_attention_impl(model, "eager") makes the adapted layers call kernels.zero_init_attention_ref.
+The paper's code writes one score matrix over [prompt keys; token keys] with a softmax per slice: the same sum, which
+kernels.zero_init_attention computes in one pass. g starts at 0 (the layer is exactly the pre-trained one, and g still
+gets a gradient), P at N(0, 1) (a zero prompt too would leave both gradients at zero for ever).
+V2 (version=2) adds in every layer a bias (zero-init) and a scale (one-init) around each frozen linear
+(BiasScaleLinear), the scale on the output (scale="output": y = s * (W x + b), the paper's eq. 1 and litgpt's) or the
+input ("input": y = W (s * x) + b, the official V2 code's), and trainable fp32 norms: a fresh V2 adapter is the base
+bit for bit.
+Multi-modal (visual_dim > 0, model/visual.py): the projector's visual tokens are added to every prompt
+(fusion="prompts") or are the prompts of the first visual_layers layers (fusion="early", V2's early fusion).
+AdapterConfig implements model/llama.py's AdapterHooks (attention, attach, visual_input); every adapter parameter is
+fp32. Parameter names and counts (7B: 1,229,760 for V1, 4,215,744 for V2), fusion, the official V2 release's
+projector and joint training's groups: docs/checkpoints.md (The adapter).
 """
 
 from __future__ import annotations

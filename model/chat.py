@@ -1,4 +1,4 @@
-"""Chat templates: a checkpoint's own prompt format, for chat data (train/data.py) and `model.generate --chat`.
+"""Chat templates: a checkpoint's own prompt format, for chat data (train/data.py) and `llama-adapter generate --chat`.
 
     from llama_adapter_triton.model.chat import ChatTemplate, encode_chat, encode_chat_prompt
     template = ChatTemplate.find("Llama-2-7b-chat-hf/")          # its tokenizer_config.json's chat_template
@@ -7,31 +7,15 @@
     prompt = encode_chat_prompt(template, tokenizer, messages)     # its ids: generation's prompt
     ids, targets = encode_chat(template, tokenizer, messages[:3])   # training: targets True on the assistant turns
 
-Where the template comes from (ChatTemplate.find / from_file): a folder's chat_template.jinja (transformers' newer
-save format), else its tokenizer_config.json's "chat_template": a string, or a list of {"name", "template"} of
-which "default" is taken (as transformers does); the config's bos_token / eos_token (strings or {"content": ...})
-are the template's variables (where it names none, the tokenizer's BOS / EOS: ChatTemplate.for_tokenizer). A file
-given on its own may be a .jinja file or such a tokenizer_config.json.
-
-Rendering, as transformers' apply_chat_template renders: jinja2's ImmutableSandboxedEnvironment (a template from
-the Hub is untrusted code) with trim_blocks and lstrip_blocks and the loopcontrols extension; the variables
-messages (a list of {"role", "content"}), add_generation_prompt, bos_token, eos_token; raise_exception(message)
-(the template's own errors, raised as ValueError here), strftime_now(format), and a tojson filter that keeps
-non-ASCII characters; {% generation %} blocks render their content.
-
-Tokens: encode_chat's ids are tokenizer.encode(render(messages), bos=False, special=True): the template writes its
-BOS and its markers ("[INST]", "<|start_header_id|>") itself, and the special-token strings it writes become
-control tokens, as apply_chat_template(messages, tokenize=True) tokenizes (tests: the Llama-2-chat and
-Llama-3-instruct templates against transformers' ids). The targets: every assistant turn, its content and what the
-template writes after it up to the next turn (its EOS / <|eot_id|>, so that the model learns to stop), found by
-rendering the conversation prefix by prefix: the tokens of render(messages[:i + 1]) past those of
-render(messages[:i], add_generation_prompt=True). A template must render a conversation's beginning as the
-beginning of the whole (ValueError otherwise: such a template, e.g. one that drops earlier turns' reasoning, cannot
-be masked this way).
-The one departure from transformers: a message whose content holds a special-token string of the tokenizer
-("</s>", "<|eot_id|>") is refused (ValueError naming the message): the template's text is tokenized with its
-special tokens, so that content would become a control token (transformers lets it), and special-token strings in
-data are text, never control tokens (model/tokenizer.py).
+The template: a folder's chat_template.jinja, else its tokenizer_config.json's "chat_template" (a string, or the
+"default" of a list), or a file given on its own. Rendering is transformers' apply_chat_template's (jinja2's
+ImmutableSandboxedEnvironment: a template from the Hub is untrusted code), and the ids are its tokenize=True ids:
+the template writes BOS and its markers itself, read as control tokens (tokenizer.encode(..., special=True)). The
+targets are every assistant turn and what the template writes after it up to the next turn, found by rendering the
+conversation prefix by prefix; a template that does not render a conversation's beginning as the beginning of the
+whole is refused (ValueError). The one departure from transformers: a message holding a special-token string of the
+tokenizer ("</s>") is refused (ValueError), since special-token strings in data are text (model/tokenizer.py).
+The details (variables, filters, where BOS / EOS come from): docs/data.md (Chat data and chat templates).
 """
 
 from __future__ import annotations

@@ -1,38 +1,20 @@
 """Generation with a KV cache: prefill, then one token per step; greedy or temperature / top-p sampling.
 
-    llama-adapter generate --checkpoint CKPT_DIR --adapter adapter.safetensors \\
+    llama-adapter generate --checkpoint CKPT_DIR --adapter adapter.safetensors \
         --instruction "Tell me about alpacas." [--input "..."]                           # one GPU (bf16)
     llama-adapter generate --checkpoint CKPT_DIR --instruction "..." --device cpu   # CPU (fp32)
-    llama-adapter generate --checkpoint llama-7b/ --adapter llama_adapter_len10_layer30_release.pth \\
+    llama-adapter generate --checkpoint llama-7b/ --adapter llama_adapter_len10_layer30_release.pth \
         --gate-act tanh --instruction "..."            # the official v1 release: gate_act must be chosen
-    llama-adapter generate --checkpoint llama-7b/ --adapter 7fa55208..._BIAS-7B.pth --image cat.jpg \\
-        --clip clip-vit-large-patch14/ --instruction "Describe the image."        # the official V2 release
-    llama-adapter generate --checkpoint llama-7b/ --adapter runs/chat/adapter.safetensors --template chat \\
-        --instruction "..."                            # a V2 adapter trained on conversations (--template chat)
-    llama-adapter generate --checkpoint llama-70b/ --adapter adapter.safetensors --quantize nf4 \\
-        --instruction "..."                            # a base stored in NF4 (bitsandbytes): 70B in 34 GiB
     llama-adapter generate --checkpoint Llama-2-7b-chat-hf/ --chat --system "Be brief."   # a conversation, a line
                                                        # per turn, in the checkpoint's own chat template
-    llama-adapter generate --checkpoint Meta-Llama-3-8B-Instruct/ --adapter runs/chat/adapter.safetensors \\
-        --chat --instruction "..."                     # one answer, in the chat template (train.finetune's messages)
 
-The instruction goes through the adapter's template (--template: alpaca, or the official V2 chat model's;
-model/prompt.py), BOS first, as the adapter was trained; the answer is streamed, then tokens/s is printed (and
-peak memory on a GPU). --chat (or --template model) uses the checkpoint's own chat template instead (model/chat.py:
-the tokenizer folder's chat_template.jinja or tokenizer_config.json's chat_template, or --chat-template FILE),
-rendered as transformers renders it with the assistant's turn opened, its special tokens as control tokens; with
---instruction one answer, without it a conversation read from stdin, a line per user turn, each answer kept in the
-conversation; a message holding a special-token string ("</s>") is refused (said on stderr, the next line read).
-V1 and V2 adapters generate alike: every adapted layer runs the fused op. A user error (a
-missing or unusable checkpoint, adapter, tokenizer or image, a flag out of range, --device cuda without
-a GPU) prints one line and exits non-zero (2 for a flag, 1 for a file); the tokenizer and the prompt's
-length are checked before the weights load.
-
-Batches of prompts of different lengths are left-padded: every row's last prompt token sits at
-the same cache slot, so one decode step serves all rows. The pad keys are masked and each row's
-RoPE positions start at its first real token (LLaMA.forward's left_pad), so a row generates what
-it would alone; generate() also takes a padded (batch, seqlen) tensor with a mask of its real
-tokens, padded on either side, and realigns it.
+The instruction goes through the adapter's template (--template; model/prompt.py), BOS first, as the adapter was
+trained; --chat uses the checkpoint's own chat template (model/chat.py). The answer is streamed, then tokens/s.
+Batches of prompts of different lengths are left-padded: every row's last prompt token sits at the same cache slot,
+so one decode step serves all rows; the pad keys are masked and each row's RoPE positions start at its first real
+token, so a row generates what it would alone. A user error prints one line and exits non-zero (2 for a flag, 1 for
+a file); the tokenizer and the prompt's length are checked before the weights load. More commands (the official V2
+release with an image, NF4, chat adapters): docs/checkpoints.md (Generation).
 """
 
 from __future__ import annotations

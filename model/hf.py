@@ -2,52 +2,23 @@
 adaption-prompt adapter runs its attention, the tokens and the prompt in one pass, through
 kernels.zero_init_attention, with PEFT's logits and gradients.
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-    from llama_adapter_triton.model.hf import use_fused_attention, remove_fused_attention
-
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "adapter-folder")
     use_fused_attention(model)      # training, model(...), model.generate(...): as before, through the fused op
     remove_fused_attention(model)   # back to the attention it had (eager, sdpa, ...)
 
-How: transformers' attention-function registry. use_fused_attention registers FUSED ("llama_adapter_fused") with
-transformers' AttentionInterface (and flash-attention's mask convention with AttentionMaskInterface: no 4-D mask is
-built; a 2-D padding mask arrives only when there is padding) and sets it as the model's attention implementation:
-every attention layer calls fused_attention with transformers' own q, k, v (projected, RoPE applied, the KV cache
-updated, by the model's own code). PEFT's AdaptedAttention adds the prompt part after the wrapped attention; its
-modules become FusedAdaptedAttention (a subclass: the same parameters, names and saving), which hands its prompt and
-gate to the wrapped attention as keyword arguments instead, so fused_attention computes
+How: use_fused_attention registers FUSED ("llama_adapter_fused") with transformers' AttentionInterface (and
+flash-attention's mask convention with AttentionMaskInterface: no 4-D mask is built) and sets it as the model's
+attention: transformers still projects q, k, v, applies RoPE and updates the KV cache. PEFT's AdaptedAttention
+modules become FusedAdaptedAttention (the same parameters, names and saving), which hand their prompt and gate to
+fused_attention instead of adding the prompt part afterwards:
 
     out = softmax_causal(s q k^T) v + g * softmax(s q pk^T) pv,   pk = k_proj(P), pv = v_proj(P), no RoPE on pk,
 
-PEFT's formulation (gate_act identity, one raw gate g per layer), in one kernel; layers without a prompt (the lower
-ones, or all of them with the adapter disabled) get an empty prompt: plain causal attention through the same op.
-PEFT's own model computes the prompt part in another order (o_proj applied to it separately, the gate applied in the
-activations' dtype), so the two agree to rounding, not bit for bit.
-
-Idempotent: a second use_fused_attention changes nothing. remove_fused_attention restores the previous implementation
-and PEFT's classes. Adapters added or swapped in afterwards (PEFT's add_adapter, set_adapter) keep PEFT's own prompt
-path on top of the fused token attention (correct, not fused) until use_fused_attention is called again; the cached,
-inactive adapters of PEFT's AdaptionPromptModel are converted too.
-
-Limits (each refused with a ValueError naming it, never computed otherwise):
-- model_type "llama" or "mistral" (PEFT's adaption prompt serves those and gpt2, whose attention is not in the
-  registry); transformers >= 5 (its AttentionInterface and AttentionMaskInterface), PEFT's AdaptedAttention (checked
-  with peft 0.21).
-- padding: left padding (the op's leftpad_k; batched generation's), and right padding without a KV cache
-  (training's: a causal query never sees the keys after it, so no mask is needed); holes in the attention_mask, and
-  right padding with a KV cache, are refused. The outputs at the pad positions themselves differ from SDPA's (they
-  are never used: causal attention never reaches them from a real token, and a loss ignores them); the real
-  tokens' are equal.
-- packed sequences (position_ids restarting inside a row, without a mask) are refused, and so is a static
-  (pre-allocated) KV cache (cache_implementation="static": more keys than tokens); the default dynamic cache works.
-  These checks cost a device synchronisation or two per forward (in the first layer only).
-- sliding windows (Mistral's sliding_window): a forward over more keys than the window is refused (a prompt longer
-  than it); generation past it is exact (transformers' sliding cache hands over the window's keys only).
-- attention dropout (config.attention_dropout > 0 in training) is refused; output_attentions is not available.
-- head dims of the op: 32, 64, 80, 96, 128 (kernels.zero_init_attention's checks).
-On a CPU the op runs its Triton kernels under TRITON_INTERPRET=1 (slow; how the tests check it), or the eager
-reference otherwise; on a GPU, the compiled kernels.
+PEFT's formulation in one kernel (layers without a prompt get an empty one); PEFT computes it in another order, so
+the two agree to rounding. Idempotent; remove_fused_attention restores the implementation and PEFT's classes.
+Limits, each refused with a ValueError: model_type llama or mistral; transformers >= 5; padding on the left, or on
+the right without a KV cache; no packed sequences, static cache, attention dropout or output_attentions; no forward
+over more keys than Mistral's window; the op's head dims. The full list: docs/checkpoints.md (transformers + PEFT).
 """
 
 from __future__ import annotations

@@ -1,72 +1,24 @@
 """LLaMA (1, 2 and 3) in one flat file: config presets, RMSNorm, RoPE, SwiGLU, GQA attention, KV cache.
 
-Meta's layout and parameter names (tok_embeddings, layers.N.attention.wq/wk/wv/wo,
-layers.N.feed_forward.w1/w2/w3, attention_norm, ffn_norm, norm, output), so a Meta checkpoint
-loads by name and a Hugging Face one after renaming (model/checkpoint.py).
+Meta's layout and parameter names (tok_embeddings, layers.N.attention.wq/wk/wv/wo, layers.N.feed_forward.w1/w2/w3,
+attention_norm, ffn_norm, norm, output), so a Meta checkpoint loads by name and a Hugging Face one after renaming
+(model/checkpoint.py).
 
     h   = x + wo(attend(rope(wq norm(x)), rope(wk norm(x)), wv norm(x)))      # attention, causal
     out = h + w2(silu(w1 norm(h)) * w3 norm(h))                              # SwiGLU
 
-- RMSNorm and RoPE compute in fp32 and cast back, as Meta's code does; RoPE rotates
-  interleaved pairs (x[2i], x[2i+1]) by position * theta ** (-2i / headdim), with Llama-3.1's
-  frequency scaling when the config has one. Hugging Face stores q/k rows permuted for its
-  rotate-half form; the loader undoes that, so both give the same model.
-- GQA: n_kv_heads key/value heads, query head h reads kv head h // (n_heads // n_kv_heads).
-- Attention.attend is the one override point: here plain causal attention through
-  torch's scaled_dot_product_attention. This file knows nothing of adapters: an adapter is a layer on
-  top of it (model/adapter.py, which imports this file and never the reverse), passed as
-  LLaMA(config, adapter) and plugged in through the three hooks of the AdapterHooks protocol below:
-  each layer's attention (a subclass that overrides attend with the zero-init attention op, or the
-  plain one), what sits outside the attention (LLaMA-Adapter V2's bias and scale on the linears,
-  which it wraps as modules that call them, and its trainable norms; a multi-modal projector), and the
-  per-sample visual input of a forward.
-- Attention implementation, for benchmarks against the official code's formulation:
-  `set_attention_impl(model, "eager")` makes every layer's attend compute as the official
-  LLaMA-Adapter code does: plain layers through eager_attention (materialised scores, mask,
-  fp32 softmax: the official LLaMA code), adapted layers through kernels.zero_init_attention_ref.
-  "fused" (the default) is the path above. Both read one attribute, Attention.attn_impl; the
-  eager one has no packed (cu_seqlens) mode, since the official code pads.
-
-Forward: `model(tokens, *, input_pos=None, left_pad=None, positions=None, visual=None, image_features=None,
-image_mask=None, logits_at=None)`, tokens (batch, seqlen) int64 -> logits (batch, seqlen, vocab_size).
-- visual, image_features, image_mask: the multi-modal adapter's per-sample input, handed to the adapter
-  (AdapterHooks.visual_input: model/adapter.py checks them): visual tokens (batch, dim) or (batch, n, dim),
-  or CLIP features (batch, visual_dim) its projector makes into them (model/visual.py), with image_mask
-  (batch,) bool False for rows without an image (they get no visual input).
-- logits_at: the output layer (dim x vocab, and the fp32 loss after it) only where logits are used.
-  An int t gives (batch, vocab_size), every row's position t (-1: the last, what generation needs);
-  a 1-D integer tensor of flat indices into the batch * seqlen positions (row-major) gives
-  (len(indices), vocab_size), e.g. the positions that have a training target.
-- KV cache: `model.setup_cache(batch, max_seq_len)` then prefill with input_pos=0 and decode
-  with input_pos = the cache slot of tokens[:, 0]; queries see every cached key up to their own
-  slot (causal, aligned bottom-right). `model.clear_cache()` frees it. The cache is for
-  inference (torch.no_grad / inference_mode).
-- Left padding (batched generation): left_pad[b] pad tokens start row b (of the key sequence:
-  the cache, or tokens without one). Pad keys are masked, and RoPE positions restart at 0 on each
-  row's first real token (absolute positions matter: the adapter's prompt keys carry no RoPE).
-- positions: explicit RoPE position ids (batch, seqlen) or (seqlen,), overriding the default
-  input_pos + t - left_pad[b].
-- Packed sequences (training without padding, train/data.py's PackedLoader): tokens (1, T) holding
-  several sequences one after the other, cu_seqlens (num_seqs + 1,) int32 their offsets (flash-attn's
-  varlen convention) and max_seqlen the longest. Every layer then attends within each sequence only,
-  through kernels.zero_init_attention's varlen mode: the adapted layers with their prompt (shared, or
-  one per sequence with a visual token (num_seqs, dim)), the plain layers with no prompt (a zero one
-  under a zero gate, see Attention.attend; SDPA has no varlen mode, and a block-diagonal mask would
-  cost T x T). RoPE positions restart at 0 in each
-  sequence (derived from cu_seqlens unless positions are given). No KV cache, no left_pad.
-
-Activation checkpointing (model.activation_checkpointing = True): the blocks that run with gradients keep only their
-input and recompute the rest in the backward; below the first adapted layer nothing keeps activations anyway.
-
-Families (LLaMAConfig.family, the Hugging Face model_type, FAMILIES): "llama" (1, 2, 3, 3.1, 3.2 with tie_embeddings),
-"mistral" (a llama with sliding_window: query i sees keys j with i - j < window; null in v0.2+), "qwen2" (Qwen2 and
-Qwen2.5: biases on wq, wk, wv, qkv_bias; tied embeddings in the small ones; a sliding window only with its
-use_sliding_window). A sliding window is exact up to its length and longer sequences are refused (check_window: in
-the forward, so in training, scoring and generation with the KV cache alike): the op has no window.
-
-Limits: head_dim == dim // n_heads (all LLaMA models); no dropout; biases on wq, wk, wv only (Qwen2's).
-Token ids are range-checked on the CPU only: on a GPU the check would cost a sync per decode step
-(there the embedding kernel asserts).
+- RMSNorm and RoPE compute in fp32 and cast back, as Meta's code does; RoPE rotates interleaved pairs (x[2i],
+  x[2i+1]), with Llama-3.1's frequency scaling when the config has one. GQA: query head h reads kv head
+  h // (n_heads // n_kv_heads).
+- Attention.attend is the one override point (here causal SDPA). This file knows nothing of adapters: an adapter
+  (model/adapter.py, which imports this file, never the reverse) is passed as LLaMA(config, adapter) and plugs in
+  through the AdapterHooks protocol: each layer's attention, what wraps the linears and norms (V2), the per-sample
+  visual input. set_attention_impl(model, "eager") computes as the official code does (the benchmarks' baseline).
+- model(tokens) (batch, seqlen) int64 -> logits (batch, seqlen, vocab_size); its keyword arguments (a KV cache, left
+  padding, packed sequences, visual input, logits_at) and activation checkpointing: docs/checkpoints.md (The forward).
+Families: "llama", "mistral" (a sliding window: exact up to its length, longer sequences refused, since the op has no
+window), "qwen2" (q/k/v biases). Limits: head_dim == dim // n_heads; no dropout; biases on wq, wk, wv only. Token ids
+are range-checked on the CPU only (on a GPU the check would cost a sync per decode step; the embedding kernel asserts).
 """
 
 from __future__ import annotations

@@ -3,36 +3,20 @@
     model = load_checkpoint("llama-7b/", adapter=AdapterConfig(), dtype=torch.bfloat16, device="cuda",
                             quantize="nf4")      # or: llama-adapter finetune ... --quantize nf4
 
-Modes (QUANTIZE_MODES), both bitsandbytes' own layers (pip install bitsandbytes, or the "quantize" extra):
-- "nf4": QLoRA's format (arXiv 2305.14314), bitsandbytes.nn.Linear4bit: 4-bit NormalFloat in blocks of 64
-  weights, each block's absmax stored in 8 bits (double quantization: blocks of 256 absmaxes share an fp32 scale);
-  blocks of 32 in a layer whose in_features is a multiple of 32 but not of 64 (nf4_blocksize: no LLaMA's).
-  4.127 bits per weight: Llama-2-7B's linears take 3.1 GiB instead of 12.1 GiB in bf16. The matmul dequantizes the
-  weight to the compute dtype (the base's --dtype) each time; its backward keeps the packed weight and dequantizes
-  it again, so no full-precision copy of a weight outlives its matmul.
-- "int8": LLM.int8 (arXiv 2208.07339), bitsandbytes.nn.Linear8bitLt(has_fp16_weights=False, threshold=6.0): int8
-  rows, each with its absmax (fp32); 8.03 bits per weight. Inference multiplies int8 activations by the int8
-  weight, with the activation columns beyond the threshold in 16 bits (the outlier decomposition); training on a
-  CPU dequantizes the weight per matmul instead (bitsandbytes' MatMul8bitFp).
-
-Which weights: every layer's attention (wq, wk, wv, wo) and MLP (w1, w2, w3) linears, and the output layer with
-quantize_output=True (not when it is tied to the embedding). The embedding and the norms stay in the base dtype; the
-adapter (prompts, gates, projector) stays fp32 and trains as before, and the fused op is unchanged: it only sees
-the activations. A quantized layer is still an nn.Linear (a subclass), called as before, but its weight is packed:
-layer_compute_dtype(layer) is the dtype it takes and gives, not layer.weight.dtype.
-
-Loading (load_checkpoint(..., quantize=), model/checkpoint.py): each weight is quantized on its device as soon as
-it is read, and its full-precision copy is freed before the next one is read, shard by shard and tensor by tensor
-(Meta, Hugging Face and sharded checkpoints alike): the peak memory of loading is the quantized model plus about one
-tensor (and bitsandbytes' temporaries for it), never the whole model. On a CPU the C heap is trimmed after each
-quantized tensor (trim_heap). Measured here on a 7B-shaped checkpoint (Llama-2-7B's shapes, 12.6 GiB of bf16 in 33
-safetensors shards): see the README (Fine-tuning on small memory).
-
-Limits: a quantized base is frozen. Its weights hold packed integers (torch refuses requires_grad on them): they
-cannot be trained, cast with cast_base, or sharded by FSDP2 (train.finetune refuses --quantize with --fsdp; one GPU
-holds a 70B base in nf4: 34 GiB of weights). On a CPU, bitsandbytes (>= 0.50) runs both modes through its CPU
-backend; its AVX512-BF16 repacking for inference (another layout, whose matmul has no backward) is switched off here,
-so that a layer computes the same in training and in inference.
+- "nf4" (arXiv 2305.14314, bitsandbytes.nn.Linear4bit): 4-bit NormalFloat in blocks of 64 weights (of 32 where
+  in_features is a multiple of 32 but not of 64: nf4_blocksize), the absmaxes double-quantized; 4.127 bits per
+  weight. The matmul dequantizes the weight to the compute dtype each time, in the forward and the backward.
+- "int8" (arXiv 2208.07339, bitsandbytes.nn.Linear8bitLt, threshold 6.0): int8 rows, each with an fp32 absmax;
+  inference multiplies int8 activations (outlier columns in 16 bits), training on a CPU dequantizes per matmul.
+Which weights: every layer's attention and MLP linears, and the output layer with quantize_output=True (not when it
+is tied). The embedding and the norms stay in the base dtype, the adapter in fp32; the fused op only sees the
+activations. A quantized layer is an nn.Linear subclass with a packed weight: layer_compute_dtype(layer) is the dtype
+it computes in. Loading (model/checkpoint.py) quantizes each weight as it is read and frees its full-precision copy
+before the next: the peak is the quantized model plus about one tensor (trim_heap trims the C heap on a CPU).
+Limits: a quantized base is frozen (packed integers take no gradient), is not cast by cast_base and cannot be sharded
+by FSDP2 (--quantize with --fsdp is refused). On a CPU bitsandbytes (>= 0.50) runs both modes; its AVX512-BF16
+repacking for inference is switched off, so that a layer computes the same in training and in inference.
+Measurements, errors and the memory table: docs/finetuning.md (Fine-tuning on small memory).
 """
 
 from __future__ import annotations

@@ -1,33 +1,19 @@
 """Tokenizers of the LLaMA family: sentencepiece (LLaMA-1/2) and tokenizer.json (Llama-3) behind one class.
 
-- tokenizer.model, a sentencepiece model (LLaMA-1/2, Meta's and HF's releases): BOS <s> = 1,
-  EOS </s> = 2, through the sentencepiece package.
-- tokenizer.json, a Hugging Face tokenizers file (Llama-3, or HF's LLaMA-1/2 releases), through the
-  tokenizers package. Its special tokens are read from tokenizer_config.json beside it when there
-  is one, else the usual names (<|begin_of_text|> / <s>, <|end_of_text|> / </s>). The file's own
-  post-processor is bypassed (add_special_tokens=False): encode adds BOS/EOS only when asked.
-- tokenizer.model, a tiktoken BPE file (Meta's Llama-3, 3.1, 3.2 and 3.3 releases), through the
-  tiktoken package, as Meta's reference code builds it: the file's mergeable ranks, Llama-3's
-  pre-tokenizer pattern, and 256 special tokens numbered after them (<|begin_of_text|> 128000,
-  <|end_of_text|> 128001, <|eom_id|> 128008, <|eot_id|> 128009 with the 128000-token vocabulary;
-  the names are Llama-3.1's, whose ids agree with Llama-3's for every token used here). Special-token
-  text inside a prompt is encoded as plain text, as Meta's encode does by default.
-- encode(text, bos=True, eos=False) as the official LLaMA-Adapter code calls it; decode drops
-  special tokens. A tokenizer without BOS (Qwen2's: tokenizer_config.json's bos_token null) has bos_id None, and
-  encode's bos=True then adds nothing. stop_ids: EOS, and Llama-3's <|eot_id|> / <|eom_id|> when the vocabulary
-  has them.
-A file that is not a tokenizer of its kind raises CheckpointError naming it; check_vocab refuses a tokenizer
-whose ids do not all fit a model's embedding.
-
-Special-token strings in text, one rule for every kind of file: encode(text) reads "</s>", "<|eot_id|>" and the
-like as plain text, never as control tokens (as the official code's sentencepiece encode and Meta's Llama-3
-encode do), so a data record or a prompt cannot end an example early or inject a turn; control tokens come only
-from bos / eos. encode(text, special=True) is for a chat template's own rendering (model/chat.py): there each
-special-token string of the tokenizer (special_tokens) becomes its control id, as transformers'
-apply_chat_template tokenizes (sentencepiece: the text between them encoded piece by piece, each with its
-dummy prefix, as the slow LlamaTokenizer and Meta's Llama-2 chat code do). decode(ids) drops control tokens
-(BOS, EOS, a template's markers) and gives back every other token as text: what encode(text) read comes back
-whole, "</s>" included.
+- tokenizer.model, a sentencepiece model (LLaMA-1/2): BOS <s> = 1, EOS </s> = 2.
+- tokenizer.json, a Hugging Face tokenizers file (Llama-3, or HF's LLaMA-1/2 releases): special tokens from the
+  tokenizer_config.json beside it, else the usual names; its post-processor is bypassed (add_special_tokens=False).
+- tokenizer.model, a tiktoken BPE file (Meta's Llama-3 to 3.3 releases), built as Meta's reference code builds it:
+  the file's ranks, Llama-3's pre-tokenizer pattern, 256 special tokens after them (<|begin_of_text|> 128000, ...).
+encode(text, bos=True, eos=False) as the official LLaMA-Adapter code calls it; a tokenizer without BOS (Qwen2's) has
+bos_id None, and bos=True then adds nothing. stop_ids: EOS, and Llama-3's <|eot_id|> / <|eom_id|> when present.
+Special-token strings in text ("</s>", "<|eot_id|>"), one rule for every kind of file, are plain text, never control
+tokens, so a data record or a prompt cannot end an example early or inject a turn; control tokens come only from
+bos / eos, or from encode(text, special=True), a chat template's own rendering (model/chat.py), as transformers'
+apply_chat_template tokenizes. decode(ids) drops control tokens and gives every other token back as text: what
+encode(text) read comes back whole, "</s>" included.
+A file that is not a tokenizer of its kind raises CheckpointError naming it; check_vocab refuses a tokenizer whose
+ids do not all fit a model's embedding. The details: docs/checkpoints.md (Tokenizers).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The multi-modal LLaMA-Adapter (arXiv 2303.16199, "multi-modal reasoning"): an image as one visual token.
 
-A frozen CLIP image encoder gives the global feature (the class token) of several of its layers, the
-multi-scale features I_1 .. I_M; they are concatenated and a small learned MLP projects them to the model's
-width, one visual token per image:
+A frozen CLIP image encoder gives the global feature (the class token through CLIP's post_layernorm) of several of
+its layers, the multi-scale features I_1 .. I_M; they are concatenated and a small learned MLP projects them to the
+model's width, one visual token per image:
 
     I_p = fc2(gelu(fc1([I_1; ...; I_M])))        (dim,)
 
@@ -15,20 +15,10 @@ I_p is added to every prompt P_l of every adapted layer, so the prompt keys and 
     model = load_checkpoint("llama-7b/", adapter=adapter)           # gets model.visual_proj (trained)
     logits = model(tokens, image_features=features)                 # = model(tokens, visual=model.visual_proj(f))
 
-- The encoder is Hugging Face's CLIPVisionModel with its CLIPImageProcessor (resize, centre crop,
-  normalise), read from a local folder: a CLIP vision model or a whole CLIP model (its text tower is not
-  loaded), e.g. a download of openai/clip-vit-large-patch14. Nothing is fetched from a hub.
-- Layers count from 1 (the first transformer block's output) to the encoder's depth; negative numbers
-  count from the top. The global feature of a layer is its class token through CLIP's own post_layernorm:
-  for the last layer that is exactly CLIP's pooled output. By default, four evenly spaced layers
-  (6, 12, 18, 24 of ViT-L/14's 24). The adapter file records the layers (AdapterConfig.clip_layers), so
-  generation extracts the same features the adapter was trained on.
-- The encoder is frozen: training computes every image's features once before the first step
-  (train/finetune.py --clip), and only the projector and the adapter are trained.
-- LLaMA-Adapter V2 (model/adapter.py): the projector may make several tokens per image (visual_len), which with
-  early fusion are the prompts of the first layers instead of being added to the adaption prompts.
-  QueryProjector is the official V2 release's projection (learned queries through ViT blocks over every CLIP
-  token, CLIPImageEncoder(tokens=True)), built to import that release; train.finetune trains the MLP one.
+The encoder is Hugging Face's CLIPVisionModel and CLIPImageProcessor, read from a local folder (nothing is fetched);
+layers count from 1, negative numbers from the top, and the adapter file records them. QueryProjector is the official
+V2 release's projection (learned queries through ViT blocks over every CLIP token), built to import that release.
+More (the layers, V2's several tokens per image): docs/finetuning.md (Multi-modal) and docs/checkpoints.md.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ Packed: whole examples, best fit, in rows of at most token_budget tokens with cu
 positions restarting). Padded: the official (B, 512) layout, right padding. An epoch's plan depends only on the
 data, the budget, seed and epoch: rank r of W takes micro-batches r, r + W, ... of each step (fillers where a step
 has too few), so W processes see exactly the step one process sees, and a resumed run the same batches.
-The full story (formats, the boundary merge, labels, steps and ranks): docs/ (notes-issue-20a.md for now).
+The full story (formats, the boundary merge, labels, steps and ranks): docs/data.md.
 """
 
 from __future__ import annotations

@@ -5,23 +5,19 @@
     llama-adapter demo --device cpu --out runs/demo2
     llama-adapter demo --quantize nf4   # the same with the base in NF4 (bitsandbytes): fine-tuned and answering
 
-The base is NOT a real LLaMA: there is none to download. It is a tiny LLaMA-shaped model (the
-same code as LLaMA-7B: RMSNorm, RoPE, SwiGLU, the adapter's layers) that this script pre-trains itself:
-1. A tokenizer: sentencepiece (BPE, a small vocabulary) trained on the text of the facts below and of
-   train/demo_data/demo.json.
-2. The base: pre-trained briefly on plain-text facts, as statements and as questions with their
-   answers, e.g. "The capital of France is Paris.", "Q: What is the opposite of hot? A: cold",
-   "3 plus 4 is 7.", "moon backwards is noom." (the tables behind train/demo_data/demo.json,
-   train/demo_data/make_demo.py), never the instruction template. Written as a
-   Hugging Face checkpoint with its tokenizer to runs/demo-base/ and read back by load_checkpoint;
-   a later run reuses it (it is rebuilt, the old one moved aside, when its recipe changes).
-3. LLaMA-Adapter: the base frozen, an adapter (prompts of 10 in the top layers, gates starting at 0)
-   fine-tuned on the instruction set train/demo_data/demo.json by train.finetune (packed batches; a
-   held-out split). The base knows the facts; the adapter teaches it to follow instructions.
-4. Answers: the fine-tuned model answers held-out instructions (greedy), the base alone answers the
-   same prompts for contrast, and exact-match accuracy is counted on the held-out and train splits.
-Writes runs/demo/: adapter.safetensors, adapter-epochN.safetensors, log.csv (step, loss, ...), loss.png,
-train_state.pt. A runs/demo holding an earlier run is moved to runs/demo-<date>-<time>/ first.
+The base is NOT a real LLaMA: a tiny LLaMA-shaped model (the same code as LLaMA-7B) that this script pre-trains.
+1. A sentencepiece tokenizer (BPE, a small vocabulary), trained on the facts and on train/demo_data/demo.json.
+2. The base, pre-trained briefly on plain-text facts as statements and as questions with their answers ("The capital
+   of France is Paris.", "Q: What is the opposite of hot? A: cold"; the tables behind demo.json,
+   train/demo_data/make_demo.py), never the instruction template; written as a Hugging Face checkpoint to
+   runs/demo-base/ and read back by load_checkpoint (a later run reuses it; it is rebuilt, the old one moved aside,
+   when its recipe changes).
+3. The adapter (prompts of 10 in the top layers, gates at 0), fine-tuned on demo.json by train.finetune, the base
+   frozen (packed batches, a held-out split): the base knows the facts, the adapter teaches it the instructions.
+4. The answers (greedy) to held-out instructions, with the adapter and by the base alone; exact-match accuracy on
+   the held-out and train splits.
+Writes runs/demo/: adapter.safetensors, adapter-epochN.safetensors, log.csv, loss.png, train_state.pt; a runs/demo
+holding an earlier run is moved to runs/demo-<date>-<time>/ first. Measured results: README.md (`make demo`).
 """
 
 from __future__ import annotations

@@ -1,32 +1,22 @@
 """ScienceQA (Lu et al., NeurIPS 2022), the paper's multi-modal benchmark: conversion to our records, and accuracy.
 
-    # 1. records for train.finetune (and for evaluation), from the dataset's own files
-    llama-adapter scienceqa convert --problems ScienceQA/data/scienceqa/problems.json \\
-        --pid-splits ScienceQA/data/scienceqa/pid_splits.json --images ScienceQA/data/scienceqa/images \\
+    # 1. records for llama-adapter finetune (and for evaluation), from the dataset's own files
+    llama-adapter scienceqa convert --problems ScienceQA/data/scienceqa/problems.json \
+        --pid-splits ScienceQA/data/scienceqa/pid_splits.json --images ScienceQA/data/scienceqa/images \
         --split train --out sqa/train.json
     llama-adapter scienceqa convert ... --split test --out sqa/test.json
-    # 2. a multi-modal adapter (the image paths in the records are relative to sqa/, the default --image-root; they
-    #    lead out of it, to the dataset's images/, which train.finetune reads only with --allow-external-files)
-    llama-adapter finetune --checkpoint llama-7b/ --data sqa/train.json --out runs/sqa-7b --clip clip-vit-l-14/ \\
+    # 2. a multi-modal adapter (the records' image paths lead out of sqa/, the default --image-root, to the
+    #    dataset's images/, which llama-adapter finetune reads only with --allow-external-files)
+    llama-adapter finetune --checkpoint llama-7b/ --data sqa/train.json --out runs/sqa-7b --clip clip-vit-l-14/ \
         --allow-external-files
     # 3. accuracy on the test split, by the dataset's categories
-    llama-adapter scienceqa evaluate --checkpoint llama-7b/ --adapter runs/sqa-7b/adapter.safetensors \\
+    llama-adapter scienceqa evaluate --checkpoint llama-7b/ --adapter runs/sqa-7b/adapter.safetensors \
         --clip clip-vit-l-14/ --data sqa/test.json --out runs/sqa-7b/test-predictions.jsonl
 
-The dataset: problems.json maps a problem id to its question, choices (a list), answer (the index of the
-right choice), hint (the text context, may be empty), image ("image.png" or null; the file is
-images/<split>/<id>/image.png), subject, grade ("grade1" .. "grade12"), lecture and solution; pid_splits.json
-lists the ids of each split (train, val, test, minitrain, minival, minitest).
-
-A record (the Alpaca template; extra keys are ignored by train/data.py and kept for evaluation):
-    instruction  "<question>\\nOptions: (A) <choice 0> (B) <choice 1> ..."
-    input        "Context: <hint>", or "" without a hint
-    output       "The answer is <letter>."   (--explain puts "<lecture> <solution>" before it)
-    image        the image file relative to the folder of the output file, or null
-    id, answer (the letter), n_choices, subject, grade, has_text, has_image
-Evaluation generates greedily, reads the letter after "The answer is", and reports accuracy overall and by
-ScienceQA's own categories: subject (NAT, SOC, LAN), context (TXT: a hint, IMG: an image, NO: neither; TXT
-and IMG overlap) and grade (G1-6, G7-12). The predictions go to --out as JSON Lines, the summary beside them.
+A record is an Alpaca one ("<question>\nOptions: (A) ... (B) ...", the hint as its input, "The answer is <letter>.";
+--explain puts the lecture and solution first), its image relative to the output file's folder, and the fields that
+evaluation reads. Evaluation generates greedily, reads the letter after "The answer is" and reports accuracy overall
+and by ScienceQA's categories (NAT, SOC, LAN; TXT, IMG, NO; G1-6, G7-12). The formats: docs/finetuning.md (ScienceQA).
 """
 
 from __future__ import annotations

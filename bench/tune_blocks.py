@@ -10,11 +10,12 @@ never been timed on a GPU; this tool times the alternatives and suggests changes
 One kernel at a time (fwd timed by the op's forward, dkdv and dq by its backward), the others keeping the policy's
 choice (kernels.block_sizes.override_blocks), over a curated list per kernel (CANDIDATES: what compiles for sm_90
 without spills, the policy's choice first). Each candidate is checked against the default blocks' results before it
-is timed, |got - default| <= RTOL * (|default| + its row's rms), RTOL 2^-5 for bf16 and 2^-8 for fp16: one outside it gets a
-"FAILED correctness" row and is not timed, and the sweep exits with status 1 at the end; one that needs more shared
-memory than the GPU has gets a "skipped" row. The best candidate is timed again against the default (default,
-candidate, candidate, default at every seqlen), and only these confirmed speed-ups, above 3% at more than half of the
-seqlens, are suggested. Rows go to OUT/tune_blocks.csv (bench/common.py's format). The details: docs/benchmarks.md.
+is timed, |got - default| <= RTOL * (|default| + its row's rms), RTOL 2^-5 for bf16 and 2^-8 for fp16: one outside
+it gets a "FAILED correctness" row and is not timed, and the sweep exits with status 1 at the end; one that needs
+more shared memory than the GPU has gets a "skipped" row. The best candidate is timed again against the default
+(default, candidate, candidate, default at every seqlen), and only these confirmed speed-ups, above 3% at more than
+half of the seqlens, are suggested. Rows go to OUT/tune_blocks.csv (bench/common.py's format). The details:
+docs/benchmarks.md.
 """
 
 from __future__ import annotations

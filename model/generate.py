@@ -247,7 +247,7 @@ def check_image_args(args: Args, adapter: AdapterConfig | None) -> None:
             error("--clip goes with --image")
         return
     if adapter is None or not adapter.visual_dim:
-        error("--image needs a multi-modal adapter (trained with train.finetune --clip); "
+        error("--image needs a multi-modal adapter (trained with llama-adapter finetune --clip); "
               + ("this one is text-only" if adapter is not None else "no --adapter was given"))
     if args.clip is None:
         error("--image needs --clip, the CLIP model folder the adapter was trained with")

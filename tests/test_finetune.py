@@ -794,3 +794,21 @@ def test_v2_resume_equals_an_uninterrupted_run(checkpoint, tmp_path):
         assert torch.equal(resumed.adapter[k], t), k
     with pytest.raises(ValueError, match="--v2-scale and --v2-output-layer go with --adapter-version 2"):
         config(checkpoint, data, out, v2_output_layer=True)
+
+
+def test_a_plot_of_an_earlier_version_is_the_runs_own(tmp_path):
+    """loss.png carries a fixed Software tag, the one of every version so far ("... python -m train.finetune", the
+    command's name before it was `llama-adapter finetune`): --overwrite and --resume recognise an older run's plot,
+    and refuse a PNG of the same name that another program wrote."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llama_adapter_triton.train.outputs import PLOT_FILE, _own_file
+
+    for software, own in (("llama-adapter-triton python -m train.finetune", True), ("matplotlib", False)):
+        fig = plt.figure()
+        fig.savefig(tmp_path / PLOT_FILE, format="png", metadata={"Software": software})
+        plt.close(fig)
+        assert (_own_file(tmp_path / PLOT_FILE) is None) == own, software

@@ -174,5 +174,5 @@ def test_convert_says_when_train_finetune_needs_allow_external_files(sqa, tmp_pa
     main([*common, "--out", str(sqa / "train.json")])
     assert "--allow-external-files" not in capsys.readouterr().out
     main([*common, "--out", str(tmp_path / "sqa" / "train.json")])
-    assert "they lead out of it, to --images: train.finetune reads them only with --allow-external-files" in \
+    assert "they lead out of it, to --images: llama-adapter finetune reads them only with --allow-external-files" in \
         capsys.readouterr().out

@@ -32,7 +32,8 @@ LOG_FILE = "log.csv"
 PLOT_FILE = "loss.png"
 TB_DIR = "tensorboard"
 TB_SUFFIX = ".llama-adapter-triton"  # the end of the event files' names the run writes in TB_DIR
-PLOT_TAG = f"llama-adapter-triton {PROG}"  # the PNG's Software entry
+PLOT_TAG = "llama-adapter-triton python -m train.finetune"  # the PNG's Software entry: a fixed tag (the command's
+# name when it was first written), so that --overwrite and --resume know the plots of every version's runs
 LOG_COLUMNS = ("step", "epoch", "split", "loss", "lr", "grad_norm", "examples", "tokens", "tokens_computed",
                "tokens_per_s", "step_s", "elapsed_s", "memory_gib")
 
@@ -46,7 +47,7 @@ _TEMP_RE = re.compile(r"\.(adapter(-epoch\d+)?\.safetensors|adapter-peft|train_s
 
 
 def _own_file(path: Path) -> str | None:
-    """None if path is a file (or event folder) a run of train.finetune wrote, recognised by its content;
+    """None if path is a file (or event folder) a run of llama-adapter finetune wrote, recognised by its content;
     else why not. path has one of the names the run writes."""
     try:
         if path.name == TB_DIR:
@@ -54,7 +55,7 @@ def _own_file(path: Path) -> str | None:
                 return "not a folder"
             other = [p.name for p in path.iterdir() if not (p.is_file() and p.name.startswith("events.out.tfevents.")
                                                             and p.name.endswith(TB_SUFFIX))]
-            return f"holds {other[0]!r}, not an event file of train.finetune's (*{TB_SUFFIX})" if other else None
+            return f"holds {other[0]!r}, not an event file of {PROG}'s (*{TB_SUFFIX})" if other else None
         if path.name == PEFT_DIR:  # --export peft: the two files save_adapter(format="peft") writes, nothing else
             if not path.is_dir():
                 return "not a folder"
@@ -63,20 +64,20 @@ def _own_file(path: Path) -> str | None:
                 return f"holds {names}, not only the adapter_config.json and adapter_model.safetensors it writes"
             with safe_open(path / "adapter_model.safetensors", framework="pt") as f:
                 return None if (f.metadata() or {}).get("written_by") == ADAPTER_FORMAT else \
-                    "not a PEFT adapter written by train.finetune"
+                    f"not a PEFT adapter written by {PROG}"
         if not path.is_file():
             return "not a file"
         if path.name == STATE_FILE:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             return None if isinstance(state, dict) and state.get("format") == STATE_FORMAT else \
-                "not a train state of train.finetune's"
+                f"not a train state of {PROG}'s"
         with open(path, "rb") as f:
             head = f.read(1 << 16)
         if path.name == LOG_FILE:
             return None if head.split(b"\r\n", 1)[0] == ",".join(LOG_COLUMNS).encode() else \
-                "its first line is not train.finetune's header"
+                f"its first line is not {PROG}'s header"
         if path.name == PLOT_FILE:
-            return None if b"tEXtSoftware\0" + PLOT_TAG.encode() in head else "not a plot of train.finetune's"
+            return None if b"tEXtSoftware\0" + PLOT_TAG.encode() in head else f"not a plot of {PROG}'s"
         with safe_open(path, framework="pt") as f:  # adapter.safetensors, adapter-epochN.safetensors
             return None if (f.metadata() or {}).get("format") == ADAPTER_FORMAT else "not an adapter file of ours"
     except Exception as e:  # unreadable, or not of the format its name says: not ours

@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    c = commands.add_parser("convert", help="ScienceQA's files -> records for train.finetune and evaluate")
+    c = commands.add_parser("convert", help="ScienceQA's files -> records for llama-adapter finetune and evaluate")
     c.add_argument("--problems", type=Path, required=True, help="problems.json")
     c.add_argument("--split", required=True, help="train, val, test, minitrain, minival or minitest")
     c.add_argument("--images", type=Path, required=True, help="the folder holding train/, val/ and test/ images")
@@ -326,8 +326,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                          overwrite=args.overwrite)
             outside = not args.images.resolve().is_relative_to(out.parent.resolve())
             print(f"wrote {n} records ({with_image} with an image) to {out}; their image paths start at "
-                  f"{out.parent} (train.finetune's default --image-root for it)"
-                  + ("; they lead out of it, to --images: train.finetune reads them only with "
+                  f"{out.parent} (llama-adapter finetune's default --image-root for it)"
+                  + ("; they lead out of it, to --images: llama-adapter finetune reads them only with "
                      "--allow-external-files" if outside and with_image else ""))
         else:
             try:

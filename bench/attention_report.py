@@ -45,7 +45,6 @@ WHAT = "attention"
 # --------------------------------------------------------------------------------------------------
 # What a run measured
 # --------------------------------------------------------------------------------------------------
-
 @dataclass
 class Measurement:
     case: Case
@@ -75,7 +74,9 @@ class RunResult(BenchResult):
         return None
 
 
-
+# --------------------------------------------------------------------------------------------------
+# Reports: ratio table, targets, plot, summary
+# --------------------------------------------------------------------------------------------------
 def report(result: RunResult, *, log: Callable[[str], None] = print, stem: str = WHAT) -> RunResult:
     """Print the ratio table (and, for GPU results, the targets); write the plot and the summary."""
     log(ratio_table(result))
@@ -90,9 +91,6 @@ def report(result: RunResult, *, log: Callable[[str], None] = print, stem: str =
     return result
 
 
-# --------------------------------------------------------------------------------------------------
-# Reports: ratio table, targets, plot, summary
-# --------------------------------------------------------------------------------------------------
 def ratio_table(result: RunResult) -> str:
     """Per configuration and mode: the fused op's median time over each peer's (below 1: fused is faster)."""
     measured = {m.provider for m in result.measurements}

@@ -1,5 +1,5 @@
 """What the tests of bench/'s scripts share: the CSV rows indexed, bench/results/ watched, a bad flag's exit, the GPU
-mark, a wrong provider's patch."""
+mark, a wrong provider's run and patch."""
 
 from __future__ import annotations
 
@@ -39,6 +39,19 @@ def assert_names_the_argument(main: Callable[[Sequence[str]], int], argv: Sequen
     assert exc.value.code == 2
     assert flag in capsys.readouterr().err
     assert not (common.RESULTS_DIR / "smoke").exists()
+
+
+def assert_stops_before_timing(main: Callable[..., int], argv: Sequence[str], providers: dict, wrong: str, tmp_path,
+                               what: str, capsys) -> tuple[str, list[dict[str, str]]]:
+    """A run with the wrong provider exits 1 with the correctness failure naming it, records nothing of it and draws
+    no plot; returns (stderr, the CSV rows) for the script's own assertions."""
+    assert main(argv, providers=providers) == 1
+    err = capsys.readouterr().err
+    assert "CORRECTNESS CHECK FAILED" in err and repr(wrong) in err
+    rows = common.read_rows(tmp_path / f"{what}.csv")
+    assert not any(r["provider"] == wrong for r in rows)  # nothing recorded for a wrong answer
+    assert not list(tmp_path.glob("*.png"))
+    return err, rows
 
 
 def gpu_rows(main: Callable[[Sequence[str]], int], tmp_path, what: str,

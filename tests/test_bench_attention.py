@@ -13,7 +13,15 @@ import re
 
 import pytest
 import torch
-from bench_utils import ON_CUDA, assert_names_the_argument, gpu_only, gpu_rows, index, results_snapshot
+from bench_utils import (
+    ON_CUDA,
+    assert_names_the_argument,
+    assert_stops_before_timing,
+    gpu_only,
+    gpu_rows,
+    index,
+    results_snapshot,
+)
 
 from llama_adapter_triton import zero_init_attention_ref
 from llama_adapter_triton.bench import bench_attention as ba
@@ -249,15 +257,10 @@ def test_wrong_provider_fails_loudly(wrong, tmp_path, capsys):
     providers = {"eager": ba.PROVIDERS["eager"], wrong: ba.Provider(wrong, build)}
     argv = ["--smoke", "--out", str(tmp_path), "--providers", f"eager,{wrong}", "--seqlens", "64",
             "--shapes", "tiny-gqa"] + (["--modes", "fwd"] if wrong in ("raw_gate", "bad_gqa") else [])
-    assert ba.main(argv, providers=providers) == 1
-    err = capsys.readouterr().err
-    assert "CORRECTNESS CHECK FAILED" in err and repr(wrong) in err
+    err, rows = assert_stops_before_timing(ba.main, argv, providers, wrong, tmp_path, "attention", capsys)
     for part in named:
         assert part in err
-    rows = common.read_rows(tmp_path / "attention.csv")
     assert any(r["provider"] == "eager" and r["metric"] == "time_median" for r in rows)
-    assert not any(r["provider"] == wrong for r in rows)  # nothing recorded for a wrong answer
-    assert not list(tmp_path.glob("*.png"))
 
 
 def test_check_raises_correctness_error_directly(device):

@@ -11,6 +11,7 @@ import torch
 from bench_utils import (
     ON_CUDA,
     assert_names_the_argument,
+    assert_stops_before_timing,
     gpu_only,
     gpu_rows,
     index,
@@ -97,14 +98,10 @@ def _one_pad_key_seen(model):
                                           ("pad_seen", _one_pad_key_seen)])
 def test_wrong_provider_fails_loudly_before_anything_is_timed(wrong, patch, tmp_path, capsys):
     providers = {"eager": bd.PROVIDERS["eager"], wrong: bd.Provider(wrong, "fused", patch)}
-    assert bd.main(["--smoke", "--out", str(tmp_path), "--providers", f"eager,{wrong}", "--batch-sizes", "1"],
-                   providers=providers) == 1
-    err = capsys.readouterr().err
-    assert "CORRECTNESS CHECK FAILED" in err and repr(wrong) in err and "logits: max abs error" in err
-    rows = common.read_rows(tmp_path / "decode.csv")
-    assert not any(r["provider"] == wrong for r in rows)
+    argv = ["--smoke", "--out", str(tmp_path), "--providers", f"eager,{wrong}", "--batch-sizes", "1"]
+    err, rows = assert_stops_before_timing(bd.main, argv, providers, wrong, tmp_path, "decode", capsys)
+    assert "logits: max abs error" in err
     assert not any(r["mode"] == "generate" for r in rows)  # every check comes before any timing
-    assert not list(tmp_path.glob("*.png"))
 
 
 @pytest.mark.parametrize("argv, flag", [

@@ -35,14 +35,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llama_adapter_triton.bench.attention_report import Measurement, RunResult, report, result_from_csv
 from llama_adapter_triton.bench.common import (
-    CPU_NOTICE,
     DTYPES,
     BenchEnv,
     ConfigError,  # noqa: F401 (part of this module's interface: make_config raises it)
     CorrectnessError,
     Expected,
-    Panel,
     Row,
     Timing,
     argparse_type,
@@ -51,37 +50,29 @@ from llama_adapter_triton.bench.common import (
     describe_exception,
     dtype_name,
     exact_fp32_matmuls,
-    format_table,
     free_device_memory,
-    is_oom,
     list_of,
+    one_of,
     op_backend,
     opt,
     peak_memory_mib,
-    plot_panels,
     positive_float,
     positive_int,
-    read_rows,
     resolve_out_dir,
     time_fn,
-    unique_path,
 )
 from llama_adapter_triton.bench.harness import (
-    BenchResult,
     bench_config,
     bench_main,
     bench_parser,
     check_rows,
     finish_run,
-    log_outputs,
     metric_rows,
     sdpa_backend,
     sdpa_enabled_backends,
-    stamped,
+    skip_reason,
+    skipped_row,
     start_run,
-    targets_text,
-    verdict,
-    write_summary,
 )
 from llama_adapter_triton.kernels.reference import zero_init_attention_ref
 from llama_adapter_triton.kernels.zero_init_attn import zero_init_attention
@@ -124,6 +115,19 @@ class Case:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+_SHAPE_RE = re.compile(r"b(\d+)-s(\d+)-h(\d+)-kv(\d+)-d(\d+)-p(\d+)-(" + "|".join(DTYPES) + r")(?:-(identity))?")
+
+
+def case_from_shape(shape: str) -> Case | None:
+    """The Case a shape column names (None for "all" or a foreign string): Case.shape read back (--report)."""
+    m = _SHAPE_RE.fullmatch(shape)
+    if m is None:
+        return None
+    b, s, h, hkv, d, p = (int(g) for g in m.groups()[:6])
+    return Case(batch=b, seqlen=s, nheads=h, nheads_kv=hkv, headdim=d, prompt_len=p, dtype=m.group(7),
+                gate_act=m.group(8) or "tanh")
 
 
 def attention_flops(batch: int, seqlen: int, nheads: int, headdim: int, mode: str) -> float:
@@ -546,16 +550,7 @@ def _headdim(text: str) -> int:
     return d
 
 
-def _mode(text: str) -> str:
-    if text not in MODES:
-        raise ValueError(f"choose from {', '.join(MODES)}")
-    return text
-
-
-def _gate_act(text: str) -> str:
-    if text not in GATE_ACTS:
-        raise ValueError(f"choose from {', '.join(GATE_ACTS)}")
-    return text
+_mode, _gate_act = one_of(MODES), one_of(GATE_ACTS)
 
 
 @dataclass(frozen=True)
@@ -632,35 +627,6 @@ def cases_of(cfg: BenchConfig) -> list[Case]:
 # --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
-@dataclass
-class Measurement:
-    case: Case
-    provider: str
-    mode: str
-    timing: Timing
-    tflops: float
-    peak_mib: float | None
-
-
-@dataclass
-class RunResult(BenchResult):
-    """What a run measured (or what a report rebuilt from CSV rows): the material of every report.
-    measurements: Measurement; skipped: (provider, mode, shape, reason); checks: (shape, provider) -> err / tol."""
-
-    cases: list[Case]
-    providers: tuple[str, ...]
-    modes: tuple[str, ...]
-    config: BenchConfig | None = None  # None for a report rebuilt from rows
-    source: str = "measured in this run"
-    targets: list[TargetCheck] = field(default_factory=list)
-
-    def median(self, shape: str, provider: str, mode: str) -> float | None:
-        for m in self.measurements:
-            if m.case.shape == shape and m.provider == provider and m.mode == mode:
-                return m.timing.median_ms
-        return None
-
-
 def _mode_rows(case: Case, provider: Provider, mode: str, timing: Timing, peak: float | None) -> list[Row]:
     flops = attention_flops(case.batch, case.seqlen, case.nheads, case.headdim, mode)
     metrics = [("time_median", timing.median_ms, "ms"), ("time_p20", timing.p20_ms, "ms"),
@@ -696,7 +662,7 @@ def run(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[st
         if reason:
             log(f"SKIP {name}: {reason}")
             result.skipped.append((name, "all", "all", reason))
-            write([Row(WHAT, name, "all", "all", "skipped", reason, "")])
+            write([skipped_row(WHAT, name, "all", "all", reason)])
         else:
             active.append(prov)
 
@@ -713,7 +679,7 @@ def run(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[st
             skip_rows = []
             for m in cfg.modes:
                 if m not in modes:
-                    skip_rows.append(Row(WHAT, prov.name, m, case.shape, "skipped", nb, ""))
+                    skip_rows.append(skipped_row(WHAT, prov.name, m, case.shape, nb))
                     result.skipped.append((prov.name, m, case.shape, nb))
             if not modes:
                 write(skip_rows)
@@ -730,11 +696,9 @@ def run(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[st
             except CorrectnessError:
                 raise
             except Exception as exc:  # out of memory, a shape or dtype the provider does not take, a compile error
-                reason = ("out of memory: " if is_oom(exc) else "") + describe_exception(exc)
-                del exc
-                free_device_memory(device, collect=True)
+                reason = skip_reason(exc, device, any_error=True)
                 log(f"    {prov.name:<12} SKIP: {reason}")
-                write(skip_rows + [Row(WHAT, prov.name, m, case.shape, "skipped", reason, "") for m in modes])
+                write(skip_rows + [skipped_row(WHAT, prov.name, m, case.shape, reason) for m in modes])
                 result.skipped += [(prov.name, m, case.shape, reason) for m in modes]
                 continue
             result.checks[(case.shape, prov.name)] = ratios
@@ -749,13 +713,11 @@ def run(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[st
                     timing = time_fn(timed, device, grad_to_none=leaves, warmup_ms=cfg.warmup_ms, rep_ms=cfg.rep_ms,
                                      cpu_warmup=1, cpu_reps=cfg.cpu_reps)
                     peak = peak_memory_mib(timed, device, leaves)
-                except Exception as exc:
-                    reason = ("out of memory: " if is_oom(exc) else "") + describe_exception(exc)
-                    rows.append(Row(WHAT, prov.name, mode, case.shape, "skipped", reason, ""))
+                except Exception as exc:  # out of memory, or the provider fails in this mode
+                    reason = skip_reason(exc, device, any_error=True)
+                    rows.append(skipped_row(WHAT, prov.name, mode, case.shape, reason))
                     result.skipped.append((prov.name, mode, case.shape, reason))
                     parts.append(f"{mode} SKIP ({reason})")
-                    del exc
-                    free_device_memory(device, collect=True)
                     continue
                 finally:
                     del timed
@@ -780,188 +742,6 @@ def run(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[st
     return finish_run(result, report, log)
 
 
-def report(result: RunResult, *, log: Callable[[str], None] = print, stem: str = WHAT) -> RunResult:
-    """Print the ratio table (and, for GPU results, the targets); write the plot and the summary."""
-    log(ratio_table(result))
-    if result.env.is_cuda:
-        result.targets = check_targets(result)
-        log(format_targets(result.targets, result.env))
-    else:
-        log("Targets (H100) are checked on GPU runs only. " + CPU_NOTICE)
-    result.plot_path = write_plot(result, stem=stem)
-    result.summary_path = summary(result, stem=stem)
-    log_outputs(result, log)
-    return result
-
-
-# --------------------------------------------------------------------------------------------------
-# Reports: ratio table, targets, plot, summary
-# --------------------------------------------------------------------------------------------------
-def ratio_table(result: RunResult) -> str:
-    """Per configuration and mode: the fused op's median time over each peer's (below 1: fused is faster)."""
-    measured = {m.provider for m in result.measurements}
-    peers = [p for p in result.providers if p != "fused" and p in measured]  # the skipped ones are listed apart
-    lines = []
-    for case in result.cases:
-        for mode in result.modes:
-            fused = result.median(case.shape, "fused", mode)
-            if fused is None:
-                continue
-            cells = []
-            for p in peers:
-                t = result.median(case.shape, p, mode)
-                cells.append(f"{fused / t:.2f}" if t else "-")
-            lines.append([case.shape, mode, f"{fused:.3f}"] + cells)
-    if not lines:
-        return "Ratio table: the fused op was not measured."
-    title = "Time ratio fused / peer (median; below 1 = the fused op is faster)"
-    if not result.env.is_cuda:
-        title += " - CPU smoke run: these ratios mean nothing for the GPU"
-    return title + "\n" + format_table(["shape", "mode", "fused ms"] + [f"fused/{p}" for p in peers], lines)
-
-
-@dataclass
-class TargetCheck:
-    target: str
-    shape: str
-    value: float | None  # the measured ratio, None when a side was not measured
-    bound: float
-    met: bool | None
-
-    def line(self) -> str:
-        shown = "-" if self.value is None else f"{self.value:.2f}"
-        return f"{verdict(self.met):<12} {self.target:<44} {self.shape:<34} {shown} (bound {self.bound})"
-
-
-# Issue 5's targets, stated for an H100, bf16, causal, head dim 128, forward+backward.
-TARGET_SEQLENS = (512, 4096)
-
-
-def check_targets(result: RunResult) -> list[TargetCheck]:
-    checks = []
-    for case in result.cases:
-        if case.dtype != "bf16" or case.headdim != 128 or not TARGET_SEQLENS[0] <= case.seqlen <= TARGET_SEQLENS[1]:
-            continue
-        t = {p: result.median(case.shape, p, "full")
-             for p in ("fused", "fused_atomic", "sdpa_causal", "sdpa_causal_flash", "sdpa2", "eager")}
-        for name, num, den, bound, upper in (
-                ("fused / sdpa_causal time <= 1.15", "fused", "sdpa_causal", 1.15, True),
-                ("fused / sdpa_causal_flash time <= 1.15", "fused", "sdpa_causal_flash", 1.15, True),
-                # not a target: whether deterministic=False should become the default (DESIGN.md)
-                ("fused_atomic / fused time < 1 (atomic dq faster)", "fused_atomic", "fused", 1.0, True),
-                ("sdpa2 / fused time >= 1.5 (1.5x faster)", "sdpa2", "fused", 1.5, False),
-                ("eager / fused time >= 5 (5x faster)", "eager", "fused", 5.0, False)):
-            if num not in result.providers or den not in result.providers:
-                continue
-            value = t[num] / t[den] if t[num] and t[den] else None
-            met = None if value is None else (value <= bound if upper else value >= bound)
-            checks.append(TargetCheck(name, case.shape, value, bound, met))
-    return checks
-
-
-def format_targets(checks: Sequence[TargetCheck], env: BenchEnv) -> str:
-    if not checks:
-        return ("Targets: none of the measured configurations is a target configuration "
-                "(bf16, head dim 128, seqlen 512-4096, mode full).")
-    head = "Targets (issue 5: H100, bf16, causal, head dim 128, forward+backward, seqlen 512-4096)"
-    return targets_text(head, checks, env, "target checks")
-
-
-def write_plot(result: RunResult, *, stem: str = WHAT) -> Path | None:
-    """TFLOP/s against seqlen, one line per provider; one panel per (dtype, shape, head dim) and mode."""
-    if not result.measurements:
-        return None
-    families = list(dict.fromkeys(c.family for c in result.cases))
-    panels = []
-    for family in families:
-        for mode in result.modes:
-            series = {}
-            for p in result.providers:
-                pts = [(m.case.seqlen, m.tflops) for m in result.measurements
-                       if m.case.family == family and m.mode == mode and m.provider == p]
-                if pts:
-                    series[p] = pts
-            panels.append(Panel(f"{mode} | {family}", series))
-    tokens = sorted({c.batch * c.seqlen for c in result.cases})
-    shown = f"{tokens[0]} tokens/step" if len(tokens) == 1 else f"{tokens[0]}-{tokens[-1]} tokens/step"
-    title = stamped(f"zero-init attention: TFLOP/s (causal count, prompt part not counted), {shown}", result.env,
-                    " | ")
-    path = unique_path(result.out_dir, stem, ".png", result.env)
-    return plot_panels(panels, path, xlabel="seqlen", ylabel="TFLOP/s", title=title, ncols=len(result.modes))
-
-
-def summary(result: RunResult, *, stem: str = WHAT) -> Path:
-    """The markdown record of the run (harness.write_summary): ratio table, targets (GPU runs), skips."""
-    body = ["## Time ratios", "", ratio_table(result), ""]
-    if result.env.is_cuda:
-        body += ["## Targets", "", "```", format_targets(result.targets, result.env), "```", ""]
-    return write_summary(result, "Attention benchmark", body, stem=stem, source=result.source,
-                         skipped=[f"{p} {m} {s}: {r}" for p, m, s, r in result.skipped])
-
-
-# --------------------------------------------------------------------------------------------------
-# Reports rebuilt from CSV rows (a sweep run in pieces: one table, one plot)
-# --------------------------------------------------------------------------------------------------
-_SHAPE_RE = re.compile(r"b(\d+)-s(\d+)-h(\d+)-kv(\d+)-d(\d+)-p(\d+)-(" + "|".join(DTYPES) + r")(?:-(identity))?")
-
-
-def case_from_shape(shape: str) -> Case | None:
-    """The Case a shape column names (None for "all" or a foreign string)."""
-    m = _SHAPE_RE.fullmatch(shape)
-    if m is None:
-        return None
-    b, s, h, hkv, d, p = (int(g) for g in m.groups()[:6])
-    return Case(batch=b, seqlen=s, nheads=h, nheads_kv=hkv, headdim=d, prompt_len=p, dtype=m.group(7),
-                gate_act=m.group(8) or "tanh")
-
-
-def result_from_csv(path: Path, out_dir: Path, *, commit: str | None = None) -> RunResult:
-    """The measurements of one commit on one GPU, gathered from the attention rows of a CSV (any number of
-    runs; the latest row wins where a measurement was repeated). Default: the commit and GPU of the last row.
-    Raises ValueError when there is nothing to report."""
-    rows = [r for r in read_rows(path) if r.get("what") == WHAT]
-    if not rows:
-        raise ValueError(f"{path} holds no '{WHAT}' rows")
-    commit = commit or rows[-1]["git_commit"]
-    gpu = rows[-1]["gpu_name"] if commit == rows[-1]["git_commit"] else \
-        next((r["gpu_name"] for r in reversed(rows) if r["git_commit"] == commit), None)
-    rows = [r for r in rows if r["git_commit"] == commit and r["gpu_name"] == gpu]
-    if not rows:
-        raise ValueError(f"{path} holds no '{WHAT}' rows of commit {commit}")
-    values: dict[tuple[str, str, str], dict[str, str]] = {}
-    skipped: dict[tuple[str, str, str], str] = {}
-    for r in rows:  # in file order: later runs overwrite earlier ones
-        key = (r["provider"], r["mode"], r["shape"])
-        if r["metric"] == "skipped":
-            skipped[key] = r["value"]
-        else:
-            values.setdefault(key, {})[r["metric"]] = r["value"]
-            if r["metric"] == "time_median":
-                skipped.pop(key, None)
-    measurements = []
-    for (prov, mode, shape), v in values.items():
-        case = case_from_shape(shape)
-        if case is None or mode not in MODES or "time_median" not in v:
-            continue
-        timing = Timing(float(v["time_median"]), float(v.get("time_p20", "nan")), float(v.get("time_p80", "nan")))
-        peak = float(v["peak_mem"]) if "peak_mem" in v else None
-        measurements.append(Measurement(case, prov, mode, timing, float(v["tflops"]), peak))
-    if not measurements:
-        raise ValueError(f"{path} holds no timed '{WHAT}' rows of commit {commit} on {gpu}")
-    families = list(dict.fromkeys(m.case.family for m in measurements))
-    cases = sorted({m.case for m in measurements}, key=lambda c: (families.index(c.family), c.seqlen))
-    seen = list(dict.fromkeys(m.provider for m in measurements))
-    providers = tuple([p for p in PROVIDERS if p in seen] + [p for p in seen if p not in PROVIDERS])
-    modes = tuple(m for m in MODES if any(x.mode == m for x in measurements))
-    env = BenchEnv(device=torch.device("cpu" if gpu == "cpu" else "cuda"), gpu_name=gpu,
-                   date=max(r["date"] for r in rows), git_commit=commit)
-    result = RunResult(env=env, out_dir=out_dir, csv_path=Path(path), cases=cases, providers=providers, modes=modes,
-                       source=f"rows of {path} for commit {commit} on {gpu} ({len(rows)} rows)")
-    result.measurements = measurements
-    result.skipped = [(p, m, s, why) for (p, m, s), why in skipped.items()]
-    return result
-
-
 def main(argv: Sequence[str] | None = None, *, providers: Mapping[str, Provider] | None = None) -> int:
     providers = PROVIDERS if providers is None else providers
     parser = build_parser()
@@ -984,7 +764,8 @@ def _main_report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         if not path.is_file():
             raise ValueError(f"--report {path}: no such file")
         check_csv(path)
-        probe = result_from_csv(path, path.parent, commit=args.report_commit)
+        probe = result_from_csv(path, path.parent, case_of=case_from_shape, providers=tuple(PROVIDERS), modes=MODES,
+                                commit=args.report_commit)
         out_dir = resolve_out_dir(args.out or path.parent, probe.env, smoke=False, name=WHAT)
     except ValueError as exc:
         msg = str(exc)

@@ -39,12 +39,10 @@ from llama_adapter_triton.bench.common import (
     base_upcast,
     check_results,
     exact_fp32_matmuls,
-    format_table,
     free_device_memory,
     list_of,
     model_config,
     model_name,
-    oom_reason,
     op_backend,
     opt,
     peak_memory_since_reset,
@@ -56,7 +54,6 @@ from llama_adapter_triton.bench.common import (
     yes_no,
 )
 from llama_adapter_triton.bench.harness import (
-    CPU_RUN,
     BenchResult,
     bench_config,
     bench_main,
@@ -65,8 +62,11 @@ from llama_adapter_triton.bench.harness import (
     finish_run,
     metric_rows,
     sdpa_backend,
+    skip_reason,
+    skipped_row,
     start_run,
     text_report,
+    titled_table,
 )
 from llama_adapter_triton.model.adapter import AdapterConfig
 from llama_adapter_triton.model.generate import stream
@@ -325,12 +325,10 @@ def run(cfg: DecodeBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapp
             left_pad = check_left_pad(cfg.check_batch, cfg.prompt_len)
             expected = expected_logits(model, prompts, continuation, left_pad)
         except Exception as exc:  # out of memory building the model or computing the oracle; anything else is a bug
-            reason = oom_reason(exc)
-            del exc
             model = None
-            free_device_memory(device, collect=True)
+            reason = skip_reason(exc, device)
             log(f"   SKIP {name}: {reason}")
-            write([Row(WHAT, p.name, "all", check_shape, "skipped", reason, "") for p in active])
+            write([skipped_row(WHAT, p.name, "all", check_shape, reason) for p in active])
             result.skipped += [(name, p.name, "any", reason) for p in active]
             continue
         log(f"   check: {cfg.check_batch} prompts (left padding {left_pad}), {cfg.check_tokens} cached positions "
@@ -347,12 +345,10 @@ def run(cfg: DecodeBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapp
                 try:
                     m = time_provider(model, prov, batch, cfg, device, name)
                 except Exception as exc:  # out of memory; anything else is a bug
-                    reason = oom_reason(exc)
-                    del exc
                     model.clear_cache()
-                    free_device_memory(device, collect=True)
+                    reason = skip_reason(exc, device)
                     log(f"   b{batch:<4} {prov.name:<6} SKIP: {reason}")
-                    write([Row(WHAT, prov.name, "generate", shape, "skipped", reason, "")])
+                    write([skipped_row(WHAT, prov.name, "generate", shape, reason)])
                     result.skipped.append((name, prov.name, batch, reason))
                     continue
                 result.measurements.append(m)
@@ -382,15 +378,11 @@ def results_table(result: RunResult) -> str:
         step = f"{m.decode_step.median_ms:.2f} [{m.decode_step.p20_ms:.2f}-{m.decode_step.p80_ms:.2f}]"
         lines.append([m.model, m.batch, m.provider, f"{m.prefill_ms:.1f}", step, f"{m.decode_tokens_per_s:,.0f}", vs,
                       mem])
-    if not lines:
-        return "Nothing was measured."
     cfg = result.config
     title = f"Generation with the KV cache: prompts of {cfg.prompt_len} tokens, {cfg.new_tokens} new tokens, greedy"
-    if not result.env.is_cuda:
-        title += f" - {CPU_RUN}"
     header = ["model", "batch", "provider", "prefill ms", "decode ms/step [p20-p80]", "decode tok/s",
               "vs eager", "peak GiB"]
-    return title + "\n" + format_table(header, lines)
+    return titled_table(title, header, lines, result.env)
 
 
 def report(result: RunResult, *, log: Callable[[str], None] = print) -> RunResult:

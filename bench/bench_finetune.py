@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from llama_adapter_triton.bench.alpaca_data import ALPACA_EXAMPLES, DataStats, real_dataset, synthetic_dataset
 from llama_adapter_triton.bench.common import (
     CPU_NOTICE,
     BenchEnv,
@@ -41,19 +41,16 @@ from llama_adapter_triton.bench.common import (
     Expected,
     Row,
     Timing,
-    append_rows,
     argparse_type,
     attention_impl,
     base_upcast,
     check_choices,
     check_results,
     exact_fp32_matmuls,
-    format_table,
     free_device_memory,
     list_of,
     model_config,
     model_name,
-    oom_reason,
     op_backend,
     opt,
     peak_memory_since_reset,
@@ -66,7 +63,6 @@ from llama_adapter_triton.bench.common import (
     yes_no,
 )
 from llama_adapter_triton.bench.harness import (
-    CPU_RUN,
     BenchResult,
     bench_config,
     bench_main,
@@ -75,126 +71,35 @@ from llama_adapter_triton.bench.harness import (
     finish_run,
     metric_rows,
     sdpa_backend,
+    skip_reason,
+    skipped_row,
     start_run,
     targets_text,
     text_report,
+    titled_table,
     verdict,
 )
-from llama_adapter_triton.bench.memory import BASES, MemoryPlan, TensorMemory, model_tensors
+from llama_adapter_triton.bench.hf_peft import hf_fused, hf_loss_sum, hf_missing, hf_upcast, random_peft_llama
+from llama_adapter_triton.bench.memory import BASES, print_memory_plan, run_memory
 from llama_adapter_triton.model.adapter import AdapterConfig, adapter_state_dict
-from llama_adapter_triton.model.checkpoint import hf_config_dict
-from llama_adapter_triton.model.hf import remove_fused_attention, use_fused_attention
 from llama_adapter_triton.model.llama import LLaMA
-from llama_adapter_triton.model.tokenizer import Tokenizer
 from llama_adapter_triton.train.data import (
-    IGNORE_INDEX,
     PackedLoader,
     PaddedLoader,
     Step,
     TokenizedDataset,
-    load_records,
-    tokenize_records,
 )
 from llama_adapter_triton.train.finetune import batch_loss_sum
 from llama_adapter_triton.train.optim import param_groups
 
 WHAT = "finetune"
 DTYPE = torch.bfloat16  # the frozen base; the adapter is fp32
-ALPACA_EXAMPLES = 52_002  # Alpaca-52K (tatsu-lab/stanford_alpaca's alpaca_data.json)
 PAPER = "1 h on 8 A100s = 8 A100-hours (5 epochs of Alpaca-52K, LLaMA-7B)"
 OFFICIAL_ONE_GPU = "the official script on one GPU was reported at about 2.3 h per epoch (11.5 h for 5)"
 TARGET_SPEEDUP = 3.0  # ours_packed / eager_padded512, real tokens/s
 TARGET_HOURS = 1.0  # 5 epochs of Alpaca-52K, 7B, one GPU
 # the step as train/finetune.py takes it by default (the learning rate does not change the time of a step)
 LR, BETAS, WEIGHT_DECAY, CLIP_GRAD = 1e-3, (0.9, 0.95), 0.02, 1.0
-
-
-# --------------------------------------------------------------------------------------------------
-# Alpaca-like example lengths
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AlpacaLengths:
-    """An approximation of the token counts of Alpaca-52K examples with the Alpaca template and the LLaMA
-    tokenizer (sentencepiece, 32000 pieces), as train/data.py tokenizes them: BOS + template + instruction
-    [+ input] + response + EOS. Not measured: no tokenizer or data set can be downloaded here. The numbers:
-
-    - template: "Below is an instruction that describes a task. Write a response ...### Instruction:\\n ...
-      ### Response:" is about 36 LLaMA tokens (the 105-character sentence ~21, each "\\n\\n### Name:\\n" header
-      ~7-8: newlines are byte pieces); the variant with an input ("..., paired with an input that provides
-      further context. ...", plus "### Input:") about 52; +1 for BOS.
-    - input_share: the share of examples with a non-empty input, about 40% (assumption, from the Alpaca
-      data's make-up).
-    - instruction, input, response (EOS included): lognormal token counts (median, sigma), chosen so that the
-      whole matches Alpaca's size: a Hugging Face copy of Alpaca-52K (disham993/alpaca-train-validation-test-split,
-      its data set card) lists 47.8 MB for its 52,002 examples, each holding instruction, input, output and the
-      templated text ("text"), i.e. about 540 characters of templated text per example, 140-170 LLaMA tokens at
-      3.2-3.8 characters per token. Means here: instruction 17.7, input 27.1 (when present), response 85.4.
-    Drawn for 52,002 examples: mean 156 tokens, median 136, p90 253, p99 482; 0.8% reach the padded length
-    (512, the official script's max_seq_len) and are truncated to it. The brief's own estimate for a real
-    Alpaca example with the template was 150-200 tokens."""
-
-    template: int = 37  # BOS + template, no input
-    template_with_input: int = 53  # BOS + template with an input
-    input_share: float = 0.40
-    instruction: tuple[float, float] = (16.0, 0.45)  # (median, sigma) of a lognormal
-    input: tuple[float, float] = (18.0, 0.9)
-    response: tuple[float, float] = (62.0, 0.8)
-
-    def draw(self, n: int, rng: np.random.Generator, *, scale: float = 1.0,
-             max_len: int = 512) -> tuple[np.ndarray, np.ndarray]:
-        """(lengths, prompt_lens) of n examples, int64; every count times scale (smoke runs), each example at
-        most max_len tokens with at least one response token."""
-        lognormal = lambda median_sigma: rng.lognormal(np.log(median_sigma[0]), median_sigma[1], n)  # noqa: E731
-        has_input = rng.random(n) < self.input_share
-        prompt = np.where(has_input, self.template_with_input + lognormal(self.input), self.template)
-        prompt = prompt + lognormal(self.instruction)
-        response = lognormal(self.response)
-        prompt = np.clip(np.rint(prompt * scale), 1, max_len - 1).astype(np.int64)
-        response = np.maximum(np.rint(response * scale), 1).astype(np.int64)
-        return np.minimum(prompt + response, max_len), prompt
-
-
-ALPACA_LENGTHS = AlpacaLengths()
-
-
-def synthetic_dataset(n: int, vocab_size: int, *, seed: int, scale: float, max_len: int) -> TokenizedDataset:
-    """n examples of random tokens with Alpaca-like lengths (ALPACA_LENGTHS) and train/data.py's labels."""
-    rng = np.random.default_rng(seed)
-    lengths, prompt_lens = ALPACA_LENGTHS.draw(n, rng, scale=scale, max_len=max_len)
-    tokens = torch.randint(0, vocab_size, (int(lengths.sum()),), generator=torch.Generator().manual_seed(seed))
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.from_numpy(lengths).cumsum(0)])
-    return TokenizedDataset(tokens, offsets, torch.from_numpy(prompt_lens), torch.arange(n), pad_id=0)
-
-
-def real_dataset(data: str, tokenizer: str, *, max_len: int) -> tuple[TokenizedDataset, int]:
-    """The records of an Alpaca JSON / JSONL file tokenized as train/finetune.py does (truncated to max_len);
-    returns (dataset, the tokenizer's vocabulary size)."""
-    tok = Tokenizer(tokenizer)
-    records, _ = load_records(data)
-    dataset, _ = tokenize_records(records, tok, max_seq_len=max_len)
-    return dataset, tok.vocab_size
-
-
-@dataclass(frozen=True)
-class DataStats:
-    source: str
-    examples: int
-    mean: float
-    p50: float
-    p90: float
-    longest: int
-    at_max: float  # share of examples at the padded length (truncated, or exactly that long)
-
-    @classmethod
-    def of(cls, data: TokenizedDataset, source: str, max_len: int) -> DataStats:
-        lengths = data.lengths
-        return cls(source, len(lengths), float(lengths.mean()), float(np.percentile(lengths, 50)),
-                   float(np.percentile(lengths, 90)), int(lengths.max()), float((lengths >= max_len).mean()))
-
-    def line(self) -> str:
-        return (f"{self.source}: {self.examples} examples, tokens per example mean {self.mean:.1f}, median "
-                f"{self.p50:.0f}, p90 {self.p90:.0f}, longest {self.longest}, {100 * self.at_max:.2f}% at the "
-                "padded length")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,16 +117,6 @@ class Provider:
     patch: Callable[[LLaMA], AbstractContextManager] = unpatched
     version: int = 1  # the adapter: 1 (LLaMA-Adapter) or 2 (LLaMA-Adapter V2)
     family: str = "ours"  # "ours" (model/'s LLaMA) or "hf" (transformers' LlamaForCausalLM with PEFT's adapter)
-
-
-@contextmanager
-def hf_fused(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """A transformers model (PEFT's) through the fused op while inside (model.hf)."""
-    use_fused_attention(model)
-    try:
-        yield model
-    finally:
-        remove_fused_attention(model)
 
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
@@ -355,17 +250,6 @@ def provider_context(model: torch.nn.Module, provider: Provider) -> ExitStack:
     return stack
 
 
-def hf_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
-    """batch_loss_sum for a transformers model, as its user computes it: the logits of every position (right-padded
-    rows, no attention mask: causal attention never reaches the padding of a real token), fp32 cross-entropy summed
-    over the targets (labels already shifted)."""
-    labels = batch["labels"].flatten()
-    at = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-    logits = model(input_ids=batch["tokens"].to(device, non_blocking=True)).logits
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1)[at.to(device)].float(),
-                                             labels[at].to(device, non_blocking=True), reduction="sum")
-
-
 def loss_sum(model: torch.nn.Module, batch: dict, device: torch.device, provider: Provider) -> torch.Tensor:
     return (hf_loss_sum if provider.family == "hf" else batch_loss_sum)(model, batch, device)
 
@@ -419,18 +303,6 @@ def check_batch(provider: Provider, data: TokenizedDataset, ids: list[int], cfg:
 
 # the eager model in bf16 may err by at most this (relative to the oracle's max |x|): a sanity bound on the baseline
 BASELINE_BOUND = 0.25
-
-
-@contextmanager
-def hf_upcast(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """A transformers model (PEFT's prompts and gates included) in fp32 while inside, cast back after (exact)."""
-    low = next(model.parameters()).dtype
-    model.float()
-    try:
-        yield model
-    finally:
-        model.to(low)
-        free_device_memory(next(model.parameters()).device)
 
 
 def expected_step(model: torch.nn.Module, data: TokenizedDataset, ids: list[int], cfg: FinetuneBenchConfig,
@@ -607,45 +479,6 @@ def _data_for(cfg: FinetuneBenchConfig, vocab_size: int, real: tuple[TokenizedDa
     return data, f"synthetic Alpaca-like lengths (an approximation{scaled})"
 
 
-def random_peft_llama(name: str, cfg: FinetuneBenchConfig, device: torch.device) -> torch.nn.Module:
-    """transformers' LlamaForCausalLM of preset name (random, bf16, on device, SDPA attention) with PEFT's adaption
-    prompt (cfg.adapter_len prompts in the top cfg.adapter_layers layers), the gates spread over [-1.5, 1.5] across
-    the layers (PEFT's are per layer; with zero gates the check would not see the prompts)."""
-    import peft
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = model_config(name)
-    if cfg.adapter_layers > config.n_layers:
-        raise ConfigError("adapter_layers", f"{cfg.adapter_layers} exceeds the {config.n_layers} layers of {name}")
-    torch.manual_seed(cfg.seed)
-    hf_config = LlamaConfig(**hf_config_dict(config, DTYPE))
-    hf_config._attn_implementation = "sdpa"
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(DTYPE)  # built in bf16 on the device: no fp32 copy of a 7B model
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(hf_config)
-    finally:
-        torch.set_default_dtype(previous)
-    model = peft.get_peft_model(model, peft.AdaptionPromptConfig(
-        adapter_len=cfg.adapter_len, adapter_layers=cfg.adapter_layers, task_type="CAUSAL_LM"))
-    gates = [p for n, p in model.named_parameters() if n.endswith(".adaption_gate")]
-    with torch.no_grad():
-        for g, value in zip(gates, torch.linspace(-1.5, 1.5, len(gates)), strict=True):
-            g.fill_(float(value))
-    return model
-
-
-def hf_missing() -> str | None:
-    """Why the hf_ providers cannot run here (transformers or peft missing), or None."""
-    try:
-        import peft  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as e:
-        return f"needs transformers and peft (pip install -e '.[dev]'): {e}"
-    return None
-
-
 def run_version(name: str, version: int, active: list[Provider], data: TokenizedDataset, cfg: FinetuneBenchConfig,
                 result: RunResult, write: Callable[[list[Row]], None], log: Callable[[str], None],
                 family: str = "ours") -> None:
@@ -658,7 +491,7 @@ def run_version(name: str, version: int, active: list[Provider], data: Tokenized
     missing = hf_missing() if family == "hf" else None
     if missing:
         log(f"   SKIP {name}{label}: {missing}")
-        write([Row(WHAT, p.name, "all", shape, "skipped", missing, "") for p in active])
+        write([skipped_row(WHAT, p.name, "all", shape, missing) for p in active])
         result.skipped += [(name, p.name, missing) for p in active]
         return
     model = None
@@ -678,12 +511,10 @@ def run_version(name: str, version: int, active: list[Provider], data: Tokenized
         log(f"   check: one step on {len(ids)} examples ({int(data.lengths[ids].sum())} tokens) against "
             f"{expected.oracle_desc}")
     except Exception as exc:  # out of memory building the model or computing the oracle; anything else is a bug
-        reason = oom_reason(exc)
-        del exc
         model = None
-        free_device_memory(device, collect=True)
+        reason = skip_reason(exc, device)
         log(f"   SKIP {name}{label}: {reason}")
-        write([Row(WHAT, p.name, "all", shape, "skipped", reason, "") for p in active])
+        write([skipped_row(WHAT, p.name, "all", shape, reason) for p in active])
         result.skipped += [(name, p.name, reason) for p in active]
         return
 
@@ -696,12 +527,10 @@ def run_version(name: str, version: int, active: list[Provider], data: Tokenized
             result.checks[(name, prov.name)] = ratios
             m = time_provider(model, data, prov, cfg, device, name)
         except Exception as exc:  # out of memory; anything else is a bug
-            reason = oom_reason(exc)
-            del exc
             model.zero_grad(set_to_none=True)
-            free_device_memory(device, collect=True)
+            reason = skip_reason(exc, device)
             log(f"   {prov.name:<16} SKIP: {reason}")
-            write([Row(WHAT, prov.name, "all", shape, "skipped", reason, "")])
+            write([skipped_row(WHAT, prov.name, "all", shape, reason)])
             result.skipped.append((name, prov.name, reason))
             continue
         result.measurements.append(m)
@@ -815,15 +644,11 @@ def results_table(result: RunResult) -> str:
         step = f"{m.step.median_ms:.1f} [{m.step.p20_ms:.1f}-{m.step.p80_ms:.1f}]"
         lines.append([m.model, m.provider, m.batching, step, f"{m.processed_tokens_per_s:,.0f}",
                       f"{m.real_tokens_per_s:,.0f}", vs, mem, f"{m.projected_hours:.2f}"])
-    if not lines:
-        return "Nothing was measured."
     title = (f"Fine-tuning steps ({cfg.steps} timed after {cfg.warmup_steps} warm-up); projected: {cfg.epochs} "
              f"epochs of Alpaca-52K ({ALPACA_EXAMPLES:,} examples at the data's mean length) on this one GPU")
-    if not result.env.is_cuda:
-        title += f" - {CPU_RUN}"
     header = ["model", "provider", "batching", "step ms [p20-p80]", "processed tok/s", "real tok/s",
               "real vs eager_padded512", "peak GiB", f"{cfg.epochs} epochs (h)"]
-    return title + "\n" + format_table(header, lines)
+    return titled_table(title, header, lines, result.env)
 
 
 def projection_text(result: RunResult) -> str:
@@ -862,131 +687,18 @@ def report(result: RunResult, *, log: Callable[[str], None] = print) -> RunResul
 
 
 # --------------------------------------------------------------------------------------------------
-# Memory rows: bases x activation checkpointing, measured next to the plan (bench/memory.py)
+# Memory rows (bench/memory.py): ours_packed's steps, timed there next to the plan
 # --------------------------------------------------------------------------------------------------
-PACKED = PROVIDERS["ours_packed"]
-GPUS = {"A100-80GB": 80e9, "H200": 141e9}  # for the plan's "fits" columns (bytes)
+def memory_steps(cfg: FinetuneBenchConfig, device: torch.device) -> Callable[[LLaMA, int], Callable[[], Measurement]]:
+    """For memory.run_memory: ours_packed's steps (time_provider) on micro-batches of tokens tokens, the synthetic
+    data made now, the steps when called."""
+    def prepare(model: LLaMA, tokens: int) -> Callable[[], Measurement]:
+        data = synthetic_dataset(cfg.examples, model.config.vocab_size, seed=cfg.seed, scale=cfg.length_scale,
+                                 max_len=min(cfg.pad_to, tokens))
+        packed = dataclasses.replace(cfg, token_budget=tokens)
+        return lambda: time_provider(model, data, PROVIDERS["ours_packed"], packed, device, model.config.name)
 
-
-def memory_cases(cfg: FinetuneBenchConfig) -> Iterator[tuple[str, str, bool, int]]:
-    """(model, base, checkpointing, tokens) of every memory row, in order."""
-    for name in cfg.memory_models:
-        for base in cfg.bases:
-            for checkpointing in (False, True):
-                for tokens in cfg.memory_tokens:
-                    yield name, base, checkpointing, tokens
-
-
-def memory_shape(name: str, base: str, checkpointing: bool, tokens: int, cfg: FinetuneBenchConfig) -> str:
-    """The CSV's shape column of a memory row, e.g. llama2-7b-K10-L30-nf4-ckpt-16384tok."""
-    return f"{name}-K{cfg.adapter_len}-L{cfg.adapter_layers}-{base}-{'ckpt' if checkpointing else 'nockpt'}-{tokens}tok"
-
-
-def memory_plan(name: str, base: str, checkpointing: bool, tokens: int, cfg: FinetuneBenchConfig, device: str,
-                targets: int | None = None) -> MemoryPlan:
-    """The prediction for a memory row (targets: the response tokens, by default the data's share of them)."""
-    share = 0.55  # Alpaca-like data: the response's share of an example's tokens (AlpacaLengths: 85 of 156)
-    return MemoryPlan(model_config(name), base=base, tokens=tokens, targets=targets or round(share * tokens),
-                      adapter_len=cfg.adapter_len, adapter_layers=cfg.adapter_layers, checkpointing=checkpointing,
-                      device=device)
-
-
-def print_memory_plan(cfg: FinetuneBenchConfig, env: BenchEnv, out_dir: Path, *,
-                      log: Callable[[str], None] = print) -> list[Row]:
-    """--memory-plan: the predicted peak of every memory row, its parts, and whether it fits an A100-80GB / H200."""
-    rows, lines = [], []
-    for name, base, checkpointing, tokens in memory_cases(cfg):
-        plan = memory_plan(name, base, checkpointing, tokens, cfg, "cuda")
-        parts = plan.parts()
-        shape = memory_shape(name, base, checkpointing, tokens, cfg)
-        rows += metric_rows(WHAT, "plan", "memory", shape,
-                            [(f"predicted_{k}", v / 2**20, "MiB") for k, v in parts.items()])
-        lines.append([name, base, "yes" if checkpointing else "no", f"{tokens:,}",
-                      *(parts[k] for k in ("weights", "activations", "loss", "transient", "total")),
-                      *("yes" if parts["total"] <= limit else "no" for limit in GPUS.values())])
-    append_rows(out_dir / f"{WHAT}.csv", rows, env)
-    unit, scale = ("GiB", 2**30) if max(line[8] for line in lines) >= 2**30 else ("MiB", 2**20)
-    lines = [[f"{v / scale:.2f}" if isinstance(v, int) else v for v in line] for line in lines]
-    log(f"Predicted peak memory of a fine-tuning step ({unit}; bench/memory.py, from the tensors' shapes and dtypes): "
-        f"adapter K {cfg.adapter_len} in the top {cfg.adapter_layers} layers, AdamW, packed micro-batches, "
-        "bf16 compute; not measured on a GPU yet")
-    log(format_table(["model", "base", "checkpointing", "tokens", "weights", "activations", "loss", "transient",
-                      "total", *(f"fits {g}" for g in GPUS)], lines))
-    log(f"CSV rows appended to {out_dir / f'{WHAT}.csv'}")
-    return rows
-
-
-def run_memory(cfg: FinetuneBenchConfig, env: BenchEnv, out_dir: Path, *,
-               log: Callable[[str], None] = print) -> list[list[str]]:
-    """--memory: ours_packed's steps per memory row: peak memory (CUDA's max allocated; on a CPU the tensor storage
-    that bench/memory.py's TensorMemory counts) and tokens/s, next to the prediction. A row the prediction puts
-    beyond the GPU's memory, or one that runs out of it, is a row saying so. These rows are not checked against an
-    oracle (an fp32 copy of a 70B base fits nowhere): each step's loss must be finite, and the quantized layers are
-    bitsandbytes' own (tests/test_quantize.py checks them against the dequantized base)."""
-    device = env.device
-    capacity = torch.cuda.get_device_properties(device).total_memory if env.is_cuda else None
-    csv_path = out_dir / f"{WHAT}.csv"
-    log(f"bench_finetune --memory | {env.describe()}")
-    if not env.is_cuda:
-        log(CPU_NOTICE)
-    lines: list[list[str]] = []
-    model, built = None, None
-    for name, base, checkpointing, tokens in memory_cases(cfg):
-        shape = memory_shape(name, base, checkpointing, tokens, cfg)
-        predicted = memory_plan(name, base, checkpointing, tokens, cfg, device.type).total()
-        line = [name, base, "yes" if checkpointing else "no", f"{tokens:,}"]
-        rows = [Row(WHAT, PACKED.name, "memory", shape, "predicted_peak", predicted / 2**20, "MiB")]
-        reason = None
-        if capacity is not None and predicted > capacity:
-            reason = f"does not fit: predicted {predicted / 2**30:.1f} GiB > {capacity / 2**30:.1f} GiB"
-        else:
-            try:
-                if built != (name, base):
-                    model = None
-                    free_device_memory(device, collect=True)
-                    adapter = AdapterConfig(adapter_len=cfg.adapter_len, adapter_layers=cfg.adapter_layers)
-                    model = random_llama(name, adapter, dtype=DTYPE, device=device, seed=cfg.seed,
-                                         quantize=base if base in ("int8", "nf4") else None)
-                    built = (name, base)
-                m, peak = _memory_step(model, checkpointing, tokens, cfg, env)
-            except Exception as exc:  # out of memory; anything else is a bug
-                reason = oom_reason(exc)
-                del exc
-                model, built = None, None
-                free_device_memory(device, collect=True)
-        if reason is not None:
-            append_rows(csv_path, [*rows, Row(WHAT, PACKED.name, "memory", shape, "skipped", reason, "")], env)
-            lines.append([*line, reason, "-", None, predicted])
-            log(f"   {shape}: SKIP {reason}")
-            continue
-        rows += metric_rows(WHAT, PACKED.name, "memory", shape, (
-            ("peak_mem", peak / 2**20, "MiB"), ("real_tokens_per_s", m.real_tokens_per_s, "tokens/s"),
-            ("step_median", m.step.median_ms, "ms"), ("final_loss", m.final_loss, "")))
-        append_rows(csv_path, rows, env)
-        lines.append([*line, f"{m.real_tokens_per_s:,.0f}", f"{m.step.median_ms:.1f}", peak, predicted])
-        log(f"   {shape}: {m.real_tokens_per_s:,.0f} real tok/s, peak {peak / 2**20:,.1f} MiB (predicted "
-            f"{predicted / 2**20:,.1f}, {peak / predicted:.2f} of it)")
-    unit, scale = ("GiB", 2**30) if max((line[-1] for line in lines), default=0) >= 2**30 else ("MiB", 2**20)
-    measured = f"peak {unit}" if env.is_cuda else f"peak tensor {unit} (TensorMemory)"
-    log(format_table(["model", "base", "checkpointing", "tokens", "real tok/s", "step ms", measured,
-                      f"predicted {unit}"],
-                     [[*line[:-2], *("-" if v is None else f"{v / scale:,.2f}" for v in line[-2:])] for line in lines]))
-    log(f"CSV rows appended to {csv_path}")
-    return lines
-
-
-def _memory_step(model: LLaMA, checkpointing: bool, tokens: int, cfg: FinetuneBenchConfig,
-                 env: BenchEnv) -> tuple[Measurement, float]:
-    """time_provider's steps of ours_packed on micro-batches of tokens tokens; (the measurement, peak bytes)."""
-    model.activation_checkpointing = checkpointing
-    data = synthetic_dataset(cfg.examples, model.config.vocab_size, seed=cfg.seed, scale=cfg.length_scale,
-                             max_len=min(cfg.pad_to, tokens))
-    with nullcontext() if env.is_cuda else TensorMemory(existing=model_tensors(model)) as mem:
-        m = time_provider(model, data, PACKED, dataclasses.replace(cfg, token_budget=tokens), env.device,
-                          model.config.name)
-    if not math.isfinite(m.final_loss):
-        raise CorrectnessError(f"{model.config.name}: the loss of the last memory step is {m.final_loss}")
-    return m, m.peak_mib * 2**20 if env.is_cuda else mem.peak
+    return prepare
 
 
 def main(argv: Sequence[str] | None = None, *, providers: Mapping[str, Provider] | None = None) -> int:
@@ -995,8 +707,11 @@ def main(argv: Sequence[str] | None = None, *, providers: Mapping[str, Provider]
     args = parser.parse_args(argv)
 
     def run_on_data(cfg: FinetuneBenchConfig, env: BenchEnv, out_dir: Path) -> None:
-        if cfg.memory_plan or cfg.memory:
-            (print_memory_plan if cfg.memory_plan else run_memory)(cfg, env, out_dir)
+        if cfg.memory_plan:
+            print_memory_plan(cfg, env, out_dir)
+            return
+        if cfg.memory:
+            run_memory(cfg, env, out_dir, memory_steps(cfg, env.device))
             return
         real = None
         if cfg.data:

@@ -422,6 +422,26 @@ def unique_path(folder: Path, stem: str, suffix: str, env: BenchEnv) -> Path:
 # --------------------------------------------------------------------------------------------------
 # Plots and tables
 # --------------------------------------------------------------------------------------------------
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display), imported when a plot is first drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    """Write fig as a PNG at path (its folder made), and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 @dataclass
 class Panel:
     title: str
@@ -432,11 +452,7 @@ def plot_panels(panels: Sequence[Panel], path: Path, *, xlabel: str, ylabel: str
                 ncols: int = 3, logx_base: int | None = 2) -> Path:
     """Write a PNG grid of line plots, one panel each; a series keeps its colour and marker in every
     panel. Panels without data say so rather than vanish."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     if not panels:
         raise ValueError("plot_panels: no panels to draw")
     names: list[str] = []
@@ -474,23 +490,14 @@ def plot_panels(panels: Sequence[Panel], path: Path, *, xlabel: str, ylabel: str
         if drawn:
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_bars(groups: Mapping[str, Mapping[str, float]], path: Path, *, ylabel: str, title: str,
               value_format: str = "{:,.0f}") -> Path:
     """Write a PNG bar chart: one cluster per group (e.g. a model or a batch size), one bar per series
     (e.g. a provider, keeping its colour in every cluster), each bar labelled with its value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     if not groups:
         raise ValueError("plot_bars: no groups to draw")
     names: list[str] = []
@@ -509,12 +516,7 @@ def plot_bars(groups: Mapping[str, Mapping[str, float]], path: Path, *, ylabel: 
     ax.set_title(title, fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -570,10 +572,19 @@ def yes_no(text: str) -> bool:
     return value
 
 
-def dtype_name(text: str) -> str:
-    if text not in DTYPES:
-        raise ValueError(f"choose from {', '.join(DTYPES)}")
-    return text
+def one_of(choices: Iterable[str]) -> Callable[[str], str]:
+    """An item parser (for list_of / argparse_type) that takes one of choices."""
+    choices = tuple(choices)
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"choose from {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+dtype_name = one_of(DTYPES)
 
 
 def argparse_type(parse_item: Callable[[str], object]) -> Callable[[str], object]:

@@ -9,10 +9,11 @@ sorts before its kernels/, model/ and train/ imports as long as those are `from`
   bench_config applies the smoke configuration and the flags; bench_main runs it: bad arguments exit 2 naming the
   flag, a provider that computes a wrong answer exits 1 with nothing of it timed.
 - The run: BenchResult (rows appended to <what>.csv as they come, never rewritten), start_run and finish_run (the
-  first and last lines), check_rows and metric_rows (the CSV rows: what, provider, mode, shape, metric, value, unit,
-  gpu_name, date, git_commit). Every provider is checked against the oracle (common.Expected) before it is timed.
-- The report: text_report (printed, a bar chart, the summary record), write_summary (a markdown record beside the
-  CSV), stamped (a plot's title), targets_text, log_outputs.
+  first and last lines), check_rows, metric_rows and skipped_row (the CSV rows: what, provider, mode, shape, metric,
+  value, unit, gpu_name, date, git_commit), skip_reason (out of memory: a "skipped" row, not a crash). Every
+  provider is checked against the oracle (common.Expected) before it is timed.
+- The report: text_report (printed, a bar chart, the summary record), titled_table, write_summary (a markdown record
+  beside the CSV), stamped (a plot's title), targets_text, log_outputs.
 - sdpa_backend: the backend F.scaled_dot_product_attention picks (the attention, fine-tuning and decode rows say it).
 common.py holds the tools underneath: environment, timing, memory, the correctness bar, CSV rows, output places,
 plots, argument types and the random LLaMA models.
@@ -43,6 +44,10 @@ from llama_adapter_triton.bench.common import (
     check_csv,
     config_from_args,
     describe_exception,
+    format_table,
+    free_device_memory,
+    is_oom,
+    oom_reason,
     op_backend,
     plot_bars,
     resolve_out_dir,
@@ -163,6 +168,23 @@ def metric_rows(what: str, provider: str, mode: str, shape: str,
     return [Row(what, provider, mode, shape, metric, value, unit) for metric, value, unit in metrics]
 
 
+def skipped_row(what: str, provider: str, mode: str, shape: str, reason: str) -> Row:
+    """A row saying why something was not measured."""
+    return Row(what, provider, mode, shape, "skipped", reason, "")
+
+
+def skip_reason(exc: BaseException, device: torch.device, *, any_error: bool = False) -> str:
+    """Why a step is skipped after exc, called once the caller has dropped what the step built (a model): out of
+    memory (common.oom_reason), anything else re-raised as the bug it is; any_error: any exception (a shape a peer
+    does not take). The device's memory is freed, garbage collected first (the traceback may hold tensors)."""
+    if any_error:
+        reason = ("out of memory: " if is_oom(exc) else "") + describe_exception(exc)
+    else:
+        reason = oom_reason(exc)
+    free_device_memory(device, collect=True)
+    return reason
+
+
 def check_rows(what: str, provider: str, shape: str, ratios: Mapping[str, float]) -> list[Row]:
     """A passed correctness check: the worst error / tolerance, and the names of the results checked."""
     return metric_rows(what, provider, "check", shape, [("max_err_over_tol", max(ratios.values()), "ratio"),
@@ -183,6 +205,14 @@ def targets_text(head: str, checks: Sequence, env: BenchEnv, noun: str = "target
         head += f" - measured on {env.gpu_name}, not an H100: informative only"
     met = sum(c.met is True for c in checks)
     return "\n".join([head] + [c.line() for c in checks] + [f"{met} of {len(checks)} {noun} met"])
+
+
+def titled_table(title: str, header: Sequence[str], lines: Sequence[Sequence[object]], env: BenchEnv, *,
+                 empty: str = "Nothing was measured.", cpu_note: str = CPU_RUN) -> str:
+    """A results table under its title (with cpu_note after it on a CPU run), or empty when there are no lines."""
+    if not lines:
+        return empty
+    return (title if env.is_cuda else f"{title} - {cpu_note}") + "\n" + format_table(header, lines)
 
 
 def stamped(title: str, env: BenchEnv, sep: str = "\n") -> str:

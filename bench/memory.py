@@ -19,15 +19,34 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from llama_adapter_triton.bench.common import (
+    CPU_NOTICE,
+    BenchEnv,
+    CorrectnessError,
+    Row,
+    append_rows,
+    format_table,
+    free_device_memory,
+    model_config,
+    random_llama,
+)
+from llama_adapter_triton.bench.harness import metric_rows, skip_reason, skipped_row
+from llama_adapter_triton.model.adapter import AdapterConfig
 from llama_adapter_triton.model.quantize import nf4_blocksize
 from llama_adapter_triton.train.loss import default_chunk_rows
+
+if TYPE_CHECKING:
+    from llama_adapter_triton.model.llama import LLaMA
 
 
 class TensorMemory(TorchDispatchMode):
@@ -213,3 +232,133 @@ def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
         if scb is not None:  # int8: the rows' absmax
             tensors.append(scb)
     return [t for t in tensors if isinstance(t, torch.Tensor)]
+
+
+# --------------------------------------------------------------------------------------------------
+# bench_finetune's memory rows (--memory-plan yes, --memory yes): bases x activation checkpointing, the plan next to
+# what ours_packed's steps measure. cfg: bench_finetune's FinetuneBenchConfig (memory_models, bases, memory_tokens,
+# adapter_len, adapter_layers, seed); the rows go to its finetune.csv.
+# --------------------------------------------------------------------------------------------------
+WHAT = "finetune"
+PACKED = "ours_packed"  # the provider whose steps the memory rows time
+DTYPE = torch.bfloat16  # the frozen base (or the compute dtype of a quantized one); the adapter is fp32
+GPUS = {"A100-80GB": 80e9, "H200": 141e9}  # for the plan's "fits" columns (bytes)
+
+
+def memory_cases(cfg) -> Iterator[tuple[str, str, bool, int]]:
+    """(model, base, checkpointing, tokens) of every memory row, in order."""
+    for name in cfg.memory_models:
+        for base in cfg.bases:
+            for checkpointing in (False, True):
+                for tokens in cfg.memory_tokens:
+                    yield name, base, checkpointing, tokens
+
+
+def memory_shape(name: str, base: str, checkpointing: bool, tokens: int, cfg) -> str:
+    """The CSV's shape column of a memory row, e.g. llama2-7b-K10-L30-nf4-ckpt-16384tok."""
+    return f"{name}-K{cfg.adapter_len}-L{cfg.adapter_layers}-{base}-{'ckpt' if checkpointing else 'nockpt'}-{tokens}tok"
+
+
+def memory_plan(name: str, base: str, checkpointing: bool, tokens: int, cfg, device: str,
+                targets: int | None = None) -> MemoryPlan:
+    """The prediction for a memory row (targets: the response tokens, by default the data's share of them)."""
+    share = 0.55  # Alpaca-like data: the response's share of an example's tokens (AlpacaLengths: 85 of 156)
+    return MemoryPlan(model_config(name), base=base, tokens=tokens, targets=targets or round(share * tokens),
+                      adapter_len=cfg.adapter_len, adapter_layers=cfg.adapter_layers, checkpointing=checkpointing,
+                      device=device)
+
+
+def print_memory_plan(cfg, env: BenchEnv, out_dir: Path, *,
+                      log: Callable[[str], None] = print) -> list[Row]:
+    """--memory-plan: the predicted peak of every memory row, its parts, and whether it fits an A100-80GB / H200."""
+    rows, lines = [], []
+    for name, base, checkpointing, tokens in memory_cases(cfg):
+        plan = memory_plan(name, base, checkpointing, tokens, cfg, "cuda")
+        parts = plan.parts()
+        shape = memory_shape(name, base, checkpointing, tokens, cfg)
+        rows += metric_rows(WHAT, "plan", "memory", shape,
+                            [(f"predicted_{k}", v / 2**20, "MiB") for k, v in parts.items()])
+        lines.append([name, base, "yes" if checkpointing else "no", f"{tokens:,}",
+                      *(parts[k] for k in ("weights", "activations", "loss", "transient", "total")),
+                      *("yes" if parts["total"] <= limit else "no" for limit in GPUS.values())])
+    append_rows(out_dir / f"{WHAT}.csv", rows, env)
+    unit, scale = ("GiB", 2**30) if max(line[8] for line in lines) >= 2**30 else ("MiB", 2**20)
+    lines = [[f"{v / scale:.2f}" if isinstance(v, int) else v for v in line] for line in lines]
+    log(f"Predicted peak memory of a fine-tuning step ({unit}; bench/memory.py, from the tensors' shapes and dtypes): "
+        f"adapter K {cfg.adapter_len} in the top {cfg.adapter_layers} layers, AdamW, packed micro-batches, "
+        "bf16 compute; not measured on a GPU yet")
+    log(format_table(["model", "base", "checkpointing", "tokens", "weights", "activations", "loss", "transient",
+                      "total", *(f"fits {g}" for g in GPUS)], lines))
+    log(f"CSV rows appended to {out_dir / f'{WHAT}.csv'}")
+    return rows
+
+
+def run_memory(cfg, env: BenchEnv, out_dir: Path, steps: Callable[[LLaMA, int], Callable[[], object]], *,
+               log: Callable[[str], None] = print) -> list[list[str]]:
+    """--memory: ours_packed's steps per memory row (steps(model, tokens): bench_finetune's, ready to run, returning
+    its Measurement): peak memory (CUDA's max allocated; on a CPU the tensor storage that TensorMemory counts) and
+    tokens/s, next to the prediction. A row the prediction puts beyond the GPU's memory, or one that runs out of it,
+    is a row saying so. These rows are not checked against an oracle (an fp32 copy of a 70B base fits nowhere): each
+    step's loss must be finite, and the quantized layers are bitsandbytes' own (tests/test_quantize.py checks them
+    against the dequantized base)."""
+    device = env.device
+    capacity = torch.cuda.get_device_properties(device).total_memory if env.is_cuda else None
+    csv_path = out_dir / f"{WHAT}.csv"
+    log(f"bench_finetune --memory | {env.describe()}")
+    if not env.is_cuda:
+        log(CPU_NOTICE)
+    lines: list[list[str]] = []
+    model, built = None, None
+    for name, base, checkpointing, tokens in memory_cases(cfg):
+        shape = memory_shape(name, base, checkpointing, tokens, cfg)
+        predicted = memory_plan(name, base, checkpointing, tokens, cfg, device.type).total()
+        line = [name, base, "yes" if checkpointing else "no", f"{tokens:,}"]
+        rows = [Row(WHAT, PACKED, "memory", shape, "predicted_peak", predicted / 2**20, "MiB")]
+        reason = None
+        if capacity is not None and predicted > capacity:
+            reason = f"does not fit: predicted {predicted / 2**30:.1f} GiB > {capacity / 2**30:.1f} GiB"
+        else:
+            try:
+                if built != (name, base):
+                    model = None
+                    free_device_memory(device, collect=True)  # the previous model's, before the next is built
+                    adapter = AdapterConfig(adapter_len=cfg.adapter_len, adapter_layers=cfg.adapter_layers)
+                    model = random_llama(name, adapter, dtype=DTYPE, device=device, seed=cfg.seed,
+                                         quantize=base if base in ("int8", "nf4") else None)
+                    built = (name, base)
+                m, peak = _memory_step(model, checkpointing, tokens, steps, env)
+            except Exception as exc:  # out of memory; anything else is a bug
+                model, built = None, None
+                reason = skip_reason(exc, device)
+        if reason is not None:
+            append_rows(csv_path, [*rows, skipped_row(WHAT, PACKED, "memory", shape, reason)], env)
+            lines.append([*line, reason, "-", None, predicted])
+            log(f"   {shape}: SKIP {reason}")
+            continue
+        rows += metric_rows(WHAT, PACKED, "memory", shape, (
+            ("peak_mem", peak / 2**20, "MiB"), ("real_tokens_per_s", m.real_tokens_per_s, "tokens/s"),
+            ("step_median", m.step.median_ms, "ms"), ("final_loss", m.final_loss, "")))
+        append_rows(csv_path, rows, env)
+        lines.append([*line, f"{m.real_tokens_per_s:,.0f}", f"{m.step.median_ms:.1f}", peak, predicted])
+        log(f"   {shape}: {m.real_tokens_per_s:,.0f} real tok/s, peak {peak / 2**20:,.1f} MiB (predicted "
+            f"{predicted / 2**20:,.1f}, {peak / predicted:.2f} of it)")
+    unit, scale = ("GiB", 2**30) if max((line[-1] for line in lines), default=0) >= 2**30 else ("MiB", 2**20)
+    measured = f"peak {unit}" if env.is_cuda else f"peak tensor {unit} (TensorMemory)"
+    log(format_table(["model", "base", "checkpointing", "tokens", "real tok/s", "step ms", measured,
+                      f"predicted {unit}"],
+                     [[*line[:-2], *("-" if v is None else f"{v / scale:,.2f}" for v in line[-2:])] for line in lines]))
+    log(f"CSV rows appended to {csv_path}")
+    return lines
+
+
+def _memory_step(model: LLaMA, checkpointing: bool, tokens: int,
+                 steps: Callable[[LLaMA, int], Callable[[], object]], env: BenchEnv) -> tuple[object, float]:
+    """ours_packed's steps on micro-batches of tokens tokens (their data made before counting starts); (the
+    measurement, peak bytes)."""
+    model.activation_checkpointing = checkpointing
+    run = steps(model, tokens)
+    with nullcontext() if env.is_cuda else TensorMemory(existing=model_tensors(model)) as mem:
+        m = run()
+    if not math.isfinite(m.final_loss):
+        raise CorrectnessError(f"{model.config.name}: the loss of the last memory step is {m.final_loss}")
+    return m, m.peak_mib * 2**20 if env.is_cuda else mem.peak

@@ -49,6 +49,7 @@ from llama_adapter_triton.bench.common import (
     free_device_memory,
     is_oom,
     list_of,
+    one_of,
     op_backend,
     opt,
     positive_float,
@@ -179,10 +180,7 @@ def is_fatal_cuda_error(exc: BaseException) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Configuration and command line
 # --------------------------------------------------------------------------------------------------
-def _kernel(text: str) -> str:
-    if text not in KERNELS:
-        raise ValueError(f"choose from {', '.join(KERNELS)}")
-    return text
+_kernel = one_of(KERNELS)
 
 
 def _tune_dtype(text: str) -> str:

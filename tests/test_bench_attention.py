@@ -13,12 +13,20 @@ import re
 
 import pytest
 import torch
+from bench_utils import (
+    ON_CUDA,
+    assert_names_the_argument,
+    assert_stops_before_timing,
+    gpu_only,
+    gpu_rows,
+    index,
+    results_snapshot,
+)
 
 from llama_adapter_triton import zero_init_attention_ref
 from llama_adapter_triton.bench import bench_attention as ba
 from llama_adapter_triton.bench import common
 
-ON_CUDA = torch.cuda.is_available()
 ADAPTER_TENSORS = ["out", "dq", "dk", "dv", "dprompt_k", "dprompt_v", "dgate"]
 
 
@@ -30,19 +38,9 @@ def _xformers_imports() -> bool:
     return True
 
 
-def _results_snapshot() -> dict[str, float]:
-    if not common.RESULTS_DIR.exists():
-        return {}
-    return {str(p): p.stat().st_mtime for p in common.RESULTS_DIR.rglob("*")}
-
-
 def _smoke_config(*argv: str) -> ba.BenchConfig:
     args = ba.build_parser().parse_args(["--smoke", *argv])
     return ba.make_config(args, smoke=True, providers=ba.PROVIDERS)
-
-
-def _index(rows: list[dict[str, str]]) -> dict[tuple[str, str, str, str], str]:
-    return {(r["provider"], r["mode"], r["shape"], r["metric"]): r["value"] for r in rows}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -51,7 +49,7 @@ def _index(rows: list[dict[str, str]]) -> dict[tuple[str, str, str, str], str]:
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
-    before = _results_snapshot()
+    before = results_snapshot()
     rc = ba.main(["--smoke", "--out", str(out)])
     return out, rc, before
 
@@ -63,7 +61,7 @@ def test_smoke_run_writes_checked_rows(smoke_run):
     with path.open(newline="") as f:
         assert tuple(next(csv.reader(f))) == common.CSV_COLUMNS
     rows = common.read_rows(path)
-    idx = _index(rows)
+    idx = index(rows)
     cfg = _smoke_config()
     cases = ba.cases_of(cfg)
     assert len(cases) == 4 and {c.nheads_kv for c in cases} == {2} and {c.nheads for c in cases} == {2, 4}
@@ -126,7 +124,7 @@ def test_smoke_run_writes_plot_and_summary_never_into_results(smoke_run):
     assert "fused/sdpa2" in text and "fused/sdpa_causal" in text
     if not ON_CUDA:
         assert "CPU numbers mean nothing for the GPU" in text
-    assert _results_snapshot() == before  # a smoke run never writes into bench/results/
+    assert results_snapshot() == before  # a smoke run never writes into bench/results/
 
 
 def test_rerun_appends_and_keeps_earlier_files(tmp_path):
@@ -259,15 +257,10 @@ def test_wrong_provider_fails_loudly(wrong, tmp_path, capsys):
     providers = {"eager": ba.PROVIDERS["eager"], wrong: ba.Provider(wrong, build)}
     argv = ["--smoke", "--out", str(tmp_path), "--providers", f"eager,{wrong}", "--seqlens", "64",
             "--shapes", "tiny-gqa"] + (["--modes", "fwd"] if wrong in ("raw_gate", "bad_gqa") else [])
-    assert ba.main(argv, providers=providers) == 1
-    err = capsys.readouterr().err
-    assert "CORRECTNESS CHECK FAILED" in err and repr(wrong) in err
+    err, rows = assert_stops_before_timing(ba.main, argv, providers, wrong, tmp_path, "attention", capsys)
     for part in named:
         assert part in err
-    rows = common.read_rows(tmp_path / "attention.csv")
     assert any(r["provider"] == "eager" and r["metric"] == "time_median" for r in rows)
-    assert not any(r["provider"] == wrong for r in rows)  # nothing recorded for a wrong answer
-    assert not list(tmp_path.glob("*.png"))
 
 
 def test_check_raises_correctness_error_directly(device):
@@ -383,11 +376,7 @@ def test_flop_counts_follow_flash_attn():
     (["--out", str(common.RESULTS_DIR / "smoke")], "--out"),
 ])
 def test_bad_command_line_names_the_argument(argv, flag, capsys):
-    with pytest.raises(SystemExit) as exc:
-        ba.main(["--smoke", *argv])
-    assert exc.value.code == 2
-    assert flag in capsys.readouterr().err
-    assert not (common.RESULTS_DIR / "smoke").exists()
+    assert_names_the_argument(ba.main, argv, flag, capsys)
 
 
 def test_foreign_csv_is_refused_and_left_alone(tmp_path, capsys):
@@ -416,46 +405,6 @@ def test_cli_narrows_the_sweep_defaults():
 # --------------------------------------------------------------------------------------------------
 # Reports and helpers
 # --------------------------------------------------------------------------------------------------
-def _synthetic_result(gpu: str, medians: dict[tuple[str, int], float]) -> ba.RunResult:
-    args = ba.build_parser().parse_args(["--dtypes", "bf16", "--headdims", "128", "--shapes", "7b",
-                                         "--seqlens", "512,8192", "--modes", "full"])
-    cfg = ba.make_config(args, smoke=False, providers=ba.PROVIDERS)
-    env = common.BenchEnv(torch.device("cuda"), gpu, "2025-01-01T00:00:00Z", "abc1234")
-    result = ba.RunResult(env, out_dir=None, csv_path=None, cases=ba.cases_of(cfg), providers=cfg.providers,
-                          modes=cfg.modes, config=cfg)
-    for case in ba.cases_of(cfg):
-        for (prov, seqlen), ms in medians.items():
-            if seqlen == case.seqlen:
-                result.measurements.append(ba.Measurement(case, prov, "full", common.Timing(ms, ms, ms), 1.0, None))
-    return result
-
-
-def test_targets_are_checked_with_numbers():
-    result = _synthetic_result("NVIDIA H100 80GB HBM3", {
-        ("fused", 512): 1.0, ("sdpa_causal", 512): 0.9, ("sdpa2", 512): 1.4, ("fused_atomic", 512): 0.8,
-        ("fused", 8192): 9.0, ("sdpa_causal", 8192): 1.0})  # 8192 lies outside the targets' range
-    checks = ba.check_targets(result)
-    assert {c.shape for c in checks} == {"b32-s512-h32-kv32-d128-p10-bf16"}
-    assert [(c.target.split()[0], c.met) for c in checks] == [
-        ("fused", True), ("fused", None), ("fused_atomic", True), ("sdpa2", False), ("eager", None)]
-    assert checks[0].value == pytest.approx(1 / 0.9) and checks[2].value == pytest.approx(0.8)
-    assert checks[3].value == pytest.approx(1.4)
-    text = ba.format_targets(checks, result.env)
-    assert "MET" in text and "NOT MET" in text and "not measured" in text and "not an H100" not in text
-    assert "not an H100" in ba.format_targets(checks, _synthetic_result("NVIDIA A100", {}).env)
-
-
-def test_ratio_table_is_fused_over_peer():
-    result = _synthetic_result("NVIDIA H100", {("fused", 512): 1.0, ("sdpa2", 512): 2.0, ("eager", 512): 8.0})
-    table = ba.ratio_table(result)
-    line = next(ln for ln in table.splitlines() if "s512" in ln)
-    cells = [c.strip() for c in line.strip("|").split("|")]
-    header = [c.strip() for c in table.splitlines()[1].strip("|").split("|")]
-    row = dict(zip(header, cells, strict=True))
-    assert row["fused/sdpa2"] == "0.50" and row["fused/eager"] == "0.12"
-    assert "fused/flex2" not in row  # never measured: no column
-
-
 def test_cpu_timer_resets_grads_and_orders_quantiles():
     t = torch.ones(3, requires_grad=True)
     calls = []
@@ -483,13 +432,11 @@ def test_unique_names_never_replace(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # On a GPU: the peers that only run there, at a real (small) size
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.gpu
-@pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA GPU")
+@gpu_only
 def test_gpu_all_providers_small_sweep(tmp_path):
-    argv = ["--out", str(tmp_path), "--seqlens", "512", "--headdims", "64", "--dtypes", "bf16",
-            "--shapes", "gqa", "--tokens", "1024", "--rep-ms", "20", "--warmup-ms", "5"]
-    assert ba.main(argv) == 0
-    idx = _index(common.read_rows(tmp_path / "attention.csv"))
+    idx = gpu_rows(ba.main, tmp_path, "attention", [
+        "--seqlens", "512", "--headdims", "64", "--dtypes", "bf16",
+        "--shapes", "gqa", "--tokens", "1024", "--rep-ms", "20", "--warmup-ms", "5"])
     shape = "b2-s512-h32-kv8-d64-p10-bf16"
     provs = ["fused", "fused_atomic", "eager", "sdpa2", "flex2", "sdpa_causal", "sdpa_causal_flash"]
     for prov in provs + (["xformers2"] if _xformers_imports() else []):

@@ -8,32 +8,29 @@ import contextlib
 
 import pytest
 import torch
+from bench_utils import (
+    ON_CUDA,
+    assert_names_the_argument,
+    assert_stops_before_timing,
+    gpu_only,
+    gpu_rows,
+    index,
+    raw_gate,
+    results_snapshot,
+)
 
-from llama_adapter_triton import adapter_layers
 from llama_adapter_triton.bench import bench_decode as bd
 from llama_adapter_triton.bench import common
 from llama_adapter_triton.model.llama import KVCache
 
-ON_CUDA = torch.cuda.is_available()
-
-
-def _index(rows: list[dict[str, str]]) -> dict[tuple[str, str, str, str], str]:
-    return {(r["provider"], r["mode"], r["shape"], r["metric"]): r["value"] for r in rows}
-
-
-def _results_snapshot() -> dict[str, float]:
-    if not common.RESULTS_DIR.exists():
-        return {}
-    return {str(p): p.stat().st_mtime for p in common.RESULTS_DIR.rglob("*")}
-
 
 def test_smoke_run_checks_times_and_writes_rows(benchmark, tmp_path, capsys):
-    before = _results_snapshot()
+    before = results_snapshot()
     rc = benchmark.pedantic(bd.main, args=(["--smoke", "--out", str(tmp_path)],), rounds=1, iterations=1)
     assert rc == 0
     if not ON_CUDA:
         assert "CPU numbers mean nothing for the GPU" in capsys.readouterr().out
-    idx = _index(common.read_rows(tmp_path / "decode.csv"))
+    idx = index(common.read_rows(tmp_path / "decode.csv"))
     check_shape = "smoke-K4-L1-bf16-check-b2-p8-c3"
     for prov in bd.PROVIDERS:
         assert 0 <= float(idx[(prov, "check", check_shape, "max_err_over_tol")]) <= 1
@@ -49,12 +46,12 @@ def test_smoke_run_checks_times_and_writes_rows(benchmark, tmp_path, capsys):
             assert idx[(prov, "all", shape, "attention")]
     assert "zero_init_attention_ref" in idx[("eager", "all", "smoke-K4-L1-bf16-b1-p8-n4", "attention")]
     assert len(list(tmp_path.glob("decode_*.png"))) == len(list(tmp_path.glob("decode_*.md"))) == 1
-    assert _results_snapshot() == before  # a smoke run never writes into bench/results/
+    assert results_snapshot() == before  # a smoke run never writes into bench/results/
 
 
 def test_ragged_prompts_are_left_padded_and_timed(tmp_path):
     assert bd.main(["--smoke", "--out", str(tmp_path), "--batch-sizes", "3", "--ragged", "yes"]) == 0
-    idx = _index(common.read_rows(tmp_path / "decode.csv"))
+    idx = index(common.read_rows(tmp_path / "decode.csv"))
     for prov in bd.PROVIDERS:
         assert float(idx[(prov, "generate", "smoke-K4-L1-bf16-b3-p8-ragged-n4", "decode_tokens_per_s")]) > 0
     prompts = bd.ragged_prompts(64, 8, 100, seed=0)
@@ -81,19 +78,6 @@ def _cache_misses_the_newest_key(model):
 
 
 @contextlib.contextmanager
-def _raw_gate(model):
-    """The official release's ambiguity: the raw gate instead of tanh(gate)."""
-    layers = list(adapter_layers(model).values())
-    for m in layers:
-        m.gate_act = "identity"
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.gate_act = "tanh"
-
-
-@contextlib.contextmanager
 def _one_pad_key_seen(model):
     """Left padding off by one in the adapted layers: each padded row attends to its last pad key."""
     import llama_adapter_triton.model.adapter as adapter
@@ -110,18 +94,14 @@ def _one_pad_key_seen(model):
         adapter.zero_init_attention = op
 
 
-@pytest.mark.parametrize("wrong, patch", [("stale_cache", _cache_misses_the_newest_key), ("raw_gate", _raw_gate),
+@pytest.mark.parametrize("wrong, patch", [("stale_cache", _cache_misses_the_newest_key), ("raw_gate", raw_gate),
                                           ("pad_seen", _one_pad_key_seen)])
 def test_wrong_provider_fails_loudly_before_anything_is_timed(wrong, patch, tmp_path, capsys):
     providers = {"eager": bd.PROVIDERS["eager"], wrong: bd.Provider(wrong, "fused", patch)}
-    assert bd.main(["--smoke", "--out", str(tmp_path), "--providers", f"eager,{wrong}", "--batch-sizes", "1"],
-                   providers=providers) == 1
-    err = capsys.readouterr().err
-    assert "CORRECTNESS CHECK FAILED" in err and repr(wrong) in err and "logits: max abs error" in err
-    rows = common.read_rows(tmp_path / "decode.csv")
-    assert not any(r["provider"] == wrong for r in rows)
+    argv = ["--smoke", "--out", str(tmp_path), "--providers", f"eager,{wrong}", "--batch-sizes", "1"]
+    err, rows = assert_stops_before_timing(bd.main, argv, providers, wrong, tmp_path, "decode", capsys)
+    assert "logits: max abs error" in err
     assert not any(r["mode"] == "generate" for r in rows)  # every check comes before any timing
-    assert not list(tmp_path.glob("*.png"))
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -136,20 +116,14 @@ def test_wrong_provider_fails_loudly_before_anything_is_timed(wrong, patch, tmp_
     (["--out", str(common.RESULTS_DIR / "smoke")], "--out"),
 ])
 def test_bad_command_line_names_the_argument(argv, flag, capsys):
-    with pytest.raises(SystemExit) as exc:
-        bd.main(["--smoke", *argv])
-    assert exc.value.code == 2
-    assert flag in capsys.readouterr().err
-    assert not (common.RESULTS_DIR / "smoke").exists()
+    assert_names_the_argument(bd.main, argv, flag, capsys)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA GPU")
+@gpu_only
 def test_gpu_small_run_checks_and_times_every_provider(tmp_path):
-    argv = ["--out", str(tmp_path), "--models", "tiny", "--adapter-layers", "3", "--batch-sizes", "1,4",
-            "--prompt-len", "32", "--new-tokens", "16", "--warmup-tokens", "4"]
-    assert bd.main(argv) == 0
-    idx = _index(common.read_rows(tmp_path / "decode.csv"))
+    idx = gpu_rows(bd.main, tmp_path, "decode", [
+        "--models", "tiny", "--adapter-layers", "3", "--batch-sizes", "1,4",
+        "--prompt-len", "32", "--new-tokens", "16", "--warmup-tokens", "4"])
     for prov in bd.PROVIDERS:
         assert float(idx[(prov, "check", "tiny-K10-L3-bf16-check-b2-p32-c8", "max_err_over_tol")]) <= 1
         for batch in (1, 4):

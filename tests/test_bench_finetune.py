@@ -14,9 +14,18 @@ import csv
 import json
 import re
 
-import numpy as np
 import pytest
 import torch
+from bench_utils import (
+    ON_CUDA,
+    assert_names_the_argument,
+    assert_stops_before_timing,
+    gpu_only,
+    gpu_rows,
+    index,
+    raw_gate,
+    results_snapshot,
+)
 from model_utils import VOCAB, tiny_model
 
 from llama_adapter_triton import (
@@ -33,8 +42,6 @@ from llama_adapter_triton.bench import common
 from llama_adapter_triton.model.llama import eager_attention
 from llama_adapter_triton.train.data import load_records, tokenize_records
 from llama_adapter_triton.train.demo import DEMO_DATA, train_tokenizer
-
-ON_CUDA = torch.cuda.is_available()
 
 
 def tokens(batch: int, seqlen: int, seed: int = 0) -> torch.Tensor:
@@ -116,18 +123,8 @@ def test_eager_impl_refuses_packed_batches_and_bad_names():
 # --------------------------------------------------------------------------------------------------
 # The smoke run, end to end, under pytest-benchmark
 # --------------------------------------------------------------------------------------------------
-def _results_snapshot() -> dict[str, float]:
-    if not common.RESULTS_DIR.exists():
-        return {}
-    return {str(p): p.stat().st_mtime for p in common.RESULTS_DIR.rglob("*")}
-
-
-def _index(rows: list[dict[str, str]]) -> dict[tuple[str, str, str, str], str]:
-    return {(r["provider"], r["mode"], r["shape"], r["metric"]): r["value"] for r in rows}
-
-
 def test_smoke_run_checks_times_and_writes_rows(benchmark, tmp_path, capsys):
-    before = _results_snapshot()
+    before = results_snapshot()
     rc = benchmark.pedantic(bf.main, args=(["--smoke", "--out", str(tmp_path)],), rounds=1, iterations=1)
     assert rc == 0
     out = capsys.readouterr().out
@@ -138,7 +135,7 @@ def test_smoke_run_checks_times_and_writes_rows(benchmark, tmp_path, capsys):
     with path.open(newline="") as f:
         assert tuple(next(csv.reader(f))) == common.CSV_COLUMNS
     rows = common.read_rows(path)
-    idx = _index(rows)
+    idx = index(rows)
     shape = "smoke-K4-L1-bf16"
     assert int(idx[("data", "all", shape, "examples")]) == 24
     assert idx[("data", "all", shape, "source")].startswith("synthetic Alpaca-like lengths")
@@ -179,7 +176,7 @@ def test_smoke_run_checks_times_and_writes_rows(benchmark, tmp_path, capsys):
     png, md = list(tmp_path.glob("finetune_*.png")), list(tmp_path.glob("finetune_*.md"))
     assert len(png) == len(md) == 1 and png[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ours_packed" in md[0].read_text()
-    assert _results_snapshot() == before  # a smoke run never writes into bench/results/
+    assert results_snapshot() == before  # a smoke run never writes into bench/results/
     # a second run appends, and keeps the earlier files
     first = path.read_text()
     assert bf.main(["--smoke", "--out", str(tmp_path), "--providers", "eager_padded512", "--steps", "1"]) == 0
@@ -199,19 +196,6 @@ def _packed_rows_as_one_sequence(model):
         yield
     finally:
         del model.forward
-
-
-@contextlib.contextmanager
-def _raw_gate(model):
-    """The official release's ambiguity: the raw gate instead of tanh(gate)."""
-    layers = list(adapter_layers(model).values())
-    for m in layers:
-        m.gate_act = "identity"
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.gate_act = "tanh"
 
 
 @contextlib.contextmanager
@@ -241,7 +225,7 @@ def _hf_fused_tanh(model):
 WRONG = {
     "leaky_packed": (bf.Provider("leaky_packed", "fused", "packed", _packed_rows_as_one_sequence),
                      ["prompt_grads: max abs error", "gate_grads: max abs error"]),
-    "raw_gate": (bf.Provider("raw_gate", "fused", "padded", _raw_gate), ["gate_grads: max abs error"]),
+    "raw_gate": (bf.Provider("raw_gate", "fused", "padded", raw_gate), ["gate_grads: max abs error"]),
     "frozen_prompts": (bf.Provider("frozen_prompts", "fused", "padded", _frozen_prompts),
                        ["prompt_grads: not computed"]),
     "hf_tanh_gate": (bf.Provider("hf_tanh_gate", None, "padded", _hf_fused_tanh, family="hf"),
@@ -253,16 +237,12 @@ WRONG = {
 def test_wrong_provider_fails_loudly_and_is_not_timed(wrong, tmp_path, capsys):
     provider, named = WRONG[wrong]
     providers = {"eager_padded512": bf.PROVIDERS["eager_padded512"], wrong: provider}
-    assert bf.main(["--smoke", "--out", str(tmp_path), "--providers", f"eager_padded512,{wrong}", "--steps", "1"],
-                   providers=providers) == 1
-    err = capsys.readouterr().err
-    assert "CORRECTNESS CHECK FAILED" in err and repr(wrong) in err and "it is not timed" in err
+    argv = ["--smoke", "--out", str(tmp_path), "--providers", f"eager_padded512,{wrong}", "--steps", "1"]
+    err, rows = assert_stops_before_timing(bf.main, argv, providers, wrong, tmp_path, "finetune", capsys)
+    assert "it is not timed" in err
     for part in named:
         assert part in err
-    rows = common.read_rows(tmp_path / "finetune.csv")
     assert any(r["provider"] == "eager_padded512" and r["metric"] == "step_median" for r in rows)
-    assert not any(r["provider"] == wrong for r in rows)  # nothing recorded for a wrong answer
-    assert not list(tmp_path.glob("*.png"))
 
 
 def test_hf_providers_are_skipped_without_transformers_and_peft(tmp_path, monkeypatch, capsys):
@@ -277,21 +257,8 @@ def test_hf_providers_are_skipped_without_transformers_and_peft(tmp_path, monkey
 
 
 # --------------------------------------------------------------------------------------------------
-# Data: the Alpaca-length approximation, real data
+# Data: real data (the Alpaca-length approximation: tests/test_alpaca_data.py)
 # --------------------------------------------------------------------------------------------------
-def test_alpaca_length_approximation_matches_its_documented_numbers():
-    lengths, prompts = bf.ALPACA_LENGTHS.draw(bf.ALPACA_EXAMPLES, np.random.default_rng(0))
-    assert 150 <= lengths.mean() <= 170  # "about 158 tokens"
-    assert 125 <= np.median(lengths) <= 145 and np.percentile(lengths, 99) > 400 and lengths.max() <= 512
-    assert prompts.min() >= 37 and (lengths > prompts).all()  # BOS + template at least, and a response
-    again, _ = bf.ALPACA_LENGTHS.draw(bf.ALPACA_EXAMPLES, np.random.default_rng(0))
-    assert (again == lengths).all()  # seeded
-    short, short_prompts = bf.ALPACA_LENGTHS.draw(1000, np.random.default_rng(1), scale=0.1, max_len=64)
-    assert short.max() <= 64 and short_prompts.min() >= 1 and (short > short_prompts).all()
-    data = bf.synthetic_dataset(50, 512, seed=0, scale=1.0, max_len=512)
-    assert len(data) == 50 and int(data.tokens.max()) < 512 and int(data.num_targets.min()) >= 1
-
-
 def test_real_alpaca_data_is_tokenized_for_its_lengths(tmp_path, capsys):
     records = json.loads(DEMO_DATA.read_text())[:12]
     data = tmp_path / "alpaca.json"
@@ -302,7 +269,7 @@ def test_real_alpaca_data_is_tokenized_for_its_lengths(tmp_path, capsys):
     argv = ["--smoke", "--out", str(tmp_path / "out"), "--data", str(data), "--tokenizer", str(tokenizer),
             "--providers", "eager_padded512", "--steps", "1"]
     assert bf.main(argv) == 0
-    idx = _index(common.read_rows(tmp_path / "out" / "finetune.csv"))
+    idx = index(common.read_rows(tmp_path / "out" / "finetune.csv"))
     assert idx[("data", "all", "smoke-K4-L1-bf16", "source")].startswith(str(data))
     assert int(idx[("data", "all", "smoke-K4-L1-bf16", "examples")]) == 12
     expected, _ = tokenize_records(load_records(data)[0], Tokenizer(tokenizer), max_seq_len=64)
@@ -353,7 +320,7 @@ def test_memory_plan_and_smoke_memory_rows(tmp_path, capsys):
     assert bf.main(["--memory-plan", "yes", "--out", str(tmp_path / "plan")]) == 0
     out = capsys.readouterr().out
     assert "| llama2-70b | nf4  | yes           | 16,384 | 33.88   |" in out, out
-    idx = _index(common.read_rows(tmp_path / "plan" / "finetune.csv"))
+    idx = index(common.read_rows(tmp_path / "plan" / "finetune.csv"))
     total = float(idx[("plan", "memory", "llama2-7b-K10-L30-nf4-nockpt-512tok", "predicted_total")])
     assert 5 * 1024 < total < 6 * 1024  # MiB: Llama-2-7B in nf4 on 512-token micro-batches, under 8 GB
     assert len([k for k in idx if k[3] == "predicted_total"]) == 3 * 3 * 2 * 2
@@ -361,7 +328,7 @@ def test_memory_plan_and_smoke_memory_rows(tmp_path, capsys):
     argv = ["--smoke", "--memory", "yes", "--bases", "nf4", "--memory-tokens", "96", "--steps", "1",
             "--warmup-steps", "1", "--out", str(tmp_path / "rows")]
     assert bf.main(argv) == 0
-    idx = _index(common.read_rows(tmp_path / "rows" / "finetune.csv"))
+    idx = index(common.read_rows(tmp_path / "rows" / "finetune.csv"))
     for checkpointing in ("nockpt", "ckpt"):
         shape = f"smoke-K4-L1-nf4-{checkpointing}-96tok"
         peak, predicted = (float(idx[("ours_packed", "memory", shape, m)]) for m in ("peak_mem", "predicted_peak"))
@@ -383,23 +350,17 @@ def test_memory_plan_and_smoke_memory_rows(tmp_path, capsys):
     (["--out", str(common.RESULTS_DIR / "smoke")], "--out"),
 ])
 def test_bad_command_line_names_the_argument(argv, flag, capsys):
-    with pytest.raises(SystemExit) as exc:
-        bf.main(["--smoke", *argv])
-    assert exc.value.code == 2
-    assert flag in capsys.readouterr().err
-    assert not (common.RESULTS_DIR / "smoke").exists()
+    assert_names_the_argument(bf.main, argv, flag, capsys)
 
 
 # --------------------------------------------------------------------------------------------------
 # On a GPU: the real kernels, a small model, every provider
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.gpu
-@pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA GPU")
+@gpu_only
 def test_gpu_small_run_checks_and_times_every_provider(tmp_path):
-    argv = ["--out", str(tmp_path), "--models", "tiny", "--adapter-layers", "3", "--token-budget", "1024",
-            "--pad-to", "256", "--examples", "400", "--length-scale", "0.5", "--warmup-steps", "1", "--steps", "3"]
-    assert bf.main(argv) == 0
-    idx = _index(common.read_rows(tmp_path / "finetune.csv"))
+    idx = gpu_rows(bf.main, tmp_path, "finetune", [
+        "--models", "tiny", "--adapter-layers", "3", "--token-budget", "1024",
+        "--pad-to", "256", "--examples", "400", "--length-scale", "0.5", "--warmup-steps", "1", "--steps", "3"])
     shape = "tiny-K10-L3-bf16"
     for prov in bf.PROVIDERS:
         assert float(idx[(prov, "check", shape, "max_err_over_tol")]) <= 1

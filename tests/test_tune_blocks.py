@@ -15,6 +15,7 @@ import csv
 
 import pytest
 import torch
+from bench_utils import ON_CUDA, assert_names_the_argument, gpu_only, results_snapshot
 from triton.runtime.errors import OutOfResources
 
 import llama_adapter_triton.kernels.zero_init_attn as zia
@@ -22,14 +23,7 @@ from llama_adapter_triton.bench import common
 from llama_adapter_triton.bench import tune_blocks as tb
 from llama_adapter_triton.kernels import block_sizes
 
-ON_CUDA = torch.cuda.is_available()
 CANDIDATE_METRICS = {"time_ms", "skipped", "failed"}  # exactly one of these per candidate and shape
-
-
-def _results_snapshot() -> dict[str, float]:
-    if not common.RESULTS_DIR.exists():
-        return {}
-    return {str(p): p.stat().st_mtime for p in common.RESULTS_DIR.rglob("*")}
 
 
 def _candidate_rows(path) -> list[dict[str, str]]:
@@ -45,7 +39,7 @@ def _blocks_now(kernel: str) -> tuple[int, ...]:
 # The smoke run, end to end
 # --------------------------------------------------------------------------------------------------
 def test_smoke_run_checks_times_and_writes_one_row_per_candidate(benchmark, tmp_path, capsys):
-    before = _results_snapshot()
+    before = results_snapshot()
     rc = benchmark.pedantic(tb.main, args=(["--smoke", "--out", str(tmp_path)],), rounds=1, iterations=1)
     assert rc == 0
     out = capsys.readouterr().out
@@ -74,7 +68,7 @@ def test_smoke_run_checks_times_and_writes_one_row_per_candidate(benchmark, tmp_
                and r["unit"] == "ms" for r in rows)
     assert sum(r["provider"].endswith("(default)") for r in rows) == 6  # one default per kernel and shape
     assert {r["gpu_name"] for r in rows} == {"cpu" if not ON_CUDA else torch.cuda.get_device_name()}
-    assert _results_snapshot() == before  # a smoke run never writes into bench/results/
+    assert results_snapshot() == before  # a smoke run never writes into bench/results/
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,11 +269,7 @@ def test_suggestions_need_a_win_above_3_percent_at_most_seqlens():
     (["--out", str(common.RESULTS_DIR / "smoke")], "--out"),
 ])
 def test_bad_command_line_names_the_argument(argv, flag, capsys):
-    with pytest.raises(SystemExit) as exc:
-        tb.main(["--smoke", *argv])
-    assert exc.value.code == 2
-    assert flag in capsys.readouterr().err
-    assert not (common.RESULTS_DIR / "smoke").exists()
+    assert_names_the_argument(tb.main, argv, flag, capsys)
 
 
 def test_candidates_replace_only_the_kernels_they_name():
@@ -296,8 +286,7 @@ def test_candidates_replace_only_the_kernels_they_name():
 # --------------------------------------------------------------------------------------------------
 # On a GPU: a small real sweep
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.gpu
-@pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA GPU")
+@gpu_only
 def test_gpu_small_sweep(tmp_path):
     argv = ["--out", str(tmp_path), "--seqlens", "512", "--headdims", "64", "--tokens", "1024", "--rep-ms", "20",
             "--warmup-ms", "5", "--candidates", "fwd=64,64,4,3 dkdv=64,64,8,3 dq=64,32,4,3"]

@@ -12,7 +12,8 @@ TensorMemory counts every tensor storage that torch allocates while it is active
 autograd's backward and checkpoint's recomputation too) and its release (a weakref finalizer on the storage), plus
 what was alive when it started if given: torch.cuda.max_memory_allocated for any device. It does not see memory that
 bypasses torch (numpy, Triton's interpreter, a library's own buffers).
-What each term counts, and the measured errors: docs/benchmarks.md (Memory rows and the memory plan).
+Below them, `llama-adapter bench finetune`'s memory rows (--memory-plan yes, --memory yes): the plan next to the
+peak that ours_packed's steps reach. What each term counts, and the measured errors: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -407,6 +407,9 @@ _FILTER_SIZES = {
 }
 # the filters that take an iterable whose size must be told first: it is passed on as a list
 _FILTER_ITERABLES = {"join": "value", "sum": "iterable"}
+# the filters that make text of their value (a list's text may be far larger than the list: [s] * 1000)
+_FILTER_TEXTS = {"capitalize", "e", "escape", "forceescape", "lower", "pprint", "safe", "string", "striptags", "title",
+                 "trim", "truncate", "upper", "urlencode", "urlize", "wordcount", "xmlattr"}
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
@@ -432,7 +435,7 @@ def _bounded_filter(name: str, func):
                 arguments[key] = bound.arguments[key] = _materialize(arguments[key], budget.chars)
             budget.check(_FILTER_SIZES[name](arguments, budget.chars), f"the filter {name}")
             args, kwargs = bound.args, bound.kwargs
-        elif len(args) > passed and not isinstance(args[passed], str):
+        elif name in _FILTER_TEXTS and len(args) > passed and not isinstance(args[passed], str):
             budget.check(_size(args[passed], budget.chars), f"the filter {name}'s value")
         result = func(*args, **kwargs)
         budget.tick(_shallow(result))

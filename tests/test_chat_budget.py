@@ -87,7 +87,8 @@ def test_unreadable_and_empty_templates_are_named(tmp_path, chat_folder):  # noq
     (tmp_path / "latin1.jinja").write_bytes("{{ 'café' }}".encode("latin-1"))
     with pytest.raises(CheckpointError, match=r"latin1\.jinja: a chat template must be UTF-8 text; byte 7 is not"):
         ChatTemplate.from_file(tmp_path / "latin1.jinja")
-    records, _ = parse_records([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    records, _ = parse_records([{"messages": conversation}])
     empty = ChatTemplate("{% if false %}x{% endif %}", origin="empty.jinja")
     with pytest.raises(DataError, match=r"record 0: field 'messages' the chat template of empty\.jinja renders this "
                                         r"conversation as an empty string"):

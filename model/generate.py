@@ -1,20 +1,21 @@
 """Generation with a KV cache: prefill, then one token per step; greedy or temperature / top-p sampling.
 
-    llama-adapter generate --checkpoint CKPT_DIR --adapter adapter.safetensors \
+    llama-adapter generate --checkpoint CKPT_DIR --adapter adapter.safetensors \\
         --instruction "Tell me about alpacas." [--input "..."]                           # one GPU (bf16)
     llama-adapter generate --checkpoint CKPT_DIR --instruction "..." --device cpu   # CPU (fp32)
-    llama-adapter generate --checkpoint llama-7b/ --adapter llama_adapter_len10_layer30_release.pth \
+    llama-adapter generate --checkpoint llama-7b/ --adapter llama_adapter_len10_layer30_release.pth \\
         --gate-act tanh --instruction "..."            # the official v1 release: gate_act must be chosen
     llama-adapter generate --checkpoint Llama-2-7b-chat-hf/ --chat --system "Be brief."   # a conversation, a line
                                                        # per turn, in the checkpoint's own chat template
 
 The instruction goes through the adapter's template (--template; model/prompt.py), BOS first, as the adapter was
-trained; --chat uses the checkpoint's own chat template (model/chat.py). The answer is streamed, then tokens/s.
-Batches of prompts of different lengths are left-padded: every row's last prompt token sits at the same cache slot,
-so one decode step serves all rows; the pad keys are masked and each row's RoPE positions start at its first real
-token, so a row generates what it would alone. A user error prints one line and exits non-zero (2 for a flag, 1 for
-a file); the tokenizer and the prompt's length are checked before the weights load. More commands (the official V2
-release with an image, NF4, chat adapters): docs/checkpoints.md (Generation).
+trained; --chat uses the checkpoint's own chat template (model/chat.py, within its budget: --chat-max-seconds,
+--chat-max-chars), and a conversation's line that cannot be taken (not UTF-8, a special-token string, one the
+template refuses, one the context cannot hold) is refused on stderr while the conversation goes on. The answer is
+streamed, then tokens/s. Batches of prompts of different lengths are left-padded: every row's last prompt token
+sits at the same cache slot, so one decode step serves all rows, and a row generates what it would alone. A user
+error prints one line and exits non-zero (2 for a flag, 1 for a file); the tokenizer and the prompt's length are
+checked before the weights load. More: docs/checkpoints.md (Generation).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ import torch
 from llama_adapter_triton.kernels.checks import check_int
 
 from .adapter import AdapterConfig
-from .chat import ChatTemplate, encode_chat_prompt
+from .chat import RENDER_CHARS, RENDER_SECONDS, ChatTemplate, check_budget, encode_chat_prompt
 from .cli import check_cuda_device, cli_message, parse_dataclass
 from .io import CheckpointError
 from .llama import LLaMA, LLaMAConfig, check_window
@@ -186,6 +187,10 @@ class Args:
     chat_template: Path | None = field(default=None, metadata={
         "help": "--chat: a .jinja file or a tokenizer_config.json whose chat template to use instead of the "
                 "tokenizer folder's"})
+    chat_max_seconds: float = field(default=RENDER_SECONDS, metadata={
+        "help": "--chat: the most seconds one rendering of the chat template may take (model/chat.py)"})
+    chat_max_chars: int = field(default=RENDER_CHARS, metadata={
+        "help": "--chat: the most characters one rendering of the chat template may build (model/chat.py)"})
     adapter: Path | None = field(default=None, metadata={
         "help": "adapter: ours (.safetensors, V1 or V2), the official v1 or V2 release's .pth, a PEFT adaption-prompt "
                 "folder, or litgpt's lit_model.pth.adapter(_v2)"})
@@ -220,6 +225,11 @@ class Args:
         for flag, value in (("--system", self.system), ("--chat-template", self.chat_template)):
             if value is not None and not self.chat:
                 raise ValueError(f"{flag} goes with --chat")
+        for flag, value in (("--instruction", self.instruction), ("--input", self.input), ("--system", self.system)):
+            problem = utf8_problem(value)
+            if problem:
+                raise ValueError(f"{flag} {problem}")
+        check_budget(self.chat_max_seconds, self.chat_max_chars, names=("--chat-max-seconds", "--chat-max-chars"))
         if self.chat and self.image is not None:
             raise ValueError("--chat is text-only: --image goes without it")
         check_quantize(self.quantize, argument="--quantize")
@@ -231,6 +241,31 @@ class Args:
             raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.device != "cpu":
             check_cuda_device(self.device)
+
+
+def utf8_problem(text: str | None) -> str | None:
+    """What makes text unusable as a prompt: bytes that were not UTF-8 (read with surrogateescape, as Python reads
+    the command line), said with their place; None when it is fine."""
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"is not valid UTF-8 text (character {e.start}: {text[e.start]!r})"
+    return None
+
+
+def input_lines(stream) -> Iterator[tuple[str | None, str | None]]:
+    """(line, None), or (None, what is wrong) for a line that is not UTF-8, from a text stream (its bytes when it
+    has them: one bad line does not end the rest)."""
+    raw = getattr(stream, "buffer", None)
+    for number, line in enumerate(raw if raw is not None else stream, 1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield None, f"line {number} is not valid UTF-8 text (byte {e.start})"
+                continue
+        problem = utf8_problem(line)
+        yield (None, f"line {number} {problem}") if problem else (line.rstrip("\r\n"), None)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Args:
@@ -298,7 +333,7 @@ def run(args: Args) -> None:
     tokenizer.check_vocab(config.vocab_size)
     message = None if args.instruction is None else user_message(args.instruction, args.input)
     if args.chat:
-        chat = Chat(tokenizer, args.chat_template, args.system)
+        chat = Chat(tokenizer, args.chat_template, args.system, args.chat_max_seconds, args.chat_max_chars)
         try:
             prompt = chat.prompt(message) if message is not None else None
         except ValueError as e:
@@ -324,16 +359,19 @@ def run(args: Args) -> None:
         answer_streamed(model, tokenizer, prompt, args, generator, features)
         return
     print("chat: one line per turn; an empty line or the end of the input (Ctrl-D) ends it", file=sys.stderr)
-    for line in sys.stdin:  # the conversation, a line per user turn
-        message = line.rstrip("\n")
-        if not message.strip():
+    for message, problem in input_lines(sys.stdin):  # the conversation, a line per user turn
+        if message is not None and not message.strip():
             break
         try:
+            if problem is not None:
+                raise ValueError(problem)
             prompt = chat.prompt(message)
-        except ValueError as e:  # a special-token string in the message: say so, and read the next line
-            print(f"{PROG}: {e}", file=sys.stderr)
+            problem = prompt_length_problem(len(prompt), args.max_new_tokens, config)  # the conversation is full
+            if problem is not None:
+                raise ValueError(problem)
+        except ValueError as e:  # say so, and read the next line: the conversation stays as it was
+            print(f"{PROG}: this line is not taken: {e}", file=sys.stderr)
             continue
-        check_prompt_length(len(prompt), args.max_new_tokens, config)  # the conversation is full
         answer = answer_streamed(model, tokenizer, prompt, args, generator, features)
         chat.messages += [("user", message), ("assistant", tokenizer.decode(answer))]
 
@@ -342,14 +380,16 @@ class Chat:
     """A conversation in the checkpoint's chat template (model/chat.py): the messages so far, and the prompt of the
     next assistant turn."""
 
-    def __init__(self, tokenizer, template_file: Path | None, system: str | None):
+    def __init__(self, tokenizer, template_file: Path | None, system: str | None,
+                 max_seconds: float = RENDER_SECONDS, max_chars: int = RENDER_CHARS):
         template = ChatTemplate.from_file(template_file) if template_file is not None else \
             ChatTemplate.find(tokenizer.path)
         if template is None:
             raise SystemExit(f"{PROG}: error: --chat: {tokenizer.path.parent} has no chat template (no "
                              "chat_template.jinja, no \"chat_template\" in tokenizer_config.json); pass "
                              "--chat-template FILE, or use --template alpaca|chat")
-        self.template, self.tokenizer = template, tokenizer
+        self.template = replace(template, max_seconds=max_seconds, max_chars=max_chars)
+        self.tokenizer = tokenizer
         self.messages: list[tuple[str, str]] = [("system", system)] if system else []
 
     def prompt(self, message: str) -> list[int]:
@@ -358,17 +398,25 @@ class Chat:
         return encode_chat_prompt(self.template, self.tokenizer, [*self.messages, ("user", message)])
 
 
-def check_prompt_length(length: int, max_new_tokens: int, config: LLaMAConfig) -> None:
-    """A one-line exit, before the weights load, for a prompt plus max_new_tokens beyond the model's context or its
-    sliding window (Mistral v0.1: as stream() checks it)."""
+def prompt_length_problem(length: int, max_new_tokens: int, config: LLaMAConfig) -> str | None:
+    """What is wrong with a prompt plus max_new_tokens beyond the model's context or its sliding window (Mistral
+    v0.1: as stream() checks it), or None."""
     if length + max_new_tokens > config.max_seq_len:
-        raise SystemExit(f"{PROG}: error: the prompt has {length} tokens; with --max-new-tokens "
-                         f"{max_new_tokens} that exceeds the model's context of {config.max_seq_len} tokens")
+        return (f"the prompt has {length} tokens; with --max-new-tokens {max_new_tokens} that exceeds the model's "
+                f"context of {config.max_seq_len} tokens")
     try:
         check_window(config, length + max_new_tokens - 1,
                      f"the prompt ({length} tokens) with --max-new-tokens {max_new_tokens}: a span")
     except ValueError as e:
-        raise SystemExit(f"{PROG}: error: {e}") from None
+        return str(e)
+    return None
+
+
+def check_prompt_length(length: int, max_new_tokens: int, config: LLaMAConfig) -> None:
+    """A one-line exit, before the weights load, for prompt_length_problem."""
+    problem = prompt_length_problem(length, max_new_tokens, config)
+    if problem is not None:
+        raise SystemExit(f"{PROG}: error: {problem}")
 
 
 def answer_streamed(model: LLaMA, tokenizer, prompt: list[int], args: Args, generator: torch.Generator,

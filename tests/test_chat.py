@@ -132,8 +132,8 @@ def test_conversation_errors_name_the_message(chat_folder):
         with pytest.raises(ValueError, match=r"refuses this conversation: Conversation roles must alternate"):
             template.render([("user", "a"), ("user", "b")])
     backwards = ChatTemplate("{% for m in messages | reverse %}{{ m['content'] }}{% endfor %}")
-    with pytest.raises(ValueError, match=r"message 1: the chat template of chat template does not render the "
-                                         r"conversation up to this turn as the beginning of the whole"):
+    with pytest.raises(ValueError, match=r"message 1: the chat template of chat template .*; its assistant turns "
+                                         r"cannot be found"):
         encode_chat(backwards, tok, [("user", "q"), ("assistant", "a")])
     # the sandbox: a template cannot reach Python's internals
     evil = ChatTemplate("{{ messages.__class__.__mro__ }}")

@@ -310,3 +310,37 @@ def test_command_line_user_errors_are_one_line(checkpoint_dir, tmp_path, capsys)
         last = text.strip().splitlines()[-1]  # after argparse's usage for a bad flag (exit 2)
         assert last.startswith("llama-adapter generate: error: ") and message in last, (flags, text)
         assert "Traceback" not in text and (code == 2 or text.strip() == last), text
+
+
+def test_command_line_chat_refuses_a_bad_line_and_goes_on(checkpoint_dir, tmp_path, capsys, monkeypatch):
+    """--chat (issue 21): a line that is not UTF-8 or too long for the context is refused and the conversation goes
+    on; bytes that are not UTF-8 in --instruction and a template that fails are one line, no traceback."""
+    import sys
+
+    from test_chat import LLAMA2_CHAT
+
+    from llama_adapter_triton.model.chat import ChatTemplate
+
+    (tmp_path / "chat.jinja").write_text(LLAMA2_CHAT)
+    (tmp_path / "zero.jinja").write_text("{{ 1 / 0 }}")
+    flags = ["--checkpoint", str(checkpoint_dir), "--chat", "--chat-template", str(tmp_path / "chat.jinja"),
+             "--max-new-tokens", "3", "--temperature", "0"]
+    long_line = "alpacas " * 400
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(
+        b"caf\xe9\n" + long_line.encode() + b"\nTell me about alpacas.\n\n"), encoding="utf-8"))
+    main(flags)
+    captured = capsys.readouterr()
+    tokenizer = Tokenizer(checkpoint_dir)
+    model = load_checkpoint(checkpoint_dir)
+    ids = tokenizer.encode(ChatTemplate.from_file(tmp_path / "chat.jinja").for_tokenizer(tokenizer).render(
+        [("user", "Tell me about alpacas.")], add_generation_prompt=True), bos=False, special=True)
+    answer = generate(model, [ids], max_new_tokens=3, stop_ids=tokenizer.stop_ids)[0]
+    assert captured.out == tokenizer.decode(answer) + "\n"  # the conversation holds the good line alone
+    assert "this line is not taken: line 1 is not valid UTF-8 text (byte 3)" in captured.err
+    assert "this line is not taken: the prompt has" in captured.err and "Traceback" not in captured.err
+    with pytest.raises(SystemExit) as e:
+        main([*flags[:2], "--instruction", "caf\udce9"])
+    assert e.value.code == 2 and "--instruction is not valid UTF-8 text (character 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"--chat: the chat template of .*zero\.jinja fails on this conversation: "
+                                         r"ZeroDivisionError: division by zero$"):
+        main([*flags[:3], "--chat-template", str(tmp_path / "zero.jinja"), "--instruction", "hi"])

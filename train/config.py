@@ -19,6 +19,7 @@ import torch
 from llama_adapter_triton.kernels.checks import check_int
 from llama_adapter_triton.model.adapter import FUSIONS, GATE_ACTS, GATES, SCALES, VERSIONS, AdapterConfig
 from llama_adapter_triton.model.adapters.peft import peft_export_problem
+from llama_adapter_triton.model.chat import RENDER_CHARS, RENDER_SECONDS, check_budget
 from llama_adapter_triton.model.checkpoint import load_config
 from llama_adapter_triton.model.llama import LLaMAConfig, check_window
 from llama_adapter_triton.model.prompt import TEMPLATES
@@ -118,6 +119,10 @@ class FinetuneConfig:
     chat_template: Path | None = field(default=None, metadata={
         "help": "the chat template of messages records (and --template model): a .jinja file or a "
                 "tokenizer_config.json (default: the tokenizer folder's chat_template.jinja or tokenizer_config.json)"})
+    chat_max_seconds: float = field(default=RENDER_SECONDS, metadata={
+        "help": "the most seconds one rendering of the chat template may take (model/chat.py)"})
+    chat_max_chars: int = field(default=RENDER_CHARS, metadata={
+        "help": "the most characters one rendering of the chat template may build (model/chat.py)"})
     tokenization: str = field(default="official", metadata={
         "help": "official: encode(prompt + response), the prompt's tokens masked (the official script's); litgpt: "
                 "the response encoded on its own after the prompt (litgpt's, and this project's before)",
@@ -194,6 +199,7 @@ class FinetuneConfig:
         self._check_pairings()
         self._check_numbers()
         self._check_choices()
+        check_budget(self.chat_max_seconds, self.chat_max_chars, names=("--chat-max-seconds", "--chat-max-chars"))
 
     def _check_counts(self) -> None:
         for name, minimum in (("adapter_len", 1), ("adapter_layers", 1), ("visual_hidden", 1), ("max_seq_len", 2),

@@ -500,6 +500,8 @@ class TokenizeReport:
     dropped: list[int] = field(default_factory=list)  # prompt alone >= max_seq_len: no target left
     tokens_dropped: int = 0  # all tokens of the dropped examples
     boundary_merged: list[int] = field(default_factory=list)  # encode(prompt) not a prefix of encode(prompt + output)
+    skipped: list[int] = field(default_factory=list)  # on_bad_record="skip": conversations the chat template or the
+    problems: list[RecordProblem] = field(default_factory=list)  # tokenizer cannot take, and why
 
     def summary(self) -> str:
         text = (f"{self.num_examples} examples, {self.num_tokens} tokens, {self.num_targets} targets "
@@ -510,6 +512,9 @@ class TokenizeReport:
         if self.dropped:
             text += (f"; dropped {len(self.dropped)} example(s) whose prompt alone has >= {self.max_seq_len} "
                      f"tokens ({self.tokens_dropped} tokens; records {_first(self.dropped)})")
+        if self.skipped:
+            text += (f"; skipped {len(self.skipped)} conversation(s) that the chat template or the tokenizer cannot "
+                     f"take:\n{_listing(self.problems)}")
         if self.boundary_merged:
             text += (f"; {len(self.boundary_merged)} example(s) whose prompt's tokens are not a prefix of the "
                      "example's (masked by count, as the official script does; records "
@@ -554,8 +559,8 @@ def _encode_text(prompt: str, output: str, tokenizer: TokenizerLike, tokenizatio
 
 
 def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *, max_seq_len: int = 512,
-                     chat_template: ChatTemplate | None = None,
-                     tokenization: str = "official") -> tuple[TokenizedDataset, TokenizeReport]:
+                     chat_template: ChatTemplate | None = None, tokenization: str = "official",
+                     on_bad_record: Literal["error", "skip"] = "error") -> tuple[TokenizedDataset, TokenizeReport]:
     """Tokenize records as the official script does: encode(prompt + output, bos, eos), the first
     len(encode(prompt, bos)) tokens masked (the module docstring); messages examples through the chat template.
 
@@ -567,13 +572,15 @@ def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *, max
             dropped; both are counted in the report and logged as a warning.
         chat_template: the model's chat template (model.chat.ChatTemplate), needed by messages examples.
         tokenization: "official" (above) or "litgpt": encode(prompt, bos) + encode(output, bos=False, eos=True).
+        on_bad_record: for the messages examples the chat template or the tokenizer cannot take (a special-token
+            string in a message, a conversation the template refuses or fails on): "error" raises a DataError naming
+            each record; "skip" leaves them out, listed in the report (skipped) and logged as a warning.
     Returns:
         (dataset, report).
-    Raises DataError listing the messages examples the chat template or the tokenizer cannot take (a special-token
-    string in a message, a conversation the template refuses), naming each record.
     """
     _check_int("max_seq_len", max_seq_len, 2)
     _check_choice("tokenization", tokenization, TOKENIZATIONS)
+    _check_choice("on_bad_record", on_bad_record, ("error", "skip"))
     pad_id = _pad_id(tokenizer)
     examples, prompt_lens, index, masks, problems = [], [], [], [], []
     chat = any(isinstance(r, Record) and r.messages for r in records)
@@ -611,14 +618,17 @@ def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *, max
         index.append(source)
         if chat:  # per-token targets: every assistant turn; an Alpaca example's from its prompt on (prompt_lens)
             masks.append(targets[:max_seq_len] if targets is not None else [True] * min(len(tokens), max_seq_len))
-    if problems:
+    if problems and on_bad_record == "error":
         raise DataError(f"{len(problems)} conversation(s) that the chat template or the tokenizer cannot take:\n"
-                        f"{_listing(problems)}", problems)
+                        f"{_listing(problems)}\nFix them, or pass {remedy_text('on_bad_record', 'skip')} to skip "
+                        "them.", problems, remedy=("on_bad_record", "skip"))
+    report.skipped = [p.index for p in problems]
+    report.problems = problems
     data = TokenizedDataset.from_examples(examples, prompt_lens, pad_id=pad_id, source_index=index,
                                           targets=masks if chat else None)
     report.num_examples, report.num_tokens = len(data), len(data.tokens)
     report.num_targets = int(data.num_targets.sum())
-    if report.truncated or report.dropped:
+    if report.truncated or report.dropped or report.skipped:
         log.warning(report.summary())
     if not len(data):
         raise DataError(f"no example left after tokenization: {report.summary()}")

@@ -19,7 +19,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +210,8 @@ def load_data(config: FinetuneConfig, max_seq_len: int, say: Callable[[str], Non
     records, load_report = load_records(config.data, on_bad_record=config.on_bad_record, template=config.template)
     chat_template = ChatTemplate.from_file(config.chat_template) if config.chat_template is not None else \
         ChatTemplate.find(tokenizer.path)
+    if chat_template is not None:
+        chat_template = replace(chat_template, max_seconds=config.chat_max_seconds, max_chars=config.chat_max_chars)
     chats = [r.index for r in records if r.messages]
     if chats and chat_template is None:
         raise UsageError(f"{config.data}: record {chats[0]} (and {len(chats) - 1} more) is a conversation for the "
@@ -219,7 +221,8 @@ def load_data(config: FinetuneConfig, max_seq_len: int, say: Callable[[str], Non
     if chats:
         say(f"chat template: {chat_template.origin}")
     data, tok_report = tokenize_records(records, tokenizer, max_seq_len=max_seq_len, chat_template=chat_template,
-                                        tokenization=config.tokenization)
+                                        tokenization=config.tokenization,
+                                        on_bad_record=config.on_bad_record)
     say(f"data: {load_report.summary()}")
     say(f"      {tok_report.summary()}")
     used = set(data.source_index.tolist())

@@ -1,16 +1,16 @@
 """ScienceQA (Lu et al., NeurIPS 2022), the paper's multi-modal benchmark: conversion to our records, and accuracy.
 
     # 1. records for llama-adapter finetune (and for evaluation), from the dataset's own files
-    llama-adapter scienceqa convert --problems ScienceQA/data/scienceqa/problems.json \
-        --pid-splits ScienceQA/data/scienceqa/pid_splits.json --images ScienceQA/data/scienceqa/images \
+    llama-adapter scienceqa convert --problems ScienceQA/data/scienceqa/problems.json \\
+        --pid-splits ScienceQA/data/scienceqa/pid_splits.json --images ScienceQA/data/scienceqa/images \\
         --split train --out sqa/train.json
     llama-adapter scienceqa convert ... --split test --out sqa/test.json
     # 2. a multi-modal adapter (the records' image paths lead out of sqa/, the default --image-root, to the
     #    dataset's images/, which llama-adapter finetune reads only with --allow-external-files)
-    llama-adapter finetune --checkpoint llama-7b/ --data sqa/train.json --out runs/sqa-7b --clip clip-vit-l-14/ \
+    llama-adapter finetune --checkpoint llama-7b/ --data sqa/train.json --out runs/sqa-7b --clip clip-vit-l-14/ \\
         --allow-external-files
     # 3. accuracy on the test split, by the dataset's categories
-    llama-adapter scienceqa evaluate --checkpoint llama-7b/ --adapter runs/sqa-7b/adapter.safetensors \
+    llama-adapter scienceqa evaluate --checkpoint llama-7b/ --adapter runs/sqa-7b/adapter.safetensors \\
         --clip clip-vit-l-14/ --data sqa/test.json --out runs/sqa-7b/test-predictions.jsonl
 
 A record is an Alpaca one ("<question>\nOptions: (A) ... (B) ...", the hint as its input, "The answer is <letter>.";

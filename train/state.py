@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from llama_adapter_triton.model.chat import RENDER_CHARS, RENDER_SECONDS
 from llama_adapter_triton.model.io import CheckpointError, write_atomic
 from llama_adapter_triton.model.llama import LLaMA
 from llama_adapter_triton.model.tokenizer import Tokenizer
@@ -38,8 +39,9 @@ STATE_FORMAT = "llama-adapter-triton train state"
 RESUMABLE_CHANGES = ("out", "resume", "overwrite", "save_every", "stop_after_steps", "device", "tensorboard", "fsdp",
                      "allow_external_files", "activation_checkpointing", "export")
 # settings that a state written before they existed ran with (the gates were not decayed before --decay-gates, the
-# response was encoded on its own before --tokenization)
-UNRECORDED_SETTINGS = {"decay_gates": False, "tokenization": "litgpt"}
+# response was encoded on its own before --tokenization; the chat template's budget, its default)
+UNRECORDED_SETTINGS = {"decay_gates": False, "tokenization": "litgpt", "chat_max_seconds": RENDER_SECONDS,
+                       "chat_max_chars": RENDER_CHARS}
 
 
 def _json_config(config: FinetuneConfig) -> dict:

@@ -23,6 +23,7 @@ import csv
 import dataclasses
 import gc
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -62,7 +63,7 @@ class BenchEnv:
     device: torch.device
     gpu_name: str  # torch.cuda.get_device_name, or "cpu"
     date: str  # the run's start, ISO-8601 UTC, e.g. 2025-11-23T15:46:00Z
-    git_commit: str  # short hash, "-dirty" appended when tracked files differ; "unknown" outside git
+    git_commit: str  # short hash, "-dirty" appended when tracked files differ; else COMMIT's; else "unknown"
 
     @property
     def is_cuda(self) -> bool:
@@ -79,16 +80,29 @@ class BenchEnv:
 
 def git_commit(repo: Path = REPO_ROOT) -> str:
     """Short hash of HEAD, with "-dirty" when tracked files differ from it (bench/results/ excluded:
-    appending results must not mark the next run dirty). "unknown" when git or the repository is missing."""
+    appending results must not mark the next run dirty). Where git or the repository's .git is missing (a device
+    machine gets a copy of the working tree), the commit in repo/COMMIT, which `bash bench/gpu_session.sh
+    --write-commit` writes before the call; "unknown" when neither says."""
     try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+        top, head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--show-toplevel", "--short", "HEAD"],
+                                   capture_output=True, text=True, check=True, timeout=30).stdout.split()
+        if Path(top).resolve() != repo.resolve():  # a copy of the tree inside some other repository
+            return commit_file(repo)
         status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no",
                                  "--", ".", ":(exclude)bench/results"],
                                 capture_output=True, text=True, check=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return commit_file(repo)
     return f"{head}-dirty" if status else head
+
+
+def commit_file(repo: Path = REPO_ROOT) -> str:
+    """The commit written into repo/COMMIT (a short or full hash, "-dirty" allowed), or "unknown"."""
+    try:
+        text = (repo / "COMMIT").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return "unknown"
+    return text if re.fullmatch(r"[0-9a-f]{7,40}(-dirty)?", text) else "unknown"
 
 
 def default_device() -> torch.device:

@@ -1,35 +1,53 @@
 #!/usr/bin/env bash
-# What a session lent a GPU runs. The device machine has torch 2.11, triton 3.6, transformers, peft, pytest,
-# pytest-benchmark, sentencepiece, tiktoken and matplotlib, but no internet and no xformers.
+# What a session lent a GPU runs. The device machine (H100 or H200) has Python 3.12, torch 2.11, triton 3.6,
+# transformers, peft, pytest with pytest-xdist and pytest-timeout, pytest-benchmark, sentencepiece, tiktoken,
+# matplotlib and compute-sanitizer, but no internet, no xformers, no bitsandbytes and no liger-kernel.
 #
-# FIRST, in one device call of at most 8 minutes (the lease may be 15 minutes in all, machine start included):
+# FIRST, in one device call (the lease may be 15 minutes in all, the machine's start included):
 #
-#   bash bench/gpu_session.sh --plan quick      # here: the steps, their timeouts and the total (runs nothing)
-#   bash bench/gpu_session.sh --fetch-wheels    # here: pytest-xdist into .whl/ (ignored by git), to compile the
-#                                               #   kernel tests in 8 processes there; optional, but without it
-#                                               #   the kernel tests may not all finish inside their timeout;
-#                                               #   and bitsandbytes (43 MB: --quantize, the memory stages'
-#                                               #   int8/nf4 rows and their tests) and liger-kernel (the fused
-#                                               #   loss on CUDA), which the device machine does not have
-#   device run: bash bench/gpu_session.sh quick    (carry: [".whl"], timeout_s: 560)
+#   bash bench/gpu_session.sh --plan quick       # here: the steps, their timeouts, the overheads, the total (475 s)
+#   bash bench/gpu_session.sh --write-commit     # here: the commit (short hash, "-dirty" when tracked files differ)
+#                                                #   into COMMIT, a file that travels with the tree (not ignored by
+#                                                #   git; never commit it): the device may get no .git, and then
+#                                                #   every row and the env step read the commit from it
+#   device run: bash bench/gpu_session.sh quick    (no carry: quick needs no wheels; timeout_s: 540)
+#   rm COMMIT                                    # here, after the call
 #
-# The quick plan, each step under its own timeout, its results copied to $OUT as soon as it ends (a call killed
-# at its limit still returns what the finished steps wrote):
-#   1. env        the GPU, torch, triton and the commit                        -> $OUT/quick-1-env.txt
-#   2. kernels    tests/test_zero_init_attention.py compiled, every dtype      -> $OUT/quick-2-kernels.log
-#   3. gpu-tests  the other GPU tests and the model, fine-tuning, generation and multi-modal tests on CUDA
-#                 (pytest -m "gpu or gpu_leg")                                  -> $OUT/quick-3-gpu-tests.log
-#   4. attention  bf16, head dim 128, 32 heads, seqlen 1024/2048/4096, 16k tokens, forward+backward: fused,
-#                 fused_atomic, causal SDPA (torch's default backend and flash forced), two SDPA calls, eager;
-#                 the ratio table against the targets                          -> $OUT/quick-4-attention.tar.gz
-#   5. finetune   fine-tuning steps of the LLaMA-7B shape: ours packed vs eager padded to 512, tokens/s and
-#                 peak memory                                                   -> $OUT/quick-5-finetune.tar.gz
-#   6. sanitizer  compute-sanitizer memcheck on one small launch of each kernel (if it is on the machine)
-#                                                                               -> $OUT/quick-6-sanitizer.log
+# The quick plan, by value: the first 3 minutes hold the answer to "how fast is the op against SDPA / cuDNN".
+# Each step runs under `timeout -s INT` (SIGINT first, so that an interrupted pytest or bench prints its summary;
+# SIGKILL 4 s later) and tees its output straight into $OUT as it comes, so a step killed mid-way keeps what it
+# printed, and a bench that dies before making its output folder still leaves its log. A bench's folder (CSV rows,
+# appended as they are measured; plot; summary) is packed into $OUT as soon as its step ends, killed or not.
+# At most 7 files come back ($OUT takes 8):
+#   1. env            30 s  the GPU, torch, triton, the commit, the date; nvidia-smi      -> quick-1-env.log
+#   2. attention     120 s  bench_attention, fwd+bwd (mode full): bf16, head dim 128, 32 heads, seqlen 1024/2048/4096,
+#                           16k tokens: fused, fused_atomic, causal SDPA (torch's choice: cuDNN or flash; flash
+#                           forced), two SDPA calls, eager; every provider checked against the fp32 oracle before
+#                           it is timed; the ratio table and the targets   -> quick-2-attention.log, .tar.gz
+#   3. finetune       90 s  bench_finetune: LLaMA-7B shape, ours_packed vs eager_padded512, tokens/s and peak
+#                           memory                                          -> quick-3-finetune.log, .tar.gz
+#   4. kernels        85 s  tests/test_zero_init_attention.py compiled, bf16/fp16 (-k "not fp32": the fp32 cases,
+#                           up to 7 s a compile, wait for the tests stage), 8 processes (pytest-xdist), 60 s a test
+#                           (pytest-timeout); and kernel_launches' test, which fills Triton's cache for step 5
+#                                                                           -> quick-4-kernels.log
+#   5. sanitizer-warm 30 s  kernel_launches without the sanitizer: whatever step 4 left uncompiled, compiled now
+#      sanitizer      90 s  compute-sanitizer memcheck on one small launch of each kernel, with
+#                           PYTORCH_NO_CUDA_MEMORY_CACHING=1 (the caching allocator hides out-of-bounds accesses
+#                           inside its blocks)                              -> quick-5-sanitizer.log
+#   overheads        30 s  SIGKILL 4 s after each step's SIGINT (6 x 4 s), packing 2 folders (2 x 3 s), no installs
+# total 475 s: the call's timeout_s of 540 leaves a margin. The other GPU tests (flex attention compiled, the
+# tune_blocks sweep, hf providers, decode) and the fp32 kernel cases need more than quick has: the tests stage.
 # Then commit the CSV rows under bench/results/ and bench/RESULTS.md (date, GPU, commit, the SDPA backends that
 # ran) and say in the note which targets are met.
 #
-# Longer leases, several stages per call (each call at most 10 minutes):
+# Rehearsal on a CPU (tests/test_gpu_session.py runs it): `bash bench/gpu_session.sh quick --dry-run-cpu` runs every
+# step's command under Triton's interpreter with the smallest options (the benches' --smoke, one kernel test), with
+# the same timeouts, logs and packing; `--timeout STEP=SECONDS` (repeatable, also with --plan) changes a step's
+# timeout, e.g. to kill one mid-way. Without OUT, quick writes into runs/gpu-session/quick-<date>/; an OUT that
+# already holds a quick run's files is refused (nothing there is overwritten).
+#
+# Longer leases, several stages per call (each call at most 10 minutes; the tests and memory stages want the wheels
+# of bitsandbytes and liger-kernel: `bash bench/gpu_session.sh --fetch-wheels` here, then carry: [".whl"]):
 #   bash bench/gpu_session.sh tests            # the whole suite, kernels compiled, all dtypes
 #   bash bench/gpu_session.sh attention        # the headline sweep: bf16, head dim 128, LLaMA-7B heads
 #   bash bench/gpu_session.sh attention-rest   # head dim 64, fp16 and the GQA shape
@@ -57,104 +75,182 @@ PY=${PYTHON:-python3}  # the device machine's python3 holds torch
 # The device machine gets this working tree, not an install: the package is the repository's root, imported as
 # llama_adapter_triton through a link to it in a folder on PYTHONPATH (this checkout, whatever else is installed).
 PKG_LINKS=$(mktemp -d)
+QUICK_WORK=""  # quick's bench folders, packed into $OUT step by step
+trap 'rm -rf "$PKG_LINKS" ${QUICK_WORK:+"$QUICK_WORK"}' EXIT  # the link, not what it points to
 ln -s "$PWD" "$PKG_LINKS/llama_adapter_triton"
 export PYTHONPATH=$PKG_LINKS${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 
-# ---- the quick plan: name, timeout (s), what it does --------------------------------------------------------
+# ---- the quick plan: name, timeout (s), the log in $OUT it tees into, what it does ---------------------------
 QUICK_STEPS=(
-  "env|10|the GPU, torch, triton and the commit"
-  "kernels|170|tests/test_zero_init_attention.py, kernels compiled, every dtype (8 processes with pytest-xdist)"
-  "gpu-tests|60|pytest -m 'gpu or gpu_leg': GPU-only tests, and model / fine-tuning / generation tests on CUDA"
-  "attention|100|bench_attention: bf16, d128, 32 heads, seqlen 1024-4096, 16k tokens, full; ratio table, targets"
-  "finetune|90|bench_finetune: LLaMA-7B shape, ours_packed vs eager_padded512, tokens/s and peak memory"
-  "sanitizer|40|compute-sanitizer memcheck: one small launch of each kernel"
+  "env|30|quick-1-env|the GPU, torch, triton, the commit (git, else the COMMIT file), the date; nvidia-smi"
+  "attention|120|quick-2-attention|bench_attention fwd+bwd: bf16, d128, 32 heads, seqlen 1024-4096, 16k tokens"
+  "finetune|90|quick-3-finetune|bench_finetune: LLaMA-7B shape, ours_packed vs eager_padded512"
+  "kernels|85|quick-4-kernels|tests/test_zero_init_attention.py compiled, -k 'not fp32', -n 8, 60 s a test"
+  "sanitizer-warm|30|quick-5-sanitizer|kernel_launches without the sanitizer: Triton's cache filled first"
+  "sanitizer|90|quick-5-sanitizer|compute-sanitizer memcheck, PYTORCH_NO_CUDA_MEMORY_CACHING=1, each kernel"
 )
+KILL_AFTER=4  # seconds from a step's SIGINT (at its timeout) to its SIGKILL
+PACK_TIMEOUT=3  # seconds to pack one bench's folder into $OUT
+PACKED=(attention finetune)  # the steps whose bench folder is packed
+declare -A TIMEOUT_OVERRIDE=()
 
-plan_quick() {
-  local total=0 step name timeout what
+quick_options() {  # --timeout STEP=SECONDS (repeatable) and, when $1 is "run", --dry-run-cpu; sets DRY_RUN
+  local mode=$1 step known name
+  shift
+  DRY_RUN=0
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --dry-run-cpu)
+        [ "$mode" = run ] || { echo "gpu_session.sh: --dry-run-cpu goes with quick, not --plan" >&2; exit 2; }
+        DRY_RUN=1 ;;
+      --timeout)
+        [[ "${2:-}" =~ ^([a-z-]+)=([1-9][0-9]*)$ ]] || { echo "gpu_session.sh: --timeout takes STEP=SECONDS" \
+          "(SECONDS >= 1), got '${2:-}'" >&2; exit 2; }
+        known=0
+        for step in "${QUICK_STEPS[@]}"; do
+          name=${step%%|*}
+          [ "$name" = "${BASH_REMATCH[1]}" ] && known=1
+        done
+        [ "$known" = 1 ] || { echo "gpu_session.sh: --timeout: no quick step '${BASH_REMATCH[1]}'" >&2; exit 2; }
+        TIMEOUT_OVERRIDE[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
+        shift ;;
+      *) echo "gpu_session.sh: quick takes --dry-run-cpu and --timeout STEP=SECONDS, not '$1'; it is a plan of" \
+              "its own: run it alone" >&2
+         exit 2 ;;
+    esac
+    shift
+  done
+}
+
+step_field() {  # step_field NAME FIELD: a quick step's timeout (2, with --timeout applied) or log (3)
+  local step name timeout log what
   for step in "${QUICK_STEPS[@]}"; do
-    IFS="|" read -r name timeout what <<<"$step"
-    printf "%-10s timeout %4d s  %s\n" "$name" "$timeout" "$what"
+    IFS="|" read -r name timeout log what <<<"$step"
+    [ "$name" = "$1" ] || continue
+    case $2 in
+      2) echo "${TIMEOUT_OVERRIDE[$name]:-$timeout}" ;;
+      3) echo "$log" ;;
+    esac
+    return
+  done
+}
+
+plan_quick() {  # every second the call can take: the steps' timeouts, the SIGKILL grace, packing, installs
+  local total=0 step name timeout log what n=${#QUICK_STEPS[@]}
+  for step in "${QUICK_STEPS[@]}"; do
+    IFS="|" read -r name timeout log what <<<"$step"
+    timeout=$(step_field "$name" 2)
+    printf "%-15s %4d s  %s\n" "$name" "$timeout" "$what"
     total=$((total + timeout))
   done
-  echo "total: $total s"
+  printf "%-15s %4d s  %s\n" kill-after $((n * KILL_AFTER)) "$n steps x $KILL_AFTER s: SIGKILL after a step's SIGINT"
+  printf "%-15s %4d s  %s\n" packing $((${#PACKED[@]} * PACK_TIMEOUT)) \
+    "${#PACKED[@]} bench folders x $PACK_TIMEOUT s, each packed into \$OUT under its own timeout"
+  printf "%-15s %4d s  %s\n" installs 0 "none: quick carries no wheels"
+  echo "total: $((total + n * KILL_AFTER + ${#PACKED[@]} * PACK_TIMEOUT)) s"
 }
 
-step_timeout() {  # the timeout of a quick step by name
-  local step name timeout what
-  for step in "${QUICK_STEPS[@]}"; do
-    IFS="|" read -r name timeout what <<<"$step"
-    [ "$name" = "$1" ] && echo "$timeout" && return
-  done
-}
-
-env_line() {
+env_info() {  # the machine, the versions, the commit and the date
   "$PY" -c '
-import subprocess, time
+import signal, time
 import torch, triton
+from llama_adapter_triton.bench.common import git_commit
 print("gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+# a SIGINT ignored from the start stays ignored: an interrupted step then prints no summary before its SIGKILL
+print("sigint:", "IGNORED" if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else "handled")
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
-print("commit", subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
+commit = git_commit()
+print("commit", commit if commit != "unknown" else "unknown: no git here; write COMMIT before the device call "
+      "(bash bench/gpu_session.sh --write-commit)")
 print("date", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))'
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv
+  fi
 }
 
 run_quick() {
-  local out=${OUT:-runs/gpu-session/quick-out} work=runs/gpu-session/quick
-  mkdir -p "$out" "$work"
-  unset TRITON_INTERPRET
-  install_wheels
-  local xdist=()
-  "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-  local status=0 rc
-  quick() {  # quick NAME COMMAND...: run one step under its timeout; its output lands in $work/NAME.log
-    local name=$1
+  local out=${OUT:-runs/gpu-session/quick-$(date -u +%Y%m%d-%H%M%S)} work status=0 rc summary=()
+  if compgen -G "$out/quick-*" >/dev/null; then
+    echo "gpu_session.sh: $out already holds the files of a quick run (quick-*): give OUT an empty folder" >&2
+    return 2
+  fi
+  mkdir -p "$out" || return 2
+  QUICK_WORK=$(mktemp -d)
+  work=$QUICK_WORK
+  if [ "$DRY_RUN" = 1 ]; then
+    export TRITON_INTERPRET=1  # the kernels interpreted on the CPU, as in the tests
+  else
+    unset TRITON_INTERPRET
+  fi
+  quick() {  # quick NAME COMMAND...: one step under its timeout, its output teed into its log in $out as it comes
+    local name=$1 t log start=$SECONDS
     shift
-    echo "=== quick $name (timeout $(step_timeout "$name") s, $(date -u +%H:%M:%S) UTC)"
-    timeout --kill-after=5 "$(step_timeout "$name")" "$@" >"$work/$name.log" 2>&1
-    rc=$?
-    [ "$rc" -eq 124 ] && echo "=== quick $name: TIMED OUT after $(step_timeout "$name") s" >>"$work/$name.log"
-    echo "=== quick $name: exit $rc"
+    t=$(step_field "$name" 2)
+    log=$out/$(step_field "$name" 3).log
+    echo "=== quick $name (timeout $t s, $(date -u +%H:%M:%S) UTC): $*" | tee -a "$log"
+    timeout -s INT --kill-after="$KILL_AFTER" "$t" "$@" 2>&1 | tee -a "$log"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+      echo "=== quick $name: TIMED OUT after $t s" | tee -a "$log"
+    fi
+    echo "=== quick $name: exit $rc ($((SECONDS - start)) s)" | tee -a "$log"
+    summary+=("$(printf "%-15s exit %3d  %4d s" "$name" "$rc" $((SECONDS - start)))")
     [ "$rc" -eq 0 ] || status=$rc
   }
-  quick env bash -c "$(declare -f env_line); PY=$PY env_line"
-  cp "$work/env.log" "$out/quick-1-env.txt"
-  cat "$work/env.log"
-  quick kernels "$PY" -m pytest -q -rfE --durations=15 -p no:cacheprovider "${xdist[@]}" \
-    tests/test_zero_init_attention.py
-  cp "$work/kernels.log" "$out/quick-2-kernels.log"
-  tail -3 "$work/kernels.log"
-  quick gpu-tests "$PY" -m pytest -q -rfE --durations=10 -p no:cacheprovider -m "gpu or gpu_leg" tests \
-    --ignore tests/test_zero_init_attention.py
-  cp "$work/gpu-tests.log" "$out/quick-3-gpu-tests.log"
-  tail -3 "$work/gpu-tests.log"
-  quick attention "$PY" -m llama_adapter_triton.bench.bench_attention --dtypes bf16 --headdims 128 --shapes 7b --seqlens 1024,2048,4096 \
-    --tokens 16384 --modes full --providers fused,fused_atomic,sdpa_causal,sdpa_causal_flash,sdpa2,eager \
-    --out "$work/attention"
-  cp "$work/attention.log" "$work/attention/" 2>/dev/null
-  tar -czf "$out/quick-4-attention.tar.gz" -C "$work" attention
-  tail -25 "$work/attention.log"
-  quick finetune "$PY" -m llama_adapter_triton.bench.bench_finetune --models llama-7b --providers ours_packed,eager_padded512 \
-    --warmup-steps 2 --steps 4 --out "$work/finetune"
-  cp "$work/finetune.log" "$work/finetune/" 2>/dev/null
-  tar -czf "$out/quick-5-finetune.tar.gz" -C "$work" finetune
-  tail -15 "$work/finetune.log"
-  if command -v compute-sanitizer >/dev/null; then
-    quick sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m llama_adapter_triton.bench.kernel_launches
-  else
-    echo "compute-sanitizer is not on this machine: step skipped" >"$work/sanitizer.log"
+  pack() {  # pack NAME: the bench folder of step NAME, what it holds even if the step was killed, into $out
+    local log
+    log=$(step_field "$1" 3)
+    if [ -d "$work/$1" ]; then
+      timeout "$PACK_TIMEOUT" tar -czf "$out/$log.tar.gz" -C "$work" "$1" || status=1
+    else
+      echo "=== quick $1: no output folder to pack (the bench stopped before making it)" | tee -a "$out/$log.log"
+    fi
+  }
+  local attention=(--dtypes bf16 --headdims 128 --shapes 7b --seqlens 1024,2048,4096 --tokens 16384)
+  local finetune=(--models llama-7b --warmup-steps 2 --steps 4)
+  local kernels=(-k "not fp32" tests/test_zero_init_attention.py
+                 tests/test_gpu_session.py::test_kernel_launches_reach_every_kernel)
+  if [ "$DRY_RUN" = 1 ]; then  # the same commands, the smallest options
+    attention=(--smoke --seqlens 64 --shapes tiny --cpu-reps 1)
+    finetune=(--smoke --warmup-steps 1 --steps 1)
+    kernels=(-k "test_low_precision_within_twice_torch_error and seqlen1-bf16" tests/test_zero_init_attention.py)
   fi
-  cp "$work/sanitizer.log" "$out/quick-6-sanitizer.log"
-  tail -5 "$work/sanitizer.log"
+  local pytest_opts=()
+  "$PY" -c "import xdist" 2>/dev/null && pytest_opts+=(-n 8)
+  "$PY" -c "import pytest_timeout" 2>/dev/null && pytest_opts+=(--timeout 60)
+
+  export -f env_info
+  export PY
+  quick env bash -c env_info
+  quick attention "$PY" -m llama_adapter_triton.bench.bench_attention "${attention[@]}" --modes full \
+    --providers fused,fused_atomic,sdpa_causal,sdpa_causal_flash,sdpa2,eager --out "$work/attention"
+  pack attention
+  quick finetune "$PY" -m llama_adapter_triton.bench.bench_finetune "${finetune[@]}" \
+    --providers ours_packed,eager_padded512 --out "$work/finetune"
+  pack finetune
+  quick kernels "$PY" -m pytest -q -rfE --durations=15 -p no:cacheprovider "${pytest_opts[@]}" "${kernels[@]}"
+  local sanitizer
+  sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [ -n "$sanitizer" ]; then
+    quick sanitizer-warm "$PY" -m llama_adapter_triton.bench.kernel_launches
+    quick sanitizer env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 \
+      "$PY" -m llama_adapter_triton.bench.kernel_launches
+  else
+    echo "=== quick sanitizer-warm, sanitizer: compute-sanitizer is not on this machine: skipped" |
+      tee -a "$out/$(step_field sanitizer 3).log"
+  fi
+  echo "=== quick: done; in $out: $(cd "$out" && echo *)"
+  printf "%s\n" "${summary[@]}"
   return $status
 }
 
 fetch_wheels() {  # here, with internet: for the device's Python 3.12, into .whl/ (installed with --no-deps: the
-  # device's torch stays): pytest-xdist and execnet; bitsandbytes and liger-kernel (setup.py's ranges)
+  # device's torch stays): bitsandbytes and liger-kernel (setup.py's ranges), for the stages that use them
   mkdir -p .whl
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux2014_x86_64 --platform manylinux_2_24_x86_64 -d .whl "pytest-xdist>=3.5" "execnet>=2.1" \
-    "bitsandbytes>=0.50,<0.52" "liger-kernel>=0.6,<0.9"
+    --platform manylinux2014_x86_64 --platform manylinux_2_24_x86_64 -d .whl "bitsandbytes>=0.50,<0.52" \
+    "liger-kernel>=0.6,<0.9"
 }
 
 install_wheels() {  # carried wheels: installed apart, no network, the device's torch untouched
@@ -166,19 +262,28 @@ install_wheels() {  # carried wheels: installed apart, no network, the device's 
 
 case "${1:-}" in
   --plan)
-    [ "${2:-}" = quick ] || { echo "usage: bash bench/gpu_session.sh --plan quick" >&2; exit 2; }
+    [ "${2:-}" = quick ] || { echo "usage: bash bench/gpu_session.sh --plan quick [--timeout STEP=SECONDS]" >&2; exit 2; }
+    shift 2
+    quick_options plan "$@"
     plan_quick
+    exit 0 ;;
+  --write-commit)  # here, before the device call: the commit into COMMIT, which travels with the tree
+    commit=$("$PY" -c "from llama_adapter_triton.bench.common import git_commit; print(git_commit())") || exit 1
+    [ "$commit" != unknown ] || { echo "gpu_session.sh --write-commit: git gives no commit here" >&2; exit 1; }
+    printf "%s\n" "$commit" >COMMIT.tmp && mv COMMIT.tmp COMMIT || exit 1
+    echo "COMMIT: $commit"
     exit 0 ;;
   --fetch-wheels)
     fetch_wheels
     exit $? ;;
   quick)
-    [ $# -eq 1 ] || { echo "gpu_session.sh: quick is a plan of its own; run it alone" >&2; exit 2; }
+    shift
+    quick_options run "$@"
     run_quick
     exit $? ;;
   "")
-    echo "usage: bash bench/gpu_session.sh quick | --plan quick | --fetch-wheels | STAGE [STAGE ...] with STAGE" \
-         "one of: $STAGES" >&2
+    echo "usage: bash bench/gpu_session.sh quick [--dry-run-cpu] [--timeout STEP=SECONDS] | --plan quick |" \
+         "--write-commit | --fetch-wheels | STAGE [STAGE ...] with STAGE one of: $STAGES" >&2
     exit 2 ;;
 esac
 
@@ -193,7 +298,7 @@ WORK=runs/gpu-session
 mkdir -p "$WORK"
 unset TRITON_INTERPRET
 install_wheels
-env_line | tee "$WORK/env.txt"
+env_info | tee "$WORK/env.txt"
 status=0
 for stage in "$@"; do
   echo "=== gpu_session.sh $stage ($(date -u +%H:%M:%S) UTC)"

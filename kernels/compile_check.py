@@ -20,12 +20,15 @@ Must run with TRITON_INTERPRET unset (the interpreter has no compiler to check).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -93,13 +96,24 @@ class Launch:
     kwargs: dict
 
 
-def record_launches(zia, s: Scenario) -> list[Launch]:
-    """The kernel launches that forward + backward make for a scenario (nothing runs)."""
-    calls: list = []
+@contextlib.contextmanager
+def recording(zia) -> Iterator[list[Launch]]:
+    """While inside, the kernels of zia (kernels.zero_init_attn) are recorders: every launch the host launchers
+    make is appended to the list yielded, and nothing runs (outputs stay as allocated)."""
+    calls: list[Launch] = []
     saved = {n: getattr(zia, n) for n in KERNELS}
     try:
         for n in KERNELS:
             setattr(zia, n, _Recorder(saved[n], calls))
+        yield calls
+    finally:
+        for n, kernel in saved.items():
+            setattr(zia, n, kernel)
+
+
+def record_launches(zia, s: Scenario) -> list[Launch]:
+    """The kernel launches that forward + backward make for a scenario (nothing runs)."""
+    with recording(zia) as calls:
         batch = s.batch
         if s.varlen:
             q = torch.empty(batch * s.seqlen_q, s.nheads, s.headdim, dtype=s.dtype)
@@ -120,27 +134,54 @@ def record_launches(zia, s: Scenario) -> list[Launch]:
         need_all = s.grads == "all"
         zia._bwd(out, q, k, v, pk, pk, gamma, o_w, lse_w, lse_p, s.causal, scale, *packed, leftpad, s.deterministic,
                  need_all, need_all, True)
-    finally:
-        for n, kernel in saved.items():
-            setattr(zia, n, kernel)
     return calls
+
+
+@functools.cache
+def jit_function(kernel):
+    """The JITFunction a GPU launches for kernel: kernel itself, or, where it was made under the interpreter, a
+    JITFunction of the same source and options (do_not_specialize...), which compiles and keys launches as one."""
+    from triton.runtime.jit import JITFunction
+
+    return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **kernel.kwargs)
+
+
+@functools.cache
+def _binder(kernel, arch: int):
+    """(backend, Triton's argument binder of kernel) for sm_<arch>, as JITFunction.create_binder makes them."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    jit = jit_function(kernel)
+    return backend, create_function_from_signature(jit.signature, jit.params, backend)
+
+
+def _bind(launch: Launch, arch: int):
+    backend, binder = _binder(launch.kernel, arch)
+    kwargs = dict(launch.kwargs, debug=False)
+    return (backend, kwargs, *binder(*launch.args, **kwargs))
+
+
+def launch_key(launch: Launch, arch: int = 90) -> str:
+    """What Triton's JIT cache keys the launch by on sm_<arch> (JITFunction.run): each argument as the binder
+    specialises it, the constexprs and the options. Launches of one kernel with different keys compile apart."""
+    _backend, _kwargs, _bound, specialization, options = _bind(launch, arch)
+    return repr((specialization, sorted(options.items())))
 
 
 def compile_launch(kernel, args, kwargs, arch: int):
     """Compile one recorded launch for sm_<arch>, the way JITFunction.run would on that GPU."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import ASTSource
     from triton.compiler import compile as triton_compile
-    from triton.runtime.jit import create_function_from_signature
 
-    target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    kwargs = dict(kwargs, debug=False)
-    bound_args, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
-    src = ASTSource(kernel, signature, constexprs, attrs)
-    return triton_compile(src, target=target, options=options.__dict__)
+    backend, kwargs, bound_args, specialization, options = _bind(Launch(kernel, (), args, kwargs), arch)
+    jit = jit_function(kernel)
+    options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound_args, specialization, options)
+    src = ASTSource(jit, signature, constexprs, attrs)
+    return triton_compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
 
 
 def ptxas_usage(compiled, arch: int) -> tuple[int, int]:

@@ -43,6 +43,14 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEADDIM = 128
 LOG2E = 1.4426950408889634
 MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on a grid's x axis (the kernels' grids are one-dimensional)
+# The kernels' int arguments that change from step to step: token counts, the longest sequence, the KV cache's length,
+# and the lse / Delta strides (lengths too). Triton would otherwise compile a variant for each "equal to 1 / divisible
+# by 16 or not" of each: a new compile on most packed fine-tuning steps and decode steps. Still specialised, for the
+# vectorised loads: the head dim (a constexpr) and the tensors' strides, set by the model's widths (nheads * headdim,
+# headdim, 1; a dense batch stride, seqlen * nheads * headdim, divides by 16 whenever the width does, as every
+# LLaMA's does), lse's unit stride along the rows, and nheads, groups. A kernel ignores the names it does not take.
+RUNTIME_LENGTHS = ("stride_lb", "stride_lh", "seqlen_q", "seqlen_k", "total_q", "total_k", "prompt_len", "num_parts",
+                   "num_seqs", "num_m")
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -184,7 +192,7 @@ if HAS_TRITON:
         t = tl.dot(q, tl.trans(pk), input_precision=DOT_PRECISION, out_dtype=ACC) * qk_scale
         return tl.where(offs_p[None, :] < prompt_len, t, float("-inf")), pk, offs_p
 
-    @triton.jit
+    @triton.jit(do_not_specialize=RUNTIME_LENGTHS)
     def _zia_fwd_kernel(
         Q, K, V, PK, PV, GAMMA, OUT, O_W, LSE_W, LSE_P, CU_Q, CU_K, LEFTPAD,
         stride_qb, stride_qm, stride_qh, stride_qd,
@@ -292,7 +300,7 @@ if HAS_TRITON:
         tl.store(O_base + o_off * stride_om + offs_d[None, :] * stride_od, _cast_out(acc, OUT.dtype.element_ty, UPCAST),
                  mask=o_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=RUNTIME_LENGTHS)
     def _zia_bwd_preprocess_kernel(
         Q, PK, PV, O_W, DOUT, LSE_P, DELTA_W, DELTA_P, CU_Q, CU_K,
         stride_qb, stride_qm, stride_qh, stride_qd,
@@ -369,7 +377,7 @@ if HAS_TRITON:
             tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
         return dk, dv
 
-    @triton.jit
+    @triton.jit(do_not_specialize=RUNTIME_LENGTHS)
     def _zia_bwd_dkdv_kernel(
         Q, K, V, DOUT, DK, DV, DQ_ACC, LSE_W, DELTA_W, CU_Q, CU_K, LEFTPAD,
         stride_qb, stride_qm, stride_qh, stride_qd,
@@ -455,7 +463,7 @@ if HAS_TRITON:
         ds = p * (dp - delta[:, None])
         return tl.dot(_operand(ds, DTYPE, UPCAST), k, dq, input_precision=DOT_PRECISION, out_dtype=ACC)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=RUNTIME_LENGTHS)
     def _zia_bwd_dq_kernel(
         Q, K, V, PK, PV, GAMMA, DOUT, DQ, DQ_ACC, DPK_PART, DPV_PART, BLK_OFF, LSE_W, LSE_P, DELTA_W, DELTA_P,
         CU_Q, CU_K, LEFTPAD,
@@ -558,7 +566,7 @@ if HAS_TRITON:
                        + offs_d[None, :] * stride_dqd)
             tl.store(dq_ptrs, _cast_out(dq, DQ.dtype.element_ty, UPCAST), mask=d_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=RUNTIME_LENGTHS)
     def _zia_prompt_grad_kernel(
         DPK_PART, DPV_PART, DPK, DPV, BLK_OFF,
         stride_pkb, stride_pkn, stride_pkh, stride_pkd,

@@ -349,14 +349,16 @@ def _official_v2_logits(base: LLaMA, state: dict[str, torch.Tensor], tokens: tor
 
 def test_official_v2_release_import_gives_its_logits(tmp_path, device, triton_kernels_only):
     """A BIAS-7B-style file ({"model": ..., "config": ...}, the release's names and shapes) on a tiny base: read,
-    loaded, and run with CLIP token features, our model gives the official formulation's logits."""
+    loaded, and run with CLIP token features, our model gives the official formulation's logits. Two adapted layers
+    of three, each with its own prompt: adapter_query.weight's first query_len rows are the lowest adapted layer's.
+    Planted bug this catches: the prompts imported in reversed layer order (a single adapted layer cannot tell)."""
     torch.manual_seed(0)
-    base = randomize_(LLaMA(tiny_config())).eval()
+    base = randomize_(LLaMA(tiny_config(n_layers=3))).eval()
     save_checkpoint(base, tmp_path / "base")
-    state = _official_v2_file(base, query_len=4, query_layer=1, clip_dim=24, width=32, depth=2)
+    state = _official_v2_file(base, query_len=4, query_layer=2, clip_dim=24, width=32, depth=2)
     torch.save({"model": state, "config": {"w_bias": True, "w_lora": False, "lora_rank": 16}}, tmp_path / "BIAS.pth")
     config = read_adapter_config(tmp_path / "BIAS.pth")
-    assert config == AdapterConfig(adapter_len=4, adapter_layers=1, version=2, visual_dim=24, visual_len=4,
+    assert config == AdapterConfig(adapter_len=4, adapter_layers=2, version=2, visual_dim=24, visual_len=4,
                                    projector="query", visual_width=32, visual_depth=2, visual_heads=16)
     model = load_checkpoint(tmp_path / "base", adapter=config, device=device)
     load_adapter(model, tmp_path / "BIAS.pth")

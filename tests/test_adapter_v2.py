@@ -7,6 +7,7 @@ The references here share no code with model/: they compute from the parameters 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -257,6 +258,46 @@ def test_v2_config_errors():
         AdapterConfig(adapter_len=4, visual_dim=8, clip_layers=(1,), visual_len=3)
 
 
+EARLY = AdapterConfig(adapter_len=4, adapter_layers=1, version=2, visual_dim=8, clip_layers=(1,), visual_hidden=16,
+                      fusion="early", visual_len=2)
+
+
+@pytest.mark.parametrize("visual_layers", [1, 2])
+def test_early_fusion_gates_exactly_the_first_visual_layers(visual_layers):
+    """Early fusion on a model with more layers than visual_layers + adapter_layers: the visual gates are in layers
+    0 .. visual_layers - 1 and nowhere else, the adaption prompt in the top layer, the layers between plain. (The
+    eager formulation reads the gates by name, so it agrees with a model that has one too many.) Planted bug this
+    catches: `layer <= visual_layers` for `<`, one extra visual layer."""
+    adapter = dataclasses.replace(EARLY, visual_layers=visual_layers)
+    with torch.device("meta"):
+        model = LLaMA(tiny_config(n_layers=5), adapter)
+    state = adapter_state_dict(model)
+    assert sorted(n for n in state if n.endswith(".visual_gate")) == [
+        f"layers.{i}.attention.visual_gate" for i in range(visual_layers)]
+    assert sorted(n for n in state if n.endswith((".adapter_prompt", ".gate"))) == [
+        "layers.4.attention.adapter_prompt", "layers.4.attention.gate"]
+
+
+def test_early_fusion_row_without_an_image_is_the_text_only_model(device, triton_kernels_only):
+    """With non-zero V2 biases (so that a zero visual token still has non-zero keys and values through wk / wv) and
+    non-zero visual gates: in a batch where one row has no image (image_mask False), that row's logits are the
+    text-only model's, and the other row's are those of the batch where every row has its image. Planted bug this
+    catches: the visual prompt's values not zeroed for rows without an image (such a row then differs by 0.18)."""
+    model = v2_model(EARLY, n_layers=3).to(device)
+    assert all(p.abs().min() > 0 for n, p in adapter_state_dict(model).items()
+               if n.endswith((".visual_gate", "attention.wk.bias", "attention.wv.bias")))
+    tokens = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3)).to(device)
+    features = torch.randn(2, 8, generator=torch.Generator().manual_seed(4)).to(device)
+    with torch.no_grad():
+        text_only = model(tokens)
+        with_images = model(tokens, image_features=features)
+        masked = model(tokens, image_features=features, image_mask=torch.tensor([True, False], device=device))
+    assert (with_images[1] - text_only[1]).abs().max() > 1e-2  # the image acts on that row
+    torch.testing.assert_close(masked[1], text_only[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked[0], with_images[0], atol=1e-5, rtol=1e-5)
+    assert triton_kernels_only.forward > 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The official V2 release (BIAS-7B style) and litgpt's adapter_v2 files, by logits against their own math
 
@@ -349,14 +390,16 @@ def _official_v2_logits(base: LLaMA, state: dict[str, torch.Tensor], tokens: tor
 
 def test_official_v2_release_import_gives_its_logits(tmp_path, device, triton_kernels_only):
     """A BIAS-7B-style file ({"model": ..., "config": ...}, the release's names and shapes) on a tiny base: read,
-    loaded, and run with CLIP token features, our model gives the official formulation's logits."""
+    loaded, and run with CLIP token features, our model gives the official formulation's logits. Two adapted layers
+    of three, each with its own prompt: adapter_query.weight's first query_len rows are the lowest adapted layer's.
+    Planted bug this catches: the prompts imported in reversed layer order (a single adapted layer cannot tell)."""
     torch.manual_seed(0)
-    base = randomize_(LLaMA(tiny_config())).eval()
+    base = randomize_(LLaMA(tiny_config(n_layers=3))).eval()
     save_checkpoint(base, tmp_path / "base")
-    state = _official_v2_file(base, query_len=4, query_layer=1, clip_dim=24, width=32, depth=2)
+    state = _official_v2_file(base, query_len=4, query_layer=2, clip_dim=24, width=32, depth=2)
     torch.save({"model": state, "config": {"w_bias": True, "w_lora": False, "lora_rank": 16}}, tmp_path / "BIAS.pth")
     config = read_adapter_config(tmp_path / "BIAS.pth")
-    assert config == AdapterConfig(adapter_len=4, adapter_layers=1, version=2, visual_dim=24, visual_len=4,
+    assert config == AdapterConfig(adapter_len=4, adapter_layers=2, version=2, visual_dim=24, visual_len=4,
                                    projector="query", visual_width=32, visual_depth=2, visual_heads=16)
     model = load_checkpoint(tmp_path / "base", adapter=config, device=device)
     load_adapter(model, tmp_path / "BIAS.pth")

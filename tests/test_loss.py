@@ -50,6 +50,21 @@ def test_chunked_equals_the_plain_loss_and_gradients(n, dim, vocab, chunk_rows, 
     assert default_chunk_rows(n, vocab, dim) == max(32, -(-n // -(-vocab // dim)))
 
 
+@pytest.mark.parametrize("impl", ["chunked", "full"])
+def test_the_loss_is_an_fp32_cross_entropy_of_the_logits(impl):
+    """bf16 logits (as the output layer gives them) into a cross-entropy computed in fp32: the summed loss equals an
+    independent log-sum-exp of those logits in fp64 to fp32's precision (a bf16 cross-entropy errs by ~1e-3). The
+    chunked and the plain formulation share _chunk_loss, so comparing them cannot see this. Planted bug this
+    catches: _chunk_loss without its .float() (the cross-entropy in bf16)."""
+    hidden, output, targets = _case(64, 48, 1000, torch.bfloat16)
+    with torch.no_grad():
+        logits = output(hidden).double()
+    want = (logits.logsumexp(-1) - logits.gather(1, targets[:, None])[:, 0]).sum().item()
+    loss = linear_cross_entropy(hidden, output, targets, impl=impl, chunk_rows=16)
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - want) <= 1e-5 * want, (loss.item(), want)
+
+
 def test_chunked_through_a_quantized_output_layer_and_no_targets():
     from llama_adapter_triton.model.quantize import quantized_linear
 

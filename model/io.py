@@ -5,7 +5,8 @@ readers and the atomic writer.
 - read_json: a JSON object file. torch_load: torch.load(weights_only=True, mmap=True): checkpoints are data, never
   code. read_tensor_file: every tensor of a safetensors or torch file (told apart by their first bytes).
 - write_atomic: a temporary name in the same folder, renamed into place, and never over an existing file unless
-  asked (overwrite=True). The checkpoints and adapters this package writes go through it.
+  asked (overwrite=True), never through or over a link (refuse_link). The checkpoints and adapters this package
+  writes go through it.
 """
 
 from __future__ import annotations
@@ -76,11 +77,21 @@ def read_tensor_file(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return torch_load(file, unwrap=True), {}
 
 
+def refuse_link(path: Path) -> None:
+    """FileExistsError if path is a link (to a file, a folder or nothing): a writer never writes through one, nor
+    replaces it, even when asked to overwrite."""
+    if path.is_symlink():
+        raise FileExistsError(f"{path} is a link to {os.readlink(path)}: never written through or replaced; remove "
+                              "the link or give another name")
+
+
 def write_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
     """Write data to path through a temporary file in the same folder, renamed into place (os.replace): a killed
     process never leaves a half-written file, a failed write (a full disk) leaves path as it was and raises an
-    OSError naming path. An existing file is replaced only with overwrite=True."""
+    OSError naming path. An existing file is replaced only with overwrite=True; a link at path (to anything) is
+    refused (FileExistsError), never written through or replaced."""
     path = Path(path)
+    refuse_link(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name")
     if path.exists() and not overwrite:

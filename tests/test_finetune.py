@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import re
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -673,6 +674,47 @@ def test_overwrite_and_resume_touch_only_the_runs_own_files(checkpoint, tmp_path
                                               r"log\.csv \(its first line is not train\.finetune's header\)"):
         run(config(checkpoint, data, other, overwrite=True))
     assert (other / "log.csv").read_text() == "epoch,accuracy\n1,0.5\n"
+
+
+def test_overwrite_never_follows_a_link(checkpoint, tmp_path):
+    """OUT/adapter-peft, a link to another run's export: --overwrite once deleted that run's two files through it. A
+    link of a run's name is refused, naming it; a killed run's temporary that is a link goes itself, never its target;
+    the writers refuse to write through or over a link."""
+    from llama_adapter_triton import load_checkpoint, save_adapter
+    from llama_adapter_triton.model.io import write_atomic
+    from llama_adapter_triton.train.state import STATE_FILE
+
+    data = data_file(tmp_path, 1)
+    other = tmp_path / "other"
+    run(config(checkpoint, data, other, gate="layer", gate_act="identity", export="peft"))
+
+    def snapshot(folder: Path) -> dict:
+        return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = snapshot(other)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, target in (("adapter-peft", other / "adapter-peft"), ("log.csv", other / "log.csv"),
+                         (STATE_FILE, tmp_path / "nowhere")):
+        (out / name).symlink_to(target)
+        with pytest.raises(FileExistsError, match=rf"{re.escape(name)} \(a link to .*: never followed"):
+            run(config(checkpoint, data, out, overwrite=True))
+        assert (out / name).is_symlink() and snapshot(other) == before
+        (out / name).unlink()
+    (out / ".adapter-peft.0123abcd.tmp").symlink_to(other / "adapter-peft")  # as if a killed run's
+    run(config(checkpoint, data, out, overwrite=True, stop_after_steps=1))
+    assert not os.path.lexists(out / ".adapter-peft.0123abcd.tmp") and snapshot(other) == before
+
+    model = load_checkpoint(checkpoint, adapter=AdapterConfig(adapter_len=4, adapter_layers=1, gate="layer",
+                                                                gate_act="identity"))
+    (out / "link.safetensors").symlink_to(other / "adapter.safetensors")
+    (out / "peft-link").symlink_to(other / "adapter-peft")
+    for write in (lambda: write_atomic(out / "link.safetensors", b"x", overwrite=True),
+                  lambda: save_adapter(model, out / "link.safetensors", overwrite=True),
+                  lambda: save_adapter(model, out / "peft-link", overwrite=True, format="peft")):
+        with pytest.raises(FileExistsError, match=r"(link\.safetensors|peft-link) is a link to .*: never written"):
+            write()
+    assert snapshot(other) == before
 
 
 def test_export_peft_writes_the_final_adapter_as_a_peft_folder(checkpoint, tmp_path, capsys):

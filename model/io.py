@@ -58,6 +58,10 @@ def torch_load(file: Path, *, unwrap: bool = False) -> dict[str, torch.Tensor]:
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise CheckpointError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
+    odd = next((k for k in state if not isinstance(k, str)), None)
+    if odd is not None:
+        raise CheckpointError(f"{file}: expected a dict of tensors by name, but a key is {type(odd).__name__} "
+                              f"{odd!r}")
     return state
 
 

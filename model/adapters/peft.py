@@ -68,6 +68,11 @@ def parse(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
             if peft_config.get(key) != value:
                 raise CheckpointError(f"{file}: adapter_config.json says {key}={peft_config.get(key)!r} but the "
                                       f"weights hold {value}")
+        # what PEFT writes for a LLaMA (absent or null: PEFT's defaults, the same); anything else is another model
+        for key, want in (("target_modules", "self_attn"), ("task_type", "CAUSAL_LM")):
+            if peft_config.get(key) not in (None, want):
+                raise CheckpointError(f"{file}: adapter_config.json has {key} {peft_config[key]!r}; a LLaMA's "
+                                      f"adaption prompt has {want!r}")
     config = AdapterConfig(adapter_len=adapter_len, adapter_layers=len(layers), gate="layer", gate_act="identity")
     return AdapterFile("PEFT adaption-prompt", file, config, list(layers), None,
                        [(got["prompt"][0], got["prompt"][1][0]) for got in layers.values()],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def torch_load(file: Path, *, unwrap: bool = False) -> dict[str, torch.Tensor]:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors: the file holds something other than plain tensors
         raise CheckpointError(f"{file}: cannot be loaded with weights_only=True: it is not a plain checkpoint of "
-                              f"tensors ({type(e).__name__}: {e})") from e
+                              f"tensors ({load_error(e)})") from e
     if unwrap and isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
@@ -63,6 +64,16 @@ def torch_load(file: Path, *, unwrap: bool = False) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: expected a dict of tensors by name, but a key is {type(odd).__name__} "
                               f"{odd!r}")
     return state
+
+
+def load_error(e: Exception) -> str:
+    """torch.load's error in one line: for weights_only's refusal (whose message runs to several lines of advice)
+    the sentence naming what it refused ("UnpicklingError: Trying to load unsupported GLOBAL posix.system whose
+    module posix is blocked."), else the message's first line."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if line.strip()]
+    line = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
+    sentence = re.split(r"(?<=\.) ", line.removeprefix("WeightsUnpickler error: "), maxsplit=1)[0]
+    return f"{type(e).__name__}: {sentence}"
 
 
 def read_tensor_file(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -27,6 +27,7 @@ from llama_adapter_triton import (
     save_checkpoint,
 )
 from llama_adapter_triton.model.checkpoint import permute_hf, unpermute_hf
+from llama_adapter_triton.model.io import torch_load
 
 TOKENS = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
 CONFIGS = {"llama2": dict(), "llama3-gqa-tied": dict(gqa=True, llama3=True)}
@@ -247,6 +248,33 @@ def test_meta_checkpoint_errors(tmp_path):
                tmp_path / "meta" / "consolidated.01.pth")
     with pytest.raises(CheckpointError, match=r"consolidated\.01\.pth: cannot be loaded with weights_only=True"):
         load_checkpoint(tmp_path / "meta")
+
+
+def test_non_finite_base_weights_are_named_and_a_refused_pickle_is_one_line(tmp_path):
+    """NaN weights once loaded unnoticed (generate printed "⁇ ⁇ ⁇" with exit 0; finetune blamed the learning rate):
+    each base tensor is checked as it is read. The refusal of a pickled reference to code ran to six lines."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.layers[1].feed_forward.w2.weight[3, :2] = float("nan")
+    save_checkpoint(model, tmp_path / "nan")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.1\.mlp\.down_proj\.weight' "
+                                              r"\(our layers\.1\.feed_forward\.w2\.weight\) holds 2 non-finite "
+                                              r"value\(s\) \(NaN or Inf\) of \d+"):
+        load_checkpoint(tmp_path / "nan")
+    big = tiny_model()
+    with torch.no_grad():
+        big.norm.weight[0] = 1e6  # finite in fp32, not in fp16
+    save_checkpoint(big, tmp_path / "big")
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.norm\.weight' \(our norm\.weight\) overflows "
+                                              r"torch\.float16"):
+        load_checkpoint(tmp_path / "big", dtype=torch.float16)
+
+    torch.save({"tok_embeddings.weight": torch.zeros(2, 2), "hook": os.system}, tmp_path / "code.pth")
+    with pytest.raises(CheckpointError) as e:
+        torch_load(tmp_path / "code.pth")
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value), str(e.value)
+    assert re.search(r"code\.pth: cannot be loaded with weights_only=True: it is not a plain checkpoint of tensors "
+                     r"\(UnpicklingError: [^()]*GLOBAL posix\.system[^()]*\)$", str(e.value))
 
 
 # ---------------------------------------------------------------------------------------------------------------

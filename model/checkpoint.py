@@ -419,8 +419,11 @@ def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = 
 
 def _check_finite(file: Path, label: str, tensor: torch.Tensor, value: torch.Tensor) -> None:
     """CheckpointError if value (tensor as loaded: on its device, in its dtype) holds NaN or Inf: the file's own
-    (a damaged checkpoint), or values beyond the load dtype's range. One pass over the loaded copy, on its device."""
-    if bool(torch.isfinite(value).all()):
+    (a damaged checkpoint), or values beyond the load dtype's range. One reduction over the loaded copy, on its
+    device, with no temporary of its size: its sum in float64 is finite exactly when all of it is (no sum of finite
+    float32 values overflows float64)."""
+    if value.numel() == 0 or bool(torch.isfinite(value.sum(dtype=torch.float64))) or \
+            bool(torch.isfinite(value).all()):  # (float64 weights near its range: the sum may overflow)
         return
     bad = int((~torch.isfinite(tensor)).sum())
     if bad:

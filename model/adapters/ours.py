@@ -28,9 +28,9 @@ from llama_adapter_triton.model.io import CheckpointError, write_atomic
 from llama_adapter_triton.model.llama import LLaMA, LLaMAConfig
 
 ADAPTER_FORMAT = "llama-adapter-triton"
-_LAYER_RE = re.compile(r"layers\.(\d+)\.")
 ADAPTER_FORMAT_VERSION = "1"
 MODEL_DIMS = ("dim", "n_layers", "n_heads", "n_kv_heads")  # what our adapter files record of their model
+_LAYER_RE = re.compile(r"layers\.(\d+)\.")  # the layer a tensor's name is in
 
 
 def detect(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:

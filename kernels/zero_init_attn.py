@@ -15,7 +15,8 @@ This file: the kernels, the host launchers, the torch.library ops, the checks an
 kernels/block_sizes.py). Backends: compiled on CUDA tensors; the same kernels under TRITON_INTERPRET=1 (CI, on a
 CPU, 16-bit inputs in fp32 with the GPU's roundings); the eager reference (kernels/reference.py) otherwise.
 Limits: head dims multiples of 8 from 16 to 128; fp32 uses IEEE dots, not TF32; cu_seqlens / leftpad_k values are
-checked on CPU tensors only (on a GPU the kernels clamp every offset, and a sequence out of range gets NaN).
+checked on CPU tensors outside torch.compile only (elsewhere the kernels clamp every offset: a sequence out of range,
+and a packed row no sequence covers, gets NaN in the output and in dq).
 The backward's math, the memory kept and the scratch: docs/op.md.
 """
 
@@ -676,7 +677,10 @@ def _fwd(q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_seqlens_q
     """(out, o_w, lse_w, lse_p); o_w (the token part in fp32, for the backward) is empty unless save_o_w."""
     varlen, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, prompt_len = _geometry(
         q, k, prompt_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # packed: NaN first, so that a row no sequence covers (cu_seqlens_q[-1] < total_q, a sequence longer than
+    # max_seqlen_q: offsets nobody checked, on a GPU or under torch.compile) is NaN, never memory no kernel wrote
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device) if varlen else \
+        torch.empty(q.shape, dtype=q.dtype, device=q.device)
     o_w = torch.empty(q.shape if save_o_w else (0,), dtype=_acc_dtype(q.dtype), device=q.device)
     lse_shape = _lse_shape(q, varlen, batch, nheads, seqlen_q)
     lse_w = torch.empty(lse_shape, dtype=_acc_dtype(q.dtype), device=q.device)
@@ -746,7 +750,9 @@ def _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, o_w, lse_w, lse_p, causal, so
                 torch.zeros(nheads, dtype=gamma.dtype, device=dev))
     # every row of dq and of the prompt gradients is written; of dk / dv, all but a left-padded batch's pad keys
     kv_alloc = torch.zeros_like if leftpad_k is not None else torch.empty_like
-    dq, dk, dv = grad(q, need_dq), grad(k, need_dkv, kv_alloc), grad(v, need_dkv, kv_alloc)
+    # packed: NaN in the rows of dq that no sequence covers, as in the forward's output
+    q_alloc = (lambda x: torch.full_like(x, float("nan"))) if varlen else torch.empty_like
+    dq, dk, dv = grad(q, need_dq, q_alloc), grad(k, need_dkv, kv_alloc), grad(v, need_dkv, kv_alloc)
     dpk, dpv = grad(prompt_k, need_dprompt), grad(prompt_v, need_dprompt)
 
     has_prompt = prompt_len > 0

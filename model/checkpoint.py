@@ -395,17 +395,17 @@ def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = 
                                   f"needs a floating-point {tuple(param.shape)}")
         dtype = dtype or tensor.dtype
         module_name, _, leaf = own_name.rpartition(".")
+        value = tensor.to(device=device, dtype=torch.float32 if id(param) in trained else dtype, copy=True)
+        _check_finite(file, label, tensor, value)
         if name in quantized:  # the full-precision copy lives only until it is quantized
             parent, _, child = module_name.rpartition(".")  # the linear itself (inside a V2 wrapper: its .linear)
             setattr(model.get_submodule(parent), child, quantized_linear(  # its bias (Qwen2's), read or to come, goes
-                tensor.to(device=device, dtype=dtype, copy=True), quantize, compute_dtype=dtype,  # along
-                bias=model.get_submodule(module_name).bias))
+                value, quantize, compute_dtype=dtype, bias=model.get_submodule(module_name).bias))  # along
             if device.type == "cpu":
                 trim_heap()
         else:
-            setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor.to(
-                device=device, dtype=torch.float32 if id(param) in trained else dtype, copy=True)))
-        del tensor
+            setattr(model.get_submodule(module_name), leaf, nn.Parameter(value))
+        del tensor, value
         loaded.add(name)
     missing = [n for n in params if n not in loaded]
     if missing:
@@ -415,6 +415,22 @@ def load_checkpoint(path: str | os.PathLike, *, adapter: AdapterConfig | None = 
         output = model.output.linear if isinstance(model.output, BiasScaleLinear) else model.output
         output.weight = model.tok_embeddings.weight
     return reset_adapter(model, device)
+
+
+def _check_finite(file: Path, label: str, tensor: torch.Tensor, value: torch.Tensor) -> None:
+    """CheckpointError if value (tensor as loaded: on its device, in its dtype) holds NaN or Inf: the file's own
+    (a damaged checkpoint), or values beyond the load dtype's range. One reduction over the loaded copy, on its
+    device, with no temporary of its size: its sum in float64 is finite exactly when all of it is (no sum of finite
+    float32 values overflows float64)."""
+    if value.numel() == 0 or bool(torch.isfinite(value.sum(dtype=torch.float64))) or \
+            bool(torch.isfinite(value).all()):  # (float64 weights near its range: the sum may overflow)
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise CheckpointError(f"{file}: tensor {label} holds {bad} non-finite value(s) (NaN or Inf) of "
+                              f"{tensor.numel()}: the checkpoint is damaged")
+    raise CheckpointError(f"{file}: tensor {label} overflows {value.dtype} (values beyond its range, up to "
+                          f"{float(tensor.abs().max()):.3g}): load it in another dtype")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -342,7 +342,7 @@ def run(args: Args) -> None:
         prompt = tokenizer.encode(format_prompt(args.template, args.instruction, args.input), bos=True, eos=False)
     if prompt is not None:
         check_prompt_length(len(prompt), args.max_new_tokens, config)
-    adapter = read_adapter_config(args.adapter, gate_act=args.gate_act) if args.adapter else None
+    adapter = read_adapter_config(args.adapter, gate_act=args.gate_act, model=config) if args.adapter else None
     check_image_args(args, adapter)
     model = load_checkpoint(args.checkpoint, adapter=adapter, dtype=dtype, device=args.device,
                             allow_external_files=args.allow_external_files, quantize=args.quantize,

@@ -54,6 +54,8 @@ def fused_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     """
     batch, _, seqlen_q, head_dim = query.shape
     n_kv, seqlen_k = key.shape[1], key.shape[2]
+    if kwargs.get("output_attentions"):  # the op materialises no attention weights
+        raise ValueError(f"{FUSED}: output_attentions is not available")
     if dropout:
         raise ValueError(f"{FUSED}: attention dropout ({dropout}) is not supported; set config.attention_dropout = 0")
     if sliding_window is not None and seqlen_k > sliding_window:
@@ -123,9 +125,7 @@ def _fused_class() -> type:
         class FusedAdaptedAttention(_adapted_attention_class()):
             """PEFT's AdaptedAttention, its prompt and gate handed to the wrapped attention (fused_attention)."""
 
-            def forward(self, **kwargs):
-                if kwargs.get("output_attentions", False):
-                    raise ValueError(f"{FUSED}: output_attentions is not available")
+            def forward(self, **kwargs):  # (output_attentions reaches fused_attention, which refuses it)
                 return self.model(**kwargs, adaption_prompt=self.adaption_prompt, adaption_gate=self.adaption_gate)
 
         _FUSED_CLASS = FusedAdaptedAttention

@@ -5,13 +5,15 @@ readers and the atomic writer.
 - read_json: a JSON object file. torch_load: torch.load(weights_only=True, mmap=True): checkpoints are data, never
   code. read_tensor_file: every tensor of a safetensors or torch file (told apart by their first bytes).
 - write_atomic: a temporary name in the same folder, renamed into place, and never over an existing file unless
-  asked (overwrite=True). The checkpoints and adapters this package writes go through it.
+  asked (overwrite=True), never through or over a link (refuse_link). The checkpoints and adapters this package
+  writes go through it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -52,12 +54,26 @@ def torch_load(file: Path, *, unwrap: bool = False) -> dict[str, torch.Tensor]:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors: the file holds something other than plain tensors
         raise CheckpointError(f"{file}: cannot be loaded with weights_only=True: it is not a plain checkpoint of "
-                              f"tensors ({type(e).__name__}: {e})") from e
+                              f"tensors ({load_error(e)})") from e
     if unwrap and isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise CheckpointError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
+    odd = next((k for k in state if not isinstance(k, str)), None)
+    if odd is not None:
+        raise CheckpointError(f"{file}: expected a dict of tensors by name, but a key is {type(odd).__name__} "
+                              f"{odd!r}")
     return state
+
+
+def load_error(e: Exception) -> str:
+    """torch.load's error in one line: for weights_only's refusal (whose message runs to several lines of advice)
+    the sentence naming what it refused ("UnpicklingError: Trying to load unsupported GLOBAL posix.system whose
+    module posix is blocked."), else the message's first line."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if line.strip()]
+    line = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
+    sentence = re.split(r"(?<=\.) ", line.removeprefix("WeightsUnpickler error: "), maxsplit=1)[0]
+    return f"{type(e).__name__}: {sentence}"
 
 
 def read_tensor_file(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -76,11 +92,21 @@ def read_tensor_file(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return torch_load(file, unwrap=True), {}
 
 
+def refuse_link(path: Path) -> None:
+    """FileExistsError if path is a link (to a file, a folder or nothing): a writer never writes through one, nor
+    replaces it, even when asked to overwrite."""
+    if path.is_symlink():
+        raise FileExistsError(f"{path} is a link to {os.readlink(path)}: never written through or replaced; remove "
+                              "the link or give another name")
+
+
 def write_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
     """Write data to path through a temporary file in the same folder, renamed into place (os.replace): a killed
     process never leaves a half-written file, a failed write (a full disk) leaves path as it was and raises an
-    OSError naming path. An existing file is replaced only with overwrite=True."""
+    OSError naming path. An existing file is replaced only with overwrite=True; a link at path (to anything) is
+    refused (FileExistsError), never written through or replaced."""
     path = Path(path)
+    refuse_link(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name")
     if path.exists() and not overwrite:

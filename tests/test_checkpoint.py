@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from llama_adapter_triton import (
     save_checkpoint,
 )
 from llama_adapter_triton.model.checkpoint import permute_hf, unpermute_hf
+from llama_adapter_triton.model.io import torch_load
 
 TOKENS = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
 CONFIGS = {"llama2": dict(), "llama3-gqa-tied": dict(gqa=True, llama3=True)}
@@ -248,6 +250,33 @@ def test_meta_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path / "meta")
 
 
+def test_non_finite_base_weights_are_named_and_a_refused_pickle_is_one_line(tmp_path):
+    """NaN weights once loaded unnoticed (generate printed "⁇ ⁇ ⁇" with exit 0; finetune blamed the learning rate):
+    each base tensor is checked as it is read. The refusal of a pickled reference to code ran to six lines."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.layers[1].feed_forward.w2.weight[3, :2] = float("nan")
+    save_checkpoint(model, tmp_path / "nan")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.1\.mlp\.down_proj\.weight' "
+                                              r"\(our layers\.1\.feed_forward\.w2\.weight\) holds 2 non-finite "
+                                              r"value\(s\) \(NaN or Inf\) of \d+"):
+        load_checkpoint(tmp_path / "nan")
+    big = tiny_model()
+    with torch.no_grad():
+        big.norm.weight[0] = 1e6  # finite in fp32, not in fp16
+    save_checkpoint(big, tmp_path / "big")
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.norm\.weight' \(our norm\.weight\) overflows "
+                                              r"torch\.float16"):
+        load_checkpoint(tmp_path / "big", dtype=torch.float16)
+
+    torch.save({"tok_embeddings.weight": torch.zeros(2, 2), "hook": os.system}, tmp_path / "code.pth")
+    with pytest.raises(CheckpointError) as e:
+        torch_load(tmp_path / "code.pth")
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value), str(e.value)
+    assert re.search(r"code\.pth: cannot be loaded with weights_only=True: it is not a plain checkpoint of tensors "
+                     r"\(UnpicklingError: [^()]*GLOBAL posix\.system[^()]*\)$", str(e.value))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Adapters
 
@@ -340,8 +369,15 @@ def test_load_adapter_mismatches_name_file_and_tensor(tmp_path):
     tensors["layers.1.attention.adapter_prompt"] = torch.zeros(4, 64)
     save_file(tensors, tmp_path / "narrow.safetensors", metadata)
     with pytest.raises(CheckpointError, match=r"narrow\.safetensors: tensor 'layers\.1\.attention\.adapter_prompt' has "
-                                              r"shape \(4, 64\), the model \(dim 128, 4 heads\) needs \(4, 128\)"):
+                                              r"shape \(4, 64\), but its metadata \('adapter_config', 'model'\) makes "
+                                              r"it \(4, 128\)"):  # refused as it is read, before any model is built
         load_adapter(model, tmp_path / "narrow.safetensors")
+    torch.save({"transformer.h.1.attn.adapter_wte.weight": torch.zeros(4, 64),  # a format without metadata
+                "transformer.h.1.attn.gating_factor": torch.zeros(1, 1, 4, 1)}, tmp_path / "narrow.pth")
+    with pytest.raises(CheckpointError, match=r"narrow\.pth: tensor 'transformer\.h\.1\.attn\.adapter_wte\.weight' "
+                                              r"has shape \(4, 64\), the model \(dim 128, 4 heads\) needs \(4, 128\)"):
+        load_adapter(LLaMA(tiny_config(), AdapterConfig(adapter_len=4, adapter_layers=1, gate_act="identity")),
+                     tmp_path / "narrow.pth")
 
 
 def _official_v1(model: LLaMA) -> dict[str, torch.Tensor]:
@@ -682,3 +718,91 @@ def test_shards_named_outside_the_checkpoint_folder_are_refused(tmp_path):
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(names, 7)}))
     with pytest.raises(CheckpointError, match="'weight_map' must map tensor names to shard files, got 7"):
         load_config(folder)
+
+
+def test_adapter_metadata_meets_the_tensors_and_the_model_before_anything_is_allocated(tmp_path):
+    """adapter_len=10**9 in a 21 KB file once made generate allocate 512 GB, n_layers=10**6 built a meta model for
+    113 s: every metadata number is checked against the file's tensors as it is read, and against the model
+    (read_adapter_config(model=)) before the model is built."""
+    model = tiny_model(ADAPTER)
+    path = save_adapter(model, tmp_path / "adapter.safetensors")
+    with safe_open(path, "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+    def write(entry: str, **changes) -> os.PathLike:
+        save_file(tensors, tmp_path / "bad.safetensors",
+                  {**metadata, entry: json.dumps({**json.loads(metadata[entry]), **changes})})
+        return tmp_path / "bad.safetensors"
+
+    for entry, changes, message in (
+            ("adapter_config", dict(adapter_len=10**9), r"tensor 'layers\.1\.attention\.adapter_prompt' has shape "
+                                                        r"\(4, 128\), but its metadata .* it \(1000000000, 128\)"),
+            ("model", dict(dim=2**20), r"tensor '.*' has shape \(4, 128\), but its metadata .* it \(4, 1048576\)"),
+            ("model", dict(n_layers=10**6), r"its metadata 'model' says n_layers=1000000, but its tensors name 1 "
+                                            r"layers, 1\.\.1")):
+        with pytest.raises(CheckpointError, match=rf"bad\.safetensors: {message}"):
+            read_adapter_config(write(entry, **changes))
+    with pytest.raises(CheckpointError, match=r"adapter\.safetensors: the adapter was trained on a model with "
+                                              r"n_layers=2, this model has 3"):
+        read_adapter_config(path, model=tiny_config(n_layers=3))
+    assert read_adapter_config(path, model=tiny_config()) == ADAPTER
+
+
+def test_malformed_adapter_files_are_named_not_crashes(tmp_path):
+    """Each of these once crashed an importer (ValueError, ZeroDivisionError, KeyError, TypeError,
+    NotImplementedError) or loaded silently; each is now a CheckpointError naming the file and what is wrong."""
+    lit_gate = torch.zeros(1, 1, 4, 1)
+    v2 = {f"transformer.h.0.{linear}.adapter_{kind}": torch.zeros(24) for kind in ("bias", "scale")
+          for linear in ("attn.qkv", "attn.proj", "mlp.fc_1", "mlp.fc_2", "mlp.proj")}
+    v2 |= {"transformer.h.0.norm_1.weight": torch.ones(8), "transformer.h.0.norm_2.weight": torch.ones(8),
+           "transformer.h.0.attn.adapter_wte.weight": torch.zeros(4, 8),
+           "transformer.h.0.attn.gating_factor": torch.zeros(1, 1, 16, 1)}
+    layer = {f"llama.layers.0.{name}": torch.zeros(8) for name in (
+        "attention_norm.weight", "ffn_norm.weight", "attention.wq.bias", "attention.wo.bias", "feed_forward.w1.bias",
+        "feed_forward.w2.bias", "feed_forward.w3.bias")} | {"llama.layers.0.attention.gate": torch.zeros(1, 2, 1, 1)}
+    official = {"adapter_query.weight": torch.zeros(2, 8), "visual_query.weight": torch.zeros(2, 8),
+                "llama.norm.weight": torch.ones(8)}
+    wte = r"tensor 'transformer\.h\.[01]\.attn\.adapter_wte\.weight' has shape \(%s\); it must be \(adapter_len, "
+    cases = [
+        ({"model": {"transformer.h.1.attn.adapter_wte.weight": torch.zeros(4), "transformer.h.1.attn.gating_factor":
+                    lit_gate}}, wte % "4,"),
+        ({"model": {"transformer.h.1.attn.adapter_wte.weight": torch.zeros(1, 4, 128),
+                    "transformer.h.1.attn.gating_factor": lit_gate}}, wte % "1, 4, 128"),
+        ({"model": v2}, wte % "4, 8" + r"n_embd\), n_embd a multiple of the gating factor.s 16 heads"),  # > dim
+        ({"model": {**official, "visual_query.weight": torch.zeros(0, 8)}, "config": {}},
+         r"an official V2 file needs adapter_query\.weight .* got \(2, 8\) and \(0, 8\)"),
+        ({"model": {**official, "adapter_query.weight": torch.zeros(0, 8)}, "config": {}},
+         r"an official V2 file needs adapter_query\.weight .* got \(0, 8\) and \(2, 8\)"),
+        ({"model": official, "config": {}}, r"an official V2 file needs llama\.norm\.weight and 1 adapted layers of 0"),
+        ({"model": {**official, **layer, "clip_proj.weight": torch.zeros(8, 4),
+                    "visual_blocks.x.norm1.weight": torch.ones(8)}, "config": {}},
+         r"unexpected tensor 'visual_blocks\.x\.norm1\.weight'"),
+        ({1: torch.zeros(2)}, r"expected a dict of tensors by name, but a key is int 1"),
+    ]
+    for i, (blob, message) in enumerate(cases):
+        torch.save(blob, tmp_path / f"case{i}.pth")
+        with pytest.raises(CheckpointError, match=rf"case{i}\.pth: {message}"):
+            read_adapter_config(tmp_path / f"case{i}.pth", gate_act="identity")
+
+    prefix = "base_model.model.model.layers"
+    save_file({f"{prefix}.1.self_attn.adaption_prompt": torch.randn(1, 4, 128).to(torch.float8_e4m3fn),
+               f"{prefix}.1.self_attn.adaption_gate": torch.tensor([0.3])}, tmp_path / "f8.safetensors")
+    with pytest.raises(CheckpointError, match=r"f8\.safetensors: tensor '.*adaption_prompt' is torch\.float8_e4m3fn; "
+                                              r"an adapter's tensors are floating point \(float16, bfloat16, float32"):
+        read_adapter_config(tmp_path / "f8.safetensors")
+    deep = {f"{prefix}.{n}.self_attn.adaption_{kind}": torch.randn(shape) for n in range(5)
+            for kind, shape in (("prompt", (1, 4, 128)), ("gate", (1,)))}
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    save_file(deep, folder / "adapter_model.safetensors")
+    peft_config = {"peft_type": "ADAPTION_PROMPT", "adapter_len": 4, "adapter_layers": 5, "target_modules": "self_attn",
+                   "task_type": "CAUSAL_LM"}
+    (folder / "adapter_config.json").write_text(json.dumps(peft_config))
+    with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: the adapter has 5 adapted layers; this "
+                                              r"model has 2 layers"):
+        read_adapter_config(folder, model=tiny_config())
+    for key, value in (("target_modules", "mlp"), ("target_modules", 5), ("task_type", "SEQ_CLS")):
+        (folder / "adapter_config.json").write_text(json.dumps({**peft_config, key: value}))
+        with pytest.raises(CheckpointError, match=rf"adapter_config\.json has {key} {re.escape(repr(value))}; a "
+                                                  "LLaMA's adaption prompt has"):
+            read_adapter_config(folder)

@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import re
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -517,6 +518,26 @@ def test_nf4_base_adapter_learns_as_the_full_precision_one(checkpoint, tmp_path,
     assert abs(epochs["nf4"][1] - epochs[None][1]) < 0.05 * epochs[None][1], epochs
 
 
+@pytest.mark.parametrize("quantize", [None, "nf4", "int8"])
+def test_every_quantize_mode_trains_saves_resumes_and_generates(checkpoint, tmp_path, capsys, quantize):
+    """A whole tiny run in each --quantize mode: stopped after its first step, resumed to its end, its adapter answered
+    with (int8 once crashed at its first save: get_model_state_dict fails on Linear8bitLt's SCB entry)."""
+    from llama_adapter_triton.model.generate import main as generate
+
+    data = data_file(tmp_path, 2)
+    out = tmp_path / "out"
+    first = run(config(checkpoint, data, out, quantize=quantize, stop_after_steps=1))
+    assert first.steps == 1 and (out / "train_state.pt").is_file()
+    resumed = run(config(checkpoint, data, out, quantize=quantize, resume=True))
+    assert resumed.steps == 2 and (out / "adapter.safetensors").is_file()
+    capsys.readouterr()
+    generate(["--checkpoint", str(checkpoint), "--adapter", str(out / "adapter.safetensors"), "--device", "cpu",
+              "--instruction", "Name a color.", "--max-new-tokens", "3", "--temperature", "0",
+              *(["--quantize", quantize] if quantize else [])])
+    captured = capsys.readouterr()
+    assert captured.out.strip() and "tokens/s" in captured.err, captured
+
+
 def test_activation_checkpointing_changes_nothing_but_memory(checkpoint, tmp_path):
     """The same losses and adapter, bit for bit; a resumed run may switch it."""
     data = data_file(tmp_path, 3)
@@ -730,6 +751,47 @@ def test_overwrite_and_resume_touch_only_the_runs_own_files(checkpoint, tmp_path
                                               r"log\.csv \(its first line is not train\.finetune's header\)"):
         run(config(checkpoint, data, other, overwrite=True))
     assert (other / "log.csv").read_text() == "epoch,accuracy\n1,0.5\n"
+
+
+def test_overwrite_never_follows_a_link(checkpoint, tmp_path):
+    """OUT/adapter-peft, a link to another run's export: --overwrite once deleted that run's two files through it. A
+    link of a run's name is refused, naming it; a killed run's temporary that is a link goes itself, never its target;
+    the writers refuse to write through or over a link."""
+    from llama_adapter_triton import load_checkpoint, save_adapter
+    from llama_adapter_triton.model.io import write_atomic
+    from llama_adapter_triton.train.state import STATE_FILE
+
+    data = data_file(tmp_path, 1)
+    other = tmp_path / "other"
+    run(config(checkpoint, data, other, gate="layer", gate_act="identity", export="peft"))
+
+    def snapshot(folder: Path) -> dict:
+        return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = snapshot(other)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, target in (("adapter-peft", other / "adapter-peft"), ("log.csv", other / "log.csv"),
+                         (STATE_FILE, tmp_path / "nowhere")):
+        (out / name).symlink_to(target)
+        with pytest.raises(FileExistsError, match=rf"{re.escape(name)} \(a link to .*: never followed"):
+            run(config(checkpoint, data, out, overwrite=True))
+        assert (out / name).is_symlink() and snapshot(other) == before
+        (out / name).unlink()
+    (out / ".adapter-peft.0123abcd.tmp").symlink_to(other / "adapter-peft")  # as if a killed run's
+    run(config(checkpoint, data, out, overwrite=True, stop_after_steps=1))
+    assert not os.path.lexists(out / ".adapter-peft.0123abcd.tmp") and snapshot(other) == before
+
+    model = load_checkpoint(checkpoint, adapter=AdapterConfig(adapter_len=4, adapter_layers=1, gate="layer",
+                                                                gate_act="identity"))
+    (out / "link.safetensors").symlink_to(other / "adapter.safetensors")
+    (out / "peft-link").symlink_to(other / "adapter-peft")
+    for write in (lambda: write_atomic(out / "link.safetensors", b"x", overwrite=True),
+                  lambda: save_adapter(model, out / "link.safetensors", overwrite=True),
+                  lambda: save_adapter(model, out / "peft-link", overwrite=True, format="peft")):
+        with pytest.raises(FileExistsError, match=r"(link\.safetensors|peft-link) is a link to .*: never written"):
+            write()
+    assert snapshot(other) == before
 
 
 def test_export_peft_writes_the_final_adapter_as_a_peft_folder(checkpoint, tmp_path, capsys):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_utils import VOCAB, peft_adaption_prompt, randomize_, tiny_config
+from model_utils import VOCAB, hf_model, peft_adaption_prompt, randomize_, tiny_config
 
 from llama_adapter_triton.model.hf import FUSED, remove_fused_attention, use_fused_attention
 
@@ -148,3 +148,13 @@ def test_mistral_sliding_window_and_what_is_refused():
         use_fused_attention(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=VOCAB)))
     with pytest.raises(ValueError, match="expected a transformers model"):
         use_fused_attention(torch.nn.Linear(2, 2))
+
+
+def test_output_attentions_is_refused_with_and_without_peft():
+    """output_attentions=True on a fused model without PEFT once returned an empty tuple instead of the documented
+    refusal (PEFT's adapted layers refused it)."""
+    peft_llama = use_fused_attention(peft_model("llama"))
+    plain = use_fused_attention(hf_model(tiny_config(gqa=True), seed=1).eval())
+    for model in (peft_llama, plain):
+        with pytest.raises(ValueError, match=rf"{FUSED}: output_attentions is not available"), torch.no_grad():
+            model(TOKENS, output_attentions=True)

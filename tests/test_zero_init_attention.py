@@ -804,6 +804,32 @@ def test_offsets_out_of_range_give_nan_never_a_plausible_answer(device):
     assert torch.isfinite(out[0]).all() and torch.isnan(out[1:]).all()
 
 
+def test_compiled_rows_no_sequence_covers_are_nan(device):
+    """Under torch.compile the host skips its offset checks: cu_seqlens_q=[0, 3, 5] for 9 rows once gave rows 5-8 as
+    uninitialised memory (finite values), a too-small max_seqlen_q some finite wrong rows. Every row no sequence
+    covers, and every row of a sequence out of range, is NaN; the others are eager's."""
+    h, hkv, d = 2, 1, 32
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(9, n, d, generator=g).to(device) for n in (h, hkv, hkv))
+    pk, pv = (torch.randn(1, 2, hkv, d, generator=g).to(device) for _ in range(2))
+    gate = torch.full((h,), 0.3, device=device)
+
+    def f(q, k, v, pk, pv, gate, cu_q, cu_k, max_q, max_k):
+        return zero_init_attention(q, k, v, pk, pv, gate, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                                   max_seqlen_k=max_k)
+
+    compiled = torch.compile(f, backend="aot_eager" if device == "cpu" else "inductor")
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32, device=device)
+    want = f(q[:5], k[:5], v[:5], pk, pv, gate, cu, cu, 3, 3)  # eager, checked: the covered rows alone
+    got = compiled(q, k, v, pk, pv, gate, cu, cu, 3, 3)
+    torch.testing.assert_close(got[:5], want)
+    assert torch.isnan(got[5:]).all(), got[5:, 0, :4]
+    cu = torch.tensor([0, 3, 9], dtype=torch.int32, device=device)  # the second sequence is 6 rows, not max 4
+    got = compiled(q, k, v, pk, pv, gate, cu, cu, 4, 6)
+    torch.testing.assert_close(got[:3], want[:3])
+    assert torch.isnan(got[3:]).all(), got[3:, 0, :4]
+
+
 # ----------------------------------------------------------------------------------------------
 # the suite's own guards: the kernels ran, the oracle is independent and fp64
 # ----------------------------------------------------------------------------------------------

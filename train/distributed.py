@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -96,8 +97,12 @@ def setup_distributed(device: str) -> Dist:
 
 def adapter_tensors(model: LLaMA) -> dict[str, torch.Tensor]:
     """The adapter as full fp32 CPU tensors on every rank (gathered from the shards under FSDP: call on all ranks)."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
-    names = adapter_state_dict(model).keys()  # not the quantization state a quantized base adds to the state dict
+    names = adapter_state_dict(model).keys()
+    if any(isinstance(p, DTensor) for p in model.parameters()):  # FSDP2: gathered from the shards (its state_dict
+        # hooks also put the sharded parameters back in place, where get_optimizer_state_dict looks for them)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+    else:  # the parameters themselves: get_model_state_dict walks the whole state dict, whose entries of an int8
+        state = adapter_state_dict(model)  # base (Linear8bitLt's SCB) are not attributes of modules: it fails on them
     return {k: v.detach().to("cpu", torch.float32) for k, v in state.items() if k in names}
 
 

@@ -5,8 +5,9 @@ The run knows its own files by their content, not only their names: adapters by 
 train_state.pt by its format entry, log.csv by its header, loss.png by its PNG Software entry, tensorboard/ by
 holding only event files named *.llama-adapter-triton, adapter-peft/ by holding only its two files, marked in the
 safetensors metadata. An OUT holding any of them is refused unless --resume or --overwrite; a file or folder of one
-of those names that the run did not write is never deleted or written over. Temporary .NAME.XXXXXXXX.tmp files of a
-killed run are deleted by --resume and --overwrite; other files in OUT are left alone.
+of those names that the run did not write, and a link of one of those names (to anything), is never deleted, followed
+or written over. Temporary .NAME.XXXXXXXX.tmp files of a killed run are deleted by --resume and --overwrite (a link
+of such a name: the link itself); other files in OUT are left alone.
 """
 
 from __future__ import annotations
@@ -50,10 +51,13 @@ def _own_file(path: Path) -> str | None:
     """None if path is a file (or event folder) a run of llama-adapter finetune wrote, recognised by its content;
     else why not. path has one of the names the run writes."""
     try:
+        if path.is_symlink():  # never followed: what it leads to is not the run's, whatever it holds
+            return f"a link to {os.readlink(path)}: never followed"
         if path.name == TB_DIR:
             if not path.is_dir():
                 return "not a folder"
-            other = [p.name for p in path.iterdir() if not (p.is_file() and p.name.startswith("events.out.tfevents.")
+            other = [p.name for p in path.iterdir() if not (p.is_file() and not p.is_symlink()
+                                                            and p.name.startswith("events.out.tfevents.")
                                                             and p.name.endswith(TB_SUFFIX))]
             return f"holds {other[0]!r}, not an event file of {PROG}'s (*{TB_SUFFIX})" if other else None
         if path.name == PEFT_DIR:  # --export peft: the two files save_adapter(format="peft") writes, nothing else
@@ -62,6 +66,9 @@ def _own_file(path: Path) -> str | None:
             names = sorted(p.name for p in path.iterdir())
             if names != ["adapter_config.json", "adapter_model.safetensors"]:
                 return f"holds {names}, not only the adapter_config.json and adapter_model.safetensors it writes"
+            links = [p.name for p in path.iterdir() if p.is_symlink()]
+            if links:
+                return f"its {links[0]} is a link to {os.readlink(path / links[0])}: never followed"
             with safe_open(path / "adapter_model.safetensors", framework="pt") as f:
                 return None if (f.metadata() or {}).get("written_by") == ADAPTER_FORMAT else \
                     f"not a PEFT adapter written by {PROG}"
@@ -89,7 +96,8 @@ def earlier_outputs(out: Path) -> tuple[list[Path], list[str], list[Path]]:
     "name (why not)" for those that are not ours; temporary .NAME.*.tmp files a killed run left)."""
     if not out.is_dir():
         return [], [], []
-    named = [out / n for n in (ADAPTER_FILE, STATE_FILE, LOG_FILE, PLOT_FILE, TB_DIR, PEFT_DIR) if (out / n).exists()]
+    named = [out / n for n in (ADAPTER_FILE, STATE_FILE, LOG_FILE, PLOT_FILE, TB_DIR, PEFT_DIR)
+             if os.path.lexists(out / n)]  # a link too, even one that leads nowhere
     named += sorted(out.glob(EPOCH_ADAPTER.format("*")))
     ours, foreign = [], []
     for path in named:
@@ -128,12 +136,16 @@ def check_outputs(config: FinetuneConfig) -> list[Path]:
 
 
 def delete_outputs(paths: list[Path]) -> None:
-    """Delete what check_outputs returned: an earlier run's files, a killed run's temporaries (rank 0 only)."""
+    """Delete what check_outputs returned: an earlier run's files, a killed run's temporaries (rank 0 only). A link
+    is never followed: a temporary's name that is a link goes itself (its target stays); earlier_outputs refuses
+    links of the run's own names."""
     for path in paths:
-        if path.is_dir():  # tensorboard/ (our event files only), adapter-peft/ (our two files only), a temporary
-            for events in path.iterdir():
-                events.unlink()
-        path.rmdir() if path.is_dir() else path.unlink()
+        if path.is_dir() and not path.is_symlink():  # tensorboard/ (our event files only), adapter-peft/ (our two
+            for entry in path.iterdir():  # files only), a temporary folder
+                entry.unlink()  # (a link inside a temporary folder: the link itself)
+            path.rmdir()
+        else:
+            path.unlink()
 
 
 class RunLog:

@@ -224,7 +224,7 @@ def _load_eval_records(file: Path) -> list[dict]:
 def evaluate(args: EvalArgs) -> dict:
     """Generate an answer for each record, score it; writes the predictions and the summary; returns the summary."""
     from llama_adapter_triton.model.adapters.formats import load_adapter, read_adapter_config
-    from llama_adapter_triton.model.checkpoint import load_checkpoint
+    from llama_adapter_triton.model.checkpoint import load_checkpoint, load_config
     from llama_adapter_triton.model.generate import generate
     from llama_adapter_triton.model.io import write_atomic
     from llama_adapter_triton.model.prompt import alpaca_prompt
@@ -238,7 +238,7 @@ def evaluate(args: EvalArgs) -> dict:
     records = _load_eval_records(args.data)
     if args.limit:
         records = records[:args.limit]
-    adapter = read_adapter_config(args.adapter) if args.adapter else None
+    adapter = read_adapter_config(args.adapter, model=load_config(args.checkpoint)) if args.adapter else None
     multimodal = adapter is not None and adapter.visual_dim > 0
     if multimodal and args.clip is None:
         raise ScienceQAError("--adapter is multi-modal: give --clip, the CLIP folder it was trained with")

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from llama_adapter_triton.model.chat import RENDER_CHARS, RENDER_SECONDS
-from llama_adapter_triton.model.io import CheckpointError, write_atomic
+from llama_adapter_triton.model.io import CheckpointError, load_error, write_atomic
 from llama_adapter_triton.model.llama import LLaMA
 from llama_adapter_triton.model.tokenizer import Tokenizer
 from llama_adapter_triton.train.config import PROG, FinetuneConfig, UsageError, cli_flag
@@ -91,7 +91,7 @@ def load_state(config: FinetuneConfig, resolved: dict, inputs: dict[str, dict],
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot be loaded with weights_only=True ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: cannot be loaded with weights_only=True ({load_error(e)})") from e
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: not a training state written by {PROG}")
     for key, kind in _STATE_ENTRIES.items():

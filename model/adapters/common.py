@@ -69,10 +69,15 @@ def v2_extra(biases: dict[int, dict[str, tuple[str, torch.Tensor]]],
     return extra
 
 
+# the dtypes an adapter's tensors may have (read_adapter refuses others, float8 among them, before parsing)
+ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ADAPTER_DTYPES_TEXT = "an adapter's tensors are floating point (float16, bfloat16, float32 or float64)"
+
+
 def tensor_problem(t: torch.Tensor) -> str | None:
-    """What makes t unusable as an adapter tensor (not floating point, NaN or Inf in it), or None."""
-    if not t.is_floating_point():
-        return f"is {t.dtype}; an adapter's tensors are floating point"
+    """What makes t unusable as an adapter tensor (not of ADAPTER_DTYPES, NaN or Inf in it), or None."""
+    if t.dtype not in ADAPTER_DTYPES:
+        return f"is {t.dtype}; {ADAPTER_DTYPES_TEXT}"
     bad = int((~torch.isfinite(t)).sum())
     if bad:
         return f"holds {bad} non-finite value(s) (NaN or Inf) of {t.numel()}"

@@ -20,11 +20,11 @@ import torch
 
 from llama_adapter_triton.model.adapter import AdapterConfig, adapter_layers, adapter_state_dict
 from llama_adapter_triton.model.adapters import litgpt, official_v1, official_v2, ours, peft
-from llama_adapter_triton.model.adapters.common import PROMPT_OR_GATE_RE, AdapterFile, tensor_problem
+from llama_adapter_triton.model.adapters.common import ADAPTER_DTYPES, ADAPTER_DTYPES_TEXT, AdapterFile, tensor_problem
 from llama_adapter_triton.model.adapters.ours import ADAPTER_FORMAT
 from llama_adapter_triton.model.adapters.peft import save_peft_adapter
 from llama_adapter_triton.model.io import CheckpointError, read_tensor_file
-from llama_adapter_triton.model.llama import LLaMA
+from llama_adapter_triton.model.llama import LLaMA, LLaMAConfig
 
 # detection order: an official V2 file also holds v1's adapter_query.weight
 FORMATS = (official_v2, official_v1, peft, litgpt, ours)
@@ -39,6 +39,9 @@ def read_adapter(path: str | os.PathLike, gate_act: str | None, adapter_len: int
     tensors, metadata = read_tensor_file(path)
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors")
+    for name, t in tensors.items():  # before any parser computes with them (float8 has no isfinite, ...)
+        if t.dtype not in ADAPTER_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} is {t.dtype}; {ADAPTER_DTYPES_TEXT}")
     fmt = next((fmt for fmt in FORMATS if fmt.detect(tensors, metadata)), None)
     if fmt is None:
         raise CheckpointError(f"{path}: not a LLaMA-Adapter file (ours, the official v1 or V2 release, PEFT's "
@@ -55,15 +58,60 @@ def read_adapter(path: str | os.PathLike, gate_act: str | None, adapter_len: int
     return adapter
 
 
-def read_adapter_config(path: str | os.PathLike, *, gate_act: str | None = None,
-                        adapter_len: int | None = None) -> AdapterConfig:
+def read_adapter_config(path: str | os.PathLike, *, gate_act: str | None = None, adapter_len: int | None = None,
+                        model: LLaMAConfig | None = None) -> AdapterConfig:
     """The AdapterConfig of an adapter file or PEFT folder, to build the model it fits:
-    `load_checkpoint(ckpt, adapter=read_adapter_config(path))`.
+    `load_checkpoint(ckpt, adapter=read_adapter_config(path, model=load_config(ckpt)))`.
 
     gate_act is required for the official v1 release (ambiguous, see model/adapters/official_v1.py) and
-    checked for the others; adapter_len only matters for the official release (default 10).
+    checked for the others; adapter_len only matters for the official release (default 10). model: the config of
+    the model it is for: the adapter is checked against it (dims, depth, adapted layers, every tensor's shape) before
+    anything is allocated, as load_adapter checks it.
     """
-    return read_adapter(path, gate_act, adapter_len).config
+    adapter = read_adapter(path, gate_act, adapter_len)
+    if model is not None:
+        check_fits(adapter, model)
+    return adapter.config
+
+
+def check_fits(adapter: AdapterFile, config: LLaMAConfig) -> None:
+    """CheckpointError unless the adapter fits a model of config built with the adapter's own config: the model
+    dims it records, its depth and adapted layers, and the shape of every tensor (against a meta model: nothing is
+    allocated)."""
+    file = adapter.file
+    if adapter.model_dims is not None:
+        for key in ours.MODEL_DIMS:
+            if adapter.model_dims[key] != getattr(config, key):
+                raise CheckpointError(f"{file}: the adapter was trained on a model with {key}="
+                                      f"{adapter.model_dims[key]}, this model has {getattr(config, key)}")
+    if adapter.config.adapter_layers > config.n_layers:
+        raise CheckpointError(f"{file}: the adapter has {adapter.config.adapter_layers} adapted layers; this model "
+                              f"has {config.n_layers} layers")
+    top = list(range(config.n_layers - adapter.config.adapter_layers, config.n_layers))
+    if adapter.n_layers not in (None, config.n_layers) or adapter.layers not in (None, top):
+        raise CheckpointError(f"{file}: the adapter is for layers {adapter.layers or 'the top'} of a "
+                              f"{adapter.n_layers or '?'}-layer model; this model ({config.n_layers} layers) adapts "
+                              f"layers {top[0]}..{top[-1]}")
+    try:
+        with torch.device("meta"):
+            own = adapter_state_dict(LLaMA(config, adapter.config))
+    except ValueError as e:
+        raise CheckpointError(f"{file}: the adapter does not fit this model ({e})") from None
+    for n, (pname, prompt), (gname, gate) in zip(top, adapter.prompts, adapter.gates, strict=True):
+        for name, src, dst in ((pname, prompt, own.pop(f"layers.{n}.attention.adapter_prompt")),
+                               (gname, gate, own.pop(f"layers.{n}.attention.gate"))):
+            if src.shape != dst.shape:
+                raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(src.shape)}, the model "
+                                      f"(dim {config.dim}, {config.n_heads} heads) needs {tuple(dst.shape)}")
+    for name in sorted(own.keys() ^ adapter.extra.keys())[:1]:
+        raise CheckpointError(f"{file}: the model's adapter has tensor {name!r}, the file none" if name in own
+                              else f"{file}: tensor {adapter.extra[name][0]!r} has no place in the model's adapter")
+    for name, dst in own.items():
+        src_name, src = adapter.extra[name]
+        if src.shape != dst.shape:
+            theirs = src_name if src_name == name else f"{src_name} (our {name})"
+            raise CheckpointError(f"{file}: tensor {theirs!r} has shape {tuple(src.shape)}, the model needs "
+                                  f"{tuple(dst.shape)}")
 
 
 def load_adapter(model: LLaMA, path: str | os.PathLike, *, gate_act: str | None = None) -> AdapterConfig:
@@ -90,35 +138,15 @@ def load_adapter(model: LLaMA, path: str | os.PathLike, *, gate_act: str | None 
             tensor = f" (tensor {adapter.gates[0][0]!r})" if key == "gate" else ""
             raise CheckpointError(f"{file}: the adapter has {key}={theirs!r}{tensor} but the model was built with "
                                   f"{key}={mine!r}")
-    if adapter.model_dims is not None:
-        for key in ours.MODEL_DIMS:
-            if adapter.model_dims[key] != getattr(config, key):
-                raise CheckpointError(f"{file}: the adapter was trained on a model with {key}="
-                                      f"{adapter.model_dims[key]}, this model has {getattr(config, key)}")
-    top = list(range(config.n_layers - model.adapter.adapter_layers, config.n_layers))
-    if adapter.n_layers not in (None, config.n_layers) or adapter.layers not in (None, top):
-        raise CheckpointError(f"{file}: the adapter is for layers {adapter.layers or 'the top'} of a "
-                              f"{adapter.n_layers or '?'}-layer model; this model ({config.n_layers} layers) adapts "
-                              f"layers {top[0]}..{top[-1]}")
+    check_fits(adapter, config)
     modules = list(adapter_layers(model).values())
+    own = adapter_state_dict(model)
     with torch.no_grad():
-        for module, (pname, prompt), (gname, gate) in zip(modules, adapter.prompts, adapter.gates, strict=True):
-            for name, src, dst in ((pname, prompt, module.adapter_prompt), (gname, gate, module.gate)):
-                if src.shape != dst.shape:
-                    raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(src.shape)}, the model "
-                                          f"(dim {config.dim}, {config.n_heads} heads) needs {tuple(dst.shape)}")
-                dst.copy_(src)
-        own = {k: v for k, v in adapter_state_dict(model).items() if not PROMPT_OR_GATE_RE.fullmatch(k)}
-        for name in sorted(own.keys() ^ adapter.extra.keys())[:1]:
-            raise CheckpointError(f"{file}: the model's adapter has tensor {name!r}, the file none" if name in own
-                                  else f"{file}: tensor {adapter.extra[name][0]!r} has no place in the model's adapter")
-        for name, dst in own.items():
-            src_name, src = adapter.extra[name]
-            if src.shape != dst.shape:
-                theirs = src_name if src_name == name else f"{src_name} (our {name})"
-                raise CheckpointError(f"{file}: tensor {theirs!r} has shape {tuple(src.shape)}, the model needs "
-                                      f"{tuple(dst.shape)}")
-            dst.copy_(src)
+        for module, (_, prompt), (_, gate) in zip(modules, adapter.prompts, adapter.gates, strict=True):
+            module.adapter_prompt.copy_(prompt)
+            module.gate.copy_(gate)
+        for name, (_, src) in adapter.extra.items():
+            own[name].copy_(src)
     return adapter.config
 
 

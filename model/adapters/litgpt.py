@@ -63,13 +63,18 @@ def parse(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
                               f"1), got {None if gate is None else tuple(gate.shape)}")
     n_heads = gate.numel()
     prompts, gates = [], []
+    width = by_layer[prompt_layers[0]]["attn.adapter_wte.weight"][1].shape
     for n in prompt_layers:
         got = by_layer[n]
         for key in ("attn.adapter_wte.weight", "attn.gating_factor"):
             if key not in got:
                 raise CheckpointError(f"{file}: layer {n} has 'transformer.h.{n}.attn.adapter_wte.weight' or a gate "
                                       f"but no 'transformer.h.{n}.{key}'")
-        prompts.append(got.pop("attn.adapter_wte.weight"))
+        name, p = got.pop("attn.adapter_wte.weight")
+        if p.dim() != 2 or p.shape != width or p.shape[0] < 1 or p.shape[1] % n_heads:
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(p.shape)}; it must be (adapter_len, "
+                                  f"n_embd), n_embd a multiple of the gating factor's {n_heads} heads, in every layer")
+        prompts.append((name, p))
         name, g = got.pop("attn.gating_factor")
         gates.append((name, g.flatten()))  # (1, 1, nh, 1), or an older file's (1, nh, 1, 1): the same order
     adapter_len, dim = prompts[0][1].shape

@@ -31,6 +31,7 @@ _VISUAL = (("clip_proj_norm.", "visual_proj.clip_proj_norm."), ("clip_proj.", "v
            ("visual_proj_norm.", "visual_proj.proj_norm."), ("visual_proj.", "visual_proj.proj."),
            ("visual_blocks.", "visual_proj.blocks."), ("visual_query.weight", "visual_proj.visual_query"))
 _LAYER_RE = re.compile(r"llama\.layers\.(\d+)\.(.+)")
+_BLOCK_RE = re.compile(r"visual_blocks\.(\d+)\.")
 
 
 def detect(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
@@ -45,7 +46,8 @@ def parse(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         raise CheckpointError(f"{file}: an official LLaMA-Adapter V2 file with LoRA tensors ({lora[0]!r}; "
                               "LORA-BIAS-7B): not supported (its BIAS-7B and CAPTION-7B files are)")
     query, visual_query = tensors.get("adapter_query.weight"), tensors.get("visual_query.weight")
-    if visual_query is None or visual_query.dim() != 2 or query.dim() != 2 or query.shape[0] % visual_query.shape[0]:
+    if visual_query is None or visual_query.dim() != 2 or query.dim() != 2 or \
+            min(*query.shape, *visual_query.shape) < 1 or query.shape[0] % visual_query.shape[0]:
         raise CheckpointError(f"{file}: an official V2 file needs adapter_query.weight (query_layer * query_len, "
                               "dim) and visual_query.weight (query_len, width), got "
                               f"{tuple(query.shape)} and {None if visual_query is None else tuple(visual_query.shape)}")
@@ -61,7 +63,7 @@ def parse(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
             extra["norm.weight"] = (name, t)
         elif name != "adapter_query.weight":
             ours = next((o + name[len(prefix):] for prefix, o in _VISUAL if name.startswith(prefix)), None)
-            if ours is None:
+            if ours is None or (name.startswith("visual_blocks.") and not _BLOCK_RE.match(name)):
                 raise CheckpointError(f"{file}: unexpected tensor {name!r} of shape {tuple(t.shape)} in an official "
                                       "LLaMA-Adapter V2 file")
             extra[ours] = (name, t)
@@ -76,7 +78,7 @@ def parse(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         if lacking:
             raise CheckpointError(f"{file}: tensor 'llama.layers.{n}.{lacking[0]}' is missing (every layer of an "
                                   "official V2 file has gate, norms and biases)")
-    if "norm.weight" not in extra or n_adapted > n_layers:
+    if "norm.weight" not in extra or n_layers < 1 or n_adapted > n_layers:
         raise CheckpointError(f"{file}: an official V2 file needs llama.norm.weight and {n_adapted} adapted layers of "
                               f"{n_layers}")
     for n in range(n_layers):
@@ -91,7 +93,7 @@ def parse(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     biases = {n: {linear: got[f"{linear}.bias"] for linear in _BIASES} for n, got in by_layer.items()}
     extra.update(v2_extra(biases, {}, widths, n_layers))
     clip_proj = tensors.get("clip_proj.weight")
-    blocks = {int(name.split(".")[1]) for name in tensors if name.startswith("visual_blocks.")}
+    blocks = {int(m.group(1)) for name in tensors if (m := _BLOCK_RE.match(name))}
     if clip_proj is None or clip_proj.dim() != 2 or blocks != set(range(len(blocks))):
         raise CheckpointError(f"{file}: an official V2 file needs clip_proj.weight and visual_blocks.0 .. N")
     config = AdapterConfig(adapter_len=adapter_len, adapter_layers=n_adapted, gate="head", gate_act="tanh", version=2,

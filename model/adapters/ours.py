@@ -15,6 +15,7 @@ A tensor that is not finite is refused: save never writes a file that load_adapt
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from llama_adapter_triton.model.llama import LLaMA, LLaMAConfig
 ADAPTER_FORMAT = "llama-adapter-triton"
 ADAPTER_FORMAT_VERSION = "1"
 MODEL_DIMS = ("dim", "n_layers", "n_heads", "n_kv_heads")  # what our adapter files record of their model
+_LAYER_RE = re.compile(r"layers\.(\d+)\.")  # the layer a tensor's name is in
 
 
 def detect(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
@@ -57,16 +59,15 @@ def parse(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         value = model_dims.get(key)
         if not is_int(value) or value < 1:
             raise CheckpointError(f"{file}: its metadata 'model' must give {key} as an integer >= 1, got {value!r}")
-    # the names this config gives a model of these dims (a meta model: nothing is allocated)
-    try:
-        with torch.device("meta"):
-            expected = adapter_state_dict(LLaMA(LLaMAConfig(**{k: model_dims[k] for k in MODEL_DIMS}), config))
-    except ValueError as e:
-        raise CheckpointError(f"{file}: its metadata 'adapter_config' does not fit its 'model' ({e})") from None
+    expected = _expected_tensors(file, tensors, config, {k: model_dims[k] for k in MODEL_DIMS})
     unexpected = sorted(tensors.keys() - expected.keys())
     if unexpected:
         raise CheckpointError(f"{file}: unexpected tensor {unexpected[0]!r} of shape "
                               f"{tuple(tensors[unexpected[0]].shape)} for its adapter_config")
+    for name, t in tensors.items():  # every number of the metadata meets the tensors: none sizes anything alone
+        if t.shape != expected[name].shape:
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, but its metadata "
+                                  f"('adapter_config', 'model') makes it {tuple(expected[name].shape)}")
     extra = {name: (name, t) for name, t in tensors.items() if not PROMPT_OR_GATE_RE.fullmatch(name)}
     layers = by_layer(file, {k: v for k, v in tensors.items() if k not in extra}, PROMPT_OR_GATE_RE,
                       ("adapter_prompt", "gate"))
@@ -77,6 +78,38 @@ def parse(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return AdapterFile(ADAPTER_FORMAT, file, config, list(layers), None,
                        [got["adapter_prompt"] for got in layers.values()], [got["gate"] for got in layers.values()],
                        model_dims, extra)
+
+
+def _expected_tensors(file: Path, tensors: dict[str, torch.Tensor], config: AdapterConfig,
+                      dims: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The adapter tensors (meta: nothing is allocated) that config gives a model of these dims, after checking the
+    dims' depth against the layers the file's tensors name (the top one holds a prompt; V2 names every layer). A V1
+    model is built without the layers that hold no adapter tensor (their names shifted back): its cost is that of
+    the file's layers, never of a depth the metadata merely claims."""
+    n_layers = dims["n_layers"]
+    named = sorted({int(m.group(1)) for name in tensors if (m := _LAYER_RE.match(name))})
+    if not named or named[-1] != n_layers - 1 or (config.version == 2 and len(named) != n_layers):
+        every = ", a V2 adapter's every layer its biases and scales" if config.version == 2 else ""
+        raise CheckpointError(f"{file}: its metadata 'model' says n_layers={n_layers}, but its tensors name "
+                              f"{len(named)} layers, {f'{named[0]}..{named[-1]}' if named else 'none'} (the top layer "
+                              f"holds a prompt{every})")
+    keep = config.visual_layers if config.early_fusion else 0  # the bottom layers of early fusion's visual prompts
+    gap = max(0, n_layers - config.adapter_layers - keep) if config.version == 1 else 0
+    # V2's biases of w1 give the SwiGLU width, which the metadata does not record (the model's is checked on load)
+    w1 = tensors.get(f"layers.{n_layers - 1}.feed_forward.w1.bias")
+    hidden = {"hidden_dim": w1.shape[0]} if config.version == 2 and w1 is not None and w1.dim() == 1 and \
+        w1.shape[0] > 0 else {}
+    try:
+        with torch.device("meta"):
+            model = LLaMA(LLaMAConfig(**{**dims, "n_layers": n_layers - gap, **hidden}), config)
+    except ValueError as e:
+        raise CheckpointError(f"{file}: its metadata 'adapter_config' does not fit its 'model' ({e})") from None
+
+    def shifted(name: str) -> str:
+        m = _LAYER_RE.match(name)
+        return name if m is None or int(m.group(1)) < keep else f"layers.{int(m.group(1)) + gap}.{name[m.end():]}"
+
+    return {shifted(name): t for name, t in adapter_state_dict(model).items()}
 
 
 def save(model: LLaMA, path: Path, state: dict[str, torch.Tensor], *, overwrite: bool = False) -> Path:

@@ -24,7 +24,7 @@ from safetensors.torch import save as safetensors_bytes
 from llama_adapter_triton.model.adapter import AdapterConfig, adapter_state_dict
 from llama_adapter_triton.model.adapters.common import AdapterFile, by_layer, tensor_problem
 from llama_adapter_triton.model.adapters.ours import ADAPTER_FORMAT
-from llama_adapter_triton.model.io import CheckpointError, read_json, write_atomic
+from llama_adapter_triton.model.io import CheckpointError, read_json, refuse_link, write_atomic
 from llama_adapter_triton.model.llama import LLaMA
 
 _PEFT_RE = re.compile(r"(?:.*\.)?layers\.(\d+)\.self_attn\.adaption_(prompt|gate)")
@@ -68,6 +68,11 @@ def parse(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
             if peft_config.get(key) != value:
                 raise CheckpointError(f"{file}: adapter_config.json says {key}={peft_config.get(key)!r} but the "
                                       f"weights hold {value}")
+        # what PEFT writes for a LLaMA (absent or null: PEFT's defaults, the same); anything else is another model
+        for key, want in (("target_modules", "self_attn"), ("task_type", "CAUSAL_LM")):
+            if peft_config.get(key) not in (None, want):
+                raise CheckpointError(f"{file}: adapter_config.json has {key} {peft_config[key]!r}; a LLaMA's "
+                                      f"adaption prompt has {want!r}")
     config = AdapterConfig(adapter_len=adapter_len, adapter_layers=len(layers), gate="layer", gate_act="identity")
     return AdapterFile("PEFT adaption-prompt", file, config, list(layers), None,
                        [(got["prompt"][0], got["prompt"][1][0]) for got in layers.values()],
@@ -97,13 +102,14 @@ def save_peft_adapter(model: LLaMA, path: str | os.PathLike, *, overwrite: bool 
     CAUSAL_LM, base_model_name_or_path). Adapters PEFT cannot express (peft_export_problem) are refused before
     anything is written. The folder is written under a temporary name beside path and renamed into place; an
     existing folder is refused unless overwrite=True, which replaces those two files in it (one by one, each
-    atomically) and leaves its other files alone. state: as save_adapter's."""
+    atomically) and leaves its other files alone; a link at path is refused (refuse_link). state: as save_adapter's."""
     if model.adapter is None:
         raise ValueError("the model has no adapter to save")
     problem = peft_export_problem(model.adapter)
     if problem:
         raise ValueError(f"{path}: not written in PEFT's format: {problem}")
     folder = Path(path)
+    refuse_link(folder)
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} is a file; the PEFT format is a folder")
     if folder.exists() and any(folder.iterdir()) and not overwrite:

@@ -1,13 +1,11 @@
 """LLaMA-Adapter fine-tuning (arXiv 2303.16199): a frozen LLaMA, a trained adapter, packed batches, resume, several
 processes (DDP / FSDP2). `llama-adapter finetune --help` lists the flags (train/config.py) and example commands.
 
-The run in named steps: setup (every flag checked against the model, the data and OUT before anything is written;
-the data, the images, the model, the optimizer; resume) -> train_step per step (gradient accumulation over its
-micro-batches, one host sync, the divergence check, the update) -> end_epoch (eval loss, the epoch's adapter,
-train_state.pt) -> finish (the final adapter, loss.png); their state between steps is one Progress. A NaN or Inf
-in the loss, the gradient norm or the adapter stops every rank (TrainingDiverged) before any of it is applied or
-saved. Elsewhere: OUT's files in train/outputs.py, train_state.pt and --resume in train/state.py, processes in
-train/distributed.py, images in train/multimodal.py, AdamW and the lr in train/optim.py, data in train/data.py.
+The run in named steps, their state between steps one Progress: setup (every flag checked against the model, the
+data and OUT before anything is written; data, images, model, optimizer, resume) -> train_step (accumulation, one
+host sync, the divergence check, the update) -> end_epoch (eval loss, the epoch's adapter, train_state.pt) -> finish
+(the final adapter, loss.png). A NaN or Inf stops every rank (TrainingDiverged) before it is applied or saved.
+Elsewhere: train/outputs.py (OUT), state.py (--resume), distributed.py, multimodal.py, optim.py, data.py.
 """
 
 from __future__ import annotations

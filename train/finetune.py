@@ -219,8 +219,7 @@ def load_data(config: FinetuneConfig, max_seq_len: int, say: Callable[[str], Non
     if chats:
         say(f"chat template: {chat_template.origin}")
     data, tok_report = tokenize_records(records, tokenizer, max_seq_len=max_seq_len, chat_template=chat_template,
-                                        tokenization=config.tokenization,
-                                        on_bad_record=config.on_bad_record)
+                                        tokenization=config.tokenization, on_bad_record=config.on_bad_record)
     say(f"data: {load_report.summary()}")
     say(f"      {tok_report.summary()}")
     used = set(data.source_index.tolist())

@@ -728,7 +728,7 @@ def test_overwrite_and_resume_touch_only_the_runs_own_files(checkpoint, tmp_path
     for flag in ("resume", "overwrite"):
         with pytest.raises(FileExistsError, match=r"holds files of the names llama-adapter finetune writes that it "
                                                   r"did not write: tensorboard \(holds 'events\.out\.tfevents\.17\."
-                                                  r"host\.other', not an event file of train\.finetune's "
+                                                  r"host\.other', not an event file of llama-adapter finetune's "
                                                   r"\(\*\.llama-adapter-triton\)\)\. They are never deleted"):
             run(config(checkpoint, data, out, **{flag: True}))
         assert snapshot(out) == before
@@ -748,7 +748,7 @@ def test_overwrite_and_resume_touch_only_the_runs_own_files(checkpoint, tmp_path
     (other / "log.csv").write_text("epoch,accuracy\n1,0.5\n")
     (other / "adapter.safetensors").write_text("not ours")
     with pytest.raises(FileExistsError, match=r"adapter\.safetensors \(cannot be read as one \(SafetensorError\)\); "
-                                              r"log\.csv \(its first line is not train\.finetune's header\)"):
+                                              r"log\.csv \(its first line is not llama-adapter finetune's header\)"):
         run(config(checkpoint, data, other, overwrite=True))
     assert (other / "log.csv").read_text() == "epoch,accuracy\n1,0.5\n"
 

@@ -37,15 +37,28 @@ class AdapterFile:
     extra: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
 
 
-def by_layer(file: Path, tensors: dict[str, torch.Tensor], pattern: re.Pattern, kinds: tuple[str, ...]):
-    """{layer: {kind: (name, tensor)}} for the names matching pattern; any other name is an error."""
+def split_layers(tensors: dict[str, torch.Tensor], pattern: re.Pattern) -> tuple[
+        dict[int, dict[str, tuple[str, torch.Tensor]]], dict[str, torch.Tensor]]:
+    """({layer: {kind: (name, tensor)}} for the names pattern matches (its groups: the layer, the kind), {name:
+    tensor} of the other names), in the file's order."""
     layers: dict[int, dict[str, tuple[str, torch.Tensor]]] = {}
+    rest: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         m = pattern.fullmatch(name)
         if m is None:
-            raise CheckpointError(f"{file}: unexpected tensor {name!r} of shape {tuple(t.shape)} in a "
-                                  "LLaMA-Adapter file")
-        layers.setdefault(int(m.group(1)), {})[m.group(2)] = (name, t)
+            rest[name] = t
+        else:
+            layers.setdefault(int(m.group(1)), {})[m.group(2)] = (name, t)
+    return layers, rest
+
+
+def by_layer(file: Path, tensors: dict[str, torch.Tensor], pattern: re.Pattern, kinds: tuple[str, ...]):
+    """{layer: {kind: (name, tensor)}} for the names matching pattern; any other name is an error."""
+    layers, rest = split_layers(tensors, pattern)
+    if rest:
+        name, t = next(iter(rest.items()))
+        raise CheckpointError(f"{file}: unexpected tensor {name!r} of shape {tuple(t.shape)} in a "
+                              "LLaMA-Adapter file")
     for layer, got in sorted(layers.items()):
         for kind in kinds:
             if kind not in got:

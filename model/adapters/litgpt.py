@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from llama_adapter_triton.model.adapter import AdapterConfig
-from llama_adapter_triton.model.adapters.common import AdapterFile, v2_extra
+from llama_adapter_triton.model.adapters.common import AdapterFile, split_layers, v2_extra
 from llama_adapter_triton.model.checkpoint import unpermute_hf
 from llama_adapter_triton.model.io import CheckpointError
 
@@ -40,13 +40,10 @@ def detect(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
 def parse(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, gate_act: str | None,
           adapter_len: int | None) -> AdapterFile:
     """The file's adapter, V1 or V2 (gate_act and adapter_len: the file tells them)."""
-    by_layer: dict[int, dict[str, tuple[str, torch.Tensor]]] = {}
+    by_layer, rest = split_layers(tensors, _LAYER_RE)
     extra: dict[str, tuple[str, torch.Tensor]] = {}
-    for name, t in tensors.items():
-        m = _LAYER_RE.fullmatch(name)
-        if m:
-            by_layer.setdefault(int(m.group(1)), {})[m.group(2)] = (name, t)
-        elif name == "transformer.ln_f.weight":
+    for name, t in rest.items():
+        if name == "transformer.ln_f.weight":
             extra["norm.weight"] = (name, t)
         elif name in ("lm_head.adapter_bias", "lm_head.adapter_scale"):
             extra[f"output.{name.rpartition('_')[2]}"] = (name, t)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from llama_adapter_triton.model.adapter import AdapterConfig
-from llama_adapter_triton.model.adapters.common import AdapterFile, v2_extra
+from llama_adapter_triton.model.adapters.common import AdapterFile, split_layers, v2_extra
 from llama_adapter_triton.model.io import CheckpointError
 
 OFFICIAL_V2_VISUAL_HEADS = 16  # the release's visual blocks (llama_adapter.load: v_num_heads=16); not in the file
@@ -53,13 +53,10 @@ def parse(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
                               f"{tuple(query.shape)} and {None if visual_query is None else tuple(visual_query.shape)}")
     adapter_len, dim = visual_query.shape[0], query.shape[1]
     n_adapted = query.shape[0] // adapter_len
-    by_layer: dict[int, dict[str, tuple[str, torch.Tensor]]] = {}
+    by_layer, rest = split_layers(tensors, _LAYER_RE)
     extra: dict[str, tuple[str, torch.Tensor]] = {}
-    for name, t in tensors.items():
-        m = _LAYER_RE.fullmatch(name)
-        if m:
-            by_layer.setdefault(int(m.group(1)), {})[m.group(2)] = (name, t)
-        elif name == "llama.norm.weight":
+    for name, t in rest.items():
+        if name == "llama.norm.weight":
             extra["norm.weight"] = (name, t)
         elif name != "adapter_query.weight":
             ours = next((o + name[len(prefix):] for prefix, o in _VISUAL if name.startswith(prefix)), None)

@@ -35,6 +35,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+from llama_adapter_triton.kernels.checks import check_int
+
 from .io import CheckpointError, read_json
 
 ROLES = ("system", "user", "assistant")
@@ -194,8 +196,7 @@ def check_budget(max_seconds: object, max_chars: object, names: tuple[str, str] 
     calls them (the command line's flags)."""
     if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)) or not 0 < max_seconds < 1e9:
         raise ValueError(f"{names[0]} must be a number of seconds > 0, got {max_seconds!r}")
-    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1:
-        raise ValueError(f"{names[1]} must be an integer >= 1, got {max_chars!r}")
+    check_int(names[1], max_chars, 1, what="an integer >= 1")
 
 
 def _one_line(error: BaseException) -> str:

@@ -13,7 +13,8 @@ gets a gradient), P at N(0, 1) (a zero prompt too would leave both gradients at 
 V2 (version=2) adds in every layer a bias (zero-init) and a scale (one-init) around each frozen linear
 (BiasScaleLinear), the scale on the output (scale="output": y = s * (W x + b), the paper's eq. 1 and litgpt's) or the
 input ("input": y = W (s * x) + b, the official V2 code's), and trainable fp32 norms: a fresh V2 adapter is the base
-bit for bit.
+bit for bit. With adapter_layers=0 it has no prompts at all (the official chat65b release's bias, scale and norm
+tuning).
 Multi-modal (visual_dim > 0, model/visual.py): the projector's visual tokens are added to every prompt
 (fusion="prompts") or are the prompts of the first visual_layers layers (fusion="early", V2's early fusion).
 AdapterConfig implements model/llama.py's AdapterHooks (attention, attach, visual_input); every adapter parameter is
@@ -53,7 +54,7 @@ class AdapterConfig:
     module docstring). Passed to LLaMA(config, adapter) and load_checkpoint(..., adapter=...)."""
 
     adapter_len: int = 10
-    adapter_layers: int = 30  # counted from the top
+    adapter_layers: int = 30  # counted from the top; 0 (V2 only): no prompts, bias / scale / norm tuning alone
     gate: str = "head"
     gate_act: str = "tanh"  # "tanh": the paper's training code; "identity": PEFT and lit-llama
     # multi-modal (model/visual.py): a projector of visual_dim image features to visual tokens; 0: text only
@@ -73,9 +74,11 @@ class AdapterConfig:
     visual_heads: int = 16  # projector "query": the heads of its blocks
 
     def __post_init__(self) -> None:
-        for name in ("adapter_len", "adapter_layers", "visual_hidden", "visual_len", "visual_layers", "visual_width",
-                     "visual_depth", "visual_heads"):
+        for name in ("adapter_len", "visual_hidden", "visual_len", "visual_layers", "visual_width", "visual_depth",
+                     "visual_heads"):
             check_int(f"AdapterConfig.{name}", getattr(self, name), 1, what="a positive int")
+        check_int("AdapterConfig.adapter_layers", self.adapter_layers, 0, what="an int >= 0 (0: V2's bias, scale and "
+                  "norm tuning alone)")
         check_int("AdapterConfig.visual_dim", self.visual_dim, 0, what="an int >= 0 (0: text only)")
         layers = self.clip_layers
         if isinstance(layers, (str, bytes)) or not isinstance(layers, (tuple, list)) or any(
@@ -96,6 +99,10 @@ class AdapterConfig:
         if self.version == 1 and (self.scale, self.output_bias_scale) != ("output", False):
             raise ValueError("AdapterConfig.scale and output_bias_scale are V2's bias and scale tuning: they need "
                              "version=2")
+        if self.adapter_layers == 0 and (self.version == 1 or self.visual_dim and self.fusion == "prompts"):
+            raise ValueError("AdapterConfig.adapter_layers=0 (no adaption prompts) is V2's bias, scale and norm tuning "
+                             "alone: it needs version=2 (and fusion='early' with a visual projector, whose tokens "
+                             "would otherwise go to the prompts)")
         if self.visual_dim and self.fusion == "prompts" and self.visual_len not in (1, self.adapter_len):
             raise ValueError(f"AdapterConfig.visual_len ({self.visual_len}) must be 1 or adapter_len "
                              f"({self.adapter_len}) with fusion='prompts': the visual tokens are added to the prompts")

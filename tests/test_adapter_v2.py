@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -422,6 +423,128 @@ def test_official_v2_release_import_gives_its_logits(tmp_path, device, triton_ke
     with pytest.raises(CheckpointError, match=r"partial\.pth: tensor 'llama\.layers\.1\.feed_forward\.w2\.bias' is "
                                               "missing"):
         read_adapter_config(tmp_path / "partial.pth")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The official V2 chat release (llama_adapter_v2_chat65b: bias, scale and norm tuning, no prompts), by logits
+
+_CHAT_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
+                 "feed_forward.w3")
+
+
+def _official_chat_file(base: LLaMA, seed: int = 6) -> dict[str, torch.Tensor]:
+    """Random tensors under the names and shapes of the chat65b release's {"model": ...} (its llama/model.py with
+    add_bias, add_scale, train_norm): in every layer a bias (the linear's output width) and an input scale (its input
+    width) of each of wq, wk, wv, wo, w1, w2, w3, and the two norms."""
+    g = torch.Generator().manual_seed(seed)
+    c = base.config
+    state = {}
+    for i in range(c.n_layers):
+        for name in _CHAT_LINEARS:
+            out_width, in_width = base.get_submodule(f"layers.{i}.{name}").weight.shape
+            state[f"layers.{i}.{name}_bias"] = 0.1 * torch.randn(out_width, generator=g)
+            state[f"layers.{i}.{name}_scale"] = 1 + 0.1 * torch.randn(in_width, generator=g)
+        for norm in ("attention_norm", "ffn_norm"):
+            state[f"layers.{i}.{norm}.weight"] = 1 + 0.1 * torch.randn(c.dim, generator=g)
+    return state
+
+
+def _official_chat_logits(base: LLaMA, state: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """The chat65b release's Transformer (llama/model.py: forward_linear_with_scale_and_bias's x * scale, the
+    linear, + bias on every linear; its causal SDPA; no adaption prompt) in fp64, from its file's names over the
+    base's weights (its final norm the base's when the file has none)."""
+    S = {k: v.double() for k, v in state.items()}
+    W = {n: p.detach().double() for n, p in base.named_parameters()}
+    c = base.config
+    B, T = tokens.shape
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c.norm_eps) * w
+
+    def linear(x, name):
+        return (x * S[f"{name}_scale"]) @ W[f"{name}.weight"].T + S[f"{name}_bias"]
+
+    def heads(x):
+        return x.view(B, T, c.n_heads, c.head_dim)
+
+    h = W["tok_embeddings.weight"][tokens]
+    for i in range(c.n_layers):
+        pre = f"layers.{i}."
+        x = rms(h, S[pre + "attention_norm.weight"])
+        q = _rope(heads(linear(x, pre + "attention.wq")), c.rope_theta)
+        k = _rope(heads(linear(x, pre + "attention.wk")), c.rope_theta)
+        out = _attention(q, k, heads(linear(x, pre + "attention.wv")), causal=True)
+        h = h + linear(out.flatten(2), pre + "attention.wo")
+        x = rms(h, S[pre + "ffn_norm.weight"])
+        h = h + linear(F.silu(linear(x, pre + "feed_forward.w1")) * linear(x, pre + "feed_forward.w3"),
+                       pre + "feed_forward.w2")
+    return rms(h, S.get("norm.weight", W["norm.weight"])) @ W["output.weight"].T
+
+
+def test_official_v2_chat_release_import_gives_its_logits(tmp_path, device):
+    """A chat65b-style file ({"model": ...}, the release's names and shapes, no final norm) on a tiny base: read as
+    V2 with input scales and no adaption prompt, loaded, our model gives the official formulation's logits; with a
+    final norm in the file, that one is loaded; the adapter saves and loads back in our format. Planted bugs this
+    catches: the scales applied to the output (scale="output"), a linear's bias and scale swapped, the base's final
+    norm overwritten."""
+    torch.manual_seed(0)
+    base = randomize_(LLaMA(tiny_config())).eval()
+    save_checkpoint(base, tmp_path / "base")
+    state = _official_chat_file(base)
+    torch.save({"model": state}, tmp_path / "chat.pth")
+    config = read_adapter_config(tmp_path / "chat.pth")
+    assert config == AdapterConfig(adapter_layers=0, version=2, scale="input")  # no prompts, input scales
+    model = load_checkpoint(tmp_path / "base", adapter=config, device=device)
+    load_adapter(model, tmp_path / "chat.pth")
+    assert torch.equal(model.norm.weight, base.norm.weight.to(device))  # the base's: the release did not train it
+    tokens = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = model(tokens.to(device))
+        base_logits = base(tokens)
+    want = _official_chat_logits(base, state, tokens)
+    assert (want - base_logits.double()).abs().max() > 1e-1  # the adapter acts
+    torch.testing.assert_close(got.double().cpu(), want, atol=1e-5, rtol=1e-5)
+
+    norm = 1 + 0.1 * torch.randn(base.config.dim, generator=torch.Generator().manual_seed(2))
+    torch.save({"model": {**state, "norm.weight": norm}}, tmp_path / "chat_norm.pth")
+    load_adapter(model, tmp_path / "chat_norm.pth")
+    assert torch.equal(model.norm.weight.cpu(), norm)
+    path = save_adapter(model, tmp_path / "chat.safetensors")
+    assert read_adapter_config(path) == config
+    again = load_checkpoint(tmp_path / "base", adapter=config, device=device)
+    load_adapter(again, path)
+    assert all(torch.equal(p, adapter_state_dict(model)[n]) for n, p in adapter_state_dict(again).items())
+
+
+def test_official_v2_chat_release_errors(tmp_path):
+    """A chat65b file with a tensor missing, one it cannot map (an adaption prompt: not read as a v1 file), one of
+    another model size, or cut short: a CheckpointError naming the file and the tensor. A V1 adapter without adapted
+    layers is refused."""
+    torch.manual_seed(0)
+    base = LLaMA(tiny_config())
+    state = _official_chat_file(base)
+    del state["layers.1.feed_forward.w2_scale"]
+    torch.save({"model": state}, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointError, match=r"partial\.pth: tensor 'layers\.1\.feed_forward\.w2_scale' is missing"):
+        read_adapter_config(tmp_path / "partial.pth")
+    state = _official_chat_file(base)
+    for odd, message in (("adapter_query.weight", "adaption prompts"), ("layers.0.attention.gate", "unexpected"),
+                         ("layers.0.attention.wq_lora", "unexpected")):
+        torch.save({"model": {**state, odd: torch.zeros(4, 128)}}, tmp_path / "odd.pth")
+        with pytest.raises(CheckpointError, match=rf"odd\.pth: .*{message}.*'{re.escape(odd)}'.*V2 chat"):
+            read_adapter_config(tmp_path / "odd.pth", gate_act="tanh")
+    torch.save({"model": {**state, "layers.0.attention.wo_scale": torch.ones(64)}}, tmp_path / "size.pth")
+    model = LLaMA(tiny_config(), read_adapter_config(tmp_path / "size.pth"))
+    with pytest.raises(CheckpointError, match=r"size\.pth: tensor 'layers\.0\.attention\.wo_scale \(our "
+                                              r"layers\.0\.attention\.wo\.scale\)' has shape \(64,\), the model needs "
+                                              r"\(128,\)"):
+        load_adapter(model, tmp_path / "size.pth")
+    torch.save({"model": state}, tmp_path / "chat.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "chat.pth").read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=r"cut\.pth: cannot be loaded"):
+        read_adapter_config(tmp_path / "cut.pth")
+    with pytest.raises(ValueError, match=r"adapter_layers=0 .* version=2"):
+        AdapterConfig(adapter_layers=0)
 
 
 def _rotate_half_rope(x: torch.Tensor, theta: float) -> torch.Tensor:

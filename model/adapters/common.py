@@ -1,8 +1,8 @@
 """What the adapter formats share: AdapterFile, an adapter read from any format in our terms, and the small helpers
 of their parsers (tensors by layer, V2's fresh biases and scales, the check every adapter tensor passes).
 
-Each format (ours.py, official_v1.py, official_v2.py, peft.py, litgpt.py) turns a file's tensors into an
-AdapterFile; formats.py picks the format and loads the AdapterFile into a model.
+Each format (ours.py, official_v1.py, official_v2.py, official_v2_chat.py, peft.py, litgpt.py) turns a file's
+tensors into an AdapterFile; formats.py picks the format and loads the AdapterFile into a model.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ class AdapterFile:
     gates: list[tuple[str, torch.Tensor]]  # (name in the file, (n_gates,))
     model_dims: dict | None = None  # ours: the dims of the model it was trained on
     # every other tensor, by our name (adapter_state_dict's): (name in the file, tensor): V2's biases, scales and
-    # norms, the early-fusion gates, the projector
-    extra: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
+    # norms, the early-fusion gates, the projector; tensor None: the file has none and the model's own (the base
+    # checkpoint's) value stays (the official V2 chat release's final norm, which it did not train)
+    extra: dict[str, tuple[str, torch.Tensor | None]] = field(default_factory=dict)
 
 
 def split_layers(tensors: dict[str, torch.Tensor], pattern: re.Pattern) -> tuple[

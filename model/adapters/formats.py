@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 
 from llama_adapter_triton.model.adapter import AdapterConfig, adapter_layers, adapter_state_dict
-from llama_adapter_triton.model.adapters import litgpt, official_v1, official_v2, ours, peft
+from llama_adapter_triton.model.adapters import litgpt, official_v1, official_v2, official_v2_chat, ours, peft
 from llama_adapter_triton.model.adapters.common import ADAPTER_DTYPES, ADAPTER_DTYPES_TEXT, AdapterFile, tensor_problem
 from llama_adapter_triton.model.adapters.ours import ADAPTER_FORMAT
 from llama_adapter_triton.model.adapters.peft import save_peft_adapter
 from llama_adapter_triton.model.io import CheckpointError, read_tensor_file
 from llama_adapter_triton.model.llama import LLaMA, LLaMAConfig
 
-# detection order: an official V2 file also holds v1's adapter_query.weight
-FORMATS = (official_v2, official_v1, peft, litgpt, ours)
+# detection order: an official V2 file also holds v1's adapter_query.weight, and a V2 chat file may
+FORMATS = (official_v2, official_v2_chat, official_v1, peft, litgpt, ours)
 ADAPTER_FORMATS = (ADAPTER_FORMAT, "peft")  # what save_adapter writes
 
 
@@ -44,7 +44,7 @@ def read_adapter(path: str | os.PathLike, gate_act: str | None, adapter_len: int
             raise CheckpointError(f"{path}: tensor {name!r} is {t.dtype}; {ADAPTER_DTYPES_TEXT}")
     fmt = next((fmt for fmt in FORMATS if fmt.detect(tensors, metadata)), None)
     if fmt is None:
-        raise CheckpointError(f"{path}: not a LLaMA-Adapter file (ours, the official v1 or V2 release, PEFT's "
+        raise CheckpointError(f"{path}: not a LLaMA-Adapter file (ours, the official v1, V2 or V2 chat release, PEFT's "
                               f"adaption prompt, litgpt's adapter or adapter_v2); its tensors start with "
                               f"{sorted(tensors)[:3]}")
     adapter = fmt.parse(path, tensors, metadata, gate_act=gate_act, adapter_len=adapter_len)
@@ -52,7 +52,7 @@ def read_adapter(path: str | os.PathLike, gate_act: str | None, adapter_len: int
         raise CheckpointError(f"{path}: this {adapter.fmt} adapter uses gate_act={adapter.config.gate_act!r}, "
                               f"not {gate_act!r}")
     for name, t in [*adapter.prompts, *adapter.gates, *adapter.extra.values()]:
-        problem = tensor_problem(t)
+        problem = t is not None and tensor_problem(t)
         if problem:
             raise CheckpointError(f"{path}: tensor {name!r} {problem}")
     return adapter
@@ -91,7 +91,7 @@ def check_fits(adapter: AdapterFile, config: LLaMAConfig) -> None:
     if adapter.n_layers not in (None, config.n_layers) or adapter.layers not in (None, top):
         raise CheckpointError(f"{file}: the adapter is for layers {adapter.layers or 'the top'} of a "
                               f"{adapter.n_layers or '?'}-layer model; this model ({config.n_layers} layers) adapts "
-                              f"layers {top[0]}..{top[-1]}")
+                              f"layers {f'{top[0]}..{top[-1]}' if top else 'none with a prompt'}")
     try:
         with torch.device("meta"):
             own = adapter_state_dict(LLaMA(config, adapter.config))
@@ -108,15 +108,15 @@ def check_fits(adapter: AdapterFile, config: LLaMAConfig) -> None:
                               else f"{file}: tensor {adapter.extra[name][0]!r} has no place in the model's adapter")
     for name, dst in own.items():
         src_name, src = adapter.extra[name]
-        if src.shape != dst.shape:
+        if src is not None and src.shape != dst.shape:
             theirs = src_name if src_name == name else f"{src_name} (our {name})"
             raise CheckpointError(f"{file}: tensor {theirs!r} has shape {tuple(src.shape)}, the model needs "
                                   f"{tuple(dst.shape)}")
 
 
 def load_adapter(model: LLaMA, path: str | os.PathLike, *, gate_act: str | None = None) -> AdapterConfig:
-    """Load an adapter (any of FORMATS: ours, the official v1 or V2 release, PEFT's, litgpt's; detected by its keys)
-    into model's adapter.
+    """Load an adapter (any of FORMATS: ours, the official v1, V2 or V2 chat release, PEFT's, litgpt's; detected by
+    its keys) into model's adapter.
 
     The model must have been built with the same AdapterConfig (read_adapter_config gives it);
     gate_act is required for the official v1 release. Returns the adapter's config.
@@ -146,7 +146,8 @@ def load_adapter(model: LLaMA, path: str | os.PathLike, *, gate_act: str | None 
             module.adapter_prompt.copy_(prompt)
             module.gate.copy_(gate)
         for name, (_, src) in adapter.extra.items():
-            own[name].copy_(src)
+            if src is not None:  # None: the model's own value stays
+                own[name].copy_(src)
     return adapter.config
 
 

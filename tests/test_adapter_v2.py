@@ -1,6 +1,6 @@
 """LLaMA-Adapter V2 (model/adapter.py, version=2): bias and scale tuning, trainable norms, early fusion; its
 parameter count, zero-init, gradients against an eager write-up of the paper's math, its file round trip, and the
-official V2 release's and litgpt's adapter_v2 files imported by logits.
+official V2 release's, the official V2 chat release's and litgpt's adapter_v2 files imported by logits.
 
 The references here share no code with model/: they compute from the parameters (or the peers' files) by name.
 """

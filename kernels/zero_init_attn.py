@@ -1,9 +1,10 @@
 """Zero-init attention (LLaMA-Adapter, arXiv 2303.16199) as one fused Triton op, forward and backward.
 
-For query i of head h, with s the softmax scale, gamma_h = act(gate_h) and the token keys j that i may see (causal,
-bottom-right aligned):
+For query i of head h in row b (a batch row, or a packed sequence), with s the softmax scale, gamma_bh = act(gate)
+of row b and head h (a 1-D gate: the same for every row) and the token keys j that i may see (causal, bottom-right
+aligned):
 
-    out_i = softmax_j(s q_i.k_j) V  +  gamma_h * softmax_p(s q_i.pk_p) PV
+    out_i = softmax_j(s q_i.k_j) V  +  gamma_bh * softmax_p(s q_i.pk_p) PV
 
 Two separate softmaxes, so with gate = 0 the op is exactly causal attention; their sum equals the paper's
 concatenated form. Forward: one program per (query block, batch, head): the prompt's statistics, the token keys'
@@ -674,7 +675,9 @@ def _lse_shape(q, varlen, batch, nheads, seqlen_q):
 
 def _fwd(q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
          max_seqlen_k, leftpad_k, save_o_w):
-    """(out, o_w, lse_w, lse_p); o_w (the token part in fp32, for the backward) is empty unless save_o_w."""
+    """(out, o_w, lse_w, lse_p); o_w (the token part in fp32, for the backward) is empty unless save_o_w. gamma:
+    act(gate) in the accumulator dtype, contiguous (rows, nheads), rows = batch or num_seqs (the kernels read row b,
+    head h at gamma + b * nheads + h); the backward's d gamma has its shape."""
     varlen, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, prompt_len = _geometry(
         q, k, prompt_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     # packed: NaN first, so that a row no sequence covers (cu_seqlens_q[-1] < total_q, a sequence longer than
@@ -1106,7 +1109,9 @@ def zero_init_attention(
             through the layer's wk / wv. A batch of 1 is shared by all without a copy.
             prompt_len may be 0 (plain causal attention).
         gate: (nheads,) or (1,): the raw gate; act(gate) scales the prompt part, and its gradient
-            flows through act exactly.
+            flows through act exactly. Or (batch, nheads), packed (num_seqs, nheads): a gate per batch row
+            (sequence) and head, row b's prompt part scaled by act(gate[b, h]) (a row's gate shared by the
+            heads: expand it to (batch, nheads), a view).
         causal: mask the token keys causally, aligned bottom-right: with seqlen_q < seqlen_k
             (a KV cache) query i sees keys j <= i + seqlen_k - seqlen_q. Prompt keys are never masked.
         softmax_scale: defaults to headdim ** -0.5; applies to both parts.

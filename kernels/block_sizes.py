@@ -51,7 +51,7 @@ def transposed_dq(dtype: torch.dtype, shared_memory: int, atomic_dq: bool) -> bo
     """Whether the dK/dV pass's dq product (atomic_dq) is dq^T = K^T dS^T (M = head dim) rather than dS K
     (M = BLOCK_M = 32). On a chip with wgmma the transposed form is a warpgroup MMA where dS K would compile to
     mma.sync; on sm_8x mma.sync takes M = 32 natively and the transposed form costs a second copy of K in shared
-    memory (32 KB at head dim 128: too much for sm_86 / sm_89). fp32 / fp64 products use no MMA: unchanged."""
+    memory (32 KB at head dim 128: too much for sm_86 / sm_89). fp32 / fp64 products have no wgmma: unchanged."""
     return atomic_dq and dtype.itemsize == 2 and shared_memory >= WARPGROUP_MMA_SHARED
 
 

@@ -12,8 +12,9 @@ compiled for the target (LLVM, then the ptxas that ships with Triton) and checke
   - its shared memory fits the chip (a launch would fail with OutOfResources otherwise).
 Registers and spills, from ptxas -v, are reported: spills cost speed, not correctness. So is what the block
 products compile to, counted in the PTX: `wgmma.mma_async` (Hopper's warpgroup MMA, tiles with M >= 64) and
-`mma.sync` (the warp-level MMA of sm_80, which sm_90 runs at a fraction of wgmma's rate) instructions; a kernel
-with 0 mma.sync on sm_90 has every 16-bit product on wgmma (fp32 / fp64 products use neither: FMA).
+`mma.sync` (the warp-level MMA of sm_80, which sm_90 runs at a fraction of wgmma's rate) instructions; a 16-bit
+kernel with 0 mma.sync on sm_90 has every product on wgmma (fp32's IEEE products use neither: FMA; fp64's are
+mma.sync's f64 form, wgmma has none).
 
 Compiling is not running: a kernel that compiles can still be wrong on the GPU. This check
 catches a class of failures (and resource overflows) before a GPU session, nothing more.

@@ -229,8 +229,8 @@ def test_atomic_dq_backward_gpu_block_sizes(device, gpu_blocks):
 def test_atomic_dq_product_form_follows_the_chip(monkeypatch):
     """The policy: dq^T = K^T dS^T (M = head dim, a warpgroup MMA) on chips with wgmma, which H100 / H200's 227 KB
     of shared memory marks; dS K (M = BLOCK_M = 32: mma.sync, native there; the transposed form would need a second
-    copy of K in shared memory) on sm_8x, and for fp32 (FMA dots). The interpreter takes the H100's choice, so the
-    tests above check both forms against fp64: bf16 the transposed one, fp32 the other."""
+    copy of K in shared memory) on sm_8x, and for fp32 / fp64 (no wgmma). The interpreter takes the H100's choice,
+    so the tests above check both forms against fp64: bf16 the transposed one, fp32 the other."""
     h100, a100, rtx = 232448, 166912, 101376
     for interpret_blocks in ("large", "gpu"):
         monkeypatch.setattr(block_sizes, "INTERPRET_BLOCKS", interpret_blocks)

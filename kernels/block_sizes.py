@@ -1,9 +1,10 @@
 """Block sizes of the zero-init attention kernels (kernels/zero_init_attn.py): the policy, and its override.
 
 choose() gives the launchers (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, (BLOCK_M, num_warps) for the
-backward's preprocess, and BLOCK_P, the prompt chunk. The policy fits the chip's shared memory and compiles
-without register spills in bf16/fp16 on sm_90 (a few dozen bytes in dK/dV on sm_80/86, more in fp32/fp64), as
-llama-adapter compile-check shows; it is not yet autotuned against GPU timings (bench/tune_blocks.py times others).
+backward's preprocess, BLOCK_P, the prompt chunk, and TRANSPOSED_DQ, the form of the dK/dV pass's atomic dq
+product. The policy fits the chip's shared memory and compiles without register spills in bf16/fp16 on sm_90 (a
+few dozen bytes in dK/dV on sm_80/86, more in fp32/fp64), as llama-adapter compile-check shows; it is not yet
+autotuned against GPU timings (bench/tune_blocks.py times others).
 
 override_blocks() is how kernels.compile_check and bench.tune_blocks try other blocks: an explicit stack of
 overrides that choose() applies, innermost last; nestable, and popped on leaving, exceptions included. It is
@@ -37,8 +38,21 @@ BLOCK_FIELDS = {"fwd": ("M", "N", "WARPS", "STAGES"), "pre": ("M", "WARPS"), "dk
 _OVERRIDES: list[dict] = []
 
 
+# H100 / H200 (and B200) offer 227 KB of shared memory per block, sm_8x at most 163 KB: the policy's mark of a chip
+# with warpgroup MMA (wgmma), whose tiles need M >= 64 rows
+WARPGROUP_MMA_SHARED = 200 * 1024
+
+
 def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def transposed_dq(dtype: torch.dtype, shared_memory: int, atomic_dq: bool) -> bool:
+    """Whether the dK/dV pass's dq product (atomic_dq) is dq^T = K^T dS^T (M = head dim) rather than dS K
+    (M = BLOCK_M = 32). On a chip with wgmma the transposed form is a warpgroup MMA where dS K would compile to
+    mma.sync; on sm_8x mma.sync takes M = 32 natively and the transposed form costs a second copy of K in shared
+    memory (32 KB at head dim 128: too much for sm_86 / sm_89). fp32 / fp64 products have no wgmma: unchanged."""
+    return atomic_dq and dtype.itemsize == 2 and shared_memory >= WARPGROUP_MMA_SHARED
 
 
 @functools.cache
@@ -68,24 +82,28 @@ def default_blocks(dtype: torch.dtype, head_dim_pad: int, seqlen_q: int, prompt_
     """
     # prompts longer than one chunk loop over chunks
     block_p = min(32, max(16, _next_power_of_2(max(prompt_len, 1))))
+    # the interpreter takes the chip's form too (its shared memory is an H100's): the tests check both forms
+    dq_t = transposed_dq(dtype, shared_memory, atomic_dq)
     if INTERPRET and INTERPRET_BLOCKS != "gpu":
         if INTERPRET_BLOCKS != "large":
             raise ValueError(f"ZIA_INTERPRET_BLOCKS must be 'large' or 'gpu', got {INTERPRET_BLOCKS!r}")
-        return dict(fwd=(64, 64, 4, 1), pre=(64, 4), dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1), BLOCK_P=block_p)
+        return dict(fwd=(64, 64, 4, 1), pre=(64, 4), dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1), BLOCK_P=block_p,
+                    TRANSPOSED_DQ=dq_t)
     small_m = max(16, _next_power_of_2(seqlen_q))  # decode: one query row needs no 128-row block
     if dtype.itemsize == 2:
         fwd_m = min(128, small_m)
         # dQ holds q, dout and its accumulator: 64 rows where shared memory is small (consumer GPUs)
         dq_m = min(128 if shared_memory >= 128 * 1024 else 64, small_m)
         fwd_warps = 8 if fwd_m == 128 and head_dim_pad == 128 else 4
-        # its dq tile needs 40 KB more shared memory with atomic_dq: 2 stages where there is little
-        dkdv_stages = 2 if atomic_dq and shared_memory < 128 * 1024 else 3
+        # with atomic_dq, dS K needs 40 KB more shared memory (2 stages where there is little), K^T dS^T more
+        # registers (2 stages spill least on sm_90: compile-check)
+        dkdv_stages = 2 if atomic_dq and (shared_memory < 128 * 1024 or dq_t) else 3
         return dict(fwd=(fwd_m, 64, fwd_warps, 3), pre=(64, 4), dkdv=(32, 128, 8, dkdv_stages),
-                    dq=(dq_m, 32, 8 if dq_m >= 64 else 4, 3), BLOCK_P=block_p)
+                    dq=(dq_m, 32, 8 if dq_m >= 64 else 4, 3), BLOCK_P=block_p, TRANSPOSED_DQ=dq_t)
     # fp32 (IEEE dots: no tensor cores) and fp64: smaller tiles, or the registers spill
     fwd_m = min(64, small_m)
     return dict(fwd=(fwd_m, 32, 8 if fwd_m == 64 else 4, 2), pre=(64, 4), dkdv=(32, 32, 8, 2),
-                dq=(min(32, small_m), 32, 8 if small_m >= 32 else 4, 2), BLOCK_P=block_p)
+                dq=(min(32, small_m), 32, 8 if small_m >= 32 else 4, 2), BLOCK_P=block_p, TRANSPOSED_DQ=dq_t)
 
 
 def choose(dtype: torch.dtype, head_dim_pad: int, seqlen_q: int, prompt_len: int, shared_memory: int,

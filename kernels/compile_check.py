@@ -10,7 +10,11 @@ and stages, specialised by Triton's own binder as a launch would be. Each record
 compiled for the target (LLVM, then the ptxas that ships with Triton) and checked:
   - it compiles (no type error, no unsupported op on that architecture);
   - its shared memory fits the chip (a launch would fail with OutOfResources otherwise).
-Registers and spills, from ptxas -v, are reported: spills cost speed, not correctness.
+Registers and spills, from ptxas -v, are reported: spills cost speed, not correctness. So is what the block
+products compile to, counted in the PTX: `wgmma.mma_async` (Hopper's warpgroup MMA, tiles with M >= 64) and
+`mma.sync` (the warp-level MMA of sm_80, which sm_90 runs at a fraction of wgmma's rate) instructions; a 16-bit
+kernel with 0 mma.sync on sm_90 has every product on wgmma (fp32's IEEE products use neither: FMA; fp64's are
+mma.sync's f64 form, wgmma has none).
 
 Compiling is not running: a kernel that compiles can still be wrong on the GPU. This check
 catches a class of failures (and resource overflows) before a GPU session, nothing more.
@@ -70,6 +74,7 @@ SCENARIOS = [
     Scenario("bf16 d128 prompt-only grads", grads="prompt"),
     Scenario("bf16 d128 atomic dq (deterministic=False)", deterministic=False),
     Scenario("bf16 d128 packed, atomic dq", varlen=True, deterministic=False),
+    Scenario("fp16 d64 GQA atomic dq", dtype=torch.float16, headdim=64, nheads_kv=8, deterministic=False),
     Scenario("bf16 d96 prompt 64", headdim=96, prompt_len=64),
     Scenario("fp64 d32 (gradcheck)", dtype=torch.float64, headdim=32, seqlen_q=64, seqlen_k=64),
 ]
@@ -201,6 +206,12 @@ def ptxas_usage(compiled, arch: int) -> tuple[int, int]:
     return int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else 0
 
 
+def mma_counts(compiled) -> tuple[int, int]:
+    """(wgmma.mma_async, mma.sync) instructions in the kernel's PTX: which MMA its block products compile to."""
+    ptx = compiled.asm["ptx"]
+    return len(re.findall(r"\bwgmma\.mma_async\b", ptx)), len(re.findall(r"\bmma\.sync\b", ptx))
+
+
 def run(arch: int, scenarios: list[Scenario], out=sys.stdout, blocks: dict | None = None) -> list[str]:
     """Compile every launch of every scenario; returns the failures (empty when all is well).
     blocks overrides the launchers' block sizes, e.g. {"dkdv": (64, 64, 4, 3)}."""
@@ -217,7 +228,7 @@ def run(arch: int, scenarios: list[Scenario], out=sys.stdout, blocks: dict | Non
 def _compile_all(zia, arch, scenarios, out, max_shared) -> list[str]:
     failures, seen = [], set()
     print(f"{'scenario':36s} {'kernel':28s} {'warps':>5s} {'stages':>6s} {'smem KB':>8s} {'regs':>5s} "
-          f"{'spill B':>7s} {'s':>5s}", file=out)
+          f"{'spill B':>7s} {'wgmma':>5s} {'mma.sync':>8s} {'s':>5s}", file=out)
     for s in scenarios:
         for launch in record_launches(zia, s):
             kernel, args, kwargs = launch.kernel, launch.args, launch.kwargs
@@ -230,6 +241,7 @@ def _compile_all(zia, arch, scenarios, out, max_shared) -> list[str]:
             try:
                 compiled = compile_launch(kernel, args, kwargs, arch)
                 regs, spills = ptxas_usage(compiled, arch)
+                wgmma, mma_sync = mma_counts(compiled)
             except Exception as e:  # report every failure, not only the first
                 failures.append(f"{s.name}: {kernel.__name__} failed to compile for sm_{arch}: "
                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -237,8 +249,8 @@ def _compile_all(zia, arch, scenarios, out, max_shared) -> list[str]:
                 continue
             shared = compiled.metadata.shared
             print(f"{s.name:36s} {kernel.__name__:28s} {kwargs.get('num_warps', 4):5d} "
-                  f"{kwargs.get('num_stages', 3):6d} {shared / 1024:8.1f} {regs:5d} {spills:7d} "
-                  f"{time.time() - t0:5.1f}", file=out)
+                  f"{kwargs.get('num_stages', 3):6d} {shared / 1024:8.1f} {regs:5d} {spills:7d} {wgmma:5d} "
+                  f"{mma_sync:8d} {time.time() - t0:5.1f}", file=out)
             if shared > max_shared:
                 failures.append(f"{s.name}: {kernel.__name__} needs {shared} bytes of shared memory, "
                                 f"sm_{arch} has {max_shared}")

@@ -354,10 +354,11 @@ if HAS_TRITON:
     def _dkdv_block(dk, dv, k, v, Q_base, DO_base, DQA_base, LSE_base, DELTA_base, stride_qm, stride_qd, stride_dom,
                     stride_dod, stride_dqam, stride_dqad, stride_lm, start_m, offs_n, offs_d, seqlen_q, diag, qk_scale,
                     sm_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                    ATOMIC_DQ: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    ACC: tl.constexpr):
+                    ATOMIC_DQ: tl.constexpr, TRANSPOSED_DQ: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
         """Contribution of query rows [start_m, start_m + BLOCK_M) to dk, dv of one key block (transposed); with
-        ATOMIC_DQ also their dq from this key block, added to the fp32 dq with atomics."""
+        ATOMIC_DQ also their dq from this key block, added to the fp32 dq with atomics, as the product dq^T = K^T dS^T
+        (TRANSPOSED_DQ: M = head dim, a warpgroup MMA on sm_90) or dS K (M = BLOCK_M: mma.sync)."""
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < seqlen_q
         q = _load_tile(Q_base, offs_m, stride_qm, offs_d, stride_qd, seqlen_q, HEAD_DIM, UPCAST, ACC)
@@ -374,9 +375,12 @@ if HAS_TRITON:
         ds_t = _operand(p_t * (dp_t - delta[None, :]), DTYPE, UPCAST)
         dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION, out_dtype=ACC)
         if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION, out_dtype=ACC) * sm_scale
-            dq_ptrs = DQA_base + offs_m[:, None].to(tl.int64) * stride_dqam + offs_d[None, :] * stride_dqad
-            tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+            if TRANSPOSED_DQ:
+                dq_t = tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION, out_dtype=ACC)  # (HEAD_DIM_PAD, M)
+            else:
+                dq_t = tl.trans(tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION, out_dtype=ACC))
+            dq_ptrs = DQA_base + offs_m[None, :].to(tl.int64) * stride_dqam + offs_d[:, None] * stride_dqad
+            tl.atomic_add(dq_ptrs, dq_t * sm_scale, mask=row_ok[None, :] & (offs_d[:, None] < HEAD_DIM), sem="relaxed")
         return dk, dv
 
     @triton.jit(do_not_specialize=RUNTIME_LENGTHS)
@@ -393,7 +397,7 @@ if HAS_TRITON:
         nheads_kv, groups, seqlen_q, seqlen_k, total_q, total_k, qk_scale, sm_scale,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_LEFTPAD: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+        TRANSPOSED_DQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):
         DTYPE: tl.constexpr = Q.dtype.element_ty
         # one program per key block of a kv head. With left padding the pad keys are never visited: their
@@ -432,12 +436,12 @@ if HAS_TRITON:
                 dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, DQA_base, LSE_W + L_off, DELTA_W + L_off,
                                      stride_qm, stride_qd, stride_dom, stride_dod, stride_dqam, stride_dqad, stride_lm,
                                      start_m, offs_n, offs_d, seqlen_q, diag, qk_scale, sm_scale, BLOCK_M, HEAD_DIM,
-                                     True, ATOMIC_DQ, DTYPE, UPCAST, DOT_PRECISION, ACC)
+                                     True, ATOMIC_DQ, TRANSPOSED_DQ, DTYPE, UPCAST, DOT_PRECISION, ACC)
             for start_m in range(full_lo, seqlen_q, BLOCK_M):
                 dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, DQA_base, LSE_W + L_off, DELTA_W + L_off,
                                      stride_qm, stride_qd, stride_dom, stride_dod, stride_dqam, stride_dqad, stride_lm,
                                      start_m, offs_n, offs_d, seqlen_q, diag, qk_scale, sm_scale, BLOCK_M, HEAD_DIM,
-                                     False, ATOMIC_DQ, DTYPE, UPCAST, DOT_PRECISION, ACC)
+                                     False, ATOMIC_DQ, TRANSPOSED_DQ, DTYPE, UPCAST, DOT_PRECISION, ACC)
         mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
         rows = (k_start + offs_n)[:, None]
         tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + rows * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -790,7 +794,8 @@ def _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, o_w, lse_w, lse_p, causal, so
             *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq_acc, varlen), *_lse_strides(lse_w, varlen),
             nheads_kv, groups, seqlen_q, seqlen_k, *totals, qk_scale, softmax_scale,
             BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, HAS_LEFTPAD=leftpad_k is not None,
-            ATOMIC_DQ=atomic_dq, num_warps=num_warps, num_stages=num_stages, **common,
+            ATOMIC_DQ=atomic_dq, TRANSPOSED_DQ=cfg["TRANSPOSED_DQ"], num_warps=num_warps, num_stages=num_stages,
+            **common,
         )
 
     if need_dq or need_prompt_part:

@@ -43,3 +43,20 @@ def test_bad_blocks_argument_is_named():
     assert res.returncode == 2 and "--blocks" in res.stderr
     res = compile_check("--scenario", "no such scenario")
     assert res.returncode == 2 and "--scenario" in res.stderr
+
+
+@pytest.mark.slow
+def test_atomic_dq_product_is_a_warpgroup_mma_on_h100():
+    """deterministic=False's dK/dV pass computes dq too: its dq product must compile to wgmma on sm_90 like the
+    others, not to mma.sync (dS K has M = BLOCK_M = 32 rows, below wgmma's 64: the kernel computes K^T dS^T,
+    M = head dim). compile-check reports each kernel's wgmma.mma_async and mma.sync instructions."""
+    res = compile_check("--arch", "90", "--scenario", "atomic dq")
+    assert res.returncode == 0, res.stdout + res.stderr
+    header = res.stdout.splitlines()[0].split()
+    rows = [line for line in res.stdout.splitlines() if "_zia_bwd_dkdv_kernel" in line]
+    assert len(rows) == 3, res.stdout  # bf16 d128, bf16 d128 packed, fp16 d64
+    for row in rows:
+        # the columns from the right: ... wgmma, mma.sync, seconds
+        wgmma, mma_sync = (int(x) for x in row.split()[-3:-1])
+        assert header[-3:-1] == ["wgmma", "mma.sync"] and wgmma > 0, res.stdout
+        assert mma_sync == 0, f"the atomic dK/dV pass has {mma_sync} mma.sync instructions on sm_90:\n{row}"

@@ -220,6 +220,34 @@ def test_atomic_dq_backward_packed(device):
     check_varlen_against_per_sequence_calls(causal=True, prompt="shared", device=device, deterministic=False)
 
 
+def test_atomic_dq_backward_gpu_block_sizes(device, gpu_blocks):
+    """deterministic=False with the H100's blocks: the dK/dV pass's dq^T = K^T dS^T tile (head dim 80 padded to 128
+    rows, 32 query columns) added with atomics through transposed pointers, masked at both edges. (On a GPU: the
+    form and blocks that chip takes.)"""
+    transposed = block_sizes.choose(torch.bfloat16, 128, 45, 10, block_sizes.shared_memory(torch.device(device)),
+                                    atomic_dq=True)["TRANSPOSED_DQ"]
+    assert transposed or not block_sizes.INTERPRET
+    check_against_reference(RAGGED["ragged_gqa"], torch.bfloat16, device, seed=5, deterministic=False)
+
+
+def test_atomic_dq_product_form_follows_the_chip(monkeypatch):
+    """The policy: dq^T = K^T dS^T (M = head dim, a warpgroup MMA) on chips with wgmma, which H100 / H200's 227 KB
+    of shared memory marks; dS K (M = BLOCK_M = 32: mma.sync, native there; the transposed form would need a second
+    copy of K in shared memory) on sm_8x, and for fp32 / fp64 (no wgmma). The interpreter takes the H100's choice,
+    so the tests above check both forms against fp64: bf16 the transposed one, fp32 the other."""
+    h100, a100, rtx = 232448, 166912, 101376
+    for interpret_blocks in ("large", "gpu"):
+        monkeypatch.setattr(block_sizes, "INTERPRET_BLOCKS", interpret_blocks)
+
+        def transposed(dtype, smem, atomic_dq=True):
+            return block_sizes.choose(dtype, 128, 1024, 10, smem, atomic_dq)["TRANSPOSED_DQ"]
+
+        assert transposed(torch.bfloat16, h100) and transposed(torch.float16, h100)
+        assert not transposed(torch.bfloat16, a100) and not transposed(torch.float16, rtx)
+        assert not transposed(torch.float32, h100) and not transposed(torch.bfloat16, h100, atomic_dq=False)
+    assert block_sizes.shared_memory(torch.device("cpu")) == h100
+
+
 if zia.HAS_TRITON:
     import triton
     import triton.language as tl

@@ -24,7 +24,8 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import torch
 from llama_adapter_triton.kernels.checks import check_int
 
 from .adapter import AdapterConfig
+from .bank import AdapterBank
 from .chat import RENDER_CHARS, RENDER_SECONDS, ChatTemplate, check_budget, encode_chat_prompt
 from .cli import check_cuda_device, cli_message, parse_dataclass
 from .io import CheckpointError
@@ -103,7 +105,8 @@ def stream(model: LLaMA, prompts: Sequence[Sequence[int]] | torch.Tensor, *, max
            prompt_mask: torch.Tensor | None = None, temperature: float = 0.0, top_p: float = 1.0,
            stop_ids: Iterable[int] = (), pad_id: int = 0, visual: torch.Tensor | None = None,
            image_features: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
-           generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+           generator: torch.Generator | None = None, adapters: AdapterBank | Sequence | Mapping | None = None,
+           adapter_ids: Sequence[str | int | None] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) each step, until every row has yielded a stop id or
     max_new_tokens steps. Rows that have stopped keep yielding tokens; ignore them (generate() does).
 
@@ -115,8 +118,16 @@ def stream(model: LLaMA, prompts: Sequence[Sequence[int]] | torch.Tensor, *, max
         pad_id: the token put at pad positions (any valid id: pads are masked).
         visual: (batch, dim) or (batch, n, dim) visual tokens for the adapter (multi-modal); or image_features
             (its projector's input) with image_mask (batch,) bool, False for rows without an image (LLaMA.forward).
+        adapters, adapter_ids: many adapters in one batch (model/bank.py; model is then the base alone):
+            adapters an AdapterBank, or adapter files (a list, ids their positions; a {name: file} dict, ids the
+            names) read into a bank for this call; adapter_ids one per prompt, an adapter's name or position, or
+            None for the base alone.
     """
     rows = _prompt_lists(prompts, prompt_mask)
+    if (adapters is None) != (adapter_ids is None):
+        raise ValueError("adapters and adapter_ids go together: the bank (or adapter files) and one id per prompt")
+    if adapter_ids is not None and (isinstance(adapter_ids, (str, bytes)) or len(adapter_ids) != len(rows)):
+        raise ValueError(f"adapter_ids must hold one id per prompt ({len(rows)}), got {adapter_ids!r}")
     check_sampling(temperature, top_p)
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -134,20 +145,24 @@ def stream(model: LLaMA, prompts: Sequence[Sequence[int]] | torch.Tensor, *, max
     tokens = torch.tensor(padded, device=device)  # (B, longest)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    if adapters is not None and not isinstance(adapters, AdapterBank):
+        adapters = AdapterBank(model, adapters)
+    bank_rows = adapters.rows(adapter_ids) if adapters is not None else nullcontext()
 
-    model.setup_cache(len(rows), total)
-    try:
-        logits = model(tokens, input_pos=0, left_pad=left_pad, visual=visual, image_features=image_features,
-                       image_mask=image_mask, logits_at=-1)  # prefill: (B, vocab)
-        for step in range(max_new_tokens):
-            next_tokens = sample(logits, temperature=temperature, top_p=top_p, generator=generator)  # (B,)
-            yield next_tokens
-            done |= torch.isin(next_tokens, stop)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            logits = model(next_tokens.unsqueeze(1), input_pos=longest + step, left_pad=left_pad, logits_at=-1)
-    finally:
-        model.clear_cache()
+    with bank_rows:  # the bank's per-row adapters, for the prefill and every decode step
+        model.setup_cache(len(rows), total)
+        try:
+            logits = model(tokens, input_pos=0, left_pad=left_pad, visual=visual, image_features=image_features,
+                           image_mask=image_mask, logits_at=-1)  # prefill: (B, vocab)
+            for step in range(max_new_tokens):
+                next_tokens = sample(logits, temperature=temperature, top_p=top_p, generator=generator)  # (B,)
+                yield next_tokens
+                done |= torch.isin(next_tokens, stop)
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                logits = model(next_tokens.unsqueeze(1), input_pos=longest + step, left_pad=left_pad, logits_at=-1)
+        finally:
+            model.clear_cache()
 
 
 def generate(model: LLaMA, prompts: Sequence[Sequence[int]] | torch.Tensor, *, max_new_tokens: int,

@@ -12,7 +12,7 @@ import pytest
 import sentencepiece
 import tokenizers
 import torch
-from model_utils import VOCAB, hf_model, set_adapter_, tiny_config, tiny_model
+from model_utils import VOCAB, copy_base, hf_model, set_adapter_, tiny_config, tiny_model
 
 from llama_adapter_triton import (
     AdapterConfig,
@@ -344,3 +344,41 @@ def test_command_line_chat_refuses_a_bad_line_and_goes_on(checkpoint_dir, tmp_pa
     with pytest.raises(SystemExit, match=r"--chat: the chat template of .*zero\.jinja fails on this conversation: "
                                          r"ZeroDivisionError: division by zero$"):
         main([*flags[:3], "--chat-template", str(tmp_path / "zero.jinja"), "--instruction", "hi"])
+
+
+def test_generate_with_several_adapters_in_one_batch(model, tmp_path):
+    """adapters=[files], adapter_ids=[...]: each row generates what it would alone with its own adapter (or none),
+    left-padded with the KV cache; the base model stays free of them."""
+    from llama_adapter_triton import LLaMA
+    from llama_adapter_triton.model.adapter import adapter_state_dict, base_name
+
+    base = copy_base(model, LLaMA(model.config).eval())
+    own = dict(base.named_parameters())
+    files, alone = [], []
+    for seed, config in enumerate([ADAPTER, AdapterConfig(adapter_len=4, adapter_layers=2, version=2)]):
+        adapted = LLaMA(model.config, config).eval()
+        with torch.no_grad():
+            for name, p in adapted.named_parameters():
+                if base_name(name) in own:  # the base's weights (V2's linears are wrapped: .linear.weight)
+                    p.copy_(own[base_name(name)])
+        set_adapter_(adapted, seed=10 + seed, gate_scale=1.0)
+        with torch.no_grad():
+            for name, p in adapter_state_dict(adapted).items():
+                if name.endswith(".bias"):
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
+        files.append(save_adapter(adapted, tmp_path / f"{seed}.safetensors"))
+        alone.append(adapted)
+    prompts = [prompt(7, seed=1), prompt(3, seed=2), prompt(5, seed=3), prompt(4, seed=4)]
+    ids = [0, None, 1, 0]
+    batch = generate(base, prompts, max_new_tokens=5, adapters=files, adapter_ids=ids)
+    want = [generate(base if i is None else alone[i], [p], max_new_tokens=5)[0]
+            for p, i in zip(prompts, ids, strict=True)]
+    assert batch == want
+    assert len({tuple(w) for w in want[:3]}) == 3  # the adapters change the answers
+    assert all(layer.attention.row_attend is None for layer in base.layers)
+    with pytest.raises(ValueError, match=r"adapter_ids must hold one id per prompt \(4\)"):
+        generate(base, prompts, max_new_tokens=2, adapters=files, adapter_ids=[0, 1])
+    with pytest.raises(ValueError, match="adapters and adapter_ids go together"):
+        generate(base, prompts, max_new_tokens=2, adapters=files)
+    with pytest.raises(ValueError, match="adapter id 2 is not in the adapter bank"):
+        generate(base, prompts, max_new_tokens=2, adapters=files, adapter_ids=[0, 1, 2, None])

@@ -127,7 +127,7 @@ def record_launches(zia, s: Scenario) -> list[Launch]:
             packed = (None, None, 0, 0)
         v = torch.empty_like(k)
         pk = torch.empty(1, s.prompt_len, s.nheads_kv, s.headdim, dtype=s.dtype)
-        gamma = torch.zeros(s.nheads, dtype=zia._acc_dtype(s.dtype))
+        gamma = torch.zeros(batch, s.nheads, dtype=zia._acc_dtype(s.dtype))  # (batch or num_seqs, nheads)
         scale = s.headdim**-0.5
         leftpad = torch.tensor([3] + [0] * (batch - 1), dtype=torch.int32) if s.leftpad else None
         out, o_w, lse_w, lse_p = zia._fwd(q, k, v, pk, pk, gamma, s.causal, scale, *packed, leftpad, True)

@@ -39,7 +39,8 @@ def zero_init_attention_ref(
         q: (batch, seqlen_q, nheads, headdim)
         k, v: (batch, seqlen_k, nheads_kv, headdim), nheads % nheads_kv == 0
         prompt_k, prompt_v: (batch or 1, prompt_len, nheads_kv, headdim)
-        gate: (nheads,) or (1,), the raw gate; act(gate) scales the prompt part.
+        gate: (nheads,) or (1,), the raw gate; act(gate) scales the prompt part. Or (batch, nheads): row b's
+            prompt part scaled by act(gate[b, h]).
         causal: bottom-right aligned causal mask on the token keys (prompt keys are never masked).
         softmax_scale: defaults to headdim ** -0.5, applies to both parts.
         gate_act: "tanh" or "identity".
@@ -79,7 +80,10 @@ def zero_init_attention_ref(
     token_probs = torch.softmax(token_scores.masked_fill(blind, 0.0), dim=-1).masked_fill(blind, 0.0).type_as(q)
 
     gamma = (torch.tanh(gate) if gate_act == "tanh" else gate).to(q.dtype)  # act(gate)
-    gamma = gamma.reshape(-1, 1, 1).expand(nheads, 1, 1)  # (nh, 1, 1): one gate per head or one for all
+    if gamma.dim() == 2:  # (B, nh, 1, 1): one gate per sample and head
+        gamma = gamma.reshape(batch, nheads, 1, 1)
+    else:  # (nh, 1, 1): one gate per head or one for all
+        gamma = gamma.reshape(-1, 1, 1).expand(nheads, 1, 1)
     prompt_probs = gamma * torch.softmax(scores[..., :prompt_len].to(softmax_dtype), dim=-1).type_as(q)
 
     probs = torch.cat([prompt_probs, token_probs], dim=-1)  # two softmaxes, side by side

@@ -1,9 +1,10 @@
 """Zero-init attention (LLaMA-Adapter, arXiv 2303.16199) as one fused Triton op, forward and backward.
 
-For query i of head h, with s the softmax scale, gamma_h = act(gate_h) and the token keys j that i may see (causal,
-bottom-right aligned):
+For query i of head h in row b (a batch row, or a packed sequence), with s the softmax scale, gamma_bh = act(gate)
+of row b and head h (a 1-D gate: the same for every row) and the token keys j that i may see (causal, bottom-right
+aligned):
 
-    out_i = softmax_j(s q_i.k_j) V  +  gamma_h * softmax_p(s q_i.pk_p) PV
+    out_i = softmax_j(s q_i.k_j) V  +  gamma_bh * softmax_p(s q_i.pk_p) PV
 
 Two separate softmaxes, so with gate = 0 the op is exactly causal attention; their sum equals the paper's
 concatenated form. Forward: one program per (query block, batch, head): the prompt's statistics, the token keys'
@@ -284,7 +285,7 @@ if HAS_TRITON:
         # prompt values, accumulated straight into the normalised output with weights
         # gamma * softmax_p: with gamma = 0 they add exactly zero
         if HAS_PROMPT:
-            gamma = tl.load(GAMMA + h64)
+            gamma = tl.load(GAMMA + b64 * nheads + h64)  # (rows, nheads): this row's (sequence's) gate
             PV_base = PV + b64 * stride_pvb + hk64 * stride_pvh
             for start_p in range(0, prompt_len, BLOCK_P):
                 t, _pk, offs_p = _prompt_scores(q, PK_base, stride_pkn, stride_pkd, start_p, offs_d, prompt_len,
@@ -526,7 +527,7 @@ if HAS_TRITON:
 
         # prompt part: dT = gamma * A * (dout PV^T - Delta_p), A recomputed from lse_p
         if HAS_PROMPT:
-            gamma = tl.load(GAMMA + h64)
+            gamma = tl.load(GAMMA + b64 * nheads + h64)  # (rows, nheads): this row's (sequence's) gate
             lse_p = tl.load(LSE_P + L_off, mask=row_ok, other=0.0)
             delta_p = tl.load(DELTA_P + L_off, mask=row_ok, other=0.0)
             PK_base = PK + b64 * stride_pkb + hk64 * stride_pkh
@@ -674,7 +675,9 @@ def _lse_shape(q, varlen, batch, nheads, seqlen_q):
 
 def _fwd(q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
          max_seqlen_k, leftpad_k, save_o_w):
-    """(out, o_w, lse_w, lse_p); o_w (the token part in fp32, for the backward) is empty unless save_o_w."""
+    """(out, o_w, lse_w, lse_p); o_w (the token part in fp32, for the backward) is empty unless save_o_w. gamma:
+    act(gate) in the accumulator dtype, contiguous (rows, nheads), rows = batch or num_seqs (the kernels read row b,
+    head h at gamma + b * nheads + h); the backward's d gamma has its shape."""
     varlen, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, prompt_len = _geometry(
         q, k, prompt_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     # packed: NaN first, so that a row no sequence covers (cu_seqlens_q[-1] < total_q, a sequence longer than
@@ -747,7 +750,7 @@ def _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, o_w, lse_w, lse_p, causal, so
     if dout.numel() == 0:  # no query: every gradient is zero
         return (grad(q, need_dq), grad(k, need_dkv, torch.zeros_like), grad(v, need_dkv, torch.zeros_like),
                 grad(prompt_k, need_dprompt, torch.zeros_like), grad(prompt_v, need_dprompt, torch.zeros_like),
-                torch.zeros(nheads, dtype=gamma.dtype, device=dev))
+                torch.zeros_like(gamma))
     # every row of dq and of the prompt gradients is written; of dk / dv, all but a left-padded batch's pad keys
     kv_alloc = torch.zeros_like if leftpad_k is not None else torch.empty_like
     # packed: NaN in the rows of dq that no sequence covers, as in the forward's output
@@ -818,8 +821,30 @@ def _bwd(dout, q, k, v, prompt_k, prompt_v, gamma, o_w, lse_w, lse_p, causal, so
                 HEAD_DIM=headdim, BLOCK=block, SHARED=prompt_k.shape[0] == 1, VARLEN=varlen,
                 UPCAST=common["UPCAST"], ACC=common["ACC"],
             )
-    dgamma = delta_p.sum(dim=(0, 2)) if has_prompt else torch.zeros(nheads, dtype=gamma.dtype, device=dev)
+    dgamma = _dgamma(delta_p, cu_seqlens_q, seqlen_q) if has_prompt else torch.zeros_like(gamma)
     return dq, dk, dv, dpk, dpv, dgamma
+
+
+def _dgamma(delta_p: torch.Tensor, cu_seqlens_q: torch.Tensor | None, max_seqlen_q: int) -> torch.Tensor:
+    """d gamma (rows, nheads): Delta_p summed over the queries of each batch row, or of each packed sequence.
+
+    Packed, Delta_p is one (1, nheads, total_q) row: each packed row gets, on the device (no synchronisation), the
+    sequence whose rows the kernels gave it (the offsets clamped as _seq_bounds clamps them), and the rows that no
+    sequence covers (left unwritten: NaN or garbage) go to a spare slot, dropped. index_put_ with accumulate sums
+    each sequence's rows in a fixed order (on CUDA too, unlike index_add_), in fp64: the same bits every time."""
+    if cu_seqlens_q is None:
+        return delta_p.sum(dim=2)  # (batch, nheads, seqlen_q) -> (batch, nheads)
+    num_seqs, total_q = cu_seqlens_q.shape[0] - 1, delta_p.shape[2]
+    cu = cu_seqlens_q.long()
+    start = cu[:-1].clamp(0, total_q)
+    end = start + torch.minimum((cu[1:] - start).clamp(min=0), (total_q - start).clamp(max=max_seqlen_q))
+    rows = torch.arange(total_q, device=delta_p.device)
+    seq = torch.searchsorted(end, rows, right=True).clamp(max=num_seqs)  # the first sequence ending past the row
+    s = seq.clamp(max=num_seqs - 1)
+    seq = torch.where((seq < num_seqs) & (start[s] <= rows) & (rows < end[s]), seq, num_seqs)
+    sums = delta_p.new_zeros(num_seqs + 1, delta_p.shape[1], dtype=torch.float64)
+    sums.index_put_((seq,), delta_p[0].t().double(), accumulate=True)
+    return sums[:num_seqs].to(delta_p.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -957,8 +982,11 @@ def _check_inputs(q, k, v, prompt_k, prompt_v, gate, causal, softmax_scale, gate
     if prompt_k.shape[2] != nheads_kv or prompt_k.shape[3] != headdim:
         raise ValueError(f"prompt_k must be (1 or batch, prompt_len, nheads_kv={nheads_kv}, headdim={headdim}), "
                          f"got {_shape(prompt_k)}")
-    if gate.dim() != 1 or gate.shape[0] not in (1, nheads):
-        raise ValueError(f"gate must have shape ({nheads},) (one per head) or (1,), got {_shape(gate)}")
+    if not (gate.dim() == 1 and gate.shape[0] in (1, nheads)
+            or gate.dim() == 2 and gate.shape[1] == nheads and (varlen or gate.shape[0] == q.shape[0])):
+        rows = "num_seqs" if varlen else f"batch={q.shape[0]}"
+        raise ValueError(f"gate must have shape ({nheads},) (one per head), (1,) (one for all heads) or ({rows}, "
+                         f"{nheads}) (one per {'sequence' if varlen else 'batch row'} and head), got {_shape(gate)}")
     for name, flag in (("causal", causal), ("deterministic", deterministic)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
@@ -972,7 +1000,7 @@ def _check_inputs(q, k, v, prompt_k, prompt_v, gate, causal, softmax_scale, gate
         raise ValueError(f"gate_act must be 'tanh' or 'identity', got {gate_act!r}")
 
 
-def _check_varlen(q, k, prompt_k, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+def _check_varlen(q, k, prompt_k, gate, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor (with cu_seqlens given, both are needed), "
@@ -991,6 +1019,9 @@ def _check_varlen(q, k, prompt_k, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen
     if prompt_k.shape[0] not in (1, num_seqs):
         raise ValueError(f"prompt_k must have batch 1 (shared) or one prompt per sequence ({num_seqs}), "
                          f"got {_shape(prompt_k)}")
+    if gate.dim() == 2 and gate.shape[0] != num_seqs:
+        raise ValueError(f"gate must have shape ({gate.shape[1]},) (one per head), (1,) (one for all heads) or "
+                         f"(num_seqs={num_seqs}, {gate.shape[1]}) (one per sequence and head), got {_shape(gate)}")
     # the offsets themselves are checked where that costs no device synchronisation
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
         check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, causal)
@@ -1078,7 +1109,9 @@ def zero_init_attention(
             through the layer's wk / wv. A batch of 1 is shared by all without a copy.
             prompt_len may be 0 (plain causal attention).
         gate: (nheads,) or (1,): the raw gate; act(gate) scales the prompt part, and its gradient
-            flows through act exactly.
+            flows through act exactly. Or (batch, nheads), packed (num_seqs, nheads): a gate per batch row
+            (sequence) and head, row b's prompt part scaled by act(gate[b, h]) (a row's gate shared by the
+            heads: expand it to (batch, nheads), a view).
         causal: mask the token keys causally, aligned bottom-right: with seqlen_q < seqlen_k
             (a KV cache) query i sees keys j <= i + seqlen_k - seqlen_q. Prompt keys are never masked.
         softmax_scale: defaults to headdim ** -0.5; applies to both parts.
@@ -1114,7 +1147,7 @@ def zero_init_attention(
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     _check_inputs(q, k, v, prompt_k, prompt_v, gate, causal, softmax_scale, gate_act, deterministic, varlen)
     if varlen:
-        _check_varlen(q, k, prompt_k, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        _check_varlen(q, k, prompt_k, gate, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     elif max_seqlen_q is not None or max_seqlen_k is not None:
         raise ValueError("max_seqlen_q / max_seqlen_k go with cu_seqlens_q / cu_seqlens_k (packed sequences)")
     if leftpad_k is not None:
@@ -1127,8 +1160,10 @@ def zero_init_attention(
                                softmax_scale=scale, gate_act=gate_act)
         return zero_init_attention_ref(q, k, v, prompt_k, prompt_v, gate, causal=causal, softmax_scale=scale,
                                        gate_act=gate_act, leftpad_k=leftpad_k)
-    nheads = q.shape[-2]
-    gamma = _gate_act(gate.to(_acc_dtype(q.dtype)), gate_act).expand(nheads).contiguous()  # (nheads,) fp32
+    rows, nheads = (cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]), q.shape[-2]
+    # (rows, nheads) fp32: one gate per batch row (packed: per sequence) and head, a 1-D gate repeated (tiny);
+    # autograd sums its gradient over the rows through the expand
+    gamma = _gate_act(gate.to(_acc_dtype(q.dtype)), gate_act).expand(rows, nheads).contiguous()
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prompt_k, prompt_v, gate))
     out, _, _, _ = _zia_fwd_op(q, k, v, prompt_k, prompt_v, gamma, causal, scale, cu_seqlens_q, cu_seqlens_k,
                                max_seqlen_q or 0, max_seqlen_k or 0, leftpad_k, deterministic, backward)
@@ -1143,5 +1178,5 @@ def _varlen_ref(q, k, v, prompt_k, prompt_v, gate, cu_seqlens_q, cu_seqlens_k, *
         p = 0 if prompt_k.shape[0] == 1 else i
         outs.append(zero_init_attention_ref(
             q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]], v[None, ck[i]:ck[i + 1]],
-            prompt_k[p:p + 1], prompt_v[p:p + 1], gate, **kwargs)[0])
+            prompt_k[p:p + 1], prompt_v[p:p + 1], gate[i:i + 1] if gate.dim() == 2 else gate, **kwargs)[0])
     return torch.cat(outs, dim=0)

@@ -48,6 +48,7 @@ class Case:
     causal: bool = True
     gate_act: str = "tanh"
     gate_per_head: bool = True
+    gate_rows: bool = False  # a gate per batch row and head, (batch, nheads)
     leftpad: tuple[int, ...] | None = None  # left padding of each row's keys (leftpad_k)
 
 
@@ -90,7 +91,8 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int = 0):
     v = rand(case.batch, case.seqlen_k, case.nheads_kv, case.headdim)
     pk = rand(case.prompt_batch, case.prompt_len, case.nheads_kv, case.headdim)
     pv = rand(case.prompt_batch, case.prompt_len, case.nheads_kv, case.headdim)
-    gate = rand(case.nheads if case.gate_per_head else 1, dt=torch.float32)  # the parameter stays fp32
+    per_head = case.nheads if case.gate_per_head else 1
+    gate = rand(*((case.batch, per_head) if case.gate_rows else (per_head,)), dt=torch.float32)  # stays fp32
     return [q, k, v, pk, pv, gate]
 
 
@@ -142,9 +144,9 @@ def dgate_roundoff(inputs, dout: torch.Tensor, case: Case) -> float:
     delta_p = (a * dp).sum(-1, keepdim=True)
     var = (a * dot_roundoff(dout, pv)).square() + (math.log(2) * a * (dp - delta_p) * scale
                                                    * dot_roundoff(q, pk)).square()
-    var = var.sum((0, 2, 3))  # (nheads,)
+    var = var.sum((2, 3) if case.gate_rows else (0, 2, 3))  # (nheads,), or (batch, nheads) for a gate per row
     if not case.gate_per_head:
-        var = var.sum(0, keepdim=True)
+        var = var.sum(-1, keepdim=True)
     dact = 1 - torch.tanh(gate) ** 2 if case.gate_act == "tanh" else torch.ones_like(gate)
     return 3 * (var.sqrt() * dact).max().item()
 
@@ -484,7 +486,7 @@ def test_varlen_matches_per_sequence_calls(causal, prompt, device):
     check_varlen_against_per_sequence_calls(causal, prompt, device)
 
 
-def check_varlen_against_per_sequence_calls(causal, prompt, device, **op_kwargs):
+def check_varlen_against_per_sequence_calls(causal, prompt, device, gate_rows=False, **op_kwargs):
     lens_q, lens_k = [5, 70, 1, 0, 33], [5, 80, 1, 0, 40]
     nseq, h, hkv, d, p = len(lens_q), 4, 2, 32, 0 if prompt == "none" else 10
     per_sequence_prompt = prompt == "per_sequence"
@@ -495,7 +497,7 @@ def check_varlen_against_per_sequence_calls(causal, prompt, device, **op_kwargs)
 
     q, k, v = rand(sum(lens_q), h, d), rand(sum(lens_k), hkv, d), rand(sum(lens_k), hkv, d)
     pk, pv = rand(nseq if per_sequence_prompt else 1, p, hkv, d), rand(nseq if per_sequence_prompt else 1, p, hkv, d)
-    gate = rand(h)
+    gate = rand(nseq, h) if gate_rows else rand(h)  # gate_rows: one per sequence and head
     cq, ck = pack(lens_q).to(device), pack(lens_k).to(device)
     inputs = [q, k, v, pk, pv, gate]
     dout = torch.randn(q.shape, generator=g).to(device)
@@ -510,7 +512,8 @@ def check_varlen_against_per_sequence_calls(causal, prompt, device, **op_kwargs)
             continue
         j = slice(i, i + 1) if per_sequence_prompt else slice(0, 1)
         parts = [x.detach()[None, s].requires_grad_() for x, s in ((q, sq), (k, sk), (v, sk))]
-        parts += [pk.detach()[j].requires_grad_(), pv.detach()[j].requires_grad_(), gate.detach().requires_grad_()]
+        own_gate = gate.detach()[i] if gate_rows else gate.detach()
+        parts += [pk.detach()[j].requires_grad_(), pv.detach()[j].requires_grad_(), own_gate.requires_grad_()]
         res = forward_backward(zero_init_attention, parts, dout[None, sq], causal=causal)
         want[0][sq] = res[0][0]
         want[1][sq] += res[1][0]
@@ -518,7 +521,7 @@ def check_varlen_against_per_sequence_calls(causal, prompt, device, **op_kwargs)
         want[3][sk] += res[3][0]
         want[4][j] += res[4]
         want[5][j] += res[5]
-        want[6] += res[6]
+        want[6][i if gate_rows else slice(None)] += res[6]
     for name, a, b in zip(NAMES, got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
@@ -786,7 +789,7 @@ def test_offsets_out_of_range_give_nan_never_a_plausible_answer(device):
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(40, n, d, generator=g).to(device) for n in (h, hkv, hkv))
     pk, pv = torch.randn(1, p, hkv, d, generator=g).to(device), torch.randn(1, p, hkv, d, generator=g).to(device)
-    gamma = torch.full((h,), 0.5, device=device)
+    gamma = torch.full((3, h), 0.5, device=device)  # (rows, nheads): 3 sequences, then 3 batch rows
     cu_good = torch.tensor([0, 10, 25, 40], dtype=torch.int32, device=device)
     cu_bad = torch.tensor([0, 10, 60, 40], dtype=torch.int32, device=device)  # sequence 1 runs past the end
     scale = d**-0.5
@@ -921,3 +924,125 @@ def test_gpu_backward_is_bitwise_reproducible():
         for name, a, b in zip(NAMES, first, again, strict=True):
             assert torch.equal(a, b), name
     check_varlen_against_per_sequence_calls(causal=True, prompt="shared", device="cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# a gate per batch row (per packed sequence) and head: gate (batch or num_seqs, nheads)
+# ----------------------------------------------------------------------------------------------
+
+ROW_GATES = {
+    "rows_gqa": Case(batch=3, seqlen_q=33, seqlen_k=33, nheads=4, nheads_kv=2, headdim=32, prompt_batch=3,
+                     gate_rows=True),
+    # a shared prompt, and rows with 0, 2 and 16 pad queries (the last row sees one real key)
+    "rows_leftpad": Case(batch=3, seqlen_q=17, seqlen_k=40, nheads=2, nheads_kv=1, headdim=32, leftpad=(0, 25, 39),
+                         gate_rows=True),
+}
+
+
+@pytest.mark.parametrize("name,dtype,deterministic", [
+    ("rows_gqa", torch.float32, True), ("rows_gqa", torch.bfloat16, False),
+    ("rows_leftpad", torch.float32, False), ("rows_leftpad", torch.bfloat16, True),
+], ids=["gqa-fp32", "gqa-bf16-atomic_dq", "leftpad-fp32-atomic_dq", "leftpad-bf16"])
+def test_per_row_gate_matches_fp64_reference(name, dtype, deterministic, device):
+    """Row b's prompt part scaled by act(gate[b, h]): output and every gradient, d gate (batch, nheads) included,
+    against the fp64 reference under the module's bar."""
+    check_against_reference(ROW_GATES[name], dtype, device, seed=13, deterministic=deterministic)
+
+
+def test_reference_per_row_gate_is_each_rows_own_gate():
+    """The oracle itself: with a (batch, nheads) gate, each row equals the reference on that row alone with its
+    own 1-D gate (so that a reference broadcasting the gate the wrong way cannot pass the op's tests)."""
+    case = Case(batch=3, seqlen_q=6, seqlen_k=9, nheads=4, nheads_kv=2, headdim=16, prompt_len=3, prompt_batch=3)
+    q, k, v, pk, pv, _ = (x.detach().double() for x in make_inputs(case, torch.float64, "cpu"))
+    gate = torch.randn(3, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    out = zero_init_attention_ref(q, k, v, pk, pv, gate)
+    for b in range(3):
+        row = [x[b:b + 1] for x in (q, k, v, pk, pv)]
+        torch.testing.assert_close(out[b:b + 1], zero_init_attention_ref(*row, gate[b]), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("prompt,deterministic", [("shared", False), ("per_sequence", True)])
+def test_per_sequence_gate_packed(prompt, deterministic, device):
+    """Packed, gate (num_seqs, nheads): each sequence equals its own dense call with its own row of the gate, every
+    gradient included (an empty sequence's gate row gets 0)."""
+    check_varlen_against_per_sequence_calls(True, prompt, device, gate_rows=True, deterministic=deterministic)
+
+
+def test_equal_rows_of_a_per_row_gate_give_the_1d_gates_bits(device):
+    """A (batch, nheads) gate whose rows are all equal is the (nheads,) gate: bitwise the same output and token and
+    prompt gradients; its d gate summed over the rows is the 1-D gate's. Likewise (1,) against its (batch, nheads)
+    repetition."""
+    case = Case(batch=2, seqlen_q=17, seqlen_k=30, nheads=4, nheads_kv=2, headdim=32, prompt_len=5)
+    inputs = make_inputs(case, torch.float32, device, seed=21)
+    dout = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(22)).to(device)
+    for gate in (inputs[5].detach(), torch.tensor([0.4], device=device)):
+        one = forward_backward(zero_init_attention, [*inputs[:5], gate.requires_grad_()], dout)
+        rows = gate.detach().expand(case.batch, case.nheads).clone().requires_grad_()
+        per_row = forward_backward(zero_init_attention, [*inputs[:5], rows], dout)
+        for name, a, b in zip(NAMES[:-1], one[:-1], per_row[:-1], strict=True):
+            assert torch.equal(a, b), name
+        assert per_row[6].shape == (case.batch, case.nheads)
+        torch.testing.assert_close(per_row[6].sum_to_size(gate.shape), one[6])
+
+
+def test_packed_gate_gradient_ignores_rows_no_sequence_covers(device, poisoned_allocations):
+    """Packed rows no sequence covers (cu_seqlens_q ending early, a sequence longer than max_seqlen_q: offsets
+    nobody checked, on a GPU or under torch.compile) keep whatever their Delta_p held (here NaN): each sequence's
+    d gate sums its own rows alone."""
+    h, hkv, d = 2, 1, 32
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(12, n, d, generator=g).to(device) for n in (h, hkv, hkv))
+    pk, pv = (torch.randn(1, 3, hkv, d, generator=g).to(device) for _ in range(2))
+    dout = torch.randn(q.shape, generator=g).to(device)
+    gamma = torch.tensor([[0.3, -0.2], [0.5, 0.1], [-0.4, 0.7]], device=device)  # (num_seqs, nheads)
+
+    def dgamma(cu, max_q, rows):
+        cu = torch.tensor(cu, dtype=torch.int32, device=device)
+        x = [t[rows] for t in (q, k, v, dout)]
+        out, o_w, lse_w, lse_p = zia._zia_fwd_op(*x[:3], pk, pv, gamma, True, d**-0.5, cu, cu, max_q, max_q, None,
+                                                 True, True)
+        return zia._zia_bwd_op(x[3], *x[:3], pk, pv, gamma, o_w, lse_w, lse_p, True, d**-0.5, cu, cu, max_q, max_q,
+                               None, True, True, True, True)[5]
+
+    # three sequences, rows 0-2 and 4-6 of q, the second one empty; every row covered
+    want = dgamma([0, 3, 3, 6], 3, [0, 1, 2, 4, 5, 6])
+    assert want.shape == (3, h) and torch.isfinite(want).all() and not want[1].any()
+    tail = [7, 8, 9, 10, 11]
+    torch.testing.assert_close(dgamma([0, 3, 3, 6], 3, [0, 1, 2, 4, 5, 6] + tail), want, rtol=0, atol=0)
+    # max_seqlen_q=3: the first sequence's row 3 is nobody's (it lies before the empty second sequence's start)
+    torch.testing.assert_close(dgamma([0, 4, 4, 7], 3, list(range(7)) + tail), want, rtol=0, atol=0)
+
+
+def test_per_row_gate_torch_compile_fullgraph(device):
+    """The fake implementations give d gate (batch, nheads): compiled, no graph break, eager's numbers."""
+    case = Case(batch=2, seqlen_q=9, seqlen_k=9, nheads=2, nheads_kv=1, headdim=16, prompt_len=3, gate_rows=True)
+    inputs = make_inputs(case, torch.float32, device, seed=2)
+
+    def f(q, k, v, pk, pv, gate):
+        return (zero_init_attention(q, k, v, pk, pv, gate) * 2).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    got = torch.autograd.grad(compiled(*inputs), inputs)
+    want = torch.autograd.grad(f(*inputs), inputs)
+    assert got[5].shape == (2, 2)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("gate,msg", [
+    (torch.zeros(3, 4), r"gate must have shape \(4,\) .*\(1,\) .*\(batch=2, 4\) .*got \(3, 4\)"),
+    (torch.zeros(2, 2), r"gate must have shape .*\(batch=2, 4\) .*got \(2, 2\)"),
+    (torch.zeros(2, 1), r"gate must have shape .*\(batch=2, 4\) .*got \(2, 1\)"),  # expand it: no row-only gate
+    (torch.zeros(2, 4, 1), r"gate must have shape .*got \(2, 4, 1\)"),
+    (torch.zeros(()), r"gate must have shape .*got \(\)"),
+], ids=["rows_not_batch", "heads", "row_shared_by_heads", "3d", "scalar"])
+def test_bad_gate_shape_raises(gate, msg, nothing_launched):
+    with pytest.raises(ValueError, match=msg):
+        zero_init_attention(*{**_base_inputs(), "gate": gate}.values())
+
+
+@pytest.mark.parametrize("gate", [torch.zeros(3, 4), torch.zeros(10, 4)], ids=["num_seqs_plus_1", "total_q"])
+def test_bad_packed_gate_shape_raises(gate, nothing_launched):
+    args, opts = _packed(gate=gate)
+    with pytest.raises(ValueError, match=r"gate must have shape \(4,\) .*\(num_seqs=2, 4\) .*got \("):
+        zero_init_attention(*args.values(), **opts)

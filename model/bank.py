@@ -344,29 +344,13 @@ class _RowAttention:
         op = zero_init_attention if self.attention.attn_impl == "fused" else zero_init_attention_ref
         leftpad = ctx.leftpad_k
         if len(self.groups) == 1 and self.groups[0].rows is None:
-            g = self.groups[0]
-            return row_gated(op, q, k, v, g.pk, g.pv, g.gamma, leftpad)
+            g = self.groups[0]  # gamma: act(gate), (n_heads,) shared or (batch, n_heads), the op's per-row gate
+            return op(q, k, v, g.pk, g.pv, g.gamma, causal=True, gate_act="identity", leftpad_k=leftpad)
         out = torch.empty_like(q)
         for g in self.groups:  # several prompt lengths: each group's rows apart
             q_g, k_g, v_g = (t.index_select(0, g.rows) for t in (q, k, v))
             leftpad_g = None if leftpad is None else leftpad.index_select(0, g.rows)
-            out.index_copy_(0, g.rows, row_gated(op, q_g, k_g, v_g, g.pk, g.pv, g.gamma, leftpad_g))
+            out.index_copy_(0, g.rows, op(q_g, k_g, v_g, g.pk, g.pv, g.gamma, causal=True, gate_act="identity",
+                                          leftpad_k=leftpad_g))
         return out
 
-
-def row_gated(op, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
-              gamma: torch.Tensor, leftpad_k: torch.Tensor | None) -> torch.Tensor:
-    """op (zero_init_attention or its reference) with act(gate) given: gamma (n_heads,) shared, or (batch, n_heads)
-    per row. A per-row gamma is folded into the prompt's values, act(g) softmax(q pk) pv == softmax(q pk) (act(g) pv)
-    (exact up to rounding), one call per query head of a kv group."""
-    if gamma.dim() == 1:
-        return op(q, k, v, pk, pv, gamma, causal=True, gate_act="identity", leftpad_k=leftpad_k)
-    nh, nkv = q.shape[2], k.shape[2]
-    group = nh // nkv
-    one = gamma.new_ones(1)
-    out = torch.empty_like(q)
-    for j in range(group):  # query heads j, j + group, ...: one per kv head
-        scale = gamma[:, j::group].to(pv.dtype).view(gamma.shape[0], 1, nkv, 1)
-        out[:, :, j::group] = op(q[:, :, j::group], k, v, pk, pv * scale, one, causal=True, gate_act="identity",
-                                 leftpad_k=leftpad_k)
-    return out

@@ -137,6 +137,26 @@ def test_errors_name_the_id_and_the_file(setup, tmp_path):
         AdapterBank(models["v1"])
 
 
+def test_official_release_gate_act_and_prompt_length(setup, tmp_path):
+    """The official v1 release's .pth joins a bank with its gate_act; a prompt length that does not divide its
+    prompts (or no gate_act) is an error naming the adapter and the file."""
+    base, _, models, _ = setup
+    state = adapter_state_dict(models["v1"])
+    release = {"adapter_query.weight": state["layers.1.attention.adapter_prompt"].detach().clone()}
+    for n in range(2):
+        release[f"layers.{n}.attention.gate"] = state["layers.1.attention.gate"].detach().view(1, -1, 1, 1).clone()
+    torch.save(release, tmp_path / "release.pth")
+    bank = AdapterBank(base)
+    with pytest.raises(CheckpointError, match=r"adapter 'rel': .*release\.pth: .*needs gate_act"):
+        bank.add("rel", tmp_path / "release.pth")
+    with pytest.raises(CheckpointError, match=r"adapter 'rel': .*release\.pth: .*adapter_len 3"):
+        bank.add("rel", tmp_path / "release.pth", gate_act="tanh", adapter_len=3)
+    bank.add("rel", tmp_path / "release.pth", gate_act="tanh", adapter_len=4)
+    tokens = torch.tensor([prompt(5, seed=3)])
+    with torch.no_grad(), bank.rows(["rel"]):
+        torch.testing.assert_close(base(tokens), models["v1"](tokens), **TOL)
+
+
 def test_remove_and_replace_drop_the_cached_prompts(setup):
     base, _, _, files = setup
     bank = AdapterBank(base, {"a": files["v1"]})

@@ -55,12 +55,6 @@ class BankAdapter:
     linears: dict[str, tuple[torch.Tensor, torch.Tensor]]  # V2: "layers.N.attention.wq" / "output" -> (bias, scale)
     norms: dict[str, torch.Tensor]  # V2: "layers.N.attention_norm" / "norm" -> weight (dim,)
 
-    @property
-    def numel(self) -> int:
-        """Numbers it holds (its file's parameters; a per-layer gate counts n_heads times)."""
-        return sum(t.numel() for group in (self.prompts, self.gammas, self.norms) for t in group.values()) + sum(
-            b.numel() + s.numel() for b, s in self.linears.values())
-
 
 class AdapterBank:
     """Named adapters for one base model (the module docstring). Ids in a batch: an adapter's name, its position in
@@ -220,15 +214,15 @@ class AdapterBank:
                                                  else ones for a in used])
                         scale_in, scale_out = (scale, scale_out) if at == "input" else (scale_in, scale)
                 if scale_in is not None:
-                    handles.append(module.register_forward_pre_hook(_ScaleInput(scale_in, batch, path)))
-                handles.append(module.register_forward_hook(_BiasScaleOutput(bias, scale_out, batch, path)))
+                    handles.append(module.register_forward_pre_hook(_ScaleInput(scale_in, path)))
+                handles.append(module.register_forward_hook(_BiasScaleOutput(bias, scale_out, path)))
             for path in dict.fromkeys(p for a in used for p in a.norms):
                 module = model.get_submodule(path)
                 if not isinstance(module, RMSNorm):
                     raise ValueError(f"{path} is a {type(module).__name__}, not the RMSNorm a V2 adapter tunes")
                 base = module.weight.detach().float()
                 weight = gather([base] + [a.norms.get(path, base) for a in used])
-                handles.append(module.register_forward_hook(_RowNorm(weight, batch, path)))
+                handles.append(module.register_forward_hook(_RowNorm(weight, path)))
             yield
         finally:
             for handle in handles:
@@ -299,7 +293,7 @@ def _per_row(t: torch.Tensor, x: torch.Tensor, what: str) -> torch.Tensor:
 class _ScaleInput:
     """V2 scale_at="input", per row: x -> x * scale[row] before the frozen linear."""
 
-    def __init__(self, scale: torch.Tensor, batch: int, path: str) -> None:
+    def __init__(self, scale: torch.Tensor, path: str) -> None:
         self.scale, self.path = scale, path
 
     def __call__(self, module, args):
@@ -310,7 +304,7 @@ class _ScaleInput:
 class _BiasScaleOutput:
     """V2, per row: y -> y + bias[row], then times scale[row] for the adapters that scale the output."""
 
-    def __init__(self, bias: torch.Tensor, scale: torch.Tensor | None, batch: int, path: str) -> None:
+    def __init__(self, bias: torch.Tensor, scale: torch.Tensor | None, path: str) -> None:
         self.bias, self.scale, self.path = bias, scale, path
 
     def __call__(self, module, args, y):
@@ -323,7 +317,7 @@ class _BiasScaleOutput:
 class _RowNorm:
     """V2's tuned norms, per row: RMSNorm with weight[row] (the base's own weight for the other rows)."""
 
-    def __init__(self, weight: torch.Tensor, batch: int, path: str) -> None:
+    def __init__(self, weight: torch.Tensor, path: str) -> None:
         self.weight, self.path = weight, path
 
     def __call__(self, module: RMSNorm, args, y):

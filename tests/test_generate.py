@@ -368,11 +368,12 @@ def test_generate_with_several_adapters_in_one_batch(model, tmp_path):
                 if name.endswith(".bias"):
                     p.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
         files.append(save_adapter(adapted, tmp_path / f"{seed}.safetensors"))
+        set_attention_impl(adapted, "eager")  # the references: the official formulation, the op's oracle
         alone.append(adapted)
     prompts = [prompt(7, seed=1), prompt(3, seed=2), prompt(5, seed=3), prompt(4, seed=4)]
     ids = [0, None, 1, 0]
-    batch = generate(base, prompts, max_new_tokens=5, adapters=files, adapter_ids=ids)
-    want = [generate(base if i is None else alone[i], [p], max_new_tokens=5)[0]
+    batch = generate(base, prompts, max_new_tokens=3, adapters=files, adapter_ids=ids)
+    want = [generate(base if i is None else alone[i], [p], max_new_tokens=3)[0]
             for p, i in zip(prompts, ids, strict=True)]
     assert batch == want
     assert len({tuple(w) for w in want[:3]}) == 3  # the adapters change the answers
@@ -390,7 +391,7 @@ def test_command_line_requests_with_several_adapters(checkpoint_dir, tmp_path, c
     its adapter (or the base) alone answers it; a bad line is named by its number before the weights load."""
     from llama_adapter_triton.model.generate import Args
 
-    v2 = load_checkpoint(checkpoint_dir, adapter=AdapterConfig(adapter_len=3, adapter_layers=2, version=2))
+    v2 = load_checkpoint(checkpoint_dir, adapter=AdapterConfig(adapter_len=4, adapter_layers=1, version=2))
     set_adapter_(v2, seed=8, gate_scale=1.0)
     save_adapter(v2, tmp_path / "v2.safetensors")
     v1 = load_checkpoint(checkpoint_dir, adapter=read_adapter_config(checkpoint_dir / "adapter.safetensors"))

@@ -7,6 +7,8 @@
         --gate-act tanh --instruction "..."            # the official v1 release: gate_act must be chosen
     llama-adapter generate --checkpoint Llama-2-7b-chat-hf/ --chat --system "Be brief."   # a conversation, a line
                                                        # per turn, in the checkpoint's own chat template
+    llama-adapter generate --checkpoint CKPT_DIR --adapter fr=fr.safetensors --adapter code=code.safetensors \
+        --requests requests.jsonl      # many adapters, one base, batched: a JSON line per request, in order
 
 The instruction goes through the adapter's template (--template; model/prompt.py), BOS first, as the adapter was
 trained; --chat uses the checkpoint's own chat template (model/chat.py, within its budget: --chat-max-seconds,
@@ -15,7 +17,8 @@ template refuses, one the context cannot hold) is refused on stderr while the co
 streamed, then tokens/s. Batches of prompts of different lengths are left-padded: every row's last prompt token
 sits at the same cache slot, so one decode step serves all rows, and a row generates what it would alone. A user
 error prints one line and exits non-zero (2 for a flag, 1 for a file); the tokenizer and the prompt's length are
-checked before the weights load. More: docs/checkpoints.md (Generation).
+checked before the weights load. More: docs/checkpoints.md (Generation); --requests and the adapter bank
+(generate(..., adapters=, adapter_ids=)): docs/adapters-bank.md.
 """
 
 from __future__ import annotations

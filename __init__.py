@@ -31,6 +31,7 @@ _EXPORTS = {
     **dict.fromkeys(("checkpoint_format", "load_checkpoint", "load_config", "save_checkpoint"), "model.checkpoint"),
     **dict.fromkeys(("CheckpointError", "write_atomic"), "model.io"),
     **dict.fromkeys(("load_adapter", "read_adapter_config", "save_adapter"), "model.adapters.formats"),
+    "AdapterBank": "model.bank",
     "Tokenizer": "model.tokenizer",
     "alpaca_prompt": "model.prompt",
     **dict.fromkeys(("generate", "stream"), "model.generate"),

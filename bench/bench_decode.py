@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -68,7 +69,9 @@ from llama_adapter_triton.bench.harness import (
     text_report,
     titled_table,
 )
-from llama_adapter_triton.model.adapter import AdapterConfig
+from llama_adapter_triton.model.adapter import AdapterConfig, adapter_state_dict
+from llama_adapter_triton.model.adapters.formats import save_adapter
+from llama_adapter_triton.model.bank import AdapterBank
 from llama_adapter_triton.model.generate import stream
 from llama_adapter_triton.model.llama import LLaMA
 
@@ -117,6 +120,10 @@ class DecodeBenchConfig:
     adapter_len: int = field(default=10, metadata=opt("adapter prompts per layer K", argparse_type(positive_int), "K"))
     adapter_layers: int = field(default=30, metadata=opt(
         "adapted layers L, counted from the top", argparse_type(positive_int), "L"))
+    bank_adapters: tuple[int, ...] = field(default=(), metadata=opt(
+        "adapter bank rows (model/bank.py): for each batch size, generation through an AdapterBank of N distinct "
+        "adapters, row i with adapter i mod N, for each N given (e.g. 1,4,16); none by default",
+        list_of(positive_int, "adapter count"), "N,N,..."))
     seed: int = field(default=0, metadata=opt("seed of the weights and the prompts", argparse_type(int), "N"))
     out: str | None = field(default=None, metadata=opt(
         "folder for decode.csv, the plot and the summary (default: bench/results/ for a full CUDA run, else a "
@@ -225,20 +232,20 @@ class Measurement:
 
 
 def generate_timed(model: LLaMA, prompts: torch.Tensor | list[list[int]], new_tokens: int,
-                   device: torch.device) -> list[float]:
-    """Greedy generation through stream(); the perf_counter time at which each token (all rows) is ready, the
-    start first."""
+                   device: torch.device, **stream_kwargs) -> list[float]:
+    """Greedy generation through stream() (stream_kwargs: an adapter bank's adapters and adapter_ids); the
+    perf_counter time at which each token (all rows) is ready, the start first."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     sync()
     stamps = [time.perf_counter()]
-    for _ in stream(model, prompts, max_new_tokens=new_tokens):
+    for _ in stream(model, prompts, max_new_tokens=new_tokens, **stream_kwargs):
         sync()
         stamps.append(time.perf_counter())
     return stamps
 
 
 def time_provider(model: LLaMA, provider: Provider, batch: int, cfg: DecodeBenchConfig, device: torch.device,
-                  name: str) -> Measurement:
+                  name: str, **stream_kwargs) -> Measurement:
     if cfg.ragged:  # uneven lengths: stream() left-pads them
         prompts = ragged_prompts(batch, cfg.prompt_len, model.config.vocab_size, cfg.seed + batch)
         prompt_tokens = sum(len(p) for p in prompts)
@@ -246,9 +253,9 @@ def time_provider(model: LLaMA, provider: Provider, batch: int, cfg: DecodeBench
         prompts = random_tokens(batch, cfg.prompt_len, model.config.vocab_size, cfg.seed + batch, device)
         prompt_tokens = batch * cfg.prompt_len
     with attention_impl(model, provider.impl), provider.patch(model):
-        generate_timed(model, prompts, cfg.warmup_tokens, device)
+        generate_timed(model, prompts, cfg.warmup_tokens, device, **stream_kwargs)
         reset_peak_memory(device)
-        stamps = generate_timed(model, prompts, cfg.new_tokens, device)
+        stamps = generate_timed(model, prompts, cfg.new_tokens, device, **stream_kwargs)
         peak = peak_memory_since_reset(device)
     if len(stamps) != cfg.new_tokens + 1:
         raise RuntimeError(f"stream() yielded {len(stamps) - 1} tokens, not {cfg.new_tokens}")
@@ -268,6 +275,34 @@ def attention_backends(provider: Provider, config, batch: int, cfg: DecodeBenchC
                     device=device)
     decode = sdpa_backend(q, k, k, is_causal=False, enable_gqa=config.n_heads != config.n_kv_heads)
     return f"adapted layers: kernels.zero_init_attention ({op_backend(device)}); plain layers: SDPA {decode} (decode)"
+
+
+# --------------------------------------------------------------------------------------------------
+# The adapter bank's rows
+# --------------------------------------------------------------------------------------------------
+BANK_TARGET = 1.1  # the most decode time the most distinct adapters may cost against one (docs/adapters-bank.md)
+
+
+@torch.no_grad()
+def make_bank(model: LLaMA, count: int, folder: Path, seed: int) -> AdapterBank:
+    """An AdapterBank on model's base (its tensors shared, not copied) of count adapters written to folder: "0" the
+    model's own adapter (what the check compares against the oracle), the others random."""
+    with torch.device("meta"):
+        base = LLaMA(model.config)
+    own = model.state_dict()
+    base.load_state_dict({k: own[k] for k in base.state_dict()}, assign=True)
+    state = adapter_state_dict(model)
+    g = torch.Generator().manual_seed(seed)
+    files = {}
+    for i in range(count):
+        tensors = state if i == 0 else {k: torch.randn(v.shape, generator=g) * (0.5 if k.endswith("gate") else 1.0)
+                                        for k, v in state.items()}
+        files[str(i)] = save_adapter(model, folder / f"{i}.safetensors", state=tensors)
+    return AdapterBank(base.eval(), files)
+
+
+def bank_provider(count: int) -> Provider:
+    return Provider(f"bank-a{count}", "fused")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,17 +368,27 @@ def run(cfg: DecodeBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapp
             continue
         log(f"   check: {cfg.check_batch} prompts (left padding {left_pad}), {cfg.check_tokens} cached positions "
             "against a full recompute by the eager model in fp32")
-        for prov in active:
-            ratios = check_results(prov.name, check_shape, {"logits": cached_logits(model, prompts, continuation,
-                                                                                     prov, left_pad)}, expected)
+        checked = [(prov, model) for prov in active]
+        if cfg.bank_adapters:  # the bank's path on the model's own adapter ("0") against the same oracle
+            bank_dir = tempfile.TemporaryDirectory(prefix="bench-decode-bank-")
+            bank = make_bank(model, max(cfg.bank_adapters), Path(bank_dir.name), cfg.seed)
+            checked.append((Provider("bank", "fused", lambda m, bank=bank: bank.rows(["0"] * cfg.check_batch)),
+                            bank.model))
+        for prov, checked_model in checked:
+            ratios = check_results(prov.name, check_shape, {"logits": cached_logits(checked_model, prompts,
+                                                                                     continuation, prov, left_pad)},
+                                   expected)
             result.checks[(name, prov.name)] = ratios
             write(check_rows(WHAT, prov.name, check_shape, ratios))
             log(f"   {prov.name:<6} check ok (err/tol {max(ratios.values()):.2f})")
         for batch in cfg.batch_sizes:
             shape = shape_of(name, batch, cfg)
-            for prov in active:
+            runs = [(prov, model, {}) for prov in active] + [
+                (bank_provider(n), bank.model, {"adapters": bank, "adapter_ids": [str(i % n) for i in range(batch)]})
+                for n in cfg.bank_adapters]
+            for prov, timed_model, stream_kwargs in runs:
                 try:
-                    m = time_provider(model, prov, batch, cfg, device, name)
+                    m = time_provider(timed_model, prov, batch, cfg, device, name, **stream_kwargs)
                 except Exception as exc:  # out of memory; anything else is a bug
                     model.clear_cache()
                     reason = skip_reason(exc, device)
@@ -359,6 +404,17 @@ def run(cfg: DecodeBenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapp
                 log(f"   b{batch:<4} {prov.name:<6} prefill {m.prefill_ms:.1f} ms | decode {step.median_ms:.2f} "
                     f"ms/step [{step.p20_ms:.2f}-{step.p80_ms:.2f}] | {m.decode_tokens_per_s:,.0f} tok/s{mem}")
                 free_device_memory(device)
+            one = result.get(name, bank_provider(1).name, batch)
+            for n in cfg.bank_adapters:
+                m = result.get(name, bank_provider(n).name, batch)
+                if n > 1 and one is not None and m is not None:  # the target: n distinct cost at most 1.1x one
+                    ratio = one.decode_tokens_per_s / m.decode_tokens_per_s
+                    write(metric_rows(WHAT, m.provider, "generate", shape, [("decode_time_vs_1_adapter", ratio, "x")]))
+                    log(f"   b{batch:<4} {n} distinct adapters: {ratio:.2f}x the decode time of one (target "
+                        f"<= {BANK_TARGET}x): {'met' if ratio <= BANK_TARGET else 'NOT met'}")
+        if cfg.bank_adapters:
+            del bank
+            bank_dir.cleanup()
         del model, expected
         free_device_memory(device, collect=True)
         log(f"   ({time.perf_counter() - started:.1f} s)")

@@ -5,7 +5,7 @@
 #
 # FIRST, in one device call (the lease may be 15 minutes in all, the machine's start included):
 #
-#   bash bench/gpu_session.sh --plan quick       # here: the steps, their timeouts, the overheads, the total (475 s)
+#   bash bench/gpu_session.sh --plan quick       # here: the steps, their timeouts, the overheads, the total (480 s)
 #   bash bench/gpu_session.sh --write-commit     # here: the commit (short hash, "-dirty" when tracked files differ)
 #                                                #   into COMMIT, a file that travels with the tree (not ignored by
 #                                                #   git; never commit it): the device may get no .git, and then
@@ -18,24 +18,27 @@
 # SIGKILL 4 s later) and tees its output straight into $OUT as it comes, so a step killed mid-way keeps what it
 # printed, and a bench that dies before making its output folder still leaves its log. A bench's folder (CSV rows,
 # appended as they are measured; plot; summary) is packed into $OUT as soon as its step ends, killed or not.
-# At most 7 files come back ($OUT takes 8):
+# At most 8 files come back ($OUT takes 8):
 #   1. env            30 s  the GPU, torch, triton, the commit, the date; nvidia-smi      -> quick-1-env.log
-#   2. attention     120 s  bench_attention, fwd+bwd (mode full): bf16, head dim 128, 32 heads, seqlen 1024/2048/4096,
+#   2. attention     110 s  bench_attention, fwd+bwd (mode full): bf16, head dim 128, 32 heads, seqlen 1024/2048/4096,
 #                           16k tokens: fused, fused_atomic, causal SDPA (torch's choice: cuDNN or flash; flash
 #                           forced), two SDPA calls, eager; every provider checked against the fp32 oracle before
 #                           it is timed; the ratio table and the targets   -> quick-2-attention.log, .tar.gz
-#   3. finetune       90 s  bench_finetune: LLaMA-7B shape, ours_packed vs eager_padded512, tokens/s and peak
+#   3. finetune       80 s  bench_finetune: LLaMA-7B shape, ours_packed vs eager_padded512, tokens/s and peak
 #                           memory                                          -> quick-3-finetune.log, .tar.gz
-#   4. kernels        85 s  tests/test_zero_init_attention.py compiled, bf16/fp16 (-k "not fp32": the fp32 cases,
+#      bank           40 s  bench_decode's adapter bank rows: LLaMA-7B shape, 16 requests with 1, 4 and 16 distinct
+#                           adapters (model/bank.py), 64 new tokens; decode tokens/s, peak memory, the time against
+#                           one adapter's (target <= 1.1x); the table in the log  -> quick-3b-bank.log
+#   4. kernels        75 s  tests/test_zero_init_attention.py compiled, bf16/fp16 (-k "not fp32": the fp32 cases,
 #                           up to 7 s a compile, wait for the tests stage), 8 processes (pytest-xdist), 60 s a test
 #                           (pytest-timeout); and kernel_launches' test, which fills Triton's cache for step 5
 #                                                                           -> quick-4-kernels.log
-#   5. sanitizer-warm 30 s  kernel_launches without the sanitizer: whatever step 4 left uncompiled, compiled now
+#   5. sanitizer-warm 21 s  kernel_launches without the sanitizer: whatever step 4 left uncompiled, compiled now
 #      sanitizer      90 s  compute-sanitizer memcheck on one small launch of each kernel, with
 #                           PYTORCH_NO_CUDA_MEMORY_CACHING=1 (the caching allocator hides out-of-bounds accesses
 #                           inside its blocks)                              -> quick-5-sanitizer.log
-#   overheads        30 s  SIGKILL 4 s after each step's SIGINT (6 x 4 s), packing 2 folders (2 x 3 s), no installs
-# total 475 s: the call's timeout_s of 540 leaves a margin. The other GPU tests (flex attention compiled, the
+#   overheads        34 s  SIGKILL 4 s after each step's SIGINT (7 x 4 s), packing 2 folders (2 x 3 s), no installs
+# total 480 s: the call's timeout_s of 540 leaves a margin. The other GPU tests (flex attention compiled, the
 # tune_blocks sweep, hf providers, decode) and the fp32 kernel cases need more than quick has: the tests stage.
 # Then commit the CSV rows under bench/results/ and bench/RESULTS.md (date, GPU, commit, the SDPA backends that
 # ran) and say in the note which targets are met.
@@ -60,7 +63,8 @@
 #                                              #   16k- and 512-token micro-batches, next to the predictions
 #   bash bench/gpu_session.sh memory-13b memory-70b   # the same for 13B and 70B (rows that do not fit say so)
 #   bash bench/gpu_session.sh decode           # KV-cache generation, LLaMA-7B shape, batch 1 and 16, fused/eager;
-#                                              #   then batch 16 of uneven prompts (left-padded, --ragged)
+#                                              #   then batch 16 of uneven prompts (left-padded, --ragged); then
+#                                              #   16 requests with 1, 4 and 16 distinct adapters (an adapter bank)
 #   bash bench/gpu_session.sh tune             # block-size sweep of the fwd, dkdv and dq kernels (bf16, head dim 128,
 #                                              #   LLaMA-7B heads, seqlen 512-4096): suggested _blocks changes; about
 #                                              #   3 minutes by its own estimate, stopped cleanly at 480 s
@@ -84,10 +88,11 @@ export PYTHONUNBUFFERED=1
 # ---- the quick plan: name, timeout (s), the log in $OUT it tees into, what it does ---------------------------
 QUICK_STEPS=(
   "env|30|quick-1-env|the GPU, torch, triton, the commit (git, else the COMMIT file), the date; nvidia-smi"
-  "attention|120|quick-2-attention|bench_attention fwd+bwd: bf16, d128, 32 heads, seqlen 1024-4096, 16k tokens"
-  "finetune|90|quick-3-finetune|bench_finetune: LLaMA-7B shape, ours_packed vs eager_padded512"
-  "kernels|85|quick-4-kernels|tests/test_zero_init_attention.py compiled, -k 'not fp32', -n 8, 60 s a test"
-  "sanitizer-warm|30|quick-5-sanitizer|kernel_launches without the sanitizer: Triton's cache filled first"
+  "attention|110|quick-2-attention|bench_attention fwd+bwd: bf16, d128, 32 heads, seqlen 1024-4096, 16k tokens"
+  "finetune|80|quick-3-finetune|bench_finetune: LLaMA-7B shape, ours_packed vs eager_padded512"
+  "bank|40|quick-3b-bank|bench_decode's adapter bank: LLaMA-7B shape, 16 requests, 1/4/16 distinct adapters"
+  "kernels|75|quick-4-kernels|tests/test_zero_init_attention.py compiled, -k 'not fp32', -n 8, 60 s a test"
+  "sanitizer-warm|21|quick-5-sanitizer|kernel_launches without the sanitizer: Triton's cache filled first"
   "sanitizer|90|quick-5-sanitizer|compute-sanitizer memcheck, PYTORCH_NO_CUDA_MEMORY_CACHING=1, each kernel"
 )
 KILL_AFTER=4  # seconds from a step's SIGINT (at its timeout) to its SIGKILL
@@ -209,11 +214,13 @@ run_quick() {
   }
   local attention=(--dtypes bf16 --headdims 128 --shapes 7b --seqlens 1024,2048,4096 --tokens 16384)
   local finetune=(--models llama-7b --warmup-steps 2 --steps 4)
+  local bank=(--models llama-7b --batch-sizes 16 --bank-adapters 1,4,16 --new-tokens 64 --warmup-tokens 8)
   local kernels=(-k "not fp32" tests/test_zero_init_attention.py
                  tests/test_gpu_session.py::test_kernel_launches_reach_every_kernel)
   if [ "$DRY_RUN" = 1 ]; then  # the same commands, the smallest options
     attention=(--smoke --seqlens 64 --shapes tiny --cpu-reps 1)
     finetune=(--smoke --warmup-steps 1 --steps 1)
+    bank=(--smoke --batch-sizes 2 --bank-adapters 1,2)
     kernels=(-k "test_low_precision_within_twice_torch_error and seqlen1-bf16" tests/test_zero_init_attention.py)
   fi
   local pytest_opts=()
@@ -229,6 +236,7 @@ run_quick() {
   quick finetune "$PY" -m llama_adapter_triton.bench.bench_finetune "${finetune[@]}" \
     --providers ours_packed,eager_padded512 --out "$work/finetune"
   pack finetune
+  quick bank "$PY" -m llama_adapter_triton.bench.bench_decode "${bank[@]}" --providers fused --out "$work/bank"
   quick kernels "$PY" -m pytest -q -rfE --durations=15 -p no:cacheprovider "${pytest_opts[@]}" "${kernels[@]}"
   local sanitizer
   sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
@@ -327,7 +335,9 @@ for stage in "$@"; do
         --steps 3 --out "$WORK" ;;
     decode)
       timeout 400 "$PY" -m llama_adapter_triton.bench.bench_decode --models llama-7b --out "$WORK" &&
-        timeout 170 "$PY" -m llama_adapter_triton.bench.bench_decode --models llama-7b --batch-sizes 16 --ragged yes --out "$WORK" ;;
+        timeout 170 "$PY" -m llama_adapter_triton.bench.bench_decode --models llama-7b --batch-sizes 16 --ragged yes --out "$WORK" &&
+        timeout 200 "$PY" -m llama_adapter_triton.bench.bench_decode --models llama-7b --providers fused \
+          --batch-sizes 16 --bank-adapters 1,4,16 --out "$WORK" ;;
     tune)
       timeout 570 "$PY" -m llama_adapter_triton.bench.tune_blocks --time-budget 480 --out "$WORK" ;;
   esac 2>&1 | tee "$WORK/$stage.log"

@@ -9,10 +9,11 @@
 
     args = parse_dataclass(Args, argv, prog="python -m pkg.mod", description="...")
 
-Each field is a --flag (underscores as dashes), typed by its annotation (X | None takes an X; a
-metadata "type" overrides the conversion, e.g. for int-or-word values). A bool field is a switch:
---flag when its default is False, --flag / --no-flag when it is True. A ValueError raised by the
-dataclass itself (its __post_init__ checks) becomes an argparse error: usage, the message, exit 2.
+Each field is a --flag (underscores as dashes), typed by its annotation (X | None takes an X; list[X] | None
+is repeatable, its values in order; a metadata "type" overrides the conversion, e.g. for int-or-word
+values). A bool field is a switch: --flag when its default is False, --flag / --no-flag when it is True.
+A ValueError raised by the dataclass itself (its __post_init__ checks) becomes an argparse error: usage,
+the message, exit 2.
 
 Library errors that tell how to get past them name a Python argument (`pass on_bad_record='skip'`,
 written by remedy_text); such an error carries .remedy = (argument, value), and cli_message(e) gives
@@ -44,6 +45,10 @@ def build_parser(cls: type, *, prog: str, description: str, epilog: str | None =
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata.get("help", "")
+        if typing.get_origin(kind) is list:  # a repeatable flag: every value, in order (None when never given)
+            parser.add_argument(flag, dest=f.name, type=typing.get_args(kind)[0], action="append", default=None,
+                                metavar=f.metadata.get("metavar"), help=f.metadata.get("help", ""))
+            continue
         if kind is bool:
             action = argparse.BooleanOptionalAction if default else "store_true"
             parser.add_argument(flag, dest=f.name, action=action, default=bool(default), help=help_text)

@@ -7,6 +7,8 @@
         --gate-act tanh --instruction "..."            # the official v1 release: gate_act must be chosen
     llama-adapter generate --checkpoint Llama-2-7b-chat-hf/ --chat --system "Be brief."   # a conversation, a line
                                                        # per turn, in the checkpoint's own chat template
+    llama-adapter generate --checkpoint CKPT_DIR --adapter fr=fr.safetensors --adapter code=code.safetensors \
+        --requests requests.jsonl      # many adapters, one base, batched: a JSON line per request, in order
 
 The instruction goes through the adapter's template (--template; model/prompt.py), BOS first, as the adapter was
 trained; --chat uses the checkpoint's own chat template (model/chat.py, within its budget: --chat-max-seconds,
@@ -15,16 +17,19 @@ template refuses, one the context cannot hold) is refused on stderr while the co
 streamed, then tokens/s. Batches of prompts of different lengths are left-padded: every row's last prompt token
 sits at the same cache slot, so one decode step serves all rows, and a row generates what it would alone. A user
 error prints one line and exits non-zero (2 for a flag, 1 for a file); the tokenizer and the prompt's length are
-checked before the weights load. More: docs/checkpoints.md (Generation).
+checked before the weights load. More: docs/checkpoints.md (Generation); --requests and the adapter bank
+(generate(..., adapters=, adapter_ids=)): docs/adapters-bank.md.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -33,6 +38,7 @@ import torch
 from llama_adapter_triton.kernels.checks import check_int
 
 from .adapter import AdapterConfig
+from .bank import AdapterBank
 from .chat import RENDER_CHARS, RENDER_SECONDS, ChatTemplate, check_budget, encode_chat_prompt
 from .cli import check_cuda_device, cli_message, parse_dataclass
 from .io import CheckpointError
@@ -103,7 +109,8 @@ def stream(model: LLaMA, prompts: Sequence[Sequence[int]] | torch.Tensor, *, max
            prompt_mask: torch.Tensor | None = None, temperature: float = 0.0, top_p: float = 1.0,
            stop_ids: Iterable[int] = (), pad_id: int = 0, visual: torch.Tensor | None = None,
            image_features: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
-           generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+           generator: torch.Generator | None = None, adapters: AdapterBank | Sequence | Mapping | None = None,
+           adapter_ids: Sequence[str | int | None] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) each step, until every row has yielded a stop id or
     max_new_tokens steps. Rows that have stopped keep yielding tokens; ignore them (generate() does).
 
@@ -115,8 +122,16 @@ def stream(model: LLaMA, prompts: Sequence[Sequence[int]] | torch.Tensor, *, max
         pad_id: the token put at pad positions (any valid id: pads are masked).
         visual: (batch, dim) or (batch, n, dim) visual tokens for the adapter (multi-modal); or image_features
             (its projector's input) with image_mask (batch,) bool, False for rows without an image (LLaMA.forward).
+        adapters, adapter_ids: many adapters in one batch (model/bank.py; model is then the base alone):
+            adapters an AdapterBank, or adapter files (a list, ids their positions; a {name: file} dict, ids the
+            names) read into a bank for this call; adapter_ids one per prompt, an adapter's name or position, or
+            None for the base alone.
     """
     rows = _prompt_lists(prompts, prompt_mask)
+    if (adapters is None) != (adapter_ids is None):
+        raise ValueError("adapters and adapter_ids go together: the bank (or adapter files) and one id per prompt")
+    if adapter_ids is not None and (isinstance(adapter_ids, (str, bytes)) or len(adapter_ids) != len(rows)):
+        raise ValueError(f"adapter_ids must hold one id per prompt ({len(rows)}), got {adapter_ids!r}")
     check_sampling(temperature, top_p)
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -134,20 +149,24 @@ def stream(model: LLaMA, prompts: Sequence[Sequence[int]] | torch.Tensor, *, max
     tokens = torch.tensor(padded, device=device)  # (B, longest)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    if adapters is not None and not isinstance(adapters, AdapterBank):
+        adapters = AdapterBank(model, adapters)
+    bank_rows = adapters.rows(adapter_ids) if adapters is not None else nullcontext()
 
-    model.setup_cache(len(rows), total)
-    try:
-        logits = model(tokens, input_pos=0, left_pad=left_pad, visual=visual, image_features=image_features,
-                       image_mask=image_mask, logits_at=-1)  # prefill: (B, vocab)
-        for step in range(max_new_tokens):
-            next_tokens = sample(logits, temperature=temperature, top_p=top_p, generator=generator)  # (B,)
-            yield next_tokens
-            done |= torch.isin(next_tokens, stop)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            logits = model(next_tokens.unsqueeze(1), input_pos=longest + step, left_pad=left_pad, logits_at=-1)
-    finally:
-        model.clear_cache()
+    with bank_rows:  # the bank's per-row adapters, for the prefill and every decode step
+        model.setup_cache(len(rows), total)
+        try:
+            logits = model(tokens, input_pos=0, left_pad=left_pad, visual=visual, image_features=image_features,
+                           image_mask=image_mask, logits_at=-1)  # prefill: (B, vocab)
+            for step in range(max_new_tokens):
+                next_tokens = sample(logits, temperature=temperature, top_p=top_p, generator=generator)  # (B,)
+                yield next_tokens
+                done |= torch.isin(next_tokens, stop)
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                logits = model(next_tokens.unsqueeze(1), input_pos=longest + step, left_pad=left_pad, logits_at=-1)
+        finally:
+            model.clear_cache()
 
 
 def generate(model: LLaMA, prompts: Sequence[Sequence[int]] | torch.Tensor, *, max_new_tokens: int,
@@ -191,9 +210,16 @@ class Args:
         "help": "--chat: the most seconds one rendering of the chat template may take (model/chat.py)"})
     chat_max_chars: int = field(default=RENDER_CHARS, metadata={
         "help": "--chat: the most characters one rendering of the chat template may build (model/chat.py)"})
-    adapter: Path | None = field(default=None, metadata={
+    adapter: list[str] | None = field(default=None, metadata={
+        "metavar": "[NAME=]FILE",
         "help": "adapter: ours (.safetensors, V1 or V2), the official v1 or V2 release's .pth, a PEFT adaption-prompt "
-                "folder, or litgpt's lit_model.pth.adapter(_v2)"})
+                "folder, or litgpt's lit_model.pth.adapter(_v2); with --requests, NAME=FILE, repeated: an adapter "
+                "bank (model/bank.py) the requests name"})
+    requests: Path | None = field(default=None, metadata={
+        "help": "a JSONL file of requests, a line each: {\"adapter\": NAME or null, \"prompt\": the instruction, "
+                "optional \"input\", \"max_new_tokens\", \"temperature\", \"top_p\"}; answered in batches, a JSON "
+                "line per request on stdout in request order"})
+    batch_size: int = field(default=16, metadata={"help": "--requests: the most requests in one batch"})
     template: str = field(default="alpaca", metadata={
         "help": "the prompt template the adapter was trained with (model/prompt.py)", "choices": TEMPLATES})
     gate_act: str | None = field(default=None, metadata={
@@ -217,11 +243,32 @@ class Args:
         "help": "the base's linear weights in nf4 or int8 (bitsandbytes, model/quantize.py); --dtype computes",
         "choices": QUANTIZE_MODES})
     quantize_output: bool = field(default=False, metadata={"help": "with --quantize: the output layer too"})
+    adapter_file: Path | None = field(default=None, init=False)  # the one --adapter FILE
+    bank_files: dict[str, Path] = field(default_factory=dict, init=False)  # --requests: the --adapter NAME=FILE
 
     def __post_init__(self) -> None:
         self.chat = self.chat or self.template == CHAT_TEMPLATE  # the checkpoint's chat template is --chat's
-        if self.instruction is None and not self.chat:
-            raise ValueError("--instruction is required (or --chat, for a conversation read from the terminal)")
+        if self.requests is not None:
+            for flag, value in (("--instruction", self.instruction), ("--chat", self.chat or None),
+                                ("--image", self.image)):
+                if value is not None:
+                    raise ValueError(f"{flag} goes without --requests (each request holds its prompt)")
+            for value in self.adapter or []:
+                name, eq, file = value.partition("=")
+                if not eq or not name or not file:
+                    raise ValueError(f"--adapter {value}: with --requests each adapter is NAME=FILE")
+                if name in self.bank_files:
+                    raise ValueError(f"--adapter {value}: the name {name!r} is given twice")
+                self.bank_files[name] = Path(file)
+            check_int("--batch-size", self.batch_size, 1, what="an integer >= 1")
+        elif self.adapter:
+            if len(self.adapter) > 1:
+                raise ValueError("several --adapter NAME=FILE go with --requests (a JSONL of requests naming them); "
+                                 "without it, one --adapter FILE")
+            self.adapter_file = Path(self.adapter[0])
+        if self.instruction is None and not self.chat and self.requests is None:
+            raise ValueError("--instruction is required (or --chat, for a conversation read from the terminal, or "
+                             "--requests)")
         for flag, value in (("--system", self.system), ("--chat-template", self.chat_template)):
             if value is not None and not self.chat:
                 raise ValueError(f"{flag} goes with --chat")
@@ -331,6 +378,9 @@ def run(args: Args) -> None:
     config = load_config(args.checkpoint, allow_external_files=args.allow_external_files)
     tokenizer = Tokenizer(args.tokenizer or args.checkpoint)
     tokenizer.check_vocab(config.vocab_size)
+    if args.requests is not None:
+        run_requests(args, config, tokenizer, dtype, t0)
+        return
     message = None if args.instruction is None else user_message(args.instruction, args.input)
     if args.chat:
         chat = Chat(tokenizer, args.chat_template, args.system, args.chat_max_seconds, args.chat_max_chars)
@@ -342,17 +392,17 @@ def run(args: Args) -> None:
         prompt = tokenizer.encode(format_prompt(args.template, args.instruction, args.input), bos=True, eos=False)
     if prompt is not None:
         check_prompt_length(len(prompt), args.max_new_tokens, config)
-    adapter = read_adapter_config(args.adapter, gate_act=args.gate_act, model=config) if args.adapter else None
+    file = args.adapter_file
+    adapter = read_adapter_config(file, gate_act=args.gate_act, model=config) if file else None
     check_image_args(args, adapter)
     model = load_checkpoint(args.checkpoint, adapter=adapter, dtype=dtype, device=args.device,
                             allow_external_files=args.allow_external_files, quantize=args.quantize,
                             quantize_output=args.quantize_output).eval()
-    if args.adapter:
-        load_adapter(model, args.adapter, gate_act=args.gate_act)
+    if file:
+        load_adapter(model, file, gate_act=args.gate_act)
     features = image_features(model, args.image, args.clip, dtype) if args.image is not None else None
     print(f"loaded {args.checkpoint} ({model.config.n_layers} layers, dim {model.config.dim}"
-          f"{', adapter ' + str(args.adapter) if args.adapter else ''}) in {time.perf_counter() - t0:.1f} s",
-          file=sys.stderr)
+          f"{', adapter ' + str(file) if file else ''}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     if prompt is not None:  # one answer
@@ -374,6 +424,115 @@ def run(args: Args) -> None:
             continue
         answer = answer_streamed(model, tokenizer, prompt, args, generator, features)
         chat.messages += [("user", message), ("assistant", tokenizer.decode(answer))]
+
+
+@dataclass
+class Request:
+    """One line of --requests: its number, the adapter it names (None: the base), its prompt's ids, its settings."""
+
+    line: int
+    adapter: str | None
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+
+
+REQUEST_KEYS = ("adapter", "prompt", "input", "max_new_tokens", "temperature", "top_p")
+
+
+def read_requests(args: Args, tokenizer, config: LLaMAConfig) -> list[Request]:
+    """Every line of --requests, checked (its adapter among --adapter's names, its prompt within the context, its
+    settings); SystemExit naming the file and the line for the first bad one."""
+    requests = []
+
+    def error(message: str) -> SystemExit:
+        return SystemExit(f"{PROG}: error: --requests {args.requests}: line {number}: {message}")
+
+    with open(args.requests, "rb") as f:
+        for number, (line, problem) in enumerate(input_lines(f), 1):  # error() names the line number
+            if problem is not None:
+                raise SystemExit(f"{PROG}: error: --requests {args.requests}: {problem}")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise error(f"not JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise error(f"must be a JSON object, got {type(record).__name__}")
+            unknown = sorted(record.keys() - set(REQUEST_KEYS))
+            if unknown:
+                raise error(f"unknown key {unknown[0]!r} (a request has {', '.join(REQUEST_KEYS)})")
+            adapter = record.get("adapter")
+            if adapter is not None and adapter not in args.bank_files:
+                raise error(f"adapter {adapter!r} is not one of --adapter's names {sorted(args.bank_files)} (null: "
+                            "the base alone)")
+            text, extra = record.get("prompt"), record.get("input", "")
+            if not isinstance(text, str) or not text.strip() or not isinstance(extra, str):
+                raise error("needs \"prompt\", a non-empty string (and \"input\", if any, a string)")
+            settings = {key: record.get(key, getattr(args, key)) for key in ("max_new_tokens", "temperature", "top_p")}
+            try:
+                check_int("max_new_tokens", settings["max_new_tokens"], 1, what="an integer >= 1")
+                check_sampling(settings["temperature"], settings["top_p"])
+            except ValueError as e:
+                raise error(str(e)) from None
+            prompt = tokenizer.encode(format_prompt(args.template, text, extra), bos=True, eos=False)
+            problem = prompt_length_problem(len(prompt), settings["max_new_tokens"], config)
+            if problem is not None:
+                raise error(problem.replace("--max-new-tokens", "max_new_tokens"))
+            requests.append(Request(number, adapter, prompt, **settings))
+    if not requests:
+        raise SystemExit(f"{PROG}: error: --requests {args.requests}: holds no request")
+    return requests
+
+
+def request_batches(requests: list[Request], batch_size: int) -> Iterator[list[Request]]:
+    """Consecutive requests in batches of at most batch_size that share temperature and top_p (request order)."""
+    batch: list[Request] = []
+    for r in requests:
+        if batch and (len(batch) == batch_size or (r.temperature, r.top_p) != (batch[0].temperature, batch[0].top_p)):
+            yield batch
+            batch = []
+        batch.append(r)
+    if batch:
+        yield batch
+
+
+def run_requests(args: Args, config: LLaMAConfig, tokenizer, dtype: torch.dtype, t0: float) -> None:
+    """--requests: the base model and an adapter bank of --adapter's NAME=FILE; a JSON line per request on stdout
+    ({"line", "adapter", "output"}), in request order, a batch at a time; tokens/s to stderr."""
+    from .adapters.formats import read_adapter_config
+    from .checkpoint import load_checkpoint
+
+    requests = read_requests(args, tokenizer, config)
+    for name, file in args.bank_files.items():  # checked against the base before the weights load
+        try:
+            read_adapter_config(file, gate_act=args.gate_act, model=config)
+        except CheckpointError as e:
+            raise CheckpointError(f"--adapter {name}={file}: {e}") from None
+    model = load_checkpoint(args.checkpoint, dtype=dtype, device=args.device,
+                            allow_external_files=args.allow_external_files, quantize=args.quantize,
+                            quantize_output=args.quantize_output).eval()
+    try:
+        bank = AdapterBank(model, args.bank_files, gate_act=args.gate_act)
+    except ValueError as e:  # a multi-modal adapter
+        raise SystemExit(f"{PROG}: error: --adapter: {e}") from None
+    print(f"loaded {args.checkpoint} ({config.n_layers} layers, dim {config.dim}) and {len(bank)} adapter(s) in "
+          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    t1, total = time.perf_counter(), 0
+    for batch in request_batches(requests, args.batch_size):
+        answers = generate(model, [r.prompt for r in batch], max_new_tokens=max(r.max_new_tokens for r in batch),
+                           temperature=batch[0].temperature, top_p=batch[0].top_p, stop_ids=tokenizer.stop_ids,
+                           generator=generator, adapters=bank, adapter_ids=[r.adapter for r in batch])
+        for r, answer in zip(batch, answers, strict=True):
+            answer = answer[:r.max_new_tokens]
+            total += len(answer)
+            print(json.dumps({"line": r.line, "adapter": r.adapter, "output": tokenizer.decode(answer)}), flush=True)
+    seconds = time.perf_counter() - t1
+    print(f"{len(requests)} requests, {total} tokens in {seconds:.2f} s: {total / seconds:.1f} tokens/s",
+          file=sys.stderr)
 
 
 class Chat:

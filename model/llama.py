@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol
@@ -217,8 +217,13 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised in fp32, cast to x's dtype, times the weight; the dtype of x out (also with an fp32 weight
         and a bf16 x: an adapter that trains the norm keeps its weight in fp32)."""
+        return (self.normalize(x) * self.weight).type_as(x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """x / rms(x), computed in fp32, in x's dtype (the forward without the weight: a per-row weight applies it,
+        model/bank.py)."""
         x32 = x.float()
-        return ((x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight).type_as(x)
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
 
 
 def rope_frequencies(config: LLaMAConfig, device: torch.device | str | None = None) -> torch.Tensor:
@@ -379,6 +384,9 @@ def attention_mask(seqlen_q: int, seqlen_k: int, leftpad_k: torch.Tensor | None,
 
 class Attention(nn.Module):
     attn_impl: str = "fused"  # see set_attention_impl; set per module
+    # called instead of attend while set: per-row attention for one batch (model/bank.py's adapter bank sets it for
+    # its rows, and unsets it after); (q, k, v, ctx) -> (B, T, nh, hs)
+    row_attend: Callable[..., torch.Tensor] | None = None
 
     def __init__(self, config: LLaMAConfig) -> None:
         super().__init__()
@@ -397,7 +405,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(ctx.input_pos, k, v)  # (B, S, nkv, hs), S = input_pos + T
-        y = self.attend(q, k, v, ctx)  # (B, T, nh, hs)
+        y = (self.row_attend or self.attend)(q, k, v, ctx)  # (B, T, nh, hs)
         return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:

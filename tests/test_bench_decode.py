@@ -130,3 +130,17 @@ def test_gpu_small_run_checks_and_times_every_provider(tmp_path):
             shape = f"tiny-K10-L3-bf16-b{batch}-p32-n16"
             assert float(idx[(prov, "generate", shape, "decode_tokens_per_s")]) > 0
             assert float(idx[(prov, "generate", shape, "peak_mem")]) > 0
+
+
+def test_adapter_bank_rows(tmp_path):
+    """--bank-adapters: generation through an AdapterBank of 1 and 2 distinct adapters (the GPU plan: 16 requests,
+    1, 4 and 16), its path checked against the oracle first, and each count's decode time against one adapter's."""
+    argv = ["--smoke", "--out", str(tmp_path), "--providers", "fused", "--batch-sizes", "2", "--bank-adapters", "1,2"]
+    assert bd.main(argv) == 0
+    idx = index(common.read_rows(tmp_path / "decode.csv"))
+    assert 0 <= float(idx[("bank", "check", "smoke-K4-L1-bf16-check-b2-p8-c3", "max_err_over_tol")]) <= 1
+    shape = "smoke-K4-L1-bf16-b2-p8-n4"
+    for n in (1, 2):
+        assert float(idx[(f"bank-a{n}", "generate", shape, "decode_tokens_per_s")]) > 0
+        assert ((f"bank-a{n}", "generate", shape, "decode_time_vs_1_adapter") in idx) == (n > 1)
+        assert (f"bank-a{n}", "generate", shape, "peak_mem") in idx or not ON_CUDA

@@ -12,7 +12,7 @@ import pytest
 import sentencepiece
 import tokenizers
 import torch
-from model_utils import VOCAB, hf_model, set_adapter_, tiny_config, tiny_model
+from model_utils import VOCAB, copy_base, hf_model, set_adapter_, tiny_config, tiny_model
 
 from llama_adapter_triton import (
     AdapterConfig,
@@ -22,6 +22,7 @@ from llama_adapter_triton import (
     load_checkpoint,
     read_adapter_config,
     save_adapter,
+    set_attention_impl,
 )
 from llama_adapter_triton.model.generate import _prompt_lists, generate, main, sample, stream
 
@@ -344,3 +345,85 @@ def test_command_line_chat_refuses_a_bad_line_and_goes_on(checkpoint_dir, tmp_pa
     with pytest.raises(SystemExit, match=r"--chat: the chat template of .*zero\.jinja fails on this conversation: "
                                          r"ZeroDivisionError: division by zero$"):
         main([*flags[:3], "--chat-template", str(tmp_path / "zero.jinja"), "--instruction", "hi"])
+
+
+def test_generate_with_several_adapters_in_one_batch(model, tmp_path):
+    """adapters=[files], adapter_ids=[...]: each row generates what it would alone with its own adapter (or none),
+    left-padded with the KV cache; the base model stays free of them."""
+    from llama_adapter_triton import LLaMA
+    from llama_adapter_triton.model.adapter import adapter_state_dict, base_name
+
+    base = copy_base(model, LLaMA(model.config).eval())
+    own = dict(base.named_parameters())
+    files, alone = [], []
+    for seed, config in enumerate([ADAPTER, AdapterConfig(adapter_len=4, adapter_layers=2, version=2)]):
+        adapted = LLaMA(model.config, config).eval()
+        with torch.no_grad():
+            for name, p in adapted.named_parameters():
+                if base_name(name) in own:  # the base's weights (V2's linears are wrapped: .linear.weight)
+                    p.copy_(own[base_name(name)])
+        set_adapter_(adapted, seed=10 + seed, gate_scale=1.0)
+        with torch.no_grad():
+            for name, p in adapter_state_dict(adapted).items():
+                if name.endswith(".bias"):
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
+        files.append(save_adapter(adapted, tmp_path / f"{seed}.safetensors"))
+        set_attention_impl(adapted, "eager")  # the references: the official formulation, the op's oracle
+        alone.append(adapted)
+    prompts = [prompt(7, seed=1), prompt(3, seed=2), prompt(5, seed=3), prompt(4, seed=4)]
+    ids = [0, None, 1, 0]
+    batch = generate(base, prompts, max_new_tokens=3, adapters=files, adapter_ids=ids)
+    want = [generate(base if i is None else alone[i], [p], max_new_tokens=3)[0]
+            for p, i in zip(prompts, ids, strict=True)]
+    assert batch == want
+    assert len({tuple(w) for w in want[:3]}) == 3  # the adapters change the answers
+    assert all(layer.attention.row_attend is None for layer in base.layers)
+    with pytest.raises(ValueError, match=r"adapter_ids must hold one id per prompt \(4\)"):
+        generate(base, prompts, max_new_tokens=2, adapters=files, adapter_ids=[0, 1])
+    with pytest.raises(ValueError, match="adapters and adapter_ids go together"):
+        generate(base, prompts, max_new_tokens=2, adapters=files)
+    with pytest.raises(ValueError, match="adapter id 2 is not in the adapter bank"):
+        generate(base, prompts, max_new_tokens=2, adapters=files, adapter_ids=[0, 1, 2, None])
+
+
+def test_command_line_requests_with_several_adapters(checkpoint_dir, tmp_path, capsys):
+    """--adapter NAME=FILE, repeated, and --requests: a JSON line per request, in request order, each answered as
+    its adapter (or the base) alone answers it; a bad line is named by its number before the weights load."""
+    from llama_adapter_triton.model.generate import Args
+
+    v2 = load_checkpoint(checkpoint_dir, adapter=AdapterConfig(adapter_len=4, adapter_layers=1, version=2))
+    set_adapter_(v2, seed=8, gate_scale=1.0)
+    save_adapter(v2, tmp_path / "v2.safetensors")
+    v1 = load_checkpoint(checkpoint_dir, adapter=read_adapter_config(checkpoint_dir / "adapter.safetensors"))
+    load_adapter(v1, checkpoint_dir / "adapter.safetensors")
+    models = {"a": v1, "b": v2.eval(), None: load_checkpoint(checkpoint_dir).eval()}
+    for m in models.values():
+        set_attention_impl(m, "eager")  # the references: the official formulation (fast under the interpreter)
+    lines = [{"adapter": "a", "prompt": "Tell me about alpacas."}, {"adapter": None, "prompt": "Alpacas?"},
+             {"adapter": "b", "prompt": "Tell me about alpacas.", "input": "They live in the Andes.",
+              "max_new_tokens": 2}, {"adapter": "a", "prompt": "Alpacas?"}]
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    flags = ["--checkpoint", str(checkpoint_dir), "--adapter", f"a={checkpoint_dir / 'adapter.safetensors'}",
+             "--adapter", f"b={tmp_path / 'v2.safetensors'}", "--max-new-tokens", "3", "--temperature", "0"]
+    main([*flags, "--requests", str(tmp_path / "requests.jsonl"), "--batch-size", "3"])
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    tokenizer = Tokenizer(checkpoint_dir)
+    for number, (r, got) in enumerate(zip(lines, out, strict=True), 1):
+        tokens = tokenizer.encode(alpaca_prompt(r["prompt"], r.get("input", "")), bos=True)
+        answer = generate(models[r["adapter"]], [tokens], max_new_tokens=r.get("max_new_tokens", 3),
+                          stop_ids=tokenizer.stop_ids)[0]
+        assert got == {"line": number, "adapter": r["adapter"], "output": tokenizer.decode(answer)}
+
+    (tmp_path / "bad.jsonl").write_text(json.dumps(lines[0]) + "\n" + json.dumps({"adapter": "c", "prompt": "x"}))
+    with pytest.raises(SystemExit, match=r"bad\.jsonl: line 2: adapter 'c' is not one of --adapter's names"):
+        main([*flags, "--requests", str(tmp_path / "bad.jsonl")])
+    (tmp_path / "bad.jsonl").write_text(json.dumps(lines[0]) + "\n\n{\"prompt\": \"x\", \"temp\": 1}\n")
+    with pytest.raises(SystemExit, match=r"line 3: unknown key 'temp'"):
+        main([*flags, "--requests", str(tmp_path / "bad.jsonl")])
+    (tmp_path / "bad.jsonl").write_text("[1]\n")
+    with pytest.raises(SystemExit, match=r"line 1: must be a JSON object"):
+        main([*flags, "--requests", str(tmp_path / "bad.jsonl")])
+    with pytest.raises(ValueError, match="several --adapter NAME=FILE go with --requests"):
+        Args(checkpoint=checkpoint_dir, instruction="hi", adapter=["a=x", "b=y"])
+    with pytest.raises(ValueError, match="--adapter x.pth: with --requests each adapter is NAME=FILE"):
+        Args(checkpoint=checkpoint_dir, requests=tmp_path / "r.jsonl", adapter=["x.pth"])

@@ -23,7 +23,7 @@ def session(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
 
 
-QUICK_ORDER = ["env", "attention", "finetune", "kernels", "sanitizer-warm", "sanitizer"]
+QUICK_ORDER = ["env", "attention", "finetune", "bank", "kernels", "sanitizer-warm", "sanitizer"]
 OVERHEADS = ["kill-after", "packing", "installs"]
 
 
@@ -117,8 +117,8 @@ def test_quick_rehearsal_on_the_cpu_keeps_what_a_killed_step_printed(tmp_path):
     assert res.returncode == 124, res.stdout[-3000:] + res.stderr[-3000:]  # the killed step's status
     files = sorted(p.name for p in out.iterdir())
     assert set(files) <= {"quick-1-env.log", "quick-2-attention.log", "quick-2-attention.tar.gz",
-                          "quick-3-finetune.log", "quick-3-finetune.tar.gz", "quick-4-kernels.log",
-                          "quick-5-sanitizer.log"} and len(files) >= 6, files
+                          "quick-3-finetune.log", "quick-3-finetune.tar.gz", "quick-3b-bank.log",
+                          "quick-4-kernels.log", "quick-5-sanitizer.log"} and len(files) >= 7, files
     commit = git_commit()
     env = (out / "quick-1-env.log").read_text()
     assert "gpu: none" in env and f"commit {commit}\n" in env and "=== quick env: exit 0" in env
@@ -130,6 +130,8 @@ def test_quick_rehearsal_on_the_cpu_keeps_what_a_killed_step_printed(tmp_path):
     finetune = (out / "quick-3-finetune.log").read_text()
     assert "=== quick finetune (timeout 3 s" in finetune and "TIMED OUT after 3 s" in finetune
     assert "KeyboardInterrupt" in finetune  # SIGINT first: Python unwound and said so, no silent SIGKILL
+    bank = (out / "quick-3b-bank.log").read_text()  # the adapter bank's rows, after the headline steps
+    assert "bank-a2" in bank and "2 distinct adapters:" in bank and "=== quick bank: exit 0" in bank
     kernels = (out / "quick-4-kernels.log").read_text()
     assert "1 passed" in kernels and "=== quick kernels: exit 0" in kernels
     assert "sanitizer" in (out / "quick-5-sanitizer.log").read_text()

@@ -212,8 +212,13 @@ def test_v2_gradients_equal_the_eager_formulation(adapter, gqa, device, triton_k
     assert triton_kernels_only.forward > 0 and triton_kernels_only.backward > 0
 
 
-def test_v2_file_round_trip_and_its_checks(tmp_path):
-    model = v2_model(AdapterConfig(adapter_len=4, adapter_layers=1, version=2, scale="input"))
+@pytest.mark.parametrize("output_bias_scale", [False, True], ids=["", "output-layer"])
+def test_v2_file_round_trip_and_its_checks(output_bias_scale, tmp_path):
+    """Saved and read back, with the output layer's bias and scale too (the file does not record the vocabulary:
+    the output layer's tensors give it, on a model whose vocabulary is not LLaMA's 32000)."""
+    model = v2_model(AdapterConfig(adapter_len=4, adapter_layers=1, version=2, scale="input",
+                                   output_bias_scale=output_bias_scale))
+    assert model.config.vocab_size != 32000
     path = save_adapter(model, tmp_path / "v2.safetensors")
     config = read_adapter_config(path)
     assert config == model.adapter and config.version == 2

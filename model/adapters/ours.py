@@ -95,13 +95,16 @@ def _expected_tensors(file: Path, tensors: dict[str, torch.Tensor], config: Adap
                               f"holds a prompt{every})")
     keep = config.visual_layers if config.early_fusion else 0  # the bottom layers of early fusion's visual prompts
     gap = max(0, n_layers - config.adapter_layers - keep) if config.version == 1 else 0
-    # V2's biases of w1 give the SwiGLU width, which the metadata does not record (the model's is checked on load)
-    w1 = tensors.get(f"layers.{n_layers - 1}.feed_forward.w1.bias")
-    hidden = {"hidden_dim": w1.shape[0]} if config.version == 2 and w1 is not None and w1.dim() == 1 and \
-        w1.shape[0] > 0 else {}
+    # V2's biases of w1 give the SwiGLU width, and those of the output layer the vocabulary, which the metadata does
+    # not record (the model's are checked on load)
+    widths = {}
+    for key, name in (("hidden_dim", f"layers.{n_layers - 1}.feed_forward.w1.bias"), ("vocab_size", "output.bias")):
+        t = tensors.get(name)
+        if config.version == 2 and t is not None and t.dim() == 1 and t.shape[0] > 0:
+            widths[key] = t.shape[0]
     try:
         with torch.device("meta"):
-            model = LLaMA(LLaMAConfig(**{**dims, "n_layers": n_layers - gap, **hidden}), config)
+            model = LLaMA(LLaMAConfig(**{**dims, "n_layers": n_layers - gap, **widths}), config)
     except ValueError as e:
         raise CheckpointError(f"{file}: its metadata 'adapter_config' does not fit its 'model' ({e})") from None
 

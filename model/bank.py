@@ -128,6 +128,8 @@ class AdapterBank:
         gammas = {n: act(fp32(g)).expand(c.n_heads).contiguous() for n, (_, g) in zip(top, adapter.gates, strict=True)}
         biases, scales, norms = {}, {}, {}
         for ours, (theirs, t) in adapter.extra.items():
+            if t is None:  # the file has none (the official V2 chat release's final norm): the base's stays
+                continue
             if m := _LINEAR_RE.fullmatch(ours):
                 (biases if m["kind"] == "bias" else scales)[m["path"]] = fp32(t)
             elif m := _NORM_RE.fullmatch(ours):

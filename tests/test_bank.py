@@ -169,3 +169,25 @@ def test_remove_and_replace_drop_the_cached_prompts(setup):
     assert not torch.allclose(first, second)
     bank.remove("a")
     assert "a" not in bank and not bank._kv
+
+
+def test_official_v2_chat_release_in_a_bank(setup, tmp_path):
+    """The official V2 chat release (bias, scale and norm tuning, no prompts, no final norm in the file) joins a bank
+    beside a V1 adapter: its row equals the release loaded alone, the V1 row its own adapter."""
+    from test_adapter_v2 import _official_chat_file
+
+    from llama_adapter_triton import load_adapter, read_adapter_config
+
+    base, _, models, files = setup
+    torch.save({"model": _official_chat_file(base)}, tmp_path / "chat.pth")
+    bank = AdapterBank(base, {"chat": tmp_path / "chat.pth", "v1": files["v1"]})
+    alone = adapted(base, read_adapter_config(tmp_path / "chat.pth"), seed=0)
+    with torch.no_grad():
+        alone.norm.weight.copy_(base.norm.weight)  # the file has no final norm: the base's stays, as in the bank
+    load_adapter(alone, tmp_path / "chat.pth")
+    tokens = torch.tensor([prompt(5, seed=3), prompt(5, seed=4)])
+    with torch.no_grad(), bank.rows(["chat", "v1"]):
+        got = base(tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(got[:1], alone(tokens[:1]), **TOL)
+        torch.testing.assert_close(got[1:], models["v1"](tokens[1:]), **TOL)

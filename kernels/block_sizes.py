@@ -89,7 +89,7 @@ def default_blocks(dtype: torch.dtype, head_dim_pad: int, seqlen_q: int, prompt_
     # fp32 (IEEE dots: no tensor cores) and fp64: smaller tiles, or the registers spill
     fwd_m = min(64, small_m)
     return dict(fwd=(fwd_m, 32, 8 if fwd_m == 64 else 4, 2), pre=(64, 4), dkdv=(32, 32, 8, 2),
-                dq=(min(32, small_m), 32, 8 if small_m >= 32 else 4, 2), tma=(fwd_m, 32, 4, 2), BLOCK_P=block_p)
+                dq=(min(32, small_m), 32, 8 if small_m >= 32 else 4, 2), tma=(fwd_m, 16, 8, 2), BLOCK_P=block_p)
 
 
 def choose(dtype: torch.dtype, head_dim_pad: int, seqlen_q: int, prompt_len: int, shared_memory: int,

@@ -113,12 +113,11 @@ def _zia_tma_fwd_kernel(
         acc = tl.dot(_operand(p, DTYPE, UPCAST), v, acc * alpha[:, None], input_precision=DOT_PRECISION,
                      out_dtype=ACC)
         m_w = m_new
-    if HAS_LEFTPAD:  # a pad query sees no token key: token part 0, lse_w = +inf (the backward's P is then 0)
-        seen = l_w > 0
-        l_w = tl.where(seen, l_w, 1.0)
-        lse_w = tl.where(seen, m_w + tl.math.log2(l_w), float("inf"))
-    else:
-        lse_w = m_w + tl.math.log2(l_w)
+    # a row that saw no token key (a pad query; a row past its sequence, never stored): token part 0, lse_w = +inf
+    # (the backward's P is then 0)
+    seen = l_w > 0
+    l_w = tl.where(seen, l_w, 1.0)
+    lse_w = tl.where(seen, m_w + tl.math.log2(l_w), float("inf"))
     acc = acc / l_w[:, None]
     if VARLEN or HAS_LEFTPAD:  # offsets out of range (unchecked on a GPU): NaN, never a plausible answer
         acc = tl.where(ok, acc, float("nan"))
@@ -202,11 +201,18 @@ def _ensure_allocator() -> None:
         triton.set_allocator(_scratch)
 
 
+def warp_specialize(dtype: torch.dtype, block_m: int, num_warps: int) -> bool:
+    """Whether the token loop asks for warp specialization: where Triton 3.6 does it on sm_90, 16-bit tensor-core
+    dots in blocks of at least 64 rows with 4 warps (which become 12: a producer and two consumer warp groups).
+    Elsewhere it would be dropped silently (8 warps, small blocks) or does not apply (fp32's IEEE dots)."""
+    return dtype.itemsize == 2 and block_m >= 64 and num_warps == 4
+
+
 def _fwd_tma(q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
              max_seqlen_k, leftpad_k, save_o_w):
     """(out, o_w, lse_w, lse_p), as zero_init_attn._fwd gives them (what _bwd takes), for inputs check_tma
     passed. gamma: (nheads,) or (rows, nheads) (rows: batch, or num_seqs when packed), expanded here to (rows,
-    nheads), the layout the kernel reads. Warp specialization with 4 warps (what Triton specializes, into 12)."""
+    nheads), the layout the kernel reads."""
     varlen, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, prompt_len = zia._geometry(
         q, k, prompt_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     acc_dtype = zia._acc_dtype(q.dtype)
@@ -236,8 +242,8 @@ def _fwd_tma(q, k, v, prompt_k, prompt_v, gamma, causal, softmax_scale, cu_seqle
         HEAD_DIM=headdim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_P=max(16, triton.next_power_of_2(prompt_len)), IS_CAUSAL=causal, HAS_PROMPT=prompt_len > 0,
         VARLEN=varlen, HAS_LEFTPAD=leftpad_k is not None,
-        SAVE_O_W=save_o_w, WARP_SPECIALIZE=num_warps == 4, **zia._dtype_flags(q.dtype), num_warps=num_warps,
-        num_stages=num_stages,
+        SAVE_O_W=save_o_w, WARP_SPECIALIZE=warp_specialize(q.dtype, block_m, num_warps), **zia._dtype_flags(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out, o_w, lse_w, lse_p
 

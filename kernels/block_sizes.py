@@ -130,9 +130,9 @@ def check_blocks(kernel: str, blocks: tuple[int, ...]) -> tuple[int, ...]:
 
 def parse_blocks(text: str) -> tuple[str, tuple[int, ...]]:
     """'fwd=128,64,8,3' -> ("fwd", (128, 64, 8, 3)): the command-line form of one kernel's blocks
-    (KERNEL=M,N,WARPS,STAGES for fwd, dkdv, dq; pre=M,WARPS). ValueError says what is wrong."""
+    (KERNEL=M,N,WARPS,STAGES for fwd, dkdv, dq, tma; pre=M,WARPS). ValueError says what is wrong."""
     kernel, sep, values = text.partition("=")
-    forms = "fwd|dkdv|dq=M,N,WARPS,STAGES or pre=M,WARPS"
+    forms = "fwd|dkdv|dq|tma=M,N,WARPS,STAGES or pre=M,WARPS"
     try:
         numbers = tuple(int(x) for x in values.split(","))
     except ValueError:

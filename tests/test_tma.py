@@ -121,3 +121,31 @@ def test_tma_forward_compiles_for_h100_with_tma_and_warp_specialization():
     assert len(rows) >= 8, res.stdout  # training and inference launches of several scenarios
     llama = [row for row in res.stdout.splitlines() if row.startswith("bf16 d128 causal") and "_zia_tma" in row]
     assert llama and all(row.split()[-1] == "tma+ws" and row.split()[-3] == "0" for row in llama), res.stdout
+
+
+def test_bench_provider_fused_tma(device, tma_forward):
+    """bench_attention's fused-tma: its check passes (every gradient too); on a CPU it is not timed, saying why."""
+    from llama_adapter_triton.bench import bench_attention as ba
+
+    x = ba.make_inputs(ba.Case(batch=1, seqlen=64, nheads=2, nheads_kv=1, headdim=32, prompt_len=10, dtype="bf16"),
+                       torch.device(device))
+    fwd, info = ba.PROVIDERS["fused-tma"].build(x)
+    expected = ba.expected_results(x, adapter=True, need_grad=True)
+    ratios = ba.check_provider("fused-tma", fwd, x, expected, adapter=True, need_grad=True)
+    assert max(ratios.values()) <= 1 and info["backend"] == "tma" and tma_forward
+    if device == "cpu":
+        assert "Hopper GPU only" in ba.PROVIDERS["fused-tma"].unavailable(torch.device("cpu"))
+
+
+def test_tune_blocks_sweeps_tma_when_named(tmp_path, tma_forward):
+    """bench.tune_blocks --kernels tma: the TMA forward's candidates, checked against the pointer kernels, then
+    timed (the smoke run, under the interpreter); not part of the default sweep."""
+    from llama_adapter_triton.bench import common
+    from llama_adapter_triton.bench import tune_blocks as tb
+
+    assert "tma" not in tb.TuneConfig().kernels
+    rc = tb.main(["--smoke", "--kernels", "tma", "--seqlens", "64", "--candidates", "tma=64,64,4,1 tma=32,32,4,1",
+                  "--out", str(tmp_path)])
+    assert rc == 0 and tma_forward
+    timed = {r["provider"] for r in common.read_rows(tmp_path / "tune_blocks.csv") if r["metric"] == "time_ms"}
+    assert timed == {"tma M64 N64 w4 s1 (default)", "tma M32 N32 w4 s1"}

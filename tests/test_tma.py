@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from test_zero_init_attention import Case, check_against_reference, check_varlen_against_per_sequence_calls
+from test_zero_init_attention import Case, check_against_reference, check_varlen_against_per_sequence_calls, make_inputs
 
 import llama_adapter_triton.kernels.zero_init_attn as zia
 import llama_adapter_triton.kernels.zero_init_attn_tma as tma
@@ -149,3 +149,20 @@ def test_tune_blocks_sweeps_tma_when_named(tmp_path, tma_forward):
     assert rc == 0 and tma_forward
     timed = {r["provider"] for r in common.read_rows(tmp_path / "tune_blocks.csv") if r["metric"] == "time_ms"}
     assert timed == {"tma M64 N64 w4 s1 (default)", "tma M32 N32 w4 s1"}
+
+
+def test_tma_under_torch_compile(device, tma_forward):
+    """backend="tma" is one custom op node too (its fake the pointer op's): no graph break, the eager numbers."""
+    inputs = make_inputs(Case(seqlen_q=17, seqlen_k=17, nheads=4, nheads_kv=2, headdim=32), torch.float32, device)
+
+    def f(q, k, v, pk, pv, gate):
+        return (zero_init_attention(q, k, v, pk, pv, gate, backend="tma") * 2).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    got = compiled(*inputs)
+    grads = torch.autograd.grad(got, inputs)
+    want = f(*inputs)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(grads, torch.autograd.grad(want, inputs), strict=True):
+        torch.testing.assert_close(a, b)
+    assert len(tma_forward) == 2  # the compiled call and the eager one

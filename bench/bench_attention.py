@@ -325,11 +325,20 @@ class Provider:
     no_backward: Callable[[torch.device], str | None] = lambda device: None  # why it cannot run backward here
 
 
-def _build_fused(x: Inputs, *, deterministic: bool = True) -> tuple[Forward, dict[str, str]]:
+def _build_fused(x: Inputs, *, deterministic: bool = True, backend: str = "auto") -> tuple[Forward, dict[str, str]]:
     act = x.case.gate_act
     fwd = lambda: zero_init_attention(x.q, x.k, x.v, x.prompt_k, x.prompt_v, x.gate, causal=True,
-                                              gate_act=act, deterministic=deterministic)
-    return fwd, {"op_backend": op_backend(x.device), "deterministic": str(deterministic)}
+                                              gate_act=act, deterministic=deterministic, backend=backend)
+    info = {"op_backend": op_backend(x.device), "deterministic": str(deterministic)}
+    return fwd, info | ({"backend": backend} if backend != "auto" else {})
+
+
+def _tma_unavailable(device: torch.device) -> str | None:
+    """fused-tma (backend="tma") is timed on Hopper GPUs only; tests/test_tma.py checks it under the interpreter."""
+    if device.type != "cuda":
+        return "the TMA forward is timed on a Hopper GPU only (tests/test_tma.py checks it on a CPU)"
+    major, minor = torch.cuda.get_device_capability(device)
+    return None if major >= 9 else f"the TMA forward needs compute capability 9.0 (Hopper), got {major}.{minor}"
 
 
 def _build_eager(x: Inputs) -> tuple[Forward, dict[str, str]]:
@@ -497,6 +506,7 @@ PROVIDERS: dict[str, Provider] = {
     for p in (
         Provider("fused", _build_fused),
         Provider("fused_atomic", lambda x: _build_fused(x, deterministic=False)),
+        Provider("fused-tma", lambda x: _build_fused(x, backend="tma"), unavailable=_tma_unavailable),
         Provider("eager", _build_eager),
         Provider("sdpa2", lambda x: _build_sdpa(x, adapter=True)),
         Provider("xformers2", _build_xformers2, unavailable=_xformers_unavailable),

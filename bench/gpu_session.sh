@@ -20,20 +20,22 @@
 # appended as they are measured; plot; summary) is packed into $OUT as soon as its step ends, killed or not.
 # At most 8 files come back ($OUT takes 8):
 #   1. env            30 s  the GPU, torch, triton, the commit, the date; nvidia-smi      -> quick-1-env.log
-#   2. attention     110 s  bench_attention, fwd+bwd (mode full): bf16, head dim 128, 32 heads, seqlen 1024/2048/4096,
+#   2. attention     125 s  bench_attention, fwd+bwd (mode full): bf16, head dim 128, 32 heads, seqlen 1024/2048/4096,
 #                           16k tokens: fused, fused_atomic, causal SDPA (torch's choice: cuDNN or flash; flash
 #                           forced), two SDPA calls, eager; every provider checked against the fp32 oracle before
-#                           it is timed; the ratio table and the targets   -> quick-2-attention.log, .tar.gz
-#   3. finetune       80 s  bench_finetune: LLaMA-7B shape, ours_packed vs eager_padded512, tokens/s and peak
+#                           it is timed; the ratio table and the targets. Then, in a process of its own, the
+#                           forward alone of fused beside fused-tma (the opt-in TMA forward, backend="tma") at
+#                           seqlen 1024 and 4096, into attention/tma/       -> quick-2-attention.log, .tar.gz
+#   3. finetune       75 s  bench_finetune: LLaMA-7B shape, ours_packed vs eager_padded512, tokens/s and peak
 #                           memory                                          -> quick-3-finetune.log, .tar.gz
 #      bank           40 s  bench_decode's adapter bank rows: LLaMA-7B shape, 16 requests with 1, 4 and 16 distinct
 #                           adapters (model/bank.py), 64 new tokens; decode tokens/s, peak memory, the time against
 #                           one adapter's (target <= 1.1x); the table in the log  -> quick-3b-bank.log
-#   4. kernels        75 s  tests/test_zero_init_attention.py compiled, bf16/fp16 (-k "not fp32": the fp32 cases,
+#   4. kernels        70 s  tests/test_zero_init_attention.py compiled, bf16/fp16 (-k "not fp32": the fp32 cases,
 #                           up to 7 s a compile, wait for the tests stage), 8 processes (pytest-xdist), 60 s a test
 #                           (pytest-timeout); and kernel_launches' test, which fills Triton's cache for step 5
 #                                                                           -> quick-4-kernels.log
-#   5. sanitizer-warm 21 s  kernel_launches without the sanitizer: whatever step 4 left uncompiled, compiled now
+#   5. sanitizer-warm 16 s  kernel_launches without the sanitizer: whatever step 4 left uncompiled, compiled now
 #      sanitizer      90 s  compute-sanitizer memcheck on one small launch of each kernel, with
 #                           PYTORCH_NO_CUDA_MEMORY_CACHING=1 (the caching allocator hides out-of-bounds accesses
 #                           inside its blocks)                              -> quick-5-sanitizer.log
@@ -88,11 +90,11 @@ export PYTHONUNBUFFERED=1
 # ---- the quick plan: name, timeout (s), the log in $OUT it tees into, what it does ---------------------------
 QUICK_STEPS=(
   "env|30|quick-1-env|the GPU, torch, triton, the commit (git, else the COMMIT file), the date; nvidia-smi"
-  "attention|110|quick-2-attention|bench_attention fwd+bwd: bf16, d128, 32 heads, seqlen 1024-4096, 16k tokens"
-  "finetune|80|quick-3-finetune|bench_finetune: LLaMA-7B shape, ours_packed vs eager_padded512"
+  "attention|125|quick-2-attention|bench_attention fwd+bwd: bf16, d128, 32 heads, seqlen 1024-4096, 16k tokens; fwd: fused-tma"
+  "finetune|75|quick-3-finetune|bench_finetune: LLaMA-7B shape, ours_packed vs eager_padded512"
   "bank|40|quick-3b-bank|bench_decode's adapter bank: LLaMA-7B shape, 16 requests, 1/4/16 distinct adapters"
-  "kernels|75|quick-4-kernels|tests/test_zero_init_attention.py compiled, -k 'not fp32', -n 8, 60 s a test"
-  "sanitizer-warm|21|quick-5-sanitizer|kernel_launches without the sanitizer: Triton's cache filled first"
+  "kernels|70|quick-4-kernels|tests/test_zero_init_attention.py compiled, -k 'not fp32', -n 8, 60 s a test"
+  "sanitizer-warm|16|quick-5-sanitizer|kernel_launches without the sanitizer: Triton's cache filled first"
   "sanitizer|90|quick-5-sanitizer|compute-sanitizer memcheck, PYTORCH_NO_CUDA_MEMORY_CACHING=1, each kernel"
 )
 KILL_AFTER=4  # seconds from a step's SIGINT (at its timeout) to its SIGKILL
@@ -174,6 +176,17 @@ print("date", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))'
   fi
 }
 
+both() {  # both CMD... -- CMD...: the two commands in turn, the second even when the first fails; the first failure
+  local first=() rc
+  while [ "$1" != -- ]; do first+=("$1"); shift; done
+  shift
+  "${first[@]}"
+  rc=$?
+  "$@"
+  local rc2=$?
+  return $((rc ? rc : rc2))
+}
+
 run_quick() {
   local out=${OUT:-runs/gpu-session/quick-$(date -u +%Y%m%d-%H%M%S)} work status=0 rc summary=()
   if compgen -G "$out/quick-*" >/dev/null; then
@@ -213,12 +226,14 @@ run_quick() {
     fi
   }
   local attention=(--dtypes bf16 --headdims 128 --shapes 7b --seqlens 1024,2048,4096 --tokens 16384)
+  local tma=(--dtypes bf16 --headdims 128 --shapes 7b --seqlens 1024,4096 --tokens 16384)
   local finetune=(--models llama-7b --warmup-steps 2 --steps 4)
   local bank=(--models llama-7b --batch-sizes 16 --bank-adapters 1,4,16 --new-tokens 64 --warmup-tokens 8)
   local kernels=(-k "not fp32" tests/test_zero_init_attention.py
                  tests/test_gpu_session.py::test_kernel_launches_reach_every_kernel)
   if [ "$DRY_RUN" = 1 ]; then  # the same commands, the smallest options
     attention=(--smoke --seqlens 64 --shapes tiny --cpu-reps 1)
+    tma=("${attention[@]}")
     finetune=(--smoke --warmup-steps 1 --steps 1)
     bank=(--smoke --batch-sizes 2 --bank-adapters 1,2)
     kernels=(-k "test_low_precision_within_twice_torch_error and seqlen1-bf16" tests/test_zero_init_attention.py)
@@ -227,11 +242,16 @@ run_quick() {
   "$PY" -c "import xdist" 2>/dev/null && pytest_opts+=(-n 8)
   "$PY" -c "import pytest_timeout" 2>/dev/null && pytest_opts+=(--timeout 60)
 
-  export -f env_info
+  export -f env_info both
   export PY
   quick env bash -c env_info
-  quick attention "$PY" -m llama_adapter_triton.bench.bench_attention "${attention[@]}" --modes full \
-    --providers fused,fused_atomic,sdpa_causal,sdpa_causal_flash,sdpa2,eager --out "$work/attention"
+  # then the opt-in TMA forward (backend="tma") beside the pointer kernels' forward, in a process of its own (a wrong
+  # or crashing kernel there costs none of the rows before), into attention/tma/ (packed with them)
+  quick attention bash -c 'both "$@"' both \
+    "$PY" -m llama_adapter_triton.bench.bench_attention "${attention[@]}" --modes full \
+    --providers fused,fused_atomic,sdpa_causal,sdpa_causal_flash,sdpa2,eager --out "$work/attention" -- \
+    "$PY" -m llama_adapter_triton.bench.bench_attention "${tma[@]}" --modes fwd --providers fused,fused-tma \
+    --out "$work/attention/tma"
   pack attention
   quick finetune "$PY" -m llama_adapter_triton.bench.bench_finetune "${finetune[@]}" \
     --providers ours_packed,eager_padded512 --out "$work/finetune"

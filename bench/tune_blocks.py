@@ -6,13 +6,15 @@ never been timed on a GPU; this tool times the alternatives and suggests changes
     llama-adapter bench tune-blocks --shapes gqa --out runs/tune   # 32 query heads, 8 kv heads: a second call
     llama-adapter bench tune-blocks --kernels dq --candidates "dq=128,64,8,3 dq=64,64,4,3"   # chosen blocks only
     llama-adapter bench tune-blocks --smoke --out /tmp/tune-smoke  # CPU: under the interpreter, a tiny shape
+    llama-adapter bench tune-blocks --kernels tma --out runs/tune  # H100 / H200: the opt-in TMA forward's blocks
 
-One kernel at a time (fwd timed by the op's forward, dkdv and dq by its backward), the others keeping the policy's
-choice (kernels.block_sizes.override_blocks), over a curated list per kernel (CANDIDATES: what compiles for sm_90
-without spills, the policy's choice first). Each candidate is checked against the default blocks' results before it
-is timed, |got - default| <= RTOL * (|default| + its row's rms), RTOL 2^-5 for bf16 and 2^-8 for fp16: one outside
-it gets a "FAILED correctness" row and is not timed, and the sweep exits with status 1 at the end; one that needs
-more shared memory than the GPU has gets a "skipped" row. The best candidate is timed again against the default
+One kernel at a time (fwd timed by the op's forward, dkdv and dq by its backward; tma, the opt-in Hopper forward,
+only when --kernels names it, by backend="tma"'s forward, checked against the pointer kernels), the others keeping
+the policy's choice (kernels.block_sizes.override_blocks), over a curated list per kernel (CANDIDATES: what compiles
+for sm_90 without spills, the policy's choice first). Each candidate is checked against the default blocks' results
+before it is timed, |got - default| <= RTOL * (|default| + its row's rms), RTOL 2^-5 for bf16 and 2^-8 for fp16: one
+outside it gets a "FAILED correctness" row and is not timed, and the sweep exits with status 1 at the end; one that
+needs more shared memory than the GPU has gets a "skipped" row. The best candidate is timed again against the default
 (default, candidate, candidate, default at every seqlen), and only these confirmed speed-ups, above 3% at more than
 half of the seqlens, are suggested. Rows go to OUT/tune_blocks.csv (bench/common.py's format). The details:
 docs/benchmarks.md.
@@ -60,8 +62,12 @@ from llama_adapter_triton.bench.harness import bench_main, start_run
 from llama_adapter_triton.kernels import block_sizes
 
 WHAT = "tune_blocks"
-KERNELS = ("fwd", "dkdv", "dq")
-TIMED_MODE = {"fwd": "fwd", "dkdv": "bwd", "dq": "bwd"}  # what runs each kernel: the forward or the backward
+KERNELS = ("fwd", "dkdv", "dq")  # swept by default
+# swept when --kernels names them: tma, the opt-in Hopper forward (backend="tma"; bench_attention's fused-tma)
+OPT_IN_KERNELS = ("tma",)
+SWEEPABLE = KERNELS + OPT_IN_KERNELS
+TIMED_MODE = {"fwd": "fwd", "dkdv": "bwd", "dq": "bwd", "tma": "fwd"}  # what runs each kernel: forward or backward
+PROVIDER = {"tma": "fused-tma"}  # bench_attention's provider that runs a kernel, where it is not "fused"
 TUNE_DTYPES = ("bf16", "fp16")  # the lists are for 16-bit tensor-core dots; fp32 runs IEEE dots on smaller tiles
 RTOL = {"bf16": 2.0**-5, "fp16": 2.0**-8}  # 8 units of rounding (2^-8 and 2^-11) of each dtype
 WIN = 0.03  # a candidate must be faster than the default by more than this to count as a win at a seqlen
@@ -93,6 +99,10 @@ CANDIDATES: dict[str, list[tuple[int, ...]]] = {
     # how many partials the host sums); loops over key blocks of N
     "dq": (_grid([128], [16], 8, [2, 3]) + _grid([128], [32], 8, [2, 3, 4]) + _grid([128], [64], 8, [2, 3])
            + _grid([64], [32, 64], 4, [2, 3]) + _grid([64], [16, 32, 64], 8, [3])),
+    # the TMA forward: 4 warps are warp-specialized (64-row blocks: 128 crashes Triton 3.6 with a prompt), 8 warps
+    # are TMA alone (does the specialization pay?); M64 N128 in 3 stages exceeds the H100's shared memory
+    "tma": _grid([64], [128], 4, [2]) + _grid([64], [64], 4, [2, 3]) + _grid([64, 128], [128], 8, [2])
+           + _grid([128], [64], 8, [2]),
 }
 # the smoke run's: two per kernel, block sizes that split its 64- and 128-token sequences differently
 # (the interpreter's _blocks choose 64 x 64, which is the first of each)
@@ -180,7 +190,7 @@ def is_fatal_cuda_error(exc: BaseException) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Configuration and command line
 # --------------------------------------------------------------------------------------------------
-_kernel = one_of(KERNELS)
+_kernel = one_of(SWEEPABLE)
 
 
 def _tune_dtype(text: str) -> str:
@@ -200,8 +210,8 @@ def _candidate_list(text: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     pairs = []
     for item in items:
         kernel, blocks = block_sizes.parse_blocks(item)
-        if kernel not in KERNELS:
-            raise ValueError(f"{item!r}: only {', '.join(KERNELS)} are swept")
+        if kernel not in SWEEPABLE:
+            raise ValueError(f"{item!r}: only {', '.join(SWEEPABLE)} are swept")
         pairs.append((kernel, blocks))
     return tuple(pairs)
 
@@ -220,7 +230,8 @@ class TuneConfig:
         "head shapes: 7b (32:32), gqa (32:8) or NHEADS:NHEADS_KV; each compiles every kernel anew",
         list_of(ba._shape_name, "shape"), "NAME,..."))
     kernels: tuple[str, ...] = field(default=KERNELS, metadata=opt(
-        "kernels to sweep, one at a time (the others keep _blocks' choice)", list_of(_kernel, "kernel"), "K,K,..."))
+        "kernels to sweep, one at a time (the others keep _blocks' choice); tma (the opt-in Hopper forward) only "
+        "when named", list_of(_kernel, "kernel"), "K,K,..."))
     candidates: tuple[tuple[str, tuple[int, ...]], ...] = field(default=(), metadata=opt(
         "blocks to time instead of a kernel's curated list, e.g. 'dq=128,64,8,3 dq=64,64,4,3' (the kernels it "
         "does not name keep their lists; the default blocks are always timed too)",
@@ -274,7 +285,7 @@ def make_config(args: argparse.Namespace, *, smoke: bool) -> TuneConfig:
                                             f"({', '.join(cfg.kernels)})")
         cfg = dataclasses.replace(cfg, candidates=tuple(c for c in base.candidates if c[0] not in named)
                                   + tuple(dict.fromkeys(args.candidates)))
-    check_choices("kernels", cfg.kernels, KERNELS, "kernel")
+    check_choices("kernels", cfg.kernels, SWEEPABLE, "kernel")
     return cfg
 
 
@@ -412,6 +423,10 @@ def run(cfg: TuneConfig, env: BenchEnv, out_dir: Path, *, log: Callable[[str], N
     out_dir/tune_blocks.csv as they come, then print the tables and the suggestions. Raises CorrectnessError at
     the end (after everything is written) if a candidate computed a wrong answer."""
     device = env.device
+    for kernel in cfg.kernels:  # tma on a GPU without TMA: say so before anything runs
+        why = ba.PROVIDERS[PROVIDER[kernel]].unavailable(device) if kernel in PROVIDER and env.is_cuda else None
+        if why:
+            raise ConfigError("kernels", f"{kernel}: {why}")
     started = time.monotonic()
     cases = cases_of(cfg)
     result = TuneResult(env=env, out_dir=out_dir, csv_path=out_dir / f"{WHAT}.csv", config=cfg)
@@ -493,7 +508,7 @@ def measure(cand: Candidate, is_default: bool, case: ba.Case, x: ba.Inputs, ref:
             cfg: TuneConfig, device: torch.device) -> Record:
     """Check one candidate against the default blocks' results, then time it (if right): a Record."""
     mode = TIMED_MODE[cand.kernel]
-    fwd, _ = ba.PROVIDERS["fused"].build(x)
+    fwd, _ = ba.PROVIDERS[PROVIDER.get(cand.kernel, "fused")].build(x)
     timed = None
     try:
         with block_sizes.override_blocks({cand.kernel: cand.blocks}):
@@ -564,7 +579,7 @@ def confirm(kernel: str, result: TuneResult, cfg: TuneConfig, device: torch.devi
                 continue
             default, case = rec.candidate, rec.case
             x, _ = prepare(case)
-            fwd, _ = ba.PROVIDERS["fused"].build(x)
+            fwd, _ = ba.PROVIDERS[PROVIDER.get(kernel, "fused")].build(x)
             mode = TIMED_MODE[kernel]
             times: dict[Candidate, list[float]] = {default: [], sug.candidate: []}
             try:
@@ -606,7 +621,7 @@ def _families(records: Sequence[Record], kernels: Sequence[str]) -> dict[tuple[s
     return groups
 
 
-def suggestions(result: TuneResult, kernels: Sequence[str] = KERNELS) -> list[Suggestion]:
+def suggestions(result: TuneResult, kernels: Sequence[str] = SWEEPABLE) -> list[Suggestion]:
     """Per kernel and family (everything but seqlen and batch), the non-default candidate that beats the default
     by more than WIN at the most seqlens (ties: the larger geometric-mean speed-up), with its speed-ups; the
     confirmation timings replace the sweep's where there are some. One per family whose default was timed and
@@ -643,7 +658,7 @@ def suggestions(result: TuneResult, kernels: Sequence[str] = KERNELS) -> list[Su
 def kernel_table(result: TuneResult) -> str:
     """Per kernel and shape: the default's time, the best timed candidate, its speed-up over the default."""
     lines = []
-    for (kernel, _family), recs in _families(result.records, KERNELS).items():
+    for (kernel, _family), recs in _families(result.records, SWEEPABLE).items():
         for shape in dict.fromkeys(r.case.shape for r in recs):
             here = [r for r in recs if r.case.shape == shape]
             default = next((r for r in here if r.is_default), None)

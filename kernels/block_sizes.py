@@ -33,7 +33,7 @@ INTERPRET_BLOCKS = os.environ.get("ZIA_INTERPRET_BLOCKS", "large")
 
 # what choose gives per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages), or (BLOCK_M, num_warps) for pre
 BLOCK_FIELDS = {"fwd": ("M", "N", "WARPS", "STAGES"), "pre": ("M", "WARPS"), "dkdv": ("M", "N", "WARPS", "STAGES"),
-                "dq": ("M", "N", "WARPS", "STAGES")}
+                "dq": ("M", "N", "WARPS", "STAGES"), "tma": ("M", "N", "WARPS", "STAGES")}
 
 # the active overrides, innermost last: {kernel: blocks, ...} and an optional "shared_memory" (bytes)
 _OVERRIDES: list[dict] = []
@@ -88,8 +88,8 @@ def default_blocks(dtype: torch.dtype, head_dim_pad: int, seqlen_q: int, prompt_
     if INTERPRET and INTERPRET_BLOCKS != "gpu":
         if INTERPRET_BLOCKS != "large":
             raise ValueError(f"ZIA_INTERPRET_BLOCKS must be 'large' or 'gpu', got {INTERPRET_BLOCKS!r}")
-        return dict(fwd=(64, 64, 4, 1), pre=(64, 4), dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1), BLOCK_P=block_p,
-                    TRANSPOSED_DQ=dq_t)
+        return dict(fwd=(64, 64, 4, 1), pre=(64, 4), dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1), tma=(64, 64, 4, 1),
+                    BLOCK_P=block_p, TRANSPOSED_DQ=dq_t)
     small_m = max(16, _next_power_of_2(seqlen_q))  # decode: one query row needs no 128-row block
     if dtype.itemsize == 2:
         fwd_m = min(128, small_m)
@@ -99,12 +99,17 @@ def default_blocks(dtype: torch.dtype, head_dim_pad: int, seqlen_q: int, prompt_
         # with atomic_dq, dS K needs 40 KB more shared memory (2 stages where there is little), K^T dS^T more
         # registers (2 stages spill least on sm_90: compile-check)
         dkdv_stages = 2 if atomic_dq and (shared_memory < 128 * 1024 or dq_t) else 3
+        # the TMA forward (opt-in): 128 rows only without a prompt (Triton 3.6's warp specialization crashes on
+        # the prompt's row reductions in 128-row blocks); 4 warps, which it specializes into 12
+        tma_m = min(64 if prompt_len else 128, small_m)
         return dict(fwd=(fwd_m, 64, fwd_warps, 3), pre=(64, 4), dkdv=(32, 128, 8, dkdv_stages),
-                    dq=(dq_m, 32, 8 if dq_m >= 64 else 4, 3), BLOCK_P=block_p, TRANSPOSED_DQ=dq_t)
+                    dq=(dq_m, 32, 8 if dq_m >= 64 else 4, 3), tma=(tma_m, 128, 4, 2), BLOCK_P=block_p,
+                    TRANSPOSED_DQ=dq_t)
     # fp32 (IEEE dots: no tensor cores) and fp64: smaller tiles, or the registers spill
     fwd_m = min(64, small_m)
     return dict(fwd=(fwd_m, 32, 8 if fwd_m == 64 else 4, 2), pre=(64, 4), dkdv=(32, 32, 8, 2),
-                dq=(min(32, small_m), 32, 8 if small_m >= 32 else 4, 2), BLOCK_P=block_p, TRANSPOSED_DQ=dq_t)
+                dq=(min(32, small_m), 32, 8 if small_m >= 32 else 4, 2), tma=(fwd_m, 16, 8, 2), BLOCK_P=block_p,
+                TRANSPOSED_DQ=dq_t)
 
 
 def choose(dtype: torch.dtype, head_dim_pad: int, seqlen_q: int, prompt_len: int, shared_memory: int,
@@ -145,9 +150,9 @@ def check_blocks(kernel: str, blocks: tuple[int, ...]) -> tuple[int, ...]:
 
 def parse_blocks(text: str) -> tuple[str, tuple[int, ...]]:
     """'fwd=128,64,8,3' -> ("fwd", (128, 64, 8, 3)): the command-line form of one kernel's blocks
-    (KERNEL=M,N,WARPS,STAGES for fwd, dkdv, dq; pre=M,WARPS). ValueError says what is wrong."""
+    (KERNEL=M,N,WARPS,STAGES for fwd, dkdv, dq, tma; pre=M,WARPS). ValueError says what is wrong."""
     kernel, sep, values = text.partition("=")
-    forms = "fwd|dkdv|dq=M,N,WARPS,STAGES or pre=M,WARPS"
+    forms = "fwd|dkdv|dq|tma=M,N,WARPS,STAGES or pre=M,WARPS"
     try:
         numbers = tuple(int(x) for x in values.split(","))
     except ValueError:

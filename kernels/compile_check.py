@@ -3,6 +3,7 @@
     llama-adapter compile-check                 # every variant, for sm_90 (H100 / H200)
     llama-adapter compile-check --arch 80 --quick
     llama-adapter compile-check --blocks dkdv=64,64,4,3 --scenario "bf16 d128"   # try other blocks
+    llama-adapter compile-check --tma           # the opt-in TMA forward: TMA, warp-specialized, no spills
 
 The host launchers (_fwd, _bwd) run on small CPU tensors with the kernels swapped for recorders,
 so what is compiled is exactly what a GPU run launches: the same constexprs, block sizes, warps
@@ -81,6 +82,9 @@ SCENARIOS = [
 QUICK = [0, 1, 3, 4, 5, 6, 7, 9, 10]
 KERNELS = ["_zia_fwd_kernel", "_zia_bwd_preprocess_kernel", "_zia_bwd_dkdv_kernel", "_zia_bwd_dq_kernel",
            "_zia_prompt_grad_kernel"]
+TMA_KERNELS = ["_zia_tma_fwd_kernel"]  # kernels.zero_init_attn_tma (backend="tma"), compiled with --tma
+# what the PTX of a TMA launch must hold: TMA copies, and, warp-specialized, the register reallocation
+TMA_PTX = {"tma": "cp.async.bulk.tensor", "ws": "setmaxnreg"}
 
 
 class _Recorder:
@@ -102,13 +106,14 @@ class Launch:
 
 
 @contextlib.contextmanager
-def recording(zia) -> Iterator[list[Launch]]:
-    """While inside, the kernels of zia (kernels.zero_init_attn) are recorders: every launch the host launchers
-    make is appended to the list yielded, and nothing runs (outputs stay as allocated)."""
+def recording(zia, kernels: list[str] = KERNELS) -> Iterator[list[Launch]]:
+    """While inside, the kernels of zia (kernels.zero_init_attn, or the module that holds `kernels`) are recorders:
+    every launch the host launchers make is appended to the list yielded, and nothing runs (outputs stay as
+    allocated)."""
     calls: list[Launch] = []
-    saved = {n: getattr(zia, n) for n in KERNELS}
+    saved = {n: getattr(zia, n) for n in kernels}
     try:
-        for n in KERNELS:
+        for n in kernels:
             setattr(zia, n, _Recorder(saved[n], calls))
         yield calls
     finally:
@@ -116,25 +121,47 @@ def recording(zia) -> Iterator[list[Launch]]:
             setattr(zia, n, kernel)
 
 
+def record_tma_launches(s: Scenario) -> list[Launch]:
+    """The launches of the TMA forward (backend="tma", which shares the backward) for a scenario; none where the
+    scenario is not one it takes (fp64, a prompt longer than its one tile)."""
+    import llama_adapter_triton.kernels.zero_init_attn_tma as tma
+
+    if s.dtype == torch.float64 or s.prompt_len > tma.MAX_PROMPT_LEN:
+        return []
+    with recording(tma, TMA_KERNELS) as calls:
+        q, k, v, pk, gamma, packed, leftpad = _scenario_inputs(s)
+        for save_o_w in (True, False):  # training (O_w kept for the backward) and inference
+            tma._fwd_tma(q, k, v, pk, pk, gamma, s.causal, s.headdim**-0.5, *packed, leftpad, save_o_w)
+    return calls
+
+
+def _scenario_inputs(s: Scenario):
+    """(q, k, v, prompt, gamma, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), leftpad_k): empty CPU
+    tensors shaped as the scenario says."""
+    import llama_adapter_triton.kernels.zero_init_attn as zia
+
+    batch = s.batch
+    if s.varlen:
+        q = torch.empty(batch * s.seqlen_q, s.nheads, s.headdim, dtype=s.dtype)
+        k = torch.empty(batch * s.seqlen_k, s.nheads_kv, s.headdim, dtype=s.dtype)
+        cu_q = torch.arange(0, (batch + 1) * s.seqlen_q, s.seqlen_q, dtype=torch.int32)
+        cu_k = torch.arange(0, (batch + 1) * s.seqlen_k, s.seqlen_k, dtype=torch.int32)
+        packed = (cu_q, cu_k, s.seqlen_q, s.seqlen_k)
+    else:
+        q = torch.empty(batch, s.seqlen_q, s.nheads, s.headdim, dtype=s.dtype)
+        k = torch.empty(batch, s.seqlen_k, s.nheads_kv, s.headdim, dtype=s.dtype)
+        packed = (None, None, 0, 0)
+    pk = torch.empty(1, s.prompt_len, s.nheads_kv, s.headdim, dtype=s.dtype)
+    gamma = torch.zeros(batch, s.nheads, dtype=zia._acc_dtype(s.dtype))  # (batch or num_seqs, nheads)
+    leftpad = torch.tensor([3] + [0] * (batch - 1), dtype=torch.int32) if s.leftpad else None
+    return q, k, torch.empty_like(k), pk, gamma, packed, leftpad
+
+
 def record_launches(zia, s: Scenario) -> list[Launch]:
     """The kernel launches that forward + backward make for a scenario (nothing runs)."""
     with recording(zia) as calls:
-        batch = s.batch
-        if s.varlen:
-            q = torch.empty(batch * s.seqlen_q, s.nheads, s.headdim, dtype=s.dtype)
-            k = torch.empty(batch * s.seqlen_k, s.nheads_kv, s.headdim, dtype=s.dtype)
-            cu_q = torch.arange(0, (batch + 1) * s.seqlen_q, s.seqlen_q, dtype=torch.int32)
-            cu_k = torch.arange(0, (batch + 1) * s.seqlen_k, s.seqlen_k, dtype=torch.int32)
-            packed = (cu_q, cu_k, s.seqlen_q, s.seqlen_k)
-        else:
-            q = torch.empty(batch, s.seqlen_q, s.nheads, s.headdim, dtype=s.dtype)
-            k = torch.empty(batch, s.seqlen_k, s.nheads_kv, s.headdim, dtype=s.dtype)
-            packed = (None, None, 0, 0)
-        v = torch.empty_like(k)
-        pk = torch.empty(1, s.prompt_len, s.nheads_kv, s.headdim, dtype=s.dtype)
-        gamma = torch.zeros(batch, s.nheads, dtype=zia._acc_dtype(s.dtype))  # (batch or num_seqs, nheads)
+        q, k, v, pk, gamma, packed, leftpad = _scenario_inputs(s)
         scale = s.headdim**-0.5
-        leftpad = torch.tensor([3] + [0] * (batch - 1), dtype=torch.int32) if s.leftpad else None
         out, o_w, lse_w, lse_p = zia._fwd(q, k, v, pk, pk, gamma, s.causal, scale, *packed, leftpad, True)
         need_all = s.grads == "all"
         zia._bwd(out, q, k, v, pk, pk, gamma, o_w, lse_w, lse_p, s.causal, scale, *packed, leftpad, s.deterministic,
@@ -212,9 +239,12 @@ def mma_counts(compiled) -> tuple[int, int]:
     return len(re.findall(r"\bwgmma\.mma_async\b", ptx)), len(re.findall(r"\bmma\.sync\b", ptx))
 
 
-def run(arch: int, scenarios: list[Scenario], out=sys.stdout, blocks: dict | None = None) -> list[str]:
+def run(arch: int, scenarios: list[Scenario], out=sys.stdout, blocks: dict | None = None,
+        tma: bool = False) -> list[str]:
     """Compile every launch of every scenario; returns the failures (empty when all is well).
-    blocks overrides the launchers' block sizes, e.g. {"dkdv": (64, 64, 4, 3)}."""
+    blocks overrides the launchers' block sizes, e.g. {"dkdv": (64, 64, 4, 3)}. tma: the TMA forward's launches
+    instead (sm_90 only), each of which must use TMA (its PTX has cp.async.bulk.tensor), be warp-specialized where it
+    asks to be (setmaxnreg: the producer / consumer register split) and, in 16 bits, spill nothing."""
     import llama_adapter_triton.kernels.zero_init_attn as zia
 
     if zia.INTERPRET:
@@ -222,15 +252,31 @@ def run(arch: int, scenarios: list[Scenario], out=sys.stdout, blocks: dict | Non
     max_shared = MAX_SHARED[arch]
     # the launchers choose blocks for the target chip's shared memory, as they would on it
     with block_sizes.override_blocks(blocks or {}, shared_memory=max_shared):
-        return _compile_all(zia, arch, scenarios, out, max_shared)
+        return _compile_all(zia, arch, scenarios, out, max_shared, tma)
 
 
-def _compile_all(zia, arch, scenarios, out, max_shared) -> list[str]:
+def _tma_failures(name: str, launch: Launch, compiled, spills: int) -> tuple[str, list[str]]:
+    """(what the TMA launch's PTX shows, e.g. "tma+ws", and its failures)."""
+    ptx = compiled.asm["ptx"]
+    found = [what for what, instr in TMA_PTX.items() if instr in ptx]
+    sixteen_bit = launch.args[0].dtype.itemsize == 2  # fp32's IEEE dots may spill, as the pointer kernels' do
+    failures = [f"{name}: {launch.kernel.__name__} spills {spills} bytes"] if spills and sixteen_bit else []
+    if "tma" not in found:
+        failures.append(f"{name}: {launch.kernel.__name__} has no TMA copy (cp.async.bulk.tensor) in its PTX")
+    if launch.kwargs.get("WARP_SPECIALIZE") and "ws" not in found:
+        failures.append(f"{name}: {launch.kernel.__name__} asks for warp specialization but is not specialized "
+                        "(no setmaxnreg in its PTX)")
+    return "+".join(found) or "-", failures
+
+
+def _compile_all(zia, arch, scenarios, out, max_shared, tma=False) -> list[str]:
+    if tma and arch < 90:
+        raise ValueError(f"the TMA forward is for sm_90 and later, not sm_{arch}")
     failures, seen = [], set()
     print(f"{'scenario':36s} {'kernel':28s} {'warps':>5s} {'stages':>6s} {'smem KB':>8s} {'regs':>5s} "
-          f"{'spill B':>7s} {'wgmma':>5s} {'mma.sync':>8s} {'s':>5s}", file=out)
+          f"{'spill B':>7s} {'wgmma':>5s} {'mma.sync':>8s} {'s':>5s}  {'uses':s}", file=out)
     for s in scenarios:
-        for launch in record_launches(zia, s):
+        for launch in record_tma_launches(s) if tma else record_launches(zia, s):
             kernel, args, kwargs = launch.kernel, launch.args, launch.kwargs
             key = (kernel.__name__, repr(sorted((k, str(v)) for k, v in kwargs.items())),
                    tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args))
@@ -248,9 +294,13 @@ def _compile_all(zia, arch, scenarios, out, max_shared) -> list[str]:
                 print(f"{s.name:36s} {kernel.__name__:28s} FAILED: {failures[-1]}", file=out)
                 continue
             shared = compiled.metadata.shared
+            uses = ""
+            if kernel.__name__ in TMA_KERNELS:
+                uses, tma_failures = _tma_failures(s.name, launch, compiled, spills)
+                failures += tma_failures
             print(f"{s.name:36s} {kernel.__name__:28s} {kwargs.get('num_warps', 4):5d} "
                   f"{kwargs.get('num_stages', 3):6d} {shared / 1024:8.1f} {regs:5d} {spills:7d} {wgmma:5d} "
-                  f"{mma_sync:8d} {time.time() - t0:5.1f}", file=out)
+                  f"{mma_sync:8d} {time.time() - t0:5.1f}  {uses}", file=out)
             if shared > max_shared:
                 failures.append(f"{s.name}: {kernel.__name__} needs {shared} bytes of shared memory, "
                                 f"sm_{arch} has {max_shared}")
@@ -265,9 +315,14 @@ def main(argv=None) -> int:
     parser.add_argument("--scenario", default="", help="only the scenarios whose name contains this text")
     parser.add_argument("--blocks", action="append", default=[], metavar="KERNEL=M,N,WARPS,STAGES",
                         help="override a kernel's blocks (KERNEL: fwd, dkdv, dq; or pre=M,WARPS); repeatable")
+    parser.add_argument("--tma", action="store_true",
+                        help="the TMA forward instead (backend='tma'; sm_90): it must use TMA, be warp-specialized "
+                             "and spill nothing in 16 bits")
     args = parser.parse_args(argv)
     if args.arch not in MAX_SHARED:
         parser.error(f"--arch must be one of {sorted(MAX_SHARED)}, got {args.arch}")
+    if args.tma and args.arch < 90:
+        parser.error(f"--tma needs --arch 90 (TMA is Hopper's), got --arch {args.arch}")
     blocks = {}
     for item in args.blocks:
         try:
@@ -278,7 +333,7 @@ def main(argv=None) -> int:
     scenarios = [s for s in ([SCENARIOS[i] for i in QUICK] if args.quick else SCENARIOS) if args.scenario in s.name]
     if not scenarios:
         parser.error(f"--scenario {args.scenario!r} matches none of: {', '.join(s.name for s in SCENARIOS)}")
-    failures = run(args.arch, scenarios, blocks=blocks)
+    failures = run(args.arch, scenarios, blocks=blocks, tma=args.tma)
     for f in failures:
         print("FAIL:", f)
     print(f"{'all kernels compile' if not failures else f'{len(failures)} failures'} for sm_{args.arch}")

@@ -1100,6 +1100,7 @@ def zero_init_attention(
     max_seqlen_k: int | None = None,
     leftpad_k: torch.Tensor | None = None,
     deterministic: bool = True,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Zero-init attention: causal attention over the tokens plus a gated prompt attention with its
     own softmax, fused in one pass (LLaMA-Adapter, arXiv 2303.16199).
@@ -1133,6 +1134,9 @@ def zero_init_attention(
             the same inputs. False: dq is summed with atomics during the dK/dV pass (FlashAttention-2's
             backward, 5 block products instead of 7), its last bits varying from run to run; only when k and v
             need gradients too.
+        backend: "auto" (the pointer kernels, or the eager reference where Triton cannot run) or "tma": the
+            Hopper forward on tensor descriptors with warp specialization (kernels/zero_init_attn_tma.py; sm_90 or
+            the interpreter; prompt_len <= 128, TMA-aligned inputs), with the same backward. Opt-in: docs/op.md.
     Returns:
         out: shaped like q, contiguous, dtype of q. Softmax statistics and accumulators in fp32 (fp64 for
             fp64 inputs, which exist for verification).
@@ -1149,6 +1153,8 @@ def zero_init_attention(
         Runs the Triton kernels on CUDA tensors (compiled) or anywhere under TRITON_INTERPRET=1
         (read when this module is imported); otherwise the eager reference.
     """
+    if backend not in ("auto", "tma"):
+        raise ValueError(f"backend must be 'auto' or 'tma', got {backend!r}")
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     _check_inputs(q, k, v, prompt_k, prompt_v, gate, causal, softmax_scale, gate_act, deterministic, varlen)
     if varlen:
@@ -1159,7 +1165,13 @@ def zero_init_attention(
         _check_leftpad(q, k, leftpad_k, varlen)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
 
-    if not _use_triton(q):
+    fwd_op = _zia_fwd_op
+    if backend == "tma":
+        from llama_adapter_triton.kernels import zero_init_attn_tma
+
+        zero_init_attn_tma.check_tma(q, k, v, prompt_k, prompt_v)
+        fwd_op = zero_init_attn_tma.zia_tma_fwd_op
+    elif not _use_triton(q):
         if varlen:
             return _varlen_ref(q, k, v, prompt_k, prompt_v, gate, cu_seqlens_q, cu_seqlens_k, causal=causal,
                                softmax_scale=scale, gate_act=gate_act)
@@ -1170,8 +1182,8 @@ def zero_init_attention(
     # autograd sums its gradient over the rows through the expand
     gamma = _gate_act(gate.to(_acc_dtype(q.dtype)), gate_act).expand(rows, nheads).contiguous()
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prompt_k, prompt_v, gate))
-    out, _, _, _ = _zia_fwd_op(q, k, v, prompt_k, prompt_v, gamma, causal, scale, cu_seqlens_q, cu_seqlens_k,
-                               max_seqlen_q or 0, max_seqlen_k or 0, leftpad_k, deterministic, backward)
+    out, _, _, _ = fwd_op(q, k, v, prompt_k, prompt_v, gamma, causal, scale, cu_seqlens_q, cu_seqlens_k,
+                          max_seqlen_q or 0, max_seqlen_k or 0, leftpad_k, deterministic, backward)
     return out
 
 

@@ -45,8 +45,9 @@ CASES = {
     # headdim 80 (the descriptor's block is wider than the matrix), MQA, one prompt per sample, identity gate
     "mqa_hd80_prompt_per_sample": Case(batch=2, seqlen_q=20, seqlen_k=20, nheads=2, nheads_kv=1, headdim=80,
                                        prompt_batch=2, gate_act="identity"),
-    # a left-padded batch: 7 pad queries in row 0, none in row 1
-    "leftpad": Case(batch=2, seqlen_q=9, seqlen_k=40, nheads=2, nheads_kv=2, headdim=32, leftpad=(38, 0)),
+    # a left-padded batch: 7 pad queries in row 0, none in row 1; a gate per row and head (one adapter per row)
+    "leftpad_gate_per_row": Case(batch=2, seqlen_q=9, seqlen_k=40, nheads=2, nheads_kv=2, headdim=32, leftpad=(38, 0),
+                                 gate_rows=True),
 }
 
 
@@ -66,8 +67,10 @@ def test_tma_gpu_block_sizes(device, tma_forward, monkeypatch):
 
 
 def test_tma_packed(device, tma_forward):
-    """Packed sequences (one of them empty, one a single token) equal per-sequence calls, gradients too."""
-    check_varlen_against_per_sequence_calls(causal=True, prompt="per_sequence", device=device, backend="tma")
+    """Packed sequences (one of them empty, one a single token), each with its own gate, equal per-sequence calls,
+    gradients too."""
+    check_varlen_against_per_sequence_calls(causal=True, prompt="per_sequence", device=device, gate_rows=True,
+                                            backend="tma")
     assert tma_forward
 
 

@@ -18,6 +18,8 @@ the eager reference (kernels/reference.py) stays the tests' oracle and shares no
   part in one call when the prompt is shared, else per sequence.
 - Numerics: SDPA's CPU kernels keep their softmax statistics and accumulators in fp32 for 16-bit inputs; each part
   is rounded to the input dtype, and the two are added in fp32 (fp64 for fp64 inputs) and rounded once.
+- Without a prompt (prompt_len 0) the op is the token part alone: prompt_k, prompt_v and the gate get no gradient
+  (None).
 """
 
 from __future__ import annotations
@@ -53,8 +55,18 @@ def _token_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bo
 
 def _prompt_part(q: torch.Tensor, prompt_k: torch.Tensor, prompt_v: torch.Tensor, scale: float) -> torch.Tensor:
     """The prompt's own softmax, heads-first; no mask (a prompt of batch 1 is broadcast without a copy)."""
-    pk, pv = (_heads_first(t).expand(q.shape[0], -1, -1, -1) for t in (prompt_k, prompt_v))
+    pk, pv = _heads_first(prompt_k), _heads_first(prompt_v)
+    if pk.shape[0] != q.shape[0]:
+        pk, pv = pk.expand(q.shape[0], -1, -1, -1), pv.expand(q.shape[0], -1, -1, -1)
     return F.scaled_dot_product_attention(q, pk, pv, scale=scale, enable_gqa=q.shape[1] != pk.shape[1])
+
+
+def _gated_sum(out: torch.Tensor, gamma: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """out + gamma * prompt, in gamma's dtype (fp32 or fp64); into out itself where no gradient is recorded
+    (generation: no new buffer)."""
+    if out.requires_grad or gamma.requires_grad or prompt.requires_grad:
+        return torch.addcmul(out, gamma, prompt)
+    return out.addcmul_(gamma, prompt)
 
 
 def zero_init_attention_sdpa(
@@ -87,7 +99,7 @@ def zero_init_attention_sdpa(
                           leftpad_k=leftpad_k)
         if prompt_len:
             gamma = gamma.view(-1, gamma.shape[-1], 1, 1)  # (rows or 1, nheads or 1, 1, 1)
-            out = torch.addcmul(out, gamma, _prompt_part(qh, prompt_k, prompt_v, softmax_scale))
+            out = _gated_sum(out, gamma, _prompt_part(qh, prompt_k, prompt_v, softmax_scale))
         return out.to(q.dtype).transpose(1, 2).contiguous()
 
     # packed: (total, nheads, headdim) seen as one row of the batch, heads first
@@ -108,5 +120,5 @@ def zero_init_attention_sdpa(
             gamma = gamma.expand(len(spans), nheads).repeat_interleave(lens, dim=0).t()[None, :, :, None]
         else:
             gamma = gamma.view(1, -1, 1, 1)
-        out = torch.addcmul(out, gamma, prompt)
+        out = _gated_sum(out, gamma, prompt)
     return out.to(q.dtype)[0].transpose(0, 1).contiguous()

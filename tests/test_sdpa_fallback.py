@@ -141,6 +141,22 @@ def check_case(case: Case, dtype: torch.dtype, seed: int = 0) -> None:
     assert_within_bar(got, exact, low, dtype, dgate_roundoff(inputs, dout))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["causal", "gate_per_row_leftpad"])
+def test_without_autograd_the_same_output(name, dtype):
+    """Under no_grad (generation) the prompt part is added into the token part's buffer: the same output,
+    bitwise, as with autograd."""
+    case = CASES[name]
+    inputs, _ = make_inputs(case, dtype)
+    leftpad = None if case.leftpad is None else torch.tensor(case.leftpad, dtype=torch.int32)
+    kw = dict(causal=case.causal, gate_act=case.gate_act, leftpad_k=leftpad, softmax_scale=0.25)
+    with torch.no_grad():
+        plain = zero_init_attention_sdpa(*inputs, **kw)
+    graphed = zero_init_attention_sdpa(*inputs, **kw)
+    assert graphed.requires_grad and not plain.requires_grad and plain.dtype == dtype and plain.is_contiguous()
+    assert torch.equal(plain, graphed.detach())
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_fp32_matches_fp64_reference(name):
     check_case(CASES[name], torch.float32)

@@ -761,6 +761,9 @@ def run(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[st
 CPU_WHAT = "attention_cpu"
 CPU_MODES = ("fwd", "full")
 CPU_GOAL = 1.1  # the fallback within 1.1x of the two bare SDPA calls
+# a timed sample of a short case (decode) repeats the call to last about CPU_SAMPLE_MS, so that the scheduling of
+# the CPU threads (one time slice lost on a loaded machine) is averaged over many calls
+CPU_SAMPLE_MS, CPU_MAX_CALLS = 20.0, 200
 # one LLaMA-7B layer (32 heads of 128, prompt 10, fp32): prefill S x S and decode 1 x S for each S
 CPU_FALLBACK = dict(seqlens=(512,), headdims=(128,), dtypes=("fp32",), shapes=("7b",), prompt_len=10,
                     modes=CPU_MODES, cpu_reps=15)
@@ -817,8 +820,9 @@ def _cpu_timed(provider: str, fwd: Callable[[], object], x: Inputs, mode: str) -
 def run_cpu_fallback(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, threads: int,
                      log: Callable[[str], None] = print) -> dict[tuple[str, str], dict[str, Timing]]:
     """Check the fallback and the eager reference against the oracle, then time the three side by side, interleaved
-    (cpu_reps rounds of one call each, after one untimed call each), on `threads` CPU threads; rows to
-    out_dir/attention_cpu.csv, a table of the medians and ratios printed. Returns {(case, mode): {provider: Timing}}."""
+    (cpu_reps rounds of one sample each, after one untimed round; a sample of a short case averages several calls:
+    CPU_SAMPLE_MS), on `threads` CPU threads; rows to out_dir/attention_cpu.csv, a table of the medians and ratios
+    printed. Returns {(case, mode): {provider: Timing}}."""
     result = BenchResult(env=env, out_dir=out_dir, csv_path=out_dir / f"{CPU_WHAT}.csv")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -838,14 +842,19 @@ def run_cpu_fallback(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, threads:
             for mode in cfg.modes:
                 timed = {prov: _cpu_timed(prov, fwd, x, mode) for prov, fwd in forwards.items()}
                 times: dict[str, list[float]] = {prov: [] for prov in timed}
+                calls = 1  # per timed sample: enough calls of a short case to span CPU_SAMPLE_MS
                 for rep in range(cfg.cpu_reps + 1):  # the first round untimed
                     for prov, fn in timed.items():
-                        for t in x.leaves():
-                            t.grad = None
                         start = time.perf_counter()
-                        fn()
+                        for _ in range(calls):
+                            for t in x.leaves():
+                                t.grad = None
+                            fn()
                         if rep:
-                            times[prov].append((time.perf_counter() - start) * 1e3)
+                            times[prov].append((time.perf_counter() - start) * 1e3 / calls)
+                        elif prov == "floor":
+                            once_ms = (time.perf_counter() - start) * 1e3
+                            calls = max(1, min(CPU_MAX_CALLS, int(CPU_SAMPLE_MS / once_ms)))
                 got = timings[(name, mode)] = {prov: quantiles_ms(t) for prov, t in times.items()}
                 over_floor = got["fallback"].median_ms / got["floor"].median_ms
                 eager_over = got["eager"].median_ms / got["fallback"].median_ms

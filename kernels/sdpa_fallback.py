@@ -88,8 +88,8 @@ def zero_init_attention_sdpa(
     softmax_scale resolved. gate: (nheads,), (1,), or one row per batch row (dense) or per sequence (packed):
     (rows, nheads). Returns (batch, seqlen_q, nheads, headdim) (or (total_q, nheads, headdim) packed), contiguous,
     dtype of q. Differentiable in every tensor argument."""
-    acc = torch.promote_types(q.dtype, torch.float32)
-    gamma = gate.to(acc)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    gamma = gate if gate.dtype == acc else gate.to(acc)
     gamma = torch.tanh(gamma) if gate_act == "tanh" else gamma
     nheads = q.shape[-2]
     prompt_len = prompt_k.shape[1]

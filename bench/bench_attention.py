@@ -759,7 +759,7 @@ def run(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[st
 # --cpu-fallback: the op's CPU path (two SDPA calls) against the eager reference and the two bare calls
 # --------------------------------------------------------------------------------------------------
 CPU_WHAT = "attention_cpu"
-CPU_MODES = ("fwd", "full")
+CPU_MODES = ("fwd", "full")  # fwd: generation's forward (no_grad); full: training's forward and backward
 CPU_GOAL = 1.1  # the fallback within 1.1x of the two bare SDPA calls
 # a timed sample of a short case (decode) repeats the call to last about CPU_SAMPLE_MS, so that the scheduling of
 # the CPU threads (one time slice lost on a loaded machine) is averaged over many calls
@@ -808,9 +808,10 @@ def _cpu_forwards(x: Inputs) -> dict[str, Callable[[], object]]:
 
 
 def _cpu_timed(provider: str, fwd: Callable[[], object], x: Inputs, mode: str) -> Callable[[], object]:
-    """What is timed: the forward, or forward and backward (the floor's two outputs each get dout)."""
+    """What is timed: fwd, the forward as generation runs it (under torch.no_grad: no graph recorded); full, the
+    forward and backward of training (the floor's two outputs each get dout)."""
     if mode == "fwd":
-        return fwd
+        return torch.no_grad()(fwd)
     if provider == "floor":
         dout = x.dout.transpose(1, 2)
         return lambda: torch.autograd.backward(fwd(), (dout, dout))

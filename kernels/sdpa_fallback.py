@@ -100,7 +100,7 @@ def zero_init_attention_sdpa(
         if prompt_len:
             gamma = gamma.view(-1, gamma.shape[-1], 1, 1)  # (rows or 1, nheads or 1, 1, 1)
             out = _gated_sum(out, gamma, _prompt_part(qh, prompt_k, prompt_v, softmax_scale))
-        return out.to(q.dtype).transpose(1, 2).contiguous()
+        return (out if out.dtype == q.dtype else out.to(q.dtype)).transpose(1, 2).contiguous()
 
     # packed: (total, nheads, headdim) seen as one row of the batch, heads first
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()

@@ -821,7 +821,8 @@ def _cpu_timed(provider: str, fwd: Callable[[], object], x: Inputs, mode: str) -
 def run_cpu_fallback(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, threads: int,
                      log: Callable[[str], None] = print) -> dict[tuple[str, str], dict[str, Timing]]:
     """Check the fallback and the eager reference against the oracle, then time the three side by side, interleaved
-    (cpu_reps rounds of one sample each, after one untimed round; a sample of a short case averages several calls:
+    (cpu_reps rounds of one sample each, after one untimed round; each sample after one untimed call, since the
+    provider before evicted the inputs from the caches; a sample of a short case averages several calls:
     CPU_SAMPLE_MS), on `threads` CPU threads; rows to out_dir/attention_cpu.csv, a table of the medians and ratios
     printed. Returns {(case, mode): {provider: Timing}}."""
     result = BenchResult(env=env, out_dir=out_dir, csv_path=out_dir / f"{CPU_WHAT}.csv")
@@ -846,6 +847,9 @@ def run_cpu_fallback(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, threads:
                 calls = 1  # per timed sample: enough calls of a short case to span CPU_SAMPLE_MS
                 for rep in range(cfg.cpu_reps + 1):  # the first round untimed
                     for prov, fn in timed.items():
+                        for t in x.leaves():
+                            t.grad = None
+                        fn()  # untimed: the inputs back in the caches that the provider before evicted
                         start = time.perf_counter()
                         for _ in range(calls):
                             for t in x.leaves():

@@ -15,6 +15,7 @@ twice the eager reference's own error in the case's dtype plus twice its roundin
     llama-adapter bench attention --dtypes bf16 --headdims 128 --seqlens 512,1024,2048,4096 --modes full
     llama-adapter bench attention --report bench/results/attention.csv   # table, targets, plot from a sweep's pieces
     llama-adapter bench attention --smoke --out /tmp/bench-smoke     # CPU: the tiny smoke configuration
+    llama-adapter bench attention --cpu-fallback    # CPU: the op's SDPA fallback vs the eager reference and 2x SDPA
 On a CPU the numbers mean nothing for the GPU. Several GPUs: the benchmark uses the current device.
 """
 
@@ -45,11 +46,13 @@ from llama_adapter_triton.bench.common import (
     Row,
     Timing,
     argparse_type,
+    bench_env,
     check_csv,
     check_results,
     describe_exception,
     dtype_name,
     exact_fp32_matmuls,
+    format_table,
     free_device_memory,
     list_of,
     one_of,
@@ -58,10 +61,12 @@ from llama_adapter_triton.bench.common import (
     peak_memory_mib,
     positive_float,
     positive_int,
+    quantiles_ms,
     resolve_out_dir,
     time_fn,
 )
 from llama_adapter_triton.bench.harness import (
+    BenchResult,
     bench_config,
     bench_main,
     bench_parser,
@@ -73,8 +78,10 @@ from llama_adapter_triton.bench.harness import (
     skip_reason,
     skipped_row,
     start_run,
+    verdict,
 )
 from llama_adapter_triton.kernels.reference import zero_init_attention_ref
+from llama_adapter_triton.kernels.sdpa_fallback import zero_init_attention_sdpa
 from llama_adapter_triton.kernels.zero_init_attn import zero_init_attention
 
 WHAT = "attention"
@@ -612,6 +619,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  "--out")
         parser.add_argument("--report-commit", metavar="HASH", default=None,
                             help="with --report: the commit whose rows to use (default: that of the last row)")
+        parser.add_argument("--cpu-fallback", action="store_true",
+                            help="time the op's CPU path (two SDPA calls) against the eager reference and two bare "
+                                 "SDPA calls, interleaved, at one LLaMA-7B layer (prefill 512 x 512 and decode 1 x "
+                                 "512, fp32; --smoke: tiny shapes); rows to attention_cpu.csv")
+        parser.add_argument("--threads", type=argparse_type(positive_int), default=None, metavar="N",
+                            help="with --cpu-fallback: torch's CPU threads (default 2)")
 
     return bench_parser("llama-adapter bench attention", "Benchmark zero-init attention: the fused op against the "
                         "eager reference and the peers.", BenchConfig(), SMOKE, extra=report_flags)
@@ -752,10 +765,163 @@ def run(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, providers: Mapping[st
     return finish_run(result, report, log)
 
 
+# --------------------------------------------------------------------------------------------------
+# --cpu-fallback: the op's CPU path (two SDPA calls) against the eager reference and the two bare calls
+# --------------------------------------------------------------------------------------------------
+CPU_WHAT = "attention_cpu"
+CPU_MODES = ("fwd", "full")  # fwd: generation's forward (no_grad); full: training's forward and backward
+CPU_GOAL = 1.1  # the fallback within 1.1x of the two bare SDPA calls
+# a timed sample of a short case (decode) repeats the call to last about CPU_SAMPLE_MS, so that the scheduling of
+# the CPU threads (one time slice lost on a loaded machine) is averaged over many calls
+CPU_SAMPLE_MS, CPU_MAX_CALLS = 20.0, 200
+# one LLaMA-7B layer (32 heads of 128, prompt 10, fp32): prefill S x S and decode 1 x S for each S
+CPU_FALLBACK = dict(seqlens=(512,), headdims=(128,), dtypes=("fp32",), shapes=("7b",), prompt_len=10,
+                    modes=CPU_MODES, cpu_reps=15)
+CPU_FALLBACK_SMOKE = dict(seqlens=(48,), headdims=(16,), dtypes=("fp32",), shapes=("tiny-gqa",), prompt_len=3,
+                          modes=CPU_MODES, cpu_reps=3)
+
+
+def _cpu_cases(cfg: BenchConfig) -> list[tuple[str, Inputs]]:
+    """(name, inputs) of each CPU case: prefill (seqlen_q = seqlen_k = S) and decode (one query, S keys), batch 1."""
+    cases = []
+    for dtype in cfg.dtypes:
+        for shape in cfg.shapes:
+            h, hkv = shape_heads(shape)
+            for d in cfg.headdims:
+                for s in cfg.seqlens:
+                    case = Case(batch=1, seqlen=s, nheads=h, nheads_kv=hkv, headdim=d, prompt_len=cfg.prompt_len,
+                                dtype=dtype, gate_act=cfg.gate_act)
+                    x = make_inputs(case, torch.device("cpu"), cfg.seed)
+                    last = x.q[:, -1:].detach().clone().requires_grad_()
+                    decode = dataclasses.replace(x, q=last, dout=x.dout[:, -1:].clone())
+                    cases += [(f"prefill-{case.shape}", x), (f"decode-q1-{case.shape}", decode)]
+    return cases
+
+
+def _cpu_forwards(x: Inputs) -> dict[str, Callable[[], object]]:
+    """eager: the reference; fallback: kernels/sdpa_fallback.py, as the op calls it on a CPU; floor: the two bare
+    SDPA calls (token part causal, prompt part unmasked), neither gated nor summed."""
+    c = x.case
+    scale = c.headdim**-0.5
+    args = (x.q, x.k, x.v, x.prompt_k, x.prompt_v, x.gate)
+
+    def floor() -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v, pk, pv = _heads_first(x)
+        gqa = c.nheads != c.nheads_kv
+        return (F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa),  # equal lengths
+                F.scaled_dot_product_attention(q, pk, pv, enable_gqa=gqa))
+
+    return {"eager": lambda: zero_init_attention_ref(*args, causal=True, gate_act=c.gate_act),
+            "fallback": lambda: zero_init_attention_sdpa(*args, causal=True, softmax_scale=scale,
+                                                         gate_act=c.gate_act),
+            "floor": floor}
+
+
+def _cpu_timed(provider: str, fwd: Callable[[], object], x: Inputs, mode: str) -> Callable[[], object]:
+    """What is timed: fwd, the forward as generation runs it (under torch.no_grad: no graph recorded); full, the
+    forward and backward of training (the floor's two outputs each get dout)."""
+    if mode == "fwd":
+        return torch.no_grad()(fwd)
+    if provider == "floor":
+        dout = x.dout.transpose(1, 2)
+        return lambda: torch.autograd.backward(fwd(), (dout, dout))
+    return lambda: fwd().backward(x.dout)
+
+
+def run_cpu_fallback(cfg: BenchConfig, env: BenchEnv, out_dir: Path, *, threads: int,
+                     log: Callable[[str], None] = print) -> dict[tuple[str, str], dict[str, Timing]]:
+    """Check the fallback and the eager reference against the oracle, then time the three side by side, interleaved
+    (cpu_reps rounds of one sample each, after one untimed round; each sample after one untimed call, since the
+    provider before evicted the inputs from the caches; a sample of a short case averages several calls:
+    CPU_SAMPLE_MS), on `threads` CPU threads; rows to out_dir/attention_cpu.csv, a table of the medians and ratios
+    printed. Returns {(case, mode): {provider: Timing}}."""
+    result = BenchResult(env=env, out_dir=out_dir, csv_path=out_dir / f"{CPU_WHAT}.csv")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    log(f"bench_attention --cpu-fallback | {env.describe()} | {threads} CPU threads")
+    log(f"rows go to {result.csv_path}")
+    timings: dict[tuple[str, str], dict[str, Timing]] = {}
+    lines = []
+    try:
+        for name, x in _cpu_cases(cfg):
+            forwards = _cpu_forwards(x)
+            expected = expected_results(x, adapter=True, need_grad="full" in cfg.modes)
+            rows = []
+            for prov in ("eager", "fallback"):
+                ratios = check_provider(prov, forwards[prov], x, expected, adapter=True,
+                                        need_grad="full" in cfg.modes)
+                rows += check_rows(CPU_WHAT, prov, name, ratios)
+            for mode in cfg.modes:
+                timed = {prov: _cpu_timed(prov, fwd, x, mode) for prov, fwd in forwards.items()}
+                times: dict[str, list[float]] = {prov: [] for prov in timed}
+                calls = 1  # per timed sample: enough calls of a short case to span CPU_SAMPLE_MS
+                for rep in range(cfg.cpu_reps + 1):  # the first round untimed
+                    for prov, fn in timed.items():
+                        for t in x.leaves():
+                            t.grad = None
+                        fn()  # untimed: the inputs back in the caches that the provider before evicted
+                        start = time.perf_counter()
+                        for _ in range(calls):
+                            for t in x.leaves():
+                                t.grad = None
+                            fn()
+                        if rep:
+                            times[prov].append((time.perf_counter() - start) * 1e3 / calls)
+                        elif prov == "floor":
+                            once_ms = (time.perf_counter() - start) * 1e3
+                            calls = max(1, min(CPU_MAX_CALLS, int(CPU_SAMPLE_MS / once_ms)))
+                got = timings[(name, mode)] = {prov: quantiles_ms(t) for prov, t in times.items()}
+                over_floor = got["fallback"].median_ms / got["floor"].median_ms
+                eager_over = got["eager"].median_ms / got["fallback"].median_ms
+                for prov, t in got.items():
+                    rows += metric_rows(CPU_WHAT, prov, mode, name, [("time_median", t.median_ms, "ms"),
+                                                                     ("time_p20", t.p20_ms, "ms"),
+                                                                     ("time_p80", t.p80_ms, "ms")])
+                rows += metric_rows(CPU_WHAT, "fallback", mode, name, [("over_floor", over_floor, "x")])
+                rows += metric_rows(CPU_WHAT, "eager", mode, name, [("over_fallback", eager_over, "x")])
+                lines.append([name, mode] + [f"{got[p].median_ms:.3f}" for p in ("eager", "fallback", "floor")]
+                             + [f"{over_floor:.2f}x", f"{eager_over:.2f}x", verdict(over_floor <= CPU_GOAL)])
+                log(f"{name} {mode}: eager {got['eager'].median_ms:.3f} ms, fallback {got['fallback'].median_ms:.3f}"
+                    f" ms, floor {got['floor'].median_ms:.3f} ms")
+            result.write(rows)
+    finally:
+        torch.set_num_threads(before)
+    log("")
+    log(format_table(["case", "mode", "eager ms", "fallback ms", "2 SDPA ms", "fallback / 2 SDPA",
+                      "eager / fallback", f"goal <= {CPU_GOAL}x"], lines))
+    log(f"medians of {cfg.cpu_reps} interleaved rounds; CSV rows appended to {result.csv_path}")
+    return timings
+
+
+def _main_cpu_fallback(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.report is not None or args.report_commit is not None:
+        parser.error("argument --cpu-fallback: measures, so --report / --report-commit cannot go with it")
+    env = bench_env(torch.device("cpu"))
+    try:
+        cfg = bench_config(args, BenchConfig(), CPU_FALLBACK_SMOKE if args.smoke else CPU_FALLBACK, is_smoke=True)
+        bad = [m for m in cfg.modes if m not in CPU_MODES]
+        if bad:
+            raise ValueError(f"argument --modes: --cpu-fallback times {', '.join(CPU_MODES)}, got {', '.join(bad)}")
+        out_dir = resolve_out_dir(cfg.out, env, smoke=True, name=CPU_WHAT)
+        check_csv(out_dir / f"{CPU_WHAT}.csv")
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        run_cpu_fallback(cfg, env, out_dir, threads=args.threads or 2)
+    except CorrectnessError as exc:
+        print(f"\nCORRECTNESS CHECK FAILED - the benchmark stops here.\n{exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, *, providers: Mapping[str, Provider] | None = None) -> int:
     providers = PROVIDERS if providers is None else providers
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.cpu_fallback:
+        return _main_cpu_fallback(parser, args)
+    if args.threads is not None:
+        parser.error("argument --threads: only goes with --cpu-fallback")
     if args.report is not None:
         return _main_report(parser, args)
     if args.report_commit is not None:

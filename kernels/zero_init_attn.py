@@ -14,7 +14,7 @@ the prompt's per-block partials, then their sum in a fixed order: deterministic 
 atomics in the dK/dV pass). Nothing of size seqlen x seqlen; one-dimensional grids (up to 2**31 - 1 programs).
 This file: the kernels, the host launchers, the torch.library ops, the checks and the public op (block sizes:
 kernels/block_sizes.py). Backends: compiled on CUDA tensors; the same kernels under TRITON_INTERPRET=1 (CI, on a
-CPU, 16-bit inputs in fp32 with the GPU's roundings); the eager reference (kernels/reference.py) otherwise.
+CPU, 16-bit inputs in fp32 with the GPU's roundings); two SDPA calls (kernels/sdpa_fallback.py) otherwise.
 Limits: head dims multiples of 8 from 16 to 128; fp32 uses IEEE dots, not TF32; cu_seqlens / leftpad_k values are
 checked on CPU tensors outside torch.compile only (elsewhere the kernels clamp every offset: a sequence out of range,
 and a packed row no sequence covers, gets NaN in the output and in dq).
@@ -30,14 +30,14 @@ import torch
 from llama_adapter_triton.kernels import block_sizes
 from llama_adapter_triton.kernels.block_sizes import INTERPRET  # read once, at import, as triton.jit does
 from llama_adapter_triton.kernels.checks import check_int
-from llama_adapter_triton.kernels.reference import zero_init_attention_ref
+from llama_adapter_triton.kernels.sdpa_fallback import zero_init_attention_sdpa
 
 try:
     import triton
     import triton.language as tl
 
     HAS_TRITON = True
-except ImportError:  # no Triton wheel on this platform: the eager reference serves
+except ImportError:  # no Triton wheel on this platform: the SDPA fallback serves
     HAS_TRITON = False
 
 # float64 is for verification (gradcheck): the kernels then accumulate in float64 too
@@ -1151,7 +1151,8 @@ def zero_init_attention(
         so no value reads or writes outside the tensors, and a sequence or row whose own offsets are out of
         range gets NaN outputs.
         Runs the Triton kernels on CUDA tensors (compiled) or anywhere under TRITON_INTERPRET=1
-        (read when this module is imported); otherwise the eager reference.
+        (read when this module is imported); otherwise two scaled_dot_product_attention calls
+        (kernels/sdpa_fallback.py).
     """
     if backend not in ("auto", "tma"):
         raise ValueError(f"backend must be 'auto' or 'tma', got {backend!r}")
@@ -1172,11 +1173,9 @@ def zero_init_attention(
         zero_init_attn_tma.check_tma(q, k, v, prompt_k, prompt_v)
         fwd_op = zero_init_attn_tma.zia_tma_fwd_op
     elif not _use_triton(q):
-        if varlen:
-            return _varlen_ref(q, k, v, prompt_k, prompt_v, gate, cu_seqlens_q, cu_seqlens_k, causal=causal,
-                               softmax_scale=scale, gate_act=gate_act)
-        return zero_init_attention_ref(q, k, v, prompt_k, prompt_v, gate, causal=causal, softmax_scale=scale,
-                                       gate_act=gate_act, leftpad_k=leftpad_k)
+        return zero_init_attention_sdpa(q, k, v, prompt_k, prompt_v, gate, causal=causal, softmax_scale=scale,
+                                        gate_act=gate_act, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                        leftpad_k=leftpad_k)
     rows, nheads = (cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]), q.shape[-2]
     # (rows, nheads) fp32: one gate per batch row (packed: per sequence) and head, a 1-D gate repeated (tiny);
     # autograd sums its gradient over the rows through the expand
@@ -1185,15 +1184,3 @@ def zero_init_attention(
     out, _, _, _ = fwd_op(q, k, v, prompt_k, prompt_v, gamma, causal, scale, cu_seqlens_q, cu_seqlens_k,
                           max_seqlen_q or 0, max_seqlen_k or 0, leftpad_k, deterministic, backward)
     return out
-
-
-def _varlen_ref(q, k, v, prompt_k, prompt_v, gate, cu_seqlens_q, cu_seqlens_k, **kwargs) -> torch.Tensor:
-    """Packed sequences through the eager reference, one sequence at a time."""
-    outs = []
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for i in range(len(cq) - 1):
-        p = 0 if prompt_k.shape[0] == 1 else i
-        outs.append(zero_init_attention_ref(
-            q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]], v[None, ck[i]:ck[i + 1]],
-            prompt_k[p:p + 1], prompt_v[p:p + 1], gate[i:i + 1] if gate.dim() == 2 else gate, **kwargs)[0])
-    return torch.cat(outs, dim=0)

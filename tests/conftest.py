@@ -7,7 +7,8 @@ kernels with that reference would compare it with itself.
 
 `device` is "cuda" when there is a GPU (the tests that take it then run the kernels compiled), else "cpu".
 `triton_kernels_only` makes a test fail unless every op call it makes runs the Triton kernels (compiled or
-interpreted): the op's eager fallback raises, and the forward kernel's launches are counted.
+interpreted): the op's fallback (two SDPA calls, kernels/sdpa_fallback.py) raises, and the forward kernel's
+launches are counted.
 """
 
 import os
@@ -39,8 +40,9 @@ def triton_kernels_only(monkeypatch) -> KernelLaunches:
     import llama_adapter_triton.kernels.zero_init_attn as zia
 
     def no_fallback(*args, **kwargs):
-        raise AssertionError("zero_init_attention ran its eager fallback, not the Triton kernels: these tests must "
-                             "run the kernels (compiled on a GPU, or with TRITON_INTERPRET=1, which conftest.py sets)")
+        raise AssertionError("zero_init_attention ran its eager fallback (two SDPA calls), not the Triton kernels: "
+                             "these tests must run the kernels (compiled on a GPU, or with TRITON_INTERPRET=1, which "
+                             "conftest.py sets)")
 
     launches = KernelLaunches()
     fwd, bwd = zia._fwd, zia._bwd
@@ -53,8 +55,7 @@ def triton_kernels_only(monkeypatch) -> KernelLaunches:
         launches.backward += 1
         return bwd(*args, **kwargs)
 
-    monkeypatch.setattr(zia, "zero_init_attention_ref", no_fallback)
-    monkeypatch.setattr(zia, "_varlen_ref", no_fallback)
+    monkeypatch.setattr(zia, "zero_init_attention_sdpa", no_fallback)
     monkeypatch.setattr(zia, "_fwd", counted_fwd)
     monkeypatch.setattr(zia, "_bwd", counted_bwd)
     return launches

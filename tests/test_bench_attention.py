@@ -26,6 +26,7 @@ from bench_utils import (
 from llama_adapter_triton import zero_init_attention_ref
 from llama_adapter_triton.bench import bench_attention as ba
 from llama_adapter_triton.bench import common
+from llama_adapter_triton.kernels.sdpa_fallback import zero_init_attention_sdpa
 
 ADAPTER_TENSORS = ["out", "dq", "dk", "dv", "dprompt_k", "dprompt_v", "dgate"]
 
@@ -443,3 +444,54 @@ def test_gpu_all_providers_small_sweep(tmp_path):
         for mode in ba.MODES:
             assert float(idx[(prov, mode, shape, "time_median")]) > 0, (prov, mode)
             assert float(idx[(prov, mode, shape, "peak_mem")]) > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# --cpu-fallback: the op's CPU path against the eager reference and two bare SDPA calls
+# --------------------------------------------------------------------------------------------------
+def test_cpu_fallback_mode_times_the_three_side_by_side(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ba, "CPU_SAMPLE_MS", 2.0)  # a few calls per sample (20 ms: the real runs' decode)
+    threads = torch.get_num_threads()
+    assert ba.main(["--cpu-fallback", "--smoke", "--out", str(tmp_path), "--threads", "1"]) == 0
+    assert torch.get_num_threads() == threads
+    printed = capsys.readouterr().out
+    assert "fallback / 2 SDPA" in printed and "eager / fallback" in printed and "1 CPU threads" in printed
+    rows = common.read_rows(tmp_path / "attention_cpu.csv")
+    idx = index(rows)
+    cases = sorted({r["shape"] for r in rows})
+    assert [c.split("-")[0] for c in cases] == ["decode", "prefill"] and "-q1-" in cases[0]
+    for case in cases:
+        for prov in ("eager", "fallback"):  # checked against the oracle before anything is timed
+            assert float(idx[(prov, "check", case, "max_err_over_tol")]) <= 1.0
+        for mode in ba.CPU_MODES:
+            medians = {p: float(idx[(p, mode, case, "time_median")]) for p in ("eager", "fallback", "floor")}
+            assert all(m > 0 for m in medians.values())
+            ratio = float(idx[("fallback", mode, case, "over_floor")])
+            assert ratio == pytest.approx(medians["fallback"] / medians["floor"])
+            assert float(idx[("eager", mode, case, "over_fallback")]) == pytest.approx(
+                medians["eager"] / medians["fallback"])
+
+
+def test_cpu_fallback_mode_stops_on_a_wrong_fallback(tmp_path, monkeypatch, capsys):
+    """A fallback that computes a wrong answer (the raw gate for tanh(gate)) stops the run before it is timed."""
+    def raw_gate(*args, gate_act, **kwargs):
+        return zero_init_attention_sdpa(*args, gate_act="identity", **kwargs)
+
+    monkeypatch.setattr(ba, "zero_init_attention_sdpa", raw_gate)
+    assert ba.main(["--cpu-fallback", "--smoke", "--out", str(tmp_path)]) == 1
+    assert "CORRECTNESS CHECK FAILED" in capsys.readouterr().err
+    assert not (tmp_path / "attention_cpu.csv").exists()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--cpu-fallback", "--report", "x.csv"], "--report"),
+    (["--cpu-fallback", "--modes", "bwd"], "argument --modes"),
+    (["--cpu-fallback", "--threads", "0"], "argument --threads"),
+    (["--threads", "2"], "argument --threads: only goes with --cpu-fallback"),
+])
+def test_cpu_fallback_mode_command_line_errors(argv, flag, capsys):
+    """Exit 2, the error line (not merely the usage above it) naming the argument."""
+    with pytest.raises(SystemExit) as exc:
+        ba.main(["--smoke", *argv])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 2 and error.startswith("llama-adapter bench attention: error:") and flag in error, error

@@ -632,7 +632,7 @@ def nothing_launched(monkeypatch):
         raise AssertionError("an invalid input reached a kernel")
 
     monkeypatch.setattr(zia, "_zia_fwd_op", fail)
-    monkeypatch.setattr(zia, "zero_init_attention_ref", fail)
+    monkeypatch.setattr(zia, "zero_init_attention_sdpa", fail)
 
 
 @pytest.mark.parametrize("what,changes,exc,msg", BAD, ids=[b[0] for b in BAD])

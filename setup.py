@@ -34,7 +34,7 @@ setup(
     install_requires=[
         # torch.library.custom_op needs 2.4, SDPA's enable_gqa (the model's plain layers) 2.5
         "torch>=2.5,<2.16",
-        # Triton ships Linux wheels only; elsewhere the op falls back to the PyTorch reference. A CUDA torch pins
+        # Triton ships Linux wheels only; elsewhere the op runs two SDPA calls. A CUDA torch pins
         # its own triton: no tighter bound here.
         "triton>=3.1,<4; platform_system == 'Linux'",
         "numpy>=1.24,<3",

@@ -118,7 +118,8 @@ def bench_env(device: torch.device | None = None) -> BenchEnv:
 
 def op_backend(device: torch.device) -> str:
     """What kernels.zero_init_attention runs on this device: "triton" (CUDA), "triton-interpreter"
-    (TRITON_INTERPRET=1, how the CPU runs the real kernels) or "torch-fallback" (two SDPA calls, kernels/sdpa_fallback.py)."""
+    (TRITON_INTERPRET=1, how the CPU runs the real kernels) or "torch-fallback" (two SDPA calls,
+    kernels/sdpa_fallback.py)."""
     if device.type == "cuda":
         return "triton"
     return "triton-interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "torch-fallback"

@@ -301,3 +301,28 @@ def test_op_without_triton_calls_the_sdpa_fallback(monkeypatch):
     zero_init_attention(q, k[:7], v[:7], *inputs[3:], cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=4,
                         max_seqlen_k=4)
     assert len(calls) == 2 and calls[1]["cu_seqlens_q"] is cu
+
+
+def test_model_through_the_fallback_generates_as_the_eager_formulation(monkeypatch):
+    """The CPU path end to end (the demo's, `generate --device cpu`'s): with the Triton kernels off, an adapted model
+    (GQA, V2) gives the eager formulation's logits, and a left-padded batch generates with the KV cache, through the
+    fallback, what each row generates alone."""
+    from model_utils import VOCAB, tiny_model
+    from test_adapter_v2 import set_v2_
+
+    from llama_adapter_triton import AdapterConfig, generate, set_attention_impl
+
+    calls = []
+    monkeypatch.setattr(zia, "_use_triton", lambda q: False)
+    monkeypatch.setattr(zia, "zero_init_attention_sdpa",
+                        lambda *a, **kw: calls.append(1) or zero_init_attention_sdpa(*a, **kw))
+    adapter = AdapterConfig(adapter_len=4, adapter_layers=2, version=2)
+    model, eager = (set_v2_(tiny_model(adapter, gqa=True, seed=3), seed=4) for _ in range(2))
+    set_attention_impl(eager, "eager")  # the official formulation: materialised scores, the eager reference
+    tokens = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), eager(tokens), atol=1e-4, rtol=1e-4)
+    assert calls, "the model did not run the SDPA fallback"
+    prompts = [tokens[0, :9].tolist(), tokens[1, :4].tolist()]
+    batch = generate(model, prompts, max_new_tokens=5)
+    assert batch == [generate(eager, [p], max_new_tokens=5)[0] for p in prompts]

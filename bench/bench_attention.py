@@ -784,17 +784,12 @@ CPU_FALLBACK_SMOKE = dict(seqlens=(48,), headdims=(16,), dtypes=("fp32",), shape
 def _cpu_cases(cfg: BenchConfig) -> list[tuple[str, Inputs]]:
     """(name, inputs) of each CPU case: prefill (seqlen_q = seqlen_k = S) and decode (one query, S keys), batch 1."""
     cases = []
-    for dtype in cfg.dtypes:
-        for shape in cfg.shapes:
-            h, hkv = shape_heads(shape)
-            for d in cfg.headdims:
-                for s in cfg.seqlens:
-                    case = Case(batch=1, seqlen=s, nheads=h, nheads_kv=hkv, headdim=d, prompt_len=cfg.prompt_len,
-                                dtype=dtype, gate_act=cfg.gate_act)
-                    x = make_inputs(case, torch.device("cpu"), cfg.seed)
-                    last = x.q[:, -1:].detach().clone().requires_grad_()
-                    decode = dataclasses.replace(x, q=last, dout=x.dout[:, -1:].clone())
-                    cases += [(f"prefill-{case.shape}", x), (f"decode-q1-{case.shape}", decode)]
+    for case in cases_of(cfg):
+        case = dataclasses.replace(case, batch=1)
+        x = make_inputs(case, torch.device("cpu"), cfg.seed)
+        last = x.q[:, -1:].detach().clone().requires_grad_()
+        decode = dataclasses.replace(x, q=last, dout=x.dout[:, -1:].clone())
+        cases += [(f"prefill-{case.shape}", x), (f"decode-q1-{case.shape}", decode)]
     return cases
 
 

@@ -4,8 +4,8 @@ choose() gives the launchers (BLOCK_M, BLOCK_N, num_warps, num_stages) per kerne
 backward's preprocess, BLOCK_P, the prompt chunk, and TRANSPOSED_DQ, the form of the dK/dV pass's atomic dq
 product. The policy fits the chip's shared memory and compiles without register spills in bf16/fp16 on sm_90 at
 MHA (with GQA at head dim 128 the dK/dV pass spills ~190-360 B; a few dozen bytes in dK/dV on sm_80/86, more in
-fp32/fp64), as llama-adapter compile-check shows; it is not yet
-autotuned against GPU timings (bench/tune_blocks.py times others).
+fp32/fp64), as llama-adapter compile-check shows; it is not yet autotuned against GPU timings (bench/tune_blocks.py
+times others).
 
 override_blocks() is how kernels.compile_check and bench.tune_blocks try other blocks: an explicit stack of
 overrides that choose() applies, innermost last; nestable, and popped on leaving, exceptions included. It is
